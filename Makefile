@@ -1,0 +1,53 @@
+# spyrus-hsm — every target installs what it needs first, so a fresh Debian 12 machine (as root)
+# needs only `make run` or `make test`.
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV := .venv
+BUILD := .build
+BIN := $(VENV)/bin
+SHIM := $(BUILD)/libp11shim.so
+
+.PHONY: all deps venv shim run test lint unit bench lock clean
+
+all: test
+
+deps:
+	@bash scripts/install-system-deps.sh
+
+$(BIN)/.installed: requirements.lock pyproject.toml | deps
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+venv: deps $(BIN)/.installed
+
+$(SHIM): tests/p11shim/p11shim.c | deps
+	@mkdir -p $(BUILD)
+	$(CC) -shared -fPIC -O2 -Wall -Wextra -Werror -I/usr/include/p11-kit-1 -o $@ $< -ldl -lpthread
+
+shim: $(SHIM)
+
+run: venv
+	@bash scripts/dev-run.sh
+
+lint: venv
+	$(BIN)/ruff check modules tests bench
+	$(BIN)/mypy
+
+unit: venv shim
+	$(BIN)/python -m pytest -q tests
+
+test: lint unit
+
+bench: venv shim
+	$(BIN)/python bench/hsm_throughput.py
+
+lock:
+	rm -rf $(BUILD)/lockenv && $(PYTHON) -m venv $(BUILD)/lockenv
+	$(BUILD)/lockenv/bin/pip install -q -r requirements.in
+	(echo "# Locked with Debian 12's python3 (3.11) from requirements.in; regenerate with 'make lock'."; \
+	 $(BUILD)/lockenv/bin/pip freeze --all | grep -v '^pip==' | sort -f) > requirements.lock
+
+clean:
+	rm -rf $(VENV) $(BUILD) .state

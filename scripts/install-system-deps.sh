@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages spyrus-hsm needs, once. Idempotent: it does nothing when
+# everything is present. pkcs11-provider comes from bookworm-backports, enabled by adding
+# the suite to the existing deb822 sources file (no host is named here).
+set -euo pipefail
+
+packages=(python3 python3-venv python3-dev gcc make libc6-dev libp11-kit-dev softhsm2 opensc openssl curl ca-certificates)
+backports=(pkcs11-provider)
+
+missing=()
+for p in "${packages[@]}" "${backports[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "error: missing Debian packages: ${missing[*]}; run 'make deps' as root or install them." >&2
+  exit 2
+fi
+
+sources=/etc/apt/sources.list.d/debian.sources
+if [ -f "$sources" ] && ! grep -q 'bookworm-backports' "$sources"; then
+  sed -i 's/^Suites: bookworm bookworm-updates$/& bookworm-backports/' "$sources"
+fi
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo "error: could not enable bookworm-backports (needed for pkcs11-provider);" \
+       "add it to your apt sources and re-run." >&2
+  exit 2
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${packages[@]}"
+apt-get install -y -q --no-install-recommends -t bookworm-backports "${backports[@]}"
