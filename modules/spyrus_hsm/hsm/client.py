@@ -1,0 +1,181 @@
+"""The HSM facade used by the rest of the package: typed operations, sync and async.
+
+Everything runs on the pool's worker threads; the async variants await without blocking the
+event loop. Object-changing operations bump the pool's epoch so every worker drops its cached
+handles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from . import operations as ops
+from .errors import InvalidInput, ObjectNotFound
+from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm, WorkerSession
+from .pool import HsmPool, HsmState, PoolSettings
+from .secret import Secret
+from .uri import Pkcs11Uri, as_uri
+
+T = TypeVar("T")
+KeyRef = str | Pkcs11Uri
+
+
+class Hsm:
+    def __init__(self, settings: PoolSettings, pin: Secret) -> None:
+        self.pool = HsmPool(settings, pin)
+        self.settings = settings
+
+    def start(self, wait: bool = True) -> Hsm:
+        self.pool.start(wait=wait)
+        return self
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> Hsm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def state(self) -> HsmState:
+        return self.pool.state
+
+    def _run(self, fn: Callable[[WorkerSession], T], what: str, mutates: bool = False) -> T:
+        try:
+            return self.pool.run(fn, what)
+        finally:
+            if mutates:
+                self.pool.bump_epoch()
+
+    # --- signing -----------------------------------------------------------------------------
+
+    def sign(self, key: KeyRef, algorithm: SignAlgorithm, data: bytes) -> bytes:
+        uri = as_uri(key)
+        return self.pool.run(partial(ops.sign, uri=uri, algorithm=algorithm, data=data),
+                             _what("signing", uri))
+
+    async def asign(self, key: KeyRef, algorithm: SignAlgorithm, data: bytes,
+                    timeout: float | None = None) -> bytes:
+        uri = as_uri(key)
+        return await self.pool.arun(partial(ops.sign, uri=uri, algorithm=algorithm, data=data),
+                                    _what("signing", uri), timeout)
+
+    def hmac_sha256(self, key: KeyRef, data: bytes) -> bytes:
+        return self.sign(key, SignAlgorithm.HMAC_SHA256, data)
+
+    async def ahmac_sha256(self, key: KeyRef, data: bytes) -> bytes:
+        return await self.asign(key, SignAlgorithm.HMAC_SHA256, data)
+
+    async def arun(self, fn: Callable[[WorkerSession], T], what: str) -> T:
+        """Run a custom operation from `hsm.operations` asynchronously."""
+        return await self.pool.arun(fn, what)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def key_algorithm(self, key: KeyRef) -> KeyAlgorithm:
+        uri = as_uri(key)
+        return self._run(partial(ops.key_algorithm, uri=uri), _what("reading key", uri))
+
+    def public_key(self, key: KeyRef) -> Any:
+        """The public key (a `cryptography` object) of the pair named by `key`."""
+        uri = as_uri(key)
+        der = self._run(partial(ops.public_key_spki, uri=uri), _what("reading public key", uri))
+        return serialization.load_der_public_key(der)
+
+    def certificate_chain(self, key: KeyRef) -> list[x509.Certificate]:
+        uri = as_uri(key)
+        ders = self._run(partial(ops.certificate_chain, uri=uri), _what("reading certificates", uri))
+        return [x509.load_der_x509_certificate(d) for d in ders]
+
+    def list_objects(self) -> list[ObjectInfo]:
+        return self._run(ops.list_objects, "listing objects")
+
+    def secret_key_value_readable(self, key: KeyRef) -> bool:
+        uri = as_uri(key)
+        return self._run(partial(ops.secret_key_value_readable, uri=uri), _what("reading", uri))
+
+    # --- provisioning ------------------------------------------------------------------------
+
+    def import_secret_key(self, label: str, value: Secret) -> str:
+        return self._run(partial(ops.import_secret_key, label=label, value=value),
+                         f"importing key '{label}'", mutates=True)
+
+    def derive_hmac_key(self, parent: KeyRef, message: bytes, label: str) -> str:
+        uri = as_uri(parent)
+        return self._run(partial(ops.derive_hmac_key, parent=uri, message=message, label=label),
+                         f"deriving key '{label}'", mutates=True)
+
+    def generate_keypair(self, label: str, algorithm: KeyAlgorithm) -> str:
+        return self._run(partial(ops.generate_keypair, label=label, algorithm=algorithm),
+                         f"generating key '{label}'", mutates=True)
+
+    def import_pkcs12(self, label: str, data: bytes, password: Secret | None) -> str:
+        """Import key, certificate and chain from a PKCS#12, all under one label and CKA_ID."""
+        try:
+            key, cert, extra = pkcs12.load_key_and_certificates(
+                data, password.reveal() if password else None)
+        except ValueError:
+            raise InvalidInput(
+                "the PKCS#12 could not be opened: wrong password, or not a PKCS#12 file"
+            ) from None
+        if key is None:
+            raise InvalidInput("the PKCS#12 holds no private key")
+        certs = [c.public_bytes(serialization.Encoding.DER) for c in ([cert] if cert else []) + list(extra or [])]
+        if cert is not None:
+            _check_matches(key, cert)
+        try:
+            return self._run(partial(ops.import_pkcs12_objects, label=label, key=key, certs=certs),
+                             f"importing PKCS#12 as '{label}'", mutates=True)
+        finally:
+            del key
+
+    def import_certificates(self, label: str, certs: list[x509.Certificate]) -> str:
+        """Store certificates beside the key labelled `label`, under the key's CKA_ID."""
+        if not certs:
+            raise InvalidInput("no certificate found in the input")
+        ders = [c.public_bytes(serialization.Encoding.DER) for c in certs]
+        leaf = x509.load_der_x509_certificate(ops.order_chain(ders)[0])
+
+        def store(ws: WorkerSession) -> str:
+            key_id = ops.key_id_of(ws, label)
+            if key_id is None:
+                raise ObjectNotFound(
+                    f"no private key labelled '{label}' to attach the certificate to; "
+                    "import or generate the key first"
+                )
+            spki = ops.public_key_spki(ws, Pkcs11Uri(object=label, id=key_id))
+            if spki != leaf.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+                raise InvalidInput(f"the certificate's public key is not that of key '{label}'")
+            if ws.search(Pkcs11Uri(object=label), ops.ObjectClass.CERTIFICATE):
+                raise InvalidInput(
+                    f"key '{label}' already has certificates; delete them first with "
+                    f"'spyrus-hsm delete --label {label} --type cert'"
+                )
+            ops.store_certificates(ws, label, key_id, ders)
+            return key_id.hex()
+
+        return self._run(store, f"importing certificates for '{label}'", mutates=True)
+
+    def delete(self, ref: KeyRef) -> int:
+        uri = as_uri(ref)
+        return self._run(partial(ops.delete, uri=uri), _what("deleting", uri), mutates=True)
+
+
+def _check_matches(key: Any, cert: x509.Certificate) -> None:
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*fmt) != cert.public_key().public_bytes(*fmt):
+        raise InvalidInput("the PKCS#12 certificate does not belong to its private key")
+
+
+def _what(verb: str, uri: Pkcs11Uri) -> str:
+    name = uri.object if uri.object is not None else f"id {uri.id.hex() if uri.id else '?'}"
+    return f"{verb} '{name}'"
