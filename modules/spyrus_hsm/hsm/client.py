@@ -155,7 +155,7 @@ class Hsm:
             if spki != leaf.public_key().public_bytes(
                     serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
                 raise InvalidInput(f"the certificate's public key is not that of key '{label}'")
-            if ws.search(Pkcs11Uri(object=label), ops.ObjectClass.CERTIFICATE):
+            if ops.has_certificates(ws, label):
                 raise InvalidInput(
                     f"key '{label}' already has certificates; delete them first with "
                     f"'spyrus-hsm delete --label {label} --type cert'"

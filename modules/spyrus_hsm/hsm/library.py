@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pkcs11
 import pkcs11.exceptions as p11e
-from pkcs11 import TokenFlag
+from pkcs11 import Attribute, TokenFlag, _pkcs11
+from pkcs11.attributes import AttributeMapper
 
 from .errors import DuplicateObject, HsmConfigError, HsmUnavailable, LoginFailed, TokenNotFound
 from .faults import translate
@@ -51,10 +52,9 @@ def load_module(path: str) -> Any:
     if not os.access(path, os.R_OK):
         raise HsmConfigError(f"PKCS#11 module {path} is not readable by uid {os.getuid()}")
     try:
-        lib = pkcs11.lib(path)
-        if not lib.initialized:
-            lib.initialize()
-        return lib
+        if path not in _LIBS:
+            _LIBS[path] = _LockingLib(path)
+        return _LIBS[path]
     except p11e.PKCS11Error as exc:
         raise HsmConfigError(
             f"PKCS#11 module {path} failed to initialise ({exc or type(exc).__name__}); "
@@ -123,7 +123,7 @@ def find_token(lib: Any, selector: TokenSelector) -> Any:
 def login(token: Any, pin: Secret) -> Any:
     """A read-write session logged in as the user; ALREADY_LOGGED_IN counts as success."""
     try:
-        return token.open(rw=True, user_pin=pin.reveal_str())
+        return token.open(rw=True, user_pin=pin.reveal_str(), attribute_mapper=attribute_mapper())
     except p11e.UserAlreadyLoggedIn:
         # python-pkcs11 opened a session before C_Login failed; the login state is the
         # token's, so a plain session here is already in the user state.
@@ -136,45 +136,124 @@ def login(token: Any, pin: Secret) -> Any:
         raise translate(exc, f"logging in to token '{token.label}'") from None
 
 
+def attribute_mapper() -> AttributeMapper:
+    """python-pkcs11's mapper plus CKA_CERTIFICATE_CATEGORY (a CK_ULONG) it does not know."""
+    mapper = AttributeMapper()
+    ulong = struct.Struct("L")
+    mapper.register_handler(Attribute.CERTIFICATE_CATEGORY, ulong.pack,
+                            lambda raw: ulong.unpack(raw)[0])
+    return mapper
+
+
 def open_session(token: Any) -> Any:
     try:
-        return token.open(rw=True)
+        return token.open(rw=True, attribute_mapper=attribute_mapper())
     except p11e.PKCS11Error as exc:
         raise translate(exc, f"opening a session on token '{token.label}'") from None
 
 
 def finalize_quietly(lib: Any) -> None:
-    """C_Finalize, ignoring errors: only when no other thread is inside a PKCS#11 call."""
-    try:
-        lib.finalize()
-    except p11e.PKCS11Error:
-        pass
+    """C_Finalize, ignoring its result: only when no other thread is inside a PKCS#11 call."""
+    lib.finalize()
 
 
 def initialize(lib: Any) -> None:
     try:
-        if not lib.initialized:
-            lib.initialize()
-    except p11e.PKCS11Error as exc:
-        raise HsmUnavailable(f"the PKCS#11 module failed to reinitialise ({exc})") from None
+        lib.initialize()
+    except HsmConfigError as exc:
+        raise HsmUnavailable(str(exc)) from None
 
 
 def _serial_text(serial: bytes) -> str:
     return serial.decode("ascii", "replace").strip().strip("\x00")
 
 
-# --- C_InitToken ----------------------------------------------------------------------------
-# python-pkcs11 has no C_InitToken; it is reached through the module's own function list.
+# --- the module's own function list --------------------------------------------------------
+# python-pkcs11 calls C_Initialize(NULL), which by the PKCS#11 spec promises that no two threads
+# call the library at once; SoftHSM then disables its mutexes and crashes under concurrent
+# sessions. We initialise with CKF_OS_LOCKING_OK ourselves and reach C_InitToken (which
+# python-pkcs11 lacks) through the same function list.
+
+_CKF_OS_LOCKING_OK = 0x2
+_CKR_OK = 0
+_CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+_CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
+_CKR_PIN_INCORRECT = 0xA0
+_CKR_PIN_LEN_RANGE = 0xA2
+_F_INITIALIZE, _F_FINALIZE, _F_INIT_TOKEN = 0, 1, 9
+
 
 class _FunctionList(ctypes.Structure):
     _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte),
                 ("functions", ctypes.c_void_p * 11)]
 
 
-_C_INIT_TOKEN = 9  # index in CK_FUNCTION_LIST after the version
-_CKR_OK = 0
-_CKR_PIN_INCORRECT = 0xA0
-_CKR_PIN_LEN_RANGE = 0xA2
+class _InitArgs(ctypes.Structure):
+    _fields_ = [("create_mutex", ctypes.c_void_p), ("destroy_mutex", ctypes.c_void_p),
+                ("lock_mutex", ctypes.c_void_p), ("unlock_mutex", ctypes.c_void_p),
+                ("flags", ctypes.c_ulong), ("reserved", ctypes.c_void_p)]
+
+
+class Cryptoki:
+    """Direct calls into a module's CK_FUNCTION_LIST for what python-pkcs11 does not offer."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        cdll = ctypes.CDLL(path)  # same file => the same loaded instance python-pkcs11 uses
+        get_list = cdll.C_GetFunctionList
+        get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_FunctionList))]
+        get_list.restype = ctypes.c_ulong
+        flist = ctypes.POINTER(_FunctionList)()
+        if get_list(ctypes.byref(flist)) != _CKR_OK:
+            raise HsmConfigError(f"{path}: C_GetFunctionList failed")
+        self._cdll = cdll
+        self._functions = flist.contents.functions
+
+    def _fn(self, index: int, *argtypes: Any) -> Any:
+        return ctypes.CFUNCTYPE(ctypes.c_ulong, *argtypes)(self._functions[index])
+
+    def initialize(self) -> None:
+        args = _InitArgs(None, None, None, None, _CKF_OS_LOCKING_OK, None)
+        rv = self._fn(_F_INITIALIZE, ctypes.c_void_p)(ctypes.cast(ctypes.pointer(args), ctypes.c_void_p))
+        if rv not in (_CKR_OK, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
+            raise HsmConfigError(
+                f"PKCS#11 module {self.path} failed to initialise (CKR 0x{rv:X}); for SoftHSM2 "
+                "check SOFTHSM2_CONF and that its token directory exists and is writable"
+            )
+
+    def finalize(self) -> None:
+        self._fn(_F_FINALIZE, ctypes.c_void_p)(None)
+
+    def init_token(self, slot_id: int, so_pin: Secret, label: str) -> int:
+        fn = self._fn(_F_INIT_TOKEN, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+        so = so_pin.reveal()
+        return int(fn(slot_id, so, len(so), label.encode("utf-8").ljust(32, b" ")))
+
+
+class _LockingLib(_pkcs11.lib):
+    """python-pkcs11's library object, initialised with CKF_OS_LOCKING_OK by `Cryptoki`."""
+
+    cryptoki: Cryptoki
+
+    def initialize(self) -> None:
+        type(self)._cryptoki_for(self.so).initialize()
+
+    def finalize(self) -> None:
+        type(self)._cryptoki_for(self.so).finalize()
+
+    def reinitialize(self) -> None:
+        self.finalize()
+        self.initialize()
+
+    @staticmethod
+    def _cryptoki_for(path: str) -> Cryptoki:
+        if path not in _CRYPTOKI:
+            _CRYPTOKI[path] = Cryptoki(path)
+        return _CRYPTOKI[path]
+
+
+_CRYPTOKI: dict[str, Cryptoki] = {}
+_LIBS: dict[str, Any] = {}
 
 
 def init_token(lib: Any, module_path: str, label: str, so_pin: Secret, user_pin: Secret) -> TokenSummary:
@@ -191,21 +270,7 @@ def init_token(lib: Any, module_path: str, label: str, so_pin: Secret, user_pin:
             if not (s.get_token().flags & TokenFlag.TOKEN_INITIALIZED)]
     if not free:
         raise HsmConfigError("no uninitialised token is available in this PKCS#11 module")
-    slot_id = free[0].slot_id
-
-    cdll = ctypes.CDLL(module_path)
-    get_list = cdll.C_GetFunctionList
-    get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_FunctionList))]
-    get_list.restype = ctypes.c_ulong
-    flist = ctypes.POINTER(_FunctionList)()
-    if get_list(ctypes.byref(flist)) != _CKR_OK:
-        raise HsmConfigError(f"{module_path}: C_GetFunctionList failed")
-    proto = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong,
-                             ctypes.c_char_p)
-    c_init_token = proto(flist.contents.functions[_C_INIT_TOKEN])
-    padded = label.encode("utf-8").ljust(32, b" ")
-    so = so_pin.reveal()
-    rv = c_init_token(slot_id, so, len(so), padded)
+    rv = _LockingLib._cryptoki_for(module_path).init_token(free[0].slot_id, so_pin, label)
     if rv == _CKR_PIN_LEN_RANGE:
         raise HsmConfigError("the SO PIN length is out of the range this token accepts")
     if rv == _CKR_PIN_INCORRECT:

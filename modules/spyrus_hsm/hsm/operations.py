@@ -19,7 +19,7 @@ import pkcs11.exceptions as p11e
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import MGF, Attribute, CertificateType, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from pkcs11.util.rsa import encode_rsa_public_key
 
@@ -269,7 +269,7 @@ def _refuse_taken(ws: WorkerSession, label: str) -> None:
         )
 
 
-_SECRET_KEY_TEMPLATE = {
+_SECRET_KEY_TEMPLATE: dict[Attribute, Any] = {
     Attribute.CLASS: ObjectClass.SECRET_KEY,
     Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
     Attribute.TOKEN: True,
@@ -316,10 +316,10 @@ def generate_keypair(ws: WorkerSession, label: str, algorithm: KeyAlgorithm) -> 
     """A key pair generated inside the token; the private half never leaves it. Returns id hex."""
     _refuse_taken(ws, label)
     temp_id = secrets.token_bytes(20)
-    private_template = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+    private_template: dict[Attribute, Any] = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
                         Attribute.PRIVATE: True, Attribute.SIGN: True, Attribute.DECRYPT: False,
                         Attribute.UNWRAP: False, Attribute.DERIVE: False}
-    public_template = {Attribute.VERIFY: True, Attribute.ENCRYPT: False, Attribute.WRAP: False}
+    public_template: dict[Attribute, Any] = {Attribute.VERIFY: True, Attribute.ENCRYPT: False, Attribute.WRAP: False}
     if algorithm is KeyAlgorithm.EC_P256:
         public_template[Attribute.EC_PARAMS] = encode_named_curve_parameters(P256_OID)
         pub, priv = ws.session.generate_keypair(
@@ -382,7 +382,7 @@ def store_certificates(ws: WorkerSession, label: str, key_id: bytes, ders: list[
         cert = x509.load_der_x509_certificate(der)
         ws.session.create_object({
             Attribute.CLASS: ObjectClass.CERTIFICATE,
-            Attribute.CERTIFICATE_TYPE: 0,  # CKC_X_509
+            Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
             Attribute.TOKEN: True,
             Attribute.PRIVATE: False,
             Attribute.LABEL: label,
@@ -418,6 +418,10 @@ def import_pkcs12_objects(ws: WorkerSession, label: str, key: Any, certs: list[b
     if certs:
         store_certificates(ws, label, key_id, certs)
     return key_id.hex()
+
+
+def has_certificates(ws: WorkerSession, label: str) -> bool:
+    return bool(ws.search(Pkcs11Uri(object=label), ObjectClass.CERTIFICATE))
 
 
 def delete(ws: WorkerSession, uri: Pkcs11Uri) -> int:

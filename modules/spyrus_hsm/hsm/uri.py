@@ -7,6 +7,7 @@ refused, and `pin-source` is accepted only as a `file:` reference.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
 OBJECT_TYPES = ("private", "public", "cert", "secret-key", "data")
@@ -97,8 +98,8 @@ class Pkcs11Uri:
         text = "pkcs11:" + ";".join(path)
         return text + ("?" + "&".join(query) if query else "")
 
-    def with_(self, **changes: object) -> Pkcs11Uri:
-        return replace(self, **changes)  # type: ignore[arg-type]
+    def with_(self, **changes: Any) -> Pkcs11Uri:
+        return replace(self, **changes)
 
 
 def as_uri(ref: str | Pkcs11Uri, default_type: str | None = None) -> Pkcs11Uri:

@@ -1,0 +1,5 @@
+"""`python -m spyrus_hsm` is the `spyrus-hsm` command."""
+
+from .cli import run
+
+run()

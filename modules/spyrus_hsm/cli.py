@@ -1,0 +1,429 @@
+"""The `spyrus-hsm` command: provisioning and everyday use of the HSM.
+
+Secrets (PINs, keys, passwords) come only from files or standard input, never from argv.
+Exit codes: 0 success; 1 the operation was attempted and failed (wrong PIN, unknown label,
+bad PKCS#12 password, HSM unavailable); 2 the command cannot run as given (usage, config,
+missing module or token, unreadable or invalid input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import NoReturn
+
+from cryptography import x509
+
+from . import __version__
+from . import config as config_mod
+from .config import Config, ConfigError
+from .hsm import (
+    Hsm,
+    HsmConfigError,
+    HsmError,
+    KeyAlgorithm,
+    Pkcs11Uri,
+    Secret,
+    UriError,
+    read_secret_file,
+    read_secret_stream,
+)
+from .hsm.provision import init_token
+from .identity import sas as sas_mod
+from .identity import tls
+from .identity.csr import build_csr
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """The command cannot run as given (exit 2)."""
+
+
+# --- plumbing -----------------------------------------------------------------------------------
+
+class _Stdin:
+    """Standard input read line by line, once, for PINs and keys (in that order)."""
+
+    def __init__(self) -> None:
+        self.used_for: list[str] = []
+
+    def secret(self, what: str) -> Secret:
+        if sys.stdin is None or sys.stdin.closed:
+            raise UsageError(f"{what} is needed: give --{_flag(what)} or pipe it on standard input")
+        if sys.stdin.isatty():
+            import getpass
+
+            value = getpass.getpass(f"{what}: ").encode()
+            if not value:
+                raise UsageError(f"{what} is empty")
+            return Secret(value)
+        self.used_for.append(what)
+        try:
+            return read_secret_stream(sys.stdin.buffer, what)
+        except HsmConfigError:
+            raise UsageError(
+                f"{what} is needed: give --{_flag(what)} or pipe it on standard input "
+                f"(line {len(self.used_for)})"
+            ) from None
+
+
+def _flag(what: str) -> str:
+    return {"SO PIN": "so-pin-file", "user PIN": "pin-file", "PIN": "pin-file",
+            "key": "key-file", "password": "password-file"}.get(what, "file")
+
+
+def _secret(path: str | None, what: str, stdin: _Stdin) -> Secret:
+    if path:
+        return read_secret_file(path, what)
+    return stdin.secret(what)
+
+
+def _load_config(args: argparse.Namespace, require_token: bool = True) -> Config:
+    return config_mod.load(args.config, require_token=require_token)
+
+
+def _pin(args: argparse.Namespace, cfg: Config, stdin: _Stdin) -> Secret:
+    return _secret(args.pin_file or cfg.hsm.pin_file, "PIN", stdin)
+
+
+@contextmanager
+def _hsm(args: argparse.Namespace, stdin: _Stdin) -> Iterator[tuple[Hsm, Config]]:
+    cfg = _load_config(args)
+    pin = _pin(args, cfg, stdin)
+    hsm = Hsm(cfg.hsm.pool_settings(), pin)
+    hsm.start(wait=True)
+    try:
+        yield hsm, cfg
+    finally:
+        hsm.close()
+
+
+def _read_input_file(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"{what} {path} cannot be read: {exc.strerror}") from None
+
+
+def _write_atomic(path: str, text: str, mode: int = 0o644) -> None:
+    """Write via a temporary file and rename: the target is old or new, never partial."""
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _emit(args: argparse.Namespace, text: str) -> None:
+    if getattr(args, "out", None):
+        _write_atomic(args.out, text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+def cmd_token_init(args: argparse.Namespace, stdin: _Stdin) -> int:
+    cfg = _load_config(args, require_token=False)
+    so_pin = _secret(args.so_pin_file, "SO PIN", stdin)
+    user_pin = _secret(args.pin_file or cfg.hsm.pin_file, "user PIN", stdin)
+    info = init_token(cfg.hsm.module, args.label, so_pin, user_pin)
+    so_pin.wipe()
+    user_pin.wipe()
+    print(f"initialised token '{info.label}' (serial {info.serial})")
+    return 0
+
+
+def cmd_key_import_sas(args: argparse.Namespace, stdin: _Stdin) -> int:
+    with _hsm(args, stdin) as (hsm, _):
+        raw = _secret(args.key_file, "key", stdin)
+        try:
+            value = Secret(base64.b64decode(raw.reveal().strip(), validate=True))
+        except (binascii.Error, ValueError):
+            raise UsageError(
+                "the key is not valid base64; paste the primary key exactly as Azure shows it"
+            ) from None
+        finally:
+            raw.wipe()
+        if len(value) < 16:
+            raise UsageError("the key decodes to fewer than 16 bytes; is it the whole primary key?")
+        key_id = hsm.import_secret_key(args.label, value)
+        value.wipe()
+    print(f"imported key '{args.label}' (id {key_id}): sensitive, non-extractable")
+    return 0
+
+
+def cmd_key_import_pkcs12(args: argparse.Namespace, stdin: _Stdin) -> int:
+    data = _read_input_file(args.file, "PKCS#12 file")
+    with _hsm(args, stdin) as (hsm, _):
+        password = None if args.no_password else _secret(args.password_file, "password", stdin)
+        key_id = hsm.import_pkcs12(args.label, data, password)
+        if password:
+            password.wipe()
+        chain = hsm.certificate_chain(args.label) if _has_certs(hsm, args.label) else []
+    print(f"imported '{args.label}' (id {key_id}): private key, public key, "
+          f"{len(chain)} certificate(s)")
+    return 0
+
+
+def _has_certs(hsm: Hsm, label: str) -> bool:
+    return any(o.label == label and o.type == "cert" for o in hsm.list_objects())
+
+
+def cmd_key_generate(args: argparse.Namespace, stdin: _Stdin) -> int:
+    with _hsm(args, stdin) as (hsm, _):
+        key_id = hsm.generate_keypair(args.label, KeyAlgorithm(args.type))
+    print(f"generated {args.type} key pair '{args.label}' (id {key_id}) inside the token")
+    return 0
+
+
+def cmd_csr(args: argparse.Namespace, stdin: _Stdin) -> int:
+    with _hsm(args, stdin) as (hsm, _):
+        der = build_csr(hsm, args.label, args.subject, args.dns or None)
+    from cryptography.hazmat.primitives import serialization
+
+    pem = x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM).decode()
+    _emit(args, pem)
+    return 0
+
+
+def cmd_cert_import(args: argparse.Namespace, stdin: _Stdin) -> int:
+    data = _read_input_file(args.file, "certificate file")
+    try:
+        certs = (x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data
+                 else [x509.load_der_x509_certificate(data)])
+    except ValueError:
+        raise UsageError(f"{args.file} holds no PEM or DER X.509 certificate") from None
+    with _hsm(args, stdin) as (hsm, _):
+        key_id = hsm.import_certificates(args.label, certs)
+    print(f"stored {len(certs)} certificate(s) with key '{args.label}' (id {key_id})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, stdin: _Stdin) -> int:
+    with _hsm(args, stdin) as (hsm, _):
+        objects = hsm.list_objects()
+        state = hsm.state
+    if args.json:
+        print(json.dumps({"token": state.token_label, "serial": state.token_serial,
+                          "objects": [asdict(o) for o in objects]}, indent=2))
+        return 0
+    print(f"token '{state.token_label}' (serial {state.token_serial}): {len(objects)} object(s)")
+    for o in objects:
+        extra = ""
+        if o.type in ("private", "secret-key"):
+            extra = f" sensitive={o.sensitive} extractable={o.extractable}"
+        if o.type == "cert":
+            extra = f" {o.category or ''} subject={o.subject} expires={o.not_after}"
+        print(f"  {o.type:<10} {o.label:<24} id={o.id_hex} {o.key_type or ''}{extra}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, stdin: _Stdin) -> int:
+    ref = Pkcs11Uri.parse(args.uri) if args.uri else Pkcs11Uri(object=args.label, type=args.type)
+    with _hsm(args, stdin) as (hsm, _):
+        n = hsm.delete(ref)
+    if n == 0:
+        print(f"nothing matches {ref}; see 'spyrus-hsm list'", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"deleted {n} object(s)")
+    return 0
+
+
+def cmd_sas(args: argparse.Namespace, stdin: _Stdin) -> int:
+    if args.uri:
+        uri = args.uri
+    elif args.hub or args.device_id:
+        if not (args.hub and args.device_id):
+            raise UsageError("--hub and --device-id go together")
+        uri = sas_mod.device_uri(args.hub, args.device_id, args.module_id)
+    elif args.id_scope or args.registration_id:
+        if not (args.id_scope and args.registration_id):
+            raise UsageError("--id-scope and --registration-id go together")
+        uri = sas_mod.dps_uri(args.id_scope, args.registration_id)
+    else:
+        raise UsageError("give --hub/--device-id, --id-scope/--registration-id or --uri")
+    if args.module_id and not args.device_id:
+        raise UsageError("--module-id needs --hub and --device-id")
+    with _hsm(args, stdin) as (hsm, cfg):
+        ttl = args.ttl if args.ttl is not None else cfg.sas.default_ttl
+        token = sas_mod.SasMinter(hsm).mint(args.key, uri, ttl, args.key_name)
+    if args.json:
+        print(json.dumps({"token": token.token, "resourceUri": token.resource_uri,
+                          "expiresOn": token.expires_on}))
+    else:
+        print(token.token)
+    return 0
+
+
+def cmd_keyref(args: argparse.Namespace, stdin: _Stdin) -> int:
+    cfg = _load_config(args)
+    if not cfg.hsm.token_label:
+        raise UsageError("keyref needs hsm.token_label (the provider finds the token by label)")
+    with _hsm(args, stdin) as (hsm, _):
+        objects = [o for o in hsm.list_objects() if o.label == args.label and o.type == "private"]
+    if len(objects) != 1:
+        raise UsageError(f"{len(objects)} private keys are labelled '{args.label}'; need exactly one")
+    uri = tls.key_uri(cfg.hsm.token_label, args.label, bytes.fromhex(objects[0].id_hex))
+    _emit(args, tls.keyref_pem(uri))
+    return 0
+
+
+def cmd_openssl_config(args: argparse.Namespace, stdin: _Stdin) -> int:
+    cfg = _load_config(args)
+    if not cfg.hsm.pin_file:
+        raise UsageError("openssl-config needs hsm.pin_file (or SPYRUS_HSM_PIN_FILE): "
+                         "the provider reads the PIN from that file")
+    pin_file = str(Path(cfg.hsm.pin_file).resolve())
+    _emit(args, tls.openssl_config(cfg.hsm.module, pin_file))
+    return 0
+
+
+def cmd_selftest(args: argparse.Namespace, stdin: _Stdin) -> int:
+    from .selftest import run_selftest
+
+    return run_selftest(args.config, args.pin_file, json_out=args.json)
+
+
+# --- parser -----------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="spyrus-hsm", description="Azure IoT identity secrets kept in a PKCS#11 HSM.")
+    p.add_argument("--config", help="YAML config file (default: $SPYRUS_HSM_CONFIG)")
+    p.add_argument("--pin-file", help="file holding the user PIN (default: hsm.pin_file)")
+    p.add_argument("--version", action="version", version=f"spyrus-hsm {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more to standard error")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    token = sub.add_parser("token", help="token management").add_subparsers(
+        dest="token_command", required=True, parser_class=_Parser)
+    t = token.add_parser("init", help="initialise a free token (PINs from files or stdin: SO PIN, then user PIN)")
+    t.add_argument("--label", required=True)
+    t.add_argument("--so-pin-file")
+    t.set_defaults(func=cmd_token_init)
+
+    key = sub.add_parser("key", help="keys").add_subparsers(dest="key_command", required=True,
+                                                           parser_class=_Parser)
+    k = key.add_parser("import-sas", help="import a device primary key (base64, from --key-file or stdin)")
+    k.add_argument("--label", required=True)
+    k.add_argument("--key-file")
+    k.set_defaults(func=cmd_key_import_sas)
+    k = key.add_parser("import-pkcs12", help="import key, certificate and chain from a PKCS#12")
+    k.add_argument("file")
+    k.add_argument("--label", required=True)
+    k.add_argument("--password-file")
+    k.add_argument("--no-password", action="store_true", help="the PKCS#12 has no password")
+    k.set_defaults(func=cmd_key_import_pkcs12)
+    k = key.add_parser("generate", help="generate a key pair inside the token")
+    k.add_argument("--label", required=True)
+    k.add_argument("--type", required=True, choices=[a.value for a in KeyAlgorithm])
+    k.set_defaults(func=cmd_key_generate)
+
+    c = sub.add_parser("csr", help="make a CSR signed by an HSM key")
+    c.add_argument("--label", required=True)
+    c.add_argument("--subject", required=True, help='RFC 4514 subject, e.g. "CN=dev1"')
+    c.add_argument("--dns", action="append", default=[], help="subjectAltName DNS name (repeatable)")
+    c.add_argument("--out", help="write the PEM here instead of standard output")
+    c.set_defaults(func=cmd_csr)
+
+    cert = sub.add_parser("cert", help="certificates").add_subparsers(
+        dest="cert_command", required=True, parser_class=_Parser)
+    c = cert.add_parser("import", help="store a certificate or chain beside its key")
+    c.add_argument("file")
+    c.add_argument("--label", required=True)
+    c.set_defaults(func=cmd_cert_import)
+
+    c = sub.add_parser("list", help="list the token's objects")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_list)
+
+    c = sub.add_parser("delete", help="delete objects by label (and type) or URI")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--label")
+    g.add_argument("--uri")
+    c.add_argument("--type", choices=["private", "public", "cert", "secret-key", "data"])
+    c.set_defaults(func=cmd_delete)
+
+    c = sub.add_parser("sas", help="mint a SAS token with an HSM key")
+    c.add_argument("--key", required=True, help="key label or pkcs11: URI")
+    c.add_argument("--hub")
+    c.add_argument("--device-id")
+    c.add_argument("--module-id")
+    c.add_argument("--id-scope")
+    c.add_argument("--registration-id")
+    c.add_argument("--uri", help="any resource URI")
+    c.add_argument("--ttl", type=int, help="lifetime in seconds (default sas.default_ttl)")
+    c.add_argument("--key-name", help="skn= policy or key name (e.g. 'registration')")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_sas)
+
+    c = sub.add_parser("keyref", help="write the provider PEM key reference for an HSM key")
+    c.add_argument("--label", required=True)
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_keyref)
+
+    c = sub.add_parser("openssl-config", help="write an OpenSSL config loading pkcs11-provider")
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_openssl_config)
+
+    c = sub.add_parser("selftest", help="check module, token, PIN and keys; say what to fix")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_selftest)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    func: Callable[[argparse.Namespace, _Stdin], int] = args.func
+    try:
+        return func(args, _Stdin())
+    except (UsageError, ConfigError, HsmConfigError, UriError, sas_mod.SasError) as exc:
+        return _fail(EXIT_USAGE, exc)
+    except HsmError as exc:
+        return _fail(EXIT_FAILED, exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(code: int, exc: Exception) -> int:
+    print(f"spyrus-hsm: error: {exc}", file=sys.stderr)
+    return code
+
+
+def run() -> NoReturn:
+    sys.exit(main())
+
+
+

@@ -1,0 +1,59 @@
+"""Certificate signing requests signed by a key inside the HSM (no software key exists)."""
+
+from __future__ import annotations
+
+from asn1crypto import csr as asn1csr
+from asn1crypto import keys as asn1keys
+from asn1crypto import x509 as asn1x509
+from cryptography import x509
+
+from ..hsm import Hsm, InvalidInput, KeyAlgorithm, SignAlgorithm
+from ..hsm.encoding import ecdsa_raw_to_der
+
+
+def parse_subject(subject: str) -> x509.Name:
+    """An RFC 4514 subject ("CN=dev1,O=Contoso") checked to hold a CN."""
+    try:
+        name = x509.Name.from_rfc4514_string(subject)
+    except ValueError as exc:
+        raise InvalidInput(f"subject {subject!r} is not an RFC 4514 name: {exc}") from None
+    if not name.get_attributes_for_oid(x509.NameOID.COMMON_NAME):
+        raise InvalidInput("the subject needs a CN (Azure uses it as the device id)")
+    return name
+
+
+def build_csr(hsm: Hsm, label: str, subject: str, dns_names: list[str] | None = None) -> bytes:
+    """DER PKCS#10 request for the key pair `label`, signed in the HSM."""
+    name = parse_subject(subject)
+    algorithm = hsm.key_algorithm(label)
+    spki = hsm.public_key(label)
+    from cryptography.hazmat.primitives import serialization
+
+    spki_der = spki.public_bytes(serialization.Encoding.DER,
+                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+    attributes = []
+    if dns_names:
+        ext = asn1x509.Extensions([{
+            "extn_id": "subject_alt_name", "critical": False,
+            "extn_value": [asn1x509.GeneralName("dns_name", d) for d in dns_names],
+        }])
+        attributes.append({"type": "extension_request", "values": [ext]})
+    info = asn1csr.CertificationRequestInfo({
+        "version": "v1",
+        "subject": asn1x509.Name.load(name.public_bytes()),
+        "subject_pk_info": asn1keys.PublicKeyInfo.load(spki_der),
+        "attributes": attributes,
+    })
+    tbs = info.dump()
+    if algorithm is KeyAlgorithm.EC_P256:
+        signature = ecdsa_raw_to_der(hsm.sign(label, SignAlgorithm.ECDSA_SHA256, tbs))
+        sig_alg = "sha256_ecdsa"
+    else:
+        signature = hsm.sign(label, SignAlgorithm.RSA_PKCS1_SHA256, tbs)
+        sig_alg = "sha256_rsa"
+    req = asn1csr.CertificationRequest({
+        "certification_request_info": info,
+        "signature_algorithm": {"algorithm": sig_alg},
+        "signature": signature,
+    })
+    return bytes(req.dump())

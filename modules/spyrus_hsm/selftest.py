@@ -1,0 +1,131 @@
+"""`spyrus-hsm selftest`: check every link from config to a signature and say what to fix.
+
+Each check prints `ok` or `FAIL` with the exact file, device or setting involved. Exit 0 when
+every check passes, 1 otherwise. Used by operators and at container start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from . import config as config_mod
+from .hsm import Hsm, HsmError, SignAlgorithm, read_secret_file
+from .hsm.provision import list_tokens
+
+CERT_WARN_DAYS = 30
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _softhsm_checks(module: str) -> list[Check]:
+    if "softhsm" not in Path(module).name:
+        return []
+    conf = os.environ.get("SOFTHSM2_CONF", "/etc/softhsm/softhsm2.conf")
+    if not os.access(conf, os.R_OK):
+        return [Check("softhsm config", False, f"{conf} is not readable; set SOFTHSM2_CONF")]
+    text = Path(conf).read_text(errors="replace")
+    m = re.search(r"^\s*directories\.tokendir\s*=\s*(\S+)", text, re.M)
+    if not m:
+        return [Check("softhsm config", False, f"{conf} has no directories.tokendir")]
+    tokendir = m.group(1)
+    if not os.path.isdir(tokendir):
+        return [Check("softhsm tokens", False, f"token directory {tokendir} does not exist")]
+    if not os.access(tokendir, os.R_OK | os.W_OK | os.X_OK):
+        return [Check("softhsm tokens", False,
+                      f"token directory {tokendir} is not writable by uid {os.getuid()}")]
+    return [Check("softhsm tokens", True, f"{conf} -> {tokendir}")]
+
+
+def _usb_checks(module: str) -> list[Check]:
+    if "softhsm" in Path(module).name:
+        return []
+    usb = Path("/dev/bus/usb")
+    if not usb.is_dir():
+        return [Check("usb", False, "/dev/bus/usb is missing; bind-mount it into the container")]
+    denied = [str(d) for d in usb.glob("*/*") if not os.access(d, os.R_OK | os.W_OK)]
+    if denied:
+        return [Check("usb", False, f"uid {os.getuid()} cannot open {', '.join(denied[:5])}; "
+                      "add the cgroup rule 'c 189:* rmw' and a group that can read them")]
+    return [Check("usb", True, "/dev/bus/usb devices are accessible")]
+
+
+def collect(config_path: str | None, pin_file: str | None) -> list[Check]:
+    checks: list[Check] = []
+    try:
+        cfg = config_mod.load(config_path)
+    except config_mod.ConfigError as exc:
+        return [Check("config", False, str(exc))]
+    checks.append(Check("config", True, cfg.source))
+    module = cfg.hsm.module
+    ok = os.access(module, os.R_OK)
+    checks.append(Check("module", ok, module if ok else
+                        f"{module} is missing or unreadable; set SPYRUS_HSM_PKCS11_MODULE"))
+    if not ok:
+        return checks
+    checks += _softhsm_checks(module) + _usb_checks(module)
+    try:
+        tokens = list_tokens(module)
+        checks.append(Check("tokens", True, ", ".join(f"'{t.label}'" for t in tokens) or "none"))
+    except HsmError as exc:
+        return [*checks, Check("tokens", False, str(exc))]
+    path = pin_file or cfg.hsm.pin_file
+    if not path:
+        return [*checks, Check("pin file", False, "no PIN file: set hsm.pin_file or SPYRUS_HSM_PIN_FILE")]
+    try:
+        pin = read_secret_file(path)
+        checks.append(Check("pin file", True, path))
+    except HsmError as exc:
+        return [*checks, Check("pin file", False, str(exc))]
+    try:
+        with Hsm(cfg.hsm.pool_settings(), pin).start(wait=True) as hsm:
+            st = hsm.state
+            checks.append(Check("login", True, f"token '{st.token_label}' serial {st.token_serial}"))
+            checks += _object_checks(hsm)
+    except HsmError as exc:
+        checks.append(Check("login", False, str(exc)))
+    return checks
+
+
+def _object_checks(hsm: Hsm) -> list[Check]:
+    objects = hsm.list_objects()
+    out = [Check("objects", True, f"{sum(o.type == 'secret-key' for o in objects)} secret key(s), "
+                 f"{sum(o.type == 'private' for o in objects)} private key(s), "
+                 f"{sum(o.type == 'cert' for o in objects)} certificate(s)")]
+    for o in objects:
+        if o.type in ("private", "secret-key") and (o.extractable or not o.sensitive):
+            out.append(Check(f"key {o.label}", False,
+                             "key is extractable or not sensitive; re-import it with spyrus-hsm"))
+        if o.type == "cert" and o.not_after:
+            left = datetime.fromisoformat(o.not_after) - datetime.now(UTC)
+            if left < timedelta(days=CERT_WARN_DAYS):
+                out.append(Check(f"cert {o.label}", False,
+                                 f"certificate {o.subject} expires {o.not_after}; renew it"))
+    secret = next((o for o in objects if o.type == "secret-key"), None)
+    if secret is not None:
+        hsm.sign(secret.label, SignAlgorithm.HMAC_SHA256, b"selftest")
+        out.append(Check("sign", True, f"HMAC-SHA256 with '{secret.label}'"))
+    return out
+
+
+def run_selftest(config_path: str | None, pin_file: str | None, json_out: bool = False) -> int:
+    checks = collect(config_path, pin_file)
+    passed = all(c.ok for c in checks)
+    if json_out:
+        print(json.dumps({"ok": passed, "checks": [asdict(c) for c in checks]}, indent=2))
+    else:
+        for c in checks:
+            print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    if not passed:
+        print("selftest failed; fix the FAIL lines above", file=sys.stderr)
+    return 0 if passed else 1

@@ -1,0 +1,143 @@
+"""Shared fixtures: a real SoftHSM2 token created for this test run in a temporary directory.
+
+A PKCS#11 module is loaded once per process and SoftHSM reads SOFTHSM2_CONF when it is
+initialised, so one token directory serves the whole pytest process; tests use unique labels.
+Tests marked `shim` run in a second pytest process (see the Makefile) in which every PKCS#11
+access goes through tests/p11shim (fault injection) instead of SoftHSM directly.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
+SHIM = ROOT / ".build" / "libp11shim.so"
+VIA_SHIM = os.environ.get("SPYRUS_TEST_VIA_SHIM") == "1"
+
+
+@dataclass
+class TokenEnv:
+    root: Path
+    conf: Path
+    module: str
+    label: str
+    so_pin_file: Path
+    pin_file: Path
+    config_file: Path
+    control_file: Path | None
+
+    @property
+    def pin(self) -> bytes:
+        return self.pin_file.read_bytes().strip()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"SOFTHSM2_CONF": str(self.conf), "SPYRUS_HSM_CONFIG": str(self.config_file)})
+        env.update(extra)
+        return env
+
+    def set_shim(self, **settings: object) -> None:
+        """Write the shim's control file (state=unplugged|plugged, sign_delay_ms=N)."""
+        assert self.control_file is not None, "this test needs the shim (mark it 'shim')"
+        text = "".join(f"{k}={v}\n" for k, v in settings.items())
+        tmp = self.control_file.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.control_file)
+
+
+def _write_secret(path: Path, value: str) -> Path:
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "shim: runs with the PKCS#11 fault-injection shim")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Keep the two groups apart: each needs its own process (see module docstring).
+    skip_other = pytest.mark.skip(reason="runs in the other pytest process (shim / not shim)")
+    for item in items:
+        if ("shim" in item.keywords) != VIA_SHIM:
+            item.add_marker(skip_other)
+
+
+@pytest.fixture(scope="session")
+def token_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenEnv]:
+    root = tmp_path_factory.mktemp("softhsm")
+    (root / "tokens").mkdir()
+    conf = root / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n"
+                    "log.level = ERROR\nslots.removable = true\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    control = None
+    module = SOFTHSM
+    if VIA_SHIM:
+        if not SHIM.exists():
+            pytest.fail(f"{SHIM} is not built; run 'make shim'")
+        control = root / "shim.control"
+        control.write_text("state=plugged\n")
+        os.environ["P11SHIM_CONTROL"] = str(control)
+        os.environ["P11SHIM_TARGET"] = SOFTHSM
+        module = str(SHIM)
+    label = "test-" + secrets.token_hex(3)
+    so_pin_file = _write_secret(root / "so.pin", "so-" + secrets.token_hex(8))
+    pin_file = _write_secret(root / "user.pin", "pin-" + secrets.token_hex(8))
+    config_file = root / "config.yaml"
+    config_file.write_text(
+        f"hsm:\n  module: {module}\n  token_label: {label}\n  pin_file: {pin_file}\n"
+        f"  call_timeout: 5\nstate_dir: {root / 'state'}\n")
+    from spyrus_hsm.hsm import Secret
+    from spyrus_hsm.hsm.provision import init_token
+
+    init_token(module, label, Secret(so_pin_file.read_bytes().strip()),
+               Secret(pin_file.read_bytes().strip()))
+    yield TokenEnv(root, conf, module, label, so_pin_file, pin_file, config_file, control)
+
+
+@pytest.fixture(scope="session")
+def hsm(token_env: TokenEnv) -> Iterator[object]:
+    from spyrus_hsm.hsm import Hsm, PoolSettings, Secret, TokenSelector
+
+    settings = PoolSettings(token_env.module, TokenSelector(token_env.label), workers=4,
+                            call_timeout=5.0, retry_min=0.1, retry_max=0.5)
+    h = Hsm(settings, Secret(token_env.pin)).start(wait=True)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def label() -> str:
+    return "k-" + secrets.token_hex(4)
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(token_env: TokenEnv):  # type: ignore[no-untyped-def]
+    """Run the real `spyrus-hsm` command in a subprocess against the test token."""
+
+    def run(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None,
+            timeout: float = 60) -> CliResult:
+        proc = subprocess.run(
+            [sys.executable, "-m", "spyrus_hsm", *args],
+            input=stdin if stdin is not None else b"", capture_output=True,
+            env=env or token_env.env(), timeout=timeout, check=False)
+        return CliResult(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+    return run

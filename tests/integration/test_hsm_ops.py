@@ -1,0 +1,241 @@
+"""HSM operations against a real SoftHSM2 token: results checked independently in software."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextvars
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
+
+from spyrus_hsm.hsm import (
+    DuplicateObject,
+    Hsm,
+    KeyAlgorithm,
+    ObjectNotFound,
+    Pkcs11Uri,
+    Secret,
+    SignAlgorithm,
+)
+from spyrus_hsm.hsm.encoding import ecdsa_raw_to_der
+from spyrus_hsm.identity.csr import build_csr
+
+
+def test_hmac_from_hsm_equals_python_hmac(hsm: Hsm, label: str) -> None:
+    key = secrets.token_bytes(32)
+    hsm.import_secret_key(label, Secret(key))
+    for data in (b"", b"x", secrets.token_bytes(1000)):
+        assert hsm.hmac_sha256(label, data) == hmac.new(key, data, hashlib.sha256).digest()
+
+
+def test_imported_key_value_cannot_be_read_back(hsm: Hsm, label: str) -> None:
+    hsm.import_secret_key(label, Secret(secrets.token_bytes(32)))
+    info = next(o for o in hsm.list_objects() if o.label == label)
+    assert (info.sensitive, info.extractable) == (True, False)
+    assert hsm.secret_key_value_readable(label) is False
+
+
+def test_importing_over_a_taken_label_is_refused(hsm: Hsm, label: str) -> None:
+    hsm.import_secret_key(label, Secret(secrets.token_bytes(32)))
+    with pytest.raises(DuplicateObject, match="already exist"):
+        hsm.import_secret_key(label, Secret(secrets.token_bytes(32)))
+
+
+def test_unknown_label_names_the_fix(hsm: Hsm) -> None:
+    with pytest.raises(ObjectNotFound, match="spyrus-hsm list"):
+        hsm.hmac_sha256("no-such-key", b"x")
+
+
+@pytest.mark.parametrize("algorithm", [KeyAlgorithm.EC_P256, KeyAlgorithm.RSA_2048])
+def test_generated_key_signatures_verify_with_cryptography(hsm: Hsm, label: str, algorithm: KeyAlgorithm) -> None:
+    hsm.generate_keypair(label, algorithm)
+    pub = hsm.public_key(label)
+    data = secrets.token_bytes(200)
+    if algorithm is KeyAlgorithm.EC_P256:
+        raw = hsm.sign(label, SignAlgorithm.ECDSA_SHA256, data)
+        assert len(raw) == 64
+        pub.verify(ecdsa_raw_to_der(raw), data, ec.ECDSA(hashes.SHA256()))
+    else:
+        pub.verify(hsm.sign(label, SignAlgorithm.RSA_PKCS1_SHA256, data), data,
+                   padding.PKCS1v15(), hashes.SHA256())
+        pub.verify(hsm.sign(label, SignAlgorithm.RSA_PSS_SHA256, data), data,
+                   padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
+
+
+def test_generated_private_key_is_sensitive_and_not_extractable(hsm: Hsm, label: str) -> None:
+    hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
+    priv = [o for o in hsm.list_objects() if o.label == label and o.type == "private"]
+    assert [(o.sensitive, o.extractable) for o in priv] == [(True, False)]
+
+
+@pytest.mark.parametrize("algorithm", [KeyAlgorithm.EC_P256, KeyAlgorithm.RSA_2048])
+def test_csr_is_signed_by_the_hsm_key(hsm: Hsm, label: str, algorithm: KeyAlgorithm) -> None:
+    hsm.generate_keypair(label, algorithm)
+    csr = x509.load_der_x509_csr(build_csr(hsm, label, "CN=dev-1,O=Contoso", ["dev-1.local"]))
+    assert csr.is_signature_valid
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "dev-1"
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert csr.public_key().public_bytes(*fmt) == hsm.public_key(label).public_bytes(*fmt)
+    san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["dev-1.local"]
+
+
+def _ca_chain(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> tuple[x509.Certificate, list[x509.Certificate]]:
+    import datetime as dt
+
+    now = dt.datetime.now(dt.UTC)
+
+    def cert(subject: str, issuer: str, pub: object, signer: object, ca: bool) -> x509.Certificate:
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+             .public_key(pub).serial_number(x509.random_serial_number())  # type: ignore[arg-type]
+             .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=30))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        return b.sign(signer, hashes.SHA256())  # type: ignore[arg-type]
+
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    inter_key = ec.generate_private_key(ec.SECP256R1())
+    root = cert("Test Root", "Test Root", root_key.public_key(), root_key, True)
+    inter = cert("Test Intermediate", "Test Root", inter_key.public_key(), root_key, True)
+    leaf = cert("dev-p12", "Test Intermediate", key.public_key(), inter_key, False)
+    return leaf, [root, inter]  # deliberately out of order
+
+
+@pytest.mark.parametrize("kind", ["ec", "rsa"])
+def test_pkcs12_import_yields_key_cert_and_chain_sharing_one_id(hsm: Hsm, label: str, kind: str) -> None:
+    key = ec.generate_private_key(ec.SECP256R1()) if kind == "ec" else rsa.generate_private_key(65537, 2048)
+    leaf, chain = _ca_chain(key)
+    p12 = pkcs12.serialize_key_and_certificates(
+        b"dev", key, leaf, chain, serialization.BestAvailableEncryption(b"p12-password"))
+    key_id = hsm.import_pkcs12(label, p12, Secret(b"p12-password"))
+    objects = [o for o in hsm.list_objects() if o.label == label]
+    assert sorted(o.type for o in objects) == ["cert", "cert", "cert", "private", "public"]
+    assert {o.id_hex for o in objects} == {key_id}
+    stored = hsm.certificate_chain(label)
+    assert [c.subject.rfc4514_string() for c in stored] == ["CN=dev-p12", "CN=Test Intermediate", "CN=Test Root"]
+    data = b"signed by the imported key"
+    if kind == "ec":
+        key.public_key().verify(ecdsa_raw_to_der(hsm.sign(label, SignAlgorithm.ECDSA_SHA256, data)),
+                                data, ec.ECDSA(hashes.SHA256()))
+    else:
+        key.public_key().verify(hsm.sign(label, SignAlgorithm.RSA_PKCS1_SHA256, data), data,
+                                padding.PKCS1v15(), hashes.SHA256())
+
+
+def test_lookup_by_uri_id_and_label(hsm: Hsm, label: str) -> None:
+    key = secrets.token_bytes(32)
+    key_id = hsm.import_secret_key(label, Secret(key))
+    by_id = Pkcs11Uri(id=bytes.fromhex(key_id))
+    assert hsm.hmac_sha256(by_id, b"m") == hmac.new(key, b"m", hashlib.sha256).digest()
+    assert hsm.hmac_sha256(f"pkcs11:object={label};type=secret-key", b"m") == hsm.hmac_sha256(by_id, b"m")
+
+
+def test_deleted_key_is_gone_for_every_worker(hsm: Hsm, label: str) -> None:
+    hsm.import_secret_key(label, Secret(secrets.token_bytes(32)))
+    with ThreadPoolExecutor(8) as ex:  # warm every worker's handle cache
+        list(ex.map(lambda _: hsm.hmac_sha256(label, b"x"), range(64)))
+    assert hsm.delete(label) == 1
+    for _ in range(8):
+        with pytest.raises(ObjectNotFound):
+            hsm.hmac_sha256(label, b"x")
+
+
+def test_sixteen_threads_times_500_signatures_have_zero_errors(hsm: Hsm, label: str) -> None:
+    key = secrets.token_bytes(32)
+    hsm.import_secret_key(label, Secret(key))
+    errors: list[BaseException] = []
+    wrong = 0
+
+    def worker(n: int) -> None:
+        nonlocal wrong
+        for i in range(500):
+            data = f"{n}:{i}".encode()
+            try:
+                if hsm.hmac_sha256(label, data) != hmac.new(key, data, hashlib.sha256).digest():
+                    wrong += 1
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and wrong == 0
+
+
+def test_closing_a_worker_session_does_not_log_out_the_others(hsm: Hsm, label: str) -> None:
+    hsm.import_secret_key(label, Secret(secrets.token_bytes(32)))
+    from spyrus_hsm.hsm import library
+
+    extra = library.open_session(hsm.pool._token)  # a session opened like a worker's
+    extra.close()
+    assert len(hsm.hmac_sha256(label, b"still logged in")) == 32
+
+
+def test_contextvars_reach_the_worker_thread(hsm: Hsm) -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("trace", default="none")
+    var.set("parent-span")
+    seen = hsm.pool.run(lambda ws: (var.get(), threading.current_thread().name), "probe")
+    assert seen[0] == "parent-span"
+    assert seen[1].startswith("hsm-worker-")
+
+
+def test_async_signing_never_runs_on_the_event_loop_thread(hsm: Hsm, label: str) -> None:
+    key = secrets.token_bytes(32)
+    hsm.import_secret_key(label, Secret(key))
+
+    async def main() -> tuple[set[str], list[bytes]]:
+        loop_thread = threading.current_thread().name
+        names = await asyncio.gather(*[
+            hsm.pool.arun(lambda ws: threading.current_thread().name, "probe") for _ in range(32)])
+        sigs = await asyncio.gather(*[hsm.ahmac_sha256(label, b"%d" % i) for i in range(32)])
+        assert loop_thread not in names
+        return set(names), list(sigs)
+
+    names, sigs = asyncio.run(main())
+    assert all(n.startswith("hsm-worker-") for n in names)
+    assert sigs == [hmac.new(key, b"%d" % i, hashlib.sha256).digest() for i in range(32)]
+
+
+def test_keys_created_as_session_objects_elsewhere_are_not_matched(hsm: Hsm, label: str) -> None:
+    # pkcs11-provider in the same process creates session objects; lookups must ignore them.
+    key = secrets.token_bytes(32)
+    hsm.import_secret_key(label, Secret(key))
+
+    def make_session_copy(ws: object) -> None:
+        from pkcs11 import Attribute, KeyType, ObjectClass
+
+        ws.session.create_object({  # type: ignore[attr-defined]
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+            Attribute.TOKEN: False, Attribute.LABEL: label, Attribute.VALUE: b"s" * 32,
+            Attribute.SIGN: True})
+
+    hsm.pool.run(make_session_copy, "session object")
+    assert hsm.hmac_sha256(label, b"m") == hmac.new(key, b"m", hashlib.sha256).digest()
+
+
+def test_base64_roundtrip_of_b64_key_used_by_azure(hsm: Hsm, label: str) -> None:
+    primary = base64.b64encode(secrets.token_bytes(64)).decode()
+    hsm.import_secret_key(label, Secret(base64.b64decode(primary)))
+    expected = hmac.new(base64.b64decode(primary), b"sr\n1", hashlib.sha256).digest()
+    assert hsm.hmac_sha256(label, b"sr\n1") == expected
+
+
+def test_state_reports_ready_with_token_identity(hsm: Hsm, token_env) -> None:  # type: ignore[no-untyped-def]
+    st = hsm.state
+    assert st.ready and st.reason is None
+    assert st.token_label == token_env.label and st.token_serial
+    assert time.time() >= st.since
