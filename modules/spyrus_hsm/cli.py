@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from cryptography import x509
 
@@ -322,58 +322,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pin-file", help="file holding the user PIN (default: hsm.pin_file)")
     p.add_argument("--version", action="version", version=f"spyrus-hsm {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log more to standard error")
+    # --pin-file is accepted after the subcommand too ("token init --label L --pin-file F").
+    common = _Parser(add_help=False)
+    common.add_argument("--pin-file", default=argparse.SUPPRESS, help="file holding the user PIN")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add = sub.add_parser
 
-    token = sub.add_parser("token", help="token management").add_subparsers(
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], **kw)
+
+    token = _add("token", help="token management").add_subparsers(
         dest="token_command", required=True, parser_class=_Parser)
     t = token.add_parser("init", help="initialise a free token (PINs from files or stdin: SO PIN, then user PIN)")
     t.add_argument("--label", required=True)
     t.add_argument("--so-pin-file")
+    t.add_argument("--pin-file", default=argparse.SUPPRESS, help="file holding the new user PIN")
     t.set_defaults(func=cmd_token_init)
 
-    key = sub.add_parser("key", help="keys").add_subparsers(dest="key_command", required=True,
+    key = _add("key", help="keys").add_subparsers(dest="key_command", required=True,
                                                            parser_class=_Parser)
-    k = key.add_parser("import-sas", help="import a device primary key (base64, from --key-file or stdin)")
+    k = key.add_parser("import-sas", parents=[common],
+                       help="import a device primary key (base64, from --key-file or stdin)")
     k.add_argument("--label", required=True)
     k.add_argument("--key-file")
     k.set_defaults(func=cmd_key_import_sas)
-    k = key.add_parser("import-pkcs12", help="import key, certificate and chain from a PKCS#12")
+    k = key.add_parser("import-pkcs12", parents=[common], help="import key, certificate and chain from a PKCS#12")
     k.add_argument("file")
     k.add_argument("--label", required=True)
     k.add_argument("--password-file")
     k.add_argument("--no-password", action="store_true", help="the PKCS#12 has no password")
     k.set_defaults(func=cmd_key_import_pkcs12)
-    k = key.add_parser("generate", help="generate a key pair inside the token")
+    k = key.add_parser("generate", parents=[common], help="generate a key pair inside the token")
     k.add_argument("--label", required=True)
     k.add_argument("--type", required=True, choices=[a.value for a in KeyAlgorithm])
     k.set_defaults(func=cmd_key_generate)
 
-    c = sub.add_parser("csr", help="make a CSR signed by an HSM key")
+    c = add_parser("csr", help="make a CSR signed by an HSM key")
     c.add_argument("--label", required=True)
     c.add_argument("--subject", required=True, help='RFC 4514 subject, e.g. "CN=dev1"')
     c.add_argument("--dns", action="append", default=[], help="subjectAltName DNS name (repeatable)")
     c.add_argument("--out", help="write the PEM here instead of standard output")
     c.set_defaults(func=cmd_csr)
 
-    cert = sub.add_parser("cert", help="certificates").add_subparsers(
+    cert = _add("cert", help="certificates").add_subparsers(
         dest="cert_command", required=True, parser_class=_Parser)
-    c = cert.add_parser("import", help="store a certificate or chain beside its key")
+    c = cert.add_parser("import", parents=[common], help="store a certificate or chain beside its key")
     c.add_argument("file")
     c.add_argument("--label", required=True)
     c.set_defaults(func=cmd_cert_import)
 
-    c = sub.add_parser("list", help="list the token's objects")
+    c = add_parser("list", help="list the token's objects")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_list)
 
-    c = sub.add_parser("delete", help="delete objects by label (and type) or URI")
+    c = add_parser("delete", help="delete objects by label (and type) or URI")
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--label")
     g.add_argument("--uri")
     c.add_argument("--type", choices=["private", "public", "cert", "secret-key", "data"])
     c.set_defaults(func=cmd_delete)
 
-    c = sub.add_parser("sas", help="mint a SAS token with an HSM key")
+    c = add_parser("sas", help="mint a SAS token with an HSM key")
     c.add_argument("--key", required=True, help="key label or pkcs11: URI")
     c.add_argument("--hub")
     c.add_argument("--device-id")
@@ -386,16 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_sas)
 
-    c = sub.add_parser("keyref", help="write the provider PEM key reference for an HSM key")
+    c = add_parser("keyref", help="write the provider PEM key reference for an HSM key")
     c.add_argument("--label", required=True)
     c.add_argument("--out", required=True)
     c.set_defaults(func=cmd_keyref)
 
-    c = sub.add_parser("openssl-config", help="write an OpenSSL config loading pkcs11-provider")
+    c = add_parser("openssl-config", help="write an OpenSSL config loading pkcs11-provider")
     c.add_argument("--out", required=True)
     c.set_defaults(func=cmd_openssl_config)
 
-    c = sub.add_parser("selftest", help="check module, token, PIN and keys; say what to fix")
+    c = add_parser("selftest", help="check module, token, PIN and keys; say what to fix")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_selftest)
     return p
