@@ -73,6 +73,8 @@ class WorkerSession:
     def __init__(self, session: Any, token_label: str) -> None:
         self.session = session
         self.token_label = token_label
+        self.generation = 0  # the pool's library generation this session belongs to
+        self.epoch = 0       # the pool's object epoch its handle cache reflects
         self._cache: dict[tuple[Any, ...], Any] = {}
 
     def clear_cache(self) -> None:

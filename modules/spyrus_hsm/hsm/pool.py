@@ -1,13 +1,20 @@
 """A bounded pool of worker threads, each owning one PKCS#11 session, plus recovery.
 
-python-pkcs11 initialises the library without locking callbacks, so no session is ever shared
-between threads: each worker opens its own and keeps it. One supervisor thread holds the
-logged-in session (login is per token) and, when a worker meets a device fault, stops taking
-work, fails what is queued, waits for in-flight calls to return, finalises and reinitialises
-the library, finds the token again by label/serial, logs in again and resumes. C_Finalize is
-only ever called with no thread inside the library.
+python-pkcs11 does not serialise calls, so no session is ever used by two threads at once:
+each worker opens its own and keeps it. The supervisor thread holds the logged-in session
+(login is per token) and, when a call meets a device fault, stops taking work, fails what is
+queued, waits for in-flight calls to return, finalises and reinitialises the library, finds
+the token again by label/serial, logs in again and resumes. C_Finalize is only ever called
+with no thread inside the library.
 
-Callers' contextvars (trace context) are carried into the worker with `Context.run`.
+Three ways in:
+- `run` (sync): hands the call to a worker and waits at most the call timeout;
+- `run` with sync_mode="inline": runs on the calling thread with a session checked out
+  exclusively from a bounded set (no thread hand-off, ~4x less overhead on fast tokens, but a
+  hung token blocks the caller: there is no per-call timeout);
+- `arun` (async): never touches PKCS#11 on the event loop. Concurrent requests made in the
+  same loop iteration are batched into worker jobs, so a burst costs one thread wake-up per
+  batch rather than one per request; each request keeps its own timeout and contextvars.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 from . import library
-from .errors import HsmBusy, HsmConfigError, HsmError, HsmTimeout, HsmUnavailable, LoginFailed
+from .errors import HsmBusy, HsmError, HsmTimeout, HsmUnavailable
 from .faults import fault_reason, is_device_fault, translate
 from .library import TokenSelector
 from .operations import WorkerSession
@@ -35,6 +43,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Status = Literal["starting", "ready", "degraded", "stopped"]
+SyncMode = Literal["worker", "inline"]
+MAX_BATCH = 32
+# A worker job gathers requests until it holds about this much HSM work: fast tokens amortise
+# the thread hand-off over many requests, slow tokens spread a burst over all workers.
+BATCH_WORK_SECONDS = 0.0005
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,7 @@ class PoolSettings:
     workers: int = 4
     call_timeout: float = 10.0
     queue_limit: int = 256
+    sync_mode: SyncMode = "worker"
     retry_min: float = 0.25
     retry_max: float = 5.0
 
@@ -70,24 +84,39 @@ class _Job:
     ctx: contextvars.Context
 
 
+@dataclass
+class _Request:
+    """One async request waiting in a batch."""
+    fn: Callable[[WorkerSession], Any]
+    what: str
+    future: asyncio.Future[Any]
+    ctx: contextvars.Context
+
+
 class HsmPool:
     def __init__(self, settings: PoolSettings, pin: Secret) -> None:
         self.settings = settings
         self._pin = pin
         self._cond = threading.Condition()
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=settings.queue_limit)
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._state = HsmState("starting")
         self._accepting = False
         self._recover_requested = True
         self._stopping = False
         self._generation = 0
-        self._busy = 0
+        self._busy = 0          # threads inside a PKCS#11 call (workers and inline callers)
+        self._outstanding = 0   # requests accepted and not yet answered (the bounded queue)
         self._lib: Any = None
         self._token: Any = None
         self._login_session: Any = None
         self._threads: list[threading.Thread] = []
         self._listeners: list[Callable[[HsmState], None]] = []
-        self.epoch = 0  # bumped by object-mutating operations: workers drop handle caches
+        self._batchers: dict[asyncio.AbstractEventLoop, _Batcher] = {}
+        self._inline_slots = threading.BoundedSemaphore(settings.workers)
+        self._idle: list[tuple[int, WorkerSession]] = []
+        self._ever_ready = False
+        self.op_seconds = 0.001  # moving average of one operation's duration, sizes batches
+        self.epoch = 0  # bumped by object-mutating operations: sessions drop handle caches
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -99,16 +128,18 @@ class HsmPool:
         """
         if wait:
             self._connect()
+            self._ever_ready = True
             self._recover_requested = False
-            self._set_state("ready")
             self._accepting = True
+            self._set_state("ready")
         for i in range(self.settings.workers):
-            t = threading.Thread(target=self._worker, name=f"hsm-worker-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        sup = threading.Thread(target=self._supervise, name="hsm-supervisor", daemon=True)
-        sup.start()
-        self._threads.append(sup)
+            self._spawn(self._worker, f"hsm-worker-{i}")
+        self._spawn(self._supervise, "hsm-supervisor")
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop workers and close sessions; does not C_Finalize (see pitfalls: provider)."""
@@ -120,10 +151,7 @@ class HsmPool:
             self._cond.notify_all()
         self._fail_queued(HsmUnavailable("the HSM pool is shutting down"))
         for _ in range(self.settings.workers):
-            try:
-                self._queue.put_nowait(None)
-            except queue.Full:
-                break
+            self._queue.put(None)
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -144,41 +172,26 @@ class HsmPool:
         self._listeners.append(fn)
 
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._outstanding
 
-    # --- work ----------------------------------------------------------------------------------
+    def bump_epoch(self) -> None:
+        self.epoch += 1
 
-    def submit(self, fn: Callable[[WorkerSession], T], what: str) -> Future[T]:
-        """Queue `fn(worker_session)`; never blocks. Fails fast when the HSM is not ready."""
-        if not self._accepting:
-            raise HsmUnavailable(self._unavailable_text(what))
-        fut: Future[T] = Future()
-        try:
-            self._queue.put_nowait(_Job(fn, what, fut, contextvars.copy_context()))
-        except queue.Full:
-            raise HsmBusy(
-                f"{what}: the HSM queue is full ({self.settings.queue_limit} waiting); retry later"
-            ) from None
-        return fut
+    # --- admission ---------------------------------------------------------------------------
 
-    def run(self, fn: Callable[[WorkerSession], T], what: str, timeout: float | None = None) -> T:
-        fut = self.submit(fn, what)
-        limit = self.settings.call_timeout if timeout is None else timeout
-        try:
-            return fut.result(timeout=limit)
-        except FutureTimeout:
-            fut.cancel()
-            raise HsmTimeout(f"{what}: the HSM did not answer within {limit:g} s") from None
+    def _admit(self, what: str) -> None:
+        """Count one request in, or refuse it at once (not ready, or queue full)."""
+        with self._cond:
+            if not self._accepting:
+                raise HsmUnavailable(self._unavailable_text(what))
+            if self._outstanding >= self.settings.queue_limit:
+                raise HsmBusy(f"{what}: the HSM queue is full "
+                              f"({self.settings.queue_limit} waiting); retry later")
+            self._outstanding += 1
 
-    async def arun(self, fn: Callable[[WorkerSession], T], what: str,
-                   timeout: float | None = None) -> T:
-        """As `run`, awaiting on the event loop; the PKCS#11 call runs on a worker thread."""
-        fut = self.submit(fn, what)
-        limit = self.settings.call_timeout if timeout is None else timeout
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), limit)
-        except TimeoutError:
-            raise HsmTimeout(f"{what}: the HSM did not answer within {limit:g} s") from None
+    def _release(self, n: int = 1) -> None:
+        with self._cond:
+            self._outstanding -= n
 
     def _unavailable_text(self, what: str) -> str:
         st = self._state
@@ -186,12 +199,116 @@ class HsmPool:
             return f"{what}: the HSM pool is stopped"
         return f"{what}: the HSM is not ready ({st.reason or st.status}); retry shortly"
 
+    # --- sync --------------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[[WorkerSession], T], what: str) -> Future[T]:
+        """Queue `fn(worker_session)` for a worker; never blocks."""
+        self._admit(what)
+        fut: Future[T] = Future()
+        fut.add_done_callback(lambda _: self._release())
+        self._queue.put(_Job(fn, what, fut, contextvars.copy_context()))
+        return fut
+
+    def run(self, fn: Callable[[WorkerSession], T], what: str, timeout: float | None = None) -> T:
+        _refuse_on_event_loop(what)
+        limit = self.settings.call_timeout if timeout is None else timeout
+        if self.settings.sync_mode == "inline":
+            return self._run_inline(fn, what, limit)
+        fut = self.submit(fn, what)
+        try:
+            return fut.result(timeout=limit)
+        except FutureTimeout:
+            fut.cancel()
+            raise HsmTimeout(f"{what}: the HSM did not answer within {limit:g} s") from None
+
+    def _run_inline(self, fn: Callable[[WorkerSession], T], what: str, limit: float) -> T:
+        self._admit(what)
+        try:
+            if not self._inline_slots.acquire(timeout=limit):
+                raise HsmTimeout(f"{what}: no HSM session became free within {limit:g} s")
+            try:
+                return self._call_inline(fn, what)
+            finally:
+                self._inline_slots.release()
+        finally:
+            self._release()
+
+    def _call_inline(self, fn: Callable[[WorkerSession], T], what: str) -> T:
+        with self._cond:
+            if not self._accepting:
+                raise HsmUnavailable(self._unavailable_text(what))
+            self._busy += 1
+            generation = self._generation
+            ws = None
+            while self._idle:
+                gen, candidate = self._idle.pop()
+                if gen == generation:
+                    ws = candidate
+                    break
+        try:
+            if ws is None:
+                ws = WorkerSession(library.open_session(self._token), self._token.label)
+                ws.generation = generation
+                ws.epoch = self.epoch
+            if ws.epoch != self.epoch:
+                ws.clear_cache()
+                ws.epoch = self.epoch
+            result = fn(ws)
+        except BaseException as exc:
+            if is_device_fault(exc) or isinstance(exc, HsmUnavailable):
+                self._request_recovery(fault_reason(exc), generation)
+                ws = None
+            raise translate(exc, what) from None
+        finally:
+            with self._cond:
+                if ws is not None and generation == self._generation:
+                    self._idle.append((generation, ws))
+                self._busy -= 1
+                self._cond.notify_all()
+        return result
+
+    # --- async -------------------------------------------------------------------------------
+
+    async def arun(self, fn: Callable[[WorkerSession], T], what: str,
+                   timeout: float | None = None) -> T:
+        """As `run`, awaiting on the event loop; the PKCS#11 call runs on a worker thread."""
+        limit = self.settings.call_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(loop)
+        if batcher is None:
+            batcher = self._batchers[loop] = _Batcher(self, loop)
+        self._admit(what)
+        fut = batcher.add(fn, what)
+        try:
+            return await asyncio.wait_for(fut, limit)
+        except TimeoutError:
+            raise HsmTimeout(f"{what}: the HSM did not answer within {limit:g} s") from None
+
+    def _run_batch(self, batch: list[_Request], ws: WorkerSession) -> list[tuple[bool, Any]]:
+        """Run a batch on one worker; a device fault fails the rest of the batch at once."""
+        results: list[tuple[bool, Any]] = []
+        started = time.perf_counter()
+        for i, req in enumerate(batch):
+            if req.future.cancelled():
+                results.append((False, None))
+                continue
+            try:
+                results.append((True, req.ctx.run(req.fn, ws)))
+            except BaseException as exc:
+                results.append((False, translate(exc, req.what)))
+                if is_device_fault(exc) or isinstance(exc, HsmUnavailable):
+                    self._request_recovery(fault_reason(exc), ws.generation)
+                    gone = HsmUnavailable(self._unavailable_text(req.what))
+                    results += [(False, gone)] * (len(batch) - i - 1)
+                    break
+        per_op = (time.perf_counter() - started) / len(batch)
+        self.op_seconds += 0.2 * (per_op - self.op_seconds)
+        return results
+
     # --- workers -------------------------------------------------------------------------------
 
     def _worker(self) -> None:
         ws: WorkerSession | None = None
-        generation = -1
-        epoch = -1
         while True:
             job = self._queue.get()
             if job is None:
@@ -205,13 +322,13 @@ class HsmPool:
                 self._busy += 1
                 current = self._generation
             try:
-                if ws is None or generation != current:
+                if ws is None or ws.generation != current:
                     # Sessions of an earlier generation died with C_Finalize: drop, never close.
                     ws = WorkerSession(library.open_session(self._token), self._token.label)
-                    generation = current
-                if epoch != self.epoch:
+                    ws.generation = current
+                if ws.epoch != self.epoch:
                     ws.clear_cache()
-                    epoch = self.epoch
+                    ws.epoch = self.epoch
                 result = job.ctx.run(job.fn, ws)
             except BaseException as exc:
                 if is_device_fault(exc) or isinstance(exc, HsmUnavailable):
@@ -224,9 +341,6 @@ class HsmPool:
                 with self._cond:
                     self._busy -= 1
                     self._cond.notify_all()
-
-    def bump_epoch(self) -> None:
-        self.epoch += 1
 
     # --- recovery ------------------------------------------------------------------------------
 
@@ -262,26 +376,27 @@ class HsmPool:
             delay = self.settings.retry_min
             with self._cond:
                 self._generation += 1
+                self._idle.clear()
                 self._recover_requested = False
                 self._accepting = True
-                recoveries = self._state.recoveries + (1 if self._lib is not None else 0)
-            self._set_state("ready", None, recoveries)
+            self._set_state("ready", None, self._state.recoveries + (1 if self._ever_ready else 0))
+            self._ever_ready = True
             log.info("HSM ready: token '%s'", self._token.label)
 
     def _drain(self) -> bool:
-        """Wait until no worker is inside a PKCS#11 call (C_Finalize is unsafe otherwise)."""
+        """Wait until no thread is inside a PKCS#11 call (C_Finalize is unsafe otherwise)."""
         deadline = time.monotonic() + 2 * self.settings.call_timeout
         with self._cond:
             while self._busy and not self._stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if time.monotonic() > deadline:
                     self._set_state("degraded", f"{self._state.reason}; waiting for {self._busy} "
                                     "HSM call(s) that have not returned")
-                    deadline = time.monotonic() + self.settings.call_timeout
-                self._cond.wait(min(max(left, 0.05), 1.0))
+                    deadline = float("inf")
+                self._cond.wait(0.5)
             return not self._stopping
 
     def _reconnect(self) -> None:
+        """Each attempt starts from a fresh C_Initialize, so re-enumerated devices are seen."""
         if self._lib is not None:
             self._login_session = None
             self._token = None
@@ -297,7 +412,7 @@ class HsmPool:
         self._login_session = library.login(token, self._pin)
         self._token = token
         info = library.summarise(token)
-        self._state = HsmState("starting", None, info.label, info.serial,
+        self._state = HsmState(self._state.status, self._state.reason, info.label, info.serial,
                                recoveries=self._state.recoveries)
 
     def _fail_queued(self, error: HsmError) -> None:
@@ -307,7 +422,7 @@ class HsmPool:
             except queue.Empty:
                 return
             if job is None:
-                self._queue.put_nowait(None)
+                self._queue.put(None)
                 return
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)
@@ -325,4 +440,61 @@ class HsmPool:
                 log.exception("HSM state listener failed")
 
 
-__all__ = ["HsmConfigError", "HsmPool", "HsmState", "LoginFailed", "PoolSettings"]
+class _Batcher:
+    """Collects one event loop's HSM requests and hands them to workers in batches."""
+
+    def __init__(self, pool: HsmPool, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop
+        self.pending: list[_Request] = []
+
+    def add(self, fn: Callable[[WorkerSession], Any], what: str) -> asyncio.Future[Any]:
+        fut = self.loop.create_future()
+        if not self.pending:
+            self.loop.call_soon(self.flush)
+        self.pending.append(_Request(fn, what, fut, contextvars.copy_context()))
+        return fut
+
+    def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        spread = -(-len(batch) // self.pool.settings.workers)
+        amortise = int(BATCH_WORK_SECONDS / max(self.pool.op_seconds, 1e-6))
+        size = max(1, min(MAX_BATCH, max(spread, amortise)))
+        try:
+            self._submit_chunks(batch, size)
+        except BaseException as exc:  # never leave a caller waiting on a lost batch
+            self.pool._release(len(batch))
+            for req in batch:
+                if not req.future.done():
+                    req.future.set_exception(translate(exc, req.what))
+
+    def _submit_chunks(self, batch: list[_Request], size: int) -> None:
+        for i in range(0, len(batch), size):
+            chunk = batch[i:i + size]
+            job_future: Future[list[tuple[bool, Any]]] = Future()
+            job_future.add_done_callback(partial(self._resolve_threadsafe, chunk))
+            self.pool._queue.put(_Job(partial(self.pool._run_batch, chunk), chunk[0].what,
+                                      job_future, contextvars.Context()))
+
+    def _resolve_threadsafe(self, chunk: list[_Request], job_future: Future[Any]) -> None:
+        self.loop.call_soon_threadsafe(self._resolve, chunk, job_future)
+
+    def _resolve(self, chunk: list[_Request], job_future: Future[list[tuple[bool, Any]]]) -> None:
+        self.pool._release(len(chunk))
+        exc = job_future.exception()
+        results = [(False, exc)] * len(chunk) if exc is not None else job_future.result()
+        for req, (ok, value) in zip(chunk, results, strict=True):
+            if req.future.done():
+                continue
+            if ok:
+                req.future.set_result(value)
+            else:
+                req.future.set_exception(value or HsmUnavailable(req.what))
+
+
+def _refuse_on_event_loop(what: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(f"{what}: a blocking HSM call on the event loop thread; use the async API")
