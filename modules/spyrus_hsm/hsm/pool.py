@@ -97,7 +97,10 @@ class HsmPool:
     def __init__(self, settings: PoolSettings, pin: Secret) -> None:
         self.settings = settings
         self._pin = pin
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)          # waiters: drain, close
+        self._session_free = threading.Condition(self._lock)  # waiters: inline callers
+        self._wake = threading.Event()                        # wakes the supervisor
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._state = HsmState("starting")
         self._accepting = False
@@ -112,8 +115,8 @@ class HsmPool:
         self._threads: list[threading.Thread] = []
         self._listeners: list[Callable[[HsmState], None]] = []
         self._batchers: dict[asyncio.AbstractEventLoop, _Batcher] = {}
-        self._inline_slots = threading.BoundedSemaphore(settings.workers)
-        self._idle: list[tuple[int, WorkerSession]] = []
+        self._idle: list[tuple[int, WorkerSession]] = []  # inline sessions not in use
+        self._inline_sessions = 0
         self._ever_ready = False
         self.op_seconds = 0.001  # moving average of one operation's duration, sizes batches
         self.epoch = 0  # bumped by object-mutating operations: sessions drop handle caches
@@ -149,6 +152,8 @@ class HsmPool:
             self._stopping = True
             self._accepting = False
             self._cond.notify_all()
+            self._session_free.notify_all()
+        self._wake.set()
         self._fail_queued(HsmUnavailable("the HSM pool is shutting down"))
         for _ in range(self.settings.workers):
             self._queue.put(None)
@@ -222,50 +227,52 @@ class HsmPool:
             raise HsmTimeout(f"{what}: the HSM did not answer within {limit:g} s") from None
 
     def _run_inline(self, fn: Callable[[WorkerSession], T], what: str, limit: float) -> T:
-        self._admit(what)
-        try:
-            if not self._inline_slots.acquire(timeout=limit):
-                raise HsmTimeout(f"{what}: no HSM session became free within {limit:g} s")
-            try:
-                return self._call_inline(fn, what)
-            finally:
-                self._inline_slots.release()
-        finally:
-            self._release()
-
-    def _call_inline(self, fn: Callable[[WorkerSession], T], what: str) -> T:
-        with self._cond:
-            if not self._accepting:
-                raise HsmUnavailable(self._unavailable_text(what))
-            self._busy += 1
-            generation = self._generation
-            ws = None
-            while self._idle:
-                gen, candidate = self._idle.pop()
-                if gen == generation:
-                    ws = candidate
+        """Run on the calling thread with a session nobody else uses meanwhile."""
+        deadline = time.monotonic() + limit
+        with self._lock:
+            while True:
+                if not self._accepting:
+                    raise HsmUnavailable(self._unavailable_text(what))
+                generation = self._generation
+                ws = self._take_idle(generation)
+                if ws is not None or self._inline_sessions < self.settings.workers:
                     break
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._session_free.wait(left):
+                    raise HsmTimeout(f"{what}: no HSM session became free within {limit:g} s")
+            if ws is None:
+                self._inline_sessions += 1
+            self._busy += 1
         try:
             if ws is None:
                 ws = WorkerSession(library.open_session(self._token), self._token.label)
                 ws.generation = generation
-                ws.epoch = self.epoch
             if ws.epoch != self.epoch:
                 ws.clear_cache()
                 ws.epoch = self.epoch
-            result = fn(ws)
+            return fn(ws)
         except BaseException as exc:
             if is_device_fault(exc) or isinstance(exc, HsmUnavailable):
                 self._request_recovery(fault_reason(exc), generation)
-                ws = None
             raise translate(exc, what) from None
         finally:
-            with self._cond:
+            with self._lock:
                 if ws is not None and generation == self._generation:
                     self._idle.append((generation, ws))
+                else:
+                    self._inline_sessions -= 1
                 self._busy -= 1
-                self._cond.notify_all()
-        return result
+                self._session_free.notify()
+                if self._busy == 0:
+                    self._cond.notify_all()
+
+    def _take_idle(self, generation: int) -> WorkerSession | None:
+        while self._idle:
+            gen, ws = self._idle.pop()
+            if gen == generation:
+                return ws
+            self._inline_sessions -= 1  # from before a recovery: dead, just dropped
+        return None
 
     # --- async -------------------------------------------------------------------------------
 
@@ -338,9 +345,10 @@ class HsmPool:
             else:
                 job.future.set_result(result)
             finally:
-                with self._cond:
+                with self._lock:
                     self._busy -= 1
-                    self._cond.notify_all()
+                    if self._busy == 0:
+                        self._cond.notify_all()
 
     # --- recovery ------------------------------------------------------------------------------
 
@@ -352,16 +360,18 @@ class HsmPool:
             self._recover_requested = True
             self._accepting = False
             self._set_state("degraded", reason)
-            self._cond.notify_all()
+        self._wake.set()
 
     def _supervise(self) -> None:
         delay = self.settings.retry_min
         while True:
-            with self._cond:
-                while not self._recover_requested and not self._stopping:
-                    self._cond.wait()
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
                 if self._stopping:
                     return
+                if not self._recover_requested:
+                    continue
             self._fail_queued(HsmUnavailable(self._unavailable_text("HSM call")))
             if not self._drain():
                 continue
@@ -369,13 +379,14 @@ class HsmPool:
                 self._reconnect()
             except HsmError as exc:
                 self._set_state("degraded", str(exc))
-                with self._cond:
-                    self._cond.wait(delay)
+                self._wake.wait(delay)  # close() sets it: stop retrying at once
+                self._wake.set()        # and come round again for the next attempt
                 delay = min(delay * 2, self.settings.retry_max)
                 continue
             delay = self.settings.retry_min
-            with self._cond:
+            with self._lock:
                 self._generation += 1
+                self._inline_sessions -= len(self._idle)
                 self._idle.clear()
                 self._recover_requested = False
                 self._accepting = True
@@ -493,8 +504,6 @@ class _Batcher:
 
 
 def _refuse_on_event_loop(what: str) -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    if asyncio._get_running_loop() is None:
         return
     raise RuntimeError(f"{what}: a blocking HSM call on the event loop thread; use the async API")
