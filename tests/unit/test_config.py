@@ -1,0 +1,52 @@
+"""Configuration: YAML plus environment overrides, validated once, errors naming key and file."""
+
+from pathlib import Path
+
+import pytest
+
+from spyrus_hsm.config import ConfigError, load
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_file_values_and_environment_overrides(tmp_path: Path) -> None:
+    path = _write(tmp_path, "hsm:\n  token_label: a\n  workers: 2\n  call_timeout: 3\nsas:\n  default_ttl: 600\n")
+    cfg = load(path, env={"SPYRUS_HSM_TOKEN_LABEL": "b", "SPYRUS_HSM_PIN_FILE": "/run/pin",
+                          "SPYRUS_HSM_PKCS11_MODULE": "/opt/vendor.so"})
+    assert (cfg.hsm.token_label, cfg.hsm.pin_file, cfg.hsm.module) == ("b", "/run/pin", "/opt/vendor.so")
+    assert (cfg.hsm.workers, cfg.hsm.call_timeout, cfg.sas.default_ttl) == (2, 3.0, 600)
+
+
+def test_config_path_comes_from_the_environment(tmp_path: Path) -> None:
+    path = _write(tmp_path, "hsm:\n  token_label: from-env-file\n")
+    assert load(None, env={"SPYRUS_HSM_CONFIG": path}).hsm.token_label == "from-env-file"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("hsm:\n  token_label: a\n  wrokers: 2\n", "unknown key 'hsm.wrokers'"),
+    ("hsm:\n  token_label: a\n  workers: many\n", "'hsm.workers' must be int"),
+    ("hsm:\n  token_label: a\n  workers: 0\n", "'hsm.workers' must be between"),
+    ("hsm:\n  token_label: a\n  sync_mode: fast\n", "'hsm.sync_mode'"),
+    ("hsm: [1, 2]\n", "'hsm' must be a mapping"),
+    ("hsm:\n  token_label: a\n: bad: yaml\n", "not valid YAML"),
+    ("other: 1\n", "unknown key 'other'"),
+    ("hsm:\n  module: /x.so\n", "no token selected"),
+])
+def test_errors_name_the_key_and_the_file(tmp_path: Path, text: str, fragment: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path, env={})
+    assert fragment in str(info.value) and path in str(info.value)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(str(tmp_path / "nope.yaml"), env={})
+
+
+def test_token_init_needs_no_token_selection(tmp_path: Path) -> None:
+    assert load(_write(tmp_path, "hsm:\n  module: /x.so\n"), env={}, require_token=False).hsm.module == "/x.so"
