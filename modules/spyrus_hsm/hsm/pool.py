@@ -145,7 +145,7 @@ class HsmPool:
         self._threads.append(t)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop workers and close sessions; does not C_Finalize (see pitfalls: provider)."""
+        """Stop the workers; neither logs out nor finalises (others in the process may use it)."""
         with self._cond:
             if self._stopping:
                 return
@@ -160,13 +160,9 @@ class HsmPool:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        with self._cond:
-            if self._busy == 0 and self._login_session is not None:
-                try:
-                    self._login_session.close()
-                except Exception:  # noqa: S110 - best effort at shutdown
-                    pass
-                self._login_session = None
+        # The login session is dropped, not closed: C_Logout would log out every session of
+        # the token in this process (pkcs11-provider's too). Process exit ends the login.
+        self._login_session = None
         self._set_state("stopped", "shut down")
 
     @property

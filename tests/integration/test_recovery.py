@@ -1,0 +1,189 @@
+"""Unplug, replug and slow-USB behaviour, with faults injected by tests/p11shim.
+
+These run in the pytest process whose PKCS#11 module is the shim (`make test` runs it; marker
+`shim`). The shim answers CKR_DEVICE_REMOVED / CKR_TOKEN_NOT_PRESENT while "unplugged", drops
+all sessions and the login on "replug", and sleeps before signing when told to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from spyrus_hsm.hsm import Hsm, HsmTimeout, HsmUnavailable, PoolSettings, Secret, TokenSelector
+
+pytestmark = [pytest.mark.shim, pytest.mark.timeout(60)]
+
+
+def _wait_for(cond: Callable[[], bool], within: float, what: str) -> None:
+    end = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"not {what} within {within} s")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def plugged(token_env):  # type: ignore[no-untyped-def]
+    token_env.set_shim(state="plugged")
+    yield token_env
+    token_env.set_shim(state="plugged")
+
+
+def _hsm(token_env, mode: str = "worker", timeout: float = 5.0, wait: bool = True) -> Hsm:  # type: ignore[no-untyped-def]
+    settings = PoolSettings(token_env.module, TokenSelector(token_env.label), workers=4, call_timeout=timeout,
+                            sync_mode=mode, retry_min=0.05, retry_max=0.25)  # type: ignore[arg-type]
+    return Hsm(settings, Secret(token_env.pin)).start(wait=wait)
+
+
+@pytest.fixture(params=["worker", "inline"])
+def keyed(request, plugged, label: str) -> Iterator[tuple[Hsm, str, bytes]]:  # type: ignore[no-untyped-def]
+    h = _hsm(plugged, request.param)
+    key = secrets.token_bytes(32)
+    h.import_secret_key(label, Secret(key))
+    yield h, label, key
+    h.close()
+
+
+def _mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def test_unplug_fails_fast_with_the_reason_and_replug_recovers(keyed, plugged) -> None:  # type: ignore[no-untyped-def]
+    h, label, key = keyed
+    assert h.hmac_sha256(label, b"before") == _mac(key, b"before")
+    plugged.set_shim(state="unplugged")
+    with pytest.raises(HsmUnavailable) as first:
+        h.hmac_sha256(label, b"during")
+    assert "removed" in str(first.value) or "not present" in str(first.value) or "not ready" in str(first.value)
+    _wait_for(lambda: h.state.status == "degraded", 1.0, "degraded")
+    assert h.state.reason
+    with pytest.raises(HsmUnavailable, match="not ready"):  # refused at once while degraded
+        h.hmac_sha256(label, b"still during")
+    plugged.set_shim(state="plugged")
+    _wait_for(lambda: h.state.ready, 5.0, "ready again after replug")
+    assert h.hmac_sha256(label, b"after") == _mac(key, b"after")
+    assert h.state.recoveries == 1
+
+
+def test_unplug_under_concurrent_load_never_returns_a_wrong_signature(keyed, plugged) -> None:  # type: ignore[no-untyped-def]
+    h, label, key = keyed
+    stop = threading.Event()
+    outcomes = {"ok": 0, "unavailable": 0, "wrong": 0, "other": []}
+    lock = threading.Lock()
+
+    def signer(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            data = f"{n}:{i}".encode()
+            i += 1
+            try:
+                good = h.hmac_sha256(label, data) == _mac(key, data)
+                with lock:
+                    outcomes["ok" if good else "wrong"] += 1  # type: ignore[operator]
+            except HsmUnavailable:
+                with lock:
+                    outcomes["unavailable"] += 1  # type: ignore[operator]
+                time.sleep(0.01)
+            except Exception as exc:
+                with lock:
+                    outcomes["other"].append(repr(exc))  # type: ignore[union-attr]
+
+    threads = [threading.Thread(target=signer, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    plugged.set_shim(state="unplugged")
+    _wait_for(lambda: h.state.status == "degraded", 2.0, "degraded")
+    time.sleep(0.3)
+    plugged.set_shim(state="plugged")
+    _wait_for(lambda: h.state.ready, 5.0, "ready again")
+    ok_before = outcomes["ok"]
+    time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert outcomes["wrong"] == 0 and outcomes["other"] == []
+    assert outcomes["unavailable"] > 0 and outcomes["ok"] > ok_before  # type: ignore[operator]
+
+
+def test_async_callers_see_unavailable_then_success(keyed, plugged) -> None:  # type: ignore[no-untyped-def]
+    h, label, key = keyed
+
+    async def scenario() -> None:
+        assert await h.ahmac_sha256(label, b"a") == _mac(key, b"a")
+        plugged.set_shim(state="unplugged")
+        results = await asyncio.gather(*[h.ahmac_sha256(label, b"b") for _ in range(16)], return_exceptions=True)
+        assert all(isinstance(r, HsmUnavailable) for r in results), results
+        plugged.set_shim(state="plugged")
+        end = time.monotonic() + 5
+        while not h.state.ready:
+            assert time.monotonic() < end, "not ready within 5 s"
+            await asyncio.sleep(0.02)
+        assert await h.ahmac_sha256(label, b"c") == _mac(key, b"c")
+
+    asyncio.run(scenario())
+
+
+def test_token_absent_at_start_keeps_trying_and_comes_up(plugged, label: str) -> None:  # type: ignore[no-untyped-def]
+    plugged.set_shim(state="unplugged")
+    h = _hsm(plugged, wait=False)
+    try:
+        _wait_for(lambda: h.state.status == "degraded", 2.0, "degraded")
+        assert "not found" in (h.state.reason or "")
+        with pytest.raises(HsmUnavailable):
+            h.hmac_sha256(label, b"x")
+        plugged.set_shim(state="plugged")
+        _wait_for(lambda: h.state.ready, 5.0, "ready once plugged")
+        assert h.state.token_label == plugged.label
+    finally:
+        h.close()
+
+
+def test_wrong_pin_at_start_reports_not_ready_and_stays_up(plugged) -> None:  # type: ignore[no-untyped-def]
+    settings = PoolSettings(plugged.module, TokenSelector(plugged.label), retry_min=0.05, retry_max=0.1)
+    h = Hsm(settings, Secret(b"wrong-pin-000")).start(wait=False)
+    try:
+        _wait_for(lambda: h.state.status == "degraded", 2.0, "degraded")
+        assert "refused the PIN" in (h.state.reason or "")
+        assert "wrong-pin-000" not in (h.state.reason or "")
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("mode", ["worker"])
+def test_a_slow_token_times_out_sync_and_async_calls(plugged, label: str, mode: str) -> None:  # type: ignore[no-untyped-def]
+    h = _hsm(plugged, mode, timeout=0.3)
+    try:
+        h.import_secret_key(label, Secret(secrets.token_bytes(32)))
+        plugged.set_shim(state="plugged", sign_delay_ms=1500)
+        with pytest.raises(HsmTimeout, match=r"did not answer within 0\.3 s"):
+            h.hmac_sha256(label, b"slow")
+
+        async def scenario() -> int:
+            ticks = 0
+
+            async def ticker() -> None:
+                nonlocal ticks
+                for _ in range(20):
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            t = asyncio.create_task(ticker())
+            with pytest.raises(HsmTimeout):
+                await h.ahmac_sha256(label, b"slow")
+            await t
+            return ticks
+
+        assert asyncio.run(scenario()) == 20  # the loop kept running while the HSM was slow
+    finally:
+        plugged.set_shim(state="plugged")
+        time.sleep(1.6)  # let the abandoned slow calls finish before the next test
+        h.close()
