@@ -8,8 +8,12 @@ PIN file named in the generated config.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import ssl
 import sysconfig
+import threading
 from pathlib import Path
 
 from asn1crypto.core import Sequence, UTF8String, VisibleString
@@ -93,3 +97,77 @@ def _pem(label: str, der: bytes) -> str:
 
     body = "\n".join(textwrap.wrap(base64.b64encode(der).decode(), 64))
     return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
+
+
+# --- loading the provider into this process -------------------------------------------------
+
+_load_lock = threading.Lock()
+_loaded_config: str | None = None
+
+
+class ProviderError(RuntimeError):
+    """pkcs11-provider cannot be loaded; the message says what is missing."""
+
+
+def load_provider(module_path: str, pin_file: str, directory: str | os.PathLike[str]) -> Path:
+    """Load pkcs11-provider into this process's default OpenSSL context, once.
+
+    The config is written to `directory` (it holds the PIN file's path, never the PIN) and
+    loaded with OSSL_LIB_CTX_load_config, after `ssl` is imported, so Python's `ssl` (and
+    every library built on it) can use PKCS#11 PROVIDER URI key files.
+    """
+    global _loaded_config
+    provider = provider_module_path()
+    if not os.path.isfile(provider):
+        raise ProviderError(
+            f"pkcs11-provider is not installed ({provider} is missing); on Debian 12 install "
+            "'pkcs11-provider' from bookworm-backports"
+        )
+    path = Path(directory) / "openssl-pkcs11.cnf"
+    text = openssl_config(module_path, str(Path(pin_file).resolve()))
+    with _load_lock:
+        if _loaded_config is not None:
+            if _loaded_config != text:
+                raise ProviderError("pkcs11-provider is already loaded with another configuration")
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, text)
+        import ssl  # noqa: F401 - libcrypto must be the one Python's ssl links
+
+        libcrypto = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
+        load = libcrypto.OSSL_LIB_CTX_load_config
+        load.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        load.restype = ctypes.c_int
+        if load(None, str(path).encode()) != 1:
+            raise ProviderError(f"OpenSSL could not load {path}; check the PKCS#11 module path "
+                                "and that the PIN file is readable")
+        _loaded_config = text
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def client_context(cert_file: str | os.PathLike[str], key_file: str | os.PathLike[str],
+                   ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """TLS client context authenticating with `key_file` (a provider key reference or a PEM key)."""
+    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    return ctx
+
+
+def server_context(cert_file: str | os.PathLike[str], key_file: str | os.PathLike[str],
+                   client_ca_file: str | os.PathLike[str] | None = None,
+                   require_client_cert: bool = False) -> ssl.SSLContext:
+    """TLS server context; with `client_ca_file`, client certificates chaining to it are asked for."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    if client_ca_file:
+        ctx.load_verify_locations(str(client_ca_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
