@@ -35,8 +35,11 @@ lint: venv
 	$(BIN)/ruff check modules tests bench
 	$(BIN)/mypy
 
+# Two processes: a PKCS#11 module is loaded once per process, and the `shim` tests need the
+# fault-injection shim as their module (see tests/conftest.py).
 unit: venv shim
 	$(BIN)/python -m pytest -q tests
+	SPYRUS_TEST_VIA_SHIM=1 $(BIN)/python -m pytest -q -m shim tests
 
 test: lint unit
 

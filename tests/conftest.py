@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from emulator.fixtures import emulator_pki, make_emulator, sdk_clients  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
 SHIM = ROOT / ".build" / "libp11shim.so"

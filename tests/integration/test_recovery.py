@@ -96,21 +96,23 @@ def test_unplug_under_concurrent_load_never_returns_a_wrong_signature(keyed, plu
                 with lock:
                     outcomes["other"].append(repr(exc))  # type: ignore[union-attr]
 
-    threads = [threading.Thread(target=signer, args=(n,)) for n in range(16)]
+    threads = [threading.Thread(target=signer, args=(n,), daemon=True) for n in range(16)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
-    plugged.set_shim(state="unplugged")
-    _wait_for(lambda: h.state.status == "degraded", 2.0, "degraded")
-    time.sleep(0.3)
-    plugged.set_shim(state="plugged")
-    _wait_for(lambda: h.state.ready, 5.0, "ready again")
-    ok_before = outcomes["ok"]
-    time.sleep(0.3)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert outcomes["wrong"] == 0 and outcomes["other"] == []
+    try:
+        time.sleep(0.3)
+        plugged.set_shim(state="unplugged")
+        _wait_for(lambda: h.state.status == "degraded", 2.0, "degraded")
+        time.sleep(0.3)
+        plugged.set_shim(state="plugged")
+        _wait_for(lambda: h.state.ready, 5.0, "ready again")
+        ok_before = outcomes["ok"]
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert outcomes["wrong"] == 0 and outcomes["other"] == [], outcomes
     assert outcomes["unavailable"] > 0 and outcomes["ok"] > ok_before  # type: ignore[operator]
 
 
@@ -147,13 +149,23 @@ def test_token_absent_at_start_keeps_trying_and_comes_up(plugged, label: str) ->
         h.close()
 
 
-def test_wrong_pin_at_start_reports_not_ready_and_stays_up(plugged) -> None:  # type: ignore[no-untyped-def]
+def test_wrong_pin_is_not_retried_until_the_pin_file_changes(plugged, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from spyrus_hsm.hsm import read_secret_file
+    from spyrus_hsm.hsm.provision import list_tokens
+
+    plugged.set_shim(state="unplugged")  # a replug drops this process's existing login,
+    assert list_tokens(plugged.module) == []  # (the shim acts on the next call)
+    plugged.set_shim(state="plugged")    # as a fresh process would start logged out
+    pin_file = tmp_path / "pin"
+    pin_file.write_text("wrong-pin-000\n")
+    pin_file.chmod(0o600)
     settings = PoolSettings(plugged.module, TokenSelector(plugged.label), retry_min=0.05, retry_max=0.1)
-    h = Hsm(settings, Secret(b"wrong-pin-000")).start(wait=False)
+    h = Hsm(settings, lambda: read_secret_file(pin_file)).start(wait=False)
     try:
-        _wait_for(lambda: h.state.status == "degraded", 2.0, "degraded")
-        assert "refused the PIN" in (h.state.reason or "")
-        assert "wrong-pin-000" not in (h.state.reason or "")
+        _wait_for(lambda: "not retried" in (h.state.reason or ""), 2.0, "waiting for a new PIN")
+        assert h.state.status == "degraded" and "wrong-pin-000" not in (h.state.reason or "")
+        pin_file.write_text(plugged.pin.decode() + "\n")  # the operator fixes the PIN file
+        _wait_for(lambda: h.state.ready, 3.0, "ready once the PIN file is right")
     finally:
         h.close()
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from . import operations as ops
 from .errors import InvalidInput, ObjectNotFound
 from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm, WorkerSession
-from .pool import HsmPool, HsmState, PoolSettings
+from .pool import HsmPool, HsmState, PinSource, PoolSettings
 from .secret import Secret
 from .uri import Pkcs11Uri, as_uri
 
@@ -27,7 +27,7 @@ KeyRef = str | Pkcs11Uri
 
 
 class Hsm:
-    def __init__(self, settings: PoolSettings, pin: Secret) -> None:
+    def __init__(self, settings: PoolSettings, pin: PinSource) -> None:
         self.pool = HsmPool(settings, pin)
         self.settings = settings
 

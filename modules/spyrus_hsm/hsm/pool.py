@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
+import hmac
 import logging
 import queue
 import threading
@@ -33,7 +35,7 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 from . import library
-from .errors import HsmBusy, HsmError, HsmTimeout, HsmUnavailable
+from .errors import HsmBusy, HsmError, HsmTimeout, HsmUnavailable, LoginFailed
 from .faults import fault_reason, is_device_fault, translate
 from .library import TokenSelector
 from .operations import WorkerSession
@@ -93,10 +95,16 @@ class _Request:
     ctx: contextvars.Context
 
 
+PinSource = Secret | Callable[[], Secret]
+
+
 class HsmPool:
-    def __init__(self, settings: PoolSettings, pin: Secret) -> None:
+    def __init__(self, settings: PoolSettings, pin: PinSource) -> None:
+        """`pin` is the PIN, or a function returning it (re-read at every connection attempt,
+        so a fixed PIN file is picked up without a restart)."""
         self.settings = settings
-        self._pin = pin
+        self._pin_source = pin
+        self._refused_pin: bytes | None = None
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)          # waiters: drain, close
         self._session_free = threading.Condition(self._lock)  # waiters: inline callers
@@ -135,6 +143,8 @@ class HsmPool:
             self._recover_requested = False
             self._accepting = True
             self._set_state("ready")
+        else:
+            self._wake.set()  # the supervisor makes the first connection, and retries it
         for i in range(self.settings.workers):
             self._spawn(self._worker, f"hsm-worker-{i}")
         self._spawn(self._supervise, "hsm-supervisor")
@@ -318,12 +328,14 @@ class HsmPool:
                 return
             if not job.future.set_running_or_notify_cancel():
                 continue
-            with self._cond:
-                if not self._accepting:
-                    job.future.set_exception(HsmUnavailable(self._unavailable_text(job.what)))
-                    continue
-                self._busy += 1
-                current = self._generation
+            with self._lock:
+                accepting = self._accepting
+                if accepting:
+                    self._busy += 1
+                    current = self._generation
+            if not accepting:  # outside the lock: the future's callbacks take it
+                job.future.set_exception(HsmUnavailable(self._unavailable_text(job.what)))
+                continue
             try:
                 if ws is None or ws.generation != current:
                     # Sessions of an earlier generation died with C_Finalize: drop, never close.
@@ -416,7 +428,18 @@ class HsmPool:
         if self._lib is None:
             self._lib = library.load_module(s.module_path)
         token = library.find_token(self._lib, s.token)
-        self._login_session = library.login(token, self._pin)
+        pin = self._pin_source() if callable(self._pin_source) else self._pin_source
+        digest = hashlib.sha256(pin.reveal()).digest()
+        if self._refused_pin is not None and hmac.compare_digest(digest, self._refused_pin):
+            # Retrying a refused PIN would count towards locking the token: wait for a new one.
+            raise LoginFailed(f"token '{token.label}': the token refused the PIN; fix the PIN file "
+                              "(not retried until its content changes, so the PIN is not locked)")
+        try:
+            self._login_session = library.login(token, pin)
+        except LoginFailed:
+            self._refused_pin = digest
+            raise
+        self._refused_pin = None
         self._token = token
         info = library.summarise(token)
         self._state = HsmState(self._state.status, self._state.reason, info.label, info.serial,

@@ -1,0 +1,960 @@
+/*
+ * p11shim — a PKCS#11 (v2.40) module that forwards every call to a real module and injects
+ * faults on command: an unplugged / replugged USB token, a slow token, a refused PIN.
+ * For the spyrus-hsm tests; not for production use.
+ *
+ * Build (the project's Makefile, `make shim`):
+ *   cc -shared -fPIC -O2 -Wall -Wextra -Werror -I/usr/include/p11-kit-1 \
+ *      -o .build/libp11shim.so tests/p11shim/p11shim.c -ldl -lpthread
+ *
+ * Environment
+ *   P11SHIM_TARGET   the real module (default /usr/lib/softhsm/libsofthsm2.so); dlopen'ed
+ *                    once, on the first C_GetFunctionList or C_Initialize, never unloaded.
+ *   P11SHIM_CONTROL  path of the control file; read on the first C_GetFunctionList and again
+ *                    on every C_Initialize. Unset or empty: always plugged, no faults.
+ *
+ * Control file: lines `key=value` (spaces around key and value ignored; empty lines and lines
+ * starting with '#' ignored; unknown keys and bad values ignored; only the first 4 KiB read).
+ *   state=plugged | state=unplugged
+ *   sign_delay_ms=N   sleep N ms (0..600000) in C_Sign / C_SignFinal (not in their length
+ *                     query, i.e. when the output buffer is NULL) and C_SignUpdate, before
+ *                     forwarding; if the token is unplugged during the sleep the call answers
+ *                     CKR_DEVICE_REMOVED at once (the state is polled every 5 ms).
+ *   fail_login=1      C_Login answers CKR_PIN_INCORRECT without forwarding (0 = off).
+ * A missing, unreadable or empty file means: plugged, no delay, no login failure.
+ * Every call stats the file (~1 us); the file is re-read when its device, inode, size, mtime or
+ * ctime changed, and also — while its mtime is within 2 s of the last read — re-read and compared
+ * by content, so same-size rewrites within one timestamp tick are not missed. Replace the file
+ * atomically (write a temporary file, rename it over): a truncate-then-write can be observed
+ * half-way (an empty file reads as "plugged").
+ *
+ * Unplugged
+ *   C_OpenSession, C_GetTokenInfo, C_GetMechanismList, C_GetMechanismInfo, C_InitToken,
+ *   C_Login                                    -> CKR_TOKEN_NOT_PRESENT
+ *   every other call on a session (C_Sign*, C_Find*, C_GetAttributeValue, C_CreateObject,
+ *   C_GenerateKeyPair, C_CloseSession, C_Logout, C_GetSessionInfo, ...) -> CKR_DEVICE_REMOVED
+ *   C_GetSlotList(tokenPresent=TRUE) lists no slot; with FALSE it lists them all.
+ *   C_GetSlotInfo clears CKF_TOKEN_PRESENT.
+ *   C_Initialize, C_Finalize, C_GetInfo, C_GetFunctionList, C_WaitForSlotEvent and
+ *   C_CloseAllSessions are forwarded.
+ * Replug (a call observes `plugged` after a call observed `unplugged`)
+ *   Before that call proceeds (other threads wait), the target's C_CloseAllSessions runs on
+ *   every slot (SoftHSM thereby logs the token out) once in-flight session calls have
+ *   returned, and every session handle opened before is remembered as dead: calls on it answer
+ *   CKR_SESSION_HANDLE_INVALID without being forwarded (C_CloseSession on it answers the same
+ *   and forgets it), until the target hands out the same number for a new session.
+ *   The state is only sampled at calls: an unplug/replug that no call observes does nothing.
+ *
+ * C_Initialize's arguments (e.g. CKF_OS_LOCKING_OK) are forwarded unchanged. Thread-safe; no
+ * output except one line on stderr when the target cannot be loaded. C_GetInterface is
+ * deliberately not exported (a 2.40 module, like SoftHSM 2.6).
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <p11-kit/pkcs11.h>
+
+#define DEFAULT_TARGET "/usr/lib/softhsm/libsofthsm2.so"
+#define CTL_MAX 4096
+#define MAX_DELAY_MS 600000UL
+#define DELAY_SLICE_NS 5000000LL
+#define RACY_WINDOW_NS 2000000000LL
+
+static CK_FUNCTION_LIST g_list;
+
+/* ---- target ---------------------------------------------------------------------------- */
+
+static pthread_mutex_t g_load_lock = PTHREAD_MUTEX_INITIALIZER;
+static CK_FUNCTION_LIST_PTR g_t; /* published once with release semantics, never changed */
+
+/* ---- control file ---------------------------------------------------------------------- */
+
+struct ctl_state {
+    int unplugged;
+    unsigned long delay_ms;
+    int fail_login;
+};
+
+static pthread_mutex_t g_ctl_lock = PTHREAD_MUTEX_INITIALIZER;
+static char *g_ctl_path;              /* malloc'd, NULL = no control file */
+static int g_ctl_cached;              /* the fields below describe the file */
+static int g_ctl_exists;
+static struct stat g_ctl_st;
+static long long g_ctl_read_ns;       /* CLOCK_REALTIME of the last content read */
+static char g_ctl_buf[CTL_MAX];
+static size_t g_ctl_len;
+static struct ctl_state g_cur;        /* parsed from g_ctl_buf */
+static int g_seen_unplugged;          /* the state the previous call observed */
+
+/* ---- sessions -------------------------------------------------------------------------- */
+
+/* Held for reading around every forwarded session call, for writing while a replug closes
+ * all sessions in the target, so no target call runs on a session being torn down. */
+static pthread_rwlock_t g_inflight;
+static pthread_once_t g_inflight_once = PTHREAD_ONCE_INIT;
+
+struct sess_ent {
+    CK_SESSION_HANDLE h; /* 0 = empty (CK_INVALID_HANDLE) */
+    CK_SLOT_ID slot;
+    int dead;
+};
+
+static pthread_mutex_t g_sess_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct sess_ent *g_tab; /* open addressing, linear probing */
+static size_t g_cap, g_cnt;    /* g_cap is 0 or a power of two */
+
+/* Lock order: g_load_lock -> g_ctl_lock -> g_inflight -> g_sess_lock. No lock is held while
+ * sleeping; g_inflight is never held while taking g_ctl_lock. */
+
+static void inflight_init(void)
+{
+    pthread_rwlockattr_t a;
+    pthread_rwlockattr_init(&a);
+    /* Writer preference: a replug is not starved by a stream of session calls. */
+    pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&g_inflight, &a);
+    pthread_rwlockattr_destroy(&a);
+}
+
+static size_t sess_home(CK_SESSION_HANDLE h, size_t cap)
+{
+    return (size_t)(((uint64_t)h * 0x9E3779B97F4A7C15ULL) >> 32) & (cap - 1);
+}
+
+/* g_sess_lock held */
+static struct sess_ent *sess_find(CK_SESSION_HANDLE h)
+{
+    if (g_cap == 0 || h == 0)
+        return NULL;
+    for (size_t i = sess_home(h, g_cap);; i = (i + 1) & (g_cap - 1)) {
+        if (g_tab[i].h == h)
+            return &g_tab[i];
+        if (g_tab[i].h == 0)
+            return NULL;
+    }
+}
+
+/* the table has room */
+static void sess_put_raw(struct sess_ent *tab, size_t cap, const struct sess_ent *e)
+{
+    size_t i = sess_home(e->h, cap);
+    while (tab[i].h != 0 && tab[i].h != e->h)
+        i = (i + 1) & (cap - 1);
+    tab[i] = *e;
+}
+
+/* g_sess_lock held. Rebuild into `cap` slots, dropping the entries of `slot` if `drop`. */
+static int sess_rebuild(size_t cap, int drop, CK_SLOT_ID slot)
+{
+    struct sess_ent *tab = calloc(cap, sizeof *tab);
+    size_t cnt = 0;
+    if (!tab)
+        return -1;
+    for (size_t i = 0; i < g_cap; i++) {
+        if (g_tab[i].h == 0 || (drop && g_tab[i].slot == slot))
+            continue;
+        sess_put_raw(tab, cap, &g_tab[i]);
+        cnt++;
+    }
+    free(g_tab);
+    g_tab = tab;
+    g_cap = cap;
+    g_cnt = cnt;
+    return 0;
+}
+
+/* g_sess_lock held */
+static int sess_insert(CK_SESSION_HANDLE h, CK_SLOT_ID slot)
+{
+    struct sess_ent e = { h, slot, 0 };
+    struct sess_ent *cur = sess_find(h);
+    if (cur) {
+        *cur = e; /* the target reused a number: the new session is alive */
+        return 0;
+    }
+    if ((g_cnt + 1) * 2 > g_cap && sess_rebuild(g_cap ? g_cap * 2 : 64, 0, 0) != 0)
+        return -1;
+    sess_put_raw(g_tab, g_cap, &e);
+    g_cnt++;
+    return 0;
+}
+
+/* g_sess_lock held; deletion with backward shift (no tombstones) */
+static void sess_remove(CK_SESSION_HANDLE h)
+{
+    struct sess_ent *e = sess_find(h);
+    if (!e)
+        return;
+    size_t mask = g_cap - 1, i = (size_t)(e - g_tab), j = i;
+    for (;;) {
+        j = (j + 1) & mask;
+        if (g_tab[j].h == 0)
+            break;
+        size_t k = sess_home(g_tab[j].h, g_cap);
+        /* move the entry at j into the hole at i unless its home lies cyclically in (i, j] */
+        int stays = (i <= j) ? (i < k && k <= j) : (i < k || k <= j);
+        if (!stays) {
+            g_tab[i] = g_tab[j];
+            i = j;
+        }
+    }
+    g_tab[i].h = 0;
+    g_cnt--;
+}
+
+static void sess_clear(void)
+{
+    pthread_mutex_lock(&g_sess_lock);
+    free(g_tab);
+    g_tab = NULL;
+    g_cap = g_cnt = 0;
+    pthread_mutex_unlock(&g_sess_lock);
+}
+
+/* ---- loading --------------------------------------------------------------------------- */
+
+/* g_load_lock held */
+static void ctl_set_path_from_env(void)
+{
+    const char *p = getenv("P11SHIM_CONTROL");
+    char *copy = (p && *p) ? strdup(p) : NULL;
+    pthread_mutex_lock(&g_ctl_lock);
+    int same = (copy == NULL && g_ctl_path == NULL) ||
+               (copy && g_ctl_path && strcmp(copy, g_ctl_path) == 0);
+    if (!same) {
+        free(g_ctl_path);
+        g_ctl_path = copy;
+        copy = NULL;
+        g_ctl_cached = 0;
+        g_ctl_len = 0;
+        memset(&g_cur, 0, sizeof g_cur);
+    }
+    pthread_mutex_unlock(&g_ctl_lock);
+    free(copy);
+}
+
+static CK_FUNCTION_LIST_PTR load_target(void)
+{
+    CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);
+    if (t)
+        return t;
+    pthread_once(&g_inflight_once, inflight_init);
+    pthread_mutex_lock(&g_load_lock);
+    t = g_t;
+    if (!t) {
+        const char *path = getenv("P11SHIM_TARGET");
+        if (!path || !*path)
+            path = DEFAULT_TARGET;
+        void *dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+        if (!dl) {
+            const char *err = dlerror();
+            fprintf(stderr, "p11shim: cannot load the target PKCS#11 module %s (P11SHIM_TARGET): %s\n",
+                    path, err ? err : "unknown error");
+        } else {
+            CK_C_GetFunctionList gfl = (CK_C_GetFunctionList)dlsym(dl, "C_GetFunctionList");
+            CK_FUNCTION_LIST_PTR tl = NULL;
+            if (!gfl || gfl(&tl) != CKR_OK || !tl) {
+                fprintf(stderr, "p11shim: %s (P11SHIM_TARGET) has no usable C_GetFunctionList\n", path);
+                dlclose(dl);
+            } else if (tl == &g_list) {
+                fprintf(stderr, "p11shim: P11SHIM_TARGET (%s) is the shim itself\n", path);
+                dlclose(dl);
+            } else {
+                ctl_set_path_from_env();
+                t = tl;
+                __atomic_store_n(&g_t, t, __ATOMIC_RELEASE);
+            }
+        }
+    }
+    pthread_mutex_unlock(&g_load_lock);
+    return t;
+}
+
+/* ---- control file ---------------------------------------------------------------------- */
+
+static long long ts_ns(const struct timespec *ts)
+{
+    return (long long)ts->tv_sec * 1000000000LL + ts->tv_nsec;
+}
+
+static int ts_eq(const struct timespec *a, const struct timespec *b)
+{
+    return a->tv_sec == b->tv_sec && a->tv_nsec == b->tv_nsec;
+}
+
+static char *trim(char *s, char *end)
+{
+    while (s < end && (*s == ' ' || *s == '\t' || *s == '\r'))
+        s++;
+    while (end > s && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\r'))
+        end--;
+    *end = '\0';
+    return s;
+}
+
+static void ctl_parse(const char *buf, size_t len, struct ctl_state *out)
+{
+    char tmp[CTL_MAX + 1];
+    memcpy(tmp, buf, len);
+    tmp[len] = '\0';
+    memset(out, 0, sizeof *out);
+    char *line = tmp;
+    while (line && *line) {
+        char *nl = strchr(line, '\n');
+        char *end = nl ? nl : line + strlen(line);
+        char *eq = memchr(line, '=', (size_t)(end - line));
+        if (eq) {
+            char *key = trim(line, eq);
+            char *val = trim(eq + 1, end);
+            if (key[0] == '#') {
+                /* a comment */
+            } else if (strcmp(key, "state") == 0) {
+                if (strcmp(val, "unplugged") == 0)
+                    out->unplugged = 1;
+                else if (strcmp(val, "plugged") == 0)
+                    out->unplugged = 0;
+            } else if (strcmp(key, "sign_delay_ms") == 0 || strcmp(key, "fail_login") == 0) {
+                char *e = NULL;
+                errno = 0;
+                unsigned long v = strtoul(val, &e, 10);
+                if (errno == 0 && e != val && *e == '\0' && val[0] != '-') {
+                    if (key[0] == 's')
+                        out->delay_ms = v > MAX_DELAY_MS ? MAX_DELAY_MS : v;
+                    else
+                        out->fail_login = v != 0;
+                }
+            }
+        }
+        line = nl ? nl + 1 : NULL;
+    }
+}
+
+/* g_ctl_lock held. Read the file; returns 1 when its content differs from the cached one. */
+static int ctl_read(void)
+{
+    char buf[CTL_MAX];
+    size_t len = 0;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    int fd = open(g_ctl_path, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        while (len < sizeof buf) {
+            ssize_t n = read(fd, buf + len, sizeof buf - len);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0)
+                break;
+            len += (size_t)n;
+        }
+        close(fd);
+    }
+    g_ctl_read_ns = ts_ns(&now);
+    if (len == g_ctl_len && memcmp(buf, g_ctl_buf, len) == 0)
+        return 0;
+    memcpy(g_ctl_buf, buf, len);
+    g_ctl_len = len;
+    return 1;
+}
+
+static void replug_kill(void);
+
+/* Sample the control file and handle a replug; `out` gets the state in force for this call. */
+static void refresh(struct ctl_state *out)
+{
+    pthread_mutex_lock(&g_ctl_lock);
+    if (g_ctl_path) {
+        struct stat st;
+        int exists = stat(g_ctl_path, &st) == 0;
+        int changed = !g_ctl_cached || exists != g_ctl_exists;
+        if (!changed && exists)
+            changed = st.st_dev != g_ctl_st.st_dev || st.st_ino != g_ctl_st.st_ino ||
+                      st.st_size != g_ctl_st.st_size || !ts_eq(&st.st_mtim, &g_ctl_st.st_mtim) ||
+                      !ts_eq(&st.st_ctim, &g_ctl_st.st_ctim);
+        /* A rewrite in the same timestamp tick as our last read keeps mtime (and maybe size). */
+        int racy = exists && !changed && g_ctl_read_ns <= ts_ns(&st.st_mtim) + RACY_WINDOW_NS;
+        if (changed || racy) {
+            int differs;
+            if (exists) {
+                g_ctl_st = st;
+                differs = ctl_read();
+            } else {
+                differs = g_ctl_len != 0 || !g_ctl_cached;
+                g_ctl_len = 0;
+            }
+            g_ctl_exists = exists;
+            g_ctl_cached = 1;
+            if (differs)
+                ctl_parse(g_ctl_buf, g_ctl_len, &g_cur);
+        }
+    }
+    if (g_seen_unplugged && !g_cur.unplugged)
+        replug_kill();
+    g_seen_unplugged = g_cur.unplugged;
+    *out = g_cur;
+    pthread_mutex_unlock(&g_ctl_lock);
+}
+
+/* g_ctl_lock held: the token is back; the sessions from before are gone, and the login. */
+static void replug_kill(void)
+{
+    CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);
+    pthread_rwlock_wrlock(&g_inflight);
+    pthread_mutex_lock(&g_sess_lock);
+    for (size_t i = 0; i < g_cap; i++)
+        if (g_tab[i].h != 0)
+            g_tab[i].dead = 1;
+    pthread_mutex_unlock(&g_sess_lock);
+    if (t) {
+        CK_SLOT_ID stack_slots[64];
+        CK_SLOT_ID *slots = stack_slots;
+        CK_ULONG n = 0;
+        if (t->C_GetSlotList(CK_FALSE, NULL, &n) == CKR_OK && n > 0) {
+            if (n > 64)
+                slots = malloc(n * sizeof *slots);
+            if (slots && t->C_GetSlotList(CK_FALSE, slots, &n) == CKR_OK)
+                for (CK_ULONG i = 0; i < n; i++)
+                    t->C_CloseAllSessions(slots[i]);
+            if (slots != stack_slots)
+                free(slots);
+        }
+    }
+    pthread_rwlock_unlock(&g_inflight);
+}
+
+/* ---- helpers for forwarded calls ------------------------------------------------------- */
+
+static long long mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts_ns(&ts);
+}
+
+static void sleep_ns(long long ns)
+{
+    struct timespec ts = { (time_t)(ns / 1000000000LL), (long)(ns % 1000000000LL) };
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+enum { ENTER_PLAIN = 0, ENTER_DELAY = 1, ENTER_LOGIN = 2, ENTER_CLOSE = 4 };
+
+/* Before a call on session `h`. On CKR_OK the caller holds g_inflight for reading and calls
+ * session_leave() after forwarding. */
+static CK_RV session_enter(CK_SESSION_HANDLE h, int mode)
+{
+    struct ctl_state s;
+    if (!__atomic_load_n(&g_t, __ATOMIC_ACQUIRE))
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    refresh(&s);
+    if (s.unplugged)
+        return (mode & ENTER_LOGIN) ? CKR_TOKEN_NOT_PRESENT : CKR_DEVICE_REMOVED;
+    if ((mode & ENTER_DELAY) && s.delay_ms > 0) {
+        /* at least the full delay, measured on CLOCK_MONOTONIC */
+        long long end = mono_ns() + (long long)s.delay_ms * 1000000LL;
+        for (;;) {
+            long long left = end - mono_ns();
+            if (left <= 0)
+                break;
+            sleep_ns(left < DELAY_SLICE_NS ? left : DELAY_SLICE_NS);
+            refresh(&s);
+            if (s.unplugged)
+                return CKR_DEVICE_REMOVED;
+        }
+    }
+    pthread_rwlock_rdlock(&g_inflight);
+    pthread_mutex_lock(&g_sess_lock);
+    struct sess_ent *e = sess_find(h);
+    int dead = e && e->dead;
+    if (dead && (mode & ENTER_CLOSE))
+        sess_remove(h);
+    pthread_mutex_unlock(&g_sess_lock);
+    if (dead) {
+        pthread_rwlock_unlock(&g_inflight);
+        return CKR_SESSION_HANDLE_INVALID;
+    }
+    if ((mode & ENTER_LOGIN) && s.fail_login) {
+        pthread_rwlock_unlock(&g_inflight);
+        return CKR_PIN_INCORRECT;
+    }
+    return CKR_OK;
+}
+
+static void session_leave(void)
+{
+    pthread_rwlock_unlock(&g_inflight);
+}
+
+/* A call on a session: unplugged -> DEVICE_REMOVED, dead -> SESSION_HANDLE_INVALID. */
+#define SESSION_FN(name, mode, params, args)                                              \
+    static CK_RV shim_##name params                                                       \
+    {                                                                                     \
+        CK_RV rv = session_enter(hSession, (mode));                                       \
+        if (rv != CKR_OK)                                                                 \
+            return rv;                                                                    \
+        rv = g_t->name ? g_t->name args : CKR_FUNCTION_NOT_SUPPORTED;                     \
+        session_leave();                                                                  \
+        return rv;                                                                        \
+    }
+
+/* Signing: slowed down by sign_delay_ms, except for a length query (NULL output). */
+#define SIGN_FN(name, params, args, outbuf)                                               \
+    static CK_RV shim_##name params                                                       \
+    {                                                                                     \
+        CK_RV rv = session_enter(hSession, (outbuf) != NULL ? ENTER_DELAY : ENTER_PLAIN); \
+        if (rv != CKR_OK)                                                                 \
+            return rv;                                                                    \
+        rv = g_t->name ? g_t->name args : CKR_FUNCTION_NOT_SUPPORTED;                     \
+        session_leave();                                                                  \
+        return rv;                                                                        \
+    }
+
+/* A slot call that needs the token: unplugged -> TOKEN_NOT_PRESENT. */
+#define TOKEN_FN(name, params, args)                                                      \
+    static CK_RV shim_##name params                                                       \
+    {                                                                                     \
+        struct ctl_state s;                                                               \
+        CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);                 \
+        if (!t)                                                                           \
+            return CKR_CRYPTOKI_NOT_INITIALIZED;                                          \
+        refresh(&s);                                                                      \
+        if (s.unplugged)                                                                  \
+            return CKR_TOKEN_NOT_PRESENT;                                                 \
+        return t->name ? t->name args : CKR_FUNCTION_NOT_SUPPORTED;                       \
+    }
+
+/* ---- general purpose ------------------------------------------------------------------- */
+
+static CK_RV shim_C_Initialize(CK_VOID_PTR pInitArgs)
+{
+    struct ctl_state s;
+    CK_FUNCTION_LIST_PTR t = load_target();
+    if (!t)
+        return CKR_GENERAL_ERROR;
+    pthread_mutex_lock(&g_load_lock);
+    ctl_set_path_from_env();
+    pthread_mutex_unlock(&g_load_lock);
+    refresh(&s);
+    CK_RV rv = t->C_Initialize(pInitArgs);
+    if (rv == CKR_OK)
+        sess_clear();
+    return rv;
+}
+
+static CK_RV shim_C_Finalize(CK_VOID_PTR pReserved)
+{
+    struct ctl_state s;
+    CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);
+    if (!t)
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    refresh(&s);
+    CK_RV rv = t->C_Finalize(pReserved);
+    if (rv == CKR_OK)
+        sess_clear();
+    return rv;
+}
+
+static CK_RV shim_C_GetInfo(CK_INFO_PTR pInfo)
+{
+    struct ctl_state s;
+    CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);
+    if (!t)
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    refresh(&s);
+    return t->C_GetInfo(pInfo);
+}
+
+static CK_RV shim_C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR ppFunctionList)
+{
+    if (!ppFunctionList)
+        return CKR_ARGUMENTS_BAD;
+    if (!load_target())
+        return CKR_GENERAL_ERROR;
+    *ppFunctionList = &g_list;
+    return CKR_OK;
+}
+
+/* ---- slots and tokens ------------------------------------------------------------------ */
+
+static CK_RV shim_C_GetSlotList(CK_BBOOL tokenPresent, CK_SLOT_ID_PTR pSlotList,
+                                CK_ULONG_PTR pulCount)
+{
+    struct ctl_state s;
+    CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);
+    if (!t)
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    refresh(&s);
+    if (s.unplugged && tokenPresent) {
+        CK_ULONG n = 0;
+        if (!pulCount)
+            return CKR_ARGUMENTS_BAD;
+        CK_RV rv = t->C_GetSlotList(tokenPresent, NULL, &n); /* the target's own errors */
+        if (rv == CKR_OK)
+            *pulCount = 0;
+        return rv;
+    }
+    return t->C_GetSlotList(tokenPresent, pSlotList, pulCount);
+}
+
+static CK_RV shim_C_GetSlotInfo(CK_SLOT_ID slotID, CK_SLOT_INFO_PTR pInfo)
+{
+    struct ctl_state s;
+    CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);
+    if (!t)
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    refresh(&s);
+    CK_RV rv = t->C_GetSlotInfo(slotID, pInfo);
+    if (rv == CKR_OK && s.unplugged && pInfo)
+        pInfo->flags &= ~(CK_FLAGS)CKF_TOKEN_PRESENT;
+    return rv;
+}
+
+static CK_RV shim_C_WaitForSlotEvent(CK_FLAGS flags, CK_SLOT_ID_PTR pSlot, CK_VOID_PTR pReserved)
+{
+    struct ctl_state s;
+    CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);
+    if (!t)
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    refresh(&s);
+    return t->C_WaitForSlotEvent(flags, pSlot, pReserved);
+}
+
+TOKEN_FN(C_GetTokenInfo, (CK_SLOT_ID slotID, CK_TOKEN_INFO_PTR pInfo), (slotID, pInfo))
+TOKEN_FN(C_GetMechanismList,
+         (CK_SLOT_ID slotID, CK_MECHANISM_TYPE_PTR pMechanismList, CK_ULONG_PTR pulCount),
+         (slotID, pMechanismList, pulCount))
+TOKEN_FN(C_GetMechanismInfo, (CK_SLOT_ID slotID, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR pInfo),
+         (slotID, type, pInfo))
+TOKEN_FN(C_InitToken,
+         (CK_SLOT_ID slotID, CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen, CK_UTF8CHAR_PTR pLabel),
+         (slotID, pPin, ulPinLen, pLabel))
+SESSION_FN(C_InitPIN, ENTER_PLAIN, (CK_SESSION_HANDLE hSession, CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen),
+           (hSession, pPin, ulPinLen))
+SESSION_FN(C_SetPIN, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_UTF8CHAR_PTR pOldPin, CK_ULONG ulOldLen,
+            CK_UTF8CHAR_PTR pNewPin, CK_ULONG ulNewLen),
+           (hSession, pOldPin, ulOldLen, pNewPin, ulNewLen))
+
+/* ---- sessions -------------------------------------------------------------------------- */
+
+static CK_RV shim_C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR pApplication,
+                                CK_NOTIFY Notify, CK_SESSION_HANDLE_PTR phSession)
+{
+    struct ctl_state s;
+    CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);
+    if (!t)
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    refresh(&s);
+    if (s.unplugged)
+        return CKR_TOKEN_NOT_PRESENT;
+    pthread_rwlock_rdlock(&g_inflight);
+    CK_RV rv = t->C_OpenSession(slotID, flags, pApplication, Notify, phSession);
+    if (rv == CKR_OK && phSession) {
+        pthread_mutex_lock(&g_sess_lock);
+        int bad = sess_insert(*phSession, slotID);
+        pthread_mutex_unlock(&g_sess_lock);
+        if (bad) {
+            t->C_CloseSession(*phSession);
+            *phSession = 0;
+            rv = CKR_HOST_MEMORY;
+        }
+    }
+    pthread_rwlock_unlock(&g_inflight);
+    return rv;
+}
+
+static CK_RV shim_C_CloseSession(CK_SESSION_HANDLE hSession)
+{
+    CK_RV rv = session_enter(hSession, ENTER_CLOSE);
+    if (rv != CKR_OK)
+        return rv;
+    rv = g_t->C_CloseSession(hSession);
+    if (rv == CKR_OK || rv == CKR_SESSION_HANDLE_INVALID) {
+        pthread_mutex_lock(&g_sess_lock);
+        sess_remove(hSession);
+        pthread_mutex_unlock(&g_sess_lock);
+    }
+    session_leave();
+    return rv;
+}
+
+static CK_RV shim_C_CloseAllSessions(CK_SLOT_ID slotID)
+{
+    struct ctl_state s;
+    CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);
+    if (!t)
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    refresh(&s);
+    pthread_rwlock_rdlock(&g_inflight);
+    CK_RV rv = t->C_CloseAllSessions(slotID);
+    if (rv == CKR_OK) {
+        pthread_mutex_lock(&g_sess_lock);
+        if (g_cap)
+            sess_rebuild(g_cap, 1, slotID); /* out of memory: the entries stay; harmless */
+        pthread_mutex_unlock(&g_sess_lock);
+    }
+    pthread_rwlock_unlock(&g_inflight);
+    return rv;
+}
+
+SESSION_FN(C_GetSessionInfo, ENTER_PLAIN, (CK_SESSION_HANDLE hSession, CK_SESSION_INFO_PTR pInfo),
+           (hSession, pInfo))
+SESSION_FN(C_GetOperationState, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pOperationState, CK_ULONG_PTR pulOperationStateLen),
+           (hSession, pOperationState, pulOperationStateLen))
+SESSION_FN(C_SetOperationState, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pOperationState, CK_ULONG ulOperationStateLen,
+            CK_OBJECT_HANDLE hEncryptionKey, CK_OBJECT_HANDLE hAuthenticationKey),
+           (hSession, pOperationState, ulOperationStateLen, hEncryptionKey, hAuthenticationKey))
+SESSION_FN(C_Login, ENTER_LOGIN,
+           (CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen),
+           (hSession, userType, pPin, ulPinLen))
+SESSION_FN(C_Logout, ENTER_PLAIN, (CK_SESSION_HANDLE hSession), (hSession))
+
+/* ---- objects --------------------------------------------------------------------------- */
+
+SESSION_FN(C_CreateObject, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount,
+            CK_OBJECT_HANDLE_PTR phObject),
+           (hSession, pTemplate, ulCount, phObject))
+SESSION_FN(C_CopyObject, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ATTRIBUTE_PTR pTemplate,
+            CK_ULONG ulCount, CK_OBJECT_HANDLE_PTR phNewObject),
+           (hSession, hObject, pTemplate, ulCount, phNewObject))
+SESSION_FN(C_DestroyObject, ENTER_PLAIN, (CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject),
+           (hSession, hObject))
+SESSION_FN(C_GetObjectSize, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ULONG_PTR pulSize),
+           (hSession, hObject, pulSize))
+SESSION_FN(C_GetAttributeValue, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ATTRIBUTE_PTR pTemplate,
+            CK_ULONG ulCount),
+           (hSession, hObject, pTemplate, ulCount))
+SESSION_FN(C_SetAttributeValue, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ATTRIBUTE_PTR pTemplate,
+            CK_ULONG ulCount),
+           (hSession, hObject, pTemplate, ulCount))
+SESSION_FN(C_FindObjectsInit, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount),
+           (hSession, pTemplate, ulCount))
+SESSION_FN(C_FindObjects, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE_PTR phObject, CK_ULONG ulMaxObjectCount,
+            CK_ULONG_PTR pulObjectCount),
+           (hSession, phObject, ulMaxObjectCount, pulObjectCount))
+SESSION_FN(C_FindObjectsFinal, ENTER_PLAIN, (CK_SESSION_HANDLE hSession), (hSession))
+
+/* ---- encryption, decryption, digests --------------------------------------------------- */
+
+SESSION_FN(C_EncryptInit, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
+           (hSession, pMechanism, hKey))
+SESSION_FN(C_Encrypt, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
+            CK_BYTE_PTR pEncryptedData, CK_ULONG_PTR pulEncryptedDataLen),
+           (hSession, pData, ulDataLen, pEncryptedData, pulEncryptedDataLen))
+SESSION_FN(C_EncryptUpdate, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen,
+            CK_BYTE_PTR pEncryptedPart, CK_ULONG_PTR pulEncryptedPartLen),
+           (hSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen))
+SESSION_FN(C_EncryptFinal, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pLastEncryptedPart,
+            CK_ULONG_PTR pulLastEncryptedPartLen),
+           (hSession, pLastEncryptedPart, pulLastEncryptedPartLen))
+SESSION_FN(C_DecryptInit, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
+           (hSession, pMechanism, hKey))
+SESSION_FN(C_Decrypt, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pEncryptedData, CK_ULONG ulEncryptedDataLen,
+            CK_BYTE_PTR pData, CK_ULONG_PTR pulDataLen),
+           (hSession, pEncryptedData, ulEncryptedDataLen, pData, pulDataLen))
+SESSION_FN(C_DecryptUpdate, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pEncryptedPart, CK_ULONG ulEncryptedPartLen,
+            CK_BYTE_PTR pPart, CK_ULONG_PTR pulPartLen),
+           (hSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen))
+SESSION_FN(C_DecryptFinal, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pLastPart, CK_ULONG_PTR pulLastPartLen),
+           (hSession, pLastPart, pulLastPartLen))
+SESSION_FN(C_DigestInit, ENTER_PLAIN, (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism),
+           (hSession, pMechanism))
+SESSION_FN(C_Digest, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen, CK_BYTE_PTR pDigest,
+            CK_ULONG_PTR pulDigestLen),
+           (hSession, pData, ulDataLen, pDigest, pulDigestLen))
+SESSION_FN(C_DigestUpdate, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen),
+           (hSession, pPart, ulPartLen))
+SESSION_FN(C_DigestKey, ENTER_PLAIN, (CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hKey),
+           (hSession, hKey))
+SESSION_FN(C_DigestFinal, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pDigest, CK_ULONG_PTR pulDigestLen),
+           (hSession, pDigest, pulDigestLen))
+
+/* ---- signing and verifying ------------------------------------------------------------- */
+
+SESSION_FN(C_SignInit, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
+           (hSession, pMechanism, hKey))
+SIGN_FN(C_Sign,
+        (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen, CK_BYTE_PTR pSignature,
+         CK_ULONG_PTR pulSignatureLen),
+        (hSession, pData, ulDataLen, pSignature, pulSignatureLen), pSignature)
+SESSION_FN(C_SignUpdate, ENTER_DELAY,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen),
+           (hSession, pPart, ulPartLen))
+SIGN_FN(C_SignFinal,
+        (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature, CK_ULONG_PTR pulSignatureLen),
+        (hSession, pSignature, pulSignatureLen), pSignature)
+SESSION_FN(C_SignRecoverInit, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
+           (hSession, pMechanism, hKey))
+SESSION_FN(C_SignRecover, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
+            CK_BYTE_PTR pSignature, CK_ULONG_PTR pulSignatureLen),
+           (hSession, pData, ulDataLen, pSignature, pulSignatureLen))
+SESSION_FN(C_VerifyInit, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
+           (hSession, pMechanism, hKey))
+SESSION_FN(C_Verify, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
+            CK_BYTE_PTR pSignature, CK_ULONG ulSignatureLen),
+           (hSession, pData, ulDataLen, pSignature, ulSignatureLen))
+SESSION_FN(C_VerifyUpdate, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen),
+           (hSession, pPart, ulPartLen))
+SESSION_FN(C_VerifyFinal, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature, CK_ULONG ulSignatureLen),
+           (hSession, pSignature, ulSignatureLen))
+SESSION_FN(C_VerifyRecoverInit, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
+           (hSession, pMechanism, hKey))
+SESSION_FN(C_VerifyRecover, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature, CK_ULONG ulSignatureLen,
+            CK_BYTE_PTR pData, CK_ULONG_PTR pulDataLen),
+           (hSession, pSignature, ulSignatureLen, pData, pulDataLen))
+
+/* ---- dual-function --------------------------------------------------------------------- */
+
+SESSION_FN(C_DigestEncryptUpdate, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen,
+            CK_BYTE_PTR pEncryptedPart, CK_ULONG_PTR pulEncryptedPartLen),
+           (hSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen))
+SESSION_FN(C_DecryptDigestUpdate, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pEncryptedPart, CK_ULONG ulEncryptedPartLen,
+            CK_BYTE_PTR pPart, CK_ULONG_PTR pulPartLen),
+           (hSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen))
+SESSION_FN(C_SignEncryptUpdate, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen,
+            CK_BYTE_PTR pEncryptedPart, CK_ULONG_PTR pulEncryptedPartLen),
+           (hSession, pPart, ulPartLen, pEncryptedPart, pulEncryptedPartLen))
+SESSION_FN(C_DecryptVerifyUpdate, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pEncryptedPart, CK_ULONG ulEncryptedPartLen,
+            CK_BYTE_PTR pPart, CK_ULONG_PTR pulPartLen),
+           (hSession, pEncryptedPart, ulEncryptedPartLen, pPart, pulPartLen))
+
+/* ---- keys and random numbers ----------------------------------------------------------- */
+
+SESSION_FN(C_GenerateKey, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_ATTRIBUTE_PTR pTemplate,
+            CK_ULONG ulCount, CK_OBJECT_HANDLE_PTR phKey),
+           (hSession, pMechanism, pTemplate, ulCount, phKey))
+SESSION_FN(C_GenerateKeyPair, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+            CK_ATTRIBUTE_PTR pPublicKeyTemplate, CK_ULONG ulPublicKeyAttributeCount,
+            CK_ATTRIBUTE_PTR pPrivateKeyTemplate, CK_ULONG ulPrivateKeyAttributeCount,
+            CK_OBJECT_HANDLE_PTR phPublicKey, CK_OBJECT_HANDLE_PTR phPrivateKey),
+           (hSession, pMechanism, pPublicKeyTemplate, ulPublicKeyAttributeCount,
+            pPrivateKeyTemplate, ulPrivateKeyAttributeCount, phPublicKey, phPrivateKey))
+SESSION_FN(C_WrapKey, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hWrappingKey,
+            CK_OBJECT_HANDLE hKey, CK_BYTE_PTR pWrappedKey, CK_ULONG_PTR pulWrappedKeyLen),
+           (hSession, pMechanism, hWrappingKey, hKey, pWrappedKey, pulWrappedKeyLen))
+SESSION_FN(C_UnwrapKey, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+            CK_OBJECT_HANDLE hUnwrappingKey, CK_BYTE_PTR pWrappedKey, CK_ULONG ulWrappedKeyLen,
+            CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulAttributeCount, CK_OBJECT_HANDLE_PTR phKey),
+           (hSession, pMechanism, hUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate,
+            ulAttributeCount, phKey))
+SESSION_FN(C_DeriveKey, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hBaseKey,
+            CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulAttributeCount, CK_OBJECT_HANDLE_PTR phKey),
+           (hSession, pMechanism, hBaseKey, pTemplate, ulAttributeCount, phKey))
+SESSION_FN(C_SeedRandom, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSeed, CK_ULONG ulSeedLen),
+           (hSession, pSeed, ulSeedLen))
+SESSION_FN(C_GenerateRandom, ENTER_PLAIN,
+           (CK_SESSION_HANDLE hSession, CK_BYTE_PTR RandomData, CK_ULONG ulRandomLen),
+           (hSession, RandomData, ulRandomLen))
+SESSION_FN(C_GetFunctionStatus, ENTER_PLAIN, (CK_SESSION_HANDLE hSession), (hSession))
+SESSION_FN(C_CancelFunction, ENTER_PLAIN, (CK_SESSION_HANDLE hSession), (hSession))
+
+/* ---- the function list and the exported symbols ---------------------------------------- */
+
+#define ENTRY(name) .name = shim_##name
+
+static CK_FUNCTION_LIST g_list = {
+    .version = { 2, 40 },
+    ENTRY(C_Initialize), ENTRY(C_Finalize), ENTRY(C_GetInfo), ENTRY(C_GetFunctionList),
+    ENTRY(C_GetSlotList), ENTRY(C_GetSlotInfo), ENTRY(C_GetTokenInfo),
+    ENTRY(C_GetMechanismList), ENTRY(C_GetMechanismInfo), ENTRY(C_InitToken), ENTRY(C_InitPIN),
+    ENTRY(C_SetPIN), ENTRY(C_OpenSession), ENTRY(C_CloseSession), ENTRY(C_CloseAllSessions),
+    ENTRY(C_GetSessionInfo), ENTRY(C_GetOperationState), ENTRY(C_SetOperationState),
+    ENTRY(C_Login), ENTRY(C_Logout), ENTRY(C_CreateObject), ENTRY(C_CopyObject),
+    ENTRY(C_DestroyObject), ENTRY(C_GetObjectSize), ENTRY(C_GetAttributeValue),
+    ENTRY(C_SetAttributeValue), ENTRY(C_FindObjectsInit), ENTRY(C_FindObjects),
+    ENTRY(C_FindObjectsFinal), ENTRY(C_EncryptInit), ENTRY(C_Encrypt), ENTRY(C_EncryptUpdate),
+    ENTRY(C_EncryptFinal), ENTRY(C_DecryptInit), ENTRY(C_Decrypt), ENTRY(C_DecryptUpdate),
+    ENTRY(C_DecryptFinal), ENTRY(C_DigestInit), ENTRY(C_Digest), ENTRY(C_DigestUpdate),
+    ENTRY(C_DigestKey), ENTRY(C_DigestFinal), ENTRY(C_SignInit), ENTRY(C_Sign),
+    ENTRY(C_SignUpdate), ENTRY(C_SignFinal), ENTRY(C_SignRecoverInit), ENTRY(C_SignRecover),
+    ENTRY(C_VerifyInit), ENTRY(C_Verify), ENTRY(C_VerifyUpdate), ENTRY(C_VerifyFinal),
+    ENTRY(C_VerifyRecoverInit), ENTRY(C_VerifyRecover), ENTRY(C_DigestEncryptUpdate),
+    ENTRY(C_DecryptDigestUpdate), ENTRY(C_SignEncryptUpdate), ENTRY(C_DecryptVerifyUpdate),
+    ENTRY(C_GenerateKey), ENTRY(C_GenerateKeyPair), ENTRY(C_WrapKey), ENTRY(C_UnwrapKey),
+    ENTRY(C_DeriveKey), ENTRY(C_SeedRandom), ENTRY(C_GenerateRandom),
+    ENTRY(C_GetFunctionStatus), ENTRY(C_CancelFunction), ENTRY(C_WaitForSlotEvent),
+};
+
+/* The plain C_* symbols, as aliases. The function list points at the static functions, so no
+ * other module's exported C_* can be bound in their place. */
+#define EXPORT(name) \
+    extern __typeof__(shim_##name) name __attribute__((alias("shim_" #name), visibility("default")));
+
+EXPORT(C_Initialize) EXPORT(C_Finalize) EXPORT(C_GetInfo) EXPORT(C_GetFunctionList)
+EXPORT(C_GetSlotList) EXPORT(C_GetSlotInfo) EXPORT(C_GetTokenInfo) EXPORT(C_GetMechanismList)
+EXPORT(C_GetMechanismInfo) EXPORT(C_InitToken) EXPORT(C_InitPIN) EXPORT(C_SetPIN)
+EXPORT(C_OpenSession) EXPORT(C_CloseSession) EXPORT(C_CloseAllSessions) EXPORT(C_GetSessionInfo)
+EXPORT(C_GetOperationState) EXPORT(C_SetOperationState) EXPORT(C_Login) EXPORT(C_Logout)
+EXPORT(C_CreateObject) EXPORT(C_CopyObject) EXPORT(C_DestroyObject) EXPORT(C_GetObjectSize)
+EXPORT(C_GetAttributeValue) EXPORT(C_SetAttributeValue) EXPORT(C_FindObjectsInit)
+EXPORT(C_FindObjects) EXPORT(C_FindObjectsFinal) EXPORT(C_EncryptInit) EXPORT(C_Encrypt)
+EXPORT(C_EncryptUpdate) EXPORT(C_EncryptFinal) EXPORT(C_DecryptInit) EXPORT(C_Decrypt)
+EXPORT(C_DecryptUpdate) EXPORT(C_DecryptFinal) EXPORT(C_DigestInit) EXPORT(C_Digest)
+EXPORT(C_DigestUpdate) EXPORT(C_DigestKey) EXPORT(C_DigestFinal) EXPORT(C_SignInit)
+EXPORT(C_Sign) EXPORT(C_SignUpdate) EXPORT(C_SignFinal) EXPORT(C_SignRecoverInit)
+EXPORT(C_SignRecover) EXPORT(C_VerifyInit) EXPORT(C_Verify) EXPORT(C_VerifyUpdate)
+EXPORT(C_VerifyFinal) EXPORT(C_VerifyRecoverInit) EXPORT(C_VerifyRecover)
+EXPORT(C_DigestEncryptUpdate) EXPORT(C_DecryptDigestUpdate) EXPORT(C_SignEncryptUpdate)
+EXPORT(C_DecryptVerifyUpdate) EXPORT(C_GenerateKey) EXPORT(C_GenerateKeyPair) EXPORT(C_WrapKey)
+EXPORT(C_UnwrapKey) EXPORT(C_DeriveKey) EXPORT(C_SeedRandom) EXPORT(C_GenerateRandom)
+EXPORT(C_GetFunctionStatus) EXPORT(C_CancelFunction) EXPORT(C_WaitForSlotEvent)
+
+/* Free what the shim allocated if it is ever unloaded. The target stays loaded: unloading a
+ * module that may still be initialised is not safe. */
+__attribute__((destructor)) static void shim_fini(void)
+{
+    sess_clear();
+    pthread_mutex_lock(&g_ctl_lock);
+    free(g_ctl_path);
+    g_ctl_path = NULL;
+    pthread_mutex_unlock(&g_ctl_lock);
+}
