@@ -239,3 +239,20 @@ def test_state_reports_ready_with_token_identity(hsm: Hsm, token_env) -> None:  
     assert st.ready and st.reason is None
     assert st.token_label == token_env.label and st.token_serial
     assert time.time() >= st.since
+
+
+def test_no_pin_or_key_material_reaches_the_logs(hsm: Hsm, token_env, label: str,  # type: ignore[no-untyped-def]
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    key = secrets.token_bytes(32)
+    hsm.import_secret_key(label, Secret(key))
+    hsm.hmac_sha256(label, b"data")
+    with pytest.raises(DuplicateObject):
+        hsm.import_secret_key(label, Secret(key))
+    with pytest.raises(ObjectNotFound):
+        hsm.hmac_sha256(label + "-missing", b"data")
+    text = caplog.text + " ".join(repr(r.args) for r in caplog.records)
+    for secret in (token_env.pin.decode(), key.hex(), base64.b64encode(key).decode(), repr(key)):
+        assert secret not in text

@@ -37,6 +37,8 @@ def is_device_fault(exc: BaseException) -> bool:
 
 
 def fault_reason(exc: BaseException) -> str:
+    if isinstance(exc, errors.HsmError):
+        return str(exc)  # already translated where it happened, with its context
     for cls, reason in _REASONS.items():
         if isinstance(exc, cls):
             return reason
