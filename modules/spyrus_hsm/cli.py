@@ -13,9 +13,7 @@ import base64
 import binascii
 import json
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -27,6 +25,7 @@ from cryptography import x509
 from . import __version__
 from . import config as config_mod
 from .config import Config, ConfigError
+from .files import write_atomic
 from .hsm import (
     Hsm,
     HsmConfigError,
@@ -119,26 +118,9 @@ def _read_input_file(path: str, what: str) -> bytes:
         raise UsageError(f"{what} {path} cannot be read: {exc.strerror}") from None
 
 
-def _write_atomic(path: str, text: str, mode: int = 0o644) -> None:
-    """Write via a temporary file and rename: the target is old or new, never partial."""
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _emit(args: argparse.Namespace, text: str) -> None:
     if getattr(args, "out", None):
-        _write_atomic(args.out, text)
+        write_atomic(args.out, text)
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -65,9 +65,9 @@ def format_token(resource_uri: str, signature: bytes, expiry: int, key_name: str
     return token + (f"&skn={quote(key_name, safe='')}" if key_name else "")
 
 
-def check_ttl(ttl: int) -> int:
-    if not MIN_TTL <= ttl <= MAX_TTL:
-        raise SasError(f"ttl must be between {MIN_TTL} and {MAX_TTL} seconds, got {ttl}")
+def check_ttl(ttl: int, min_ttl: int = MIN_TTL) -> int:
+    if not min_ttl <= ttl <= MAX_TTL:
+        raise SasError(f"ttl must be between {min_ttl} and {MAX_TTL} seconds, got {ttl}")
     return ttl
 
 
@@ -78,18 +78,19 @@ def expiry_for(ttl: int, now: float | None = None) -> int:
 class SasMinter:
     """Mints SAS tokens with a key held in the HSM."""
 
-    def __init__(self, hsm: Hsm) -> None:
+    def __init__(self, hsm: Hsm, min_ttl: int = MIN_TTL) -> None:
         self.hsm = hsm
+        self.min_ttl = min_ttl  # the service's own clients may renew more often than callers ask
 
     def mint(self, key: KeyRef, resource_uri: str, ttl: int,
              key_name: str | None = None) -> SasToken:
-        expiry = expiry_for(check_ttl(ttl))
+        expiry = expiry_for(check_ttl(ttl, self.min_ttl))
         sig = self.hsm.sign(key, SignAlgorithm.HMAC_SHA256, string_to_sign(resource_uri, expiry))
         return SasToken(format_token(resource_uri, sig, expiry, key_name), resource_uri, expiry)
 
     async def amint(self, key: KeyRef, resource_uri: str, ttl: int,
                     key_name: str | None = None) -> SasToken:
-        expiry = expiry_for(check_ttl(ttl))
+        expiry = expiry_for(check_ttl(ttl, self.min_ttl))
         sig = await self.hsm.asign(key, SignAlgorithm.HMAC_SHA256,
                                    string_to_sign(resource_uri, expiry))
         return SasToken(format_token(resource_uri, sig, expiry, key_name), resource_uri, expiry)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from asn1crypto.core import Sequence, UTF8String, VisibleString
 
+from ..files import write_atomic
 from ..hsm import Pkcs11Uri
 
 PEM_LABEL = "PKCS#11 PROVIDER URI"
@@ -131,7 +132,7 @@ def load_provider(module_path: str, pin_file: str, directory: str | os.PathLike[
                 raise ProviderError("pkcs11-provider is already loaded with another configuration")
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, text)
+        write_atomic(path, text)
         import ssl  # noqa: F401 - libcrypto must be the one Python's ssl links
 
         libcrypto = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
@@ -143,12 +144,6 @@ def load_provider(module_path: str, pin_file: str, directory: str | os.PathLike[
                                 "and that the PIN file is readable")
         _loaded_config = text
     return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def client_context(cert_file: str | os.PathLike[str], key_file: str | os.PathLike[str],

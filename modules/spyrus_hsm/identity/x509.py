@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature as InvalidSignatureError
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from ..files import write_atomic
 from ..hsm import Hsm, InvalidInput, ObjectNotFound
 from . import tls
 
@@ -112,12 +113,6 @@ def write_tls_files(cred: X509Credential, token_label: str, directory: str | os.
     d.mkdir(parents=True, exist_ok=True)
     cert_file, key_file = d / f"{cred.label}.chain.pem", d / f"{cred.label}.keyref.pem"
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in cred.chain)
-    _replace(cert_file, pem)
-    _replace(key_file, tls.keyref_pem(tls.key_uri(token_label, cred.label, cred.key_id)).encode())
+    write_atomic(cert_file, pem)
+    write_atomic(key_file, tls.keyref_pem(tls.key_uri(token_label, cred.label, cred.key_id)))
     return TlsFiles(cert_file, key_file)
-
-
-def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Azure clients whose credentials stay in the HSM: DPS registration and IoT Hub connections."""

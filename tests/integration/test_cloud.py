@@ -1,0 +1,286 @@
+"""IoT Hub and DPS with credentials in the HSM, end to end: real SDK, real MQTT over TLS, real
+SoftHSM2, real pkcs11-provider, against tests/emulator (which checks credentials for real)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from azure.iot.device.exceptions import CredentialError
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from emulator import pki as epki
+from spyrus_hsm.cloud.dps import DpsRequest, Provisioner, RegistrationError
+from spyrus_hsm.cloud.hub import HubClient, HubIdentity
+from spyrus_hsm.files import read_json, write_json_atomic
+from spyrus_hsm.hsm import Hsm, KeyAlgorithm, Secret
+from spyrus_hsm.identity import tls
+from spyrus_hsm.identity import x509 as x509_id
+from spyrus_hsm.identity.csr import build_csr
+
+pytestmark = pytest.mark.timeout(90)
+HOST = "127.0.0.31"
+SCOPE = "0ne000C10D"
+
+
+@pytest.fixture(scope="module")
+def provider(hsm: Hsm, token_env, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """pkcs11-provider loaded into this process, as the module does at start."""
+    return tls.load_provider(token_env.module, str(token_env.pin_file), tmp_path_factory.mktemp("ossl"))
+
+
+@pytest.fixture
+def emu(make_emulator):  # type: ignore[no-untyped-def]
+    e = make_emulator(HOST, id_scope=SCOPE)
+    e.polls_before_assigned = 1
+    return e
+
+
+def _hsm_cert(hsm: Hsm, label: str, cn: str, issuer: epki.Issued) -> x509.Certificate:
+    """Key generated in the HSM, CSR signed there, certificate from `issuer`, stored beside it."""
+    hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
+    csr = x509.load_der_x509_csr(build_csr(hsm, label, f"CN={cn}"))
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(issuer.cert.subject)
+            .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(issuer.key, hashes.SHA256()))
+    hsm.import_certificates(label, [cert, issuer.cert, *issuer.chain])
+    return cert
+
+
+def _x509_client(hsm: Hsm, label: str, device_id: str, ca_pem: str, state: Path) -> HubClient:
+    cred = x509_id.select(hsm, label=label)
+    files = x509_id.write_tls_files(cred, hsm.state.token_label or "", state)
+    return HubClient(hsm, HubIdentity(HOST, device_id, x509=files, server_ca_pem=ca_pem))
+
+
+# --- IoT Hub, X.509 --------------------------------------------------------------------------
+
+def test_x509_device_with_its_key_in_the_hsm_connects_and_sends_telemetry(
+        hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    device = "x509-" + label
+    _hsm_cert(hsm, label, device, emulator_pki.intermediate)
+    emu.add_device(device, x509_ca_pem=emulator_pki.root.cert_pem)
+    client = _x509_client(hsm, label, device, emulator_pki.ca_pem, tmp_path).connect()
+    try:
+        client.send(json.dumps({"temp": 21.5}))
+        emu.wait_for(lambda: any(t.device_id == device for t in emu.received.telemetry), timeout=10)
+    finally:
+        client.shutdown()
+    sent = [t for t in emu.received.telemetry if t.device_id == device]
+    assert sent[0].json() == {"temp": 21.5}
+    assert any(c.client_id == device and c.auth_method == "x509" and c.accepted for c in emu.received.connects)
+
+
+def test_x509_certificate_from_another_ca_is_refused(hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    other_ca = epki.make_ca("Other Fleet CA")
+    emu.add_device("other-fleet-device", x509_ca_pem=other_ca.cert_pem)
+    device = "x509-" + label
+    _hsm_cert(hsm, label, device, other_ca)
+    emu.add_device(device, x509_ca_pem=emulator_pki.root.cert_pem)
+    client = _x509_client(hsm, label, device, emulator_pki.ca_pem, tmp_path)
+    with pytest.raises(CredentialError):
+        client.connect()
+    client.shutdown()
+
+
+def test_x509_certificate_with_another_cn_is_refused(hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    device = "x509-" + label
+    _hsm_cert(hsm, label, device + "-not-me", emulator_pki.intermediate)
+    emu.add_device(device, x509_ca_pem=emulator_pki.root.cert_pem)
+    client = _x509_client(hsm, label, device, emulator_pki.ca_pem, tmp_path)
+    with pytest.raises(CredentialError):
+        client.connect()
+    client.shutdown()
+
+
+# --- IoT Hub, SAS ------------------------------------------------------------------------------
+
+def _sas_key(hsm: Hsm, label: str) -> str:
+    import base64
+
+    raw = secrets.token_bytes(32)
+    hsm.import_secret_key(label, Secret(raw))
+    return base64.b64encode(raw).decode()
+
+
+def test_sas_device_renews_through_the_hsm_and_stays_connected(hsm, emu, emulator_pki, label) -> None:  # type: ignore[no-untyped-def]
+    device = "sas-" + label
+    emu.add_device(device, symmetric_key=_sas_key(hsm, label))
+    client = HubClient(hsm, HubIdentity(HOST, device, sas_key=label, server_ca_pem=emulator_pki.ca_pem),
+                       sas_ttl=5, renew_at=0.6).connect()
+    try:
+        end = time.monotonic() + 20
+        while client.stats.renewals < 3 and time.monotonic() < end:
+            time.sleep(0.2)
+        time.sleep(1)
+        assert client.stats.renewals >= 3
+        assert client.connected
+        client.send("still here")
+        emu.wait_for(lambda: any(t.device_id == device for t in emu.received.telemetry), timeout=10)
+    finally:
+        client.shutdown()
+    accepted = [c for c in emu.received.connects if c.client_id == device and c.accepted]
+    assert len(accepted) >= 4  # the first connection and one re-authorisation per renewal
+    assert client.stats.rebuilds == 0
+    assert not [d for d in emu.received.disconnects if d.client_id == device and "expired" in d.reason]
+
+
+def test_module_identity_with_hsm_sas(hsm, emu, emulator_pki, label) -> None:  # type: ignore[no-untyped-def]
+    device, module = "edge-" + label, "spyrus_hsm"
+    emu.add_device(device, symmetric_key=_sas_key(hsm, label + "-dev"))
+    emu.add_module(device, module, symmetric_key=_sas_key(hsm, label))
+    client = HubClient(hsm, HubIdentity(HOST, device, module, sas_key=label,
+                                        server_ca_pem=emulator_pki.ca_pem)).connect()
+    try:
+        client.send("from the module")
+        emu.wait_for(lambda: any(t.module_id == module and t.device_id == device
+                                 for t in emu.received.telemetry), timeout=10)
+    finally:
+        client.shutdown()
+
+
+def test_sas_token_signed_with_another_key_is_refused(hsm, emu, emulator_pki, label) -> None:  # type: ignore[no-untyped-def]
+    import base64
+
+    device = "sas-" + label
+    emu.add_device(device, symmetric_key=base64.b64encode(secrets.token_bytes(32)).decode())
+    _sas_key(hsm, label)  # a different key
+    client = HubClient(hsm, HubIdentity(HOST, device, sas_key=label, server_ca_pem=emulator_pki.ca_pem))
+    with pytest.raises(CredentialError):
+        client.connect()
+    client.shutdown()
+
+
+# --- DPS -------------------------------------------------------------------------------------
+
+def _req(reg: str, **kw) -> DpsRequest:  # type: ignore[no-untyped-def]
+    return DpsRequest(id_scope=SCOPE, registration_id=reg, provisioning_host=HOST, **kw)
+
+
+def test_dps_x509_registration_is_assigned_then_connects(hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = "dpsx-" + label
+    _hsm_cert(hsm, label, reg, emulator_pki.intermediate)
+    emu.add_individual_enrollment(reg, x509_ca_pem=emulator_pki.root.cert_pem, assigned_hub=HOST)
+    a = Provisioner(hsm, tmp_path).register(_req(reg, attestation="x509", key=label,
+                                                 server_ca_pem=emulator_pki.ca_pem), timeout=30)
+    assert (a.status, a.assigned_hub, a.device_id) == ("assigned", HOST, reg)
+    client = _x509_client(hsm, label, a.device_id, emulator_pki.ca_pem, tmp_path).connect()
+    client.shutdown()
+
+
+def test_dps_symmetric_individual_is_assigned_and_persisted(hsm, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = "dpss-" + label
+    emu.add_individual_enrollment(reg, symmetric_key=_sas_key(hsm, label), assigned_hub=HOST)
+    prov = Provisioner(hsm, tmp_path)
+    req = _req(reg, attestation="symmetricKey", key=label, server_ca_pem=emulator_pki.ca_pem,
+               payload={"site": "plant-7"})
+    a = prov.register(req, timeout=30)
+    assert (a.status, a.device_id, a.substatus) == ("assigned", reg, "initialAssignment")
+    assert read_json(prov.result_path(reg))["assigned_hub"] == HOST
+    assert next(r.payload for r in emu.received.registrations if r.registration_id == reg) == {"site": "plant-7"}
+    n = len(emu.received.registrations)
+    assert prov.register(req) == a          # reused: the identity did not change
+    assert len(emu.received.registrations) == n
+    prov.register(req, force=True, timeout=30)  # asked for: registers again
+    assert len(emu.received.registrations) == n + 1
+
+
+def test_dps_group_enrollment_uses_a_device_key_derived_in_the_hsm(hsm, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = "dpsg-" + label
+    emu.add_group_enrollment("group-" + label, symmetric_key=_sas_key(hsm, label), assigned_hub=HOST)
+    a = Provisioner(hsm, tmp_path).register(
+        _req(reg, attestation="symmetricKey", key=label, group=True, server_ca_pem=emulator_pki.ca_pem), timeout=30)
+    assert a.status == "assigned" and a.key == f"{label}.{reg}"
+    derived = next(o for o in hsm.list_objects() if o.label == a.key)
+    assert (derived.sensitive, derived.extractable) == (True, False)
+
+
+def test_dps_throttled_with_429_then_assigned(hsm, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = "dpst-" + label
+    emu.add_individual_enrollment(reg, symmetric_key=_sas_key(hsm, label), assigned_hub=HOST)
+    emu.throttle_dps(times=1, retry_after=1)
+    a = Provisioner(hsm, tmp_path).register(
+        _req(reg, attestation="symmetricKey", key=label, server_ca_pem=emulator_pki.ca_pem), timeout=30)
+    assert a.status == "assigned"
+    assert [r.status_code for r in emu.received.registrations if r.registration_id == reg][:1] == [429]
+
+
+def test_dps_wrong_key_gives_a_clear_error_and_keeps_the_old_result(hsm, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import base64
+
+    reg = "dpsw-" + label
+    emu.add_individual_enrollment(reg, symmetric_key=base64.b64encode(secrets.token_bytes(32)).decode())
+    _sas_key(hsm, label)
+    prov = Provisioner(hsm, tmp_path)
+    with pytest.raises(RegistrationError, match="refused the credentials") as info:
+        prov.register(_req(reg, attestation="symmetricKey", key=label, server_ca_pem=emulator_pki.ca_pem), timeout=30)
+    assert SCOPE in str(info.value)
+    assert prov.cached(reg) is None
+
+
+def test_dps_incomplete_chain_is_refused_before_connecting(hsm, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = "dpsc-" + label
+    hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
+    csr = x509.load_der_x509_csr(build_csr(hsm, label, f"CN={reg}"))
+    now = dt.datetime.now(dt.UTC)
+    leaf = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(emulator_pki.intermediate.cert.subject)
+            .public_key(csr.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1)).sign(emulator_pki.intermediate.key, hashes.SHA256()))
+    hsm.import_certificates(label, [leaf, emulator_pki.root.cert])  # the intermediate is missing
+    n = len(emu.received.connects)
+    with pytest.raises(RegistrationError, match="is not issued by"):
+        Provisioner(hsm, tmp_path).register(_req(reg, attestation="x509", key=label,
+                                                 server_ca_pem=emulator_pki.ca_pem), timeout=30)
+    assert len(emu.received.connects) == n
+
+
+def test_a_killed_writer_leaves_the_old_or_the_new_result_never_a_corrupt_one(tmp_path: Path) -> None:
+    path = tmp_path / "registrations" / "dev.json"
+    write_json_atomic(path, {"n": 0, "pad": "x" * 20000})
+    writer = (
+        "import sys\n"
+        "from spyrus_hsm.files import write_json_atomic\n"
+        "n = 0\n"
+        "while True:\n"
+        "    n += 1\n"
+        f"    write_json_atomic({str(path)!r}, {{'n': n, 'pad': 'y' * 20000}})\n"
+    )
+    seen = set()
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", writer])
+        time.sleep(0.3 + secrets.randbelow(300) / 1000)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        data = read_json(path)  # raises if the file is a torn write
+        assert set(data) == {"n", "pad"} and len(data["pad"]) == 20000
+        seen.add(data["n"] > 0)
+    assert True in seen
+    # a kill between mkstemp and rename can leave a hidden temporary beside it, never a torn dev.json
+    assert all(p.name == "dev.json" or p.name.startswith(".dev.json.") for p in path.parent.iterdir())
+
+
+def test_no_file_written_by_the_module_holds_a_private_key(token_env, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    # Everything this package wrote during the run: token dir, state dirs, TLS files, configs.
+    # (The emulator's own server keys are test fixtures and live in its PKI directory.)
+    base = Path(str(tmp_path_factory.getbasetemp()))
+    offenders = []
+    for path in base.rglob("*"):
+        if not path.is_file() or "emulator-pki" in str(path) or path.stat().st_size > 1 << 20:
+            continue
+        text = path.read_bytes()
+        if b"PRIVATE KEY-----" in text:
+            offenders.append(str(path))
+    assert offenders == []
