@@ -24,6 +24,7 @@ from cryptography import x509
 
 from . import __version__
 from . import config as config_mod
+from .cloud.dps import RegistrationError
 from .config import Config, ConfigError
 from .files import write_atomic
 from .hsm import (
@@ -284,6 +285,50 @@ def cmd_openssl_config(args: argparse.Namespace, stdin: _Stdin) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace, stdin: _Stdin) -> int:
+    from .cloud.dps import DpsRequest, Provisioner
+
+    payload = None
+    if args.payload is not None:
+        try:
+            payload = json.loads(args.payload)
+        except ValueError:
+            raise UsageError("--payload must be JSON, e.g. '{\"site\": \"plant-7\"}'") from None
+    with _hsm(args, stdin) as (hsm, cfg):
+        ca_file = args.server_ca or cfg.cloud.server_ca_file
+        ca_pem = Path(ca_file).read_text() if ca_file else None
+        pin_file = args.pin_file or cfg.hsm.pin_file
+
+        def load_provider() -> None:
+            if not pin_file:
+                raise UsageError("X.509 registration needs hsm.pin_file: pkcs11-provider reads the PIN from it")
+            tls.load_provider(cfg.hsm.module, pin_file, Path(cfg.state_dir) / "openssl")
+
+        req = DpsRequest(
+            id_scope=args.id_scope, registration_id=args.registration_id,
+            provisioning_host=args.provisioning_host or cfg.cloud.provisioning_host,
+            attestation="x509" if args.x509 else "symmetricKey", key=args.x509 or args.sas_key,
+            group=args.group, payload=payload, server_ca_pem=ca_pem)
+        assignment = Provisioner(hsm, cfg.state_dir, load_provider).register(
+            req, force=args.force, timeout=args.timeout or cfg.cloud.registration_timeout)
+    print(json.dumps(assignment.to_api(), indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, stdin: _Stdin) -> int:
+    from .runtime import serve
+
+    cfg = _load_config(args)
+    if not (args.pin_file or cfg.hsm.pin_file):
+        raise UsageError("serve needs hsm.pin_file (or SPYRUS_HSM_PIN_FILE): the PIN is re-read "
+                         "from it when the HSM reconnects")
+    if args.pin_file:
+        from dataclasses import replace
+
+        cfg = replace(cfg, hsm=replace(cfg.hsm, pin_file=args.pin_file))
+    return serve(cfg)
+
+
 def cmd_selftest(args: argparse.Namespace, stdin: _Stdin) -> int:
     from .selftest import run_selftest
 
@@ -386,6 +431,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.set_defaults(func=cmd_openssl_config)
 
+    c = add_parser("register", help="register with DPS using HSM credentials; prints the assignment")
+    c.add_argument("--id-scope", required=True)
+    c.add_argument("--registration-id", required=True)
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--x509", metavar="LABEL", help="X.509 credential (key + certificate) label")
+    g.add_argument("--sas-key", metavar="LABEL", help="symmetric key label")
+    c.add_argument("--group", action="store_true", help="--sas-key is a group enrollment key")
+    c.add_argument("--provisioning-host", help="default cloud.provisioning_host")
+    c.add_argument("--server-ca", help="PEM trust anchor for the DPS endpoint (default: system CAs)")
+    c.add_argument("--payload", help="JSON payload for custom allocation")
+    c.add_argument("--force", action="store_true", help="register again even if a result is stored")
+    c.add_argument("--timeout", type=float, help="overall limit in seconds (default 120)")
+    c.set_defaults(func=cmd_register)
+
+    c = add_parser("serve", help="run the module (the container's entrypoint)")
+    c.set_defaults(func=cmd_serve)
+
     c = add_parser("selftest", help="check module, token, PIN and keys; say what to fix")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_selftest)
@@ -400,9 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace, _Stdin], int] = args.func
     try:
         return func(args, _Stdin())
-    except (UsageError, ConfigError, HsmConfigError, UriError, sas_mod.SasError) as exc:
+    except (UsageError, ConfigError, HsmConfigError, UriError, sas_mod.SasError, tls.ProviderError) as exc:
         return _fail(EXIT_USAGE, exc)
-    except HsmError as exc:
+    except (HsmError, RegistrationError) as exc:
         return _fail(EXIT_FAILED, exc)
     except KeyboardInterrupt:
         return 130

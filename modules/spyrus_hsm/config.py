@@ -63,14 +63,36 @@ class SasConfig:
 
 
 @dataclass(frozen=True)
+class CloudConfig:
+    """The module's own Azure identity: through DPS (id_scope set) or straight to a hub."""
+    server_ca_file: str | None = None   # trust anchor for the endpoints (default: system CAs)
+    provisioning_host: str = "global.azure-devices-provisioning.net"
+    id_scope: str | None = None
+    registration_id: str | None = None
+    attestation: str = "symmetricKey"   # or x509
+    key: str | None = None              # HSM key label (SAS) or X.509 credential label
+    group: bool = False
+    hub: str | None = None              # without DPS: the IoT Hub host name ...
+    device_id: str | None = None        # ... and the identity to connect as
+    module_id: str | None = None
+    sas_ttl: int = 3600
+    registration_timeout: float = 120.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.id_scope or self.hub)
+
+
+@dataclass(frozen=True)
 class Config:
     hsm: HsmConfig = field(default_factory=HsmConfig)
     sas: SasConfig = field(default_factory=SasConfig)
+    cloud: CloudConfig = field(default_factory=CloudConfig)
     state_dir: str = "/var/lib/spyrus-hsm"
     source: str = "defaults"
 
 
-_SECTIONS: dict[str, type[Any]] = {"hsm": HsmConfig, "sas": SasConfig}
+_SECTIONS: dict[str, type[Any]] = {"hsm": HsmConfig, "sas": SasConfig, "cloud": CloudConfig}
 _ENV = {
     "SPYRUS_HSM_PKCS11_MODULE": ("hsm", "module"),
     "SPYRUS_HSM_TOKEN_LABEL": ("hsm", "token_label"),
@@ -127,7 +149,7 @@ def _from_mapping(data: Mapping[str, Any], source: str) -> Config:
         elif key == "state_dir":
             kwargs[key] = _typed(str, value, key, source)
         else:
-            raise ConfigError(f"{source}: unknown key '{key}' (known: hsm, sas, state_dir)")
+            raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(_SECTIONS)}, state_dir)")
     return Config(**kwargs)
 
 
@@ -189,3 +211,12 @@ def _validate(cfg: Config, require_token: bool) -> None:
         raise ConfigError(f"{where}: 'hsm.queue_limit' must be 1 to 100000")
     if not 60 <= cfg.sas.default_ttl <= 365 * 24 * 3600:
         raise ConfigError(f"{where}: 'sas.default_ttl' must be 60 s to 1 year")
+    c = cfg.cloud
+    if c.attestation not in ("symmetricKey", "x509"):
+        raise ConfigError(f"{where}: 'cloud.attestation' must be symmetricKey or x509, got {c.attestation!r}")
+    if c.id_scope and not c.registration_id:
+        raise ConfigError(f"{where}: 'cloud.id_scope' needs 'cloud.registration_id'")
+    if c.hub and not c.device_id:
+        raise ConfigError(f"{where}: 'cloud.hub' needs 'cloud.device_id'")
+    if c.enabled and not c.key:
+        raise ConfigError(f"{where}: 'cloud.key' must name the HSM key or X.509 credential to use")

@@ -284,3 +284,66 @@ def test_no_file_written_by_the_module_holds_a_private_key(token_env, tmp_path_f
         if b"PRIVATE KEY-----" in text:
             offenders.append(str(path))
     assert offenders == []
+
+
+# --- the CLI and the module process ----------------------------------------------------------
+
+def test_register_command_prints_the_assignment(cli, hsm, emu, emulator_pki, label) -> None:  # type: ignore[no-untyped-def]
+    reg = "cli-" + label
+    emu.add_individual_enrollment(reg, symmetric_key=_sas_key(hsm, label), assigned_hub=HOST)
+    res = cli("register", "--id-scope", SCOPE, "--registration-id", reg, "--sas-key", label,
+              "--provisioning-host", HOST, "--server-ca", str(emulator_pki.ca_file), "--payload", '{"a": 1}')
+    assert res.code == 0, res.err
+    out = json.loads(res.out)
+    assert (out["status"], out["assignedHub"], out["deviceId"], out["registrationId"]) == ("assigned", HOST, reg, reg)
+
+
+def test_register_command_with_x509_exits_cleanly_with_the_provider_loaded(
+        cli, hsm, emu, emulator_pki, label) -> None:  # type: ignore[no-untyped-def]
+    reg = "clix-" + label
+    _hsm_cert(hsm, label, reg, emulator_pki.intermediate)
+    emu.add_individual_enrollment(reg, x509_ca_pem=emulator_pki.root.cert_pem, assigned_hub=HOST)
+    res = cli("register", "--id-scope", SCOPE, "--registration-id", reg, "--x509", label,
+              "--provisioning-host", HOST, "--server-ca", str(emulator_pki.ca_file))
+    assert res.code == 0, res.err  # not 139: the provider's SoftHSM teardown crash is avoided
+    assert json.loads(res.out)["deviceId"] == reg
+
+
+def test_register_command_reports_refused_credentials(cli, hsm, emu, emulator_pki, label) -> None:  # type: ignore[no-untyped-def]
+    import base64
+
+    reg = "cliw-" + label
+    emu.add_individual_enrollment(reg, symmetric_key=base64.b64encode(secrets.token_bytes(32)).decode())
+    _sas_key(hsm, label)
+    res = cli("register", "--id-scope", SCOPE, "--registration-id", reg, "--sas-key", label,
+              "--provisioning-host", HOST, "--server-ca", str(emulator_pki.ca_file))
+    assert res.code == 1 and "refused the credentials" in res.err and "Traceback" not in res.err
+
+
+def test_module_process_with_the_provider_loaded_exits_0_within_5_s_on_sigterm(
+        hsm, token_env, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    device = "mod-" + label
+    _hsm_cert(hsm, label, device, emulator_pki.intermediate)
+    emu.add_device(device, x509_ca_pem=emulator_pki.root.cert_pem)
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        f"hsm:\n  module: {token_env.module}\n  token_label: {token_env.label}\n  pin_file: {token_env.pin_file}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        f"cloud:\n  hub: {HOST}\n  device_id: {device}\n  attestation: x509\n  key: {label}\n"
+        f"  server_ca_file: {emulator_pki.ca_file}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "spyrus_hsm", "--config", str(config), "-v", "serve"],
+                            env=token_env.env(SPYRUS_HSM_CONFIG=str(config)), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        emu.wait_for(lambda: any(c.client_id == device and c.accepted for c in emu.received.connects), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        code = proc.wait(timeout=5)
+        stopped_in = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out, err = proc.communicate()
+    assert code == 0, err.decode()
+    assert stopped_in < 5
+    assert token_env.pin.decode() not in (out + err).decode()

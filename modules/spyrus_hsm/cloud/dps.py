@@ -68,6 +68,12 @@ class Assignment:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_api(self) -> dict[str, Any]:
+        """The shape the CLI prints and the HTTP API returns."""
+        return {"registrationId": self.registration_id, "assignedHub": self.assigned_hub,
+                "deviceId": self.device_id, "status": self.status, "substatus": self.substatus,
+                "attestation": self.attestation, "registeredAt": self.registered_at}
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Assignment:
         return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})  # type: ignore[arg-type]
