@@ -45,7 +45,7 @@ def emu(make_emulator):  # type: ignore[no-untyped-def]
     return e
 
 
-def _hsm_cert(hsm: Hsm, label: str, cn: str, issuer: epki.Issued) -> x509.Certificate:
+def _hsm_cert(hsm: Hsm, label: str, cn: str, issuer: epki.Issued, server: bool = False) -> x509.Certificate:
     """Key generated in the HSM, CSR signed there, certificate from `issuer`, stored beside it."""
     hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
     csr = x509.load_der_x509_csr(build_csr(hsm, label, f"CN={cn}"))
@@ -54,7 +54,9 @@ def _hsm_cert(hsm: Hsm, label: str, cn: str, issuer: epki.Issued) -> x509.Certif
             .public_key(csr.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
             .sign(issuer.key, hashes.SHA256()))
     hsm.import_certificates(label, [cert, issuer.cert, *issuer.chain])
     return cert
@@ -347,3 +349,74 @@ def test_module_process_with_the_provider_loaded_exits_0_within_5_s_on_sigterm(
     assert code == 0, err.decode()
     assert stopped_in < 5
     assert token_env.pin.decode() not in (out + err).decode()
+
+
+def test_watchdog_rebuilds_a_client_that_stays_disconnected(hsm, emu, emulator_pki, label) -> None:  # type: ignore[no-untyped-def]
+    device = "wd-" + label
+    emu.add_device(device, symmetric_key=_sas_key(hsm, label))
+    # The SDK's own retry is off, so only the watchdog can bring the connection back.
+    client = HubClient(hsm, HubIdentity(HOST, device, sas_key=label, server_ca_pem=emulator_pki.ca_pem),
+                       reconnect_after=0.5, watch_interval=0.1,
+                       sdk_options={"connection_retry": False}).connect()
+    try:
+        emu.drop_connection(device)
+        end = time.monotonic() + 15
+        while client.stats.rebuilds < 1 and time.monotonic() < end:
+            time.sleep(0.1)
+        assert client.stats.rebuilds >= 1 and client.connected
+        client.send("back")
+        emu.wait_for(lambda: any(t.device_id == device for t in emu.received.telemetry), timeout=10)
+    finally:
+        client.shutdown()
+
+
+def test_tls_server_and_client_both_sign_with_hsm_keys(hsm, provider, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import threading
+
+    _hsm_cert(hsm, label + "-srv", "localhost", emulator_pki.intermediate, server=True)
+    _hsm_cert(hsm, label + "-cli", "leaf-7", emulator_pki.intermediate)
+    token = hsm.state.token_label or ""
+    srv = x509_id.write_tls_files(x509_id.select(hsm, label=label + "-srv"), token, tmp_path)
+    cli_files = x509_id.write_tls_files(x509_id.select(hsm, label=label + "-cli"), token, tmp_path)
+    server_ctx = tls.server_context(srv.cert_file, srv.key_file, emulator_pki.ca_file, require_client_cert=True)
+    client_ctx = tls.client_context(cli_files.cert_file, cli_files.key_file, emulator_pki.ca_file)
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: dict[str, object] = {}
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True) as s:
+            seen["peer"] = s.getpeercert()
+            s.sendall(b"ok")
+
+    t = threading.Thread(target=serve)
+    t.start()
+    with client_ctx.wrap_socket(socket.create_connection(listener.getsockname()), server_hostname="localhost") as c:
+        assert c.recv(2) == b"ok"
+        server_cn = dict(x[0] for x in c.getpeercert()["subject"])["commonName"]
+    t.join(5)
+    listener.close()
+    assert server_cn == "localhost"
+    assert dict(x[0] for x in seen["peer"]["subject"])["commonName"] == "leaf-7"  # type: ignore[index]
+
+
+def test_the_only_credential_is_chosen_automatically(token_env, emulator_pki) -> None:  # type: ignore[no-untyped-def]
+    from spyrus_hsm.hsm import InvalidInput, ObjectNotFound, PoolSettings, TokenSelector
+    from spyrus_hsm.hsm.provision import init_token
+
+    solo = "solo-" + secrets.token_hex(3)
+    init_token(token_env.module, solo, Secret(b"so-pin-9999"), Secret(b"user-pin-9999"))
+    h = Hsm(PoolSettings(token_env.module, TokenSelector(solo)), Secret(b"user-pin-9999")).start()
+    try:
+        with pytest.raises(ObjectNotFound, match="credentials present: none"):
+            x509_id.select(h)
+        _hsm_cert(h, "only", "edge-1", emulator_pki.intermediate)
+        cred = x509_id.select(h)
+        assert (cred.label, cred.common_name, len(cred.chain)) == ("only", "edge-1", 2)
+        _hsm_cert(h, "second", "edge-2", emulator_pki.intermediate)
+        with pytest.raises(InvalidInput, match=r"2 X\.509 credentials match"):
+            x509_id.select(h)
+        assert x509_id.select(h, cn="edge-2").label == "second"
+    finally:
+        h.close()

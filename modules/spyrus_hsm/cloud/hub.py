@@ -51,7 +51,7 @@ class HubStats:
 class HubClient:
     def __init__(self, hsm: Hsm, identity: HubIdentity, *, sas_ttl: int = 3600,
                  renew_at: float = 0.6, reconnect_after: float = 30.0,
-                 watch_interval: float = 1.0) -> None:
+                 watch_interval: float = 1.0, sdk_options: dict[str, Any] | None = None) -> None:
         if (identity.sas_key is None) == (identity.x509 is None):
             raise ValueError("a hub identity needs exactly one of sas_key and x509")
         self.hsm = hsm
@@ -60,6 +60,7 @@ class HubClient:
         self.renew_at = renew_at
         self.reconnect_after = reconnect_after
         self.watch_interval = watch_interval
+        self.sdk_options = dict(sdk_options or {})  # e.g. keepalive, connection_retry
         self.stats = HubStats()
         self._minter = SasMinter(hsm, min_ttl=1)
         self._client: Any = None
@@ -117,7 +118,7 @@ class HubClient:
         self._threads.append(t)
 
     def _kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = dict(self.sdk_options)
         if self.identity.server_ca_pem:
             kw["server_verification_cert"] = self.identity.server_ca_pem
         if self.identity.gateway_hostname:
