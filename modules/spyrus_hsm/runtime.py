@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -93,7 +94,21 @@ def _log_state(state: HsmState) -> None:
         log.warning("HSM %s: %s", state.status, state.reason)
 
 
+def _quiet_pkcs11_finalizers(hook: object = sys.unraisablehook) -> None:
+    """python-pkcs11's search iterators raise from __del__ after a device fault ("Exception
+    ignored in OperationContext.__del__"); after an unplug that is expected, not news."""
+
+    def unraisable(info: sys.UnraisableHookArgs) -> None:
+        if "pkcs11" in repr(info.object) or "pkcs11" in type(info.exc_value).__module__:
+            log.debug("ignored in a python-pkcs11 finalizer: %r", info.exc_value)
+            return
+        hook(info)  # type: ignore[operator]
+
+    sys.unraisablehook = unraisable
+
+
 def serve(cfg: Config) -> int:
+    _quiet_pkcs11_finalizers()
     module = Module(cfg)
     done = threading.Event()
 

@@ -15,7 +15,7 @@ from .errors import (
     PinFileError,
     TokenNotFound,
 )
-from .library import TokenSelector, TokenSummary
+from .library import TokenSelector, TokenSummary, mark_shared
 from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm
 from .pool import HsmState, PoolSettings
 from .secret import Secret, read_secret_file, read_secret_stream
@@ -26,5 +26,5 @@ __all__ = [
     "HsmUnavailable", "InvalidInput", "KeyAlgorithm", "KeyRef", "LoginFailed", "ObjectInfo",
     "ObjectNotFound", "OperationFailed", "PinFileError", "Pkcs11Uri", "PoolSettings", "Secret",
     "SignAlgorithm", "TokenNotFound", "TokenSelector", "TokenSummary", "UriError", "as_uri",
-    "read_secret_file", "read_secret_stream",
+    "mark_shared", "read_secret_file", "read_secret_stream",
 ]

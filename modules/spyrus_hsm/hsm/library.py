@@ -254,6 +254,16 @@ class _LockingLib(_pkcs11.lib):
 
 _CRYPTOKI: dict[str, Cryptoki] = {}
 _LIBS: dict[str, Any] = {}
+_SHARED: set[str] = set()
+
+
+def mark_shared(module_path: str) -> None:
+    """Another user of the module lives in this process (pkcs11-provider): never C_Finalize it."""
+    _SHARED.add(module_path)
+
+
+def is_shared(module_path: str) -> bool:
+    return module_path in _SHARED
 
 
 def init_token(lib: Any, module_path: str, label: str, so_pin: Secret, user_pin: Secret) -> TokenSummary:

@@ -415,12 +415,15 @@ class HsmPool:
             return not self._stopping
 
     def _reconnect(self) -> None:
-        """Each attempt starts from a fresh C_Initialize, so re-enumerated devices are seen."""
+        """Each attempt starts from a fresh C_Initialize, so re-enumerated devices are seen —
+        unless pkcs11-provider shares the module in this process: finalising under it leaves it
+        unable to use any key until restart, so then only sessions and the login are renewed."""
         if self._lib is not None:
             self._login_session = None
             self._token = None
-            library.finalize_quietly(self._lib)
-            library.initialize(self._lib)
+            if not library.is_shared(self.settings.module_path):
+                library.finalize_quietly(self._lib)
+                library.initialize(self._lib)
         self._connect()
 
     def _connect(self) -> None:

@@ -1,0 +1,126 @@
+"""HSM unplug and replug while pkcs11-provider shares the module in the same process (shim).
+
+Measured while building this: if recovery runs C_Finalize under the provider, the provider can
+no longer use any key until the process restarts (even a new SSLContext fails). So once the
+provider is loaded, recovery only renews sessions and the login; an SSLContext made before the
+fault stays stale (pkcs11-provider #494) and a new one works — which the hub watchdog builds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import threading
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from spyrus_hsm.cloud.hub import HubClient, HubIdentity
+from spyrus_hsm.hsm import Hsm, HsmUnavailable, KeyAlgorithm, PoolSettings, Secret, TokenSelector
+from spyrus_hsm.hsm.library import is_shared
+from spyrus_hsm.identity import tls
+from spyrus_hsm.identity import x509 as x509_id
+from spyrus_hsm.identity.csr import build_csr
+
+pytestmark = [pytest.mark.shim, pytest.mark.timeout(90)]
+HOST = "127.0.0.41"
+
+
+@pytest.fixture
+def pool(token_env, tmp_path_factory):  # type: ignore[no-untyped-def]
+    token_env.set_shim(state="plugged")
+    h = Hsm(PoolSettings(token_env.module, TokenSelector(token_env.label), retry_min=0.05, retry_max=0.2),
+            Secret(token_env.pin)).start()
+    tls.load_provider(token_env.module, str(token_env.pin_file), tmp_path_factory.mktemp("ossl"))
+    yield h
+    token_env.set_shim(state="plugged")
+    h.close()
+
+
+def _credential(h: Hsm, label: str, cn: str, issuer, directory) -> x509_id.TlsFiles:  # type: ignore[no-untyped-def]
+    h.generate_keypair(label, KeyAlgorithm.EC_P256)
+    csr = x509.load_der_x509_csr(build_csr(h, label, f"CN={cn}"))
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(issuer.cert.subject)
+            .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(issuer.key, hashes.SHA256()))
+    h.import_certificates(label, [cert, issuer.cert, *issuer.chain])
+    return x509_id.write_tls_files(x509_id.select(h, label=label), h.state.token_label or "", directory)
+
+
+def _replug(token_env, h: Hsm) -> None:  # type: ignore[no-untyped-def]
+    token_env.set_shim(state="unplugged")
+    with pytest.raises(HsmUnavailable):
+        h.hmac_sha256("anything", b"x")
+    token_env.set_shim(state="plugged")
+    end = time.monotonic() + 5
+    while not h.state.ready:
+        assert time.monotonic() < end, "pool did not recover"
+        time.sleep(0.02)
+
+
+def test_new_tls_contexts_work_after_a_replug_with_the_provider_loaded(
+        pool, token_env, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    files = _credential(pool, label, "leaf-" + label, emulator_pki.intermediate, tmp_path)
+    server_files = emulator_pki.server(["localhost"])
+    server_ctx = tls.server_context(server_files.cert_file, server_files.key_file, emulator_pki.ca_file,
+                                    require_client_cert=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True) as s:
+                    s.sendall(b"ok")
+            except OSError:
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    def handshake() -> bytes:
+        ctx = tls.client_context(files.cert_file, files.key_file, emulator_pki.ca_file)
+        with ctx.wrap_socket(socket.create_connection(listener.getsockname()), server_hostname="localhost") as c:
+            return c.recv(2)
+
+    try:
+        assert handshake() == b"ok"
+        _replug(token_env, pool)
+        assert is_shared(token_env.module)
+        assert handshake() == b"ok"   # a fresh context after recovery signs in the HSM again
+        assert pool.state.recoveries >= 1
+    finally:
+        listener.close()
+
+
+def test_x509_hub_client_dropped_while_unplugged_is_rebuilt_after_replug(
+        pool, token_env, make_emulator, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    emu = make_emulator(HOST)
+    device = "unplug-" + label
+    files = _credential(pool, label, device, emulator_pki.intermediate, tmp_path)
+    emu.add_device(device, x509_ca_pem=emulator_pki.root.cert_pem)
+    client = HubClient(pool, HubIdentity(HOST, device, x509=files, server_ca_pem=emulator_pki.ca_pem),
+                       reconnect_after=1.0, watch_interval=0.2).connect()
+    try:
+        token_env.set_shim(state="unplugged")
+        with pytest.raises(HsmUnavailable):
+            pool.hmac_sha256("anything", b"x")
+        emu.drop_connection(device)
+        time.sleep(0.5)
+        token_env.set_shim(state="plugged")
+        end = time.monotonic() + 30
+        while not (client.connected and client.stats.rebuilds >= 1) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert client.connected, client.stats
+        client.send("after the replug")
+        emu.wait_for(lambda: any(t.device_id == device for t in emu.received.telemetry), timeout=10)
+    finally:
+        client.shutdown()
