@@ -1,0 +1,532 @@
+"""OpenTelemetry for spyrus-hsm: one place that builds the tracer and meter from the standard
+OTEL_* variables, exports them over OTLP/HTTP (protobuf), and keeps a slow or dead collector
+from ever slowing requests or holding up shutdown.
+
+Why it is shaped like this: a down collector has hung applications and their shutdown
+(opentelemetry-python #2024, #4043, #3309). So spans go through a BatchSpanProcessor with a
+bounded queue (spans are dropped, never waited for), every export has a short timeout, the SDK's
+own atexit hooks are off, and `Telemetry.shutdown` runs the flush on a daemon thread and gives up
+at its deadline.
+
+Nothing here records data, signatures, tokens or PINs: `hsm_span` takes only the operation, the
+key label and the mechanism, and records an error by its type, never by its message (messages
+can quote the data they failed on).
+
+Variables read from `env` (os.environ by default):
+    OTEL_SDK_DISABLED                      true: no-op tracer and meter
+    OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
+    OTEL_EXPORTER_OTLP_ENDPOINT            base URL; /v1/traces and /v1/metrics are appended
+    OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT   full URL, used as is
+    OTEL_EXPORTER_OTLP[_{TRACES,METRICS}]_{TIMEOUT,HEADERS,COMPRESSION,PROTOCOL,
+        CERTIFICATE,CLIENT_KEY,CLIENT_CERTIFICATE}  (TIMEOUT in milliseconds, as the spec says)
+    OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER    otlp (default) or none
+    OTEL_METRIC_EXPORT_INTERVAL                    milliseconds, default 60000
+With no endpoint configured, spans are still created (trace ids reach logs and the HTTP layer)
+but nothing is exported. The sampler (OTEL_TRACES_SAMPLER) is left to the SDK, which reads
+os.environ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from opentelemetry import metrics, trace
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import (
+    SERVICE_NAME,
+    SERVICE_VERSION,
+    TELEMETRY_SDK_LANGUAGE,
+    TELEMETRY_SDK_NAME,
+    TELEMETRY_SDK_VERSION,
+    Resource,
+)
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.version import __version__ as sdk_version
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
+from opentelemetry.util.re import parse_env_headers
+
+from . import __version__
+
+log = logging.getLogger(__name__)
+
+INSTRUMENTATION_NAME = "spyrus_hsm"
+
+# Span and metric attribute names (the HSM ones are ours; error.type is the semconv one).
+HSM_OPERATION = "hsm.operation"
+HSM_KEY_LABEL = "hsm.key.label"
+HSM_MECHANISM = "hsm.mechanism"
+HSM_OUTCOME = "hsm.outcome"
+ERROR_TYPE = "error.type"
+
+Outcome = Literal["ok", "error", "cancelled"]
+
+DEFAULT_EXPORT_TIMEOUT = 2.0  # seconds; the SDK's 10 s is too long to hold a batch for
+DEFAULT_METRIC_INTERVAL = 60.0
+MAX_QUEUE_SIZE = 2048
+SCHEDULE_DELAY_MILLIS = 1000
+
+# Semantic-conventions buckets for HTTP durations, in seconds.
+HTTP_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+# SoftHSM signs in well under a millisecond; slow USB tokens take 0.7 s to 10 s.
+HSM_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+_SIGNAL_PATHS = {"TRACES": "v1/traces", "METRICS": "v1/metrics"}
+_COMPRESSIONS = {"none": Compression.NoCompression, "gzip": Compression.Gzip, "deflate": Compression.Deflate}
+
+
+class TelemetryConfigError(ValueError):
+    """An OTEL_* variable holds a value spyrus-hsm cannot use; the message names the variable."""
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExporterSettings:
+    """Where and how one signal (traces or metrics) is exported."""
+
+    endpoint: str
+    timeout: float  # seconds, per export call including retries
+    compression: Compression = Compression.NoCompression
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may carry credentials
+    certificate_file: str | None = None
+    client_key_file: str | None = None
+    client_certificate_file: str | None = None
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    """Everything `setup` needs, read once from the environment and validated."""
+
+    resource_attributes: Mapping[str, str]
+    traces: ExporterSettings | None
+    metrics: ExporterSettings | None
+    metric_interval: float = DEFAULT_METRIC_INTERVAL  # seconds
+    disabled: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], service_name: str = "spyrus-hsm") -> TelemetrySettings:
+        return cls(
+            resource_attributes=_resource_attributes(env, service_name),
+            traces=_exporter_settings(env, "TRACES"),
+            metrics=_exporter_settings(env, "METRICS"),
+            metric_interval=_millis(env, ("OTEL_METRIC_EXPORT_INTERVAL",), DEFAULT_METRIC_INTERVAL),
+            disabled=_flag(env, "OTEL_SDK_DISABLED"),
+        )
+
+    @property
+    def service_name(self) -> str:
+        return self.resource_attributes[SERVICE_NAME]
+
+
+def _get(env: Mapping[str, str], keys: Iterable[str]) -> tuple[str, str] | None:
+    """The first of `keys` set to a non-blank value, as (key, value)."""
+    for key in keys:
+        value = env.get(key, "").strip()
+        if value:
+            return key, value
+    return None
+
+
+def _signal_keys(signal: str, suffix: str) -> tuple[str, str]:
+    return f"OTEL_EXPORTER_OTLP_{signal}_{suffix}", f"OTEL_EXPORTER_OTLP_{suffix}"
+
+
+def _signal_value(env: Mapping[str, str], signal: str, suffix: str) -> str | None:
+    found = _get(env, _signal_keys(signal, suffix))
+    return found[1] if found else None
+
+
+def _flag(env: Mapping[str, str], key: str) -> bool:
+    value = env.get(key, "").strip().lower()
+    if value not in ("", "true", "false"):
+        log.warning("%s=%r is neither true nor false; treating it as false", key, env[key])
+    return value == "true"
+
+
+def _millis(env: Mapping[str, str], keys: Iterable[str], default: float) -> float:
+    """A positive duration given in milliseconds, returned in seconds."""
+    found = _get(env, keys)
+    if found is None:
+        return default
+    key, raw = found
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise TelemetryConfigError(f"{key}={raw!r} must be a positive number of milliseconds")
+    return value / 1000
+
+
+def _resource_attributes(env: Mapping[str, str], service_name: str) -> dict[str, str]:
+    attributes = {SERVICE_NAME: service_name, SERVICE_VERSION: __version__}
+    for item in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TelemetryConfigError(
+                f"OTEL_RESOURCE_ATTRIBUTES: {item.strip()!r} is not key=value (entries are comma-separated)"
+            )
+        attributes[unquote(key.strip())] = unquote(value.strip())
+    if name := env.get("OTEL_SERVICE_NAME", "").strip():
+        attributes[SERVICE_NAME] = name
+    return attributes
+
+
+def _exporter_settings(env: Mapping[str, str], signal: str) -> ExporterSettings | None:
+    if not _exporter_wanted(env, signal):
+        return None
+    endpoint = _endpoint(env, signal)
+    if endpoint is None:
+        return None
+    _check_protocol(env, signal)
+    return ExporterSettings(
+        endpoint=endpoint,
+        timeout=_millis(env, _signal_keys(signal, "TIMEOUT"), DEFAULT_EXPORT_TIMEOUT),
+        compression=_compression(env, signal),
+        headers=dict(parse_env_headers(_signal_value(env, signal, "HEADERS") or "", liberal=True)),
+        certificate_file=_signal_value(env, signal, "CERTIFICATE"),
+        client_key_file=_signal_value(env, signal, "CLIENT_KEY"),
+        client_certificate_file=_signal_value(env, signal, "CLIENT_CERTIFICATE"),
+    )
+
+
+def _exporter_wanted(env: Mapping[str, str], signal: str) -> bool:
+    key = f"OTEL_{signal}_EXPORTER"
+    names = {name.strip().lower() for name in env.get(key, "otlp").split(",") if name.strip()} or {"otlp"}
+    unsupported = names - {"otlp", "none"}
+    if unsupported:
+        raise TelemetryConfigError(f"{key}={env[key]!r}: only 'otlp' and 'none' are supported")
+    return "otlp" in names
+
+
+def _endpoint(env: Mapping[str, str], signal: str) -> str | None:
+    specific_key, general_key = _signal_keys(signal, "ENDPOINT")
+    found = _get(env, (specific_key,))
+    if found is not None:
+        key, url = found
+    elif (general := _get(env, (general_key,))) is not None:
+        key, base = general
+        url = f"{base.rstrip('/')}/{_SIGNAL_PATHS[signal]}"
+    else:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise TelemetryConfigError(f"{key}={url!r} must be an http(s) URL such as http://otel-collector:4318")
+    return url
+
+
+def _check_protocol(env: Mapping[str, str], signal: str) -> None:
+    found = _get(env, _signal_keys(signal, "PROTOCOL"))
+    if found is not None and found[1] != "http/protobuf":
+        key, value = found
+        raise TelemetryConfigError(
+            f"{key}={value!r} is not supported: spyrus-hsm exports OTLP over HTTP; set it to http/protobuf "
+            "and point the endpoint at the collector's HTTP port (usually 4318)"
+        )
+
+
+def _compression(env: Mapping[str, str], signal: str) -> Compression:
+    found = _get(env, _signal_keys(signal, "COMPRESSION"))
+    if found is None:
+        return Compression.NoCompression
+    key, value = found
+    try:
+        return _COMPRESSIONS[value.lower()]
+    except KeyError:
+        raise TelemetryConfigError(f"{key}={value!r}: use one of {', '.join(_COMPRESSIONS)}") from None
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+class Metrics:
+    """The package's metric instruments, made once per meter; the service and pool record on them."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.http_request_duration: Histogram = meter.create_histogram(
+            "http.server.request.duration",
+            unit="s",
+            description="Duration of HTTP server requests.",
+            explicit_bucket_boundaries_advisory=HTTP_DURATION_BUCKETS,
+        )
+        self.hsm_operation_duration: Histogram = meter.create_histogram(
+            "hsm.operation.duration",
+            unit="s",
+            description="Duration of PKCS#11 operations, queueing included.",
+            explicit_bucket_boundaries_advisory=HSM_DURATION_BUCKETS,
+        )
+        self.cache_hits: Counter = meter.create_counter(
+            "cache.hits", unit="{hit}", description="Answers served from cache."
+        )
+        self.cache_misses: Counter = meter.create_counter(
+            "cache.misses", unit="{miss}", description="Lookups that had to go to the HSM."
+        )
+        self._queue_depth: Callable[[], int] | None = None
+        meter.create_observable_gauge(
+            "hsm.queue.depth",
+            callbacks=[self._observe_queue_depth],
+            unit="{call}",
+            description="PKCS#11 calls waiting for a worker session.",
+        )
+
+    def watch_queue_depth(self, source: Callable[[], int]) -> None:
+        """Report `source()` as hsm.queue.depth at every collection (e.g. the pool's queue size)."""
+        self._queue_depth = source
+
+    def _observe_queue_depth(self, options: CallbackOptions) -> Iterable[Observation]:
+        source = self._queue_depth
+        return [] if source is None else [Observation(source())]
+
+
+# --- setup and shutdown --------------------------------------------------------------------
+
+
+class Telemetry:
+    """The configured tracer and meter, and the providers behind them (None when disabled)."""
+
+    def __init__(
+        self,
+        settings: TelemetrySettings,
+        tracer_provider: TracerProvider | None,
+        meter_provider: MeterProvider | None,
+    ) -> None:
+        self.settings = settings
+        self.tracer_provider = tracer_provider
+        self.meter_provider = meter_provider
+        self.tracer: Tracer = (
+            tracer_provider.get_tracer(INSTRUMENTATION_NAME, __version__) if tracer_provider else trace.NoOpTracer()
+        )
+        self.meter: Meter = (
+            meter_provider.get_meter(INSTRUMENTATION_NAME, __version__)
+            if meter_provider
+            else metrics.NoOpMeter(INSTRUMENTATION_NAME)
+        )
+        self.metrics = Metrics(self.meter)
+        self._closed = False
+
+    def force_flush(self, deadline: float = 3.0) -> bool:
+        """Export what is pending; False if that did not finish within `deadline` seconds."""
+        millis = int(deadline * 1000)
+
+        def flush() -> None:
+            if self.tracer_provider:
+                self.tracer_provider.force_flush(millis)
+            if self.meter_provider:
+                self.meter_provider.force_flush(millis)
+
+        return _within(deadline, "flush", flush)
+
+    def shutdown(self, deadline: float = 3.0) -> bool:
+        """Flush and stop exporting; returns within `deadline` seconds whatever the collector does.
+
+        False when the deadline passed first: unsent telemetry is dropped and the exporter
+        threads (daemons) are left to time out on their own, so they cannot keep the process up.
+        Safe to call twice; also registered with atexit by `setup`.
+        """
+        if self._closed:
+            return True
+        self._closed = True
+        atexit.unregister(self.shutdown)
+        millis = int(deadline * 1000)
+
+        def stop() -> None:
+            if self.tracer_provider:
+                self.tracer_provider.shutdown()
+            if self.meter_provider:
+                self.meter_provider.shutdown(timeout_millis=millis)
+
+        finished = _within(deadline, "shutdown", stop)
+        if not finished:
+            log.warning(
+                "telemetry shutdown did not finish within %.1f s (collector %s unreachable or slow?); "
+                "unsent spans and metrics were dropped",
+                deadline,
+                self._endpoints(),
+            )
+        return finished
+
+    def _endpoints(self) -> str:
+        found = [s.endpoint for s in (self.settings.traces, self.settings.metrics) if s is not None]
+        return ", ".join(found) or "none"
+
+
+def _within(deadline: float, what: str, work: Callable[[], None]) -> bool:
+    """Run `work` on a daemon thread; True if it finished within `deadline` seconds."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            work()
+        except Exception:
+            log.exception("telemetry %s failed", what)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"telemetry-{what}", daemon=True).start()
+    return done.wait(deadline)
+
+
+def setup(
+    service_name: str = "spyrus-hsm",
+    env: Mapping[str, str] = os.environ,
+    *,
+    set_global: bool = False,
+) -> Telemetry:
+    """Build tracing and metrics from the OTEL_* variables in `env`.
+
+    With set_global=True the providers also become the process-wide ones (what auto-
+    instrumentation such as AioHttpServerInstrumentor uses); OpenTelemetry allows that once per
+    process, so tests leave it False and use `telemetry.tracer` / `telemetry.meter`.
+    Raises TelemetryConfigError naming the variable when one is invalid.
+    """
+    settings = TelemetrySettings.from_env(env, service_name)
+    if settings.disabled:
+        return Telemetry(settings, None, None)
+    resource = _resource(settings)
+    meter_provider = MeterProvider(
+        resource=resource, metric_readers=_metric_readers(settings), shutdown_on_exit=False
+    )
+    tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    if settings.traces is not None:
+        _quiet_dropped_span_warnings()
+        tracer_provider.add_span_processor(
+            BatchSpanProcessor(
+                _span_exporter(settings.traces),
+                max_queue_size=MAX_QUEUE_SIZE,
+                schedule_delay_millis=SCHEDULE_DELAY_MILLIS,
+                export_timeout_millis=settings.traces.timeout * 1000,
+            )
+        )
+    if set_global:
+        metrics.set_meter_provider(meter_provider)
+        trace.set_tracer_provider(tracer_provider)
+    telemetry = Telemetry(settings, tracer_provider, meter_provider)
+    # Our bounded shutdown instead of the SDK's unbounded atexit hooks (shutdown_on_exit=False).
+    atexit.register(telemetry.shutdown)
+    return telemetry
+
+
+def _quiet_dropped_span_warnings() -> None:
+    """With the collector down and the queue full, the SDK builds a log record for every span it
+    drops ("Queue full, dropping Span"; its filter discards the repeats only after building them),
+    which doubled the cost of a span. The exporter still logs each failed export as an error, so
+    raising this logger to ERROR loses nothing an operator acts on. An explicit level is kept."""
+    sdk_batch_log = logging.getLogger("opentelemetry.sdk._shared_internal")
+    if sdk_batch_log.level == logging.NOTSET:
+        sdk_batch_log.setLevel(logging.ERROR)
+
+
+def _resource(settings: TelemetrySettings) -> Resource:
+    # Built from `settings` alone: Resource.create would also read os.environ.
+    sdk = {TELEMETRY_SDK_LANGUAGE: "python", TELEMETRY_SDK_NAME: "opentelemetry", TELEMETRY_SDK_VERSION: sdk_version}
+    return Resource({**sdk, **settings.resource_attributes})
+
+
+def _span_exporter(s: ExporterSettings) -> OTLPSpanExporter:
+    return OTLPSpanExporter(
+        endpoint=s.endpoint,
+        timeout=s.timeout,
+        compression=s.compression,
+        headers=s.headers,
+        certificate_file=s.certificate_file,
+        client_key_file=s.client_key_file,
+        client_certificate_file=s.client_certificate_file,
+    )
+
+
+def _metric_readers(settings: TelemetrySettings) -> list[MetricReader]:
+    s = settings.metrics
+    if s is None:
+        return []
+    exporter = OTLPMetricExporter(
+        endpoint=s.endpoint,
+        timeout=s.timeout,
+        compression=s.compression,
+        headers=s.headers,
+        certificate_file=s.certificate_file,
+        client_key_file=s.client_key_file,
+        client_certificate_file=s.client_certificate_file,
+    )
+    reader = PeriodicExportingMetricReader(
+        exporter,
+        export_interval_millis=settings.metric_interval * 1000,
+        export_timeout_millis=s.timeout * 1000,
+    )
+    return [reader]
+
+
+# --- spans around HSM calls ----------------------------------------------------------------
+
+
+@contextmanager
+def hsm_span(
+    tracer: Tracer,
+    operation: str,
+    key_label: str | None,
+    mechanism: str | None,
+    *,
+    duration: Histogram | None = None,
+) -> Iterator[Span]:
+    """A span named "hsm.<operation>" around one HSM call, recording its outcome.
+
+    Attributes: hsm.operation, hsm.key.label, hsm.mechanism, hsm.outcome (ok | error |
+    cancelled) and, on error, error.type (the exception's class name). The exception's message
+    and traceback are deliberately not recorded: they can quote the data being signed.
+    With `duration` (Metrics.hsm_operation_duration) the elapsed time is recorded too, labelled
+    by operation, mechanism, outcome and error type.
+    """
+    attributes = {HSM_OPERATION: operation}
+    if key_label is not None:
+        attributes[HSM_KEY_LABEL] = key_label
+    if mechanism is not None:
+        attributes[HSM_MECHANISM] = mechanism
+    started = time.perf_counter()
+    outcome: Outcome = "ok"
+    error_type: str | None = None
+    with tracer.start_as_current_span(
+        f"hsm.{operation}", attributes=attributes, record_exception=False, set_status_on_exception=False
+    ) as span:
+        try:
+            yield span
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except BaseException as exc:
+            outcome, error_type = "error", type(exc).__qualname__
+            span.set_attribute(ERROR_TYPE, error_type)
+            span.set_status(Status(StatusCode.ERROR, error_type))
+            raise
+        finally:
+            span.set_attribute(HSM_OUTCOME, outcome)
+            if duration is not None:
+                _record_duration(duration, time.perf_counter() - started, attributes, outcome, error_type)
+
+
+def _record_duration(
+    duration: Histogram, seconds: float, span_attributes: Mapping[str, str], outcome: Outcome, error_type: str | None
+) -> None:
+    # The key label stays out of metric attributes to keep series few.
+    labels = {k: v for k, v in span_attributes.items() if k != HSM_KEY_LABEL}
+    labels[HSM_OUTCOME] = outcome
+    if error_type is not None:
+        labels[ERROR_TYPE] = error_type
+    duration.record(seconds, labels)
