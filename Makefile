@@ -32,7 +32,7 @@ run: venv
 	@bash scripts/dev-run.sh
 
 lint: venv
-	$(BIN)/ruff check modules tests bench
+	$(BIN)/ruff check modules tests bench scripts
 	$(BIN)/mypy
 
 # Two processes: a PKCS#11 module is loaded once per process, and the `shim` tests need the
@@ -45,6 +45,7 @@ test: lint unit
 
 bench: venv shim
 	$(BIN)/python bench/hsm_throughput.py
+	$(BIN)/python bench/api_throughput.py
 
 lock:
 	rm -rf $(BUILD)/lockenv && $(PYTHON) -m venv $(BUILD)/lockenv

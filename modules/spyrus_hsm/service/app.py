@@ -59,7 +59,8 @@ async def _telemetry(request: web.Request, handler: Handler) -> web.StreamRespon
                   "http.route": template or ""}
     started = time.perf_counter()
     status = 500
-    with svc.tracer.start_as_current_span(name, context=propagate.extract(request.headers), kind=SpanKind.SERVER,
+    parent = propagate.extract(request.headers) if "traceparent" in request.headers else None
+    with svc.tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER,
                                           attributes=attributes, record_exception=False,
                                           set_status_on_exception=False) as span:
         try:

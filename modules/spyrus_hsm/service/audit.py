@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import IO, Any
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class AuditLog:
         self.fail_closed = fail_closed
         self._file: IO[str] | None = None
         self._inode: tuple[int, int] | None = None
+        self._checked = 0.0
         self._lock = threading.Lock()
         self.failures = 0
 
@@ -43,8 +45,9 @@ class AuditLog:
         line = json.dumps(entry, separators=(",", ":")) + "\n"
         try:
             with self._lock:
-                self._handle().write(line)
-                self._handle().flush()
+                handle = self._handle()
+                handle.write(line)
+                handle.flush()
         except (OSError, ValueError) as exc:
             self.failures += 1
             self._close()
@@ -66,7 +69,11 @@ class AuditLog:
         return self._file
 
     def _rotated(self) -> bool:
-        """logrotate moved the file away: reopen by name."""
+        """logrotate moved the file away: reopen by name (looked at once a second at most)."""
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return False
+        self._checked = now
         try:
             st = os.stat(self.path)
         except OSError:

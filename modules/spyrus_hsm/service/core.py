@@ -114,12 +114,16 @@ class Service:
         return hub
 
     async def sas_token(self, key: str, uri: str, ttl: int, key_name: str | None = None) -> tuple[SasToken, bool]:
-        with self.tracer.start_as_current_span("sas.mint", attributes={"hsm.key.label": key, "sas.ttl": ttl}) as span:
-            token, reused = await self.cache.get((key, uri, key_name, ttl), ttl,
-                                                 lambda: self.minter.amint(key, uri, ttl, key_name))
-            span.set_attribute("sas.cache_hit", reused)
-            (self.telemetry.metrics.cache_hits if reused else self.telemetry.metrics.cache_misses).add(1)
-            return token, reused
+        """(token, reused). A "sas.mint" span covers each signature actually made; requests that
+        shared it or were served from the cache are counted as cache hits."""
+        token, reused = await self.cache.get((key, uri, key_name, ttl), ttl,
+                                             lambda: self._mint(key, uri, ttl, key_name))
+        (self.telemetry.metrics.cache_hits if reused else self.telemetry.metrics.cache_misses).add(1)
+        return token, reused
+
+    async def _mint(self, key: str, uri: str, ttl: int, key_name: str | None) -> SasToken:
+        with self.tracer.start_as_current_span("sas.mint", attributes={"hsm.key.label": key, "sas.ttl": ttl}):
+            return await self.minter.amint(key, uri, ttl, key_name)
 
     # --- DPS on behalf of leaves ----------------------------------------------------------
 
