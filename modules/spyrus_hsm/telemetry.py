@@ -396,7 +396,7 @@ def setup(
     """Build tracing and metrics from the OTEL_* variables in `env`.
 
     With set_global=True the providers also become the process-wide ones (what auto-
-    instrumentation such as AioHttpServerInstrumentor uses); OpenTelemetry allows that once per
+    instrumentation in other libraries uses); OpenTelemetry allows that once per
     process, so tests leave it False and use `telemetry.tracer` / `telemetry.meter`.
     Raises TelemetryConfigError naming the variable when one is invalid.
     """
