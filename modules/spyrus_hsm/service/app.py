@@ -28,6 +28,10 @@ from .routes import ROUTES
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SECRET_BEARING = {"sas-tokens", "signatures", "registrations"}
+# The policy's operation behind each /v1 route: records written before a route named its operation
+# (unauthenticated, rate-limited, invalid requests) carry the same name as the ones after.
+ROUTE_OPERATIONS = {"sas-tokens": "sas-token", "signatures": "signature", "registrations": "registration",
+                    "registration": "registration", "certificates": "certificate"}
 
 
 def build_app(service: Service, routes: list[web.RouteDef] | None = None) -> web.Application:
@@ -90,7 +94,7 @@ async def _audit(request: web.Request, handler: Handler) -> web.StreamResponse:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     try:
         svc.audit.record(
-            principal=fields.get("principal"), operation=fields.get("operation") or route_name(request) or "unknown",
+            principal=fields.get("principal"), operation=fields.get("operation") or _operation(request),
             key=fields.get("key"), device=fields.get("device"), status=response.status,
             outcome=_outcome(response.status), reason=fields.get("reason") or _reason(response),
             request_id=request[REQUEST_ID], remote=peer[0] if peer else None)
@@ -100,6 +104,11 @@ async def _audit(request: web.Request, handler: Handler) -> web.StreamResponse:
                                                 "audit-unavailable"), request[REQUEST_ID])
     response.headers["X-Request-Id"] = request[REQUEST_ID]
     return response
+
+
+def _operation(request: web.Request) -> str:
+    name = route_name(request)
+    return ROUTE_OPERATIONS.get(name, name) if name else "unknown"
 
 
 def _outcome(status: int) -> str:
