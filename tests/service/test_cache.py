@@ -1,5 +1,5 @@
 """The token cache against the real HSM (single-flight, separate entries) and the audit log's
-fail-closed rule. Reuse over time is in tests/unit/test_cache.py, with an injected clock.
+fail-closed rule. Reuse over time is in tests/unit/test_token_cache.py (injected clock).
 
 Signatures are counted where they happen: `Hsm.instrument` wraps every HSM operation and the
 wrapper runs on the pool's worker thread around the PKCS#11 call itself, so wrapping the

@@ -4,6 +4,9 @@ requests that outlast the request timeout. Every refusal is a problem+json answe
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,7 +21,8 @@ from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm, PoolSettings, Secret, TokenSelector
 
 OWN_DEVICE = {"principals": ["*"], "operations": ["sas-token"], "devices": ["{cn}"]}
-MAX_BODY = 512
+OWN_KEY = {"principals": ["*"], "operations": ["signature"], "keys": ["{cn}"]}
+MAX_BODY = 16384
 MIN_TTL, MAX_TTL = 300, 3600
 
 
@@ -30,9 +34,9 @@ class Strict:
 
 @pytest.fixture(scope="module")
 def strict(hsm: Hsm, emulator_pki: EmulatorPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Strict]:
-    """A service with a small body limit and narrow token lifetimes, and a leaf it serves."""
+    """A service with narrow token lifetimes, and a leaf it serves."""
     leaf = new_leaf(hsm)
-    with ServiceHarness(hsm, tmp_path_factory.mktemp("limits"), emulator_pki, policy=[OWN_DEVICE],
+    with ServiceHarness(hsm, tmp_path_factory.mktemp("limits"), emulator_pki, policy=[OWN_DEVICE, OWN_KEY],
                         bearer={leaf.name: leaf.bearer}, max_body_bytes=MAX_BODY, min_ttl=MIN_TTL,
                         max_ttl=MAX_TTL) as svc:
         yield Strict(svc, leaf)
@@ -69,6 +73,41 @@ def test_an_unknown_field_is_400_naming_it(strict: Strict) -> None:
     assert "unknown field(s): colour" in body["detail"]
 
 
+def test_null_is_not_taken_for_an_absent_optional_field(strict: Strict) -> None:
+    status, headers, body = strict.svc.call("POST", "/v1/sas-tokens", {"deviceId": strict.leaf.name, "moduleId": None},
+                                            bearer=strict.leaf.bearer)
+    assert status == 400 and problem_type(headers, body) == "invalid-request"
+    assert "'moduleId' must be a string" in body["detail"]
+
+
+def test_a_method_a_resource_does_not_have_is_405_listing_those_it_has(strict: Strict) -> None:
+    status, headers, body = strict.svc.call("DELETE", "/v1/sas-tokens", bearer=strict.leaf.bearer)
+    assert status == 405 and problem_type(headers, body) == "method-not-allowed"
+    assert headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ("aGVsbG8", "padded base64"),              # "hello" without its padding
+    ("aGVs bG8=", "padded base64"),
+    ("-_-_", "padded base64"),                 # the URL-safe alphabet
+    (base64.b64encode(bytes(8193)).decode(), "at most 8192 bytes"),
+], ids=["unpadded", "whitespace", "url-safe alphabet", "8193 bytes"])
+def test_signature_data_must_be_padded_base64_of_at_most_8_kib(strict: Strict, data: str, fragment: str) -> None:
+    request = {"key": strict.leaf.name, "algorithm": "HMAC-SHA256", "data": data}
+    status, headers, body = strict.svc.call("POST", "/v1/signatures", request, bearer=strict.leaf.bearer)
+    assert status == 400 and problem_type(headers, body) == "invalid-request"
+    assert fragment in body["detail"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 8191, 8192])
+def test_signature_data_up_to_8_kib_is_signed(strict: Strict, size: int) -> None:
+    data = bytes(range(256)) * 32
+    request = {"key": strict.leaf.name, "algorithm": "HMAC-SHA256", "data": base64.b64encode(data[:size]).decode()}
+    status, _, body = strict.svc.call("POST", "/v1/signatures", request, bearer=strict.leaf.bearer)
+    assert status == 200, body
+    assert base64.b64decode(body["signature"]) == hmac.new(strict.leaf.key, data[:size], hashlib.sha256).digest()
+
+
 @pytest.mark.parametrize("ttl", [MIN_TTL - 1, MAX_TTL + 1, 0, -5], ids=["below min_ttl", "above max_ttl", "zero",
                                                                        "negative"])
 def test_a_ttl_outside_the_configured_bounds_is_400(strict: Strict, ttl: int) -> None:
@@ -78,8 +117,8 @@ def test_a_ttl_outside_the_configured_bounds_is_400(strict: Strict, ttl: int) ->
     assert f"'ttlSeconds' must be an integer from {MIN_TTL} to {MAX_TTL}" in body["detail"]
 
 
-@pytest.mark.parametrize("ttl", [MIN_TTL, MAX_TTL], ids=["min_ttl", "max_ttl"])
-def test_a_ttl_on_the_bounds_is_accepted(strict: Strict, ttl: int) -> None:
+@pytest.mark.parametrize("ttl", [MIN_TTL, MAX_TTL, float(MAX_TTL)], ids=["min_ttl", "max_ttl", "max_ttl as 3600.0"])
+def test_a_ttl_on_the_bounds_is_accepted(strict: Strict, ttl: float) -> None:
     status, _, body = strict.svc.call("POST", "/v1/sas-tokens", {"deviceId": strict.leaf.name, "ttlSeconds": ttl},
                                       bearer=strict.leaf.bearer)
     assert status == 200, body

@@ -126,12 +126,14 @@ def _reason(response: web.StreamResponse) -> str:
 async def _problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     svc = request.app[SERVICE]
     instance = request.get(REQUEST_ID)
+    allow = None
     try:
         return await handler(request)
     except web.HTTPException as exc:  # aiohttp's own: 404/405 routing, 413 body too large
         if exc.status < 400:
             raise
         problem = Problem(exc.status, _http_type(exc.status), exc.reason, _http_detail(exc, svc))
+        allow = exc.headers.get("Allow")  # a 405 must list the methods the resource has (RFC 9110)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -143,6 +145,8 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
         problem = found
     response = problem_response(problem, instance)
     response.headers["X-Problem-Type"] = problem.type
+    if allow is not None:
+        response.headers["Allow"] = allow
     return response
 
 
