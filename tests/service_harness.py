@@ -13,18 +13,20 @@ import hashlib
 import hmac
 import http.client
 import json
+import secrets
 import ssl
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
 
 from emulator.pki import EmulatorPki, PemFiles, make_ca
 from spyrus_hsm.config import CloudConfig, PolicyRule, ServiceConfig, service_section
-from spyrus_hsm.hsm import Hsm
+from spyrus_hsm.hsm import Hsm, Secret
 from spyrus_hsm.service.audit import AuditLog
 from spyrus_hsm.service.core import Deps, Service
+from spyrus_hsm.service.problems import TYPE_BASE
 from spyrus_hsm.service.server import Listeners, tls_context
 from spyrus_hsm.telemetry import Telemetry, hsm_instrument, setup
 
@@ -131,6 +133,28 @@ class ServiceHarness:
         if not self.audit_file.exists():
             return []
         return [json.loads(line) for line in self.audit_file.read_text().splitlines() if line]
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A leaf device: its primary key is in the HSM under its name, and it has a bearer token."""
+    name: str
+    key: bytes
+    bearer: str
+
+
+def new_leaf(hsm: Hsm, prefix: str = "leaf") -> Leaf:
+    """A leaf with a unique name (the session's token is shared by every test)."""
+    leaf = Leaf(f"{prefix}-{secrets.token_hex(3)}", secrets.token_bytes(32), secrets.token_urlsafe(24))
+    hsm.import_secret_key(leaf.name, Secret(leaf.key))
+    return leaf
+
+
+def problem_type(headers: dict[str, str], body: Any) -> str:
+    """The short type of an RFC 9457 answer (TYPE_BASE removed); fails if the answer is not one."""
+    assert headers["content-type"].startswith("application/problem+json"), body
+    assert isinstance(body, dict) and body["type"].startswith(TYPE_BASE), body
+    return str(body["type"][len(TYPE_BASE):])
 
 
 def other_ca_leaf(pki: EmulatorPki, cn: str) -> PemFiles:

@@ -28,6 +28,10 @@ from .routes import ROUTES
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SECRET_BEARING = {"sas-tokens", "signatures", "registrations"}
+# The policy's operation behind each /v1 route: records written before a route named its operation
+# (unauthenticated, rate-limited, invalid requests) carry the same name as the ones after.
+ROUTE_OPERATIONS = {"sas-tokens": "sas-token", "signatures": "signature", "registrations": "registration",
+                    "registration": "registration", "certificates": "certificate"}
 
 
 def build_app(service: Service, routes: list[web.RouteDef] | None = None) -> web.Application:
@@ -91,7 +95,7 @@ async def _audit(request: web.Request, handler: Handler) -> web.StreamResponse:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     try:
         svc.audit.record(
-            principal=fields.get("principal"), operation=fields.get("operation") or route_name(request) or "unknown",
+            principal=fields.get("principal"), operation=fields.get("operation") or _operation(request),
             key=fields.get("key"), device=fields.get("device"), status=response.status,
             outcome=_outcome(response.status), reason=fields.get("reason") or _reason(response),
             request_id=request[REQUEST_ID], remote=peer[0] if peer else None)
@@ -101,6 +105,11 @@ async def _audit(request: web.Request, handler: Handler) -> web.StreamResponse:
                                                 "audit-unavailable"), request[REQUEST_ID])
     response.headers["X-Request-Id"] = request[REQUEST_ID]
     return response
+
+
+def _operation(request: web.Request) -> str:
+    name = route_name(request)
+    return ROUTE_OPERATIONS.get(name, name) if name else "unknown"
 
 
 def _outcome(status: int) -> str:
@@ -118,12 +127,14 @@ def _reason(response: web.StreamResponse) -> str:
 async def _problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     svc = request.app[SERVICE]
     instance = request.get(REQUEST_ID)
+    allow = None
     try:
         return await handler(request)
     except web.HTTPException as exc:  # aiohttp's own: 404/405 routing, 413 body too large
         if exc.status < 400:
             raise
         problem = Problem(exc.status, _http_type(exc.status), exc.reason, _http_detail(exc, svc))
+        allow = exc.headers.get("Allow")  # a 405 must list the methods the resource has (RFC 9110)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -135,6 +146,8 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
         problem = found
     response = problem_response(problem, instance)
     response.headers["X-Problem-Type"] = problem.type
+    if allow is not None:
+        response.headers["Allow"] = allow
     return response
 
 

@@ -106,8 +106,12 @@ class Service:
         values = {"deviceId": "", "moduleId": "", "registrationId": "", **{k: v or "" for k, v in ids.items()}}
         return template.format(cn=principal, **values)
 
+    def default_hub(self) -> str | None:
+        """The hub of device tokens whose request names none: configured, or the module's own."""
+        return self.cfg.hub or self.deps.cloud.hub or self.deps.default_hub()
+
     def hub_for(self, requested: str | None) -> str:
-        hub = requested or self.cfg.hub or self.deps.cloud.hub or self.deps.default_hub()
+        hub = requested or self.default_hub()
         if not hub:
             raise Problem(400, "invalid-request", "The request is not valid",
                           "'hub' is required: this service has no default hub (service.hub)")

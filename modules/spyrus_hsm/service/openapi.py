@@ -1,11 +1,14 @@
 """The OpenAPI 3.1 description served at /openapi.json. A test checks that it lists exactly the
-routes the application has; field patterns come from validation.py, which enforces them."""
+routes the application has; field patterns come from validation.py, which enforces them, and what
+depends on the configuration (TTL bounds, whether `hub` and `idScope` have defaults) is described
+as this service is configured."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from .. import __version__
+from ..config import ServiceConfig
 from . import validation as v
 from .routes.signatures import ALGORITHMS
 
@@ -41,7 +44,7 @@ def _ok(ref: str, description: str) -> dict[str, Any]:
     return {"description": description, "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
 
 
-def spec() -> dict[str, Any]:
+def spec(cfg: ServiceConfig, *, default_hub: bool, default_id_scope: bool) -> dict[str, Any]:
     s = {"type": "string"}
     return {
         "openapi": "3.1.0",
@@ -88,16 +91,20 @@ def spec() -> dict[str, Any]:
         "components": {
             "securitySchemes": {"mutualTLS": {"type": "mutualTLS"},
                                 "bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": _schemas(),
+            "schemas": _schemas(cfg, default_hub, default_id_scope),
         },
     }
 
 
-def _schemas() -> dict[str, Any]:
-    ttl = {"type": "integer", "description": "Token lifetime; bounded by service.min_ttl/max_ttl"}
+def _schemas(cfg: ServiceConfig, default_hub: bool, default_id_scope: bool) -> dict[str, Any]:
+    ttl = {"type": "integer", "minimum": cfg.min_ttl, "maximum": cfg.max_ttl,
+           "description": "Token lifetime in seconds (service.min_ttl to service.max_ttl)"}
+    device_required = ["deviceId"] if default_hub else ["deviceId", "hub"]
+    registration_required = ["registrationId", "attestation", *([] if default_id_scope else ["idScope"])]
     return {
         "SasTokenRequest": {"oneOf": [
-            {"type": "object", "additionalProperties": False, "required": ["deviceId"], "properties": {
+            {"type": "object", "additionalProperties": False,
+             "required": device_required, "properties": {
                 "deviceId": {"type": "string", "pattern": v.DEVICE_ID},
                 "moduleId": {"type": "string", "pattern": v.DEVICE_ID},
                 "hub": {"type": "string", "pattern": v.HOST_NAME},
@@ -114,13 +121,14 @@ def _schemas() -> dict[str, Any]:
                              "required": ["key", "algorithm", "data"], "properties": {
             "key": {"type": "string", "pattern": v.LABEL},
             "algorithm": {"type": "string", "enum": list(ALGORITHMS)},
-            "data": {"type": "string", "contentEncoding": "base64",
-                     "maxLength": (v.MAX_DATA_BYTES + 2) // 3 * 4}}},
+            "data": {"type": "string", "contentEncoding": "base64", "pattern": v.BASE64_DATA,
+                     "maxLength": (v.MAX_DATA_BYTES + 2) // 3 * 4,
+                     "description": f"The bytes to sign (at most {v.MAX_DATA_BYTES}), padded base64"}}},
         "Signature": {"type": "object", "required": ["signature"], "properties": {
             "signature": {"type": "string", "contentEncoding": "base64",
                           "description": "ES256: raw r||s; RS256/PS256: PKCS#1; HMAC-SHA256: the MAC"}}},
         "RegistrationRequest": {"type": "object", "additionalProperties": False,
-                                "required": ["registrationId", "attestation"], "properties": {
+                                "required": registration_required, "properties": {
             "registrationId": {"type": "string", "pattern": v.REGISTRATION_ID},
             "idScope": {"type": "string", "pattern": v.ID_SCOPE},
             "attestation": {"type": "string", "enum": ["x509", "symmetricKey"]},

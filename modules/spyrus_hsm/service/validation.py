@@ -7,7 +7,6 @@ the checks cannot drift apart.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import re
 from typing import Any
@@ -24,6 +23,9 @@ _DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOST_NAME = rf"^{_DNS_LABEL}(\.{_DNS_LABEL}){{0,8}}$"
 LABEL = r"^[A-Za-z0-9][A-Za-z0-9\-._:@+]{0,127}$"
 MAX_DATA_BYTES = 8192  # a signature request's data, decoded
+# Padded standard base64 of at most MAX_DATA_BYTES bytes, the limit inside the pattern: up to 2730
+# full groups of 3 bytes, then at most one partial group of 1 or 2 (8192 = 3 * 2730 + 2).
+BASE64_DATA = rf"^(?:[A-Za-z0-9+/]{{4}}){{0,{MAX_DATA_BYTES // 3}}}(?:[A-Za-z0-9+/]{{2}}==|[A-Za-z0-9+/]{{3}}=)?$"
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -47,20 +49,24 @@ def only(body: dict[str, Any], *allowed: str) -> None:
 
 
 def text(body: dict[str, Any], name: str, pattern: str, required: bool = True) -> str | None:
-    value = body.get(name)
-    if value is None:
+    """The field's value; None only when it is absent and optional (null is not absent)."""
+    if name not in body:
         if required:
             raise bad_request(f"'{name}' is required")
         return None
+    value = body[name]
     if not isinstance(value, str) or not re.fullmatch(pattern, value):
         raise bad_request(f"'{name}' must be a string matching {pattern}")
     return value
 
 
 def integer(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
-    value = body.get(name)
-    if value is None:
+    """As `text`; 600.0 counts as the integer 600, as JSON Schema says."""
+    if name not in body:
         return None
+    value = body[name]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise bad_request(f"'{name}' must be an integer from {low} to {high}")
     return value
@@ -78,10 +84,6 @@ def base64_data(body: dict[str, Any], name: str) -> bytes:
     value = body.get(name)
     if not isinstance(value, str):
         raise bad_request(f"'{name}' is required: the bytes to sign, base64-encoded")
-    try:
-        data = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(f"'{name}' is not valid base64") from None
-    if len(data) > MAX_DATA_BYTES:
-        raise bad_request(f"'{name}' may hold at most {MAX_DATA_BYTES} bytes")
-    return data
+    if not re.fullmatch(BASE64_DATA, value):
+        raise bad_request(f"'{name}' must be padded base64 of at most {MAX_DATA_BYTES} bytes")
+    return base64.b64decode(value, validate=True)

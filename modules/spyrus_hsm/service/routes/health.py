@@ -25,7 +25,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(spec())
+    svc = request.app[SERVICE]
+    return web.json_response(spec(svc.cfg, default_hub=svc.default_hub() is not None,
+                                  default_id_scope=bool(svc.deps.cloud.id_scope)))
 
 
 ROUTES = [

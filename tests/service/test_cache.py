@@ -1,0 +1,167 @@
+"""The token cache against the real HSM (single-flight, separate entries) and the audit log's
+fail-closed rule. Reuse over time is in tests/unit/test_token_cache.py (injected clock).
+
+Signatures are counted where they happen: `Hsm.instrument` wraps every HSM operation and the
+wrapper runs on the pool's worker thread around the PKCS#11 call itself, so wrapping the
+harness's instrument counts the C_Sign calls made — not what the service reports about them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import Span, SpanProcessor
+from service_harness import ServiceHarness, new_leaf, problem_type, verify_sas
+
+from emulator.pki import EmulatorPki
+from spyrus_hsm.hsm import Hsm
+from spyrus_hsm.telemetry import Telemetry, setup
+
+CONCURRENT = 50
+OWN_DEVICE = {"principals": ["*"], "operations": ["sas-token"], "devices": ["{cn}"]}
+
+
+class HsmSignatures:
+    """Counts the HSM's sign operations and, until `release` is set, holds each one back before
+    it reaches the token (a slow token)."""
+
+    def __init__(self, hsm: Hsm, held: bool = False) -> None:
+        self.count = 0
+        self.release = threading.Event()
+        if not held:
+            self.release.set()
+        self._lock = threading.Lock()
+        self._inner = hsm.instrument
+        hsm.instrument = self._wrap
+
+    def _wrap(self, fn: Callable[[Any], Any], operation: str, key: str | None,
+              mechanism: str | None) -> Callable[[Any], Any]:
+        inner = self._inner(fn, operation, key, mechanism) if self._inner else fn
+        if operation != "sign":
+            return inner
+
+        def counted(session: Any) -> Any:
+            self.release.wait(30)
+            with self._lock:
+                self.count += 1
+            return inner(session)
+        return counted
+
+
+class CacheArrivals(SpanProcessor):
+    """Counts requests that have reached the token cache: the service opens a 'sas.mint' span and
+    asks the cache in the same step of the event loop."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._cond = threading.Condition()
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        if span.name == "sas.mint":
+            with self._cond:
+                self.count += 1
+                self._cond.notify_all()
+
+    def wait_for(self, n: int, timeout: float = 60) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.count >= n, timeout)
+
+
+@pytest.fixture
+def traced() -> Iterator[tuple[Telemetry, CacheArrivals]]:
+    telemetry = setup("spyrus-hsm-test", env={})  # spans are made, nothing is exported
+    arrivals = CacheArrivals()
+    assert telemetry.tracer_provider is not None
+    telemetry.tracer_provider.add_span_processor(arrivals)
+    yield telemetry, arrivals
+    telemetry.shutdown()
+
+
+async def _concurrently(svc: ServiceHarness, n: int, body: dict[str, Any], bearer: str) -> list[tuple[int, Any]]:
+    connector = aiohttp.TCPConnector(ssl=svc.client_context(), limit=n)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one() -> tuple[int, Any]:
+            async with session.post(f"{svc.url}/v1/sas-tokens", json=body,
+                                    headers={"Authorization": f"Bearer {bearer}"}) as response:
+                return response.status, await response.json(content_type=None)
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+def test_concurrent_identical_requests_cause_one_hsm_signature(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, traced: tuple[Telemetry, CacheArrivals]) -> None:
+    telemetry, arrivals = traced
+    leaf = new_leaf(hsm)
+    # No reuse (cache_reuse_fraction 0) and the first signature held until every request is
+    # waiting: only single-flight can make them share it.
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[OWN_DEVICE], bearer={leaf.name: leaf.bearer},
+                        telemetry=telemetry, cache_reuse_fraction=0.0, rate_limit_per_second=0) as svc:
+        signatures = HsmSignatures(hsm, held=True)
+        with ThreadPoolExecutor(1) as client:
+            answers = client.submit(asyncio.run, _concurrently(svc, CONCURRENT, {"deviceId": leaf.name}, leaf.bearer))
+            try:
+                assert arrivals.wait_for(CONCURRENT), f"only {arrivals.count} requests reached the cache"
+            finally:
+                signatures.release.set()
+            results = answers.result(60)
+    assert signatures.count == 1
+    assert [status for status, _ in results] == [200] * CONCURRENT
+    tokens = {body["token"] for _, body in results}
+    assert len(tokens) == 1
+    verify_sas(tokens.pop(), leaf.key)
+
+
+def test_different_ttls_and_devices_are_separate_cache_entries(hsm: Hsm, tmp_path: Path,
+                                                               emulator_pki: EmulatorPki) -> None:
+    a, b = new_leaf(hsm), new_leaf(hsm)
+    gateway = new_leaf(hsm, "gateway")
+    policy = [{"principals": [gateway.name], "operations": ["sas-token"], "devices": [a.name, b.name]}]
+    requests = [{"deviceId": a.name, "ttlSeconds": 600}, {"deviceId": a.name, "ttlSeconds": 900},
+                {"deviceId": b.name, "ttlSeconds": 600}]
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=policy, bearer={gateway.name: gateway.bearer}) as svc:
+        signatures = HsmSignatures(hsm)
+        first = [svc.call("POST", "/v1/sas-tokens", r, bearer=gateway.bearer)[2]["token"] for r in requests]
+        again = [svc.call("POST", "/v1/sas-tokens", r, bearer=gateway.bearer)[2]["token"] for r in requests]
+    assert signatures.count == 3
+    assert len(set(first)) == 3
+    assert again == first
+    for token, leaf in zip(first, (a, a, b), strict=True):
+        verify_sas(token, leaf.key)
+
+
+# --- audit fail-closed -------------------------------------------------------------------------
+
+
+def _unwritable_audit_file(tmp_path: Path) -> Path:
+    """A path whose parent is a regular file: open() fails for every user, root included."""
+    parent = tmp_path / "not-a-directory"
+    parent.write_text("")
+    return parent / "audit.log"
+
+
+def test_a_token_is_withheld_when_its_audit_record_cannot_be_written(hsm: Hsm, tmp_path: Path,
+                                                                     emulator_pki: EmulatorPki) -> None:
+    leaf = new_leaf(hsm)
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[OWN_DEVICE], bearer={leaf.name: leaf.bearer},
+                        audit_file=_unwritable_audit_file(tmp_path), retry_after=3) as svc:
+        status, headers, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer)
+    assert status == 503 and problem_type(headers, body) == "audit-unavailable"
+    assert headers["retry-after"] == "3"
+    assert "token" not in body and "SharedAccessSignature" not in str(body)
+
+
+def test_without_fail_closed_a_token_is_handed_out_though_the_audit_log_fails(hsm: Hsm, tmp_path: Path,
+                                                                               emulator_pki: EmulatorPki) -> None:
+    leaf = new_leaf(hsm)
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[OWN_DEVICE], bearer={leaf.name: leaf.bearer},
+                        audit_file=_unwritable_audit_file(tmp_path), audit_fail_closed=False) as svc:
+        status, _, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer)
+    assert status == 200, body
+    verify_sas(body["token"], leaf.key)
