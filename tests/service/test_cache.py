@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-from opentelemetry.context import Context
-from opentelemetry.sdk.trace import Span, SpanProcessor
 from service_harness import ServiceHarness, new_leaf, problem_type, verify_sas
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm
-from spyrus_hsm.telemetry import Telemetry, setup
 
 CONCURRENT = 50
 OWN_DEVICE = {"principals": ["*"], "operations": ["sas-token"], "devices": ["{cn}"]}
@@ -56,33 +53,13 @@ class HsmSignatures:
         return counted
 
 
-class CacheArrivals(SpanProcessor):
-    """Counts requests that have reached the token cache: the service opens a 'sas.mint' span and
-    asks the cache in the same step of the event loop."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._cond = threading.Condition()
-
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        if span.name == "sas.mint":
-            with self._cond:
-                self.count += 1
-                self._cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float = 60) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self.count >= n, timeout)
-
-
-@pytest.fixture
-def traced() -> Iterator[tuple[Telemetry, CacheArrivals]]:
-    telemetry = setup("spyrus-hsm-test", env={})  # spans are made, nothing is exported
-    arrivals = CacheArrivals()
-    assert telemetry.tracer_provider is not None
-    telemetry.tracer_provider.add_span_processor(arrivals)
-    yield telemetry, arrivals
-    telemetry.shutdown()
+def _wait_until(condition: Callable[[], bool], timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 async def _concurrently(svc: ServiceHarness, n: int, body: dict[str, Any], bearer: str) -> list[tuple[int, Any]]:
@@ -96,18 +73,19 @@ async def _concurrently(svc: ServiceHarness, n: int, body: dict[str, Any], beare
 
 
 def test_concurrent_identical_requests_cause_one_hsm_signature(
-        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, traced: tuple[Telemetry, CacheArrivals]) -> None:
-    telemetry, arrivals = traced
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki) -> None:
     leaf = new_leaf(hsm)
     # No reuse (cache_reuse_fraction 0) and the first signature held until every request is
     # waiting: only single-flight can make them share it.
     with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[OWN_DEVICE], bearer={leaf.name: leaf.bearer},
-                        telemetry=telemetry, cache_reuse_fraction=0.0, rate_limit_per_second=0) as svc:
+                        cache_reuse_fraction=0.0, rate_limit_per_second=0) as svc:
         signatures = HsmSignatures(hsm, held=True)
         with ThreadPoolExecutor(1) as client:
             answers = client.submit(asyncio.run, _concurrently(svc, CONCURRENT, {"deviceId": leaf.name}, leaf.bearer))
             try:
-                assert arrivals.wait_for(CONCURRENT), f"only {arrivals.count} requests reached the cache"
+                assert svc.service is not None
+                cache = svc.service.cache
+                assert _wait_until(lambda: cache.waiting == CONCURRENT), f"only {cache.waiting} reached the cache"
             finally:
                 signatures.release.set()
             results = answers.result(60)

@@ -34,6 +34,7 @@ class TokenCache:
         self.max_entries = max_entries
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._inflight: dict[Hashable, asyncio.Task[SasToken]] = {}
+        self.waiting = 0  # requests awaiting a signature in flight (observable, e.g. by tests)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -51,7 +52,11 @@ class TokenCache:
         if task is None:
             task = asyncio.ensure_future(self._mint(key, ttl, mint))
             self._inflight[key] = task
-        return await asyncio.shield(task), shared
+        self.waiting += 1
+        try:
+            return await asyncio.shield(task), shared
+        finally:
+            self.waiting -= 1
 
     async def _mint(self, key: Hashable, ttl: int, mint: Callable[[], Awaitable[SasToken]]) -> SasToken:
         try:
