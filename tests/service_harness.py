@@ -92,7 +92,7 @@ class ServiceHarness:
             self.listeners = None
         self.hsm.instrument = None
         if self.service is not None:
-            self.service.audit.close()
+            self.service.close()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 

@@ -114,7 +114,7 @@ class Module:
         if self.listeners is not None:
             await self.listeners.stop()
         if self.service is not None:
-            self.service.audit.close()
+            self.service.close()
         await asyncio.to_thread(self.stop)
 
     async def _start_api(self, stop: asyncio.Event) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from .problems import Problem, forbidden
 from .ratelimit import RateLimiter
 
 T = TypeVar("T")
+DPS_THREADS = 4
 PRINCIPAL = web.RequestKey("spyrus.principal", Principal)
 AUDIT = web.RequestKey("spyrus.audit", dict[str, Any])
 REQUEST_ID = web.RequestKey("spyrus.request_id", str)
@@ -53,6 +55,9 @@ class Service:
         self.minter = SasMinter(deps.hsm)
         self.provisioner = Provisioner(deps.hsm, deps.state_dir, deps.load_provider)
         self._registrations: dict[str, asyncio.Task[Assignment]] = {}
+        # DPS runs block a thread for up to registration_timeout: their own bounded pool, so a
+        # burst of registrations cannot starve the loop's default executor.
+        self._dps_threads = ThreadPoolExecutor(DPS_THREADS, thread_name_prefix="dps")
         ca = deps.cloud.server_ca_file
         self.dps_ca_pem = Path(ca).read_text() if ca else None
         self.reconfigure(cfg)
@@ -65,6 +70,11 @@ class Service:
         self.policy = pol.Policy(cfg.policy)
         self.limiter = RateLimiter(cfg.rate_limit_per_second, cfg.rate_limit_burst)
         self.cache = TokenCache(cfg.cache_reuse_fraction)
+
+    def close(self) -> None:
+        """Stop taking registrations (a running DPS call is abandoned by its own timeout)."""
+        self._dps_threads.shutdown(wait=False, cancel_futures=True)
+        self.audit.close()
 
     @property
     def tracer(self) -> Tracer:
@@ -144,7 +154,8 @@ class Service:
         attributes = {"dps.registration_id": req.registration_id, "dps.attestation": req.attestation,
                       "dps.id_scope": req.id_scope}
         with self.tracer.start_as_current_span("dps.register", attributes=attributes) as span:
-            result = await run_in_thread(self.provisioner.register, req, timeout=self.cfg.registration_timeout)
+            result = await run_in_thread(self._dps_threads, self.provisioner.register, req,
+                                         timeout=self.cfg.registration_timeout)
             span.set_attribute("dps.status", result.status)
             return result
 
@@ -152,8 +163,8 @@ class Service:
         return self.provisioner.cached(registration_id)
 
 
-async def run_in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+async def run_in_thread(executor: Executor | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """A blocking call on a thread, keeping contextvars (the current span) across."""
     ctx = contextvars.copy_context()
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, lambda: ctx.run(fn, *args, **kwargs))
+    return await loop.run_in_executor(executor, lambda: ctx.run(fn, *args, **kwargs))
