@@ -25,7 +25,7 @@ from spyrus_hsm.config import CloudConfig, PolicyRule, ServiceConfig, service_se
 from spyrus_hsm.hsm import Hsm
 from spyrus_hsm.service.audit import AuditLog
 from spyrus_hsm.service.core import Deps, Service
-from spyrus_hsm.service.server import Listeners, tls_context
+from spyrus_hsm.service.server import Listeners, probe_forever, tls_context
 from spyrus_hsm.telemetry import Telemetry, hsm_instrument, setup
 
 HOST = "127.0.0.1"
@@ -38,7 +38,8 @@ def rules(*specs: dict[str, Any]) -> tuple[PolicyRule, ...]:
 class ServiceHarness:
     def __init__(self, hsm: Hsm, directory: Path, pki: EmulatorPki, *, policy: list[dict[str, Any]] | None = None,
                  bearer: dict[str, str] | None = None, telemetry: Telemetry | None = None,
-                 cloud: CloudConfig | None = None, audit_file: Path | None = None, **overrides: Any) -> None:
+                 cloud: CloudConfig | None = None, audit_file: Path | None = None, probe: bool = False,
+                 **overrides: Any) -> None:
         self.hsm = hsm
         self.directory = directory
         self.pki = pki
@@ -61,6 +62,9 @@ class ServiceHarness:
         self.service: Service | None = None
         self.listeners: Listeners | None = None
         self.port = 0
+        self.probe = probe  # run the HSM probe as `serve` does (/readyz notices an idle unplug)
+        self._probe_stop: asyncio.Event | None = None
+        self._probe_task: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -73,18 +77,29 @@ class ServiceHarness:
         self.close()
 
     async def _start(self) -> None:
+        # Wired as runtime.Module wires it: HSM spans and the queue-depth gauge.
         self.hsm.instrument = hsm_instrument(self.telemetry)
+        self.telemetry.metrics.watch_queue_depth(self.hsm.pool.queue_depth)
         deps = Deps(self.hsm, self.telemetry, self.directory / "state", self.cloud, lambda: None, 3600, None)
         self.service = Service(self.cfg, deps, AuditLog(str(self.audit_file), self.cfg.audit_fail_closed))
         self.listeners = Listeners(self.service)
         await self.listeners.start_api(tls_context(self.cfg, self.hsm, self.directory / "tls"))
         assert self.listeners.api_port
         self.port = self.listeners.api_port
+        if self.probe:
+            self._probe_stop = asyncio.Event()
+            self._probe_task = asyncio.ensure_future(probe_forever(self.hsm, self._probe_stop))
+
+    async def _stop_probe(self) -> None:
+        if self._probe_stop is not None and self._probe_task is not None:
+            self._probe_stop.set()
+            await self._probe_task
 
     def run(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def close(self) -> None:
+        self.run(self._stop_probe())
         if self.listeners is not None:
             self.run(self.listeners.stop())
             self.listeners = None

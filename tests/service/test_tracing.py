@@ -1,0 +1,270 @@
+"""The signing service's traces and metrics, exported over OTLP/HTTP to a real receiver.
+
+One request is one trace: the server span is named by the route template ("METHOD /route"),
+the service's own span (sas.mint) is its child, and the HSM call, made on a pool worker thread,
+is a child of that. A caller's `traceparent` is continued. Spans carry labels, mechanisms,
+outcomes and status codes, and never a PIN, a key, a bearer token, a SAS token, data to sign
+or a signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from otlp_receiver import OtlpReceiver, SpanRecord, all_attribute_values
+from service_harness import ServiceHarness, verify_sas
+
+from emulator.pki import EmulatorPki
+from spyrus_hsm.hsm import Hsm, KeyAlgorithm, Secret
+from spyrus_hsm.telemetry import Telemetry, setup
+
+pytestmark = pytest.mark.timeout(60)
+
+SPAN_KIND_INTERNAL, SPAN_KIND_SERVER = 1, 2  # OTLP's SpanKind numbers
+POLICY = [
+    {"principals": ["leaf-*"], "operations": ["sas-token"], "devices": ["{cn}", "{cn}-*"]},
+    {"principals": ["leaf-*"], "operations": ["signature", "certificate"], "keys": ["{cn}", "{cn}-*"]},
+]
+
+
+@dataclass(frozen=True)
+class Leaf:
+    name: str     # principal, device id and HSM key label
+    key: bytes    # the device key, imported into the HSM
+    bearer: str   # the leaf's bearer token
+
+
+@pytest.fixture
+def rx() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def telemetry(rx: OtlpReceiver) -> Iterator[Telemetry]:
+    t = setup("spyrus-hsm-test", env={"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint,
+                                      "OTEL_METRIC_EXPORT_INTERVAL": "200"})
+    yield t
+    t.shutdown(deadline=3)
+
+
+@pytest.fixture
+def leaf(hsm: Hsm) -> Leaf:
+    name = "leaf-" + secrets.token_hex(4)
+    key = secrets.token_bytes(32)
+    hsm.import_secret_key(name, Secret(key))
+    return Leaf(name, key, "bearer-" + secrets.token_urlsafe(24))
+
+
+@pytest.fixture
+def service(hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, telemetry: Telemetry,
+            leaf: Leaf) -> Iterator[ServiceHarness]:
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, bearer={leaf.name: leaf.bearer},
+                        telemetry=telemetry) as svc:
+        yield svc
+
+
+def one(spans: list[SpanRecord], name: str) -> SpanRecord:
+    [span] = [s for s in spans if s.name == name]
+    return span
+
+
+def exported_trace(rx: OtlpReceiver, telemetry: Telemetry, server_span: str, count: int) -> list[SpanRecord]:
+    """The `count` spans of the one trace whose server span is `server_span`."""
+    assert telemetry.force_flush()
+    [server] = rx.wait_for_spans(lambda s: s.name == server_span)
+    return rx.wait_for_spans(lambda s: s.trace_id == server.trace_id, count=count)
+
+
+def store_certificate(hsm: Hsm, label: str, pki: EmulatorPki) -> x509.Certificate:
+    """A key pair generated in the HSM, and a certificate for it stored beside it."""
+    hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
+    now = dt.datetime.now(dt.UTC)
+    issuer = pki.intermediate
+    cert = (x509.CertificateBuilder().subject_name(x509.Name.from_rfc4514_string(f"CN={label}"))
+            .issuer_name(issuer.cert.subject).public_key(hsm.public_key(label))
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1)).sign(issuer.key, hashes.SHA256()))
+    hsm.import_certificates(label, [cert, issuer.cert])
+    return cert
+
+
+# --- one trace per request ------------------------------------------------------------------
+
+
+def test_sas_token_request_is_server_span_then_sas_mint_then_hsm_sign(
+        rx: OtlpReceiver, telemetry: Telemetry, service: ServiceHarness, leaf: Leaf) -> None:
+    status, _, body = service.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer)
+    assert status == 200, body
+    verify_sas(body["token"], leaf.key)
+
+    spans = exported_trace(rx, telemetry, "POST /v1/sas-tokens", count=3)
+    assert sorted(s.name for s in spans) == ["POST /v1/sas-tokens", "hsm.sign", "sas.mint"]
+    server, mint, sign = (one(spans, n) for n in ("POST /v1/sas-tokens", "sas.mint", "hsm.sign"))
+    assert server.parent_span_id is None
+    assert mint.parent_span_id == server.span_id
+    assert sign.parent_span_id == mint.span_id  # made on an HSM worker thread, in the request's context
+    assert server.trace_id == mint.trace_id == sign.trace_id
+    assert (server.kind, mint.kind, sign.kind) == (SPAN_KIND_SERVER, SPAN_KIND_INTERNAL, SPAN_KIND_INTERNAL)
+
+    assert server.attributes["http.route"] == "/v1/sas-tokens"
+    assert server.attributes["http.request.method"] == "POST"
+    assert server.attributes["http.response.status_code"] == 200
+    assert server.attributes["enduser.id"] == leaf.name
+    assert server.status_code == "UNSET"
+    assert mint.attributes["hsm.key.label"] == leaf.name
+    assert mint.attributes["sas.cache_hit"] is False
+    assert sign.attributes == {"hsm.operation": "sign", "hsm.key.label": leaf.name,
+                               "hsm.mechanism": "CKM_SHA256_HMAC", "hsm.outcome": "ok"}
+    assert sign.resource["service.name"] == "spyrus-hsm-test"
+
+
+def test_a_cached_token_is_a_trace_without_an_hsm_span(
+        rx: OtlpReceiver, telemetry: Telemetry, service: ServiceHarness, leaf: Leaf) -> None:
+    first = service.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer)
+    assert telemetry.force_flush()
+    rx.wait_for_spans(lambda s: s.name == "hsm.sign")
+    again = service.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer)
+    assert first[0] == again[0] == 200 and first[2]["token"] == again[2]["token"]
+
+    assert telemetry.force_flush()
+    mints = rx.wait_for_spans(lambda s: s.name == "sas.mint", count=2)
+    [hit] = [m for m in mints if m.attributes["sas.cache_hit"]]
+    assert [s.name for s in rx.spans if s.trace_id == hit.trace_id and s.name.startswith("hsm.")] == []
+
+
+def test_route_with_a_parameter_is_named_by_its_template_not_the_path(
+        rx: OtlpReceiver, telemetry: Telemetry, service: ServiceHarness, leaf: Leaf,
+        hsm: Hsm, emulator_pki: EmulatorPki) -> None:
+    label = leaf.name + "-tls"
+    cert = store_certificate(hsm, label, emulator_pki)
+    status, headers, pem = service.call("GET", f"/v1/certificates/{label}", bearer=leaf.bearer)
+    assert status == 200, pem
+    assert headers["content-type"] == "application/pem-certificate-chain"
+    assert x509.load_pem_x509_certificates(pem.encode())[0] == cert
+    status, _, problem = service.call("GET", f"/v1/certificates/{leaf.name}-none", bearer=leaf.bearer)
+    assert status == 404, problem
+
+    assert telemetry.force_flush()
+    servers = rx.wait_for_spans(lambda s: s.name == "GET /v1/certificates/{label}", count=2)
+    assert sorted(s.attributes["http.response.status_code"] for s in servers) == [200, 404]
+    assert {s.attributes["http.route"] for s in servers} == {"/v1/certificates/{label}"}
+    assert not [s for s in rx.spans if label in s.name]  # the raw path names no span
+    found = next(s for s in servers if s.attributes["http.response.status_code"] == 200)
+    [read] = rx.wait_for_spans(lambda s: s.trace_id == found.trace_id and s.name == "hsm.read_certificates")
+    assert read.parent_span_id == found.span_id
+    assert (read.attributes["hsm.key.label"], read.attributes["hsm.outcome"]) == (label, "ok")
+
+
+def test_a_client_traceparent_is_continued(
+        rx: OtlpReceiver, telemetry: Telemetry, service: ServiceHarness, leaf: Leaf) -> None:
+    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    status, _, body = service.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer,
+                                   headers={"traceparent": f"00-{trace_id}-{parent_id}-01"})
+    assert status == 200, body
+
+    assert telemetry.force_flush()
+    spans = rx.wait_for_spans(lambda s: s.trace_id == trace_id, count=3)
+    server = one(spans, "POST /v1/sas-tokens")
+    assert server.parent_span_id == parent_id
+    assert one(spans, "sas.mint").parent_span_id == server.span_id
+    assert one(spans, "hsm.sign").parent_span_id == one(spans, "sas.mint").span_id
+
+
+def test_a_failed_hsm_call_is_recorded_by_outcome_and_error_type(
+        rx: OtlpReceiver, telemetry: Telemetry, service: ServiceHarness, leaf: Leaf) -> None:
+    no_key = {"deviceId": leaf.name + "-spare"}  # allowed by the policy; no key is stored for it
+    status, _, problem = service.call("POST", "/v1/sas-tokens", no_key, bearer=leaf.bearer)
+    assert status == 404, problem
+
+    spans = exported_trace(rx, telemetry, "POST /v1/sas-tokens", count=3)
+    server, sign = one(spans, "POST /v1/sas-tokens"), one(spans, "hsm.sign")
+    assert sign.attributes["hsm.outcome"] == "error"
+    assert sign.attributes["error.type"] == "ObjectNotFound"
+    assert (sign.status_code, sign.events) == ("ERROR", [])
+    assert server.attributes["http.response.status_code"] == 404
+    assert server.status_code == "UNSET"  # a 4xx is the client's error, not the server's
+
+
+# --- what never reaches the collector -------------------------------------------------------
+
+
+def test_no_secret_reaches_the_collector(
+        rx: OtlpReceiver, telemetry: Telemetry, service: ServiceHarness, leaf: Leaf, token_env) -> None:  # type: ignore[no-untyped-def]
+    status, _, sas = service.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name, "ttlSeconds": 900},
+                                  bearer=leaf.bearer)
+    assert status == 200, sas
+    data = ("to-sign-" + secrets.token_hex(8)).encode()
+    status, _, signed = service.call("POST", "/v1/signatures", {
+        "key": leaf.name, "algorithm": "HMAC-SHA256", "data": base64.b64encode(data).decode()}, bearer=leaf.bearer)
+    assert status == 200, signed
+    signature = base64.b64decode(signed["signature"])
+    assert signature == hmac.new(leaf.key, data, hashlib.sha256).digest()
+    wrong_bearer = "bearer-" + secrets.token_urlsafe(24)
+    status, _, _ = service.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=wrong_bearer)
+    assert status == 401
+
+    assert telemetry.force_flush()
+    rx.wait_for_spans(lambda s: s.name == "hsm.sign", count=2)
+    rx.wait_for_spans(lambda s: s.name.startswith("POST "), count=3)
+    rx.wait_for_metric("hsm.operation.duration")
+    sig = parse_qs(sas["token"].removeprefix("SharedAccessSignature "))["sig"][0]
+    secret_texts = {
+        "PIN": token_env.pin.decode(),
+        "device key (base64)": base64.b64encode(leaf.key).decode(),
+        "device key (base64url)": base64.urlsafe_b64encode(leaf.key).decode().rstrip("="),
+        "device key (hex)": leaf.key.hex(),
+        "bearer token": leaf.bearer,
+        "wrong bearer token": wrong_bearer,
+        "SAS token": sas["token"],
+        "SAS signature": sig,
+        "SAS signature (as sent)": sas["token"].split("sig=")[1].split("&")[0],
+        "data to sign": data.decode(),
+        "data to sign (base64)": base64.b64encode(data).decode(),
+        "signature (base64)": signed["signature"],
+        "signature (hex)": signature.hex(),
+    }
+    texts = all_attribute_values(rx)
+    assert any(f"hsm.key.label={leaf.name!r}" in t for t in texts)  # the scan sees attributes at all
+    leaked = {what: [t for t in texts if value in t] for what, value in secret_texts.items()}
+    assert {what: found for what, found in leaked.items() if found} == {}
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def test_request_hsm_cache_and_queue_metrics_arrive(
+        rx: OtlpReceiver, telemetry: Telemetry, service: ServiceHarness, leaf: Leaf) -> None:
+    for _ in range(2):  # a miss that signs, then a hit from the cache
+        status, _, body = service.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer)
+        assert status == 200, body
+
+    def latest(name: str, **attributes: object) -> float:
+        points = rx.wait_for_metric(name)
+        matching = [p for p in points if all(p.attributes.get(k) == v for k, v in attributes.items())]
+        assert matching, f"no {name} point with {attributes}: {[p.attributes for p in points]}"
+        last = matching[-1]
+        return float(last.count if last.count is not None else last.value or 0)
+
+    assert telemetry.force_flush()
+    assert latest("http.server.request.duration", **{
+        "http.route": "/v1/sas-tokens", "http.request.method": "POST", "http.response.status_code": 200}) >= 2
+    assert latest("hsm.operation.duration", **{
+        "hsm.operation": "sign", "hsm.mechanism": "CKM_SHA256_HMAC", "hsm.outcome": "ok"}) >= 1
+    assert latest("cache.misses") >= 1
+    assert latest("cache.hits") >= 1
+    [depth] = rx.wait_for_metric("hsm.queue.depth")[-1:]
+    assert depth.kind == "gauge" and depth.value == 0  # nothing waiting once the requests are answered
+    http_point = rx.wait_for_metric("http.server.request.duration")[-1]
+    assert (http_point.kind, http_point.unit) == ("histogram", "s")
