@@ -13,6 +13,7 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
+import logging
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -200,24 +201,31 @@ def test_a_failed_hsm_call_is_recorded_by_outcome_and_error_type(
 # --- what never reaches the collector -------------------------------------------------------
 
 
-def test_no_secret_reaches_the_collector(
-        rx: OtlpReceiver, telemetry: Telemetry, service: ServiceHarness, leaf: Leaf, token_env) -> None:  # type: ignore[no-untyped-def]
+def test_no_secret_reaches_the_collector_the_logs_the_audit_trail_or_an_error_answer(
+        rx: OtlpReceiver, telemetry: Telemetry, service: ServiceHarness, leaf: Leaf, token_env,  # type: ignore[no-untyped-def]
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     status, _, sas = service.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name, "ttlSeconds": 900},
                                   bearer=leaf.bearer)
     assert status == 200, sas
     data = ("to-sign-" + secrets.token_hex(8)).encode()
-    status, _, signed = service.call("POST", "/v1/signatures", {
-        "key": leaf.name, "algorithm": "HMAC-SHA256", "data": base64.b64encode(data).decode()}, bearer=leaf.bearer)
+    sign_request = {"key": leaf.name, "algorithm": "HMAC-SHA256", "data": base64.b64encode(data).decode()}
+    status, _, signed = service.call("POST", "/v1/signatures", sign_request, bearer=leaf.bearer)
     assert status == 200, signed
     signature = base64.b64decode(signed["signature"])
     assert signature == hmac.new(leaf.key, data, hashlib.sha256).digest()
     wrong_bearer = "bearer-" + secrets.token_urlsafe(24)
-    status, _, _ = service.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=wrong_bearer)
-    assert status == 401
+    errors = [  # answers that fail, each holding secrets in the request
+        service.call("POST", "/v1/signatures", {**sign_request, "algorithm": "ES256"}, bearer=leaf.bearer),
+        service.call("POST", "/v1/signatures", {**sign_request, "key": "someone-else"}, bearer=leaf.bearer),
+        service.call("POST", "/v1/signatures", {**sign_request, "extra": leaf.bearer}, bearer=leaf.bearer),
+        service.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=wrong_bearer),
+    ]
+    assert [e[0] for e in errors][1:] == [403, 400, 401] and 400 <= errors[0][0] < 500, errors
 
     assert telemetry.force_flush()
-    rx.wait_for_spans(lambda s: s.name == "hsm.sign", count=2)
-    rx.wait_for_spans(lambda s: s.name.startswith("POST "), count=3)
+    rx.wait_for_spans(lambda s: s.name == "hsm.sign", count=3)
+    rx.wait_for_spans(lambda s: s.name.startswith("POST "), count=6)
     rx.wait_for_metric("hsm.operation.duration")
     sig = parse_qs(sas["token"].removeprefix("SharedAccessSignature "))["sig"][0]
     secret_texts = {
@@ -237,8 +245,11 @@ def test_no_secret_reaches_the_collector(
     }
     texts = all_attribute_values(rx)
     assert any(f"hsm.key.label={leaf.name!r}" in t for t in texts)  # the scan sees attributes at all
-    leaked = {what: [t for t in texts if value in t] for what, value in secret_texts.items()}
-    assert {what: found for what, found in leaked.items() if found} == {}
+    places = {"exported telemetry": "\n".join(texts), "logs": caplog.text,
+              "audit trail": service.audit_file.read_text(), "error answers": repr(errors)}
+    leaked = [(what, where) for what, value in secret_texts.items() for where, text in places.items()
+              if value in text]
+    assert leaked == []
 
 
 # --- metrics ----------------------------------------------------------------------------------
