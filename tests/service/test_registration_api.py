@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from emulator.core import Emulator
 from emulator.pki import EmulatorPki, PemFiles
 from spyrus_hsm.config import CloudConfig
 from spyrus_hsm.hsm import Hsm, Secret
-from spyrus_hsm.telemetry import Telemetry, setup
+from spyrus_hsm.telemetry import Telemetry
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,19 +38,6 @@ def emu(make_emulator: Callable[..., Emulator]) -> Emulator:
 @pytest.fixture
 def cloud(emulator_pki: EmulatorPki) -> CloudConfig:
     return CloudConfig(provisioning_host=HOST, server_ca_file=str(emulator_pki.ca_file), id_scope=SCOPE)
-
-
-@pytest.fixture
-def rx() -> Iterator[OtlpReceiver]:
-    with OtlpReceiver() as receiver:
-        yield receiver
-
-
-@pytest.fixture
-def telemetry(rx: OtlpReceiver) -> Iterator[Telemetry]:
-    t = setup("spyrus-hsm-test", env={"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint, "OTEL_METRICS_EXPORTER": "none"})
-    yield t
-    t.shutdown(deadline=3)
 
 
 def hsm_key(hsm: Hsm, label: str) -> str:

@@ -28,7 +28,7 @@ from service_harness import ServiceHarness, verify_sas
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm, KeyAlgorithm, Secret
-from spyrus_hsm.telemetry import Telemetry, setup
+from spyrus_hsm.telemetry import Telemetry
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,20 +44,6 @@ class Leaf:
     name: str     # principal, device id and HSM key label
     key: bytes    # the device key, imported into the HSM
     bearer: str   # the leaf's bearer token
-
-
-@pytest.fixture
-def rx() -> Iterator[OtlpReceiver]:
-    with OtlpReceiver() as receiver:
-        yield receiver
-
-
-@pytest.fixture
-def telemetry(rx: OtlpReceiver) -> Iterator[Telemetry]:
-    t = setup("spyrus-hsm-test", env={"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint,
-                                      "OTEL_METRIC_EXPORT_INTERVAL": "200"})
-    yield t
-    t.shutdown(deadline=3)
 
 
 @pytest.fixture
