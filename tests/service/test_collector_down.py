@@ -18,6 +18,7 @@ import ssl
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -130,7 +131,7 @@ def serve_config(tmp_path: Path, token_env, pki: EmulatorPki, bearer: str, healt
             "host": HOST, "port": 0, "health_port": health_port,
             "tls_cert_file": str(server.cert_file), "tls_key_file": str(server.key_file),
             "bearer_tokens": {"gateway": hashlib.sha256(bearer.encode()).hexdigest()},
-            "policy": POLICY, "hub": "hub.example", "cache_reuse_fraction": 0,
+            "policy": POLICY, "hub": "hub.example", "cache_reuse_fraction": 0, "rate_limit_per_second": 0,
         },
     }
     path = tmp_path / "serve.yaml"
@@ -151,53 +152,110 @@ def api_port_from(proc: subprocess.Popen[bytes], within: float) -> int:
     raise AssertionError(f"serve did not report its API port within {within} s (exit code {proc.poll()})")
 
 
+def hammer(port: int, ctx: ssl.SSLContext, bearer: str, devices: dict[str, bytes], stop: threading.Event,
+           statuses: list[int]) -> None:
+    """A leaf asking for tokens on one kept-alive connection until told to stop or cut off."""
+    names = list(devices)
+    headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
+    conn = http.client.HTTPSConnection(HOST, port, context=ctx, timeout=10)
+    try:
+        i = 0
+        while not stop.is_set():
+            device = names[i % len(names)]
+            i += 1
+            conn.request("POST", "/v1/sas-tokens", body=json.dumps({"deviceId": device}), headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            statuses.append(resp.status)
+            if resp.status == 200:
+                verify_sas(json.loads(body)["token"], devices[device])
+    except (OSError, http.client.HTTPException):
+        pass  # the server went away: expected once it stops
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("leaves", ["idle", "busy"])
 def test_serve_exits_0_within_5_s_of_sigterm_with_a_hung_collector(
-        hsm: Hsm, token_env, tmp_path: Path, emulator_pki: EmulatorPki, devices: dict[str, bytes]) -> None:  # type: ignore[no-untyped-def]
+        leaves: str, hsm: Hsm, token_env, tmp_path: Path, emulator_pki: EmulatorPki,  # type: ignore[no-untyped-def]
+        devices: dict[str, bytes]) -> None:
+    """`idle`: the leaves keep their connections open but quiet; `busy`: they keep asking
+    for tokens through the SIGTERM."""
     bearer = secrets.token_urlsafe(24)
     health_port = free_port()
     config = serve_config(tmp_path, token_env, emulator_pki, bearer, health_port)
-    with SilentCollector() as collector:
+    err_file = tmp_path / "serve.err"
+    ctx = ssl.create_default_context(cafile=str(emulator_pki.ca_file))
+    stop = threading.Event()
+    statuses: list[int] = []
+    with SilentCollector() as collector, err_file.open("wb") as err:
         env = token_env.env(SPYRUS_HSM_CONFIG=str(config), OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
                             OTEL_METRIC_EXPORT_INTERVAL="200")
         proc = subprocess.Popen([sys.executable, "-m", "spyrus_hsm", "--config", str(config), "-v", "serve"],
-                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        leaf_threads: list[threading.Thread] = []
         try:
             port = api_port_from(proc, within=30)
-            ctx = ssl.create_default_context(cafile=str(emulator_pki.ca_file))
-            served = 0
-            conn = http.client.HTTPSConnection(HOST, port, context=ctx, timeout=10)
-            headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
-            deadline = time.monotonic() + 20
-            while served < 20:  # until the HSM is up, then 20 tokens
-                assert time.monotonic() < deadline, "serve answered no token within 20 s"
-                device = list(devices)[served % len(devices)]
-                conn.request("POST", "/v1/sas-tokens", body=json.dumps({"deviceId": device}), headers=headers)
-                resp = conn.getresponse()
-                body = resp.read()
-                if resp.status == 503:  # the HSM pool is still logging in
-                    time.sleep(0.1)
-                    continue
-                assert resp.status == 200, body
-                verify_sas(json.loads(body)["token"], devices[device])
-                served += 1
+            wait_for_tokens(port, ctx, bearer, devices)
             health = http.client.HTTPConnection(HOST, health_port, timeout=10)
             health.request("GET", "/readyz")
             assert health.getresponse().status == 200
             health.close()
+            idle = [http.client.HTTPSConnection(HOST, port, context=ctx, timeout=10) for _ in range(4)]
+            for conn in idle:  # open kept-alive connections, quiet from now on
+                conn.request("GET", "/healthz")
+                conn.getresponse().read()
+            if leaves == "busy":
+                leaf_threads = [threading.Thread(target=hammer, args=(port, ctx, bearer, devices, stop, statuses))
+                                for _ in range(4)]
+                for t in leaf_threads:
+                    t.start()
             time.sleep(1.5)  # a span export (every 1 s) and metric exports are now stuck on the collector
             assert collector.connections >= 1
-            # The leaf's kept-alive connection stays open across the stop, as a real leaf's would.
+            served_before_stop = len(statuses)
             proc.send_signal(signal.SIGTERM)
             started = time.monotonic()
             code = proc.wait(timeout=STOP_WITHIN + 5)
             stopped_in = time.monotonic() - started
-            conn.close()
+            for conn in idle:
+                conn.close()
         finally:
+            stop.set()
+            for t in leaf_threads:
+                t.join(15)
             if proc.poll() is None:
                 proc.kill()
-            out, err = proc.communicate()
-    print(f"\nserve stopped {stopped_in:.2f} s after SIGTERM (exit code {code})")
-    assert code == 0, err.decode()[-3000:]
-    assert stopped_in < STOP_WITHIN, err.decode()[-3000:]
-    assert token_env.pin.decode() not in (out + err).decode()
-    assert bearer not in (out + err).decode()
+            out = proc.communicate()[0]
+    log = err_file.read_text()
+    print(f"\nserve with {leaves} leaves stopped {stopped_in:.2f} s after SIGTERM (exit code {code}); "
+          f"{served_before_stop} answers before it, {len(statuses) - served_before_stop} after")
+    assert code == 0, log[-3000:]
+    assert stopped_in < STOP_WITHIN, log[-3000:]
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    assert "Traceback" not in log, log[-3000:]
+    assert leaves == "idle" or served_before_stop > 0
+    assert token_env.pin.decode() not in out.decode() + log
+    assert bearer not in out.decode() + log
+
+
+def wait_for_tokens(port: int, ctx: ssl.SSLContext, bearer: str, devices: dict[str, bytes], n: int = 20) -> None:
+    """Ask until the HSM is up (503 until then), then for `n` tokens, each checked."""
+    conn = http.client.HTTPSConnection(HOST, port, context=ctx, timeout=10)
+    headers = {"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"}
+    deadline = time.monotonic() + 20
+    served = 0
+    try:
+        while served < n:
+            assert time.monotonic() < deadline, "serve answered no token within 20 s"
+            device = list(devices)[served % len(devices)]
+            conn.request("POST", "/v1/sas-tokens", body=json.dumps({"deviceId": device}), headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status == 503:  # the HSM pool is still logging in
+                time.sleep(0.1)
+                continue
+            assert resp.status == 200, body
+            verify_sas(json.loads(body)["token"], devices[device])
+            served += 1
+    finally:
+        conn.close()

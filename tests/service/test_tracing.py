@@ -9,6 +9,7 @@ or a signature.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -115,6 +117,43 @@ def test_sas_token_request_is_server_span_then_sas_mint_then_hsm_sign(
     assert sign.attributes == {"hsm.operation": "sign", "hsm.key.label": leaf.name,
                                "hsm.mechanism": "CKM_SHA256_HMAC", "hsm.outcome": "ok"}
     assert sign.resource["service.name"] == "spyrus-hsm-test"
+
+
+def test_concurrent_requests_each_get_their_own_trace_down_to_their_own_hsm_call(
+        rx: OtlpReceiver, telemetry: Telemetry, service: ServiceHarness, leaf: Leaf, hsm: Hsm) -> None:
+    # Requests arriving together share HSM worker jobs (the pool batches them): each signature's
+    # span must still hang under its own request.
+    devices = {f"{leaf.name}-{i}": secrets.token_bytes(32) for i in range(12)}
+    for name, key in devices.items():
+        hsm.import_secret_key(name, Secret(key))
+
+    async def burst() -> list[tuple[int, dict[str, str]]]:
+        headers = {"Authorization": f"Bearer {leaf.bearer}"}
+        connector = aiohttp.TCPConnector(ssl=service.client_context(), limit=len(devices))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async def one_token(device: str) -> tuple[int, dict[str, str]]:
+                async with session.post(f"{service.url}/v1/sas-tokens", json={"deviceId": device},
+                                        headers=headers) as resp:
+                    return resp.status, await resp.json()
+            return await asyncio.gather(*(one_token(d) for d in devices))
+
+    answers = asyncio.run(burst())
+    for (status, body), (device, key) in zip(answers, devices.items(), strict=True):
+        assert status == 200, body
+        assert verify_sas(body["token"], key)["sr"] == f"hub.example/devices/{device}"
+
+    assert telemetry.force_flush()
+    servers = rx.wait_for_spans(lambda s: s.name == "POST /v1/sas-tokens", count=len(devices))
+    signs = rx.wait_for_spans(lambda s: s.name == "hsm.sign", count=len(devices))
+    mints = {m.span_id: m for m in rx.wait_for_spans(lambda s: s.name == "sas.mint", count=len(devices))}
+    assert len({s.trace_id for s in servers}) == len(devices)
+    for sign in signs:
+        mint = mints[sign.parent_span_id]  # type: ignore[index]
+        assert sign.trace_id == mint.trace_id
+        assert sign.attributes["hsm.key.label"] == mint.attributes["hsm.key.label"]
+        [server] = [s for s in servers if s.span_id == mint.parent_span_id]
+        assert server.trace_id == mint.trace_id
+    assert sorted(s.attributes["hsm.key.label"] for s in signs) == sorted(devices)
 
 
 def test_a_cached_token_is_a_trace_without_an_hsm_span(
