@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import ssl
 import threading
@@ -20,12 +22,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
 from emulator.pki import EmulatorPki, PemFiles, make_ca
 from spyrus_hsm.config import CloudConfig, PolicyRule, ServiceConfig, service_section
-from spyrus_hsm.hsm import Hsm
+from spyrus_hsm.hsm import Hsm, KeyAlgorithm
 from spyrus_hsm.service.audit import AuditLog
 from spyrus_hsm.service.core import Deps, Service
-from spyrus_hsm.service.server import Listeners, probe_forever, tls_context
+from spyrus_hsm.service.server import Listeners, ServerTls, probe_forever
 from spyrus_hsm.telemetry import Telemetry, hsm_instrument, setup
 
 HOST = "127.0.0.1"
@@ -83,7 +89,7 @@ class ServiceHarness:
         deps = Deps(self.hsm, self.telemetry, self.directory / "state", self.cloud, lambda: None, 3600, None)
         self.service = Service(self.cfg, deps, AuditLog(str(self.audit_file), self.cfg.audit_fail_closed))
         self.listeners = Listeners(self.service)
-        await self.listeners.start_api(tls_context(self.cfg, self.hsm, self.directory / "tls"))
+        await self.listeners.start_api(await asyncio.to_thread(ServerTls, self.cfg, self.hsm, self.directory / "tls"))
         assert self.listeners.api_port
         self.port = self.listeners.api_port
         if self.probe:
@@ -161,3 +167,22 @@ def verify_sas(token: str, key: bytes) -> dict[str, str]:
         key, f"{quote(fields['sr'], safe='')}\n{fields['se']}".encode(), hashlib.sha256).digest()).decode()
     assert hmac.compare_digest(fields["sig"], expected), "SAS signature does not verify"
     return fields
+
+
+def store_hsm_certificate(hsm: Hsm, label: str, pki: EmulatorPki, *, server_ip: str | None = None) -> x509.Certificate:
+    """A key pair generated in the HSM and a certificate for it from the PKI's intermediate CA,
+    stored beside it with the intermediate; with `server_ip`, a TLS server certificate for it."""
+    hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
+    now = dt.datetime.now(dt.UTC)
+    issuer = pki.intermediate
+    builder = (x509.CertificateBuilder().subject_name(x509.Name.from_rfc4514_string(f"CN={label}"))
+               .issuer_name(issuer.cert.subject).public_key(hsm.public_key(label))
+               .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+               .not_valid_after(now + dt.timedelta(days=1)))
+    if server_ip is not None:
+        builder = (builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(server_ip))]),
+                                         critical=False)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+    cert = builder.sign(issuer.key, hashes.SHA256())
+    hsm.import_certificates(label, [cert, issuer.cert])
+    return cert

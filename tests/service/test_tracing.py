@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime as dt
 import hashlib
 import hmac
 import logging
@@ -24,12 +23,11 @@ from urllib.parse import parse_qs
 import aiohttp
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from otlp_receiver import OtlpReceiver, SpanRecord, all_attribute_values
-from service_harness import ServiceHarness, verify_sas
+from service_harness import ServiceHarness, store_hsm_certificate, verify_sas
 
 from emulator.pki import EmulatorPki
-from spyrus_hsm.hsm import Hsm, KeyAlgorithm, Secret
+from spyrus_hsm.hsm import Hsm, Secret
 from spyrus_hsm.telemetry import Telemetry
 
 pytestmark = pytest.mark.timeout(60)
@@ -74,19 +72,6 @@ def exported_trace(rx: OtlpReceiver, telemetry: Telemetry, server_span: str, cou
     assert telemetry.force_flush()
     [server] = rx.wait_for_spans(lambda s: s.name == server_span)
     return rx.wait_for_spans(lambda s: s.trace_id == server.trace_id, count=count)
-
-
-def store_certificate(hsm: Hsm, label: str, pki: EmulatorPki) -> x509.Certificate:
-    """A key pair generated in the HSM, and a certificate for it stored beside it."""
-    hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
-    now = dt.datetime.now(dt.UTC)
-    issuer = pki.intermediate
-    cert = (x509.CertificateBuilder().subject_name(x509.Name.from_rfc4514_string(f"CN={label}"))
-            .issuer_name(issuer.cert.subject).public_key(hsm.public_key(label))
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1)).sign(issuer.key, hashes.SHA256()))
-    hsm.import_certificates(label, [cert, issuer.cert])
-    return cert
 
 
 # --- one trace per request ------------------------------------------------------------------
@@ -174,7 +159,7 @@ def test_route_with_a_parameter_is_named_by_its_template_not_the_path(
         rx: OtlpReceiver, telemetry: Telemetry, service: ServiceHarness, leaf: Leaf,
         hsm: Hsm, emulator_pki: EmulatorPki) -> None:
     label = leaf.name + "-tls"
-    cert = store_certificate(hsm, label, emulator_pki)
+    cert = store_hsm_certificate(hsm, label, emulator_pki)
     status, headers, pem = service.call("GET", f"/v1/certificates/{label}", bearer=leaf.bearer)
     assert status == 200, pem
     assert headers["content-type"] == "application/pem-certificate-chain"

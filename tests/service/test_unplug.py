@@ -11,6 +11,7 @@ These run in the pytest process whose PKCS#11 module is the shim (marker `shim`)
 from __future__ import annotations
 
 import asyncio
+import http.client
 import secrets
 import time
 from collections import Counter
@@ -21,10 +22,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from service_harness import ServiceHarness, verify_sas
+from service_harness import HOST, ServiceHarness, store_hsm_certificate, verify_sas
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm, Secret
+from spyrus_hsm.identity import tls
 
 pytestmark = [pytest.mark.shim, pytest.mark.timeout(90)]
 
@@ -207,3 +209,35 @@ def test_readyz_turns_false_within_1_s_of_an_unplug_with_no_requests_at_all(
     status, _, token = service.call("POST", "/v1/sas-tokens", {"deviceId": device}, bearer=bearer)
     assert status == 200, token
     verify_sas(token["token"], devices[device])
+
+
+def test_with_the_server_key_in_the_hsm_new_leaves_are_served_again_after_a_replug(
+        hsm: Hsm, plugged: Any, tmp_path: Path, emulator_pki: EmulatorPki, devices: dict[str, bytes],
+        bearer: str) -> None:
+    # service.tls_key_label: every handshake signs in the HSM through pkcs11-provider, and a TLS
+    # context made before a replug can never sign again (pkcs11-provider #494).
+    tls.load_provider(plugged.module, str(plugged.pin_file), tmp_path / "openssl")
+    label = "api-" + secrets.token_hex(3)
+    store_hsm_certificate(hsm, label, emulator_pki, server_ip=HOST)
+    device = next(iter(devices))
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, bearer={"gateway": bearer}, probe=True,
+                        tls_key_label=label, tls_cert_file=None, tls_key_file=None) as svc:
+        status, _, token = svc.call("POST", "/v1/sas-tokens", {"deviceId": device}, bearer=bearer)
+        assert status == 200, token
+        recoveries = hsm.state.recoveries
+        plugged.set_shim(state="unplugged")
+        wait_until(lambda: not hsm.state.ready, RECOVERY_GUARD, "noticed unplugged")
+        plugged.set_shim(state="plugged")
+        wait_until(lambda: hsm.state.ready and hsm.state.recoveries > recoveries, RECOVERY_GUARD, "recovered")
+
+        def new_leaf_served() -> bool:  # each call is a new connection: a new handshake
+            try:
+                status, _, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": device}, bearer=bearer)
+            except (OSError, http.client.HTTPException):
+                return False
+            assert status == 200, body
+            verify_sas(body["token"], devices[device])
+            return True
+
+        wait_until(new_leaf_served, RECOVERY_GUARD, "a new leaf served after the replug")
+        assert all(new_leaf_served() for _ in range(5))  # and every one after it
