@@ -3,7 +3,8 @@
 Leaves asking for tokens get 503 problem+json with Retry-After while the HSM is gone, /readyz
 turns 503 (ready: false) within 1 s of the unplug whether or not requests are in flight (the
 service probes the HSM), and once the HSM is back requests succeed again with nothing
-restarted. No answer is ever a token signed with another device's key.
+restarted, also when the server's TLS key is itself in the HSM. No answer is ever a token
+signed with another device's key.
 
 These run in the pytest process whose PKCS#11 module is the shim (marker `shim`).
 """
