@@ -300,6 +300,11 @@ class SilentCollector:
         host, port = self._listener.getsockname()[:2]
         return f"http://{host}:{port}"
 
+    @property
+    def connections(self) -> int:
+        """How many connections (export attempts) it has accepted and is holding."""
+        return len(self._held)
+
     def _accept(self) -> None:
         while not self._stop.is_set():
             try:

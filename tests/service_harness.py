@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import secrets
 import ssl
@@ -21,13 +23,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
 from emulator.pki import EmulatorPki, PemFiles, make_ca
 from spyrus_hsm.config import CloudConfig, PolicyRule, ServiceConfig, service_section
-from spyrus_hsm.hsm import Hsm, Secret
+from spyrus_hsm.hsm import Hsm, KeyAlgorithm, Secret
 from spyrus_hsm.service.audit import AuditLog
 from spyrus_hsm.service.core import Deps, Service
 from spyrus_hsm.service.problems import TYPE_BASE
-from spyrus_hsm.service.server import Listeners, tls_context
+from spyrus_hsm.service.server import Listeners, ServerTls, probe_forever
 from spyrus_hsm.telemetry import Telemetry, hsm_instrument, setup
 
 HOST = "127.0.0.1"
@@ -40,7 +46,8 @@ def rules(*specs: dict[str, Any]) -> tuple[PolicyRule, ...]:
 class ServiceHarness:
     def __init__(self, hsm: Hsm, directory: Path, pki: EmulatorPki, *, policy: list[dict[str, Any]] | None = None,
                  bearer: dict[str, str] | None = None, telemetry: Telemetry | None = None,
-                 cloud: CloudConfig | None = None, audit_file: Path | None = None, **overrides: Any) -> None:
+                 cloud: CloudConfig | None = None, audit_file: Path | None = None, probe: bool = False,
+                 **overrides: Any) -> None:
         self.hsm = hsm
         self.directory = directory
         self.pki = pki
@@ -63,6 +70,9 @@ class ServiceHarness:
         self.service: Service | None = None
         self.listeners: Listeners | None = None
         self.port = 0
+        self.probe = probe  # run the HSM probe as `serve` does (/readyz notices an idle unplug)
+        self._probe_stop: asyncio.Event | None = None
+        self._probe_task: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -75,18 +85,29 @@ class ServiceHarness:
         self.close()
 
     async def _start(self) -> None:
+        # Wired as runtime.Module wires it: HSM spans and the queue-depth gauge.
         self.hsm.instrument = hsm_instrument(self.telemetry)
+        self.telemetry.metrics.watch_queue_depth(self.hsm.pool.queue_depth)
         deps = Deps(self.hsm, self.telemetry, self.directory / "state", self.cloud, lambda: None, 3600, None)
         self.service = Service(self.cfg, deps, AuditLog(str(self.audit_file), self.cfg.audit_fail_closed))
         self.listeners = Listeners(self.service)
-        await self.listeners.start_api(tls_context(self.cfg, self.hsm, self.directory / "tls"))
+        await self.listeners.start_api(await asyncio.to_thread(ServerTls, self.cfg, self.hsm, self.directory / "tls"))
         assert self.listeners.api_port
         self.port = self.listeners.api_port
+        if self.probe:
+            self._probe_stop = asyncio.Event()
+            self._probe_task = asyncio.ensure_future(probe_forever(self.hsm, self._probe_stop))
+
+    async def _stop_probe(self) -> None:
+        if self._probe_stop is not None and self._probe_task is not None:
+            self._probe_stop.set()
+            await self._probe_task
 
     def run(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def close(self) -> None:
+        self.run(self._stop_probe())
         if self.listeners is not None:
             self.run(self.listeners.stop())
             self.listeners = None
@@ -170,3 +191,22 @@ def verify_sas(token: str, key: bytes) -> dict[str, str]:
         key, f"{quote(fields['sr'], safe='')}\n{fields['se']}".encode(), hashlib.sha256).digest()).decode()
     assert hmac.compare_digest(fields["sig"], expected), "SAS signature does not verify"
     return fields
+
+
+def store_hsm_certificate(hsm: Hsm, label: str, pki: EmulatorPki, *, server_ip: str | None = None) -> x509.Certificate:
+    """A key pair generated in the HSM and a certificate for it from the PKI's intermediate CA,
+    stored beside it with the intermediate; with `server_ip`, a TLS server certificate for it."""
+    hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
+    now = dt.datetime.now(dt.UTC)
+    issuer = pki.intermediate
+    builder = (x509.CertificateBuilder().subject_name(x509.Name.from_rfc4514_string(f"CN={label}"))
+               .issuer_name(issuer.cert.subject).public_key(hsm.public_key(label))
+               .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+               .not_valid_after(now + dt.timedelta(days=1)))
+    if server_ip is not None:
+        builder = (builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(server_ip))]),
+                                         critical=False)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+    cert = builder.sign(issuer.key, hashes.SHA256())
+    hsm.import_certificates(label, [cert, issuer.cert])
+    return cert

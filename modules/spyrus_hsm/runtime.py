@@ -23,7 +23,7 @@ from .identity import tls
 from .identity import x509 as x509_id
 from .service.audit import AuditLog
 from .service.core import Deps, Service
-from .service.server import Listeners, probe_forever, tls_context
+from .service.server import Listeners, ServerTls, probe_forever
 from .telemetry import Telemetry, hsm_instrument
 
 log = logging.getLogger("spyrus_hsm")
@@ -128,8 +128,8 @@ class Module:
                         await asyncio.sleep(0.5)
                         continue
                     await asyncio.to_thread(self.load_provider)
-                ctx = await asyncio.to_thread(tls_context, svc_cfg, self.hsm, self.state_dir / "tls")
-                await self.listeners.start_api(ctx)
+                server_tls = await asyncio.to_thread(ServerTls, svc_cfg, self.hsm, self.state_dir / "tls")
+                await self.listeners.start_api(server_tls)
                 print(f"spyrus-hsm: API on https://{svc_cfg.host}:{self.listeners.api_port}", flush=True)
                 return
             except (OSError, ValueError, RuntimeError) as exc:

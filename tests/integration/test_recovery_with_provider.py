@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import ssl
 import threading
 import time
 
@@ -124,3 +125,44 @@ def test_x509_hub_client_dropped_while_unplugged_is_rebuilt_after_replug(
         emu.wait_for(lambda: any(t.device_id == device for t in emu.received.telemetry), timeout=10)
     finally:
         client.shutdown()
+
+
+def _tls_pair(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    """A TLS connection held in memory on this thread, handshake done: (client, server)."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    done: set[str] = set()
+    while len(done) < 2:
+        for name, end in (("client", client), ("server", server)):
+            try:
+                end.do_handshake()
+                done.add(name)
+            except ssl.SSLWantReadError:
+                pass
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+    return client, server
+
+
+def test_the_error_the_provider_leaves_after_a_replug_drops_no_api_connection(
+        pool, token_env, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # After a replug the provider's first signature (here the module's own client certificate,
+    # as the hub connection makes) succeeds on a fresh session but leaves the stale session's
+    # "General Error" on the thread's OpenSSL error queue; freeing TLS objects that signed before
+    # the replug does the same on the thread the garbage collector runs on. CPython does not clear
+    # that queue before SSL_read (python/cpython#81891): the next "no data yet" of an unrelated
+    # connection on the thread (the API's event loop serves every leaf) read as a fatal SSLError.
+    files = _credential(pool, label, "leaf-" + label, emulator_pki.intermediate, tmp_path)
+    server_files = emulator_pki.server(["localhost"])
+    mutual = tls.server_context(server_files.cert_file, server_files.key_file, emulator_pki.ca_file,
+                                require_client_cert=True)
+    # The module's own link (as to the hub), signed with its HSM key and open across the replug.
+    module_link = _tls_pair(mutual, tls.client_context(files.cert_file, files.key_file, emulator_pki.ca_file))
+    _, api_side = _tls_pair(tls.server_context(server_files.cert_file, server_files.key_file),
+                            ssl.create_default_context(cafile=str(emulator_pki.ca_file)))  # a leaf, connected
+    _replug(token_env, pool)
+    _tls_pair(mutual, tls.client_context(files.cert_file, files.key_file, emulator_pki.ca_file))  # reconnects
+    with pytest.raises(ssl.SSLWantReadError):
+        api_side.read(4)  # the leaf has sent nothing yet: "want read", not an error
+    del module_link

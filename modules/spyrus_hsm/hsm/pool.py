@@ -182,6 +182,10 @@ class HsmPool:
     def add_listener(self, fn: Callable[[HsmState], None]) -> None:
         self._listeners.append(fn)
 
+    def remove_listener(self, fn: Callable[[HsmState], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
     def queue_depth(self) -> int:
         return self._outstanding
 
@@ -466,7 +470,7 @@ class HsmPool:
         new = HsmState(status, reason, old.token_label, old.token_serial,
                        recoveries=old.recoveries if recoveries is None else recoveries)
         self._state = new
-        for fn in self._listeners:
+        for fn in list(self._listeners):
             try:
                 fn(new)
             except Exception:

@@ -14,12 +14,17 @@ import os
 import ssl
 import sysconfig
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from asn1crypto.core import Sequence, UTF8String, VisibleString
 
 from ..files import write_atomic
 from ..hsm import Pkcs11Uri, mark_shared
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 PEM_LABEL = "PKCS#11 PROVIDER URI"
 URI_DESCRIPTION = "PKCS#11 Provider URI v1.0"
@@ -160,14 +165,60 @@ def client_context(cert_file: str | os.PathLike[str], key_file: str | os.PathLik
 def server_context(cert_file: str | os.PathLike[str], key_file: str | os.PathLike[str],
                    client_ca_file: str | os.PathLike[str] | None = None,
                    require_client_cert: bool = False) -> ssl.SSLContext:
-    """TLS server context; with `client_ca_file`, client certificates chaining to it are asked for."""
+    """TLS server context; with `client_ca_file`, client certificates chaining to it are asked for.
+    Its connections made with wrap_bio (asyncio's, so the API's) are `ErrorQueueSafeSSLObject`s."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sslobject_class = ErrorQueueSafeSSLObject
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(cert_file), str(key_file))
     if client_ca_file:
         ctx.load_verify_locations(str(client_ca_file))
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return ctx
+
+
+# --- TLS I/O that a stray OpenSSL error cannot break ------------------------------------------
+
+def _error_queue_clearer() -> Callable[[], None]:
+    try:
+        clear = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3").ERR_clear_error
+    except (OSError, AttributeError):
+        return lambda: None
+    clear.argtypes, clear.restype = [], None
+    return cast(Callable[[], None], clear)
+
+
+_clear_openssl_errors = _error_queue_clearer()
+
+
+class ErrorQueueSafeSSLObject(ssl.SSLObject):
+    """An SSLObject that empties this thread's OpenSSL error queue before each TLS operation, as
+    SSL_get_error(3) requires and CPython does not do (python/cpython#81891).
+
+    Otherwise an error left on the thread by an unrelated OpenSSL call turns the next "no data
+    yet" into a fatal SSLError and the connection is dropped without an answer. pkcs11-provider
+    leaves such errors once the HSM has been replugged: the first signature with a server key in
+    the HSM (it succeeds on a fresh session, leaving the stale session's "General Error"), and
+    the freeing of TLS objects that used an HSM key before the replug (on whichever thread the
+    garbage collector runs, often an event loop's). On the API's event loop, any leaf's
+    connection could be the one dropped.
+    """
+
+    def do_handshake(self) -> None:
+        _clear_openssl_errors()
+        super().do_handshake()
+
+    def read(self, len: int = 1024, buffer: WriteableBuffer | None = None) -> bytes:
+        _clear_openssl_errors()
+        return super().read(len, buffer)
+
+    def write(self, data: ReadableBuffer) -> int:
+        _clear_openssl_errors()
+        return super().write(data)
+
+    def unwrap(self) -> None:
+        _clear_openssl_errors()
+        super().unwrap()
 
 
 # --- client certificates judged by the application --------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import threading
 from pathlib import Path
 
 from aiohttp import web
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ..config import ServiceConfig
 from ..files import write_atomic
-from ..hsm import Hsm
+from ..hsm import Hsm, HsmState
 from ..identity import tls
 from .app import build_app
 from .core import Service
@@ -52,6 +53,50 @@ def tls_context(cfg: ServiceConfig, hsm: Hsm, tls_dir: Path) -> ssl.SSLContext:
     return ctx
 
 
+class ServerTls:
+    """The API's TLS context, renewed after each HSM recovery when the server key is in the HSM.
+
+    pkcs11-provider keeps using the sessions of a key it loaded, and an HSM replug kills them: a
+    context made before the replug can never sign again (pkcs11-provider #494), so every leaf's
+    handshake failed until the module was restarted. So once the HSM is back a new context is
+    built on a thread, and each handshake moves to the newest one in the SNI callback, which
+    OpenSSL calls for every ClientHello, with or without a server name. Make it off the event
+    loop (it reads the HSM); `close` stops following the HSM. A key in a file needs none of this.
+    """
+
+    def __init__(self, cfg: ServiceConfig, hsm: Hsm, tls_dir: Path) -> None:
+        self._cfg, self._hsm, self._dir = cfg, hsm, tls_dir
+        self.current = tls_context(cfg, hsm, tls_dir)
+        self.listening = self.current  # the context the listening socket is made with
+        self._recoveries = hsm.state.recoveries
+        self._closed = False
+        if cfg.tls_key_label:
+            self.listening.sni_callback = self._newest
+            hsm.pool.add_listener(self._on_hsm_state)
+
+    def _newest(self, conn: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        if conn.context is not self.current:
+            conn.context = self.current
+
+    def _on_hsm_state(self, state: HsmState) -> None:  # on the pool's supervisor thread
+        if state.ready and state.recoveries != self._recoveries and not self._closed:
+            self._recoveries = state.recoveries
+            threading.Thread(target=self.renew, name="api-tls-renew", daemon=True).start()
+
+    def renew(self) -> None:
+        try:
+            self.current = tls_context(self._cfg, self._hsm, self._dir)
+        except Exception as exc:
+            log.error("the API's TLS context could not be renewed after the HSM came back: %s; "
+                      "TLS handshakes fail until the next recovery or a restart", exc)
+        else:
+            log.info("API TLS context renewed after the HSM came back")
+
+    def close(self) -> None:
+        self._closed = True
+        self._hsm.pool.remove_listener(self._on_hsm_state)
+
+
 async def probe_forever(hsm: Hsm, stop: asyncio.Event) -> None:
     while not stop.is_set():
         if hsm.state.ready:
@@ -73,6 +118,7 @@ class Listeners:
         self.runners: list[web.AppRunner] = []
         self.api_port: int | None = None
         self.health_port: int | None = None
+        self.server_tls: ServerTls | None = None
 
     async def start_health(self) -> None:
         cfg = self.service.cfg
@@ -83,9 +129,10 @@ class Listeners:
         app.add_routes([r for r in health.ROUTES if r.path in ("/healthz", "/readyz")])
         self.health_port = await self._start(app, cfg.health_host, cfg.health_port, None)
 
-    async def start_api(self, ctx: ssl.SSLContext) -> None:
+    async def start_api(self, server_tls: ServerTls) -> None:
         cfg = self.service.cfg
-        self.api_port = await self._start(build_app(self.service), cfg.host, cfg.port, ctx)
+        self.api_port = await self._start(build_app(self.service), cfg.host, cfg.port, server_tls.listening)
+        self.server_tls = server_tls
         log.info("API listening on https://%s:%d", cfg.host, self.api_port)
 
     async def _start(self, app: web.Application, host: str, port: int, ctx: ssl.SSLContext | None) -> int:
@@ -99,6 +146,8 @@ class Listeners:
         return int(sockets[0].getsockname()[1]) if sockets else port
 
     async def stop(self) -> None:
+        if self.server_tls is not None:
+            self.server_tls.close()
         for runner in reversed(self.runners):
             await runner.cleanup()
         self.runners.clear()

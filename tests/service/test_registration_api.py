@@ -1,0 +1,115 @@
+"""DPS registration on a leaf's behalf through the API (leaves behind an edge gateway cannot
+reach DPS): the service signs with the leaf's key in the HSM, registers with the DPS emulator
+over real MQTT/TLS using the azure-iot-device SDK, and hands back the assignment.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from otlp_receiver import OtlpReceiver
+from service_harness import ServiceHarness
+
+from emulator.core import Emulator
+from emulator.pki import EmulatorPki, PemFiles
+from spyrus_hsm.config import CloudConfig
+from spyrus_hsm.hsm import Hsm, Secret
+from spyrus_hsm.telemetry import Telemetry
+
+pytestmark = pytest.mark.timeout(90)
+
+HOST = "127.0.0.51"
+SCOPE = "0ne000A51E"
+POLICY = [{"principals": ["*"], "operations": ["registration"], "devices": ["{cn}"]}]
+
+
+@pytest.fixture
+def emu(make_emulator: Callable[..., Emulator]) -> Emulator:
+    e = make_emulator(HOST, id_scope=SCOPE)
+    e.polls_before_assigned = 1
+    return e
+
+
+@pytest.fixture
+def cloud(emulator_pki: EmulatorPki) -> CloudConfig:
+    return CloudConfig(provisioning_host=HOST, server_ca_file=str(emulator_pki.ca_file), id_scope=SCOPE)
+
+
+def hsm_key(hsm: Hsm, label: str) -> str:
+    """A random symmetric key imported into the HSM under `label`; returned in base64 for DPS."""
+    raw = secrets.token_bytes(32)
+    hsm.import_secret_key(label, Secret(raw))
+    return base64.b64encode(raw).decode()
+
+
+def register(svc: ServiceHarness, leaf: PemFiles, reg: str) -> tuple[int, dict[str, str], Any]:
+    return svc.call("POST", "/v1/registrations",
+                    {"registrationId": reg, "idScope": SCOPE, "attestation": "symmetricKey"}, cert=leaf)
+
+
+def test_a_leaf_registers_through_the_api_and_reads_its_assignment_back(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, emu: Emulator, cloud: CloudConfig,
+        rx: OtlpReceiver, telemetry: Telemetry) -> None:
+    reg = "leafreg-" + secrets.token_hex(4)
+    emu.add_individual_enrollment(reg, symmetric_key=hsm_key(hsm, reg), assigned_hub=HOST)
+    leaf = emulator_pki.device(reg)
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, cloud=cloud, telemetry=telemetry) as svc:
+        status, _, assignment = register(svc, leaf, reg)
+        assert status == 200, assignment
+        assert (assignment["status"], assignment["assignedHub"], assignment["deviceId"],
+                assignment["registrationId"], assignment["attestation"]) == ("assigned", HOST, reg, reg, "symmetricKey")
+        status, _, stored = svc.call("GET", f"/v1/registrations/{reg}", cert=leaf)
+        assert status == 200, stored
+        assert stored == assignment
+        audit = [(r["operation"], r["principal"], r["device"], r["key"], r["outcome"]) for r in svc.audit_records()]
+        assert audit == [("registration", reg, reg, reg, "allowed"), ("registration", reg, reg, None, "allowed")]
+    assert [(a.device_id, a.assigned_hub, a.enrollment) for a in emu.received.assignments
+            if a.registration_id == reg] == [(reg, HOST, f"individual:{reg}")]
+
+    # One trace: the server span, the registration under it, the DPS token signed in the HSM under that.
+    assert telemetry.force_flush()
+    [server] = rx.wait_for_spans(lambda s: s.name == "POST /v1/registrations")
+    [dps] = rx.wait_for_spans(lambda s: s.name == "dps.register")
+    assert (dps.trace_id, dps.parent_span_id) == (server.trace_id, server.span_id)
+    assert (dps.attributes["dps.registration_id"], dps.attributes["dps.status"]) == (reg, "assigned")
+    signs = rx.wait_for_spans(lambda s: s.name == "hsm.sign" and s.trace_id == server.trace_id)
+    assert {s.parent_span_id for s in signs} == {dps.span_id}
+    assert {s.attributes["hsm.key.label"] for s in signs} == {reg}
+
+
+def test_a_group_enrollment_leaf_registers_with_a_key_derived_in_the_hsm(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, emu: Emulator, cloud: CloudConfig) -> None:
+    group = "group-" + secrets.token_hex(4)
+    emu.add_group_enrollment(group, symmetric_key=hsm_key(hsm, group), assigned_hub=HOST)
+    reg = "grpleaf-" + secrets.token_hex(4)
+    leaf = emulator_pki.device(reg)
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, cloud=cloud, group_key=group) as svc:
+        status, _, assignment = register(svc, leaf, reg)
+        assert status == 200, assignment
+        assert (assignment["status"], assignment["assignedHub"], assignment["deviceId"]) == ("assigned", HOST, reg)
+        status, _, stored = svc.call("GET", f"/v1/registrations/{reg}", cert=leaf)
+        assert (status, stored) == (200, assignment)
+    assert [a.enrollment for a in emu.received.assignments if a.registration_id == reg] == [f"group:{group}"]
+    derived = next(o for o in hsm.list_objects() if o.label == f"{group}.{reg}")
+    assert (derived.sensitive, derived.extractable) == (True, False)  # the leaf's key never left the HSM
+
+
+def test_a_leaf_may_not_register_or_read_another_id(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, emu: Emulator, cloud: CloudConfig) -> None:
+    mine, theirs = "leafa-" + secrets.token_hex(4), "leafb-" + secrets.token_hex(4)
+    emu.add_individual_enrollment(theirs, symmetric_key=hsm_key(hsm, theirs), assigned_hub=HOST)
+    leaf = emulator_pki.device(mine)
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, cloud=cloud) as svc:
+        status, headers, problem = register(svc, leaf, theirs)
+        assert status == 403, problem
+        assert headers["content-type"].startswith("application/problem+json")
+        assert problem["type"].endswith("/forbidden") and theirs in problem["detail"]
+        status, _, problem = svc.call("GET", f"/v1/registrations/{theirs}", cert=leaf)
+        assert status == 403, problem
+        assert [r["outcome"] for r in svc.audit_records()] == ["denied", "denied"]
+    assert not [r for r in emu.received.registrations if r.registration_id == theirs]  # DPS never asked
