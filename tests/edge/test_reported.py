@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from emulator.pki import make_ca, make_device_cert
 from spyrus_hsm.edge.reported import (
     changes,
     clip,
@@ -16,8 +17,6 @@ from spyrus_hsm.edge.reported import (
 )
 from spyrus_hsm.hsm import HsmState, ObjectInfo
 from spyrus_hsm.identity.x509 import X509Credential
-
-from emulator.pki import make_ca, make_device_cert
 
 LEAF_EXPIRY = dt.datetime(2031, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
 

@@ -52,12 +52,15 @@ class EdgeHooks:
 
 class EdgeAgent:
     def __init__(self, env: EdgeEnvironment, hooks: EdgeHooks, *, inventory_interval: float = 600.0,
-                 retry_max: float = 30.0, hsm_deadline: float = 20.0,
+                 retry_max: float = 30.0, reconnect_after: float = 30.0, hsm_deadline: float = 20.0,
                  sdk_options: dict[str, Any] | None = None) -> None:
         self.env = env
         self.hooks = hooks
         self.inventory_interval = inventory_interval
         self.retry_max = retry_max
+        # The SDK stops reconnecting after a refused CONNECT (e.g. while edgeHub restarts):
+        # a client down this long is replaced by a new one.
+        self.reconnect_after = reconnect_after
         self.hsm_deadline = hsm_deadline   # a direct method must answer well within the hub's 30 s
         self.sdk_options = dict(sdk_options or {})
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -66,9 +69,11 @@ class EdgeAgent:
         self._thread: threading.Thread | None = None
         self._client: Any = None
         self._was_connected = False
+        self._down_since: float | None = None
         self._service_base = hooks.config.service       # the file's service section, live keys as reloaded
         self._current = twin.TwinSettings(hooks.config.service, None)
-        self._desired: dict[str, Any] = {}
+        self._desired: dict[str, Any] = {}             # the twin's desired document
+        self._applied_desired: dict[str, Any] = {}     # ... as last applied
         self._desired_version: int | None = None
         self._applied_version: int | None = None
         self._default_log_level = logging.getLogger(PACKAGE_LOGGER).level
@@ -159,7 +164,7 @@ class EdgeAgent:
 
     def _step(self) -> None:
         due = self._inventory_due if self.hooks.hsm.state.ready else float("inf")
-        pending = bool(rep.changes(self._acked, self._wanted))
+        pending = bool(rep.changes(self._acked, self._wanted)) or not self.connected
         wait = 1.0 if pending else max(0.1, min(30.0, due - time.monotonic()))
         try:
             kind, arg = self._queue.get(timeout=wait)
@@ -174,6 +179,22 @@ class EdgeAgent:
         if self.hooks.hsm.state.ready and time.monotonic() >= self._inventory_due:
             self._refresh_inventory()
         self._push()
+        self._watch_connection()
+
+    def _watch_connection(self) -> None:
+        if self.connected:
+            self._down_since = None
+            return
+        now = time.monotonic()
+        self._down_since = self._down_since or now
+        if now - self._down_since < self.reconnect_after:
+            return
+        log.warning("edgeHub connection down for %g s and the SDK is not reconnecting; "
+                    "replacing the client", now - self._down_since)
+        client, self._client = self._client, None
+        threading.Thread(target=_shutdown_quietly, args=(client,), name="edge-shutdown", daemon=True).start()
+        self._down_since = None
+        self._was_connected = False
 
     # --- desired properties ------------------------------------------------------------------
 
@@ -208,7 +229,7 @@ class EdgeAgent:
             except (twin.TwinConfigError, ApplyError) as exc:
                 self._reject("twin", str(exc))
                 return
-            self._applied_version = version
+            self._applied_desired, self._applied_version = doc, version
             self._wanted["config"] = rep.config_section("applied", version, version, "twin")
         log.info("module twin desired properties version %s applied", version)
 
@@ -354,25 +375,39 @@ class EdgeAgent:
 
     def reload(self) -> tuple[int, dict[str, Any]]:
         """Re-read the config file; apply its live service settings (under the twin's), list
-        what needs a restart. An invalid file changes nothing."""
+        what needs a restart. An invalid file changes nothing. If the twin's desired document
+        was rejected, the file is applied under the last twin document that was applied (and
+        the twin's stays rejected, unless the new file makes it valid)."""
         with self._lock:
             try:
                 reloaded = self.hooks.reload_config()
-                running = self.hooks.config.service
-                base = _with_fixed(reloaded.service, running)
-                wanted = twin.evaluate(self._desired, base, self._desired_version)
+                base = _with_fixed(reloaded.service, self.hooks.config.service)
+                twin_error = None
+                try:
+                    wanted = twin.evaluate(self._desired, base, self._desired_version)
+                except twin.TwinConfigError as exc:
+                    if self._applied_desired == self._desired:
+                        raise
+                    twin_error = str(exc)
+                    wanted = twin.evaluate(self._applied_desired, base, self._applied_version)
                 changed = self._apply(wanted)
             except (ConfigError, twin.TwinConfigError, ApplyError) as exc:
                 self._reject("file", str(exc))
                 return 400, {"status": "rejected", "error": rep.clip(str(exc))}
             self._service_base = base
-            self._wanted["config"] = rep.config_section("applied", self._desired_version, self._applied_version,
-                                                        "file")
+            if twin_error is None:
+                self._applied_desired, self._applied_version = self._desired, self._desired_version
+            self._wanted["config"] = rep.config_section("applied" if twin_error is None else "rejected",
+                                                        self._desired_version, self._applied_version, "file",
+                                                        twin_error)
             restart = twin.restart_required(self.hooks.config, reloaded)
         log.info("config file %s reloaded: changed %s; restart required for %s", reloaded.source,
                  ", ".join(changed) or "nothing", ", ".join(restart) or "nothing")
-        return 200, {"status": "applied", "source": reloaded.source, "changed": changed,
-                     "restartRequired": restart}
+        body: dict[str, Any] = {"status": "applied", "source": reloaded.source, "changed": changed,
+                                "restartRequired": restart}
+        if twin_error is not None:
+            body["twinRejected"] = rep.clip(twin_error)
+        return 200, body
 
 
 class ApplyError(RuntimeError):
