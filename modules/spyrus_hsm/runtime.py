@@ -138,7 +138,12 @@ class Module:
                 service.reconfigure(cfg)  # on the loop, between requests
 
             def apply(cfg: ServiceConfig) -> None:
-                asyncio.run_coroutine_threadsafe(reconfigure(cfg), loop).result(5.0)
+                future = asyncio.run_coroutine_threadsafe(reconfigure(cfg), loop)
+                try:
+                    future.result(5.0)
+                except TimeoutError:
+                    future.cancel()  # not applied later behind the agent's back
+                    raise
 
         log.info("IoT Edge: %s", self.edge_env.describe())
         hooks = EdgeHooks(self.hsm, self.cfg, self._reload_config, apply)

@@ -53,7 +53,7 @@ class EdgeHooks:
 class EdgeAgent:
     def __init__(self, env: EdgeEnvironment, hooks: EdgeHooks, *, inventory_interval: float = 600.0,
                  retry_max: float = 30.0, reconnect_after: float = 30.0, hsm_deadline: float = 20.0,
-                 sdk_options: dict[str, Any] | None = None) -> None:
+                 sdk_timeout: float = 30.0, sdk_options: dict[str, Any] | None = None) -> None:
         self.env = env
         self.hooks = hooks
         self.inventory_interval = inventory_interval
@@ -61,6 +61,7 @@ class EdgeAgent:
         # The SDK stops reconnecting after a refused CONNECT (e.g. while edgeHub restarts):
         # a client down this long is replaced by a new one.
         self.reconnect_after = reconnect_after
+        self.sdk_timeout = sdk_timeout     # the SDK's twin GET/PATCH wait for an answer forever
         self.hsm_deadline = hsm_deadline   # a direct method must answer well within the hub's 30 s
         self.sdk_options = dict(sdk_options or {})
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -70,6 +71,7 @@ class EdgeAgent:
         self._client: Any = None
         self._was_connected = False
         self._down_since: float | None = None
+        self._twin_stale = False
         self._service_base = hooks.config.service       # the file's service section, live keys as reloaded
         self._current = twin.TwinSettings(hooks.config.service, None)
         self._desired: dict[str, Any] = {}             # the twin's desired document
@@ -148,7 +150,8 @@ class EdgeAgent:
             self._was_connected = True
             log.info("connected to edgeHub as %s", self.env.describe())
             self._handle_hsm_state()
-            self._refresh_twin()
+            if not self._refresh_twin():
+                raise ConnectionError("the module twin could not be read")
             self._push()
             return True
         except Exception as exc:
@@ -176,6 +179,8 @@ class EdgeAgent:
             self._handle_hsm_state()
         elif kind == "connection":
             self._handle_connection()
+        if self._twin_stale and self.connected:
+            self._refresh_twin()
         if self.hooks.hsm.state.ready and time.monotonic() >= self._inventory_due:
             self._refresh_inventory()
         self._push()
@@ -189,12 +194,26 @@ class EdgeAgent:
         self._down_since = self._down_since or now
         if now - self._down_since < self.reconnect_after:
             return
-        log.warning("edgeHub connection down for %g s and the SDK is not reconnecting; "
-                    "replacing the client", now - self._down_since)
+        self._replace_client(f"edgeHub connection down for {now - self._down_since:.0f} s and the SDK "
+                             "is not reconnecting")
+
+    def _replace_client(self, why: str) -> None:
+        """Drop the client (shut down in the background); the agent thread connects anew."""
+        log.warning("%s; replacing the IoT Edge client", why)
         client, self._client = self._client, None
-        threading.Thread(target=_shutdown_quietly, args=(client,), name="edge-shutdown", daemon=True).start()
+        if client is not None:
+            threading.Thread(target=_shutdown_quietly, args=(client,), name="edge-shutdown", daemon=True).start()
         self._down_since = None
         self._was_connected = False
+
+    def _sdk(self, what: str, fn: Callable[[], T]) -> T:
+        """An SDK call that waits for edgeHub's answer, bounded; a client that does not answer
+        in time is replaced."""
+        try:
+            return _within(self.sdk_timeout, what, fn, "edge-sdk-call")
+        except TimeoutError as exc:
+            self._replace_client(str(exc))
+            raise
 
     # --- desired properties ------------------------------------------------------------------
 
@@ -213,12 +232,22 @@ class EdgeAgent:
                 return
         self._apply_desired(twin.merge_patch(self._desired, patch), version if isinstance(version, int) else None)
 
-    def _refresh_twin(self) -> None:
-        desired = self._client.get_twin().get("desired", {})
+    def _refresh_twin(self) -> bool:
+        """Read the whole twin and apply its desired document if it is new; False (and retried
+        on a later step) if it could not be read."""
+        client = self._client
+        try:
+            document = self._sdk("reading the module twin", client.get_twin)
+        except Exception as exc:
+            log.warning("the module twin could not be read (%s); will retry", _explain(exc))
+            self._twin_stale = True
+            return False
+        self._twin_stale = False
+        desired = document.get("desired", {})
         version = desired.get("$version")
-        if self._applied_version is not None and version == self._desired_version:
-            return
-        self._apply_desired(twin.settings(desired), version if isinstance(version, int) else None)
+        if self._applied_version is None or version != self._desired_version:
+            self._apply_desired(twin.settings(desired), version if isinstance(version, int) else None)
+        return True
 
     def _apply_desired(self, doc: dict[str, Any], version: int | None) -> None:
         with self._lock:
@@ -313,7 +342,7 @@ class EdgeAgent:
         if not patch:
             return
         try:
-            client.patch_twin_reported_properties(patch)
+            self._sdk("sending reported properties", lambda: client.patch_twin_reported_properties(patch))
         except Exception as exc:
             log.warning("reported properties not sent (%s); will retry", _explain(exc))
             return
@@ -424,9 +453,10 @@ def _live_settings(cfg: ServiceConfig) -> dict[str, Any]:
     return {key: mapping[name] for key, name in twin.LIVE.items()}
 
 
-def _within(seconds: float, what: str, fn: Callable[[], T]) -> T:
+def _within(seconds: float, what: str, fn: Callable[[], T], thread_name: str = "edge-hsm-read") -> T:
     """`fn()` on a helper thread, waited for at most `seconds` (the sync Hsm API has no
-    per-call timeout in inline mode; an SDK handler thread must not hang on a stuck token)."""
+    per-call timeout in inline mode, the SDK's twin calls none at all: an agent or SDK handler
+    thread must not hang on a stuck token or a request edgeHub never answers)."""
     future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
     def run() -> None:
@@ -435,11 +465,11 @@ def _within(seconds: float, what: str, fn: Callable[[], T]) -> T:
         except BaseException as exc:
             future.set_exception(exc)
 
-    threading.Thread(target=run, name="edge-hsm-read", daemon=True).start()
+    threading.Thread(target=run, name=thread_name, daemon=True).start()
     try:
         return future.result(seconds)
     except concurrent.futures.TimeoutError:
-        raise TimeoutError(f"{what}: the HSM did not answer within {seconds:g} s") from None
+        raise TimeoutError(f"{what}: no answer within {seconds:g} s") from None
 
 
 def _shutdown_quietly(client: Any) -> None:
