@@ -344,3 +344,27 @@ def test_desired_changes_made_while_the_sdk_had_given_up_are_applied_once_back(
         assert len(site.emu.received.accepted_connects("edge1/spyrus_hsm")) >= 2
     finally:
         assert agent.stop()
+
+
+# --- HSM unplugged while running (PKCS#11 fault-injection shim) -------------------------------
+
+
+@pytest.mark.shim
+def test_an_unplugged_hsm_is_reported_not_ready_and_ready_again_after_replug(
+        site: EdgeSite, module_site: Callable[..., ModuleSite], token_env: Any) -> None:
+    token_env.set_shim(state="plugged")
+    module_site(policy=GW_CAN_MINT).start()
+    connected(site)
+    try:
+        token_env.set_shim(state="unplugged")
+        status, _ = site.method("listCredentials")  # the HSM call that meets the fault ...
+        assert status == 503
+        reported = site.wait_reported(lambda r: r["hsm"]["ready"] is False)  # ... and is reported
+        assert reported["hsm"]["status"] == "degraded" and reported["hsm"]["reason"]
+        assert reported["lastError"]["source"] == "hsm"
+    finally:
+        token_env.set_shim(state="plugged")
+    reported = site.wait_reported(lambda r: r["hsm"]["ready"] is True)
+    assert reported["hsm"]["recoveries"] == 1
+    status, body = site.method("listCredentials")
+    assert status == 200 and body["token"]["label"] == token_env.label

@@ -134,6 +134,9 @@ class EdgeAgent:
             except Exception as exc:  # never let the agent die: report and carry on
                 log.exception("IoT Edge agent: unexpected error")
                 self._record_error("edge", f"{type(exc).__name__}: {exc}")
+        client, self._client = self._client, None  # one connected while stop() was looking
+        if client is not None:
+            _shutdown_quietly(client)
 
     def _connect(self) -> bool:
         client = None
