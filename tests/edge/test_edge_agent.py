@@ -150,6 +150,18 @@ def test_an_invalid_patch_is_rejected_whole_and_the_old_config_kept(
     assert (module.service.cfg.rate_limit_burst, module.service.cfg.min_ttl) == (1, 600)
 
 
+def test_a_burst_of_patches_ends_with_the_last_version_applied(
+        site: EdgeSite, module_site: Callable[..., ModuleSite]) -> None:
+    """The SDK runs patch handlers on up to four threads, so patches can arrive out of order;
+    whatever the order, the last desired version is what ends up applied."""
+    module = module_site(policy=GW_CAN_MINT).start()
+    connected(site)
+    versions = [site.patch({"service": {"rateLimitBurst": burst}}) for burst in range(2, 12)]
+
+    assert site.wait_config(versions[-1])["status"] == "applied"
+    assert module.service is not None and module.service.cfg.rate_limit_burst == 11
+
+
 def test_settings_fixed_at_start_are_rejected_from_the_twin(site: EdgeSite,
                                                             module_site: Callable[..., ModuleSite]) -> None:
     module = module_site(policy=GW_CAN_MINT).start()
