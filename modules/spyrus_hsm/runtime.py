@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from . import config as config_mod
 from .cloud.dps import DpsRequest, Provisioner
 from .cloud.hub import HubClient, HubIdentity
-from .config import Config
+from .config import Config, ServiceConfig
+from .edge.agent import EdgeAgent, EdgeHooks
+from .edge.environment import detect as detect_edge
 from .hsm import Hsm, HsmState, read_secret_file
 from .identity import tls
 from .identity import x509 as x509_id
@@ -27,6 +31,7 @@ from .service.server import Listeners, ServerTls, probe_forever
 from .telemetry import Telemetry, hsm_instrument
 
 log = logging.getLogger("spyrus_hsm")
+EDGE_STOP_SECONDS = 3.0  # of the 10 s edgeAgent gives a module to stop
 
 
 class Module:
@@ -51,6 +56,8 @@ class Module:
             deps = Deps(self.hsm, telemetry, self.state_dir, cfg.cloud, lambda: self.assigned_hub,
                         cfg.sas.default_ttl, self.load_provider)
             self.service = Service(cfg.service, deps, AuditLog(audit_path, cfg.service.audit_fail_closed))
+        self.edge_env = detect_edge(os.environ)  # IoT Edge? (raises on a half-configured environment)
+        self.edge: EdgeAgent | None = None
 
     def load_provider(self) -> None:
         assert self.cfg.hsm.pin_file
@@ -101,6 +108,8 @@ class Module:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut everything down (bounded: edgeAgent waits 10 s)."""
         self.start()
+        if self.edge_env is not None:
+            self.edge = self._start_edge(asyncio.get_running_loop())
         tasks = []
         if self.service is not None:
             self.listeners = Listeners(self.service)
@@ -108,6 +117,8 @@ class Module:
             tasks.append(asyncio.create_task(probe_forever(self.hsm, stop)))
             tasks.append(asyncio.create_task(self._start_api(stop)))
         await stop.wait()
+        if self.edge is not None:
+            await asyncio.to_thread(self.edge.stop, EDGE_STOP_SECONDS)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -116,6 +127,30 @@ class Module:
         if self.service is not None:
             self.service.close()
         await asyncio.to_thread(self.stop)
+
+    def _start_edge(self, loop: asyncio.AbstractEventLoop) -> EdgeAgent:
+        """The module client for edgeHub: twin configuration, reported state, direct methods."""
+        assert self.edge_env is not None
+        service = self.service
+        apply = None
+        if service is not None:
+            async def reconfigure(cfg: ServiceConfig) -> None:
+                service.reconfigure(cfg)  # on the loop, between requests
+
+            def apply(cfg: ServiceConfig) -> None:
+                future = asyncio.run_coroutine_threadsafe(reconfigure(cfg), loop)
+                try:
+                    future.result(5.0)
+                except TimeoutError:
+                    future.cancel()  # not applied later behind the agent's back
+                    raise
+
+        log.info("IoT Edge: %s", self.edge_env.describe())
+        hooks = EdgeHooks(self.hsm, self.cfg, self._reload_config, apply)
+        return EdgeAgent(self.edge_env, hooks).start()
+
+    def _reload_config(self) -> Config:
+        return config_mod.load(None if self.cfg.source == "defaults" else self.cfg.source)
 
     async def _start_api(self, stop: asyncio.Event) -> None:
         """The HTTPS listener; with the server key in the HSM it waits for the HSM first."""

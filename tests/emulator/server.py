@@ -3,8 +3,10 @@
 Service logic (IoT Hub, DPS) lives in ``hub.py`` and ``dps.py`` behind the small ``Service``
 interface; this module owns the connection life cycle and what Azure does at the MQTT level:
 CONNACK 5 for bad credentials, closing the connection on protocol violations, QoS 2 or
-publishes to topics the identity may not use, and dropping an older connection when a client
-id connects again.
+publishes to topics the identity may not use, dropping an older connection when a client id
+connects again, and keeping a CleanSession=0 client's subscriptions for its next connection
+(MQTT 3.1.1 §3.1.2.4; IoT Hub and edgeHub do, and azure-iot-device relies on it: it does not
+subscribe again after reconnecting — Azure/iotedge#5048).
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ class Session:
     reader: asyncio.StreamReader = field(repr=False)
     keepalive: int = 60
     subscriptions: dict[str, int] = field(default_factory=dict)
+    persistent: bool = False  # CleanSession=0: the subscriptions outlive the connection
     close_reason: str | None = None
     expiry_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     _next_packet_id: int = 0
@@ -177,6 +180,7 @@ class Server:
         self.received = received
         self.connect_timeout = connect_timeout
         self.sessions: dict[tuple[str, str], Session] = {}
+        self._stored: dict[tuple[str, str], dict[str, int]] = {}  # persistent sessions' subscriptions
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._close_grace = 1.0  # seconds to wait for the peer's TLS close_notify
@@ -287,13 +291,19 @@ class Server:
         writer: asyncio.StreamWriter,
         peer: str,
     ) -> Session:
-        session = Session(service, packet.client_id, auth, writer, reader, packet.keepalive)
-        previous = self.sessions.get((service.name, session.client_id))
+        key = (service.name, packet.client_id)
+        previous = self.sessions.get(key)
+        stored = self._stored.pop(key, None)
+        if previous is not None and previous.persistent:
+            stored = previous.subscriptions
+        resumed = None if packet.clean_session else stored
+        session = Session(service, packet.client_id, auth, writer, reader, packet.keepalive,
+                          dict(resumed or {}), persistent=not packet.clean_session)  # fmt: skip
         if previous is not None:
             previous.close("replaced by a new connection with the same client id")
-        self.sessions[(service.name, session.client_id)] = session
+        self.sessions[key] = session
         service.opened(session)
-        writer.write(mqtt.encode_connack(mqtt.ConnackCode.ACCEPTED))
+        writer.write(mqtt.encode_connack(mqtt.ConnackCode.ACCEPTED, session_present=resumed is not None))
         self.received.connects.append(
             ConnectRecord(service.name, packet.client_id, packet.username or "", auth.method,
                           "accepted", 0, peer)
@@ -360,6 +370,8 @@ class Server:
         key = (session.service.name, session.client_id)
         if self.sessions.get(key) is session:
             del self.sessions[key]
+            if session.persistent:
+                self._stored[key] = dict(session.subscriptions)
         session.close_reason = session.close_reason or reason
         if session.expiry_timer is not None:
             session.expiry_timer.cancel()

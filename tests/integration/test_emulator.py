@@ -450,6 +450,58 @@ def test_second_connection_with_the_same_client_id_drops_the_first(
     assert dropped.reason.startswith("replaced by a new connection")
 
 
+def test_sdk_subscriptions_survive_a_dropped_connection(
+    emu: Emulator, connect_sas: Callable[..., IoTHubDeviceClient]
+) -> None:
+    """The SDK connects with CleanSession=0 and does not subscribe again after reconnecting:
+    like IoT Hub and edgeHub, the emulator keeps its subscriptions (Azure/iotedge#5048)."""
+    key = new_symmetric_key()
+    emu.add_device("dev1", symmetric_key=key)
+    client = connect_sas("dev1", key)
+    patches: queue.Queue[dict[str, Any]] = queue.Queue()
+    client.on_twin_desired_properties_patch_received = patches.put
+    assert emu.drop_connection("dev1")
+    emu.wait_for(lambda: len(emu.received.accepted_connects("dev1")) == 2, timeout=20)
+
+    version = emu.send_desired_patch("dev1", {"interval": 5})
+    assert patches.get(timeout=5) == {"interval": 5, "$version": version}
+    assert client.get_twin()["desired"]["$version"] == version
+
+
+def test_clean_session_0_resumes_subscriptions_and_clean_session_1_drops_them(
+    emu: Emulator, raw: Any
+) -> None:
+    key = new_symmetric_key()
+    emu.add_device("dev1", symmetric_key=key)
+
+    def connect(clean_session: bool) -> tuple[RawClient, int]:
+        client = raw()
+        client.send(mqtt.encode_connect(mqtt.Connect("dev1", hub_username("dev1"), hub_token(key, "dev1").encode(),
+                                                     clean_session=clean_session)))
+        connack = client.read()
+        assert connack is not None and connack[1][1] == 0
+        return client, connack[1][0]  # session present
+
+    first, present = connect(clean_session=False)
+    assert present == 0
+    first.send(mqtt.encode_subscribe(mqtt.Subscribe(1, (("$iothub/methods/POST/#", 1),))))
+    assert first.read() is not None  # SUBACK
+    first.send(mqtt.encode_disconnect())
+    emu.wait_for(lambda: not emu.connected())
+
+    resumed, present = connect(clean_session=False)
+    assert present == 1
+    assert emu.invoke_method("dev1", "ping", timeout=0.5)[0] == 504  # delivered, never answered
+    request = resumed.read()
+    assert request is not None and request[0] >> 4 == mqtt.PacketType.PUBLISH
+    resumed.send(mqtt.encode_disconnect())
+    emu.wait_for(lambda: not emu.connected())
+
+    _, present = connect(clean_session=True)
+    assert present == 0
+    assert emu.invoke_method("dev1", "ping")[0] == 404  # not subscribed any more
+
+
 @pytest.mark.parametrize(
     "packet",
     [

@@ -25,7 +25,14 @@ class PinFileError(HsmConfigError):
 
 
 class LoginFailed(HsmError):
-    """The token refused the PIN (wrong, locked or expired)."""
+    """The token refused the PIN (wrong, locked or expired), or has no user PIN yet.
+
+    `pin_refused` is False when the token did not judge the PIN at all (no user PIN yet, as
+    between C_InitToken and C_InitPIN): the same PIN may then be tried again."""
+
+    def __init__(self, message: str, *, pin_refused: bool = True) -> None:
+        super().__init__(message)
+        self.pin_refused = pin_refused
 
 
 class ObjectNotFound(HsmError):

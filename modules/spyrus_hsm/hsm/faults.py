@@ -60,7 +60,8 @@ def translate(exc: BaseException, what: str) -> errors.HsmError:
     if isinstance(exc, p11e.PinExpired):
         return errors.LoginFailed("the user PIN has expired; set a new one with the SO PIN")
     if isinstance(exc, (p11e.UserPinNotInitialized,)):
-        return errors.LoginFailed("the token has no user PIN yet; run 'spyrus-hsm token init'")
+        return errors.LoginFailed("the token has no user PIN yet; run 'spyrus-hsm token init'",
+                                  pin_refused=False)
     if isinstance(exc, (p11e.KeyTypeInconsistent, p11e.MechanismInvalid)):
         return errors.InvalidInput(f"{what} failed: the key cannot be used for this algorithm")
     if isinstance(exc, (p11e.DataLenRange, p11e.DataInvalid)):

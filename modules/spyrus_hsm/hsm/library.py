@@ -131,7 +131,8 @@ def login(token: Any, pin: Secret) -> Any:
     except (p11e.PinIncorrect, p11e.PinLocked, p11e.PinExpired, p11e.PinLenRange,
             p11e.UserPinNotInitialized) as exc:
         err = translate(exc, "logging in")
-        raise LoginFailed(f"token '{token.label}': {err}") from None
+        raise LoginFailed(f"token '{token.label}': {err}",
+                          pin_refused=not isinstance(err, LoginFailed) or err.pin_refused) from None
     except p11e.PKCS11Error as exc:
         raise translate(exc, f"logging in to token '{token.label}'") from None
 

@@ -443,8 +443,9 @@ class HsmPool:
                               "(not retried until its content changes, so the PIN is not locked)")
         try:
             self._login_session = library.login(token, pin)
-        except LoginFailed:
-            self._refused_pin = digest
+        except LoginFailed as exc:
+            if exc.pin_refused:  # not when the token has no user PIN yet: it is being set up
+                self._refused_pin = digest
             raise
         self._refused_pin = None
         self._token = token

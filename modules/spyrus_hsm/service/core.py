@@ -66,6 +66,7 @@ class Service:
         """Apply a new service configuration without a restart (listeners excepted)."""
         verifier = ClientCertVerifier.from_file(cfg.client_ca_file) if cfg.client_ca_file else None
         self.cfg = cfg
+        self.audit.fail_closed = cfg.audit_fail_closed
         self.authenticator = Authenticator(verifier, cfg.bearer_tokens)
         self.policy = pol.Policy(cfg.policy)
         self.limiter = RateLimiter(cfg.rate_limit_per_second, cfg.rate_limit_burst)

@@ -1,0 +1,104 @@
+"""The module twin's reported properties (pure functions).
+
+    {"version": "0.1.0",
+     "hsm": {"status": "ready", "ready": true, "reason": null, "tokenLabel": "edge",
+             "tokenSerial": "…", "recoveries": 0},
+     "credentials": {"count": 2, "truncated": false,
+                     "items": [{"label": "edge-id", "kind": "x509", "objects": ["cert", "private", "public"],
+                                "keyType": "EC", "commonName": "edge-1", "notAfter": "2026-…"}, …]},
+     "config": {"status": "applied", "desiredVersion": 7, "appliedVersion": 7, "source": "twin", "error": null},
+     "lastError": {"source": "config", "message": "…", "time": "…"}}
+
+Labels, types, names and dates only: no key material, PIN or SAS key ever goes in. Every
+section always carries all of its keys (null deletes a key in a twin patch), so a section can be
+sent whole whenever anything in it changes. Strings are clipped to 500 characters (twin values
+have size limits) and the inventory to 100 entries (reported properties are at most 32 KB).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..hsm import HsmState, ObjectInfo
+from ..identity.x509 import X509Credential
+
+MAX_TEXT = 500
+MAX_ITEMS = 100
+
+
+def clip(text: str | None, limit: int = MAX_TEXT) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[: limit - 1] + "…"
+
+
+def hsm_section(state: HsmState) -> dict[str, Any]:
+    return {"status": state.status, "ready": state.ready, "reason": clip(state.reason),
+            "tokenLabel": state.token_label, "tokenSerial": state.token_serial, "recoveries": state.recoveries}
+
+
+def inventory(objects: Sequence[ObjectInfo], x509: Sequence[X509Credential]) -> list[dict[str, Any]]:
+    """One entry per label: what kind of credential it is, its object types and key type, and
+    for X.509 credentials the leaf's common name and expiry (certificates alone: the earliest
+    expiry among them)."""
+    by_label: dict[str, list[ObjectInfo]] = {}
+    for o in objects:
+        by_label.setdefault(o.label, []).append(o)
+    creds = {c.label: c for c in x509}
+    items = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        types = sorted({o.type for o in group})
+        key_type = next((o.key_type for o in group if o.type in ("private", "secret-key") and o.key_type), None)
+        item: dict[str, Any] = {"label": label, "kind": _kind(types, label in creds), "objects": types,
+                                "keyType": key_type}
+        cred = creds.get(label)
+        if cred is not None:
+            item.update(commonName=cred.common_name, notAfter=_iso(cred.leaf.not_valid_after_utc),
+                        chainLength=len(cred.chain))
+        else:
+            expiries = sorted(o.not_after for o in group if o.not_after)
+            if expiries:
+                item["notAfter"] = _iso(dt.datetime.fromisoformat(expiries[0]))
+        items.append(item)
+    return items
+
+
+def _kind(types: list[str], is_x509: bool) -> str:
+    if is_x509:
+        return "x509"
+    if "secret-key" in types:
+        return "secret-key"
+    if "private" in types:
+        return "key-pair"
+    if "cert" in types:
+        return "certificate"
+    return types[0] if types else "unknown"
+
+
+def credentials_section(items: Sequence[Mapping[str, Any]], limit: int = MAX_ITEMS) -> dict[str, Any]:
+    return {"count": len(items), "truncated": len(items) > limit,
+            "items": [{k: clip(v) if isinstance(v, str) else v for k, v in i.items()} for i in items[:limit]]}
+
+
+def config_section(status: str, desired_version: int | None, applied_version: int | None,
+                   source: str, error: str | None = None) -> dict[str, Any]:
+    """status: applied or rejected; source: twin (a desired patch) or file (reloadConfig)."""
+    return {"status": status, "desiredVersion": desired_version, "appliedVersion": applied_version,
+            "source": source, "error": clip(error)}
+
+
+def error_entry(source: str, message: str, when: dt.datetime) -> dict[str, Any]:
+    return {"source": source, "message": clip(message), "time": _iso(when)}
+
+
+def changes(acknowledged: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """The patch that brings the acknowledged document to `wanted`: the top-level entries that
+    differ, each sent whole (sections always carry all their keys)."""
+    return {k: v for k, v in wanted.items() if k not in acknowledged or acknowledged[k] != v}
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -1,0 +1,152 @@
+"""`spyrus-hsm serve` as the edge runtime starts it (its own process, the edgeHub connection
+string in its environment): with the HSM missing or the PIN wrong it stays up, reports
+not-ready with the reason, and reports ready once fixed — no crash loop — then exits 0 on
+SIGTERM within edgeAgent's 10 s.
+
+A process of its own is needed: PKCS#11 login is per process, and this test process is
+already logged in to the token, so a wrong PIN would not be refused here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from edge_harness import EdgeSite
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.timeout(90)]
+
+
+class ServeProcess:
+    def __init__(self, token_env: Any, directory: Path, site: EdgeSite, token_label: str, pin_file: Path) -> None:
+        self.config = directory / "serve.yaml"
+        self.config.write_text(f"hsm:\n  module: {token_env.module}\n  token_label: {token_label}\n"
+                               f"  pin_file: {pin_file}\n  call_timeout: 5\nstate_dir: {directory / 'state'}\n")
+        self.output = directory / "serve.out"
+        env = token_env.env(SPYRUS_HSM_CONFIG=str(self.config), **site.env)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "modules"), env.get("PYTHONPATH", "")])
+        with self.output.open("wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "spyrus_hsm", "-v", "serve"], env=env,
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self) -> int:
+        """SIGTERM, as edgeAgent stops a module; the exit code (10 s, then it would be killed)."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=10)
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+
+@pytest.fixture
+def serve(token_env: Any, tmp_path: Path, site: EdgeSite) -> Iterator[Any]:
+    started: list[ServeProcess] = []
+
+    def start(token_label: str, pin_file: Path) -> ServeProcess:
+        started.append(ServeProcess(token_env, tmp_path, site, token_label, pin_file))
+        return started[-1]
+
+    yield start
+    for p in started:
+        if p.alive():
+            p.proc.kill()
+            p.proc.wait()
+
+
+def hsm_reported(site: EdgeSite, ready: bool, fragment: str = "") -> dict[str, Any]:
+    def matches(r: dict[str, Any]) -> bool:
+        hsm = r.get("hsm") or {}
+        return hsm.get("ready") is ready and fragment in (hsm.get("reason") or "")
+
+    return site.wait_reported(matches, timeout=40)
+
+
+def free_slot(tool: list[str], env: dict[str, str]) -> str:
+    """The id of SoftHSM's uninitialised slot (pkcs11-tool would otherwise take slot 0 and
+    re-initialise the session's token)."""
+    listing = subprocess.run([*tool, "--list-slots"], env=env, check=True, capture_output=True, text=True,
+                             timeout=30).stdout
+    for block in re.split(r"\n(?=Slot )", listing):
+        found = re.match(r"Slot \d+ \((0x[0-9a-f]+)\)", block)
+        if found and "uninitialized" in block:
+            return found.group(1)
+    raise AssertionError(f"no free slot in:\n{listing}")
+
+
+def test_wrong_pin_reports_not_ready_then_ready_once_the_pin_file_is_fixed(
+        site: EdgeSite, serve: Any, token_env: Any, tmp_path: Path) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text("wrong-pin-000\n")
+    pin_file.chmod(0o600)
+    process = serve(token_env.label, pin_file)
+
+    reported = hsm_reported(site, ready=False, fragment="refused the PIN")
+    assert reported["lastError"]["source"] == "hsm" and "PIN" in reported["lastError"]["message"]
+    status, body = site.method("listCredentials")
+    assert status == 503 and "not ready" in body["error"]
+    status, body = site.method("getStatus")
+    assert status == 200 and body["hsm"]["ready"] is False
+    assert process.alive()
+
+    pin_file.write_text(token_env.pin.decode() + "\n")  # the operator fixes the PIN file
+    reported = hsm_reported(site, ready=True)
+    assert reported["hsm"]["tokenLabel"] == token_env.label
+    assert process.alive()
+
+    assert process.terminate() == 0, process.text()
+    text = process.text()
+    assert "Traceback" not in text
+    for secret in (site.module_key, token_env.pin.decode(), "wrong-pin-000"):
+        assert secret not in text
+
+
+def test_a_missing_token_reports_not_ready_then_ready_once_it_is_created(
+        site: EdgeSite, serve: Any, token_env: Any) -> None:
+    """Created in two steps, as `pkcs11-tool` (and `token init`) do: C_InitToken, then
+    C_InitPIN. Seen in between, the token has no user PIN yet: that is not a refused PIN,
+    and the module must keep trying it."""
+    label = "late-" + secrets.token_hex(3)
+    process = serve(label, token_env.pin_file)
+    hsm_reported(site, ready=False, fragment=f"token with label '{label}' not found")
+    so_pin, pin = token_env.so_pin_file.read_text().strip(), token_env.pin.decode()
+    tool = ["pkcs11-tool", "--module", token_env.module]
+
+    subprocess.run([*tool, "--slot", free_slot(tool, token_env.env()), "--init-token", "--label", label,
+                    "--so-pin", so_pin], env=token_env.env(), check=True, capture_output=True, timeout=30)
+    hsm_reported(site, ready=False, fragment="no user PIN yet")
+    subprocess.run([*tool, "--token-label", label, "--login", "--login-type", "so", "--so-pin", so_pin,
+                    "--init-pin", "--new-pin", pin], env=token_env.env(), check=True, capture_output=True, timeout=30)
+
+    reported = hsm_reported(site, ready=True)
+    assert reported["hsm"]["tokenLabel"] == label
+    assert site.wait_reported(lambda r: r.get("credentials"))["credentials"]["count"] == 0
+    assert process.alive()
+    assert process.terminate() == 0, process.text()
+    assert site.module_key not in process.text()
+    listing = subprocess.run([*tool, "--list-slots"], env=token_env.env(), check=True, capture_output=True,
+                             text=True, timeout=30).stdout
+    assert f"token label        : {token_env.label}" in listing  # the session's token is untouched
+
+
+def test_a_half_configured_edge_environment_fails_at_start_naming_what_is_missing(
+        site: EdgeSite, token_env: Any, tmp_path: Path) -> None:
+    env = token_env.env(EdgeHubConnectionString=site.env["EdgeHubConnectionString"])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "modules"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "spyrus_hsm", "serve"], env=env, capture_output=True,
+                          timeout=60, check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert "EdgeModuleCACertificateFile is not set" in err and site.module_key not in err
