@@ -25,6 +25,7 @@ security=$(awk '/^URIs:/ { uri = $2 } /^Suites:.*bookworm-security/ { print uri;
 
 rootfs=$(mktemp -d)
 trap 'rm -rf "$rootfs"' EXIT
+chmod 0755 "$rootfs"   # it becomes the image's /; mktemp made it 0700
 
 echo "debootstrap bookworm (minbase) from the mirror in $sources"
 debootstrap --variant=minbase bookworm "$rootfs" "$mirror" > "$rootfs.log" 2>&1 \

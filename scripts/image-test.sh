@@ -6,7 +6,8 @@
 # 2. the base: a local stand-in for debian:bookworm-slim made with debootstrap, kept between runs;
 # 3. the image from Dockerfile.amd64 with --build-arg BASE_IMAGE=<the stand-in>;
 # 4. pytest tests/image against it (a SoftHSM2 token, TLS files and a bearer token made here);
-# 5. removal of the test image, its build stage and containers (the base stays cached).
+# 5. removal of the test image, its build stage and containers (the base stays cached;
+#    IMAGE_TEST_KEEP=1 keeps the image too, for a look inside).
 #
 # The podman flags are the ones this kind of sandbox needs (vfs storage, cgroupfs, runc, low
 # ulimits); a storage root of its own keeps them apart from any other podman use on the machine.
@@ -40,9 +41,10 @@ bash scripts/debian-base-image.sh "$BASE_IMAGE"
 
 cleanup() {
   "${podman[@]}" ps -a -q --filter "ancestor=$IMAGE" | xargs -r "${podman[@]}" rm -f > /dev/null || true
+  rm -rf "$work"
+  [ "${IMAGE_TEST_KEEP:-0}" = 1 ] && return
   "${podman[@]}" rmi -f "$IMAGE" > /dev/null 2>&1 || true
   "${podman[@]}" image prune -f > /dev/null || true   # the untagged build stage
-  rm -rf "$work"
 }
 work=$(mktemp -d)
 trap cleanup EXIT
