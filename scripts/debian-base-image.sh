@@ -32,7 +32,8 @@ debootstrap --variant=minbase bookworm "$rootfs" "$mirror" > "$rootfs.log" 2>&1 
   || { tail -20 "$rootfs.log" >&2; rm -f "$rootfs.log"; exit 1; }
 rm -f "$rootfs.log"
 
-# What the official image has: deb822 sources only, and the "slim" dpkg path exclusions.
+# What the official image has: deb822 sources only, apt without a package cache, and the
+# "slim" dpkg path exclusions.
 rm -f "$rootfs/etc/apt/sources.list"
 {
   printf 'Types: deb\nURIs: %s\nSuites: bookworm bookworm-updates\nComponents: main\n' "$mirror"
@@ -42,6 +43,14 @@ rm -f "$rootfs/etc/apt/sources.list"
     printf 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n'
   fi
 } > "$rootfs/etc/apt/sources.list.d/debian.sources"
+cat > "$rootfs/etc/apt/apt.conf.d/docker-clean" <<'EOF'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+EOF
+echo 'Acquire::Languages "none";' > "$rootfs/etc/apt/apt.conf.d/docker-no-languages"
+echo 'Acquire::GzipIndexes "true";' > "$rootfs/etc/apt/apt.conf.d/docker-gzip-indexes"
 cat > "$rootfs/etc/dpkg/dpkg.cfg.d/docker" <<'EOF'
 path-exclude /usr/share/doc/*
 path-include /usr/share/doc/*/copyright
@@ -53,7 +62,7 @@ path-exclude /usr/share/lintian/*
 EOF
 find "$rootfs/usr/share/doc" -mindepth 2 ! -name copyright ! -type d -delete
 rm -rf "$rootfs"/usr/share/{info,locale,man,groff,lintian}/* \
-       "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+       "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
 
 tar -C "$rootfs" -c . | "${podman[@]}" import > /dev/null \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \

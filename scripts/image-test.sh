@@ -72,5 +72,5 @@ build_seconds=$((SECONDS - build_started))
 size=$("${podman[@]}" image inspect "$IMAGE" --format '{{.Size}}')
 echo "image $IMAGE: built in ${build_seconds} s, size $size bytes ($((size / 1000000)) MB)"
 
-SPYRUS_IMAGE_TEST=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests/image
+SPYRUS_IMAGE_TEST=1 .venv/bin/python -m pytest -q -s -p no:cacheprovider tests/image
 echo "image-test finished in $((SECONDS - started)) s (build ${build_seconds} s, size $size bytes)"

@@ -173,18 +173,29 @@ def module(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mod
         podman("rm", "-f", "-t", "0", name, check=False)
 
 
-def wait_healthy(mod: Module) -> float:
-    """Seconds until the image's own HEALTHCHECK command (GET /healthz on 127.0.0.1:8080 inside
-    the container) passed."""
+def wait_until(mod: Module, what: str, *check: str) -> float:
+    """Seconds until the podman command `check` succeeded, failing if the container exits."""
     started = time.monotonic()
     while time.monotonic() - started < START_TIMEOUT:
         state = podman("inspect", mod.container, "--format", "{{.State.Status}}").stdout.strip()
         if state != "running":
-            pytest.fail(f"container is {state} before becoming healthy; logs:\n{mod.logs()}")
-        if podman("healthcheck", "run", mod.container, check=False).returncode == 0:
+            pytest.fail(f"container is {state} before {what}; logs:\n{mod.logs()}")
+        if podman(*check, check=False).returncode == 0:
             return time.monotonic() - started
         time.sleep(0.5)
-    pytest.fail(f"/healthz did not answer within {START_TIMEOUT:.0f} s; logs:\n{mod.logs()}")
+    pytest.fail(f"not {what} within {START_TIMEOUT:.0f} s; logs:\n{mod.logs()}")
+
+
+def wait_healthy(mod: Module) -> float:
+    """The image's own HEALTHCHECK (GET /healthz on 127.0.0.1:8080 inside the container)."""
+    return wait_until(mod, "healthy", "healthcheck", "run", mod.container)
+
+
+def wait_ready(mod: Module) -> float:
+    """/readyz on the same loopback listener: the HSM is present and logged in."""
+    readyz = ("import sys, urllib.request as u; sys.exit(u.build_opener(u.ProxyHandler({}))"
+              ".open('http://127.0.0.1:8080/readyz', timeout=4).status != 200)")
+    return wait_until(mod, "ready", "exec", mod.container, "python3", "-c", readyz)
 
 
 def post_sas_token(mod: Module, body: dict[str, object]) -> tuple[int, dict[str, object]]:
@@ -227,7 +238,7 @@ def test_selftest_in_the_container_passes(module: Module) -> None:
 
 
 def test_a_sas_token_minted_through_the_api_verifies_with_the_device_key(module: Module) -> None:
-    wait_healthy(module)
+    wait_ready(module)
     status, body = post_sas_token(module, {"deviceId": DEVICE, "hub": HUB, "ttlSeconds": 3600})
     assert status == 200, f"{status} {body}\nlogs:\n{module.logs()}"
     assert set(body) >= {"token", "resourceUri", "expiresOn"}, body
