@@ -31,7 +31,12 @@ import pytest
 
 from emulator.pki import make_ca, make_server_cert
 
-pytestmark = pytest.mark.image
+# Only from `make image-test`, which builds the image first and sets these variables.
+pytestmark = [
+    pytest.mark.image,
+    pytest.mark.skipif(os.environ.get("SPYRUS_IMAGE_TEST") != "1",
+                       reason="container image test: run 'make image-test' (builds the image with podman)"),
+]
 
 UID = 10001                     # the image's user (Dockerfile.amd64)
 TOKEN_LABEL = "demo"
