@@ -28,30 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
-SHIM = ROOT / ".build" / "libp11shim.so"
+from common import SHIM, SOFTHSM, make_token, start_hsm, tick_lag
+
 DATA = b"x" * 64
-
-
-def make_token(root: Path) -> tuple[str, str]:
-    (root / "tokens").mkdir(parents=True, exist_ok=True)
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
-    os.environ["SOFTHSM2_CONF"] = str(conf)
-    from spyrus_hsm.hsm import Secret
-    from spyrus_hsm.hsm.provision import init_token
-
-    pin = "bench-" + secrets.token_hex(4)
-    init_token(SOFTHSM, "bench", Secret(b"so-" + secrets.token_hex(4).encode()), Secret(pin.encode()))
-    return "bench", pin
-
-
-def start_hsm(module: str, pin: str, mode: str = "worker") -> object:
-    from spyrus_hsm.hsm import Hsm, PoolSettings, Secret, TokenSelector
-
-    return Hsm(PoolSettings(module, TokenSelector("bench"), workers=4, sync_mode=mode),  # type: ignore[arg-type]
-               Secret(pin.encode())).start(wait=True)
 
 
 def raw_rate(hsm: object, n: int) -> float:
@@ -89,22 +68,11 @@ def async_rate(hsm: object, n: int, callers: int) -> float:
     return asyncio.run(main())
 
 
-async def tick_lag(duration: float, tick: float = 0.001) -> list[float]:
-    """How late each `sleep(tick)` wakes up, over `duration` seconds."""
-    lags = []
-    end = time.perf_counter() + duration
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        await asyncio.sleep(tick)
-        lags.append(time.perf_counter() - t - tick)
-    return lags
-
-
-def slow_usb_child(pin: str, delay_ms: int, seconds: float) -> dict[str, float]:
+def slow_usb_child(pin_file: Path, delay_ms: int, seconds: float) -> dict[str, float]:
     """Runs in a child process whose PKCS#11 module is the shim adding `delay_ms` to signing."""
     control = Path(os.environ["P11SHIM_CONTROL"])
     control.write_text(f"state=plugged\nsign_delay_ms={delay_ms}\n")
-    hsm = start_hsm(str(SHIM), pin)
+    hsm = start_hsm(str(SHIM), pin_file)
     done = 0
 
     async def caller(stop: float) -> None:
@@ -137,13 +105,13 @@ def main() -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(slow_usb_child(args.child, args.slow_usb_ms, args.seconds)))
+        print(json.dumps(slow_usb_child(Path(args.child), args.slow_usb_ms, args.seconds)))
         return 0
 
     from spyrus_hsm.hsm import Secret
 
     root = Path(tempfile.mkdtemp(prefix="spyrus-bench-"))
-    _, pin = make_token(root)
+    pin = make_token(root)
     hsm = start_hsm(SOFTHSM, pin)
     hsm.import_secret_key("k", Secret(secrets.token_bytes(32)))  # type: ignore[attr-defined]
     inline = start_hsm(SOFTHSM, pin, "inline")
@@ -169,7 +137,7 @@ def main() -> int:
         print(f"slow USB: skipped ({SHIM} not built; run 'make shim')")
         return 0
     env = dict(os.environ, P11SHIM_TARGET=SOFTHSM, P11SHIM_CONTROL=str(root / "shim.control"))
-    out = subprocess.run([sys.executable, __file__, "--child", pin, "--slow-usb-ms", str(args.slow_usb_ms),
+    out = subprocess.run([sys.executable, __file__, "--child", str(pin), "--slow-usb-ms", str(args.slow_usb_ms),
                           "--seconds", str(args.seconds)], env=env, capture_output=True, text=True,
                          timeout=120, check=True)
     s = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# `make run`: a development SoftHSM2 token in .state/dev (created once), a demo device key
-# imported into it, and a SAS token minted by the HSM for the demo device. Idempotent.
-# Each spyrus-hsm command is printed before it runs. Nothing here leaves this machine.
+# `make run`: the module on a development SoftHSM2 token, on this machine's loopback only.
+#  - a token in .state/dev (created once) with a demo device key, and a SAS token minted by the
+#    HSM for it, checked independently;
+#  - a development CA, the service's TLS key generated inside the HSM (its certificate signed by
+#    that CA and stored beside it), a demo leaf certificate and a demo bearer token;
+#  - then `spyrus-hsm serve` in the foreground, after printing curl commands that work as printed.
+# Idempotent. Each spyrus-hsm command is printed before it runs. Nothing leaves this machine.
+# SPYRUS_DEV_STATE (default .state/dev) and SPYRUS_DEV_PORT (default 8443) move it elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 umask 077
 
-STATE="$PWD/.state/dev"
+STATE="$(realpath -m "${SPYRUS_DEV_STATE:-$PWD/.state/dev}")"
+PORT="${SPYRUS_DEV_PORT:-8443}"
 BIN="$PWD/.venv/bin"
 LABEL="spyrus-dev"
 KEY_LABEL="demo-device"
-mkdir -p "$STATE/tokens"
+TLS_LABEL="service-tls"
+PKI="$STATE/pki"
+mkdir -p "$STATE/tokens" "$PKI"
 
 export SOFTHSM2_CONF="$STATE/softhsm2.conf"
 export SPYRUS_HSM_CONFIG="$STATE/config.yaml"
@@ -19,40 +27,83 @@ export SPYRUS_HSM_CONFIG="$STATE/config.yaml"
 new_secret() { [ -f "$1" ] || "$BIN/python" -c 'import secrets; print(secrets.token_urlsafe(18))' > "$1"; }
 new_secret "$STATE/so.pin"
 new_secret "$STATE/user.pin"
+new_secret "$STATE/bearer.token"
+# curl reads the header from this file (-H @file), so the token is never on a command line.
+printf 'Authorization: Bearer %s\n' "$(cat "$STATE/bearer.token")" > "$STATE/bearer.header"
+BEARER_SHA=$("$BIN/python" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1]).read().strip().encode()).hexdigest())' "$STATE/bearer.token")
 cat > "$SPYRUS_HSM_CONFIG" <<YAML
 hsm:
   module: /usr/lib/softhsm/libsofthsm2.so
   token_label: $LABEL
   pin_file: $STATE/user.pin
 state_dir: $STATE/state
+service:
+  host: 127.0.0.1
+  port: $PORT
+  health_port: 0
+  tls_key_label: $TLS_LABEL          # the server key never leaves the HSM
+  client_ca_file: $PKI/ca.pem
+  bearer_tokens:
+    $KEY_LABEL: $BEARER_SHA
+  policy:                            # each leaf may get SAS tokens for itself only
+    - {principals: ["*"], operations: [sas-token], devices: ["{cn}"]}
+  hub: demo-hub.example
 YAML
 
 run() { printf '+ %s\n' "$*" >&2; "$@"; }
 spyrus() { run "$BIN/spyrus-hsm" "$@"; }
+has_object() { "$BIN/spyrus-hsm" list --json | "$BIN/python" -c \
+  'import json, sys; sys.exit(0 if any(o["label"] == sys.argv[1] and o["type"] == sys.argv[2] for o in json.load(sys.stdin)["objects"]) else 1)' "$1" "$2"; }
 
 echo "# SOFTHSM2_CONF=$SOFTHSM2_CONF SPYRUS_HSM_CONFIG=$SPYRUS_HSM_CONFIG" >&2
 if ! "$BIN/spyrus-hsm" list --json >/dev/null 2>&1; then
   spyrus token init --label "$LABEL" --so-pin-file "$STATE/so.pin" --pin-file "$STATE/user.pin"
 fi
-if ! "$BIN/spyrus-hsm" list --json | grep -q "\"label\": \"$KEY_LABEL\""; then
+if ! has_object "$KEY_LABEL" secret-key; then
   # A demo primary key, as Azure would show it (base64). Real keys come from your IoT Hub.
   "$BIN/python" -c 'import base64, secrets; print(base64.b64encode(secrets.token_bytes(32)).decode())' \
     > "$STATE/demo-device.key"
   spyrus key import-sas --label "$KEY_LABEL" --key-file "$STATE/demo-device.key"
 fi
-spyrus list
 TOKEN=$(spyrus sas --key "$KEY_LABEL" --hub demo-hub.example --device-id demo-device --ttl 3600)
-echo
-echo "SAS token minted inside the HSM for device 'demo-device':"
-echo "$TOKEN"
+echo "SAS token minted inside the HSM for device 'demo-device': ${TOKEN:0:60}..." >&2
 # Check it independently with the demo key file (software HMAC), as IoT Hub would.
-"$BIN/python" - "$TOKEN" "$STATE/demo-device.key" <<'PY'
-import base64, hashlib, hmac, sys
-from urllib.parse import parse_qs, quote
-token, key_file = sys.argv[1], sys.argv[2]
-f = {k: v[0] for k, v in parse_qs(token.split(" ", 1)[1]).items()}
-key = base64.b64decode(open(key_file).read().strip())
-sig = base64.b64encode(hmac.new(key, f"{quote(f['sr'], safe='')}\n{f['se']}".encode(), hashlib.sha256).digest()).decode()
-print("independent check:", "signature verifies" if hmac.compare_digest(sig, f["sig"]) else "MISMATCH")
-sys.exit(0 if hmac.compare_digest(sig, f["sig"]) else 1)
-PY
+"$BIN/python" scripts/verify_sas.py "$STATE/demo-device.key" <<<"$TOKEN"
+
+# The service: TLS key generated in the HSM, certificate from the development CA.
+run "$BIN/python" scripts/dev_pki.py ca "$PKI"
+if ! has_object "$TLS_LABEL" private-key; then
+  spyrus key generate --label "$TLS_LABEL" --type ec-p256
+fi
+if ! has_object "$TLS_LABEL" certificate; then
+  spyrus csr --label "$TLS_LABEL" --subject "CN=spyrus-hsm development service" --out "$PKI/service.csr"
+  run "$BIN/python" scripts/dev_pki.py sign-server "$PKI" "$PKI/service.csr" "$PKI/service-chain.pem"
+  spyrus cert import "$PKI/service-chain.pem" --label "$TLS_LABEL"
+fi
+run "$BIN/python" scripts/dev_pki.py leaf "$PKI" demo-device
+spyrus list
+
+URL="https://127.0.0.1:$PORT"
+cat <<TXT
+
+Try it from another terminal (the service starts below; Ctrl-C stops it):
+
+  # readiness (no authentication)
+  curl --cacert $PKI/ca.pem $URL/readyz
+
+  # a SAS token for the demo leaf, authenticated by its certificate (mutual TLS)
+  curl --cacert $PKI/ca.pem --cert $PKI/demo-device.pem --key $PKI/demo-device.key -H 'Content-Type: application/json' -d '{"deviceId": "demo-device", "ttlSeconds": 3600}' $URL/v1/sas-tokens
+
+  # the same with the demo bearer token (read from a file, never typed on a command line)
+  curl --cacert $PKI/ca.pem -H @$STATE/bearer.header -H 'Content-Type: application/json' -d '{"deviceId": "demo-device"}' $URL/v1/sas-tokens
+
+  # denied by policy: the demo leaf asking for another device (403 problem+json)
+  curl --cacert $PKI/ca.pem -H @$STATE/bearer.header -H 'Content-Type: application/json' -d '{"deviceId": "someone-else"}' $URL/v1/sas-tokens
+
+  # the API description
+  curl --cacert $PKI/ca.pem $URL/openapi.json
+
+Audit log: $STATE/state/audit.log
+
+TXT
+exec "$BIN/spyrus-hsm" serve

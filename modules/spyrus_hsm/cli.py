@@ -326,7 +326,13 @@ def cmd_serve(args: argparse.Namespace, stdin: _Stdin) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, hsm=replace(cfg.hsm, pin_file=args.pin_file))
-    return serve(cfg)
+    from . import telemetry
+
+    try:
+        tel = telemetry.setup("spyrus-hsm", set_global=True)
+    except telemetry.TelemetryConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return serve(cfg, tel)
 
 
 def cmd_selftest(args: argparse.Namespace, stdin: _Stdin) -> int:

@@ -13,6 +13,14 @@ once. Errors name the key and the file.
     state_dir: /var/lib/spyrus-hsm
     sas:
       default_ttl: 3600
+    service:                  # the HTTP signing API for leaf devices (see ServiceConfig)
+      port: 8443
+      tls_cert_file: /etc/spyrus-hsm/server-chain.pem
+      tls_key_label: server-tls
+      client_ca_file: /etc/spyrus-hsm/leaf-ca.pem
+      bearer_tokens: {gateway-3: <sha256 hex of the token>}
+      policy:
+        - {principals: ["*"], operations: [sas-token], devices: ["{cn}"]}
 """
 
 from __future__ import annotations
@@ -83,16 +91,69 @@ class CloudConfig:
         return bool(self.id_scope or self.hub)
 
 
+OPERATIONS = ("sas-token", "signature", "registration", "certificate")
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """Who (principal name patterns) may do what (operations) on which devices and keys.
+
+    Patterns are shell-style globs; `{cn}` stands for the caller's own name. An operation
+    that names a device (sas-token, registration) needs a matching `devices` pattern; one
+    that names a key (signature, certificate, and the key behind a sas-token) a matching
+    `keys` pattern. A rule without `keys` allows the key that the service itself chose for
+    the device (sas_key / registration templates), never a key named by the caller.
+    """
+    principals: tuple[str, ...]
+    operations: tuple[str, ...]
+    devices: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """The HTTPS API for leaf devices. Off unless the config has a `service` section."""
+    enabled: bool = False
+    host: str = "0.0.0.0"  # noqa: S104 - leaf devices reach the module over the edge network
+    port: int = 8443
+    health_host: str = "127.0.0.1"      # plain-HTTP /healthz and /readyz for the container's
+    health_port: int = 8080             # HEALTHCHECK; 0 turns it off
+    tls_cert_file: str | None = None    # server certificate chain (PEM); with tls_key_label and
+    tls_key_file: str | None = None     # no cert file, the chain stored in the HSM is used
+    tls_key_label: str | None = None
+    client_ca_file: str | None = None   # trust anchors for leaf certificates (mutual TLS)
+    bearer_tokens: dict[str, str] = field(default_factory=dict)   # principal -> SHA-256 hex
+    policy: tuple[PolicyRule, ...] = ()
+    hub: str | None = None              # hub for device tokens when a request names none
+    sas_key: str = "{deviceId}"         # HSM key label template for a device's SAS tokens
+    dps_key: str = "{registrationId}"   # ... for DPS registration tokens and registrations
+    group_key: str | None = None        # DPS group enrollment key: leaf keys derived from it
+    x509_label: str = "{registrationId}"  # HSM credential label for X.509 registrations
+    min_ttl: int = 300
+    max_ttl: int = 86400
+    cache_reuse_fraction: float = 0.5   # a cached token is reused until this much of its life
+    max_body_bytes: int = 16384
+    request_timeout: float = 15.0
+    registration_timeout: float = 60.0
+    rate_limit_per_second: float = 20.0  # per principal; 0 turns the limit off
+    rate_limit_burst: int = 40
+    retry_after: int = 1                # seconds, sent with 503 when the HSM is busy/not ready
+    audit_file: str | None = None       # JSON lines; default <state_dir>/audit.log; "-" = stderr
+    audit_fail_closed: bool = True      # refuse to hand out signatures the audit log missed
+
+
 @dataclass(frozen=True)
 class Config:
     hsm: HsmConfig = field(default_factory=HsmConfig)
     sas: SasConfig = field(default_factory=SasConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     state_dir: str = "/var/lib/spyrus-hsm"
     source: str = "defaults"
 
 
-_SECTIONS: dict[str, type[Any]] = {"hsm": HsmConfig, "sas": SasConfig, "cloud": CloudConfig}
+_SECTIONS: dict[str, type[Any]] = {"hsm": HsmConfig, "sas": SasConfig, "cloud": CloudConfig,
+                                   "service": ServiceConfig}
 _ENV = {
     "SPYRUS_HSM_PKCS11_MODULE": ("hsm", "module"),
     "SPYRUS_HSM_TOKEN_LABEL": ("hsm", "token_label"),
@@ -144,7 +205,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _from_mapping(data: Mapping[str, Any], source: str) -> Config:
     kwargs: dict[str, Any] = {"source": source}
     for key, value in data.items():
-        if key in _SECTIONS:
+        if key == "service":
+            kwargs[key] = service_section(value, source)
+        elif key in _SECTIONS:
             kwargs[key] = _section(_SECTIONS[key], value, f"{key}", source)
         elif key == "state_dir":
             kwargs[key] = _typed(str, value, key, source)
@@ -165,6 +228,67 @@ def _section(cls: type[Any], value: Any, name: str, source: str) -> Any:
             raise ConfigError(f"{source}: unknown key '{name}.{key}' (known: {', '.join(known)})")
         kwargs[key] = _typed(_field_type(cls, key), item, f"{name}.{key}", source)
     return cls(**kwargs)
+
+
+def service_section(value: Any, source: str) -> ServiceConfig:
+    """The `service` mapping (also what the module twin's desired properties are applied as)."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: 'service' must be a mapping")
+    scalars = {k: v for k, v in value.items() if k not in ("bearer_tokens", "policy")}
+    svc: ServiceConfig = _section(ServiceConfig, scalars, "service", source)
+    tokens = _bearer_tokens(value.get("bearer_tokens"), source)
+    policy = tuple(_rule(r, i, source) for i, r in enumerate(_list(value.get("policy"), "service.policy", source)))
+    return replace(svc, enabled=value.get("enabled", True) is not False, bearer_tokens=tokens, policy=policy)
+
+
+def _bearer_tokens(value: Any, source: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: 'service.bearer_tokens' must map principal names to SHA-256 hex digests")
+    out = {}
+    for name, digest in value.items():
+        where = f"service.bearer_tokens.{name}"
+        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+            raise ConfigError(f"{source}: '{where}' must be the SHA-256 of the token as 64 hex digits "
+                              "(e.g. printf %s TOKEN | sha256sum), never the token itself")
+        out[str(name)] = digest.lower()
+    return out
+
+
+def _list(value: Any, key: str, source: str) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: '{key}' must be a list")
+    return value
+
+
+def _rule(value: Any, index: int, source: str) -> PolicyRule:
+    where = f"service.policy[{index}]"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: '{where}' must be a mapping with principals, operations, devices, keys")
+    known = {f.name for f in fields(PolicyRule)}
+    for key in value:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{where}.{key}' (known: {', '.join(sorted(known))})")
+    parts: dict[str, tuple[str, ...]] = {}
+    for key in known:
+        items = _list(value.get(key), f"{where}.{key}", source)
+        if not all(isinstance(i, str) and i for i in items):
+            raise ConfigError(f"{source}: '{where}.{key}' must be a list of non-empty strings")
+        parts[key] = tuple(items)
+    if not parts["principals"]:
+        raise ConfigError(f"{source}: '{where}.principals' is required (use [\"*\"] for every caller)")
+    bad = [o for o in parts["operations"] if o not in OPERATIONS and o != "*"]
+    if not parts["operations"] or bad:
+        raise ConfigError(f"{source}: '{where}.operations' must list some of {', '.join(OPERATIONS)} (or \"*\")"
+                          + (f"; unknown: {', '.join(bad)}" if bad else ""))
+    return PolicyRule(**parts)
 
 
 def _field_type(cls: type[Any], key: str) -> type[Any]:
@@ -220,3 +344,39 @@ def _validate(cfg: Config, require_token: bool) -> None:
         raise ConfigError(f"{where}: 'cloud.hub' needs 'cloud.device_id'")
     if c.enabled and not c.key:
         raise ConfigError(f"{where}: 'cloud.key' must name the HSM key or X.509 credential to use")
+    validate_service(cfg.service, where)
+
+
+def validate_service(s: ServiceConfig, where: str) -> None:
+    if not s.enabled:
+        return
+    for name, port in (("port", s.port), ("health_port", s.health_port)):
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{where}: 'service.{name}' must be a TCP port (0-65535), got {port}")
+    if not s.tls_cert_file and not s.tls_key_label:
+        raise ConfigError(f"{where}: the service needs a server certificate: set 'service.tls_cert_file' "
+                          "(PEM chain) and 'service.tls_key_file' or 'service.tls_key_label' (key in the HSM)")
+    if s.tls_key_file and s.tls_key_label:
+        raise ConfigError(f"{where}: set one of 'service.tls_key_file' and 'service.tls_key_label', not both")
+    if s.tls_cert_file and not (s.tls_key_file or s.tls_key_label):
+        raise ConfigError(f"{where}: 'service.tls_cert_file' needs 'service.tls_key_file' or 'service.tls_key_label'")
+    if not 60 <= s.min_ttl <= s.max_ttl <= 365 * 24 * 3600:
+        raise ConfigError(f"{where}: need 60 <= 'service.min_ttl' <= 'service.max_ttl' <= 1 year")
+    if not 0.0 <= s.cache_reuse_fraction < 1.0:
+        raise ConfigError(f"{where}: 'service.cache_reuse_fraction' must be 0 (no reuse) up to below 1")
+    if not 256 <= s.max_body_bytes <= 1 << 20:
+        raise ConfigError(f"{where}: 'service.max_body_bytes' must be 256 to 1048576")
+    if s.rate_limit_per_second < 0 or s.rate_limit_burst < 1:
+        raise ConfigError(f"{where}: 'service.rate_limit_per_second' must be >= 0 and 'service.rate_limit_burst' >= 1")
+    for name in ("request_timeout", "registration_timeout"):
+        if not 0.1 <= getattr(s, name) <= 600:
+            raise ConfigError(f"{where}: 'service.{name}' must be 0.1 to 600 seconds")
+    if not 1 <= s.retry_after <= 3600:
+        raise ConfigError(f"{where}: 'service.retry_after' must be 1 to 3600 seconds")
+    for name in ("sas_key", "dps_key", "x509_label"):
+        template = getattr(s, name)
+        try:
+            template.format(deviceId="d", moduleId="m", registrationId="r", cn="c")
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(f"{where}: 'service.{name}' may use only {{deviceId}}, {{moduleId}}, "
+                              f"{{registrationId}} and {{cn}}, got {template!r}") from None

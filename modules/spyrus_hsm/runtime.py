@@ -1,4 +1,5 @@
-"""The long-running module (`spyrus-hsm serve`): HSM pool, OpenSSL provider, Azure identity.
+"""The long-running module (`spyrus-hsm serve`): HSM pool, OpenSSL provider, Azure identity,
+the HTTP signing service for leaf devices and telemetry.
 
 Starts even when the HSM is missing or the PIN is wrong: it reports not-ready and recovers
 when fixed rather than crash-looping (edgeAgent stops restarting a module that does). Stops
@@ -7,12 +8,12 @@ cleanly on SIGTERM/SIGINT with exit code 0.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
 import threading
 from pathlib import Path
-from types import FrameType
 
 from .cloud.dps import DpsRequest, Provisioner
 from .cloud.hub import HubClient, HubIdentity
@@ -20,20 +21,36 @@ from .config import Config
 from .hsm import Hsm, HsmState, read_secret_file
 from .identity import tls
 from .identity import x509 as x509_id
+from .service.audit import AuditLog
+from .service.core import Deps, Service
+from .service.server import Listeners, probe_forever, tls_context
+from .telemetry import Telemetry, hsm_instrument
 
 log = logging.getLogger("spyrus_hsm")
 
 
 class Module:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, telemetry: Telemetry) -> None:
         self.cfg = cfg
         pin_file = cfg.hsm.pin_file
         if not pin_file:
             raise ValueError("serve needs hsm.pin_file (or SPYRUS_HSM_PIN_FILE)")
         self.hsm = Hsm(cfg.hsm.pool_settings(), lambda: read_secret_file(pin_file))
+        self.hsm.instrument = hsm_instrument(telemetry)
+        telemetry.metrics.watch_queue_depth(self.hsm.pool.queue_depth)
+        self.telemetry = telemetry
         self.hub: HubClient | None = None
+        self.assigned_hub: str | None = None
         self.stopping = threading.Event()
         self.state_dir = Path(cfg.state_dir)
+        self.service: Service | None = None
+        self.listeners: Listeners | None = None
+        if cfg.service.enabled:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            audit_path = cfg.service.audit_file or str(self.state_dir / "audit.log")
+            deps = Deps(self.hsm, telemetry, self.state_dir, cfg.cloud, lambda: self.assigned_hub,
+                        cfg.sas.default_ttl, self.load_provider)
+            self.service = Service(cfg.service, deps, AuditLog(audit_path, cfg.service.audit_fail_closed))
 
     def load_provider(self) -> None:
         assert self.cfg.hsm.pin_file
@@ -73,12 +90,51 @@ class Module:
                     files = x509_id.write_tls_files(cred, self.hsm.state.token_label or "", self.state_dir / "tls")
                 identity = HubIdentity(hub, device_id, c.module_id, sas_key=None if files else key,
                                        x509=files, server_ca_pem=ca_pem)
+                self.assigned_hub = hub
                 self.hub = HubClient(self.hsm, identity, sas_ttl=c.sas_ttl).connect()
                 log.info("connected to IoT Hub %s as %s", hub, device_id)
                 return
             except Exception as exc:
                 log.warning("cloud connection failed: %s; retrying in 10 s", exc)
                 self.stopping.wait(10)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, then shut everything down (bounded: edgeAgent waits 10 s)."""
+        self.start()
+        tasks = []
+        if self.service is not None:
+            self.listeners = Listeners(self.service)
+            await self.listeners.start_health()
+            tasks.append(asyncio.create_task(probe_forever(self.hsm, stop)))
+            tasks.append(asyncio.create_task(self._start_api(stop)))
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.listeners is not None:
+            await self.listeners.stop()
+        if self.service is not None:
+            self.service.close()
+        await asyncio.to_thread(self.stop)
+
+    async def _start_api(self, stop: asyncio.Event) -> None:
+        """The HTTPS listener; with the server key in the HSM it waits for the HSM first."""
+        assert self.service is not None and self.listeners is not None
+        svc_cfg = self.service.cfg
+        while not stop.is_set():
+            try:
+                if svc_cfg.tls_key_label:
+                    if not self.hsm.state.ready:
+                        await asyncio.sleep(0.5)
+                        continue
+                    await asyncio.to_thread(self.load_provider)
+                ctx = await asyncio.to_thread(tls_context, svc_cfg, self.hsm, self.state_dir / "tls")
+                await self.listeners.start_api(ctx)
+                print(f"spyrus-hsm: API on https://{svc_cfg.host}:{self.listeners.api_port}", flush=True)
+                return
+            except (OSError, ValueError, RuntimeError) as exc:
+                log.error("the API cannot start: %s; retrying in 5 s", exc)
+                await asyncio.sleep(5)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -107,21 +163,24 @@ def _quiet_pkcs11_finalizers(hook: object = sys.unraisablehook) -> None:
     sys.unraisablehook = unraisable
 
 
-def serve(cfg: Config) -> int:
+def serve(cfg: Config, telemetry: Telemetry) -> int:
     _quiet_pkcs11_finalizers()
-    module = Module(cfg)
-    done = threading.Event()
+    module = Module(cfg, telemetry)
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %d: stopping", signum)
-        done.set()
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, _on_signal, signum, stop)
+        print("spyrus-hsm: serving; SIGTERM stops", flush=True)
+        await module.run(stop)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    module.start()
-    print("spyrus-hsm: serving; SIGTERM stops", flush=True)
-    while not done.wait(0.5):
-        pass
-    module.stop()
+    asyncio.run(main())
+    telemetry.shutdown(deadline=2.0)
     log.info("stopped")
     return 0
+
+
+def _on_signal(signum: int, stop: asyncio.Event) -> None:
+    log.info("signal %d: stopping", signum)
+    stop.set()

@@ -60,6 +60,35 @@ def _usb_checks(module: str) -> list[Check]:
     return [Check("usb", True, "/dev/bus/usb devices are accessible")]
 
 
+def _service_checks(cfg: config_mod.Config) -> list[Check]:
+    """The HTTP service's files: readable, parseable, and where it writes, writable."""
+    svc = cfg.service
+    if not svc.enabled:
+        return []
+    from cryptography import x509
+
+    out = []
+    for name, path in (("service.tls_cert_file", svc.tls_cert_file), ("service.client_ca_file", svc.client_ca_file)):
+        if not path:
+            continue
+        try:
+            certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
+            out.append(Check(name, True, f"{path}: {len(certs)} certificate(s)"))
+        except (OSError, ValueError) as exc:
+            out.append(Check(name, False, f"{path} cannot be read as PEM certificates "
+                             f"({getattr(exc, 'strerror', None) or exc}); uid {os.getuid()}"))
+    if svc.tls_key_file and not os.access(svc.tls_key_file, os.R_OK):
+        out.append(Check("service.tls_key_file", False, f"{svc.tls_key_file} is missing or not readable "
+                         f"by uid {os.getuid()}"))
+    audit = Path(svc.audit_file or Path(cfg.state_dir) / "audit.log")
+    if str(audit) != "-":
+        where = audit.parent if audit.parent.exists() else audit.parent.parent  # made at start-up
+        writable = where.is_dir() and os.access(where, os.W_OK | os.X_OK)
+        out.append(Check("audit log", writable, str(audit) if writable else
+                         f"cannot write {audit} as uid {os.getuid()}; fix the state volume or service.audit_file"))
+    return out
+
+
 def collect(config_path: str | None, pin_file: str | None) -> list[Check]:
     checks: list[Check] = []
     try:
@@ -67,6 +96,7 @@ def collect(config_path: str | None, pin_file: str | None) -> list[Check]:
     except config_mod.ConfigError as exc:
         return [Check("config", False, str(exc))]
     checks.append(Check("config", True, cfg.source))
+    checks += _service_checks(cfg)
     module = cfg.hsm.module
     ok = os.access(module, os.R_OK)
     checks.append(Check("module", ok, module if ok else
@@ -92,6 +122,12 @@ def collect(config_path: str | None, pin_file: str | None) -> list[Check]:
             st = hsm.state
             checks.append(Check("login", True, f"token '{st.token_label}' serial {st.token_serial}"))
             checks += _object_checks(hsm)
+            label = cfg.service.tls_key_label if cfg.service.enabled else None
+            if label:
+                found = any(o.label == label and o.type == "private" for o in hsm.list_objects())
+                checks.append(Check("service.tls_key_label", found, f"private key '{label}'" if found else
+                                    f"no private key '{label}' on the token; generate it with "
+                                    f"'spyrus-hsm key generate --label {label} --type ec-p256'"))
     except HsmError as exc:
         checks.append(Check("login", False, str(exc)))
     return checks

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from opentelemetry import metrics, trace
@@ -64,6 +64,8 @@ from opentelemetry.util.re import parse_env_headers
 from . import __version__
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 INSTRUMENTATION_NAME = "spyrus_hsm"
 
@@ -394,7 +396,7 @@ def setup(
     """Build tracing and metrics from the OTEL_* variables in `env`.
 
     With set_global=True the providers also become the process-wide ones (what auto-
-    instrumentation such as AioHttpServerInstrumentor uses); OpenTelemetry allows that once per
+    instrumentation in other libraries uses); OpenTelemetry allows that once per
     process, so tests leave it False and use `telemetry.tracer` / `telemetry.meter`.
     Raises TelemetryConfigError naming the variable when one is invalid.
     """
@@ -530,3 +532,18 @@ def _record_duration(
     if error_type is not None:
         labels[ERROR_TYPE] = error_type
     duration.record(seconds, labels)
+
+
+def hsm_instrument(telemetry: Telemetry) -> Callable[[Callable[[T], R], str, str | None, str | None], Callable[[T], R]]:
+    """For `Hsm.instrument`: each operation runs inside an `hsm_span`, on the worker thread but
+    in the caller's contextvars, so the span's parent is the request's span."""
+
+    def wrap(fn: Callable[[T], R], operation: str, key_label: str | None,
+             mechanism: str | None) -> Callable[[T], R]:
+        def traced(arg: T) -> R:
+            with hsm_span(telemetry.tracer, operation, key_label, mechanism,
+                          duration=telemetry.metrics.hsm_operation_duration):
+                return fn(arg)
+        return traced
+
+    return wrap

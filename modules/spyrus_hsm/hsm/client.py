@@ -24,12 +24,24 @@ from .uri import Pkcs11Uri, as_uri
 
 T = TypeVar("T")
 KeyRef = str | Pkcs11Uri
+# Wraps one operation before it goes to a worker: (fn, operation, key label, mechanism) -> fn.
+# The wrapper runs on the worker thread inside the caller's contextvars (telemetry spans use it).
+Instrument = Callable[[Callable[[WorkerSession], Any], str, "str | None", "str | None"],
+                      Callable[[WorkerSession], Any]]
 
 
 class Hsm:
     def __init__(self, settings: PoolSettings, pin: PinSource) -> None:
         self.pool = HsmPool(settings, pin)
         self.settings = settings
+        self.instrument: Instrument | None = None
+
+    def _op(self, fn: Callable[[WorkerSession], T], operation: str, uri: Pkcs11Uri | None = None,
+            mechanism: str | None = None) -> Callable[[WorkerSession], T]:
+        if self.instrument is None:
+            return fn
+        label = None if uri is None else (uri.object or (uri.id.hex() if uri.id else None))
+        return self.instrument(fn, operation, label, mechanism)
 
     def start(self, wait: bool = True) -> Hsm:
         self.pool.start(wait=wait)
@@ -59,14 +71,27 @@ class Hsm:
 
     def sign(self, key: KeyRef, algorithm: SignAlgorithm, data: bytes) -> bytes:
         uri = as_uri(key)
-        return self.pool.run(partial(ops.sign, uri=uri, algorithm=algorithm, data=data),
-                             _what("signing", uri))
+        return self.pool.run(self._sign_op(uri, algorithm, data), _what("signing", uri))
 
     async def asign(self, key: KeyRef, algorithm: SignAlgorithm, data: bytes,
                     timeout: float | None = None) -> bytes:
         uri = as_uri(key)
-        return await self.pool.arun(partial(ops.sign, uri=uri, algorithm=algorithm, data=data),
-                                    _what("signing", uri), timeout)
+        return await self.pool.arun(self._sign_op(uri, algorithm, data), _what("signing", uri), timeout)
+
+    def _sign_op(self, uri: Pkcs11Uri, algorithm: SignAlgorithm, data: bytes) -> Callable[[WorkerSession], bytes]:
+        return self._op(partial(ops.sign, uri=uri, algorithm=algorithm, data=data), "sign", uri,
+                        ops.MECHANISM_NAMES[algorithm])
+
+    async def aprobe(self, timeout: float | None = None) -> None:
+        """Ask the token for a few random bytes: fails (and starts recovery) if it is gone.
+        Not instrumented: a periodic health probe would drown the traces."""
+        await self.pool.arun(ops.probe, "checking the token", timeout)
+
+    async def acertificate_chain(self, key: KeyRef) -> list[x509.Certificate]:
+        uri = as_uri(key)
+        ders = await self.pool.arun(self._op(partial(ops.certificate_chain, uri=uri), "read_certificates", uri),
+                                    _what("reading certificates", uri))
+        return [x509.load_der_x509_certificate(d) for d in ders]
 
     def hmac_sha256(self, key: KeyRef, data: bytes) -> bytes:
         return self.sign(key, SignAlgorithm.HMAC_SHA256, data)

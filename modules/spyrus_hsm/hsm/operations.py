@@ -154,6 +154,19 @@ def sign(ws: WorkerSession, uri: Pkcs11Uri, algorithm: SignAlgorithm, data: byte
     raise InvalidInput(f"unsupported algorithm {algorithm}")
 
 
+MECHANISM_NAMES = {
+    SignAlgorithm.HMAC_SHA256: "CKM_SHA256_HMAC",
+    SignAlgorithm.ECDSA_SHA256: "CKM_ECDSA",
+    SignAlgorithm.RSA_PKCS1_SHA256: "CKM_SHA256_RSA_PKCS",
+    SignAlgorithm.RSA_PSS_SHA256: "CKM_SHA256_RSA_PKCS_PSS",
+}
+
+
+def probe(ws: WorkerSession) -> None:
+    """The cheapest call that needs the token itself (C_GenerateRandom): is it still there?"""
+    ws.session.generate_random(64)
+
+
 def key_algorithm(ws: WorkerSession, uri: Pkcs11Uri) -> KeyAlgorithm:
     key = ws.find(uri, ObjectClass.PRIVATE_KEY)
     return KeyAlgorithm.EC_P256 if key.key_type == KeyType.EC else KeyAlgorithm.RSA_2048

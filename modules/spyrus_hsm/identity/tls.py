@@ -168,3 +168,43 @@ def server_context(cert_file: str | os.PathLike[str], key_file: str | os.PathLik
         ctx.load_verify_locations(str(client_ca_file))
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return ctx
+
+
+# --- client certificates judged by the application --------------------------------------------
+
+_VerifyCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+_accept_any = _VerifyCallback(lambda preverify_ok, store_ctx: 1)  # module-level: never collected
+SSL_VERIFY_PEER = 0x01
+
+
+def defer_client_verification(ctx: ssl.SSLContext) -> bool:
+    """Ask TLS clients for a certificate but let the application judge it.
+
+    Python's ssl can only verify client certificates in the handshake, where a bad one ends in
+    a bare TLS alert. An HTTP API should instead answer "401: certificate expired on …", so the
+    handshake accepts any certificate (OpenSSL verify callback returning 1, set through ctypes on
+    the context's SSL_CTX) and the service verifies the chain itself before trusting the CN.
+    Returns False, leaving the context verifying in the handshake, if the SSL_CTX pointer cannot
+    be confirmed (another Python build).
+    """
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    try:
+        libssl = ctypes.CDLL(ctypes.util.find_library("ssl") or "libssl.so.3")
+        get_mode = libssl.SSL_CTX_get_verify_mode
+        get_mode.argtypes, get_mode.restype = [ctypes.c_void_p], ctypes.c_int
+        set_verify = libssl.SSL_CTX_set_verify
+        set_verify.argtypes, set_verify.restype = [ctypes.c_void_p, ctypes.c_int, _VerifyCallback], None
+    except (OSError, AttributeError):
+        return False
+    # CPython's PySSLContext starts with PyObject_HEAD then `SSL_CTX *ctx`; confirm it by
+    # watching the verify mode change through the pointer before writing anything.
+    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ptr or get_mode(ptr) != SSL_VERIFY_PEER:
+        return False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    confirmed = get_mode(ptr) == SSL_VERIFY_PEER | 0x02
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    if not confirmed or get_mode(ptr) != SSL_VERIFY_PEER:
+        return False
+    set_verify(ptr, SSL_VERIFY_PEER, _accept_any)
+    return True

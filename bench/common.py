@@ -1,0 +1,52 @@
+"""Shared by the benchmarks: a throw-away SoftHSM2 token, an HSM pool on it, event-loop lag.
+
+The PIN goes to child processes in a file (mode 0600), never on a command line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
+SHIM = ROOT / ".build" / "libp11shim.so"
+LABEL = "bench"
+
+
+def make_token(root: Path) -> Path:
+    """Create the bench token under `root`; returns the PIN file."""
+    (root / "tokens").mkdir(parents=True, exist_ok=True)
+    conf = root / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    from spyrus_hsm.hsm import Secret
+    from spyrus_hsm.hsm.provision import init_token
+
+    pin_file = root / "user.pin"
+    fd = os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("bench-" + secrets.token_hex(4))
+    init_token(SOFTHSM, LABEL, Secret(b"so-" + secrets.token_hex(4).encode()), Secret(pin_file.read_bytes()))
+    return pin_file
+
+
+def start_hsm(module: str, pin_file: Path, mode: str = "worker", workers: int = 4) -> Any:
+    from spyrus_hsm.hsm import Hsm, PoolSettings, TokenSelector, read_secret_file
+
+    settings = PoolSettings(module, TokenSelector(LABEL), workers=workers, sync_mode=mode)  # type: ignore[arg-type]
+    return Hsm(settings, lambda: read_secret_file(str(pin_file))).start(wait=True)
+
+
+async def tick_lag(duration: float, tick: float = 0.001) -> list[float]:
+    """How late each `sleep(tick)` wakes up, over `duration` seconds."""
+    lags = []
+    end = time.perf_counter() + duration
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        await asyncio.sleep(tick)
+        lags.append(time.perf_counter() - t - tick)
+    return lags

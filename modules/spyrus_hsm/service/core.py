@@ -1,0 +1,170 @@
+"""The service's state and the decisions every route shares: who may do what, which key signs
+for a device, the token cache, the audit trail. Routes parse and answer; this decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+from opentelemetry.trace import Tracer
+
+from ..cloud.dps import Assignment, DpsRequest, Provisioner
+from ..config import CloudConfig, ServiceConfig
+from ..hsm import Hsm
+from ..identity.sas import SasMinter, SasToken
+from ..telemetry import Telemetry
+from . import policy as pol
+from .audit import AuditLog
+from .auth import Authenticator, ClientCertVerifier, Principal
+from .cache import TokenCache
+from .problems import Problem, forbidden
+from .ratelimit import RateLimiter
+
+T = TypeVar("T")
+DPS_THREADS = 4
+PRINCIPAL = web.RequestKey("spyrus.principal", Principal)
+AUDIT = web.RequestKey("spyrus.audit", dict[str, Any])
+REQUEST_ID = web.RequestKey("spyrus.request_id", str)
+
+
+@dataclass
+class Deps:
+    """What the service needs from the module around it."""
+    hsm: Hsm
+    telemetry: Telemetry
+    state_dir: Path
+    cloud: CloudConfig
+    default_hub: Callable[[], str | None]      # the module's own hub, once known
+    default_ttl: int                           # sas.default_ttl
+    load_provider: Callable[[], None] | None   # for X.509 registrations (pkcs11-provider)
+
+
+class Service:
+    def __init__(self, cfg: ServiceConfig, deps: Deps, audit: AuditLog) -> None:
+        self.deps = deps
+        self.hsm = deps.hsm
+        self.telemetry = deps.telemetry
+        self.audit = audit
+        self.minter = SasMinter(deps.hsm)
+        self.provisioner = Provisioner(deps.hsm, deps.state_dir, deps.load_provider)
+        self._registrations: dict[str, asyncio.Task[Assignment]] = {}
+        # DPS runs block a thread for up to registration_timeout: their own bounded pool, so a
+        # burst of registrations cannot starve the loop's default executor.
+        self._dps_threads = ThreadPoolExecutor(DPS_THREADS, thread_name_prefix="dps")
+        ca = deps.cloud.server_ca_file
+        self.dps_ca_pem = Path(ca).read_text() if ca else None
+        self.reconfigure(cfg)
+
+    def reconfigure(self, cfg: ServiceConfig) -> None:
+        """Apply a new service configuration without a restart (listeners excepted)."""
+        verifier = ClientCertVerifier.from_file(cfg.client_ca_file) if cfg.client_ca_file else None
+        self.cfg = cfg
+        self.authenticator = Authenticator(verifier, cfg.bearer_tokens)
+        self.policy = pol.Policy(cfg.policy)
+        self.limiter = RateLimiter(cfg.rate_limit_per_second, cfg.rate_limit_burst)
+        self.cache = TokenCache(cfg.cache_reuse_fraction)
+
+    def close(self) -> None:
+        """Stop taking registrations (a running DPS call is abandoned by its own timeout)."""
+        self._dps_threads.shutdown(wait=False, cancel_futures=True)
+        self.audit.close()
+
+    @property
+    def tracer(self) -> Tracer:
+        return self.telemetry.tracer
+
+    # --- authentication and authorisation -------------------------------------------------
+
+    def authenticate(self, request: web.Request) -> Principal:
+        principal = self.authenticator.authenticate(
+            request.transport.get_extra_info("ssl_object") if request.transport else None,
+            request.headers.get("Authorization"))
+        request[PRINCIPAL] = principal
+        self.audit_fields(request, principal=principal.name)
+        wait = self.limiter.check(principal.name)
+        if wait is not None:
+            raise Problem(429, "rate-limited", "Too many requests",
+                          f"'{principal.name}' is over {self.cfg.rate_limit_per_second:g} requests/s; "
+                          f"retry in {wait} s", retry_after=wait)
+        return principal
+
+    def authorize(self, request: web.Request, operation: str, *, device: str | None = None,
+                  key: str | None = None, key_named_by_caller: bool = False) -> None:
+        principal: Principal = request[PRINCIPAL]
+        self.audit_fields(request, operation=operation, device=device, key=key)
+        decision = self.policy.decide(pol.Request(principal.name, operation, device, key, key_named_by_caller))
+        if not decision.allowed:
+            raise forbidden(decision.reason)
+        self.audit_fields(request, reason=decision.reason)
+
+    @staticmethod
+    def audit_fields(request: web.Request, **fields: Any) -> None:
+        if AUDIT not in request:
+            request[AUDIT] = {}
+        request[AUDIT].update(fields)
+
+    # --- what signs for whom --------------------------------------------------------------
+
+    def key_for(self, template: str, principal: str, **ids: str | None) -> str:
+        values = {"deviceId": "", "moduleId": "", "registrationId": "", **{k: v or "" for k, v in ids.items()}}
+        return template.format(cn=principal, **values)
+
+    def default_hub(self) -> str | None:
+        """The hub of device tokens whose request names none: configured, or the module's own."""
+        return self.cfg.hub or self.deps.cloud.hub or self.deps.default_hub()
+
+    def hub_for(self, requested: str | None) -> str:
+        hub = requested or self.default_hub()
+        if not hub:
+            raise Problem(400, "invalid-request", "The request is not valid",
+                          "'hub' is required: this service has no default hub (service.hub)")
+        return hub
+
+    async def sas_token(self, key: str, uri: str, ttl: int, key_name: str | None = None) -> tuple[SasToken, bool]:
+        """(token, reused). A "sas.mint" span covers each signature actually made; requests that
+        shared it or were served from the cache are counted as cache hits."""
+        token, reused = await self.cache.get((key, uri, key_name, ttl), ttl,
+                                             lambda: self._mint(key, uri, ttl, key_name))
+        (self.telemetry.metrics.cache_hits if reused else self.telemetry.metrics.cache_misses).add(1)
+        return token, reused
+
+    async def _mint(self, key: str, uri: str, ttl: int, key_name: str | None) -> SasToken:
+        with self.tracer.start_as_current_span("sas.mint", attributes={"hsm.key.label": key, "sas.ttl": ttl}):
+            return await self.minter.amint(key, uri, ttl, key_name)
+
+    # --- DPS on behalf of leaves ----------------------------------------------------------
+
+    async def register(self, req: DpsRequest) -> Assignment:
+        """One registration per id at a time; concurrent identical requests share it."""
+        task = self._registrations.get(req.registration_id)
+        if task is None:
+            task = asyncio.ensure_future(self._register(req))
+            self._registrations[req.registration_id] = task
+            task.add_done_callback(lambda _: self._registrations.pop(req.registration_id, None))
+        return await asyncio.shield(task)
+
+    async def _register(self, req: DpsRequest) -> Assignment:
+        attributes = {"dps.registration_id": req.registration_id, "dps.attestation": req.attestation,
+                      "dps.id_scope": req.id_scope}
+        with self.tracer.start_as_current_span("dps.register", attributes=attributes) as span:
+            result = await run_in_thread(self._dps_threads, self.provisioner.register, req,
+                                         timeout=self.cfg.registration_timeout)
+            span.set_attribute("dps.status", result.status)
+            return result
+
+    def stored_registration(self, registration_id: str) -> Assignment | None:
+        return self.provisioner.cached(registration_id)
+
+
+async def run_in_thread(executor: Executor | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A blocking call on a thread, keeping contextvars (the current span) across."""
+    ctx = contextvars.copy_context()
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, lambda: ctx.run(fn, *args, **kwargs))

@@ -1,0 +1,145 @@
+"""The OpenAPI 3.1 description served at /openapi.json. A test checks that it lists exactly the
+routes the application has; field patterns come from validation.py, which enforces them, and what
+depends on the configuration (TTL bounds, whether `hub` and `idScope` have defaults) is described
+as this service is configured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+from ..config import ServiceConfig
+from . import validation as v
+from .routes.signatures import ALGORITHMS
+
+JSON = "application/json"
+PROBLEM = "application/problem+json"
+
+
+def _problem_ref(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    texts = {
+        400: "Invalid request (field named in the detail)", 401: "Not authenticated",
+        403: "Not allowed by policy", 404: "Not found", 405: "Method not allowed",
+        413: "Request body too large", 415: "Body is not application/json", 429: "Rate limited (see Retry-After)",
+        422: "The HSM refused the operation or the stored credential is unusable",
+        500: "Internal error (logged under the request id)", 502: "DPS registration failed",
+        503: "HSM not ready, busy or timed out, or the audit log unavailable (see Retry-After)",
+    }
+    return {str(c): _problem_ref(texts[c]) for c in codes}
+
+
+COMMON = (401, 403, 404, 405, 422, 429, 500, 503)
+BODY = (400, 413, 415)
+
+
+def _json_body(ref: str) -> dict[str, Any]:
+    return {"required": True, "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+def _ok(ref: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+def spec(cfg: ServiceConfig, *, default_hub: bool, default_id_scope: bool) -> dict[str, Any]:
+    s = {"type": "string"}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "spyrus-hsm", "version": __version__,
+                 "description": "HSM-backed SAS tokens, signatures, certificates and DPS registration "
+                                "for leaf devices. Errors are RFC 9457 problem details."},
+        "security": [{"mutualTLS": []}, {"bearer": []}],
+        "paths": {
+            "/v1/sas-tokens": {"post": {
+                "operationId": "createSasToken", "requestBody": _json_body("SasTokenRequest"),
+                "responses": {"200": _ok("SasToken", "The token"), **_errors(*BODY, *COMMON)}}},
+            "/v1/signatures": {"post": {
+                "operationId": "createSignature", "requestBody": _json_body("SignatureRequest"),
+                "responses": {"200": _ok("Signature", "The signature"), **_errors(*BODY, *COMMON)}}},
+            "/v1/registrations": {"post": {
+                "operationId": "createRegistration", "requestBody": _json_body("RegistrationRequest"),
+                "responses": {"200": _ok("Registration", "The assignment"),
+                              **_errors(*BODY, 502, *COMMON)}}},
+            "/v1/registrations/{id}": {"get": {
+                "operationId": "getRegistration",
+                "parameters": [{"name": "id", "in": "path", "required": True,
+                                "schema": {"type": "string", "pattern": v.REGISTRATION_ID}}],
+                "responses": {"200": _ok("Registration", "The stored assignment"), **_errors(400, *COMMON)}}},
+            "/v1/certificates/{label}": {"get": {
+                "operationId": "getCertificateChain",
+                "parameters": [{"name": "label", "in": "path", "required": True,
+                                "schema": {"type": "string", "pattern": v.LABEL}}],
+                "responses": {"200": {"description": "PEM certificate chain, leaf first",
+                                      "content": {"application/pem-certificate-chain": {"schema": s}}},
+                              **_errors(400, *COMMON)}}},
+            "/healthz": {"get": {"operationId": "healthz", "security": [],
+                                 "responses": {"200": {"description": "The process is alive",
+                                                       "content": {JSON: {"schema": {"type": "object"}}}},
+                                               **_errors(405, 500)}}},
+            "/readyz": {"get": {"operationId": "readyz", "security": [],
+                                "responses": {"200": {"description": "The HSM is present and logged in",
+                                                      "content": {JSON: {"schema": {"type": "object"}}}},
+                                              **_errors(405, 500, 503)}}},
+            "/openapi.json": {"get": {"operationId": "openapi", "security": [],
+                                      "responses": {"200": {"description": "This document",
+                                                            "content": {JSON: {"schema": {"type": "object"}}}},
+                                                    **_errors(405, 500)}}},
+        },
+        "components": {
+            "securitySchemes": {"mutualTLS": {"type": "mutualTLS"},
+                                "bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": _schemas(cfg, default_hub, default_id_scope),
+        },
+    }
+
+
+def _schemas(cfg: ServiceConfig, default_hub: bool, default_id_scope: bool) -> dict[str, Any]:
+    ttl = {"type": "integer", "minimum": cfg.min_ttl, "maximum": cfg.max_ttl,
+           "description": "Token lifetime in seconds (service.min_ttl to service.max_ttl)"}
+    device_required = ["deviceId"] if default_hub else ["deviceId", "hub"]
+    registration_required = ["registrationId", "attestation", *([] if default_id_scope else ["idScope"])]
+    return {
+        "SasTokenRequest": {"oneOf": [
+            {"type": "object", "additionalProperties": False,
+             "required": device_required, "properties": {
+                "deviceId": {"type": "string", "pattern": v.DEVICE_ID},
+                "moduleId": {"type": "string", "pattern": v.DEVICE_ID},
+                "hub": {"type": "string", "pattern": v.HOST_NAME},
+                "ttlSeconds": ttl}},
+            {"type": "object", "additionalProperties": False, "required": ["idScope", "registrationId"],
+             "properties": {"idScope": {"type": "string", "pattern": v.ID_SCOPE},
+                            "registrationId": {"type": "string", "pattern": v.REGISTRATION_ID},
+                            "ttlSeconds": ttl}},
+        ]},
+        "SasToken": {"type": "object", "required": ["token", "resourceUri", "expiresOn"], "properties": {
+            "token": {"type": "string"}, "resourceUri": {"type": "string"},
+            "expiresOn": {"type": "integer", "description": "Unix time"}}},
+        "SignatureRequest": {"type": "object", "additionalProperties": False,
+                             "required": ["key", "algorithm", "data"], "properties": {
+            "key": {"type": "string", "pattern": v.LABEL},
+            "algorithm": {"type": "string", "enum": list(ALGORITHMS)},
+            "data": {"type": "string", "contentEncoding": "base64", "pattern": v.BASE64_DATA,
+                     "maxLength": (v.MAX_DATA_BYTES + 2) // 3 * 4,
+                     "description": f"The bytes to sign (at most {v.MAX_DATA_BYTES}), padded base64"}}},
+        "Signature": {"type": "object", "required": ["signature"], "properties": {
+            "signature": {"type": "string", "contentEncoding": "base64",
+                          "description": "ES256: raw r||s; RS256/PS256: PKCS#1; HMAC-SHA256: the MAC"}}},
+        "RegistrationRequest": {"type": "object", "additionalProperties": False,
+                                "required": registration_required, "properties": {
+            "registrationId": {"type": "string", "pattern": v.REGISTRATION_ID},
+            "idScope": {"type": "string", "pattern": v.ID_SCOPE},
+            "attestation": {"type": "string", "enum": ["x509", "symmetricKey"]},
+            "payload": {"description": "Custom allocation payload (JSON), passed to DPS"}}},
+        "Registration": {"type": "object", "required": ["registrationId", "assignedHub", "deviceId", "status"],
+                         "properties": {
+            "registrationId": {"type": "string"}, "assignedHub": {"type": "string"},
+            "deviceId": {"type": "string"}, "status": {"type": "string"},
+            "substatus": {"type": ["string", "null"]}, "attestation": {"type": "string"},
+            "registeredAt": {"type": "string"}}},
+        "Problem": {"type": "object", "required": ["type", "title", "status"], "properties": {
+            "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+            "detail": {"type": "string"}, "instance": {"type": "string"}}},
+    }

@@ -1,0 +1,67 @@
+"""Default-deny authorisation: which principal may do which operation on which device or key.
+
+Rules come from the config (config.PolicyRule). Patterns are shell-style globs matched case-
+sensitively; `{cn}` in a pattern is the caller's own name, escaped so that a name containing
+glob characters matches only itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from ..config import PolicyRule
+
+
+@dataclass(frozen=True)
+class Request:
+    principal: str
+    operation: str
+    device: str | None = None     # device or registration id, for operations that have one
+    key: str | None = None        # HSM key or credential label
+    key_named_by_caller: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str
+
+
+class Policy:
+    def __init__(self, rules: Sequence[PolicyRule]) -> None:
+        self.rules = tuple(rules)
+
+    def decide(self, req: Request) -> Decision:
+        for index, rule in enumerate(self.rules):
+            if self._applies(rule, req):
+                return Decision(True, f"policy rule {index}")
+        return Decision(False, self._denial(req))
+
+    def _applies(self, rule: PolicyRule, req: Request) -> bool:
+        if not _any_match(req.principal, rule.principals, req.principal):
+            return False
+        if "*" not in rule.operations and req.operation not in rule.operations:
+            return False
+        if req.device is not None and not _any_match(req.device, rule.devices, req.principal):
+            return False
+        if req.key is not None:
+            if rule.keys:
+                return _any_match(req.key, rule.keys, req.principal)
+            return not req.key_named_by_caller
+        return True
+
+    def _denial(self, req: Request) -> str:
+        target = " ".join(f"{k} '{v}'" for k, v in (("device", req.device), ("key", req.key)) if v is not None)
+        return f"no policy rule allows '{req.principal}' the operation '{req.operation}'" + (
+            f" on {target}" if target else "")
+
+
+def _any_match(value: str, patterns: Sequence[str], cn: str) -> bool:
+    escaped = _escape(cn)
+    return any(fnmatchcase(value, p.replace("{cn}", escaped)) for p in patterns)
+
+
+def _escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)

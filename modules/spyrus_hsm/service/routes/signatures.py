@@ -1,0 +1,36 @@
+"""POST /v1/signatures: sign caller-supplied bytes with an HSM key the policy lets the caller
+name. ES256 answers the raw r||s (JWS form), the others the PKCS#11 output as is."""
+
+from __future__ import annotations
+
+import base64
+
+from aiohttp import web
+
+from ...hsm import SignAlgorithm
+from ..core import Service
+from ..keys import SERVICE
+from ..validation import LABEL, base64_data, choice, only, read_json, text
+
+ALGORITHMS = {
+    "HMAC-SHA256": SignAlgorithm.HMAC_SHA256,
+    "ES256": SignAlgorithm.ECDSA_SHA256,
+    "PS256": SignAlgorithm.RSA_PSS_SHA256,
+    "RS256": SignAlgorithm.RSA_PKCS1_SHA256,
+}
+
+
+async def create(request: web.Request) -> web.Response:
+    svc: Service = request.app[SERVICE]
+    body = await read_json(request)
+    only(body, "key", "algorithm", "data")
+    key = text(body, "key", LABEL)
+    algorithm = ALGORITHMS[choice(body, "algorithm", tuple(ALGORITHMS))]
+    data = base64_data(body, "data")
+    assert key
+    svc.authorize(request, "signature", key=key, key_named_by_caller=True)
+    signature = await svc.hsm.asign(key, algorithm, data)
+    return web.json_response({"signature": base64.b64encode(signature).decode("ascii")})
+
+
+ROUTES = [web.post("/v1/signatures", create, name="signatures")]

@@ -1,0 +1,145 @@
+"""The token cache against the real HSM (single-flight, separate entries) and the audit log's
+fail-closed rule. Reuse over time is in tests/unit/test_token_cache.py (injected clock).
+
+Signatures are counted where they happen: `Hsm.instrument` wraps every HSM operation and the
+wrapper runs on the pool's worker thread around the PKCS#11 call itself, so wrapping the
+harness's instrument counts the C_Sign calls made — not what the service reports about them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from service_harness import ServiceHarness, new_leaf, problem_type, verify_sas
+
+from emulator.pki import EmulatorPki
+from spyrus_hsm.hsm import Hsm
+
+CONCURRENT = 50
+OWN_DEVICE = {"principals": ["*"], "operations": ["sas-token"], "devices": ["{cn}"]}
+
+
+class HsmSignatures:
+    """Counts the HSM's sign operations and, until `release` is set, holds each one back before
+    it reaches the token (a slow token)."""
+
+    def __init__(self, hsm: Hsm, held: bool = False) -> None:
+        self.count = 0
+        self.release = threading.Event()
+        if not held:
+            self.release.set()
+        self._lock = threading.Lock()
+        self._inner = hsm.instrument
+        hsm.instrument = self._wrap
+
+    def _wrap(self, fn: Callable[[Any], Any], operation: str, key: str | None,
+              mechanism: str | None) -> Callable[[Any], Any]:
+        inner = self._inner(fn, operation, key, mechanism) if self._inner else fn
+        if operation != "sign":
+            return inner
+
+        def counted(session: Any) -> Any:
+            self.release.wait(30)
+            with self._lock:
+                self.count += 1
+            return inner(session)
+        return counted
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+async def _concurrently(svc: ServiceHarness, n: int, body: dict[str, Any], bearer: str) -> list[tuple[int, Any]]:
+    connector = aiohttp.TCPConnector(ssl=svc.client_context(), limit=n)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one() -> tuple[int, Any]:
+            async with session.post(f"{svc.url}/v1/sas-tokens", json=body,
+                                    headers={"Authorization": f"Bearer {bearer}"}) as response:
+                return response.status, await response.json(content_type=None)
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+def test_concurrent_identical_requests_cause_one_hsm_signature(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki) -> None:
+    leaf = new_leaf(hsm)
+    # No reuse (cache_reuse_fraction 0) and the first signature held until every request is
+    # waiting: only single-flight can make them share it.
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[OWN_DEVICE], bearer={leaf.name: leaf.bearer},
+                        cache_reuse_fraction=0.0, rate_limit_per_second=0) as svc:
+        signatures = HsmSignatures(hsm, held=True)
+        with ThreadPoolExecutor(1) as client:
+            answers = client.submit(asyncio.run, _concurrently(svc, CONCURRENT, {"deviceId": leaf.name}, leaf.bearer))
+            try:
+                assert svc.service is not None
+                cache = svc.service.cache
+                assert _wait_until(lambda: cache.waiting == CONCURRENT), f"only {cache.waiting} reached the cache"
+            finally:
+                signatures.release.set()
+            results = answers.result(60)
+    assert signatures.count == 1
+    assert [status for status, _ in results] == [200] * CONCURRENT
+    tokens = {body["token"] for _, body in results}
+    assert len(tokens) == 1
+    verify_sas(tokens.pop(), leaf.key)
+
+
+def test_different_ttls_and_devices_are_separate_cache_entries(hsm: Hsm, tmp_path: Path,
+                                                               emulator_pki: EmulatorPki) -> None:
+    a, b = new_leaf(hsm), new_leaf(hsm)
+    gateway = new_leaf(hsm, "gateway")
+    policy = [{"principals": [gateway.name], "operations": ["sas-token"], "devices": [a.name, b.name]}]
+    requests = [{"deviceId": a.name, "ttlSeconds": 600}, {"deviceId": a.name, "ttlSeconds": 900},
+                {"deviceId": b.name, "ttlSeconds": 600}]
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=policy, bearer={gateway.name: gateway.bearer}) as svc:
+        signatures = HsmSignatures(hsm)
+        first = [svc.call("POST", "/v1/sas-tokens", r, bearer=gateway.bearer)[2]["token"] for r in requests]
+        again = [svc.call("POST", "/v1/sas-tokens", r, bearer=gateway.bearer)[2]["token"] for r in requests]
+    assert signatures.count == 3
+    assert len(set(first)) == 3
+    assert again == first
+    for token, leaf in zip(first, (a, a, b), strict=True):
+        verify_sas(token, leaf.key)
+
+
+# --- audit fail-closed -------------------------------------------------------------------------
+
+
+def _unwritable_audit_file(tmp_path: Path) -> Path:
+    """A path whose parent is a regular file: open() fails for every user, root included."""
+    parent = tmp_path / "not-a-directory"
+    parent.write_text("")
+    return parent / "audit.log"
+
+
+def test_a_token_is_withheld_when_its_audit_record_cannot_be_written(hsm: Hsm, tmp_path: Path,
+                                                                     emulator_pki: EmulatorPki) -> None:
+    leaf = new_leaf(hsm)
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[OWN_DEVICE], bearer={leaf.name: leaf.bearer},
+                        audit_file=_unwritable_audit_file(tmp_path), retry_after=3) as svc:
+        status, headers, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer)
+    assert status == 503 and problem_type(headers, body) == "audit-unavailable"
+    assert headers["retry-after"] == "3"
+    assert "token" not in body and "SharedAccessSignature" not in str(body)
+
+
+def test_without_fail_closed_a_token_is_handed_out_though_the_audit_log_fails(hsm: Hsm, tmp_path: Path,
+                                                                               emulator_pki: EmulatorPki) -> None:
+    leaf = new_leaf(hsm)
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[OWN_DEVICE], bearer={leaf.name: leaf.bearer},
+                        audit_file=_unwritable_audit_file(tmp_path), audit_fail_closed=False) as svc:
+        status, _, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer)
+    assert status == 200, body
+    verify_sas(body["token"], leaf.key)

@@ -1,0 +1,172 @@
+"""The HTTP service started for real in a test: its own event loop on a thread, a real HTTPS
+socket on loopback, the session's SoftHSM token, a PKI for server and leaf certificates.
+
+    with ServiceHarness(hsm, tmp_path, pki, policy=[...], bearer={"gw": token}) as svc:
+        status, headers, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": "d"}, bearer=token)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import http.client
+import json
+import secrets
+import ssl
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote
+
+from emulator.pki import EmulatorPki, PemFiles, make_ca
+from spyrus_hsm.config import CloudConfig, PolicyRule, ServiceConfig, service_section
+from spyrus_hsm.hsm import Hsm, Secret
+from spyrus_hsm.service.audit import AuditLog
+from spyrus_hsm.service.core import Deps, Service
+from spyrus_hsm.service.problems import TYPE_BASE
+from spyrus_hsm.service.server import Listeners, tls_context
+from spyrus_hsm.telemetry import Telemetry, hsm_instrument, setup
+
+HOST = "127.0.0.1"
+
+
+def rules(*specs: dict[str, Any]) -> tuple[PolicyRule, ...]:
+    return service_section({"policy": list(specs), "tls_cert_file": "x", "tls_key_file": "y"}, "test").policy
+
+
+class ServiceHarness:
+    def __init__(self, hsm: Hsm, directory: Path, pki: EmulatorPki, *, policy: list[dict[str, Any]] | None = None,
+                 bearer: dict[str, str] | None = None, telemetry: Telemetry | None = None,
+                 cloud: CloudConfig | None = None, audit_file: Path | None = None, **overrides: Any) -> None:
+        self.hsm = hsm
+        self.directory = directory
+        self.pki = pki
+        server = pki.server([HOST])
+        self.server_ca = pki.ca_file
+        self.leaf_ca = directory / "leaf-ca.pem"
+        self.leaf_ca.write_text(pki.intermediate.cert_pem)
+        raw = {
+            "host": HOST, "port": 0, "health_port": 0, "tls_cert_file": str(server.cert_file),
+            "tls_key_file": str(server.key_file), "client_ca_file": str(self.leaf_ca),
+            "bearer_tokens": {name: hashlib.sha256(tok.encode()).hexdigest() for name, tok in (bearer or {}).items()},
+            "policy": policy or [], "hub": "hub.example",
+        }
+        self.cfg: ServiceConfig = replace(service_section(raw, "test"), **overrides)
+        self.telemetry = telemetry or setup("spyrus-hsm-test", env={"OTEL_SDK_DISABLED": "true"})
+        self.audit_file = audit_file or directory / "audit.log"
+        self.cloud = cloud or CloudConfig()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="service-loop", daemon=True)
+        self.service: Service | None = None
+        self.listeners: Listeners | None = None
+        self.port = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> ServiceHarness:
+        self._thread.start()
+        self.run(self._start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def _start(self) -> None:
+        self.hsm.instrument = hsm_instrument(self.telemetry)
+        deps = Deps(self.hsm, self.telemetry, self.directory / "state", self.cloud, lambda: None, 3600, None)
+        self.service = Service(self.cfg, deps, AuditLog(str(self.audit_file), self.cfg.audit_fail_closed))
+        self.listeners = Listeners(self.service)
+        await self.listeners.start_api(tls_context(self.cfg, self.hsm, self.directory / "tls"))
+        assert self.listeners.api_port
+        self.port = self.listeners.api_port
+
+    def run(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def close(self) -> None:
+        if self.listeners is not None:
+            self.run(self.listeners.stop())
+            self.listeners = None
+        self.hsm.instrument = None
+        if self.service is not None:
+            self.service.close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    # --- clients --------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"https://{HOST}:{self.port}"
+
+    def client_context(self, cert: PemFiles | None = None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.server_ca))
+        if cert is not None:
+            ctx.load_cert_chain(str(cert.cert_file), str(cert.key_file))
+        return ctx
+
+    def call(self, method: str, path: str, body: Any = None, *, bearer: str | None = None,
+             cert: PemFiles | None = None, headers: dict[str, str] | None = None,
+             raw: bytes | None = None) -> tuple[int, dict[str, str], Any]:
+        conn = http.client.HTTPSConnection(HOST, self.port, context=self.client_context(cert), timeout=30)
+        hdrs = dict(headers or {})
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        if bearer is not None:
+            hdrs["Authorization"] = f"Bearer {bearer}"
+        try:
+            conn.request(method, path, body=data, headers=hdrs)
+            resp = conn.getresponse()
+            payload = resp.read()
+        finally:
+            conn.close()
+        ctype = resp.headers.get("Content-Type", "")
+        parsed: Any = json.loads(payload) if "json" in ctype else payload.decode()
+        return resp.status, {k.lower(): v for k, v in resp.headers.items()}, parsed
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        if not self.audit_file.exists():
+            return []
+        return [json.loads(line) for line in self.audit_file.read_text().splitlines() if line]
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A leaf device: its primary key is in the HSM under its name, and it has a bearer token."""
+    name: str
+    key: bytes
+    bearer: str
+
+
+def new_leaf(hsm: Hsm, prefix: str = "leaf") -> Leaf:
+    """A leaf with a unique name (the session's token is shared by every test)."""
+    leaf = Leaf(f"{prefix}-{secrets.token_hex(3)}", secrets.token_bytes(32), secrets.token_urlsafe(24))
+    hsm.import_secret_key(leaf.name, Secret(leaf.key))
+    return leaf
+
+
+def problem_type(headers: dict[str, str], body: Any) -> str:
+    """The short type of an RFC 9457 answer (TYPE_BASE removed); fails if the answer is not one."""
+    assert headers["content-type"].startswith("application/problem+json"), body
+    assert isinstance(body, dict) and body["type"].startswith(TYPE_BASE), body
+    return str(body["type"][len(TYPE_BASE):])
+
+
+def other_ca_leaf(pki: EmulatorPki, cn: str) -> PemFiles:
+    """A leaf certificate from a CA the service does not trust."""
+    return pki.device(cn, make_ca("Some Other CA"), name=f"other-{cn}")
+
+
+def verify_sas(token: str, key: bytes) -> dict[str, str]:
+    """Check a SAS token the way IoT Hub does (software HMAC with the device key)."""
+    assert token.startswith("SharedAccessSignature ")
+    fields = {k: v[0] for k, v in parse_qs(token[len("SharedAccessSignature "):]).items()}
+    expected = base64.b64encode(hmac.new(
+        key, f"{quote(fields['sr'], safe='')}\n{fields['se']}".encode(), hashlib.sha256).digest()).decode()
+    assert hmac.compare_digest(fields["sig"], expected), "SAS signature does not verify"
+    return fields
