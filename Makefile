@@ -6,8 +6,11 @@ VENV := .venv
 BUILD := .build
 BIN := $(VENV)/bin
 SHIM := $(BUILD)/libp11shim.so
+# iotedgedev (manifest generation) and hadolint, in a virtualenv of their own
+TOOLS := $(BUILD)/iotedgedev
+DOCKERFILES := Dockerfile.amd64 Dockerfile.arm64v8 .devcontainer/Dockerfile
 
-.PHONY: all deps venv shim run test lint unit bench lock clean
+.PHONY: all deps venv tools shim run test lint unit image-test bench lock clean
 
 all: test
 
@@ -22,6 +25,13 @@ $(BIN)/.installed: requirements.lock pyproject.toml | deps
 
 venv: deps $(BIN)/.installed
 
+$(TOOLS)/.installed: requirements-iotedgedev.lock | deps
+	@test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q --disable-pip-version-check -r requirements-iotedgedev.lock
+	@touch $@
+
+tools: deps $(TOOLS)/.installed
+
 $(SHIM): tests/p11shim/p11shim.c | deps
 	@mkdir -p $(BUILD)
 	$(CC) -shared -fPIC -O2 -Wall -Wextra -Werror -I/usr/include/p11-kit-1 -o $@ $< -ldl -lpthread
@@ -31,17 +41,23 @@ shim: $(SHIM)
 run: venv
 	@bash scripts/dev-run.sh
 
-lint: venv
+lint: venv tools
 	$(BIN)/ruff check modules tests bench scripts
 	$(BIN)/mypy
+	$(TOOLS)/bin/hadolint $(DOCKERFILES)
+	$(BIN)/python scripts/runtime_lock.py --check
 
 # Two processes: a PKCS#11 module is loaded once per process, and the `shim` tests need the
 # fault-injection shim as their module (see tests/conftest.py).
-unit: venv shim
-	$(BIN)/python -m pytest -q tests
+unit: venv shim tools
+	SPYRUS_TOOLS_REQUIRED=1 $(BIN)/python -m pytest -q tests
 	SPYRUS_TEST_VIA_SHIM=1 $(BIN)/python -m pytest -q -m shim tests
 
 test: lint unit
+
+# Builds the amd64 image with podman (installed if missing) and tests it: scripts/image-test.sh.
+image-test: venv
+	@bash scripts/image-test.sh
 
 bench: venv shim
 	$(BIN)/python bench/hsm_throughput.py
@@ -52,6 +68,11 @@ lock:
 	$(BUILD)/lockenv/bin/pip install -q -r requirements.in
 	(echo "# Locked with Debian 12's python3 (3.11) from requirements.in; regenerate with 'make lock'."; \
 	 $(BUILD)/lockenv/bin/pip freeze --all | grep -v '^pip==' | sort -f) > requirements.lock
+	$(BUILD)/lockenv/bin/python scripts/runtime_lock.py
+	rm -rf $(BUILD)/lockenv && $(PYTHON) -m venv $(BUILD)/lockenv
+	$(BUILD)/lockenv/bin/pip install -q -r requirements-iotedgedev.in
+	(echo "# Locked with Debian 12's python3 (3.11) from requirements-iotedgedev.in; regenerate with 'make lock'."; \
+	 $(BUILD)/lockenv/bin/pip freeze --all | grep -v '^pip==' | sort -f) > requirements-iotedgedev.lock
 
 clean:
 	rm -rf $(VENV) $(BUILD) .state

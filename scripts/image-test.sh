@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# `make image-test`: build the amd64 image with podman on this machine (no Docker engine, no
+# registry needed) and test it for real with tests/image. As root; idempotent.
+#
+# 1. podman, buildah, runc and debootstrap from Debian if missing;
+# 2. the base: a local stand-in for debian:bookworm-slim made with debootstrap, kept between runs;
+# 3. the image from Dockerfile.amd64 with --build-arg BASE_IMAGE=<the stand-in>;
+# 4. pytest tests/image against it (a SoftHSM2 token, TLS files and a bearer token made here);
+# 5. removal of the test image, its build stage and containers (the base stays cached;
+#    IMAGE_TEST_KEEP=1 keeps the image too, for a look inside).
+#
+# The podman flags are the ones this kind of sandbox needs (vfs storage, cgroupfs, runc, low
+# ulimits); a storage root of its own keeps them apart from any other podman use on the machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BASE_IMAGE=${BASE_IMAGE:-localhost/debian:bookworm-slim}
+IMAGE=${IMAGE:-localhost/spyrus-hsm:image-test}
+PODMAN=${PODMAN:-podman --root /var/lib/containers/spyrus-hsm --runroot /run/containers/spyrus-hsm \
+--storage-driver=vfs --cgroup-manager=cgroupfs --runtime runc}
+ULIMITS=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+export PODMAN IMAGE
+read -r -a podman <<< "$PODMAN"
+started=$SECONDS
+
+tools=(podman buildah runc debootstrap)
+missing=()
+for p in "${tools[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: missing Debian packages: ${missing[*]}; run 'make image-test' as root or install them." >&2
+    exit 2
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" \
+    || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"; }
+fi
+
+bash scripts/debian-base-image.sh "$BASE_IMAGE"
+
+cleanup() {
+  "${podman[@]}" ps -a -q --filter "ancestor=$IMAGE" | xargs -r "${podman[@]}" rm -f > /dev/null || true
+  rm -rf "$work"
+  [ "${IMAGE_TEST_KEEP:-0}" = 1 ] && return
+  "${podman[@]}" rmi -f "$IMAGE" > /dev/null 2>&1 || true
+  "${podman[@]}" image prune -f > /dev/null || true   # the untagged build stage
+}
+work=$(mktemp -d)
+trap cleanup EXIT
+
+# This machine's package traffic may need its own CA bundle and pip settings; they go into the
+# build as mounts only (never into the Dockerfile or the image). The bundle is mounted beside,
+# not over, Debian's: the image's own ca-certificates package rewrites that file.
+build_mounts=()
+host_ca=/etc/ssl/certs/ca-certificates.crt
+build_ca=/run/build-host-ca/ca-certificates.crt
+if [ -f "$host_ca" ]; then
+  build_mounts+=(-v "$host_ca:$build_ca:ro")
+fi
+if [ -f /etc/pip.conf ]; then
+  sed "s|$host_ca|$build_ca|g" /etc/pip.conf > "$work/pip.conf"
+  build_mounts+=(-v "$work/pip.conf:/etc/pip.conf:ro")
+fi
+
+echo "building $IMAGE from Dockerfile.amd64 on $BASE_IMAGE"
+build_started=$SECONDS
+"${podman[@]}" build --format docker --network=host "${ULIMITS[@]}" "${build_mounts[@]}" \
+  --build-arg "BASE_IMAGE=$BASE_IMAGE" -f Dockerfile.amd64 -t "$IMAGE" . > "$work/build.log" 2>&1 \
+  || { tail -40 "$work/build.log" >&2; echo "error: image build failed" >&2; exit 1; }
+build_seconds=$((SECONDS - build_started))
+size=$("${podman[@]}" image inspect "$IMAGE" --format '{{.Size}}')
+echo "image $IMAGE: built in ${build_seconds} s, size $size bytes ($((size / 1000000)) MB)"
+
+SPYRUS_IMAGE_TEST=1 .venv/bin/python -m pytest -q -s -p no:cacheprovider tests/image
+echo "image-test finished in $((SECONDS - started)) s (build ${build_seconds} s, size $size bytes)"

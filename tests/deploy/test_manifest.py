@@ -1,0 +1,217 @@
+"""The IoT Edge deployment: `iotedgedev genconfig` turns deployment.template.json and
+modules/spyrus_hsm/module.json into manifests that Azure accepts (schema, twin value sizes),
+with the HSM's USB bus passed through the way the pitfalls require and nothing left to fill in.
+
+iotedgedev lives in its own virtualenv (.build/iotedgedev, `make tools`); genconfig runs with
+every proxy pointing at a closed loopback port and DOCKER_HOST at a listener that must see no
+connection, so nothing leaves the machine and Docker is never needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+IOTEDGEDEV = ROOT / ".build" / "iotedgedev" / "bin" / "iotedgedev"
+SCHEMA = Path(__file__).parent / "schemas" / "azure-iot-edge-deployment-2.0.json"
+CLOSED_PORT = "http://127.0.0.1:9"
+REGISTRY = "localhost:5000"
+TWIN_VALUE_MAX = 512      # characters in one twin value
+CREATE_OPTIONS_MAX_CHUNKS = 8
+PLATFORMS = ("amd64", "arm64v8")
+
+
+@dataclass
+class Generated:
+    platform: str
+    text: str
+    output: str
+    docker_contacted: bool
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return dict(json.loads(self.text))
+
+    @property
+    def agent(self) -> dict[str, Any]:
+        return dict(self.manifest["modulesContent"]["$edgeAgent"]["properties.desired"])
+
+    @property
+    def module(self) -> dict[str, Any]:
+        return dict(self.agent["modules"]["spyrus_hsm"])
+
+    def create_option_chunks(self, settings: dict[str, Any]) -> list[str]:
+        keys = ["createOptions"] + [f"createOptions{i:02d}" for i in range(1, CREATE_OPTIONS_MAX_CHUNKS)]
+        return [settings[k] for k in keys if k in settings]
+
+    @property
+    def create_options(self) -> dict[str, Any]:
+        return dict(json.loads("".join(self.create_option_chunks(self.module["settings"]))))
+
+
+def _iotedgedev() -> Path:
+    if IOTEDGEDEV.exists():
+        return IOTEDGEDEV
+    message = f"{IOTEDGEDEV} is missing: run 'make tools' (make test builds it)"
+    if os.environ.get("SPYRUS_TOOLS_REQUIRED") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def genconfig(tmp: Path, platform: str) -> Generated:
+    home = tmp / "home"
+    (home / ".iotedgedev").mkdir(parents=True)
+    # Past iotedgedev's first-run notice, with its usage telemetry off.
+    (home / ".iotedgedev" / "setting.ini").write_text("[DEFAULT]\nfirsttime = no\ncollect_telemetry = no\n")
+    out_dir = tmp / "config"
+    with socket.socket() as docker:
+        docker.bind(("127.0.0.1", 0))
+        docker.listen(8)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home),
+            "LANG": "C.UTF-8",
+            **{var: CLOSED_PORT for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")},
+            "DOCKER_HOST": f"tcp://127.0.0.1:{docker.getsockname()[1]}",
+            "CONTAINER_REGISTRY_SERVER": REGISTRY,
+            "CONTAINER_REGISTRY_USERNAME": "edge-test",
+            "CONTAINER_REGISTRY_PASSWORD": "not-a-real-password",
+            "SPYRUS_HSM_PKCS11_MODULE": "/usr/lib/softhsm/libsofthsm2.so",
+            "CONFIG_OUTPUT_DIR": str(out_dir),
+        }
+        # cwd is the empty temporary directory, so a developer's own .env does not count.
+        proc = subprocess.run(
+            [str(_iotedgedev()), "solution", "genconfig", "-f", str(ROOT / "deployment.template.json"),
+             "-P", platform],
+            cwd=tmp, env=env, capture_output=True, text=True, timeout=120, check=False)
+        docker.setblocking(False)
+        try:
+            docker.accept()[0].close()
+            contacted = True
+        except BlockingIOError:
+            contacted = False
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    return Generated(platform, (out_dir / f"deployment.{platform}.json").read_text(), output, contacted)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Generated]]:
+    yield {p: genconfig(tmp_path_factory.mktemp(p), p) for p in PLATFORMS}
+
+
+@pytest.fixture(params=PLATFORMS)
+def gen(request: pytest.FixtureRequest, generated: dict[str, Generated]) -> Generated:
+    return generated[request.param]
+
+
+def project_version() -> str:
+    return str(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
+
+
+def test_the_manifest_validates_against_the_deployment_schema(gen: Generated) -> None:
+    schema = json.loads(SCHEMA.read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(gen.manifest)]
+    assert not errors, errors
+
+
+def test_every_create_options_chunk_fits_in_a_twin_value(gen: Generated) -> None:
+    sizes = {}
+    for name, mod in [*gen.agent["systemModules"].items(), *gen.agent["modules"].items()]:
+        chunks = gen.create_option_chunks(mod["settings"])
+        assert chunks and len(chunks) <= CREATE_OPTIONS_MAX_CHUNKS, name
+        assert all(isinstance(c, str) and len(c) <= TWIN_VALUE_MAX for c in chunks), (name, list(map(len, chunks)))
+        json.loads("".join(chunks))
+        sizes[name] = [len(c) for c in chunks]
+    print(f"{gen.platform} createOptions chunk sizes: {sizes}")
+
+
+def test_no_placeholder_is_left(gen: Generated) -> None:
+    assert not re.findall(r"\$\{[^}]*\}", gen.text)
+    assert not re.findall(r"\$[A-Z][A-Z0-9_]+", gen.text.replace("$upstream", "")), "unexpanded $VAR"
+
+
+def test_the_image_is_the_modules_platform_tag_in_the_registry(gen: Generated) -> None:
+    assert gen.module["settings"]["image"] == f"{REGISTRY}/spyrus-hsm:{project_version()}-{gen.platform}"
+    registry = gen.agent["runtime"]["settings"]["registryCredentials"]["registry"]
+    assert registry["address"] == REGISTRY
+
+
+def test_the_usb_bus_is_bound_with_a_cgroup_rule_and_the_module_is_not_privileged(gen: Generated) -> None:
+    host = gen.create_options["HostConfig"]
+    assert "/dev/bus/usb:/dev/bus/usb" in host["Binds"]
+    assert host["DeviceCgroupRules"] == ["c 189:* rmw"]
+    assert "Privileged" not in json.dumps(gen.create_options)
+    assert "Devices" not in host, "fixed --device paths break on replug (moby #46608)"
+
+
+def test_secrets_config_and_state_are_mounted_where_the_module_looks(gen: Generated) -> None:
+    binds = gen.create_options["HostConfig"]["Binds"]
+    env = {k: v["value"] for k, v in gen.module["env"].items()}
+    pin_binds = [b for b in binds if b.split(":")[1] == env["SPYRUS_HSM_PIN_FILE"]]
+    assert len(pin_binds) == 1 and pin_binds[0].endswith(":ro")
+    assert f"/etc/spyrus-hsm:{Path(env['SPYRUS_HSM_CONFIG']).parent}:ro" in binds
+    state = [b for b in binds if b.split(":")[1] == "/var/lib/spyrus-hsm"]
+    assert len(state) == 1 and not state[0].startswith("/"), "the state is a named volume"
+    assert env["SPYRUS_HSM_PKCS11_MODULE"] == "/usr/lib/softhsm/libsofthsm2.so"
+    assert env["OTEL_SERVICE_NAME"] == "spyrus-hsm"
+
+
+def test_the_api_port_is_published(gen: Generated) -> None:
+    assert gen.create_options["HostConfig"]["PortBindings"] == {"8443/tcp": [{"HostPort": "8443"}]}
+
+
+def test_the_runtime_is_iot_edge_1_5(gen: Generated) -> None:
+    assert gen.agent["schemaVersion"] == "1.1"
+    assert gen.agent["runtime"]["type"] == "docker"
+    images = {n: m["settings"]["image"] for n, m in gen.agent["systemModules"].items()}
+    assert images == {"edgeAgent": "mcr.microsoft.com/azureiotedge-agent:1.5",
+                      "edgeHub": "mcr.microsoft.com/azureiotedge-hub:1.5"}
+
+
+def test_module_outputs_route_upstream_and_twin_defaults_are_set(gen: Generated) -> None:
+    content = gen.manifest["modulesContent"]
+    hub = content["$edgeHub"]["properties.desired"]
+    assert "FROM /messages/modules/spyrus_hsm/outputs/* INTO $upstream" in hub["routes"].values()
+    assert hub["storeAndForwardConfiguration"]["timeToLiveSecs"] > 0
+    assert content["spyrus_hsm"]["properties.desired"] == {
+        "logLevel": "info",
+        "service": {"rateLimitPerSecond": 20, "rateLimitBurst": 40, "cacheReuseFraction": 0.5,
+                    "maxTtlSeconds": 86400, "auditFailClosed": True},
+    }
+
+
+def test_genconfig_never_contacts_docker(gen: Generated) -> None:
+    assert not gen.docker_contacted
+
+
+def test_module_json_builds_from_the_repository_root_with_the_root_dockerfiles() -> None:
+    module_dir = ROOT / "modules" / "spyrus_hsm"
+    image = json.loads((module_dir / "module.json").read_text())["image"]
+    # iotedgedev resolves both relative to the module folder.
+    assert (module_dir / image["contextPath"]).resolve() == ROOT
+    for platform in PLATFORMS:
+        assert (module_dir / image["tag"]["platforms"][platform]).resolve() == ROOT / f"Dockerfile.{platform}"
+    assert image["tag"]["version"] == project_version()
+
+
+def test_the_two_dockerfiles_differ_only_in_their_base_image() -> None:
+    def normalised(platform: str) -> list[str]:
+        lines = (ROOT / f"Dockerfile.{platform}").read_text().splitlines()
+        return [ln for ln in lines if not ln.startswith(("ARG BASE_IMAGE=", "#"))]
+
+    assert normalised("amd64") == normalised("arm64v8")
+    assert "ARG BASE_IMAGE=arm64v8/debian:bookworm-slim" in (ROOT / "Dockerfile.arm64v8").read_text()
