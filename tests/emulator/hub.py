@@ -1,7 +1,7 @@
 """IoT Hub over MQTT: device/module identities, telemetry, twins, direct methods, C2D.
 
 Topics and status codes follow azure-iot-device 2.14 and Microsoft's "Communicate with an IoT
-hub using MQTT" page; see /work/shared/docs/azure-protocol.md.
+hub using MQTT" page.
 """
 
 from __future__ import annotations
