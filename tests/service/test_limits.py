@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import TokenEnv
 from service_harness import Leaf, ServiceHarness, new_leaf, problem_type, verify_sas
 
 from emulator.pki import EmulatorPki
@@ -149,7 +149,7 @@ def test_a_principal_over_its_rate_gets_429_and_others_are_unaffected(hsm: Hsm, 
 
 
 @pytest.fixture
-def one_worker_hsm(hsm: Hsm, token_env: TokenEnv) -> Iterator[Callable[[int], Hsm]]:
+def one_worker_hsm(hsm: Hsm, token_env: Any) -> Iterator[Callable[[int], Hsm]]:  # TokenEnv (shadowed conftest)
     """A second pool on the session's token with one worker and a queue of `queue_limit`.
 
     A second pool in the process is fine: python-pkcs11 loads the module once (hsm/library.py

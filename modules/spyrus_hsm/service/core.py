@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
+from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from ..cloud.dps import Assignment, DpsRequest, Provisioner
@@ -134,6 +135,7 @@ class Service:
         token, reused = await self.cache.get((key, uri, key_name, ttl), ttl,
                                              lambda: self._mint(key, uri, ttl, key_name))
         (self.telemetry.metrics.cache_hits if reused else self.telemetry.metrics.cache_misses).add(1)
+        trace.get_current_span().set_attribute("sas.cache_hit", reused)  # on the request's span
         return token, reused
 
     async def _mint(self, key: str, uri: str, ttl: int, key_name: str | None) -> SasToken:
