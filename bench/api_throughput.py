@@ -139,7 +139,7 @@ async def start_service(hsm: Any, cfg: Any, root: Path, telemetry_env: dict[str,
     from spyrus_hsm.config import CloudConfig
     from spyrus_hsm.service.audit import AuditLog
     from spyrus_hsm.service.core import Deps, Service
-    from spyrus_hsm.service.server import Listeners, tls_context
+    from spyrus_hsm.service.server import Listeners, ServerTls
     from spyrus_hsm.telemetry import hsm_instrument, setup
 
     # Default: spans made but not exported, as `serve` does without OTEL_* variables.
@@ -147,7 +147,7 @@ async def start_service(hsm: Any, cfg: Any, root: Path, telemetry_env: dict[str,
     hsm.instrument = hsm_instrument(telemetry)
     deps = Deps(hsm, telemetry, root / "state", CloudConfig(), lambda: None, 3600, None)
     listeners = Listeners(Service(cfg, deps, AuditLog(cfg.audit_file, True)))
-    await listeners.start_api(tls_context(cfg, hsm, root / "tls"))
+    await listeners.start_api(await asyncio.to_thread(ServerTls, cfg, hsm, root / "tls"))
     assert listeners.api_port
     return listeners, listeners.api_port
 
