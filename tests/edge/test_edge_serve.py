@@ -10,7 +10,6 @@ already logged in to the token, so a wrong PIN would not be refused here.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -21,6 +20,9 @@ from typing import Any
 
 import pytest
 from edge_harness import EdgeSite
+
+from spyrus_hsm.hsm import Secret
+from spyrus_hsm.hsm.provision import init_token, init_user_pin, list_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,18 +76,6 @@ def hsm_reported(site: EdgeSite, ready: bool, fragment: str = "") -> dict[str, A
     return site.wait_reported(matches, timeout=40)
 
 
-def free_slot(tool: list[str], env: dict[str, str]) -> str:
-    """The id of SoftHSM's uninitialised slot (pkcs11-tool would otherwise take slot 0 and
-    re-initialise the session's token)."""
-    listing = subprocess.run([*tool, "--list-slots"], env=env, check=True, capture_output=True, text=True,
-                             timeout=30).stdout
-    for block in re.split(r"\n(?=Slot )", listing):
-        found = re.match(r"Slot \d+ \((0x[0-9a-f]+)\)", block)
-        if found and "uninitialized" in block:
-            return found.group(1)
-    raise AssertionError(f"no free slot in:\n{listing}")
-
-
 def test_wrong_pin_reports_not_ready_then_ready_once_the_pin_file_is_fixed(
         site: EdgeSite, serve: Any, token_env: Any, tmp_path: Path) -> None:
     pin_file = tmp_path / "pin"
@@ -115,30 +105,23 @@ def test_wrong_pin_reports_not_ready_then_ready_once_the_pin_file_is_fixed(
 
 def test_a_missing_token_reports_not_ready_then_ready_once_it_is_created(
         site: EdgeSite, serve: Any, token_env: Any) -> None:
-    """Created in two steps, as `pkcs11-tool` (and `token init`) do: C_InitToken, then
+    """Created in two steps, as `token init` (and pkcs11-tool) do: C_InitToken, then
     C_InitPIN. Seen in between, the token has no user PIN yet: that is not a refused PIN,
     and the module must keep trying it."""
     label = "late-" + secrets.token_hex(3)
     process = serve(label, token_env.pin_file)
     hsm_reported(site, ready=False, fragment=f"token with label '{label}' not found")
-    so_pin, pin = token_env.so_pin_file.read_text().strip(), token_env.pin.decode()
-    tool = ["pkcs11-tool", "--module", token_env.module]
-
-    subprocess.run([*tool, "--slot", free_slot(tool, token_env.env()), "--init-token", "--label", label,
-                    "--so-pin", so_pin], env=token_env.env(), check=True, capture_output=True, timeout=30)
+    so_pin, pin = Secret(token_env.so_pin_file.read_bytes().strip()), Secret(token_env.pin)
+    init_token(token_env.module, label, so_pin, None)  # C_InitToken only (PINs never on a command line)
     hsm_reported(site, ready=False, fragment="no user PIN yet")
-    subprocess.run([*tool, "--token-label", label, "--login", "--login-type", "so", "--so-pin", so_pin,
-                    "--init-pin", "--new-pin", pin], env=token_env.env(), check=True, capture_output=True, timeout=30)
-
+    init_user_pin(token_env.module, label, so_pin, pin)
     reported = hsm_reported(site, ready=True)
     assert reported["hsm"]["tokenLabel"] == label
     assert site.wait_reported(lambda r: r.get("credentials"))["credentials"]["count"] == 0
     assert process.alive()
     assert process.terminate() == 0, process.text()
     assert site.module_key not in process.text()
-    listing = subprocess.run([*tool, "--list-slots"], env=token_env.env(), check=True, capture_output=True,
-                             text=True, timeout=30).stdout
-    assert f"token label        : {token_env.label}" in listing  # the session's token is untouched
+    assert token_env.label in [t.label for t in list_tokens(token_env.module)]  # the session's token is untouched
 
 
 def test_a_half_configured_edge_environment_fails_at_start_naming_what_is_missing(

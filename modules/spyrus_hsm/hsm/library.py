@@ -267,8 +267,9 @@ def is_shared(module_path: str) -> bool:
     return module_path in _SHARED
 
 
-def init_token(lib: Any, module_path: str, label: str, so_pin: Secret, user_pin: Secret) -> TokenSummary:
-    """Initialise a free token slot with `label`, then set the user PIN. Refuses a taken label."""
+def init_token(lib: Any, module_path: str, label: str, so_pin: Secret, user_pin: Secret | None) -> TokenSummary:
+    """Initialise a free token slot with `label`, then (unless None) set the user PIN.
+    Refuses a taken label."""
     if not label or len(label.encode("utf-8")) > 32:
         raise HsmConfigError("a token label must be 1 to 32 bytes of UTF-8")
     existing = [t for t in list_tokens(lib) if t.initialized and t.label == label]
@@ -289,6 +290,12 @@ def init_token(lib: Any, module_path: str, label: str, so_pin: Secret, user_pin:
     if rv != _CKR_OK:
         raise HsmConfigError(f"C_InitToken failed with CKR 0x{rv:X}")
 
+    token = find_token(lib, TokenSelector(label=label))
+    return summarise(token) if user_pin is None else init_user_pin(lib, label, so_pin, user_pin)
+
+
+def init_user_pin(lib: Any, label: str, so_pin: Secret, user_pin: Secret) -> TokenSummary:
+    """C_InitPIN as the security officer: the second step of making a token."""
     token = find_token(lib, TokenSelector(label=label))
     try:
         with token.open(rw=True, so_pin=so_pin.reveal_str()) as session:
