@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from opentelemetry import metrics, trace
@@ -443,31 +443,22 @@ def _resource(settings: TelemetrySettings) -> Resource:
     return Resource({**sdk, **settings.resource_attributes})
 
 
+def _exporter_options(s: ExporterSettings) -> dict[str, Any]:
+    """The OTLP/HTTP exporter arguments, the same for traces and metrics."""
+    return {"endpoint": s.endpoint, "timeout": s.timeout, "compression": s.compression, "headers": s.headers,
+            "certificate_file": s.certificate_file, "client_key_file": s.client_key_file,
+            "client_certificate_file": s.client_certificate_file}
+
+
 def _span_exporter(s: ExporterSettings) -> OTLPSpanExporter:
-    return OTLPSpanExporter(
-        endpoint=s.endpoint,
-        timeout=s.timeout,
-        compression=s.compression,
-        headers=s.headers,
-        certificate_file=s.certificate_file,
-        client_key_file=s.client_key_file,
-        client_certificate_file=s.client_certificate_file,
-    )
+    return OTLPSpanExporter(**_exporter_options(s))
 
 
 def _metric_readers(settings: TelemetrySettings) -> list[MetricReader]:
     s = settings.metrics
     if s is None:
         return []
-    exporter = OTLPMetricExporter(
-        endpoint=s.endpoint,
-        timeout=s.timeout,
-        compression=s.compression,
-        headers=s.headers,
-        certificate_file=s.certificate_file,
-        client_key_file=s.client_key_file,
-        client_certificate_file=s.client_certificate_file,
-    )
+    exporter = OTLPMetricExporter(**_exporter_options(s))
     reader = PeriodicExportingMetricReader(
         exporter,
         export_interval_millis=settings.metric_interval * 1000,

@@ -9,7 +9,7 @@ import re
 from aiohttp import web
 
 from ...cloud.dps import DpsRequest
-from ..core import PRINCIPAL, Service
+from ..core import PRINCIPAL, Service, run_in_thread
 from ..keys import SERVICE
 from ..problems import bad_request, not_found
 from ..validation import ID_SCOPE, REGISTRATION_ID, choice, only, read_json, text
@@ -51,7 +51,7 @@ async def get(request: web.Request) -> web.Response:
     if not re.fullmatch(REGISTRATION_ID, reg):
         raise bad_request(f"the registration id must match {REGISTRATION_ID}")
     svc.authorize(request, "registration", device=reg)
-    result = svc.stored_registration(reg)
+    result = await run_in_thread(None, svc.stored_registration, reg)  # a file read, off the loop
     if result is None:
         raise not_found(f"no registration is stored for '{reg}'")
     return web.json_response(result.to_api())
