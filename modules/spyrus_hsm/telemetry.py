@@ -32,7 +32,6 @@ import asyncio
 import atexit
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -62,6 +61,7 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from opentelemetry.util.re import parse_env_headers
 
 from . import __version__
+from .threads import call_with_deadline
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -372,19 +372,14 @@ class Telemetry:
 
 
 def _within(deadline: float, what: str, work: Callable[[], None]) -> bool:
-    """Run `work` on a daemon thread; True if it finished within `deadline` seconds."""
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            work()
-        except Exception:
-            log.exception("telemetry %s failed", what)
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name=f"telemetry-{what}", daemon=True).start()
-    return done.wait(deadline)
+    """`work()` bounded by `deadline` seconds; True if it finished (an error is logged)."""
+    try:
+        call_with_deadline(work, deadline, f"telemetry {what}", f"telemetry-{what}")
+    except TimeoutError:
+        return False
+    except Exception:
+        log.exception("telemetry %s failed", what)
+    return True
 
 
 def setup(
