@@ -50,6 +50,10 @@ class DpsRequest:
     payload: Any = None
     server_ca_pem: str | None = None  # trust anchor for the DPS endpoint (None: system CAs)
 
+    def canonical_payload(self) -> str:
+        """The payload as canonical JSON: equal payloads give equal text (a dict is unhashable)."""
+        return json.dumps(self.payload, sort_keys=True, separators=(",", ":"))
+
 
 @dataclass(frozen=True)
 class Assignment:
@@ -173,6 +177,8 @@ def _sha256() -> Any:
 def _fingerprint(req: DpsRequest, credential: str) -> str:
     parts = [req.provisioning_host, req.id_scope, req.registration_id, req.attestation,
              str(req.group), credential]
+    if req.payload is not None:  # another payload is another request (none: as before)
+        parts.append(req.canonical_payload())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
