@@ -135,15 +135,16 @@ def service_config(cert: Path, key: Path, bearer: str, audit: Path) -> Any:
     }, "bench")
 
 
-async def start_service(hsm: Any, cfg: Any, root: Path, telemetry_env: dict[str, str] | None = None) -> tuple[Any, int]:
+async def start_service(hsm: Any, cfg: Any, root: Path, telemetry_off: bool = False) -> tuple[Any, int]:
     from spyrus_hsm.config import CloudConfig
     from spyrus_hsm.service.audit import AuditLog
     from spyrus_hsm.service.core import Deps, Service
     from spyrus_hsm.service.server import Listeners, ServerTls
-    from spyrus_hsm.telemetry import hsm_instrument, setup
+    from spyrus_hsm.telemetry import disabled, hsm_instrument, setup
 
-    # Default: spans made but not exported, as `serve` does without OTEL_* variables.
-    telemetry = setup("spyrus-hsm-bench", env=telemetry_env or {})
+    # Default: as `serve` does with the OTEL_* variables of the bench's environment (none: spans
+    # made but not exported).
+    telemetry = disabled() if telemetry_off else setup("spyrus-hsm-bench")
     hsm.instrument = hsm_instrument(telemetry)
     deps = Deps(hsm, telemetry, root / "state", CloudConfig(), lambda: None, 3600, None)
     listeners = Listeners(Service(cfg, deps, AuditLog(cfg.audit_file, True)))
@@ -186,7 +187,7 @@ async def throughput(args: argparse.Namespace, root: Path) -> None:
     baseline, base_port = await start_baseline(cert, key)
     listeners, port = await start_service(hsm, service_config(cert, key, bearer, root / "audit.log"), root)
     quiet, quiet_port = await start_service(hsm, service_config(cert, key, bearer, root / "audit2.log"), root,
-                                            {"OTEL_SDK_DISABLED": "true"})
+                                            telemetry_off=True)
     rows: dict[str, list[dict[str, Any]]] = {"a. baseline": [], "b. miss": [], "c. hit": [], "c'. hit, no otel": []}
     for _ in range(args.rounds):  # interleaved rounds, median: drift on a shared machine hits all three
         rows["a. baseline"].append(await run_load(f"https://{HOST}:{base_port}/v1/sas-tokens", ca, bearer_file,

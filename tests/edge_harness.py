@@ -22,9 +22,8 @@ import yaml
 
 from emulator import Emulator, new_symmetric_key
 from emulator.pki import EmulatorPki
-from spyrus_hsm import config
+from spyrus_hsm import config, telemetry
 from spyrus_hsm.runtime import Module
-from spyrus_hsm.telemetry import setup
 
 GATEWAY = "127.0.0.61"
 HUB = "edge-test-hub.azure-devices.net"
@@ -136,7 +135,7 @@ class ModuleSite:
 
     def start(self) -> Module:
         module = Module(config.load(str(self.config_file), env={}),
-                        setup("spyrus-hsm-test", env={"OTEL_SDK_DISABLED": "true"}))
+                        telemetry.disabled())
         self.running = RunningModule(module).start()
         return module
 

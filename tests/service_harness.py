@@ -34,7 +34,7 @@ from spyrus_hsm.service.audit import AuditLog
 from spyrus_hsm.service.core import Deps, Service
 from spyrus_hsm.service.problems import TYPE_BASE
 from spyrus_hsm.service.server import Listeners, ServerTls, probe_forever
-from spyrus_hsm.telemetry import Telemetry, hsm_instrument, setup
+from spyrus_hsm.telemetry import Telemetry, disabled, hsm_instrument
 
 HOST = "127.0.0.1"
 
@@ -62,7 +62,7 @@ class ServiceHarness:
             "policy": policy or [], "hub": "hub.example",
         }
         self.cfg: ServiceConfig = replace(service_section(raw, "test"), **overrides)
-        self.telemetry = telemetry or setup("spyrus-hsm-test", env={"OTEL_SDK_DISABLED": "true"})
+        self.telemetry = telemetry or disabled()
         self.audit_file = audit_file or directory / "audit.log"
         self.cloud = cloud or CloudConfig()
         self._loop = asyncio.new_event_loop()

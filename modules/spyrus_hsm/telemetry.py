@@ -12,18 +12,17 @@ Nothing here records data, signatures, tokens or PINs: `hsm_span` takes only the
 key label and the mechanism, and records an error by its type, never by its message (messages
 can quote the data they failed on).
 
-Variables read from `env` (os.environ by default):
-    OTEL_SDK_DISABLED                      true: no-op tracer and meter
-    OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
-    OTEL_EXPORTER_OTLP_ENDPOINT            base URL; /v1/traces and /v1/metrics are appended
-    OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT   full URL, used as is
-    OTEL_EXPORTER_OTLP[_{TRACES,METRICS}]_{TIMEOUT,HEADERS,COMPRESSION,PROTOCOL,
-        CERTIFICATE,CLIENT_KEY,CLIENT_CERTIFICATE}  (TIMEOUT in milliseconds, as the spec says)
-    OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER    otlp (default) or none
-    OTEL_METRIC_EXPORT_INTERVAL                    milliseconds, default 60000
-With no endpoint configured, spans are still created (trace ids reach logs and the HTTP layer)
-but nothing is exported. The sampler (OTEL_TRACES_SAMPLER) is left to the SDK, which reads
-os.environ.
+The OpenTelemetry SDK reads its own OTEL_* variables from the process environment (endpoints,
+headers, certificates, compression, resource attributes, service name, metric interval,
+sampler). This module adds only what the SDK lacks:
+    OTEL_SDK_DISABLED=true                 no-op tracer and meter, no providers at all
+    OTEL_{TRACES,METRICS}_EXPORTER         otlp (default) or none
+    no OTEL_EXPORTER_OTLP[_{TRACES,METRICS}]_ENDPOINT: spans are still created (trace ids reach
+        logs and the HTTP layer) but nothing is exported (the SDK would try localhost:4318)
+    OTEL_EXPORTER_OTLP[_{TRACES,METRICS}]_TIMEOUT  read in milliseconds, as the spec says (the
+        SDK reads seconds); default 2 s, not the SDK's 10 s
+    invalid endpoints, protocols other than http/protobuf, unknown compressions and malformed
+        OTEL_RESOURCE_ATTRIBUTES are refused at start, naming the variable (the SDK only warns)
 """
 
 from __future__ import annotations
@@ -32,36 +31,26 @@ import asyncio
 import atexit
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
-from urllib.parse import unquote, urlsplit
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+from urllib.parse import urlsplit
 
 from opentelemetry import metrics, trace
-from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import (
-    SERVICE_NAME,
-    SERVICE_VERSION,
-    TELEMETRY_SDK_LANGUAGE,
-    TELEMETRY_SDK_NAME,
-    TELEMETRY_SDK_VERSION,
-    Resource,
-)
+from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.version import __version__ as sdk_version
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
-from opentelemetry.util.re import parse_env_headers
 
 from . import __version__
+from .threads import call_with_deadline
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,8 +68,6 @@ ERROR_TYPE = "error.type"
 Outcome = Literal["ok", "error", "cancelled"]
 
 DEFAULT_EXPORT_TIMEOUT = 2.0  # seconds; the SDK's 10 s is too long to hold a batch for
-DEFAULT_METRIC_INTERVAL = 60.0
-MAX_QUEUE_SIZE = 2048
 SCHEDULE_DELAY_MILLIS = 1000
 
 # Semantic-conventions buckets for HTTP durations, in seconds.
@@ -89,7 +76,6 @@ HTTP_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 
 HSM_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 _SIGNAL_PATHS = {"TRACES": "v1/traces", "METRICS": "v1/metrics"}
-_COMPRESSIONS = {"none": Compression.NoCompression, "gzip": Compression.Gzip, "deflate": Compression.Deflate}
 
 
 class TelemetryConfigError(ValueError):
@@ -101,46 +87,31 @@ class TelemetryConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ExporterSettings:
-    """Where and how one signal (traces or metrics) is exported."""
+    """Where one signal (traces or metrics) is exported, and the per-export timeout."""
 
     endpoint: str
     timeout: float  # seconds, per export call including retries
-    compression: Compression = Compression.NoCompression
-    headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may carry credentials
-    certificate_file: str | None = None
-    client_key_file: str | None = None
-    client_certificate_file: str | None = None
 
 
 @dataclass(frozen=True)
 class TelemetrySettings:
-    """Everything `setup` needs, read once from the environment and validated."""
+    """What `setup` decides from the environment, validated; the SDK reads the rest itself."""
 
-    resource_attributes: Mapping[str, str]
     traces: ExporterSettings | None
     metrics: ExporterSettings | None
-    metric_interval: float = DEFAULT_METRIC_INTERVAL  # seconds
     disabled: bool = False
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], service_name: str = "spyrus-hsm") -> TelemetrySettings:
-        return cls(
-            resource_attributes=_resource_attributes(env, service_name),
-            traces=_exporter_settings(env, "TRACES"),
-            metrics=_exporter_settings(env, "METRICS"),
-            metric_interval=_millis(env, ("OTEL_METRIC_EXPORT_INTERVAL",), DEFAULT_METRIC_INTERVAL),
-            disabled=_flag(env, "OTEL_SDK_DISABLED"),
-        )
-
-    @property
-    def service_name(self) -> str:
-        return self.resource_attributes[SERVICE_NAME]
+    def from_env(cls) -> TelemetrySettings:
+        _check_resource_attributes()
+        return cls(traces=_exporter_settings("TRACES"), metrics=_exporter_settings("METRICS"),
+                   disabled=_flag("OTEL_SDK_DISABLED"))
 
 
-def _get(env: Mapping[str, str], keys: Iterable[str]) -> tuple[str, str] | None:
+def _get(keys: Iterable[str]) -> tuple[str, str] | None:
     """The first of `keys` set to a non-blank value, as (key, value)."""
     for key in keys:
-        value = env.get(key, "").strip()
+        value = os.environ.get(key, "").strip()
         if value:
             return key, value
     return None
@@ -150,23 +121,18 @@ def _signal_keys(signal: str, suffix: str) -> tuple[str, str]:
     return f"OTEL_EXPORTER_OTLP_{signal}_{suffix}", f"OTEL_EXPORTER_OTLP_{suffix}"
 
 
-def _signal_value(env: Mapping[str, str], signal: str, suffix: str) -> str | None:
-    found = _get(env, _signal_keys(signal, suffix))
-    return found[1] if found else None
-
-
-def _flag(env: Mapping[str, str], key: str) -> bool:
-    value = env.get(key, "").strip().lower()
+def _flag(key: str) -> bool:
+    value = os.environ.get(key, "").strip().lower()
     if value not in ("", "true", "false"):
-        log.warning("%s=%r is neither true nor false; treating it as false", key, env[key])
+        log.warning("%s=%r is neither true nor false; treating it as false", key, os.environ[key])
     return value == "true"
 
 
-def _millis(env: Mapping[str, str], keys: Iterable[str], default: float) -> float:
-    """A positive duration given in milliseconds, returned in seconds."""
-    found = _get(env, keys)
+def _timeout(signal: str) -> float:
+    """The export timeout in seconds, from a positive number of milliseconds."""
+    found = _get(_signal_keys(signal, "TIMEOUT"))
     if found is None:
-        return default
+        return DEFAULT_EXPORT_TIMEOUT
     key, raw = found
     try:
         value = float(raw)
@@ -177,56 +143,44 @@ def _millis(env: Mapping[str, str], keys: Iterable[str], default: float) -> floa
     return value / 1000
 
 
-def _resource_attributes(env: Mapping[str, str], service_name: str) -> dict[str, str]:
-    attributes = {SERVICE_NAME: service_name, SERVICE_VERSION: __version__}
-    for item in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+def _check_resource_attributes() -> None:
+    for item in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, sep, _ = item.partition("=")
+        if item.strip() and (not sep or not key.strip()):
             raise TelemetryConfigError(
                 f"OTEL_RESOURCE_ATTRIBUTES: {item.strip()!r} is not key=value (entries are comma-separated)"
             )
-        attributes[unquote(key.strip())] = unquote(value.strip())
-    if name := env.get("OTEL_SERVICE_NAME", "").strip():
-        attributes[SERVICE_NAME] = name
-    return attributes
 
 
-def _exporter_settings(env: Mapping[str, str], signal: str) -> ExporterSettings | None:
-    if not _exporter_wanted(env, signal):
+def _exporter_settings(signal: str) -> ExporterSettings | None:
+    if not _exporter_wanted(signal):
         return None
-    endpoint = _endpoint(env, signal)
+    endpoint = _endpoint(signal)
     if endpoint is None:
         return None
-    _check_protocol(env, signal)
-    return ExporterSettings(
-        endpoint=endpoint,
-        timeout=_millis(env, _signal_keys(signal, "TIMEOUT"), DEFAULT_EXPORT_TIMEOUT),
-        compression=_compression(env, signal),
-        headers=dict(parse_env_headers(_signal_value(env, signal, "HEADERS") or "", liberal=True)),
-        certificate_file=_signal_value(env, signal, "CERTIFICATE"),
-        client_key_file=_signal_value(env, signal, "CLIENT_KEY"),
-        client_certificate_file=_signal_value(env, signal, "CLIENT_CERTIFICATE"),
-    )
+    _check_choice(signal, "PROTOCOL", ("http/protobuf",),
+                  "spyrus-hsm exports OTLP over HTTP; set it to http/protobuf and point the endpoint "
+                  "at the collector's HTTP port (usually 4318)")
+    _check_choice(signal, "COMPRESSION", ("none", "gzip", "deflate"), "use none, gzip or deflate")
+    return ExporterSettings(endpoint=endpoint, timeout=_timeout(signal))
 
 
-def _exporter_wanted(env: Mapping[str, str], signal: str) -> bool:
+def _exporter_wanted(signal: str) -> bool:
     key = f"OTEL_{signal}_EXPORTER"
-    names = {name.strip().lower() for name in env.get(key, "otlp").split(",") if name.strip()} or {"otlp"}
-    unsupported = names - {"otlp", "none"}
-    if unsupported:
-        raise TelemetryConfigError(f"{key}={env[key]!r}: only 'otlp' and 'none' are supported")
+    value = os.environ.get(key, "otlp")
+    names = {name.strip().lower() for name in value.split(",") if name.strip()} or {"otlp"}
+    if names - {"otlp", "none"}:
+        raise TelemetryConfigError(f"{key}={value!r}: only 'otlp' and 'none' are supported")
     return "otlp" in names
 
 
-def _endpoint(env: Mapping[str, str], signal: str) -> str | None:
+def _endpoint(signal: str) -> str | None:
+    """The URL the SDK will export to, or None when no endpoint is configured."""
     specific_key, general_key = _signal_keys(signal, "ENDPOINT")
-    found = _get(env, (specific_key,))
-    if found is not None:
+    if (found := _get((specific_key,))) is not None:
         key, url = found
-    elif (general := _get(env, (general_key,))) is not None:
-        key, base = general
+    elif (found := _get((general_key,))) is not None:
+        key, base = found
         url = f"{base.rstrip('/')}/{_SIGNAL_PATHS[signal]}"
     else:
         return None
@@ -236,25 +190,11 @@ def _endpoint(env: Mapping[str, str], signal: str) -> str | None:
     return url
 
 
-def _check_protocol(env: Mapping[str, str], signal: str) -> None:
-    found = _get(env, _signal_keys(signal, "PROTOCOL"))
-    if found is not None and found[1] != "http/protobuf":
+def _check_choice(signal: str, suffix: str, allowed: tuple[str, ...], hint: str) -> None:
+    found = _get(_signal_keys(signal, suffix))
+    if found is not None and found[1].lower() not in allowed:
         key, value = found
-        raise TelemetryConfigError(
-            f"{key}={value!r} is not supported: spyrus-hsm exports OTLP over HTTP; set it to http/protobuf "
-            "and point the endpoint at the collector's HTTP port (usually 4318)"
-        )
-
-
-def _compression(env: Mapping[str, str], signal: str) -> Compression:
-    found = _get(env, _signal_keys(signal, "COMPRESSION"))
-    if found is None:
-        return Compression.NoCompression
-    key, value = found
-    try:
-        return _COMPRESSIONS[value.lower()]
-    except KeyError:
-        raise TelemetryConfigError(f"{key}={value!r}: use one of {', '.join(_COMPRESSIONS)}") from None
+        raise TelemetryConfigError(f"{key}={value!r} is not supported: {hint}")
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -372,38 +312,30 @@ class Telemetry:
 
 
 def _within(deadline: float, what: str, work: Callable[[], None]) -> bool:
-    """Run `work` on a daemon thread; True if it finished within `deadline` seconds."""
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            work()
-        except Exception:
-            log.exception("telemetry %s failed", what)
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name=f"telemetry-{what}", daemon=True).start()
-    return done.wait(deadline)
+    """`work()` bounded by `deadline` seconds; True if it finished (an error is logged)."""
+    try:
+        call_with_deadline(work, deadline, f"telemetry {what}", f"telemetry-{what}")
+    except TimeoutError:
+        return False
+    except Exception:
+        log.exception("telemetry %s failed", what)
+    return True
 
 
-def setup(
-    service_name: str = "spyrus-hsm",
-    env: Mapping[str, str] = os.environ,
-    *,
-    set_global: bool = False,
-) -> Telemetry:
-    """Build tracing and metrics from the OTEL_* variables in `env`.
+def setup(service_name: str = "spyrus-hsm", *, set_global: bool = False) -> Telemetry:
+    """Build tracing and metrics from the OTEL_* variables of the process environment.
 
     With set_global=True the providers also become the process-wide ones (what auto-
     instrumentation in other libraries uses); OpenTelemetry allows that once per
     process, so tests leave it False and use `telemetry.tracer` / `telemetry.meter`.
     Raises TelemetryConfigError naming the variable when one is invalid.
     """
-    settings = TelemetrySettings.from_env(env, service_name)
+    settings = TelemetrySettings.from_env()
     if settings.disabled:
-        return Telemetry(settings, None, None)
-    resource = _resource(settings)
+        return disabled()
+    # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES override these defaults.
+    resource = Resource.create({SERVICE_NAME: service_name, SERVICE_VERSION: __version__,
+                                **OTELResourceDetector().detect().attributes})
     meter_provider = MeterProvider(
         resource=resource, metric_readers=_metric_readers(settings), shutdown_on_exit=False
     )
@@ -412,8 +344,7 @@ def setup(
         _quiet_dropped_span_warnings()
         tracer_provider.add_span_processor(
             BatchSpanProcessor(
-                _span_exporter(settings.traces),
-                max_queue_size=MAX_QUEUE_SIZE,
+                OTLPSpanExporter(timeout=settings.traces.timeout),
                 schedule_delay_millis=SCHEDULE_DELAY_MILLIS,
                 export_timeout_millis=settings.traces.timeout * 1000,
             )
@@ -427,6 +358,11 @@ def setup(
     return telemetry
 
 
+def disabled() -> Telemetry:
+    """A no-op tracer and meter whatever the environment says (OTEL_SDK_DISABLED=true gives it)."""
+    return Telemetry(TelemetrySettings(traces=None, metrics=None, disabled=True), None, None)
+
+
 def _quiet_dropped_span_warnings() -> None:
     """With the collector down and the queue full, the SDK builds a log record for every span it
     drops ("Queue full, dropping Span"; its filter discards the repeats only after building them),
@@ -437,34 +373,11 @@ def _quiet_dropped_span_warnings() -> None:
         sdk_batch_log.setLevel(logging.ERROR)
 
 
-def _resource(settings: TelemetrySettings) -> Resource:
-    # Built from `settings` alone: Resource.create would also read os.environ.
-    sdk = {TELEMETRY_SDK_LANGUAGE: "python", TELEMETRY_SDK_NAME: "opentelemetry", TELEMETRY_SDK_VERSION: sdk_version}
-    return Resource({**sdk, **settings.resource_attributes})
-
-
-def _exporter_options(s: ExporterSettings) -> dict[str, Any]:
-    """The OTLP/HTTP exporter arguments, the same for traces and metrics."""
-    return {"endpoint": s.endpoint, "timeout": s.timeout, "compression": s.compression, "headers": s.headers,
-            "certificate_file": s.certificate_file, "client_key_file": s.client_key_file,
-            "client_certificate_file": s.client_certificate_file}
-
-
-def _span_exporter(s: ExporterSettings) -> OTLPSpanExporter:
-    return OTLPSpanExporter(**_exporter_options(s))
-
-
 def _metric_readers(settings: TelemetrySettings) -> list[MetricReader]:
-    s = settings.metrics
-    if s is None:
+    if settings.metrics is None:
         return []
-    exporter = OTLPMetricExporter(**_exporter_options(s))
-    reader = PeriodicExportingMetricReader(
-        exporter,
-        export_interval_millis=settings.metric_interval * 1000,
-        export_timeout_millis=s.timeout * 1000,
-    )
-    return [reader]
+    timeout = settings.metrics.timeout
+    return [PeriodicExportingMetricReader(OTLPMetricExporter(timeout=timeout), export_timeout_millis=timeout * 1000)]
 
 
 # --- spans around HSM calls ----------------------------------------------------------------

@@ -213,15 +213,21 @@ class Emulator:
     def polls_before_assigned(self, value: int) -> None:
         self._call(lambda: setattr(self._dps, "polls_before_assigned", value))
 
-    def throttle_dps(self, times: int = 1, retry_after: int = 1) -> None:
+    def throttle_dps(self, times: int = 1, retry_after: int = 1, status: int = 429) -> None:
         """Answer the next ``times`` DPS requests (register or poll) with 429 and
-        ``retry-after``, as a throttled DPS does; the SDK retries after that many seconds."""
+        ``retry-after``, as a throttled DPS does; the SDK retries after that many seconds.
+        Another ``status`` (e.g. 400) answers with that error instead, which is not retried."""
 
         def apply() -> None:
             self._dps.throttle_remaining = times
             self._dps.throttle_retry_after = retry_after
+            self._dps.throttle_status = status
 
         self._call(apply)
+
+    def stall_dps(self, stalled: bool = True) -> None:
+        """Leave DPS requests (register and poll) unanswered, as an overloaded DPS may."""
+        self._call(lambda: setattr(self._dps, "stalled", stalled))
 
     # --- cloud-to-device ----------------------------------------------------------------------
 

@@ -101,6 +101,8 @@ class Dps(Service):
         self.poll_retry_after = 1
         self.throttle_remaining = 0
         self.throttle_retry_after = 1
+        self.throttle_status = 429
+        self.stalled = False
 
     def add_enrollment(self, enrollment: Enrollment) -> None:
         table = self.individual if enrollment.kind == "individual" else self.groups
@@ -172,7 +174,9 @@ class Dps(Service):
         rid = query.get("$rid")
         if path not in (REGISTER, OPERATION_STATUS) or not rid:
             raise mqtt.ProtocolError(f"{session.client_id} may not publish to {packet.topic!r}")
-        if self.throttle_remaining > 0:
+        if self.stalled:
+            log.info("DPS stalled: %s gets no answer to %s", session.client_id, path)
+        elif self.throttle_remaining > 0:
             self.throttle_remaining -= 1
             self._throttled(session, rid, path, packet.payload)
         elif path == REGISTER:
@@ -191,10 +195,12 @@ class Dps(Service):
         session.publish(topic, json.dumps(body))
 
     def _throttled(self, session: Session, rid: str, path: str, body: bytes) -> None:
+        status = self.throttle_status
         if path == REGISTER:
-            self._record(session, _payload_of(body), 429)
-        error = _error(429001, "Operations are being throttled for this tenant.")
-        self._respond(session, rid, 429, error, retry_after=self.throttle_retry_after)
+            self._record(session, _payload_of(body), status)
+        message = "Operations are being throttled for this tenant." if status == 429 else "Request refused."
+        self._respond(session, rid, status, _error(status * 1000 + 1, message),
+                      retry_after=self.throttle_retry_after)
 
     def _register(self, session: Session, rid: str, body: bytes) -> None:
         attestation: Attestation = session.identity

@@ -3,12 +3,15 @@ SoftHSM2, real pkcs11-provider, against tests/emulator (which checks credentials
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import os
 import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -243,10 +246,72 @@ def test_dps_incomplete_chain_is_refused_before_connecting(hsm, emu, emulator_pk
             .not_valid_after(now + dt.timedelta(days=1)).sign(emulator_pki.intermediate.key, hashes.SHA256()))
     hsm.import_certificates(label, [leaf, emulator_pki.root.cert])  # the intermediate is missing
     n = len(emu.received.connects)
-    with pytest.raises(RegistrationError, match="is not issued by"):
+    with pytest.raises(x509_id.ChainError, match="is not issued by"):  # the credential's fault, not DPS's
         Provisioner(hsm, tmp_path).register(_req(reg, attestation="x509", key=label,
                                                  server_ca_pem=emulator_pki.ca_pem), timeout=30)
     assert len(emu.received.connects) == n
+
+
+def test_dps_x509_credential_whose_cn_is_not_the_registration_id_is_a_credential_error(
+        hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = "dpsn-" + label
+    _hsm_cert(hsm, label, reg + "-other", emulator_pki.intermediate)
+    n = len(emu.received.connects)
+    with pytest.raises(x509_id.ChainError, match="must equal the registration id"):
+        Provisioner(hsm, tmp_path).register(_req(reg, attestation="x509", key=label,
+                                                 server_ca_pem=emulator_pki.ca_pem), timeout=30)
+    assert len(emu.received.connects) == n
+
+
+def _threads_and_sockets() -> tuple[int, int]:
+    """Live threads, and open sockets of this process (the emulator's server side included)."""
+    sockets = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            sockets += os.readlink(fd).startswith("socket:")
+    return threading.active_count(), sockets
+
+
+def _leftovers(emu, before: tuple[int, int]) -> tuple[int, int, list[str]]:  # type: ignore[no-untyped-def]
+    """What is left beyond `before` once closing connections have settled (a bounded wait)."""
+    def extra() -> tuple[int, int, list[str]]:
+        now = _threads_and_sockets()
+        return now[0] - before[0], now[1] - before[1], emu.connected("dps")
+    with contextlib.suppress(TimeoutError):
+        emu.wait_for(lambda: extra() <= (0, 0, []), timeout=10)
+    return extra()
+
+
+def _registered_once(hsm, emu, emulator_pki, label, tmp_path) -> tuple[Provisioner, DpsRequest]:  # type: ignore[no-untyped-def]
+    """An enrolled SAS device registered once, so everything made once per process exists."""
+    reg = "dpsl-" + label
+    emu.add_individual_enrollment(reg, symmetric_key=_sas_key(hsm, label), assigned_hub=HOST)
+    prov = Provisioner(hsm, tmp_path)
+    req = _req(reg, attestation="symmetricKey", key=label, server_ca_pem=emulator_pki.ca_pem)
+    prov.register(req, timeout=30)
+    return prov, req
+
+
+def test_registrations_that_time_out_leave_no_thread_or_connection_behind(
+        hsm, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    prov, req = _registered_once(hsm, emu, emulator_pki, label, tmp_path)
+    before = _threads_and_sockets()
+    emu.polls_before_assigned = 1_000_000  # "assigning" for ever
+    for attempt in range(5):
+        emu.stall_dps(attempt % 2 == 1)     # or no answer at all
+        with pytest.raises(RegistrationError, match="did not finish within 2 s"):
+            prov.register(req, force=True, timeout=2)
+    assert _leftovers(emu, before) == (0, 0, [])
+
+
+def test_a_refused_registration_leaves_no_thread_or_connection_behind(
+        hsm, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    prov, req = _registered_once(hsm, emu, emulator_pki, label, tmp_path)
+    before = _threads_and_sockets()
+    emu.throttle_dps(times=1, status=400)
+    with pytest.raises(RegistrationError, match="rejected the registration"):
+        prov.register(req, force=True, timeout=30)
+    assert _leftovers(emu, before) == (0, 0, [])
 
 
 def test_a_killed_writer_leaves_the_old_or_the_new_result_never_a_corrupt_one(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,12 +32,21 @@ def rx() -> Iterator[OtlpReceiver]:
         yield receiver
 
 
+def otel_environment(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    """Exactly these OTEL_* variables in the process environment, where the SDK reads them."""
+    for key in [k for k in os.environ if k.startswith("OTEL_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.fixture
-def make_telemetry() -> Iterator[MakeTelemetry]:
+def make_telemetry(monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeTelemetry]:
     made: list[Telemetry] = []
 
     def make(**env: str) -> Telemetry:
-        telemetry = setup("spyrus-hsm-test", env=env)
+        otel_environment(monkeypatch, **env)
+        telemetry = setup("spyrus-hsm-test")
         made.append(telemetry)
         return telemetry
 
@@ -271,15 +281,17 @@ def test_export_timeout_is_read_in_milliseconds(make_telemetry: MakeTelemetry) -
         ("OTEL_RESOURCE_ATTRIBUTES", "no-equals-sign"),
     ],
 )
-def test_invalid_setting_is_rejected_naming_the_variable(key: str, value: str) -> None:
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", key: value}
+def test_invalid_setting_is_rejected_naming_the_variable(
+        key: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    otel_environment(monkeypatch, OTEL_EXPORTER_OTLP_ENDPOINT="http://collector:4318", **{key: value})
     with pytest.raises(TelemetryConfigError, match=key):
-        setup(env=env)
+        setup()
 
 
-def test_endpoint_without_scheme_is_rejected_naming_the_variable() -> None:
+def test_endpoint_without_scheme_is_rejected_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    otel_environment(monkeypatch, OTEL_EXPORTER_OTLP_ENDPOINT="collector:4318")
     with pytest.raises(TelemetryConfigError, match="OTEL_EXPORTER_OTLP_ENDPOINT"):
-        setup(env={"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"})
+        setup()
 
 
 # --- a collector that is down or hangs ----------------------------------------------------
@@ -308,10 +320,11 @@ def dead_collector(kind: str) -> Iterator[str]:
 
 
 @pytest.mark.parametrize("kind", ["closed port", "hangs"])
-def test_dead_collector_neither_slows_spans_nor_holds_up_shutdown(kind: str) -> None:
+def test_dead_collector_neither_slows_spans_nor_holds_up_shutdown(
+        kind: str, make_telemetry: MakeTelemetry) -> None:
     with dead_collector(kind) as endpoint:
-        local = setup(env={"OTEL_METRICS_EXPORTER": "none"})
-        dead = setup(env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_METRICS_EXPORTER": "none"})
+        local = make_telemetry(OTEL_METRICS_EXPORTER="none")
+        dead = make_telemetry(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_METRICS_EXPORTER="none")
         # Interleaved rounds, best of each: the ratio, not absolute time, is what is compared.
         local_times, dead_times = [], []
         for _ in range(5):

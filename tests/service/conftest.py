@@ -17,9 +17,10 @@ def rx() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture
-def telemetry(rx: OtlpReceiver) -> Iterator[Telemetry]:
+def telemetry(rx: OtlpReceiver, monkeypatch: pytest.MonkeyPatch) -> Iterator[Telemetry]:
     """Spans and metrics (every 200 ms) to `rx`; call force_flush() before looking at spans."""
-    t = setup("spyrus-hsm-test", env={"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint,
-                                      "OTEL_METRIC_EXPORT_INTERVAL": "200"})
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint)
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+    t = setup("spyrus-hsm-test")
     yield t
     t.shutdown(deadline=3)

@@ -84,7 +84,8 @@ def latencies(svc: ServiceHarness, bearer: str, devices: dict[str, bytes], n: in
 
 @pytest.mark.parametrize("kind", ["closed port", "hangs"])
 def test_request_latency_is_unchanged_when_the_collector_is_down(
-        kind: str, hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, devices: dict[str, bytes]) -> None:
+        kind: str, hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, devices: dict[str, bytes],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     bearer = secrets.token_urlsafe(24)
 
     def service(telemetry: Telemetry | None, name: str) -> ServiceHarness:
@@ -94,8 +95,9 @@ def test_request_latency_is_unchanged_when_the_collector_is_down(
 
     with dead_collector(kind) as (endpoint, silent):
         # Metrics every 200 ms and spans every second: exports fail all through the measurement.
-        dead = setup("spyrus-hsm-test", env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
-                                             "OTEL_METRIC_EXPORT_INTERVAL": "200"})
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+        dead = setup("spyrus-hsm-test")
         try:
             off, down = [], []
             for round_ in range(ROUNDS):  # interleaved, so drift on the shared machine hits both

@@ -6,8 +6,10 @@ over real MQTT/TLS using the azure-iot-device SDK, and hands back the assignment
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +115,30 @@ def test_a_leaf_may_not_register_or_read_another_id(
         assert status == 403, problem
         assert [r["outcome"] for r in svc.audit_records()] == ["denied", "denied"]
     assert not [r for r in emu.received.registrations if r.registration_id == theirs]  # DPS never asked
+
+
+def test_concurrent_registrations_share_only_identical_requests(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, emu: Emulator, cloud: CloudConfig) -> None:
+    reg = "leafc-" + secrets.token_hex(4)
+    emu.add_individual_enrollment(reg, symmetric_key=hsm_key(hsm, reg), assigned_hub=HOST)
+    emu.polls_before_assigned = 2  # each registration takes two polls, so the requests overlap
+    leaf = emulator_pki.device(reg)
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, cloud=cloud) as svc:
+        def post(payload: Any) -> tuple[int, Any]:
+            status, _, body = svc.call("POST", "/v1/registrations", {
+                "registrationId": reg, "idScope": SCOPE, "attestation": "symmetricKey", "payload": payload}, cert=leaf)
+            return status, body
+
+        def sent() -> list[Any]:
+            return [r.payload for r in emu.received.registrations if r.registration_id == reg]
+
+        with ThreadPoolExecutor(2) as pool:
+            different = list(pool.map(post, [{"n": 1}, {"n": 2}]))
+        assert [status for status, _ in different] == [200, 200], different
+        assert sorted(sent(), key=json.dumps) == [{"n": 1}, {"n": 2}]  # each request reached DPS
+
+        with ThreadPoolExecutor(2) as pool:
+            same = list(pool.map(post, [{"n": 3, "m": [1]}, {"m": [1], "n": 3}]))
+        assert [status for status, _ in same] == [200, 200], same
+        assert same[0] == same[1]
+        assert sent().count({"n": 3, "m": [1]}) == 1  # identical requests shared one registration

@@ -1,39 +1,37 @@
 """DPS registration with credentials held in the HSM, for the edge device or a leaf device.
 
 - X.509: the certificate chain stored with an HSM key is checked locally first (an incomplete
-  chain made the SDK loop forever: azure-iot-sdk-python #797), then TLS client auth runs
-  through pkcs11-provider.
+  chain made the SDK loop forever: azure-iot-sdk-python #797; a chain or CN problem is raised as
+  the credential's error, x509.ChainError), then TLS client auth runs through pkcs11-provider.
 - Symmetric key, individual: the SAS token is signed in the HSM.
 - Symmetric key, group enrollment: the device key HMAC(groupKey, registrationId) is derived
   inside the HSM and stored there as a non-extractable key, then used as above.
 
-Every registration has an overall timeout. The assignment is persisted atomically in the state
-directory and reused until the identity changes or a new registration is asked for.
+The MQTT exchange is `dps_client`'s, on the calling thread, with an overall deadline that closes
+the connection. The assignment is persisted atomically in the state directory and reused until
+the identity (credential or request) changes or a new registration is asked for.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import threading
+import json
+import ssl
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from azure.iot.device import X509, ProvisioningDeviceClient
-from azure.iot.device import exceptions as sdk_errors
-from azure.iot.device.common.auth.sastoken import RenewableSasToken
-from azure.iot.device.provisioning.pipeline.config import ProvisioningPipelineConfig
-from azure.iot.device.provisioning.pipeline.mqtt_pipeline import MQTTPipeline
-
 from ..files import read_json, write_json_atomic
-from ..hsm import Hsm, HsmError, ObjectNotFound
+from ..hsm import Hsm, ObjectNotFound
 from ..identity import x509 as x509_id
-from ..identity.sas import HsmSigningMechanism, dps_uri
+from ..identity.sas import SasMinter, dps_uri
+from . import dps_client
 
 Attestation = Literal["x509", "symmetricKey"]
 DEFAULT_TIMEOUT = 120.0
+SAS_TTL = 3600  # seconds; the token is only used to connect for this registration
 
 
 class RegistrationError(RuntimeError):
@@ -51,6 +49,10 @@ class DpsRequest:
     group: bool = False               # `key` is a group enrollment key
     payload: Any = None
     server_ca_pem: str | None = None  # trust anchor for the DPS endpoint (None: system CAs)
+
+    def canonical_payload(self) -> str:
+        """The payload as canonical JSON: equal payloads give equal text (a dict is unhashable)."""
+        return json.dumps(self.payload, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -96,16 +98,14 @@ class Provisioner:
     def register(self, req: DpsRequest, force: bool = False,
                  timeout: float = DEFAULT_TIMEOUT) -> Assignment:
         """Register (or reuse the persisted assignment for this exact identity)."""
+        cred = None
         if req.attestation == "x509":
             cred = x509_id.select(self.hsm, label=req.key, cn=req.cn or (None if req.key else req.registration_id))
             if cred.common_name != req.registration_id:
-                raise RegistrationError(
+                raise RegistrationIdMismatch(
                     f"the certificate CN '{cred.common_name}' must equal the registration id "
                     f"'{req.registration_id}' for DPS X.509 attestation")
-            try:
-                x509_id.validate_chain(cred.chain)
-            except x509_id.ChainError as exc:
-                raise RegistrationError(f"not registering: {exc}") from None
+            x509_id.validate_chain(cred.chain)
             identity = _fingerprint(req, cred.leaf.fingerprint(_sha256()).hex())
             key_label = cred.label
         else:
@@ -115,17 +115,17 @@ class Provisioner:
         previous = self.cached(req.registration_id)
         if previous and not force and previous.identity == identity and previous.status == "assigned":
             return previous
-        client = self._client(req, key_label, cred if req.attestation == "x509" else None)
-        if req.payload is not None:
-            client.provisioning_payload = req.payload
-        result = _run_with_timeout(client.register, timeout, req)
-        state = result.registration_state
-        if result.status != "assigned" or state is None:
-            raise RegistrationError(f"DPS answered '{result.status}' for '{req.registration_id}'; "
-                                    "check the enrollment's allocation policy and the hub link")
+        try:
+            result = dps_client.register(self._target(req, key_label, cred), req.payload, timeout)
+        except dps_client.DpsFailure as exc:
+            raise _explain(exc, req, timeout) from None
+        state = result.get("registrationState") or {}
+        if not state.get("assignedHub") or not state.get("deviceId"):
+            raise RegistrationError(f"DPS assigned '{req.registration_id}' without naming a hub and "
+                                    f"device id: {json.dumps(result)}")
         assignment = Assignment(
-            registration_id=req.registration_id, assigned_hub=state.assigned_hub,
-            device_id=state.device_id, status=result.status, substatus=state.sub_status,
+            registration_id=req.registration_id, assigned_hub=state["assignedHub"],
+            device_id=state["deviceId"], status=result["status"], substatus=state.get("substatus"),
             attestation=req.attestation, identity=identity, key=key_label,
             registered_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
         write_json_atomic(self.result_path(req.registration_id), assignment.to_json())
@@ -144,24 +144,28 @@ class Provisioner:
             self.hsm.derive_hmac_key(req.key, req.registration_id.encode(), derived)
         return derived
 
-    def _client(self, req: DpsRequest, key_label: str,
-                cred: x509_id.X509Credential | None) -> ProvisioningDeviceClient:
-        common: dict[str, Any] = {"server_verification_cert": req.server_ca_pem} if req.server_ca_pem else {}
+    def _target(self, req: DpsRequest, key_label: str,
+                cred: x509_id.X509Credential | None) -> dps_client.DpsTarget:
+        """Where to register, authenticated by the TLS client certificate (the key signs in the
+        HSM through pkcs11-provider) or by a SAS token signed in the HSM."""
+        context = ssl.create_default_context(cadata=req.server_ca_pem)  # None: the system CAs
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        token = None
         if cred is not None:
             if self._load_provider is not None:
                 self._load_provider()
             files = x509_id.write_tls_files(cred, self.hsm.state.token_label or "",
                                             self.state_dir / "tls")
-            return ProvisioningDeviceClient.create_from_x509_certificate(
-                provisioning_host=req.provisioning_host, registration_id=req.registration_id,
-                id_scope=req.id_scope, x509=X509(str(files.cert_file), str(files.key_file)), **common)
-        # As create_from_symmetric_key, but the SAS token is signed in the HSM.
-        token = RenewableSasToken(dps_uri(req.id_scope, req.registration_id),
-                                  HsmSigningMechanism(self.hsm, key_label))
-        config = ProvisioningPipelineConfig(
-            hostname=req.provisioning_host, registration_id=req.registration_id,
-            id_scope=req.id_scope, sastoken=token, **common)
-        return ProvisioningDeviceClient(MQTTPipeline(config))
+            context.load_cert_chain(files.cert_file, files.key_file)
+        else:
+            uri = dps_uri(req.id_scope, req.registration_id)
+            token = SasMinter(self.hsm).mint(key_label, uri, SAS_TTL).token
+        return dps_client.DpsTarget(req.provisioning_host, req.id_scope, req.registration_id,
+                                    context, token)
+
+
+class RegistrationIdMismatch(x509_id.ChainError):
+    """The X.509 credential's CN is not the registration id (DPS requires them equal)."""
 
 
 def _sha256() -> Any:
@@ -173,41 +177,25 @@ def _sha256() -> Any:
 def _fingerprint(req: DpsRequest, credential: str) -> str:
     parts = [req.provisioning_host, req.id_scope, req.registration_id, req.attestation,
              str(req.group), credential]
+    if req.payload is not None:  # another payload is another request (none: as before)
+        parts.append(req.canonical_payload())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _run_with_timeout(register: Callable[[], Any], timeout: float, req: DpsRequest) -> Any:
-    """The SDK's register() has no overall deadline (it retries 429s and polls forever)."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = register()
-        except BaseException as exc:  # handed to the caller below
-            box["error"] = exc
-
-    t = threading.Thread(target=target, name=f"dps-{req.registration_id}", daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise RegistrationError(f"DPS registration of '{req.registration_id}' did not finish within "
-                                f"{timeout:g} s; check that {req.provisioning_host} is reachable")
-    if "error" in box:
-        raise _explain(box["error"], req) from None
-    return box["result"]
-
-
-def _explain(exc: BaseException, req: DpsRequest) -> Exception:
-    if isinstance(exc, HsmError):
-        return exc
-    if isinstance(exc, sdk_errors.CredentialError):
+def _explain(exc: dps_client.DpsFailure, req: DpsRequest, timeout: float) -> RegistrationError:
+    if isinstance(exc, dps_client.Unauthorized):
         return RegistrationError(
             f"DPS refused the credentials of '{req.registration_id}' (unauthorized): check the "
             f"enrollment exists in ID scope {req.id_scope} and matches the "
             f"{'certificate/CA' if req.attestation == 'x509' else 'key'} in the HSM")
-    if isinstance(exc, sdk_errors.ServiceError):
+    if isinstance(exc, dps_client.Rejected) and exc.status >= 300:
         return RegistrationError(f"DPS rejected the registration of '{req.registration_id}': {exc}; "
                                  "if it says 401, the enrollment does not match the credential")
-    if isinstance(exc, sdk_errors.ConnectionFailedError):
+    if isinstance(exc, dps_client.Rejected):
+        status = exc.body.get("status") if isinstance(exc.body, dict) else None
+        return RegistrationError(f"DPS answered '{status}' for '{req.registration_id}'; "
+                                 "check the enrollment's allocation policy and the hub link")
+    if isinstance(exc, dps_client.Unreachable):
         return RegistrationError(f"cannot connect to DPS at {req.provisioning_host}: {exc}")
-    return RegistrationError(f"DPS registration of '{req.registration_id}' failed: {type(exc).__name__}: {exc}")
+    return RegistrationError(f"DPS registration of '{req.registration_id}' did not finish within "
+                             f"{timeout:g} s ({exc}); check that {req.provisioning_host} is reachable")

@@ -24,6 +24,7 @@ from azure.iot.device import X509, IoTHubDeviceClient, IoTHubModuleClient, Messa
 from ..hsm import Hsm
 from ..identity.sas import SasMinter, device_uri
 from ..identity.x509 import TlsFiles
+from ..threads import spawn
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ class HubClient:
             self.stats.connects += 1
             self.stats.connected_since = time.time()
         if self.identity.sas_key:
-            self._spawn(self._renew_loop, "hub-sas-renewer")
-        self._spawn(self._watchdog, "hub-watchdog")
+            self._threads.append(spawn(self._renew_loop, "hub-sas-renewer"))
+        self._threads.append(spawn(self._watchdog, "hub-watchdog"))
         return self
 
     def shutdown(self) -> None:
@@ -111,11 +112,6 @@ class HubClient:
             self._client.send_message(msg)
 
     # --- internals ---------------------------------------------------------------------------
-
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
 
     def _kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = dict(self.sdk_options)

@@ -13,7 +13,6 @@ the environment and never passes through this code.
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import datetime as dt
 import functools
@@ -31,6 +30,7 @@ from .. import __version__
 from ..config import Config, ConfigError, ServiceConfig
 from ..hsm import Hsm, HsmState
 from ..identity import x509 as x509_id
+from ..threads import call_with_deadline, spawn
 from . import reported as rep
 from . import twin
 from .environment import EdgeEnvironment
@@ -88,8 +88,7 @@ class EdgeAgent:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> EdgeAgent:
-        self._thread = threading.Thread(target=self._run, name="edge-agent", daemon=True)
-        self._thread.start()
+        self._thread = spawn(self._run, "edge-agent")
         return self
 
     def stop(self, timeout: float = 3.0) -> bool:
@@ -101,8 +100,7 @@ class EdgeAgent:
         client, self._client = self._client, None
         closer = None
         if client is not None:
-            closer = threading.Thread(target=_shutdown_quietly, args=(client,), name="edge-shutdown", daemon=True)
-            closer.start()
+            closer = spawn(functools.partial(_shutdown_quietly, client), "edge-shutdown")
         done = True
         for t in (self._thread, closer):
             if t is not None:
@@ -161,7 +159,7 @@ class EdgeAgent:
             if self._client is client:
                 self._client = None
             if client is not None:
-                threading.Thread(target=_shutdown_quietly, args=(client,), daemon=True).start()
+                spawn(functools.partial(_shutdown_quietly, client), "edge-shutdown")
             if not self._stop.is_set():
                 message = f"edgeHub connection failed ({self.env.describe()}): {_explain(exc)}"
                 log.warning("%s; retrying", message)
@@ -205,7 +203,7 @@ class EdgeAgent:
         log.warning("%s; replacing the IoT Edge client", why)
         client, self._client = self._client, None
         if client is not None:
-            threading.Thread(target=_shutdown_quietly, args=(client,), name="edge-shutdown", daemon=True).start()
+            spawn(functools.partial(_shutdown_quietly, client), "edge-shutdown")
         self._down_since = None
         self._was_connected = False
 
@@ -213,7 +211,7 @@ class EdgeAgent:
         """An SDK call that waits for edgeHub's answer, bounded; a client that does not answer
         in time is replaced."""
         try:
-            return _within(self.sdk_timeout, what, fn, "edge-sdk-call")
+            return call_with_deadline(fn, self.sdk_timeout, what, "edge-sdk-call")
         except TimeoutError as exc:
             self._replace_client(str(exc))
             raise
@@ -325,8 +323,8 @@ class EdgeAgent:
 
     def _read_inventory(self) -> list[dict[str, Any]]:
         hsm = self.hooks.hsm
-        return _within(self.hsm_deadline, "reading the credential inventory",
-                       lambda: rep.inventory(hsm.list_objects(), x509_id.credentials(hsm)))
+        return call_with_deadline(lambda: rep.inventory(hsm.list_objects(), x509_id.credentials(hsm)),
+                                  self.hsm_deadline, "reading the credential inventory", "edge-hsm-read")
 
     def _record_error(self, source: str, message: str) -> None:
         with self._lock:
@@ -454,25 +452,6 @@ def _with_fixed(service: ServiceConfig, running: ServiceConfig) -> ServiceConfig
 def _live_settings(cfg: ServiceConfig) -> dict[str, Any]:
     mapping = twin.service_mapping(cfg)
     return {key: mapping[name] for key, name in twin.LIVE.items()}
-
-
-def _within(seconds: float, what: str, fn: Callable[[], T], thread_name: str = "edge-hsm-read") -> T:
-    """`fn()` on a helper thread, waited for at most `seconds` (the sync Hsm API has no
-    per-call timeout in inline mode, the SDK's twin calls none at all: an agent or SDK handler
-    thread must not hang on a stuck token or a request edgeHub never answers)."""
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name=thread_name, daemon=True).start()
-    try:
-        return future.result(seconds)
-    except concurrent.futures.TimeoutError:
-        raise TimeoutError(f"{what}: no answer within {seconds:g} s") from None
 
 
 def _shutdown_quietly(client: Any) -> None:

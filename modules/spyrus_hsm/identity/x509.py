@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,11 @@ def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> None:
                          "incomplete or out of order") from None
 
 
+def chain_pem(certs: Iterable[x509.Certificate]) -> bytes:
+    """The certificates as concatenated PEM, in the order given (leaf first for a chain)."""
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     cert_file: Path   # PEM certificate chain, leaf first
@@ -112,7 +118,6 @@ def write_tls_files(cred: X509Credential, token_label: str, directory: str | os.
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     cert_file, key_file = d / f"{cred.label}.chain.pem", d / f"{cred.label}.keyref.pem"
-    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in cred.chain)
-    write_atomic(cert_file, pem)
+    write_atomic(cert_file, chain_pem(cred.chain))
     write_atomic(key_file, tls.keyref_pem(tls.key_uri(token_label, cred.label, cred.key_id)))
     return TlsFiles(cert_file, key_file)

@@ -8,7 +8,7 @@ import asyncio
 import contextvars
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,7 +55,8 @@ class Service:
         self.audit = audit
         self.minter = SasMinter(deps.hsm)
         self.provisioner = Provisioner(deps.hsm, deps.state_dir, deps.load_provider)
-        self._registrations: dict[str, asyncio.Task[Assignment]] = {}
+        self._registrations: dict[DpsRequest, asyncio.Task[Assignment]] = {}  # by canonical request
+        self._latest: dict[str, asyncio.Task[Assignment]] = {}                 # by registration id
         # DPS runs block a thread for up to registration_timeout: their own bounded pool, so a
         # burst of registrations cannot starve the loop's default executor.
         self._dps_threads = ThreadPoolExecutor(DPS_THREADS, thread_name_prefix="dps")
@@ -145,15 +146,25 @@ class Service:
     # --- DPS on behalf of leaves ----------------------------------------------------------
 
     async def register(self, req: DpsRequest) -> Assignment:
-        """One registration per id at a time; concurrent identical requests share it."""
-        task = self._registrations.get(req.registration_id)
+        """Concurrent identical requests share one registration. Different requests for one id
+        run one after the other (DPS takes one connection per registration id) and each gets
+        its own answer."""
+        key = replace(req, payload=req.canonical_payload())
+        task = self._registrations.get(key)
         if task is None:
-            task = asyncio.ensure_future(self._register(req))
-            self._registrations[req.registration_id] = task
-            task.add_done_callback(lambda _: self._registrations.pop(req.registration_id, None))
+            task = asyncio.ensure_future(self._register(req, after=self._latest.get(req.registration_id)))
+            self._registrations[key] = self._latest[req.registration_id] = task
+            task.add_done_callback(lambda done: self._forget(key, done))
         return await asyncio.shield(task)
 
-    async def _register(self, req: DpsRequest) -> Assignment:
+    def _forget(self, key: DpsRequest, task: asyncio.Task[Assignment]) -> None:
+        self._registrations.pop(key, None)
+        if self._latest.get(key.registration_id) is task:
+            del self._latest[key.registration_id]
+
+    async def _register(self, req: DpsRequest, after: asyncio.Task[Assignment] | None) -> Assignment:
+        if after is not None:
+            await asyncio.wait([after])  # its outcome is its callers'
         attributes = {"dps.registration_id": req.registration_id, "dps.attestation": req.attestation,
                       "dps.id_scope": req.id_scope}
         with self.tracer.start_as_current_span("dps.register", attributes=attributes) as span:

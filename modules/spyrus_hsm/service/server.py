@@ -11,12 +11,12 @@ import threading
 from pathlib import Path
 
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
 
 from ..config import ServiceConfig
 from ..files import write_atomic
 from ..hsm import Hsm, HsmState
 from ..identity import tls
+from ..identity.x509 import chain_pem
 from .app import build_app
 from .core import Service
 from .keys import SERVICE
@@ -41,7 +41,7 @@ def tls_context(cfg: ServiceConfig, hsm: Hsm, tls_dir: Path) -> ssl.SSLContext:
                 raise ValueError(f"no certificate is stored beside HSM key '{cfg.tls_key_label}'; "
                                  "import one with 'spyrus-hsm cert import' or set service.tls_cert_file")
             cert_file = tls_dir / "service.chain.pem"
-            write_atomic(cert_file, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
+            write_atomic(cert_file, chain_pem(chain))
     else:
         assert cfg.tls_cert_file and cfg.tls_key_file
         cert_file, key_file = Path(cfg.tls_cert_file), Path(cfg.tls_key_file)

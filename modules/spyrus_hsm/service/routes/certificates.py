@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
 
+from ...identity.x509 import chain_pem
 from ..core import Service
 from ..keys import SERVICE
 from ..problems import bad_request, not_found
@@ -22,8 +22,7 @@ async def get(request: web.Request) -> web.Response:
     chain = await svc.hsm.acertificate_chain(label)
     if not chain:
         raise not_found(f"no certificate is stored for '{label}'")
-    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
-    return web.Response(body=pem, content_type="application/pem-certificate-chain")
+    return web.Response(body=chain_pem(chain), content_type="application/pem-certificate-chain")
 
 
 ROUTES = [web.get("/v1/certificates/{label}", get, name="certificates")]
