@@ -27,11 +27,12 @@ from .identity import tls
 from .identity import x509 as x509_id
 from .service.audit import AuditLog
 from .service.core import Deps, Service
-from .service.server import Listeners, ServerTls, probe_forever
+from .service.server import ListenError, Listeners, ServerTls, probe_forever
 from .telemetry import Telemetry, hsm_instrument
 
 log = logging.getLogger("spyrus_hsm")
 EDGE_STOP_SECONDS = 3.0  # of the 10 s edgeAgent gives a module to stop
+EXIT_CANNOT_LISTEN = 2  # as the CLI's usage errors: the configuration cannot work as it stands
 
 
 class Module:
@@ -58,6 +59,7 @@ class Module:
             self.service = Service(cfg.service, deps, AuditLog(audit_path, cfg.service.audit_fail_closed))
         self.edge_env = detect_edge(os.environ)  # IoT Edge? (raises on a half-configured environment)
         self.edge: EdgeAgent | None = None
+        self.failure: ListenError | None = None  # why run() stopped by itself
 
     def load_provider(self) -> None:
         assert self.cfg.hsm.pin_file
@@ -113,9 +115,13 @@ class Module:
         tasks = []
         if self.service is not None:
             self.listeners = Listeners(self.service)
-            await self.listeners.start_health()
-            tasks.append(asyncio.create_task(probe_forever(self.hsm, stop)))
-            tasks.append(asyncio.create_task(self._start_api(stop)))
+            try:
+                await self.listeners.start_health()
+            except ListenError as exc:
+                self._cannot_listen(exc, stop)
+            else:
+                tasks.append(asyncio.create_task(probe_forever(self.hsm, stop)))
+                tasks.append(asyncio.create_task(self._start_api(stop)))
         await stop.wait()
         if self.edge is not None:
             await asyncio.to_thread(self.edge.stop, EDGE_STOP_SECONDS)
@@ -167,9 +173,19 @@ class Module:
                 await self.listeners.start_api(server_tls)
                 print(f"spyrus-hsm: API on https://{svc_cfg.host}:{self.listeners.api_port}", flush=True)
                 return
+            except ListenError as exc:
+                self._cannot_listen(exc, stop)
+                return
             except (OSError, ValueError, RuntimeError) as exc:
                 log.error("the API cannot start: %s; retrying in 5 s", exc)
                 await asyncio.sleep(5)
+
+    def _cannot_listen(self, exc: ListenError, stop: asyncio.Event) -> None:
+        """A port that is taken stays taken: exit (2) saying which setting to change, and let
+        edgeAgent's restart back-off retry, rather than run half a module that looks healthy."""
+        log.error("%s", exc)
+        self.failure = exc
+        stop.set()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -212,6 +228,8 @@ def serve(cfg: Config, telemetry: Telemetry) -> int:
 
     asyncio.run(main())
     telemetry.shutdown(deadline=2.0)
+    if module.failure is not None:
+        return EXIT_CANNOT_LISTEN
     log.info("stopped")
     return 0
 

@@ -19,7 +19,8 @@ from ..hsm import Hsm, HsmState
 from ..identity import tls
 from .app import build_app
 from .core import Service
-from .keys import SERVICE
+from .keys import API_NOT_SERVING, SERVICE
+from .protocol import Runner
 from .routes import health
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,10 @@ async def probe_forever(hsm: Hsm, stop: asyncio.Event) -> None:
             pass
 
 
+class ListenError(Exception):
+    """A listener cannot bind its address (in use, not assignable, not permitted)."""
+
+
 class Listeners:
     """The API (HTTPS) and health (HTTP, loopback) sites of one service."""
 
@@ -126,20 +131,34 @@ class Listeners:
             return
         app = web.Application()
         app[SERVICE] = self.service
+        app[API_NOT_SERVING] = self.api_not_serving
         app.add_routes([r for r in health.ROUTES if r.path in ("/healthz", "/readyz")])
-        self.health_port = await self._start(app, cfg.health_host, cfg.health_port, None)
+        self.health_port = await self._start(app, cfg.health_host, cfg.health_port, None, "service.health_port")
 
     async def start_api(self, server_tls: ServerTls) -> None:
         cfg = self.service.cfg
-        self.api_port = await self._start(build_app(self.service), cfg.host, cfg.port, server_tls.listening)
+        self.api_port = await self._start(build_app(self.service), cfg.host, cfg.port, server_tls.listening,
+                                          "service.port")
         self.server_tls = server_tls
         log.info("API listening on https://%s:%d", cfg.host, self.api_port)
 
-    async def _start(self, app: web.Application, host: str, port: int, ctx: ssl.SSLContext | None) -> int:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    def api_not_serving(self) -> str | None:
+        """Why the API cannot serve a leaf although the HSM is ready, or None when it can."""
+        if self.api_port is None:
+            return "the API is not listening yet"
+        return None
+
+    async def _start(self, app: web.Application, host: str, port: int, ctx: ssl.SSLContext | None,
+                     setting: str) -> int:
+        runner = Runner(app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=1024)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ListenError(f"cannot listen on {host}:{port} ({setting}): "
+                              f"{exc.strerror or exc.__class__.__name__}") from None
         self.runners.append(runner)
         server = site._server  # the bound port, when 0 asked for one
         sockets = getattr(server, "sockets", None) or []
