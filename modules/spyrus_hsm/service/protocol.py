@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong, PayloadEncodingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -36,6 +36,9 @@ def parser_problem(status: int, exc: BaseException | None) -> Problem:
     if isinstance(exc, BadHttpMethod):
         return Problem(400, "malformed-request", "The request is not HTTP",
                        "the request line is not an HTTP/1.1 request line")
+    if isinstance(exc, PayloadEncodingError):
+        return Problem(400, "malformed-request", "The request is not well-formed HTTP",
+                       "the request body's framing (its length or chunked encoding) is malformed")
     if isinstance(exc, HttpProcessingError) or 400 <= status < 500:
         return Problem(400 if status >= 500 else status, "malformed-request", "The request is not well-formed HTTP",
                        "the request line or header section is malformed (line endings are CRLF; "
