@@ -225,7 +225,7 @@ def free_port() -> int:
 def serve_config(directory: Path, token_env: Any, pki: EmulatorPki, service: dict[str, Any]) -> Path:
     """A config file for `serve` on the session's token (token_env: conftest's TokenEnv), serving
     HTTPS on HOST with a certificate from `pki`. `service` overrides the service section; its
-    'bearer' maps principals to tokens (their digests are written)."""
+    'bearer' maps principals to tokens (their digests are written); None removes a setting."""
     server = pki.server([HOST])
     section = {
         "host": HOST, "port": 0, "health_port": 0,
@@ -235,6 +235,7 @@ def serve_config(directory: Path, token_env: Any, pki: EmulatorPki, service: dic
     bearer = overrides.pop("bearer", {})
     section["bearer_tokens"] = {name: hashlib.sha256(tok.encode()).hexdigest() for name, tok in bearer.items()}
     section.update(overrides)
+    section = {k: v for k, v in section.items() if v is not None}
     config = {
         "hsm": {"module": token_env.module, "token_label": token_env.label, "pin_file": str(token_env.pin_file)},
         "state_dir": str(directory / "state"),
