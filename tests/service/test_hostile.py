@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import secrets
 import socket
 import ssl
@@ -330,17 +331,23 @@ def test_serve_logs_no_request_bytes_with_either_parser(parser: str, hsm: Hsm, t
         answers = []
         try:
             wait_until_listening(port, proc)
-            for name in ("bare LF", "NUL after the token", "bad chunked body"):
+            body = json.dumps({"deviceId": leaf.name}).encode()
+            odd_id = (b"POST /v1/sas-tokens HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer @BEARER@\r\n"
+                      b"X-Request-Id: \xff\xfeid\r\nContent-Type: application/json\r\nContent-Length: "
+                      + str(len(body)).encode() + b"\r\n\r\n" + body)
+            for request_bytes in (MALFORMED["bare LF"], MALFORMED["NUL after the token"],
+                                  MALFORMED["bad chunked body"], odd_id):
                 with socket.create_connection((HOST, port), timeout=10) as sock, \
                         ctx.wrap_socket(sock, server_hostname=HOST) as conn:
-                    conn.sendall(MALFORMED[name].replace(BEARER, leaf.bearer.encode()))
+                    conn.sendall(request_bytes.replace(BEARER, leaf.bearer.encode()))
                     answers.append(read_answer(conn))
         finally:
             proc.terminate()
             out = proc.communicate(timeout=30)[0].decode()
     log = err_file.read_text()
     assert proc.returncode == 0, log[-3000:]
-    assert [a.status for a in answers] == [400, 400, 400], [a.raw for a in answers]
+    assert [a.status for a in answers] == [400, 400, 400, 200], [a.raw for a in answers]
+    assert re.fullmatch("[0-9a-f]{32}", answers[-1].headers["x-request-id"])  # a fresh id, not the odd bytes
     assert all(leaf.bearer.encode() not in a.raw for a in answers)
     assert leaf.bearer not in out + log and token_env.pin.decode() not in out + log
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,7 @@ ROUTE_OPERATIONS = {"sas-tokens": "sas-token", "signatures": "signature", "regis
 # The status a request the client abandoned ends with (nginx's "client closed request"): no
 # answer is sent, and it is no 5xx in metrics; its audit record has status null.
 CLIENT_CLOSED = 499
+_VISIBLE_ASCII = re.compile(r"[!-~]+")
 
 
 def build_app(service: Service, routes: list[web.RouteDef] | None = None) -> web.Application:
@@ -60,9 +62,7 @@ async def _expect(request: web.Request) -> None:
         raise web.HTTPExpectationFailed()  # its text would quote the header: see protocol.py
     if request.version < HttpVersion11:
         return
-    svc = request.app.get(SERVICE)
-    limit = svc.cfg.max_body_bytes if svc is not None else 0
-    if request.content_length is not None and request.content_length > limit:
+    if request.content_length is not None and request.content_length > request.app[SERVICE].cfg.max_body_bytes:
         return
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.writer.output_size = 0  # the interim answer is not the response: errors can still be sent
@@ -113,7 +113,9 @@ async def _audit(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/v1/"):
         return await handler(request)
     svc = request.app[SERVICE]
-    request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    given = request.headers.get("X-Request-Id", "")[:64]
+    # Echoed in a header, the audit and logs: a caller's own id only when it is plain visible ASCII.
+    request[REQUEST_ID] = given if _VISIBLE_ASCII.fullmatch(given) else uuid.uuid4().hex
     peer = request.transport.get_extra_info("peername") if request.transport else None  # gone once it disconnects
     response = await handler(request)
     fields = request.get(AUDIT, {})

@@ -23,8 +23,8 @@ from aiohttp.web_request import BaseRequest
 from .problems import Problem, problem_response
 
 log = logging.getLogger(__name__)
-_HTTP_TYPES = {404: "not-found", 405: "method-not-allowed", 408: "body-timeout", 413: "payload-too-large",
-               417: "expectation-failed", 431: "header-too-large"}
+_HTTP_TYPES = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large", 417: "expectation-failed",
+               431: "header-too-large"}
 
 
 def parser_problem(status: int, exc: BaseException | None) -> Problem:
