@@ -32,7 +32,7 @@ from .telemetry import Telemetry, hsm_instrument
 
 log = logging.getLogger("spyrus_hsm")
 EDGE_STOP_SECONDS = 3.0  # of the 10 s edgeAgent gives a module to stop
-EXIT_CANNOT_LISTEN = 2  # as the CLI's usage errors: the configuration cannot work as it stands
+LISTEN_RETRY = 5.0  # seconds between attempts to bind a listener's port (and to start the API)
 
 
 class Module:
@@ -59,7 +59,6 @@ class Module:
             self.service = Service(cfg.service, deps, AuditLog(audit_path, cfg.service.audit_fail_closed))
         self.edge_env = detect_edge(os.environ)  # IoT Edge? (raises on a half-configured environment)
         self.edge: EdgeAgent | None = None
-        self.failure: ListenError | None = None  # why run() stopped by itself
 
     def load_provider(self) -> None:
         assert self.cfg.hsm.pin_file
@@ -115,13 +114,9 @@ class Module:
         tasks = []
         if self.service is not None:
             self.listeners = Listeners(self.service)
-            try:
-                await self.listeners.start_health()
-            except ListenError as exc:
-                self._cannot_listen(exc, stop)
-            else:
-                tasks.append(asyncio.create_task(probe_forever(self.hsm, stop)))
-                tasks.append(asyncio.create_task(self._start_api(stop)))
+            tasks.append(asyncio.create_task(self._start_health(stop)))
+            tasks.append(asyncio.create_task(probe_forever(self.hsm, stop)))
+            tasks.append(asyncio.create_task(self._start_api(stop)))
         await stop.wait()
         if self.edge is not None:
             await asyncio.to_thread(self.edge.stop, EDGE_STOP_SECONDS)
@@ -158,10 +153,23 @@ class Module:
     def _reload_config(self) -> Config:
         return config_mod.load(None if self.cfg.source == "defaults" else self.cfg.source)
 
+    async def _start_health(self, stop: asyncio.Event) -> None:
+        """The health listener, retried while its port is taken (see _port_taken)."""
+        assert self.listeners is not None
+        told = False
+        while not stop.is_set():
+            try:
+                await self.listeners.start_health()
+                return
+            except ListenError as exc:
+                told = _port_taken(exc, told)
+            await asyncio.sleep(LISTEN_RETRY)
+
     async def _start_api(self, stop: asyncio.Event) -> None:
         """The HTTPS listener; with the server key in the HSM it waits for the HSM first."""
         assert self.service is not None and self.listeners is not None
         svc_cfg = self.service.cfg
+        told = False
         while not stop.is_set():
             try:
                 if svc_cfg.tls_key_label:
@@ -170,28 +178,35 @@ class Module:
                         continue
                     await asyncio.to_thread(self.load_provider)
                 server_tls = await asyncio.to_thread(ServerTls, svc_cfg, self.hsm, self.state_dir / "tls")
-                await self.listeners.start_api(server_tls)
+                try:
+                    await self.listeners.start_api(server_tls)
+                except ListenError:
+                    server_tls.close()
+                    raise
                 print(f"spyrus-hsm: API on https://{svc_cfg.host}:{self.listeners.api_port}", flush=True)
                 return
             except ListenError as exc:
-                self._cannot_listen(exc, stop)
-                return
+                told = _port_taken(exc, told)
             except (OSError, ValueError, RuntimeError) as exc:
-                log.error("the API cannot start: %s; retrying in 5 s", exc)
-                await asyncio.sleep(5)
-
-    def _cannot_listen(self, exc: ListenError, stop: asyncio.Event) -> None:
-        """A port that is taken stays taken: exit (2) saying which setting to change, and let
-        edgeAgent's restart back-off retry, rather than run half a module that looks healthy."""
-        log.error("%s", exc)
-        self.failure = exc
-        stop.set()
+                log.error("the API cannot start: %s; retrying in %g s", exc, LISTEN_RETRY)
+            await asyncio.sleep(LISTEN_RETRY)
 
     def stop(self) -> None:
         self.stopping.set()
         if self.hub is not None:
             self.hub.shutdown()
         self.hsm.close()
+
+
+def _port_taken(exc: ListenError, told: bool) -> bool:
+    """Say once that a listener's port is taken, then retry quietly: the module stays up and
+    not ready rather than crash-loop (edgeAgent gives up restarting a module that does), and
+    serves as soon as the holder (an old instance still stopping, say) lets go."""
+    if told:
+        log.debug("%s; still retrying", exc)
+    else:
+        log.error("%s; retrying every %g s", exc, LISTEN_RETRY)
+    return True
 
 
 def _log_state(state: HsmState) -> None:
@@ -228,8 +243,6 @@ def serve(cfg: Config, telemetry: Telemetry) -> int:
 
     asyncio.run(main())
     telemetry.shutdown(deadline=2.0)
-    if module.failure is not None:
-        return EXIT_CANNOT_LISTEN
     log.info("stopped")
     return 0
 

@@ -124,6 +124,7 @@ class Listeners:
         self.api_port: int | None = None
         self.health_port: int | None = None
         self.server_tls: ServerTls | None = None
+        self.api_listen_error: str | None = None  # why the API's port could not be bound, last time
 
     async def start_health(self) -> None:
         cfg = self.service.cfg
@@ -137,15 +138,19 @@ class Listeners:
 
     async def start_api(self, server_tls: ServerTls) -> None:
         cfg = self.service.cfg
-        self.api_port = await self._start(build_app(self.service), cfg.host, cfg.port, server_tls.listening,
-                                          "service.port")
+        try:
+            self.api_port = await self._start(build_app(self.service), cfg.host, cfg.port, server_tls.listening,
+                                              "service.port")
+        except ListenError as exc:
+            self.api_listen_error = str(exc)
+            raise
         self.server_tls = server_tls
         log.info("API listening on https://%s:%d", cfg.host, self.api_port)
 
     def api_not_serving(self) -> str | None:
         """Why the API cannot serve a leaf although the HSM is ready, or None when it can."""
         if self.api_port is None:
-            return "the API is not listening yet"
+            return self.api_listen_error or "the API is not listening yet"
         return None
 
     async def _start(self, app: web.Application, host: str, port: int, ctx: ssl.SSLContext | None,
