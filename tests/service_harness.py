@@ -71,6 +71,7 @@ class ServiceHarness:
         self.service: Service | None = None
         self.listeners: Listeners | None = None
         self.port = 0
+        self.health_port: int | None = None
         self.probe = probe  # run the HSM probe as `serve` does (/readyz notices an idle unplug)
         self._probe_stop: asyncio.Event | None = None
         self._probe_task: asyncio.Task[None] | None = None
@@ -95,6 +96,8 @@ class ServiceHarness:
         await self.listeners.start_api(await asyncio.to_thread(ServerTls, self.cfg, self.hsm, self.directory / "tls"))
         assert self.listeners.api_port
         self.port = self.listeners.api_port
+        await self.listeners.start_health()  # only with health_port=<a free port>: 0 means none
+        self.health_port = self.listeners.health_port
         if self.probe:
             self._probe_stop = asyncio.Event()
             self._probe_task = asyncio.ensure_future(probe_forever(self.hsm, self._probe_stop))

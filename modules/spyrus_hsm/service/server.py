@@ -70,6 +70,7 @@ class ServerTls:
         self.current = tls_context(cfg, hsm, tls_dir)
         self.listening = self.current  # the context the listening socket is made with
         self._recoveries = hsm.state.recoveries
+        self._renewed = hsm.state.recoveries  # the HSM recovery `current` was made after
         self._closed = False
         if cfg.tls_key_label:
             self.listening.sni_callback = self._newest
@@ -82,16 +83,22 @@ class ServerTls:
     def _on_hsm_state(self, state: HsmState) -> None:  # on the pool's supervisor thread
         if state.ready and state.recoveries != self._recoveries and not self._closed:
             self._recoveries = state.recoveries
-            threading.Thread(target=self.renew, name="api-tls-renew", daemon=True).start()
+            threading.Thread(target=self.renew, args=(state.recoveries,), name="api-tls-renew", daemon=True).start()
 
-    def renew(self) -> None:
+    def renew(self, recoveries: int) -> None:
         try:
             self.current = tls_context(self._cfg, self._hsm, self._dir)
         except Exception as exc:
             log.error("the API's TLS context could not be renewed after the HSM came back: %s; "
                       "TLS handshakes fail until the next recovery or a restart", exc)
         else:
+            self._renewed = recoveries
             log.info("API TLS context renewed after the HSM came back")
+
+    @property
+    def stale(self) -> bool:
+        """The HSM has recovered since `current` was made: until it is renewed, handshakes fail."""
+        return bool(self._cfg.tls_key_label) and self._renewed != self._hsm.state.recoveries
 
     def close(self) -> None:
         self._closed = True
@@ -151,6 +158,8 @@ class Listeners:
         """Why the API cannot serve a leaf although the HSM is ready, or None when it can."""
         if self.api_port is None:
             return self.api_listen_error or "the API is not listening yet"
+        if self.server_tls is not None and self.server_tls.stale:
+            return "the API's TLS context is being renewed after the HSM came back"
         return None
 
     async def _start(self, app: web.Application, host: str, port: int, ctx: ssl.SSLContext | None,
