@@ -11,6 +11,7 @@ aiohttp's HTTP parsers (its stderr).
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import logging
 import re
@@ -75,7 +76,7 @@ class Site:
                 + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
-def read_answer(conn: ssl.SSLSocket) -> Answer:
+def read_answer(conn: socket.socket) -> Answer:
     """One HTTP/1.1 response: status line, headers, Content-Length bytes of body (or up to EOF)."""
     raw = b""
     while b"\r\n\r\n" not in raw:
@@ -317,9 +318,9 @@ def test_a_leaf_certificate_from_the_same_ca_is_accepted(site: Site, emulator_pk
 def test_serve_logs_no_request_bytes_with_either_parser(parser: str, hsm: Hsm, token_env: Any, tmp_path: Path,
                                                         emulator_pki: EmulatorPki) -> None:
     leaf = new_leaf(hsm, "hostile")
-    port = free_port()
-    config = serve_config(tmp_path, token_env, emulator_pki, {"port": port, "health_port": 0, "policy": [OWN_DEVICE],
-                                                              "bearer": {leaf.name: leaf.bearer}})
+    port, health_port = free_port(), free_port()
+    config = serve_config(tmp_path, token_env, emulator_pki, {
+        "port": port, "health_port": health_port, "policy": [OWN_DEVICE], "bearer": {leaf.name: leaf.bearer}})
     env = token_env.env(SPYRUS_HSM_CONFIG=str(config), OTEL_SDK_DISABLED="true")
     if parser == "pure Python":
         env["AIOHTTP_NO_EXTENSIONS"] = "1"
@@ -330,7 +331,7 @@ def test_serve_logs_no_request_bytes_with_either_parser(parser: str, hsm: Hsm, t
                                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
         answers = []
         try:
-            wait_until_listening(port, proc)
+            wait_until_ready(health_port, proc)
             body = json.dumps({"deviceId": leaf.name}).encode()
             odd_id = (b"POST /v1/sas-tokens HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer @BEARER@\r\n"
                       b"X-Request-Id: \xff\xfeid\r\nContent-Type: application/json\r\nContent-Length: "
@@ -341,26 +342,34 @@ def test_serve_logs_no_request_bytes_with_either_parser(parser: str, hsm: Hsm, t
                         ctx.wrap_socket(sock, server_hostname=HOST) as conn:
                     conn.sendall(request_bytes.replace(BEARER, leaf.bearer.encode()))
                     answers.append(read_answer(conn))
+            with socket.create_connection((HOST, health_port), timeout=10) as plain:  # the health listener
+                plain.sendall(MALFORMED["bare LF"].replace(BEARER, leaf.bearer.encode()))
+                answers.append(read_answer(plain))
         finally:
             proc.terminate()
             out = proc.communicate(timeout=30)[0].decode()
     log = err_file.read_text()
     assert proc.returncode == 0, log[-3000:]
-    assert [a.status for a in answers] == [400, 400, 400, 200], [a.raw for a in answers]
-    assert re.fullmatch("[0-9a-f]{32}", answers[-1].headers["x-request-id"])  # a fresh id, not the odd bytes
+    assert [a.status for a in answers] == [400, 400, 400, 200, 400], [a.raw for a in answers]
+    assert re.fullmatch("[0-9a-f]{32}", answers[3].headers["x-request-id"])  # a fresh id, not the odd bytes
     assert all(leaf.bearer.encode() not in a.raw for a in answers)
     assert leaf.bearer not in out + log and token_env.pin.decode() not in out + log
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
-    assert log.count("refused a malformed request") == 3, log[-3000:]
+    assert log.count("refused a malformed request") == 4, log[-3000:]
 
 
-def wait_until_listening(port: int, proc: subprocess.Popen[bytes], within: float = 30) -> None:
+def wait_until_ready(health_port: int, proc: subprocess.Popen[bytes], within: float = 30) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"serve exited with {proc.returncode}"
+        conn = http.client.HTTPConnection(HOST, health_port, timeout=5)
         try:
-            socket.create_connection((HOST, port), timeout=1).close()
-            return
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return
         except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"serve did not listen on {port} within {within} s")
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.1)
+    raise AssertionError(f"serve was not ready within {within} s")
