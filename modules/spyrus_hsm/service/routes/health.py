@@ -15,8 +15,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when a leaf would be served: the HSM is ready and the API listens (answered on the
-    API itself, that part is evident; the health listener asks the API's listener)."""
+    """Ready when a leaf would be served: the HSM is ready and the API serves. The health
+    listener asks the API's listener (API_NOT_SERVING); on the API itself that part is evident."""
     svc = request.app[SERVICE]
     state = svc.hsm.state
     api = request.app.get(API_NOT_SERVING)
