@@ -16,6 +16,7 @@ import http.client
 import ipaddress
 import json
 import secrets
+import socket
 import ssl
 import threading
 from dataclasses import dataclass, replace
@@ -70,6 +71,7 @@ class ServiceHarness:
         self.service: Service | None = None
         self.listeners: Listeners | None = None
         self.port = 0
+        self.health_port: int | None = None
         self.probe = probe  # run the HSM probe as `serve` does (/readyz notices an idle unplug)
         self._probe_stop: asyncio.Event | None = None
         self._probe_task: asyncio.Task[None] | None = None
@@ -94,6 +96,8 @@ class ServiceHarness:
         await self.listeners.start_api(await asyncio.to_thread(ServerTls, self.cfg, self.hsm, self.directory / "tls"))
         assert self.listeners.api_port
         self.port = self.listeners.api_port
+        await self.listeners.start_health()  # only with health_port=<a free port>: 0 means none
+        self.health_port = self.listeners.health_port
         if self.probe:
             self._probe_stop = asyncio.Event()
             self._probe_task = asyncio.ensure_future(probe_forever(self.hsm, self._probe_stop))
@@ -210,3 +214,36 @@ def store_hsm_certificate(hsm: Hsm, label: str, pki: EmulatorPki, *, server_ip: 
     cert = builder.sign(issuer.key, hashes.SHA256())
     hsm.import_certificates(label, [cert, issuer.cert])
     return cert
+
+
+# --- `spyrus-hsm serve` in a subprocess ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (at the time of asking)."""
+    with socket.create_server((HOST, 0)) as s:
+        return int(s.getsockname()[1])
+
+
+def serve_config(directory: Path, token_env: Any, pki: EmulatorPki, service: dict[str, Any]) -> Path:
+    """A config file for `serve` on the session's token (token_env: conftest's TokenEnv), serving
+    HTTPS on HOST with a certificate from `pki`. `service` overrides the service section; its
+    'bearer' maps principals to tokens (their digests are written); None removes a setting."""
+    server = pki.server([HOST])
+    section = {
+        "host": HOST, "port": 0, "health_port": 0,
+        "tls_cert_file": str(server.cert_file), "tls_key_file": str(server.key_file), "hub": "hub.example",
+    }
+    overrides = dict(service)
+    bearer = overrides.pop("bearer", {})
+    section["bearer_tokens"] = {name: hashlib.sha256(tok.encode()).hexdigest() for name, tok in bearer.items()}
+    section.update(overrides)
+    section = {k: v for k, v in section.items() if v is not None}
+    config = {
+        "hsm": {"module": token_env.module, "token_label": token_env.label, "pin_file": str(token_env.pin_file)},
+        "state_dir": str(directory / "state"),
+        "service": section,
+    }
+    path = directory / "serve.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path

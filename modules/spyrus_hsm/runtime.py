@@ -27,11 +27,12 @@ from .identity import tls
 from .identity import x509 as x509_id
 from .service.audit import AuditLog
 from .service.core import Deps, Service
-from .service.server import Listeners, ServerTls, probe_forever
+from .service.server import ListenError, Listeners, ServerTls, probe_forever
 from .telemetry import Telemetry, hsm_instrument
 
 log = logging.getLogger("spyrus_hsm")
 EDGE_STOP_SECONDS = 3.0  # of the 10 s edgeAgent gives a module to stop
+LISTEN_RETRY = 5.0  # seconds between attempts to bind a listener's port (and to start the API)
 
 
 class Module:
@@ -113,7 +114,7 @@ class Module:
         tasks = []
         if self.service is not None:
             self.listeners = Listeners(self.service)
-            await self.listeners.start_health()
+            tasks.append(asyncio.create_task(self._start_health(stop)))
             tasks.append(asyncio.create_task(probe_forever(self.hsm, stop)))
             tasks.append(asyncio.create_task(self._start_api(stop)))
         await stop.wait()
@@ -152,10 +153,23 @@ class Module:
     def _reload_config(self) -> Config:
         return config_mod.load(None if self.cfg.source == "defaults" else self.cfg.source)
 
+    async def _start_health(self, stop: asyncio.Event) -> None:
+        """The health listener, retried while its port is taken (see _port_taken)."""
+        assert self.listeners is not None
+        told = False
+        while not stop.is_set():
+            try:
+                await self.listeners.start_health()
+                return
+            except ListenError as exc:
+                told = _port_taken(exc, told)
+            await asyncio.sleep(LISTEN_RETRY)
+
     async def _start_api(self, stop: asyncio.Event) -> None:
         """The HTTPS listener; with the server key in the HSM it waits for the HSM first."""
         assert self.service is not None and self.listeners is not None
         svc_cfg = self.service.cfg
+        told = False
         while not stop.is_set():
             try:
                 if svc_cfg.tls_key_label:
@@ -164,18 +178,35 @@ class Module:
                         continue
                     await asyncio.to_thread(self.load_provider)
                 server_tls = await asyncio.to_thread(ServerTls, svc_cfg, self.hsm, self.state_dir / "tls")
-                await self.listeners.start_api(server_tls)
+                try:
+                    await self.listeners.start_api(server_tls)
+                except ListenError:
+                    server_tls.close()
+                    raise
                 print(f"spyrus-hsm: API on https://{svc_cfg.host}:{self.listeners.api_port}", flush=True)
                 return
+            except ListenError as exc:
+                told = _port_taken(exc, told)
             except (OSError, ValueError, RuntimeError) as exc:
-                log.error("the API cannot start: %s; retrying in 5 s", exc)
-                await asyncio.sleep(5)
+                log.error("the API cannot start: %s; retrying in %g s", exc, LISTEN_RETRY)
+            await asyncio.sleep(LISTEN_RETRY)
 
     def stop(self) -> None:
         self.stopping.set()
         if self.hub is not None:
             self.hub.shutdown()
         self.hsm.close()
+
+
+def _port_taken(exc: ListenError, told: bool) -> bool:
+    """Say once that a listener's port is taken, then retry quietly: the module stays up and
+    not ready rather than crash-loop (edgeAgent gives up restarting a module that does), and
+    serves as soon as the holder (an old instance still stopping, say) lets go."""
+    if told:
+        log.debug("%s; still retrying", exc)
+    else:
+        log.error("%s; retrying every %g s", exc, LISTEN_RETRY)
+    return True
 
 
 def _log_state(state: HsmState) -> None:

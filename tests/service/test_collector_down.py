@@ -8,12 +8,10 @@ down may be at most 1.5 times the median with telemetry disabled, plus 2 ms.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import secrets
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -26,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from otlp_receiver import SilentCollector, closed_port_endpoint
-from service_harness import HOST, ServiceHarness, verify_sas
+from service_harness import HOST, ServiceHarness, free_port, serve_config, verify_sas
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm, Secret
@@ -119,28 +117,6 @@ def test_request_latency_is_unchanged_when_the_collector_is_down(
 # --- the real process -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.create_server((HOST, 0)) as s:
-        return int(s.getsockname()[1])
-
-
-def serve_config(tmp_path: Path, token_env, pki: EmulatorPki, bearer: str, health_port: int) -> Path:  # type: ignore[no-untyped-def]
-    server = pki.server([HOST])
-    config = {
-        "hsm": {"module": token_env.module, "token_label": token_env.label, "pin_file": str(token_env.pin_file)},
-        "state_dir": str(tmp_path / "state"),
-        "service": {
-            "host": HOST, "port": 0, "health_port": health_port,
-            "tls_cert_file": str(server.cert_file), "tls_key_file": str(server.key_file),
-            "bearer_tokens": {"gateway": hashlib.sha256(bearer.encode()).hexdigest()},
-            "policy": POLICY, "hub": "hub.example", "cache_reuse_fraction": 0, "rate_limit_per_second": 0,
-        },
-    }
-    path = tmp_path / "serve.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    return path
-
-
 def api_port_from(proc: subprocess.Popen[bytes], within: float) -> int:
     """The port `serve` prints once its API listens ("spyrus-hsm: API on https://host:port")."""
     assert proc.stdout is not None
@@ -185,7 +161,9 @@ def test_serve_exits_0_within_5_s_of_sigterm_with_a_hung_collector(
     for tokens through the SIGTERM."""
     bearer = secrets.token_urlsafe(24)
     health_port = free_port()
-    config = serve_config(tmp_path, token_env, emulator_pki, bearer, health_port)
+    config = serve_config(tmp_path, token_env, emulator_pki, {
+        "health_port": health_port, "bearer": {"gateway": bearer}, "policy": POLICY,
+        "cache_reuse_fraction": 0, "rate_limit_per_second": 0})
     err_file = tmp_path / "serve.err"
     ctx = ssl.create_default_context(cafile=str(emulator_pki.ca_file))
     stop = threading.Event()

@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from service_harness import HOST, ServiceHarness, store_hsm_certificate, verify_sas
+from service_harness import HOST, ServiceHarness, free_port, store_hsm_certificate, verify_sas
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm, Secret
@@ -242,3 +242,36 @@ def test_with_the_server_key_in_the_hsm_new_leaves_are_served_again_after_a_repl
 
         wait_until(new_leaf_served, RECOVERY_GUARD, "a new leaf served after the replug")
         assert all(new_leaf_served() for _ in range(5))  # and every one after it
+
+
+def test_with_the_server_key_in_the_hsm_readyz_turns_true_after_a_replug_only_once_new_leaves_are_served(
+        hsm: Hsm, plugged: Any, tmp_path: Path, emulator_pki: EmulatorPki, devices: dict[str, bytes],
+        bearer: str) -> None:
+    """The HSM is ready again a moment before the API's TLS context is renewed: /readyz on the
+    health listener (what the container's health check and an operator look at) waits for both."""
+    tls.load_provider(plugged.module, str(plugged.pin_file), tmp_path / "openssl")
+    label = "api-" + secrets.token_hex(3)
+    store_hsm_certificate(hsm, label, emulator_pki, server_ip=HOST)
+    device = next(iter(devices))
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, bearer={"gateway": bearer}, probe=True,
+                        tls_key_label=label, tls_cert_file=None, tls_key_file=None,
+                        health_port=free_port()) as svc:
+        assert svc.health_port is not None
+        assert health_readyz(svc.health_port) == 200
+        plugged.set_shim(state="unplugged")
+        wait_until(lambda: health_readyz(svc.health_port) == 503, RECOVERY_GUARD, "not ready after the unplug")
+        plugged.set_shim(state="plugged")
+        wait_until(lambda: health_readyz(svc.health_port) == 200, RECOVERY_GUARD, "ready after the replug")
+        # At once, on a new connection (a new handshake, signed in the HSM):
+        status, _, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": device}, bearer=bearer)
+    assert status == 200, body
+    verify_sas(body["token"], devices[device])
+
+
+def health_readyz(port: int) -> int:
+    conn = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        conn.request("GET", "/readyz")
+        return conn.getresponse().status
+    finally:
+        conn.close()

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -23,7 +24,9 @@ from .audit import AuditError
 from .core import AUDIT, PRINCIPAL, REQUEST_ID, Service
 from .keys import SERVICE
 from .problems import Problem, from_exception, problem_response, unavailable
+from .protocol import http_problem, http_problem_response
 from .routes import ROUTES
+from .validation import READING_BODY, ClientDisconnected
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -32,6 +35,10 @@ SECRET_BEARING = {"sas-tokens", "signatures", "registrations"}
 # (unauthenticated, rate-limited, invalid requests) carry the same name as the ones after.
 ROUTE_OPERATIONS = {"sas-tokens": "sas-token", "signatures": "signature", "registrations": "registration",
                     "registration": "registration", "certificates": "certificate"}
+# The status a request the client abandoned ends with (nginx's "client closed request"): no
+# answer is sent, and it is no 5xx in metrics; its audit record has status null.
+CLIENT_CLOSED = 499
+_VISIBLE_ASCII = re.compile(r"[!-~]+")
 
 
 def build_app(service: Service, routes: list[web.RouteDef] | None = None) -> web.Application:
@@ -40,8 +47,25 @@ def build_app(service: Service, routes: list[web.RouteDef] | None = None) -> web
         middlewares=[_telemetry, _audit, _problems, _authenticate],
     )
     app[SERVICE] = service
-    app.add_routes(ROUTES if routes is None else routes)
+    app.add_routes(with_expect_handler(ROUTES if routes is None else routes))
     return app
+
+
+def with_expect_handler(routes: list[web.RouteDef]) -> list[web.RouteDef]:
+    return [web.RouteDef(r.method, r.path, r.handler, {"expect_handler": _expect, **r.kwargs}) for r in routes]
+
+
+async def _expect(request: web.Request) -> None:
+    """`Expect: 100-continue`: the body is invited only when it fits; otherwise the handler
+    refuses it (413, read_json) without waiting for it. Any other expectation is 417."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed()  # its text would quote the header: see protocol.py
+    if request.version < HttpVersion11:
+        return
+    if request.content_length is not None and request.content_length > request.app[SERVICE].cfg.max_body_bytes:
+        return
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim answer is not the response: errors can still be sent
 
 
 def route_name(request: web.Request) -> str | None:
@@ -89,14 +113,17 @@ async def _audit(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith("/v1/"):
         return await handler(request)
     svc = request.app[SERVICE]
-    request[REQUEST_ID] = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    given = request.headers.get("X-Request-Id", "")[:64]
+    # Echoed in a header, the audit and logs: a caller's own id only when it is plain visible ASCII.
+    request[REQUEST_ID] = given if _VISIBLE_ASCII.fullmatch(given) else uuid.uuid4().hex
+    peer = request.transport.get_extra_info("peername") if request.transport else None  # gone once it disconnects
     response = await handler(request)
     fields = request.get(AUDIT, {})
-    peer = request.transport.get_extra_info("peername") if request.transport else None
     try:
         svc.audit.record(
             principal=fields.get("principal"), operation=fields.get("operation") or _operation(request),
-            key=fields.get("key"), device=fields.get("device"), status=response.status,
+            key=fields.get("key"), device=fields.get("device"),
+            status=None if response.status == CLIENT_CLOSED else response.status,
             outcome=_outcome(response.status), reason=fields.get("reason") or _reason(response),
             request_id=request[REQUEST_ID], remote=peer[0] if peer else None)
     except AuditError as exc:
@@ -115,7 +142,7 @@ def _operation(request: web.Request) -> str:
 def _outcome(status: int) -> str:
     if status < 300:
         return "allowed"
-    return {401: "unauthenticated", 403: "denied", 429: "rate-limited"}.get(
+    return {401: "unauthenticated", 403: "denied", 429: "rate-limited", CLIENT_CLOSED: "aborted"}.get(
         status, "error" if status >= 500 else "rejected")
 
 
@@ -127,16 +154,22 @@ def _reason(response: web.StreamResponse) -> str:
 async def _problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     svc = request.app[SERVICE]
     instance = request.get(REQUEST_ID)
-    allow = None
+    http_exc = None
     try:
         return await handler(request)
     except web.HTTPException as exc:  # aiohttp's own: 404/405 routing, 413 body too large
         if exc.status < 400:
             raise
-        problem = Problem(exc.status, _http_type(exc.status), exc.reason, _http_detail(exc, svc))
-        allow = exc.headers.get("Allow")  # a 405 must list the methods the resource has (RFC 9110)
+        problem = http_problem(exc, _http_detail(exc, svc))
+        http_exc = exc
     except asyncio.CancelledError:
         raise
+    except ClientDisconnected:  # not an error of ours, and there is nobody left to answer
+        log.info("the client disconnected before sending all of %s %s (request %s)", request.method,
+                 route_template(request), instance)
+        response = web.Response(status=CLIENT_CLOSED)
+        response.headers["X-Problem-Type"] = "client-disconnected"
+        return response
     except Exception as exc:
         found = from_exception(exc, svc.cfg.retry_after)
         if found is None:
@@ -144,15 +177,10 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
             found = Problem(500, "internal-error", "Internal error",
                             f"the error is logged under request id {instance}" if instance else None)
         problem = found
-    response = problem_response(problem, instance)
-    response.headers["X-Problem-Type"] = problem.type
-    if allow is not None:
-        response.headers["Allow"] = allow
+    response = http_problem_response(problem, http_exc, instance)
+    if problem.status in (408, 413):
+        response.force_close()  # the rest of the body is not worth waiting for
     return response
-
-
-def _http_type(status: int) -> str:
-    return {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(status, "invalid-request")
 
 
 def _http_detail(exc: web.HTTPException, svc: Service) -> str:
@@ -172,5 +200,8 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
         async with asyncio.timeout(svc.cfg.request_timeout):
             return await handler(request)
     except TimeoutError:
+        if request.get(READING_BODY):  # the client is too slow: its fault, not ours
+            raise Problem(408, "body-timeout", "Request timeout",
+                          f"the request body did not arrive within {svc.cfg.request_timeout:g} s") from None
         raise unavailable(f"the request did not complete within {svc.cfg.request_timeout:g} s",
                           svc.cfg.retry_after, "request-timeout") from None

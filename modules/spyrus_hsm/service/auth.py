@@ -55,6 +55,7 @@ class ClientCertVerifier:
                 raise _bad_cert(f"{what} expired on {c.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
             if now < c.not_valid_before_utc:
                 raise _bad_cert(f"{what} is not valid before {c.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}")
+        _check_leaf(cert)
         _check_usage(cert)
         names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         cn = names[0].value if names else ""
@@ -82,6 +83,20 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
         return cert.subject == cert.issuer  # an old-style self-signed root
+
+
+def _check_leaf(cert: x509.Certificate) -> None:
+    """A CA's certificate authenticates nobody, even one the trusted CA signed: it names an
+    issuer, not a device, and its key can mint certificates for any name."""
+    if _is_ca(cert):
+        raise _bad_cert("the client certificate is a CA certificate (basic constraints CA:TRUE), not a leaf")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if usage.key_cert_sign:
+        raise _bad_cert("the client certificate's key usage allows signing certificates (keyCertSign): "
+                        "it is a CA's, not a leaf's")
 
 
 def _check_usage(cert: x509.Certificate) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from .core import Service
 
 SERVICE = web.AppKey("spyrus.service", Service)
+# On the health listener: why the API cannot serve yet (None: it can). /readyz is false until then.
+API_NOT_SERVING: web.AppKey[Callable[[], str | None]] = web.AppKey("spyrus.api_not_serving")

@@ -24,6 +24,7 @@ def _errors(*codes: int) -> dict[str, Any]:
     texts = {
         400: "Invalid request (field named in the detail)", 401: "Not authenticated",
         403: "Not allowed by policy", 404: "Not found", 405: "Method not allowed",
+        408: "The request body did not arrive within the request timeout",
         413: "Request body too large", 415: "Body is not application/json", 429: "Rate limited (see Retry-After)",
         422: "The HSM refused the operation or the stored credential is unusable",
         500: "Internal error (logged under the request id)", 502: "DPS registration failed",
@@ -33,7 +34,7 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 COMMON = (401, 403, 404, 405, 422, 429, 500, 503)
-BODY = (400, 413, 415)
+BODY = (400, 408, 413, 415)
 
 
 def _json_body(ref: str) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from ..identity import tls
 from ..identity.x509 import chain_pem
 from .app import build_app
 from .core import Service
-from .keys import SERVICE
+from .keys import API_NOT_SERVING, SERVICE
+from .protocol import Runner
 from .routes import health
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class ServerTls:
         self.current = tls_context(cfg, hsm, tls_dir)
         self.listening = self.current  # the context the listening socket is made with
         self._recoveries = hsm.state.recoveries
+        self._renewed = hsm.state.recoveries  # the HSM recovery `current` was made after
         self._closed = False
         if cfg.tls_key_label:
             self.listening.sni_callback = self._newest
@@ -81,16 +83,22 @@ class ServerTls:
     def _on_hsm_state(self, state: HsmState) -> None:  # on the pool's supervisor thread
         if state.ready and state.recoveries != self._recoveries and not self._closed:
             self._recoveries = state.recoveries
-            threading.Thread(target=self.renew, name="api-tls-renew", daemon=True).start()
+            threading.Thread(target=self.renew, args=(state.recoveries,), name="api-tls-renew", daemon=True).start()
 
-    def renew(self) -> None:
+    def renew(self, recoveries: int) -> None:
         try:
             self.current = tls_context(self._cfg, self._hsm, self._dir)
         except Exception as exc:
             log.error("the API's TLS context could not be renewed after the HSM came back: %s; "
                       "TLS handshakes fail until the next recovery or a restart", exc)
         else:
+            self._renewed = recoveries
             log.info("API TLS context renewed after the HSM came back")
+
+    @property
+    def stale(self) -> bool:
+        """The HSM has recovered since `current` was made: until it is renewed, handshakes fail."""
+        return bool(self._cfg.tls_key_label) and self._renewed != self._hsm.state.recoveries
 
     def close(self) -> None:
         self._closed = True
@@ -110,6 +118,10 @@ async def probe_forever(hsm: Hsm, stop: asyncio.Event) -> None:
             pass
 
 
+class ListenError(Exception):
+    """A listener cannot bind its address (in use, not assignable, not permitted)."""
+
+
 class Listeners:
     """The API (HTTPS) and health (HTTP, loopback) sites of one service."""
 
@@ -119,6 +131,7 @@ class Listeners:
         self.api_port: int | None = None
         self.health_port: int | None = None
         self.server_tls: ServerTls | None = None
+        self.api_listen_error: str | None = None  # why the API's port could not be bound, last time
 
     async def start_health(self) -> None:
         cfg = self.service.cfg
@@ -126,20 +139,40 @@ class Listeners:
             return
         app = web.Application()
         app[SERVICE] = self.service
+        app[API_NOT_SERVING] = self.api_not_serving
         app.add_routes([r for r in health.ROUTES if r.path in ("/healthz", "/readyz")])
-        self.health_port = await self._start(app, cfg.health_host, cfg.health_port, None)
+        self.health_port = await self._start(app, cfg.health_host, cfg.health_port, None, "service.health_port")
 
     async def start_api(self, server_tls: ServerTls) -> None:
         cfg = self.service.cfg
-        self.api_port = await self._start(build_app(self.service), cfg.host, cfg.port, server_tls.listening)
+        try:
+            self.api_port = await self._start(build_app(self.service), cfg.host, cfg.port, server_tls.listening,
+                                              "service.port")
+        except ListenError as exc:
+            self.api_listen_error = str(exc)
+            raise
         self.server_tls = server_tls
         log.info("API listening on https://%s:%d", cfg.host, self.api_port)
 
-    async def _start(self, app: web.Application, host: str, port: int, ctx: ssl.SSLContext | None) -> int:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    def api_not_serving(self) -> str | None:
+        """Why the API cannot serve a leaf although the HSM is ready, or None when it can."""
+        if self.api_port is None:
+            return self.api_listen_error or "the API is not listening yet"
+        if self.server_tls is not None and self.server_tls.stale:
+            return "the API's TLS context is being renewed after the HSM came back"
+        return None
+
+    async def _start(self, app: web.Application, host: str, port: int, ctx: ssl.SSLContext | None,
+                     setting: str) -> int:
+        runner = Runner(app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=1024)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ListenError(f"cannot listen on {host}:{port} ({setting}): "
+                              f"{exc.strerror or exc.__class__.__name__}") from None
         self.runners.append(runner)
         server = site._server  # the bound port, when 0 asked for one
         sockets = getattr(server, "sockets", None) or []

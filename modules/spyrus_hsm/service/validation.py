@@ -12,7 +12,9 @@ import re
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
+from .keys import SERVICE
 from .problems import Problem, bad_request
 
 # Azure's device/module id alphabet; DPS registration ids are lower-case.
@@ -28,18 +30,61 @@ MAX_DATA_BYTES = 8192  # a signature request's data, decoded
 BASE64_DATA = rf"^(?:[A-Za-z0-9+/]{{4}}){{0,{MAX_DATA_BYTES // 3}}}(?:[A-Za-z0-9+/]{{2}}==|[A-Za-z0-9+/]{{3}}=)?$"
 
 
+# Set on the request while its body is being read: a timeout then is the client's (408), not ours.
+READING_BODY = web.RequestKey("spyrus.reading_body", bool)
+_NAMEABLE_KEY = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its request body arrived: nobody to answer."""
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise Problem(415, "unsupported-media-type", "Unsupported media type",
                       "send the request body as application/json")
-    raw = await request.read()  # aiohttp enforces client_max_size (413) while reading
+    limit = request.app[SERVICE].cfg.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        # Refused before reading, so a client that sent 'Expect: 100-continue' hears it at once.
+        raise web.HTTPRequestEntityTooLarge(limit, request.content_length)
+    request[READING_BODY] = True
     try:
-        body = json.loads(raw)
+        raw = await request.read()  # aiohttp enforces client_max_size (413) while reading
+    except RequestPayloadError:  # its message quotes the request: not passed on
+        raise bad_request("the request body is not well-formed (its length or chunked encoding)") from None
+    except OSError:
+        if request.transport is None or request.transport.is_closing():
+            raise ClientDisconnected from None
+        raise
+    request[READING_BODY] = False
+    try:
+        body = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        name = f"'{exc.key}'" if _NAMEABLE_KEY.fullmatch(exc.key) else "a key"
+        raise bad_request(f"{name} appears more than once in an object of the request body") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise bad_request("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """One JSON object; a key given twice is refused rather than the last one silently winning."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
 
 
 def only(body: dict[str, Any], *allowed: str) -> None:

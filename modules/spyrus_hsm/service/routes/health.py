@@ -1,11 +1,11 @@
-"""GET /healthz (the process answers), GET /readyz (the HSM is present and logged in),
+"""GET /healthz (the process answers), GET /readyz (the HSM is present and logged in, and the API listens),
 GET /openapi.json. No authentication: they reveal no names beyond the token's label."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from ..keys import SERVICE
+from ..keys import API_NOT_SERVING, SERVICE
 from ..openapi import spec
 from ..problems import Problem, problem_response
 
@@ -15,11 +15,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when a leaf would be served: the HSM is ready and the API serves. The health
+    listener asks the API's listener (API_NOT_SERVING); on the API itself that part is evident."""
     svc = request.app[SERVICE]
     state = svc.hsm.state
-    if state.ready:
+    api = request.app.get(API_NOT_SERVING)
+    not_serving = api() if api is not None and state.ready else None
+    if state.ready and not_serving is None:
         return web.json_response({"ready": True, "status": state.status, "token": state.token_label})
-    return problem_response(Problem(503, "not-ready", "The HSM is not ready", state.reason or state.status,
+    title = "The HSM is not ready" if not state.ready else "The API is not serving yet"
+    return problem_response(Problem(503, "not-ready", title, not_serving or state.reason or state.status,
                                     retry_after=svc.cfg.retry_after,
                                     extra={"ready": False, "status": state.status}))
 
