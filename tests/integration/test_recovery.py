@@ -199,3 +199,31 @@ def test_a_slow_token_times_out_sync_and_async_calls(plugged, label: str, mode: 
         plugged.set_shim(state="plugged")
         time.sleep(1.6)  # let the abandoned slow calls finish before the next test
         h.close()
+
+
+def test_a_state_listener_may_call_the_hsm(plugged, label: str) -> None:  # type: ignore[no-untyped-def]
+    """Listeners run outside the pool's lock: one that signs on every state change neither
+    deadlocks the worker that saw the unplug nor the supervisor that saw the replug."""
+    h = _hsm(plugged)
+    key = secrets.token_bytes(32)
+    h.import_secret_key(label, Secret(key))
+    seen: list[tuple[str, bytes | str]] = []
+
+    def sign_on_change(state) -> None:  # type: ignore[no-untyped-def]
+        try:
+            seen.append((state.status, h.hmac_sha256(label, b"on change")))
+        except HsmUnavailable as exc:
+            seen.append((state.status, type(exc).__name__))
+
+    h.pool.add_listener(sign_on_change)
+    try:
+        plugged.set_shim(state="unplugged")
+        with pytest.raises(HsmUnavailable):
+            h.hmac_sha256(label, b"during")
+        _wait_for(lambda: ("degraded", "HsmUnavailable") in seen, 5.0, "the listener called on degraded")
+        plugged.set_shim(state="plugged")
+        _wait_for(lambda: h.state.ready, 5.0, "ready again after replug")
+        _wait_for(lambda: ("ready", _mac(key, b"on change")) in seen, 5.0, "the listener signed on ready")
+        assert h.hmac_sha256(label, b"after") == _mac(key, b"after")
+    finally:
+        h.close()

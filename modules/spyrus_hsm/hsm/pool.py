@@ -371,7 +371,8 @@ class HsmPool:
             log.warning("HSM fault: %s; recovering", reason)
             self._recover_requested = True
             self._accepting = False
-            self._set_state("degraded", reason)
+            state = self._new_state("degraded", reason)
+        self._notify(state)  # outside the lock: a listener may call the HSM
         self._wake.set()
 
     def _supervise(self) -> None:
@@ -409,12 +410,17 @@ class HsmPool:
     def _drain(self) -> bool:
         """Wait until no thread is inside a PKCS#11 call (C_Finalize is unsafe otherwise)."""
         deadline = time.monotonic() + 2 * self.settings.call_timeout
+        stuck = None
+        with self._cond:
+            while self._busy and not self._stopping and time.monotonic() <= deadline:
+                self._cond.wait(0.5)
+            if self._busy and not self._stopping:
+                stuck = self._new_state("degraded", f"{self._state.reason}; waiting for {self._busy} "
+                                        "HSM call(s) that have not returned")
+        if stuck is not None:
+            self._notify(stuck)  # outside the lock: a listener may call the HSM
         with self._cond:
             while self._busy and not self._stopping:
-                if time.monotonic() > deadline:
-                    self._set_state("degraded", f"{self._state.reason}; waiting for {self._busy} "
-                                    "HSM call(s) that have not returned")
-                    deadline = float("inf")
                 self._cond.wait(0.5)
             return not self._stopping
 
@@ -467,10 +473,17 @@ class HsmPool:
 
     def _set_state(self, status: Status, reason: str | None = None,
                    recoveries: int | None = None) -> None:
+        self._notify(self._new_state(status, reason, recoveries))
+
+    def _new_state(self, status: Status, reason: str | None = None,
+                   recoveries: int | None = None) -> HsmState:
         old = self._state
         new = HsmState(status, reason, old.token_label, old.token_serial,
                        recoveries=old.recoveries if recoveries is None else recoveries)
         self._state = new
+        return new
+
+    def _notify(self, new: HsmState) -> None:
         for fn in list(self._listeners):
             try:
                 fn(new)
