@@ -180,7 +180,7 @@ def test_closing_a_worker_session_does_not_log_out_the_others(hsm: Hsm, label: s
     hsm.import_secret_key(label, Secret(secrets.token_bytes(32)))
     from spyrus_hsm.hsm import library
 
-    extra = library.open_session(hsm.pool._token)  # a session opened like a worker's
+    extra = library.open_session(hsm.pool.run(lambda ws: ws.session.token, "token"))  # like a worker's
     extra.close()
     assert len(hsm.hmac_sha256(label, b"still logged in")) == 32
 
@@ -200,7 +200,7 @@ def test_async_signing_never_runs_on_the_event_loop_thread(hsm: Hsm, label: str)
     async def main() -> tuple[set[str], list[bytes]]:
         loop_thread = threading.current_thread().name
         names = await asyncio.gather(*[
-            hsm.pool.arun(lambda ws: threading.current_thread().name, "probe") for _ in range(32)])
+            hsm.arun(lambda ws: threading.current_thread().name, "probe") for _ in range(32)])
         sigs = await asyncio.gather(*[hsm.ahmac_sha256(label, b"%d" % i) for i in range(32)])
         assert loop_thread not in names
         return set(names), list(sigs)

@@ -37,15 +37,15 @@ def plugged(token_env):  # type: ignore[no-untyped-def]
     token_env.set_shim(state="plugged")
 
 
-def _hsm(token_env, mode: str = "worker", timeout: float = 5.0, wait: bool = True) -> Hsm:  # type: ignore[no-untyped-def]
+def _hsm(token_env, timeout: float = 5.0, wait: bool = True) -> Hsm:  # type: ignore[no-untyped-def]
     settings = PoolSettings(token_env.module, TokenSelector(token_env.label), workers=4, call_timeout=timeout,
-                            sync_mode=mode, retry_min=0.05, retry_max=0.25)  # type: ignore[arg-type]
+                            retry_min=0.05, retry_max=0.25)
     return Hsm(settings, Secret(token_env.pin)).start(wait=wait)
 
 
-@pytest.fixture(params=["worker", "inline"])
-def keyed(request, plugged, label: str) -> Iterator[tuple[Hsm, str, bytes]]:  # type: ignore[no-untyped-def]
-    h = _hsm(plugged, request.param)
+@pytest.fixture
+def keyed(plugged, label: str) -> Iterator[tuple[Hsm, str, bytes]]:  # type: ignore[no-untyped-def]
+    h = _hsm(plugged)
     key = secrets.token_bytes(32)
     h.import_secret_key(label, Secret(key))
     yield h, label, key
@@ -170,9 +170,8 @@ def test_wrong_pin_is_not_retried_until_the_pin_file_changes(plugged, tmp_path) 
         h.close()
 
 
-@pytest.mark.parametrize("mode", ["worker"])
-def test_a_slow_token_times_out_sync_and_async_calls(plugged, label: str, mode: str) -> None:  # type: ignore[no-untyped-def]
-    h = _hsm(plugged, mode, timeout=0.3)
+def test_a_slow_token_times_out_sync_and_async_calls(plugged, label: str) -> None:  # type: ignore[no-untyped-def]
+    h = _hsm(plugged, timeout=0.3)
     try:
         h.import_secret_key(label, Secret(secrets.token_bytes(32)))
         plugged.set_shim(state="plugged", sign_delay_ms=1500)
@@ -215,7 +214,7 @@ def test_a_state_listener_may_call_the_hsm(plugged, label: str) -> None:  # type
         except HsmUnavailable as exc:
             seen.append((state.status, type(exc).__name__))
 
-    h.pool.add_listener(sign_on_change)
+    h.add_listener(sign_on_change)
     try:
         plugged.set_shim(state="unplugged")
         with pytest.raises(HsmUnavailable):
