@@ -88,6 +88,7 @@ def list_tokens(lib: _pkcs11.lib) -> list[TokenSummary]:
 def find_token(lib: _pkcs11.lib, selector: TokenSelector) -> Token:
     """The one initialised token matching `selector`; a clear error listing what is there."""
     matches = []
+    unreadable = 0
     try:
         slots = lib.get_slots(token_present=True)
     except p11e.PKCS11Error as exc:
@@ -96,6 +97,9 @@ def find_token(lib: _pkcs11.lib, selector: TokenSelector) -> Token:
         try:
             token = slot.get_token()
         except (p11e.TokenNotPresent, p11e.DeviceRemoved, p11e.TokenNotRecognised):
+            continue
+        except p11e.PKCS11Error:
+            unreadable += 1  # e.g. SoftHSM2 whose token directory went away: GENERAL_ERROR
             continue
         info = summarise(token)
         if not info.initialized:
@@ -109,6 +113,8 @@ def find_token(lib: _pkcs11.lib, selector: TokenSelector) -> Token:
         return matches[0]
     present = [t for t in list_tokens(lib) if t.initialized]
     listing = ", ".join(f"'{t.label}' (serial {t.serial})" for t in present) or "none"
+    if unreadable:
+        listing += f"; {unreadable} slot(s) whose token information cannot be read"
     if not matches:
         raise TokenNotFound(
             f"token with {selector.describe()} not found; tokens present: {listing}; "

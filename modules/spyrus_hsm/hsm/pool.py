@@ -297,7 +297,8 @@ class HsmPool:
             before = self._conn.identity
             try:
                 info = self._conn.reconnect()
-            except HsmError as exc:
+            except Exception as raw:  # never let the supervisor die: it is the only way back
+                exc = translate(raw, "reconnecting to the HSM")
                 # A changed token that may not be re-initialised in this process stays unreadable.
                 restart = change is not None and not self._conn.reinitialisable
                 reason = f"{change}; {exc}" if change is not None else str(exc)
