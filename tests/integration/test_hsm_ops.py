@@ -28,6 +28,7 @@ from spyrus_hsm.hsm import (
     Secret,
     SignAlgorithm,
 )
+from spyrus_hsm.hsm.batcher import AsyncRunner
 from spyrus_hsm.hsm.encoding import ecdsa_raw_to_der
 from spyrus_hsm.identity.csr import build_csr
 
@@ -197,10 +198,12 @@ def test_async_signing_never_runs_on_the_event_loop_thread(hsm: Hsm, label: str)
     key = secrets.token_bytes(32)
     hsm.import_secret_key(label, Secret(key))
 
+    runner = AsyncRunner(hsm.pool)
+
     async def main() -> tuple[set[str], list[bytes]]:
         loop_thread = threading.current_thread().name
         names = await asyncio.gather(*[
-            hsm.arun(lambda ws: threading.current_thread().name, "probe") for _ in range(32)])
+            runner.run(lambda ws: threading.current_thread().name, "probe") for _ in range(32)])
         sigs = await asyncio.gather(*[hsm.ahmac_sha256(label, b"%d" % i) for i in range(32)])
         assert loop_thread not in names
         return set(names), list(sigs)

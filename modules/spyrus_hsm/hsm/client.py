@@ -126,10 +126,6 @@ class Hsm:
     async def ahmac_sha256(self, key: KeyRef, data: bytes) -> bytes:
         return await self.asign(key, SignAlgorithm.HMAC_SHA256, data)
 
-    async def arun(self, fn: Callable[[WorkerSession], T], what: str) -> T:
-        """Run a custom operation from `hsm.operations` asynchronously."""
-        return await self._async.run(fn, what)
-
     # --- reading -----------------------------------------------------------------------------
 
     def key_algorithm(self, key: KeyRef) -> KeyAlgorithm:

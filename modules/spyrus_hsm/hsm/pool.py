@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 from .errors import HsmBusy, HsmError, HsmTimeout, HsmUnavailable, TokenChanged
 from .faults import fault_reason, is_device_fault, translate
@@ -190,17 +190,17 @@ class HsmPool:
     def submit(self, fn: Callable[[WorkerSession], T], what: str) -> Future[T]:
         """Admit and queue `fn(worker_session)` for a worker; never blocks."""
         self.admit(what)
-        fut: Future[T] = Future()
+        fut: Future[object] = Future()
         fut.add_done_callback(lambda _: self.release())
-        self._queue.put(_Job(fn, what, fut, contextvars.copy_context()))  # type: ignore[arg-type]
-        return fut
+        self._queue.put(_Job(fn, what, fut, contextvars.copy_context()))
+        return cast("Future[T]", fut)  # the worker sets it to fn's result
 
     def dispatch(self, fn: Callable[[WorkerSession], T], what: str) -> Future[T]:
         """Queue work the caller has already admitted (and releases itself); runs in an empty
         context. A device fault inside `fn` is the caller's to report (`report_fault`)."""
-        fut: Future[T] = Future()
-        self._queue.put(_Job(fn, what, fut, contextvars.Context()))  # type: ignore[arg-type]
-        return fut
+        fut: Future[object] = Future()
+        self._queue.put(_Job(fn, what, fut, contextvars.Context()))
+        return cast("Future[T]", fut)
 
     def run(self, fn: Callable[[WorkerSession], T], what: str, timeout: float | None = None) -> T:
         """Run `fn(worker_session)` on a worker; wait at most the call timeout."""
