@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
 import os
 import secrets
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +48,10 @@ def _child(conf: Path, *args: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def _token(root: Path, tokens: Path, key: bytes) -> str:
+def _token(root: Path, tokens: Path, key: bytes, *extra: str) -> str:
     key_file = root / f"{tokens.name}.key"
     key_file.write_bytes(key)
-    (record,) = _child(_conf(root, tokens), "init", "swap", str(key_file))
+    (record,) = _child(_conf(root, tokens), "init", "swap", str(key_file), *extra)
     return str(record["serial"])
 
 
@@ -106,3 +111,98 @@ def test_a_restart_is_asked_for_once_per_change(tmp_path: Path) -> None:
     assert restart_once(tmp_path, "serial B: token 'swap' contents unreadable")      # a new change
     restart_done(tmp_path)  # ready again: the next change may restart once more
     assert restart_once(tmp_path, "serial B: token 'swap' contents unreadable")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(root: Path, health_port: int) -> subprocess.Popen[bytes]:
+    pin_file = root / "user.pin"
+    pin_file.write_bytes(b"pin-token-change")  # the child's PIN (token_change_child.PIN)
+    pin_file.chmod(0o600)
+    config = {
+        "hsm": {"module": "/usr/lib/softhsm/libsofthsm2.so", "token_label": "swap", "pin_file": str(pin_file)},
+        "state_dir": str(root / "state"),
+        "service": {"host": "127.0.0.1", "port": 0, "health_port": health_port, "tls_key_label": "api",
+                    "bearer_tokens": {"gateway": hashlib.sha256(b"unused").hexdigest()},
+                    "policy": [{"principals": ["gateway"], "operations": ["sas-token"], "devices": ["leaf-*"]}]},
+    }
+    path = root / "serve.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    env = dict(os.environ, SOFTHSM2_CONF=str(root / "tokens.conf"), OTEL_SDK_DISABLED="true")
+    env.pop("P11SHIM_CONTROL", None)
+    return subprocess.Popen([sys.executable, "-m", "spyrus_hsm", "--config", str(path), "serve"], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_api(proc: subprocess.Popen[bytes]) -> None:
+    """Until `serve` says its API listens: the TLS key is in the HSM, so pkcs11-provider holds the
+    PKCS#11 module from then on."""
+    assert proc.stdout is not None
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        line = proc.stdout.readline().decode()
+        if not line:
+            break
+        if "API on https://" in line:
+            return
+    proc.kill()
+    raise AssertionError(f"serve did not start its API: {proc.communicate()[1].decode()[-3000:]}")
+
+
+def _readyz(port: int) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/readyz")
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def _until(cond: Any, within: float, what: str) -> None:
+    end = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < end, f"not {what} within {within} s"
+        time.sleep(0.1)
+
+
+def test_serve_with_the_tls_key_in_the_hsm_exits_75_once_and_comes_back_after_the_restart(tmp_path: Path) -> None:
+    _token(tmp_path, tmp_path / "tokens", secrets.token_bytes(32), "api")
+    health = _free_port()
+    marker = tmp_path / "state" / "hsm-restart"
+    proc = _serve(tmp_path, health)
+    try:
+        _wait_api(proc)
+        assert _readyz(health)[0] == 200
+        os.rename(tmp_path / "tokens", tmp_path / "tokens.away")
+        (tmp_path / "tokens").mkdir()
+        code = proc.wait(timeout=60)  # the probe notices; the provider forbids re-initialising
+        err = proc.communicate()[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert code == 75, err[-3000:]
+    assert "contents unreadable" in err and "needs a restart" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "contents unreadable" in marker.read_text()
+    # The runtime restarts the module; the token is back: the new process serves, and forgets
+    # the change once the HSM is ready (a later change may restart it once more).
+    shutil.rmtree(tmp_path / "tokens")
+    os.rename(tmp_path / "tokens.away", tmp_path / "tokens")
+    proc = _serve(tmp_path, health)
+    try:
+        _wait_api(proc)
+        status, body = _readyz(health)
+        assert status == 200 and body["ready"] is True
+        _until(lambda: not marker.exists(), 10, "the restart marker removed")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

@@ -4,15 +4,19 @@ Runs in its own process with its own SOFTHSM2_CONF (SoftHSM reads it once per pr
 token directory it moves away, back or swaps is not the test session's token. Prints one JSON
 object per observation on stdout; the test asserts on them.
 
-    token_change_child.py init LABEL KEY_FILE        create a token with key 'k', print its serial
+    token_change_child.py init LABEL KEY_FILE [api]  create a token with key 'k' (and, with
+                                                     'api', a TLS key pair and certificate
+                                                     for 127.0.0.1), print its serial
     token_change_child.py moved|swapped|shared ROOT  run a scenario on ROOT/tokens
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import shutil
@@ -21,7 +25,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from spyrus_hsm.hsm import Hsm, HsmError, PoolSettings, Secret, TokenSelector
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.x509.oid import NameOID
+
+from spyrus_hsm.hsm import Hsm, HsmError, KeyAlgorithm, PoolSettings, Secret, TokenSelector
 from spyrus_hsm.hsm.provision import init_token
 
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
@@ -65,11 +75,29 @@ def mac(key: bytes) -> str:
     return hmac.new(key, b"data", hashlib.sha256).hexdigest()
 
 
-def init(label: str, key_file: str) -> None:
+def init(label: str, key_file: str, api: bool) -> None:
     summary = init_token(SOFTHSM, label, Secret(b"so-token-change"), Secret(PIN))
     with Hsm(PoolSettings(SOFTHSM, TokenSelector(label)), Secret(PIN)).start() as h:
         h.import_secret_key("k", Secret(Path(key_file).read_bytes()))
+        if api:
+            h.generate_keypair("api", KeyAlgorithm.EC_P256)
+            h.import_certificates("api", [_certificate(h.public_key("api"))])
     emit("init", serial=summary.serial)
+
+
+def _certificate(public_key: PublicKeyTypes) -> x509.Certificate:
+    """A certificate for the API's HSM key, for 127.0.0.1, issued by a throw-away CA key."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    return (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "throw-away CA")]))
+            .public_key(public_key).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
 
 
 def scenario(name: str, root: Path) -> None:
@@ -116,6 +144,6 @@ def scenario(name: str, root: Path) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "init":
-        init(sys.argv[2], sys.argv[3])
+        init(sys.argv[2], sys.argv[3], sys.argv[4:] == ["api"])
     else:
         scenario(sys.argv[1], Path(sys.argv[2]))
