@@ -259,3 +259,30 @@ def test_no_pin_or_key_material_reaches_the_logs(hsm: Hsm, token_env, label: str
     text = caplog.text + " ".join(repr(r.args) for r in caplog.records)
     for secret in (token_env.pin.decode(), key.hex(), base64.b64encode(key).decode(), repr(key)):
         assert secret not in text
+
+
+def test_find_reads_only_the_label_asked_for_and_returns_every_duplicate(hsm: Hsm, label: str) -> None:
+    from spyrus_hsm.hsm import InvalidInput
+
+    pair_id = hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
+    hsm.import_secret_key(label + "-other", Secret(secrets.token_bytes(32)))
+    assert [(o.label, o.type, o.id_hex) for o in hsm.find(label)] == [
+        (label, "private", pair_id), (label, "public", pair_id)]
+    assert [o.type for o in hsm.find(label, "private")] == ["private"]
+    assert hsm.find(label, "cert") == [] and hsm.find(label + "-missing") == []
+    assert [o.label for o in hsm.find(label + "-other", "secret-key")] == [label + "-other"]
+    # A second secret key under the same label (created outside this module): both come back.
+    def duplicate(ws: object) -> None:
+        from pkcs11 import Attribute, KeyType, ObjectClass
+
+        ws.session.create_object({  # type: ignore[attr-defined]
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+            Attribute.TOKEN: True, Attribute.LABEL: label + "-other", Attribute.ID: b"\x01",
+            Attribute.VALUE: b"s" * 32, Attribute.SIGN: True})
+
+    hsm.pool.run(duplicate, "a duplicate label")
+    both = hsm.find(label + "-other", "secret-key")
+    assert len(both) == 2 and both == sorted(both, key=lambda o: o.id_hex)
+    with pytest.raises(InvalidInput, match="unknown object type"):
+        hsm.find(label, "secrets")
+    hsm.delete(Pkcs11Uri(object=label + "-other"))

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from . import operations as ops
 from .batcher import AsyncRunner
-from .errors import DuplicateObject, InvalidInput, ObjectNotFound
+from .errors import InvalidInput, ObjectNotFound
 from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm, WorkerSession
 from .pool import HsmPool, HsmState, PoolSettings
 from .recovery import PinSource
@@ -150,17 +150,9 @@ class Hsm:
 
     def find(self, label: str, type: str | None = None) -> list[ObjectInfo]:
         """The objects labelled `label`, of `type` (private, public, cert, secret-key, data;
-        None: any type), read with one search. Duplicates are all returned, sorted by type and
-        id; see `find_one` for a lookup that must be unique."""
+        None: any type), read with one search. Duplicates are not an error here: all are
+        returned, sorted by type then id, and a caller that needs exactly one says so."""
         return self._run(partial(ops.find_objects, label=label, type=type), f"finding '{label}'")
-
-    def find_one(self, label: str, type: str) -> ObjectInfo | None:
-        """The one object labelled `label` of `type`, or None; DuplicateObject if several."""
-        found = self.find(label, type)
-        if len(found) > 1:
-            raise DuplicateObject(f"{len(found)} {type} objects are labelled '{label}'; "
-                                  "delete the extra ones (see 'spyrus-hsm list')")
-        return found[0] if found else None
 
     def secret_key_value_readable(self, key: KeyRef) -> bool:
         uri = as_uri(key)
