@@ -5,7 +5,7 @@ from the same run (shared machines are noisy; absolute numbers do not compare ac
 
   1. raw:     python-pkcs11 C_Sign(CKM_SHA256_HMAC) in a loop on one session (the baseline)
   2. sync:    Hsm.hmac_sha256 from one thread (worker hand-off with a per-call timeout)
-  3. async:   Hsm.ahmac_sha256 from 1 and from 16 concurrent asyncio callers
+  3. async:   Hsm.asign (HMAC-SHA256) from 1 and from 16 concurrent asyncio callers
   4. slow USB (a child process through tests/p11shim with sign_delay_ms): the event loop's
      worst tick lag while 16 callers sign, against its lag with no HSM work.
 
@@ -29,7 +29,10 @@ from pathlib import Path
 
 from common import LABEL, SHIM, SOFTHSM, make_token, start_hsm, tick_lag
 
+from spyrus_hsm.hsm import SignAlgorithm
+
 DATA = b"x" * 64
+HMAC = SignAlgorithm.HMAC_SHA256
 
 
 def raw_rate(n: int) -> float:
@@ -61,7 +64,7 @@ def async_rate(hsm: object, n: int, callers: int) -> float:
 
     async def caller() -> None:
         for _ in range(per):
-            await hsm.ahmac_sha256("k", DATA)  # type: ignore[attr-defined]
+            await hsm.asign("k", HMAC, DATA)  # type: ignore[attr-defined]
 
     async def main() -> float:
         t = time.perf_counter()
@@ -81,7 +84,7 @@ def slow_usb_child(pin_file: Path, delay_ms: int, seconds: float) -> dict[str, f
     async def caller(stop: float) -> None:
         nonlocal done
         while time.perf_counter() < stop:
-            await hsm.ahmac_sha256("k", DATA)  # type: ignore[attr-defined]
+            await hsm.asign("k", HMAC, DATA)  # type: ignore[attr-defined]
             done += 1
 
     async def main() -> dict[str, float]:

@@ -204,7 +204,7 @@ def test_async_signing_never_runs_on_the_event_loop_thread(hsm: Hsm, label: str)
         loop_thread = threading.current_thread().name
         names = await asyncio.gather(*[
             runner.run(lambda ws: threading.current_thread().name, "probe") for _ in range(32)])
-        sigs = await asyncio.gather(*[hsm.ahmac_sha256(label, b"%d" % i) for i in range(32)])
+        sigs = await asyncio.gather(*[hsm.asign(label, SignAlgorithm.HMAC_SHA256, b"%d" % i) for i in range(32)])
         assert loop_thread not in names
         return set(names), list(sigs)
 

@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from spyrus_hsm.hsm import Hsm, HsmTimeout, HsmUnavailable, PoolSettings, Secret, TokenSelector
+from spyrus_hsm.hsm import Hsm, HsmTimeout, HsmUnavailable, PoolSettings, Secret, SignAlgorithm, TokenSelector
 
 pytestmark = [pytest.mark.shim, pytest.mark.timeout(60)]
+HMAC = SignAlgorithm.HMAC_SHA256
 
 
 def _wait_for(cond: Callable[[], bool], within: float, what: str) -> None:
@@ -120,16 +121,16 @@ def test_async_callers_see_unavailable_then_success(keyed, plugged) -> None:  # 
     h, label, key = keyed
 
     async def scenario() -> None:
-        assert await h.ahmac_sha256(label, b"a") == _mac(key, b"a")
+        assert await h.asign(label, HMAC, b"a") == _mac(key, b"a")
         plugged.set_shim(state="unplugged")
-        results = await asyncio.gather(*[h.ahmac_sha256(label, b"b") for _ in range(16)], return_exceptions=True)
+        results = await asyncio.gather(*[h.asign(label, HMAC, b"b") for _ in range(16)], return_exceptions=True)
         assert all(isinstance(r, HsmUnavailable) for r in results), results
         plugged.set_shim(state="plugged")
         end = time.monotonic() + 5
         while not h.state.ready:
             assert time.monotonic() < end, "not ready within 5 s"
             await asyncio.sleep(0.02)
-        assert await h.ahmac_sha256(label, b"c") == _mac(key, b"c")
+        assert await h.asign(label, HMAC, b"c") == _mac(key, b"c")
 
     asyncio.run(scenario())
 
@@ -189,7 +190,7 @@ def test_a_slow_token_times_out_sync_and_async_calls(plugged, label: str) -> Non
 
             t = asyncio.create_task(ticker())
             with pytest.raises(HsmTimeout):
-                await h.ahmac_sha256(label, b"slow")
+                await h.asign(label, HMAC, b"slow")
             await t
             return ticks
 

@@ -123,9 +123,6 @@ class Hsm:
     def hmac_sha256(self, key: KeyRef, data: bytes) -> bytes:
         return self.sign(key, SignAlgorithm.HMAC_SHA256, data)
 
-    async def ahmac_sha256(self, key: KeyRef, data: bytes) -> bytes:
-        return await self.asign(key, SignAlgorithm.HMAC_SHA256, data)
-
     # --- reading -----------------------------------------------------------------------------
 
     def key_algorithm(self, key: KeyRef) -> KeyAlgorithm:
