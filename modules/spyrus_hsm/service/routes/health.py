@@ -18,7 +18,8 @@ async def readyz(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     state = svc.hsm.state
     if state.ready:
-        return web.json_response({"ready": True, "status": state.status, "token": state.token_label})
+        return web.json_response({"ready": True, "status": state.status, "token": state.token_label,
+                                  "lastChange": state.last_change})
     return problem_response(Problem(503, "not-ready", "The HSM is not ready", state.reason or state.status,
                                     retry_after=svc.cfg.retry_after,
                                     extra={"ready": False, "status": state.status}))
