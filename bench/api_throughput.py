@@ -145,7 +145,7 @@ async def start_service(hsm: Any, cfg: Any, root: Path, telemetry_off: bool = Fa
     # Default: as `serve` does with the OTEL_* variables of the bench's environment (none: spans
     # made but not exported).
     telemetry = disabled() if telemetry_off else setup("spyrus-hsm-bench")
-    hsm.instrument = hsm_instrument(telemetry)
+    hsm.instrument(hsm_instrument(telemetry))
     deps = Deps(hsm, telemetry, root / "state", CloudConfig(), lambda: None, 3600, None)
     listeners = Listeners(Service(cfg, deps, AuditLog(cfg.audit_file, True)))
     await listeners.start_api(await asyncio.to_thread(ServerTls, cfg, hsm, root / "tls"))
@@ -225,7 +225,7 @@ async def slow_usb(args: argparse.Namespace, pin: Path, root: Path) -> dict[str,
     cfg = service_config(cert, key, bearer, root / "audit-slow.log")
     listeners, port = await start_service(hsm, cfg, root)
     signatures = 0
-    instrument = hsm.instrument
+    instrument: Any = None
 
     def counting(fn: Any, operation: str, label: str | None, mechanism: str | None) -> Any:
         nonlocal signatures
@@ -233,7 +233,7 @@ async def slow_usb(args: argparse.Namespace, pin: Path, root: Path) -> dict[str,
             signatures += 1
         return instrument(fn, operation, label, mechanism)
 
-    hsm.instrument = counting
+    instrument = hsm.instrument(counting)
     idle = await tick_lag(1.0)
     lag_task = asyncio.create_task(tick_lag(3600))
     load = asyncio.create_task(run_load(f"https://{HOST}:{port}/v1/sas-tokens", ca, root / "bearer", "leaves", args))

@@ -34,10 +34,10 @@ def make_token(root: Path) -> Path:
     return pin_file
 
 
-def start_hsm(module: str, pin_file: Path, mode: str = "worker", workers: int = 4) -> Any:
+def start_hsm(module: str, pin_file: Path, workers: int = 4) -> Any:
     from spyrus_hsm.hsm import Hsm, PoolSettings, TokenSelector, read_secret_file
 
-    settings = PoolSettings(module, TokenSelector(LABEL), workers=workers, sync_mode=mode)  # type: ignore[arg-type]
+    settings = PoolSettings(module, TokenSelector(LABEL), workers=workers)
     return Hsm(settings, lambda: read_secret_file(str(pin_file))).start(wait=True)
 
 

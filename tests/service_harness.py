@@ -88,8 +88,8 @@ class ServiceHarness:
 
     async def _start(self) -> None:
         # Wired as runtime.Module wires it: HSM spans and the queue-depth gauge.
-        self.hsm.instrument = hsm_instrument(self.telemetry)
-        self.telemetry.metrics.watch_queue_depth(self.hsm.pool.queue_depth)
+        self.hsm.instrument(hsm_instrument(self.telemetry))
+        self.telemetry.metrics.watch_queue_depth(self.hsm.queue_depth)
         deps = Deps(self.hsm, self.telemetry, self.directory / "state", self.cloud, lambda: None, 3600, None)
         self.service = Service(self.cfg, deps, AuditLog(str(self.audit_file), self.cfg.audit_fail_closed))
         self.listeners = Listeners(self.service)
@@ -115,7 +115,7 @@ class ServiceHarness:
         if self.listeners is not None:
             self.run(self.listeners.stop())
             self.listeners = None
-        self.hsm.instrument = None
+        self.hsm.instrument(None)
         if self.service is not None:
             self.service.close()
         self._loop.call_soon_threadsafe(self._loop.stop)

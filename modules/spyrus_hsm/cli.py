@@ -173,7 +173,7 @@ def cmd_key_import_pkcs12(args: argparse.Namespace, stdin: _Stdin) -> int:
 
 
 def _has_certs(hsm: Hsm, label: str) -> bool:
-    return any(o.label == label and o.type == "cert" for o in hsm.list_objects())
+    return bool(hsm.find(label, "cert"))
 
 
 def cmd_key_generate(args: argparse.Namespace, stdin: _Stdin) -> int:
@@ -267,7 +267,7 @@ def cmd_keyref(args: argparse.Namespace, stdin: _Stdin) -> int:
     if not cfg.hsm.token_label:
         raise UsageError("keyref needs hsm.token_label (the provider finds the token by label)")
     with _hsm(args, stdin) as (hsm, _):
-        objects = [o for o in hsm.list_objects() if o.label == args.label and o.type == "private"]
+        objects = hsm.find(args.label, "private")
     if len(objects) != 1:
         raise UsageError(f"{len(objects)} private keys are labelled '{args.label}'; need exactly one")
     uri = tls.key_uri(cfg.hsm.token_label, args.label, bytes.fromhex(objects[0].id_hex))

@@ -9,7 +9,6 @@ once. Errors name the key and the file.
       workers: 4
       call_timeout: 10
       queue_limit: 256
-      sync_mode: worker      # or inline: sync calls on the caller's thread, no per-call timeout
     state_dir: /var/lib/spyrus-hsm
     sas:
       default_ttl: 3600
@@ -52,7 +51,6 @@ class HsmConfig:
     workers: int = 4
     call_timeout: float = 10.0
     queue_limit: int = 256
-    sync_mode: str = "worker"
 
     def pool_settings(self) -> PoolSettings:
         return PoolSettings(
@@ -61,7 +59,6 @@ class HsmConfig:
             workers=self.workers,
             call_timeout=self.call_timeout,
             queue_limit=self.queue_limit,
-            sync_mode="inline" if self.sync_mode == "inline" else "worker",
         )
 
 
@@ -329,8 +326,6 @@ def _validate(cfg: Config, require_token: bool) -> None:
         raise ConfigError(f"{where}: 'hsm.workers' must be between 1 and 64, got {h.workers}")
     if not 0.1 <= h.call_timeout <= 300:
         raise ConfigError(f"{where}: 'hsm.call_timeout' must be 0.1 to 300 seconds")
-    if h.sync_mode not in ("worker", "inline"):
-        raise ConfigError(f"{where}: 'hsm.sync_mode' must be 'worker' or 'inline', got {h.sync_mode!r}")
     if not 1 <= h.queue_limit <= 100_000:
         raise ConfigError(f"{where}: 'hsm.queue_limit' must be 1 to 100000")
     if not 60 <= cfg.sas.default_ttl <= 365 * 24 * 3600:

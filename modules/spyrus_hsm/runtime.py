@@ -23,6 +23,7 @@ from .config import Config, ServiceConfig
 from .edge.agent import EdgeAgent, EdgeHooks
 from .edge.environment import detect as detect_edge
 from .hsm import Hsm, HsmState, read_secret_file
+from .hsm.recovery import EXIT_RESTART, restart_done, restart_once
 from .identity import tls
 from .identity import x509 as x509_id
 from .service.audit import AuditLog
@@ -42,8 +43,8 @@ class Module:
         if not pin_file:
             raise ValueError("serve needs hsm.pin_file (or SPYRUS_HSM_PIN_FILE)")
         self.hsm = Hsm(cfg.hsm.pool_settings(), lambda: read_secret_file(pin_file))
-        self.hsm.instrument = hsm_instrument(telemetry)
-        telemetry.metrics.watch_queue_depth(self.hsm.pool.queue_depth)
+        self.hsm.instrument(hsm_instrument(telemetry))
+        telemetry.metrics.watch_queue_depth(self.hsm.queue_depth)
         self.telemetry = telemetry
         self.hub: HubClient | None = None
         self.assigned_hub: str | None = None
@@ -59,13 +60,14 @@ class Module:
             self.service = Service(cfg.service, deps, AuditLog(audit_path, cfg.service.audit_fail_closed))
         self.edge_env = detect_edge(os.environ)  # IoT Edge? (raises on a half-configured environment)
         self.edge: EdgeAgent | None = None
+        self.exit_code = 0
 
     def load_provider(self) -> None:
         assert self.cfg.hsm.pin_file
         tls.load_provider(self.cfg.hsm.module, self.cfg.hsm.pin_file, self.state_dir / "openssl")
 
     def start(self) -> None:
-        self.hsm.pool.add_listener(_log_state)
+        self.hsm.add_listener(_log_state)
         self.hsm.start(wait=False)
         if self.cfg.cloud.enabled:
             threading.Thread(target=self._connect_cloud, name="cloud-connect", daemon=True).start()
@@ -108,6 +110,8 @@ class Module:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut everything down (bounded: edgeAgent waits 10 s)."""
+        loop = asyncio.get_running_loop()
+        self.hsm.add_listener(lambda state: self._restart_if_needed(state, loop, stop))
         self.start()
         if self.edge_env is not None:
             self.edge = self._start_edge(asyncio.get_running_loop())
@@ -191,6 +195,21 @@ class Module:
                 log.error("the API cannot start: %s; retrying in %g s", exc, LISTEN_RETRY)
             await asyncio.sleep(LISTEN_RETRY)
 
+    def _restart_if_needed(self, state: HsmState, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+        """The token changed in a way only a new process can re-read: stop with EXIT_RESTART,
+        once per change (the runtime restarts the module; a second exit would only loop)."""
+        if state.ready:
+            restart_done(self.state_dir)
+            return
+        if not state.restart_required or self.exit_code:
+            return
+        if not restart_once(self.state_dir, f"serial {state.token_serial}: {state.last_change}"):
+            log.error("HSM: %s; already restarted once for this change, so staying degraded", state.reason)
+            return
+        log.error("HSM: %s; exiting with code %d so the runtime restarts the module", state.reason, EXIT_RESTART)
+        self.exit_code = EXIT_RESTART
+        loop.call_soon_threadsafe(stop.set)
+
     def stop(self) -> None:
         self.stopping.set()
         if self.hub is not None:
@@ -244,7 +263,7 @@ def serve(cfg: Config, telemetry: Telemetry) -> int:
     asyncio.run(main())
     telemetry.shutdown(deadline=2.0)
     log.info("stopped")
-    return 0
+    return module.exit_code
 
 
 def _on_signal(signum: int, stop: asyncio.Event) -> None:

@@ -124,7 +124,7 @@ def collect(config_path: str | None, pin_file: str | None) -> list[Check]:
             checks += _object_checks(hsm)
             label = cfg.service.tls_key_label if cfg.service.enabled else None
             if label:
-                found = any(o.label == label and o.type == "private" for o in hsm.list_objects())
+                found = bool(hsm.find(label, "private"))
                 checks.append(Check("service.tls_key_label", found, f"private key '{label}'" if found else
                                     f"no private key '{label}' on the token; generate it with "
                                     f"'spyrus-hsm key generate --label {label} --type ec-p256'"))

@@ -35,7 +35,8 @@ def x509_credential(label: str, cn: str) -> X509Credential:
 def test_hsm_section_ready() -> None:
     state = HsmState("ready", None, "edge", "0123abcd", recoveries=2)
     assert hsm_section(state) == {"status": "ready", "ready": True, "reason": None, "tokenLabel": "edge",
-                                  "tokenSerial": "0123abcd", "recoveries": 2}
+                                  "tokenSerial": "0123abcd", "recoveries": 2, "restartRequired": False,
+                                  "lastChange": None}
 
 
 def test_hsm_section_not_ready_carries_the_reason() -> None:

@@ -20,6 +20,7 @@ from azure.iot.device.exceptions import CredentialError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from tls_client import client_context
 
 from emulator import pki as epki
 from spyrus_hsm.cloud.dps import DpsRequest, Provisioner, RegistrationError
@@ -445,7 +446,7 @@ def test_tls_server_and_client_both_sign_with_hsm_keys(hsm, provider, emulator_p
     srv = x509_id.write_tls_files(x509_id.select(hsm, label=label + "-srv"), token, tmp_path)
     cli_files = x509_id.write_tls_files(x509_id.select(hsm, label=label + "-cli"), token, tmp_path)
     server_ctx = tls.server_context(srv.cert_file, srv.key_file, emulator_pki.ca_file, require_client_cert=True)
-    client_ctx = tls.client_context(cli_files.cert_file, cli_files.key_file, emulator_pki.ca_file)
+    client_ctx = client_context(cli_files.cert_file, cli_files.key_file, emulator_pki.ca_file)
     listener = socket.create_server(("127.0.0.1", 0))
     seen: dict[str, object] = {}
 

@@ -28,6 +28,7 @@ from spyrus_hsm.hsm import (
     Secret,
     SignAlgorithm,
 )
+from spyrus_hsm.hsm.batcher import AsyncRunner
 from spyrus_hsm.hsm.encoding import ecdsa_raw_to_der
 from spyrus_hsm.identity.csr import build_csr
 
@@ -180,7 +181,7 @@ def test_closing_a_worker_session_does_not_log_out_the_others(hsm: Hsm, label: s
     hsm.import_secret_key(label, Secret(secrets.token_bytes(32)))
     from spyrus_hsm.hsm import library
 
-    extra = library.open_session(hsm.pool._token)  # a session opened like a worker's
+    extra = library.open_session(hsm.pool.run(lambda ws: ws.session.token, "token"))  # like a worker's
     extra.close()
     assert len(hsm.hmac_sha256(label, b"still logged in")) == 32
 
@@ -197,11 +198,13 @@ def test_async_signing_never_runs_on_the_event_loop_thread(hsm: Hsm, label: str)
     key = secrets.token_bytes(32)
     hsm.import_secret_key(label, Secret(key))
 
+    runner = AsyncRunner(hsm.pool)
+
     async def main() -> tuple[set[str], list[bytes]]:
         loop_thread = threading.current_thread().name
         names = await asyncio.gather(*[
-            hsm.pool.arun(lambda ws: threading.current_thread().name, "probe") for _ in range(32)])
-        sigs = await asyncio.gather(*[hsm.ahmac_sha256(label, b"%d" % i) for i in range(32)])
+            runner.run(lambda ws: threading.current_thread().name, "probe") for _ in range(32)])
+        sigs = await asyncio.gather(*[hsm.asign(label, SignAlgorithm.HMAC_SHA256, b"%d" % i) for i in range(32)])
         assert loop_thread not in names
         return set(names), list(sigs)
 
@@ -256,3 +259,30 @@ def test_no_pin_or_key_material_reaches_the_logs(hsm: Hsm, token_env, label: str
     text = caplog.text + " ".join(repr(r.args) for r in caplog.records)
     for secret in (token_env.pin.decode(), key.hex(), base64.b64encode(key).decode(), repr(key)):
         assert secret not in text
+
+
+def test_find_reads_only_the_label_asked_for_and_returns_every_duplicate(hsm: Hsm, label: str) -> None:
+    from spyrus_hsm.hsm import InvalidInput
+
+    pair_id = hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
+    hsm.import_secret_key(label + "-other", Secret(secrets.token_bytes(32)))
+    assert [(o.label, o.type, o.id_hex) for o in hsm.find(label)] == [
+        (label, "private", pair_id), (label, "public", pair_id)]
+    assert [o.type for o in hsm.find(label, "private")] == ["private"]
+    assert hsm.find(label, "cert") == [] and hsm.find(label + "-missing") == []
+    assert [o.label for o in hsm.find(label + "-other", "secret-key")] == [label + "-other"]
+    # A second secret key under the same label (created outside this module): both come back.
+    def duplicate(ws: object) -> None:
+        from pkcs11 import Attribute, KeyType, ObjectClass
+
+        ws.session.create_object({  # type: ignore[attr-defined]
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+            Attribute.TOKEN: True, Attribute.LABEL: label + "-other", Attribute.ID: b"\x01",
+            Attribute.VALUE: b"s" * 32, Attribute.SIGN: True})
+
+    hsm.pool.run(duplicate, "a duplicate label")
+    both = hsm.find(label + "-other", "secret-key")
+    assert len(both) == 2 and both == sorted(both, key=lambda o: o.id_hex)
+    with pytest.raises(InvalidInput, match="unknown object type"):
+        hsm.find(label, "secrets")
+    hsm.delete(Pkcs11Uri(object=label + "-other"))

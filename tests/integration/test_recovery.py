@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from spyrus_hsm.hsm import Hsm, HsmTimeout, HsmUnavailable, PoolSettings, Secret, TokenSelector
+from spyrus_hsm.hsm import Hsm, HsmTimeout, HsmUnavailable, PoolSettings, Secret, SignAlgorithm, TokenSelector
 
 pytestmark = [pytest.mark.shim, pytest.mark.timeout(60)]
+HMAC = SignAlgorithm.HMAC_SHA256
 
 
 def _wait_for(cond: Callable[[], bool], within: float, what: str) -> None:
@@ -37,15 +38,15 @@ def plugged(token_env):  # type: ignore[no-untyped-def]
     token_env.set_shim(state="plugged")
 
 
-def _hsm(token_env, mode: str = "worker", timeout: float = 5.0, wait: bool = True) -> Hsm:  # type: ignore[no-untyped-def]
+def _hsm(token_env, timeout: float = 5.0, wait: bool = True) -> Hsm:  # type: ignore[no-untyped-def]
     settings = PoolSettings(token_env.module, TokenSelector(token_env.label), workers=4, call_timeout=timeout,
-                            sync_mode=mode, retry_min=0.05, retry_max=0.25)  # type: ignore[arg-type]
+                            retry_min=0.05, retry_max=0.25)
     return Hsm(settings, Secret(token_env.pin)).start(wait=wait)
 
 
-@pytest.fixture(params=["worker", "inline"])
-def keyed(request, plugged, label: str) -> Iterator[tuple[Hsm, str, bytes]]:  # type: ignore[no-untyped-def]
-    h = _hsm(plugged, request.param)
+@pytest.fixture
+def keyed(plugged, label: str) -> Iterator[tuple[Hsm, str, bytes]]:  # type: ignore[no-untyped-def]
+    h = _hsm(plugged)
     key = secrets.token_bytes(32)
     h.import_secret_key(label, Secret(key))
     yield h, label, key
@@ -120,16 +121,16 @@ def test_async_callers_see_unavailable_then_success(keyed, plugged) -> None:  # 
     h, label, key = keyed
 
     async def scenario() -> None:
-        assert await h.ahmac_sha256(label, b"a") == _mac(key, b"a")
+        assert await h.asign(label, HMAC, b"a") == _mac(key, b"a")
         plugged.set_shim(state="unplugged")
-        results = await asyncio.gather(*[h.ahmac_sha256(label, b"b") for _ in range(16)], return_exceptions=True)
+        results = await asyncio.gather(*[h.asign(label, HMAC, b"b") for _ in range(16)], return_exceptions=True)
         assert all(isinstance(r, HsmUnavailable) for r in results), results
         plugged.set_shim(state="plugged")
         end = time.monotonic() + 5
         while not h.state.ready:
             assert time.monotonic() < end, "not ready within 5 s"
             await asyncio.sleep(0.02)
-        assert await h.ahmac_sha256(label, b"c") == _mac(key, b"c")
+        assert await h.asign(label, HMAC, b"c") == _mac(key, b"c")
 
     asyncio.run(scenario())
 
@@ -170,9 +171,8 @@ def test_wrong_pin_is_not_retried_until_the_pin_file_changes(plugged, tmp_path) 
         h.close()
 
 
-@pytest.mark.parametrize("mode", ["worker"])
-def test_a_slow_token_times_out_sync_and_async_calls(plugged, label: str, mode: str) -> None:  # type: ignore[no-untyped-def]
-    h = _hsm(plugged, mode, timeout=0.3)
+def test_a_slow_token_times_out_sync_and_async_calls(plugged, label: str) -> None:  # type: ignore[no-untyped-def]
+    h = _hsm(plugged, timeout=0.3)
     try:
         h.import_secret_key(label, Secret(secrets.token_bytes(32)))
         plugged.set_shim(state="plugged", sign_delay_ms=1500)
@@ -190,7 +190,7 @@ def test_a_slow_token_times_out_sync_and_async_calls(plugged, label: str, mode: 
 
             t = asyncio.create_task(ticker())
             with pytest.raises(HsmTimeout):
-                await h.ahmac_sha256(label, b"slow")
+                await h.asign(label, HMAC, b"slow")
             await t
             return ticks
 
@@ -198,4 +198,32 @@ def test_a_slow_token_times_out_sync_and_async_calls(plugged, label: str, mode: 
     finally:
         plugged.set_shim(state="plugged")
         time.sleep(1.6)  # let the abandoned slow calls finish before the next test
+        h.close()
+
+
+def test_a_state_listener_may_call_the_hsm(plugged, label: str) -> None:  # type: ignore[no-untyped-def]
+    """Listeners run outside the pool's lock: one that signs on every state change neither
+    deadlocks the worker that saw the unplug nor the supervisor that saw the replug."""
+    h = _hsm(plugged)
+    key = secrets.token_bytes(32)
+    h.import_secret_key(label, Secret(key))
+    seen: list[tuple[str, bytes | str]] = []
+
+    def sign_on_change(state) -> None:  # type: ignore[no-untyped-def]
+        try:
+            seen.append((state.status, h.hmac_sha256(label, b"on change")))
+        except HsmUnavailable as exc:
+            seen.append((state.status, type(exc).__name__))
+
+    h.add_listener(sign_on_change)
+    try:
+        plugged.set_shim(state="unplugged")
+        with pytest.raises(HsmUnavailable):
+            h.hmac_sha256(label, b"during")
+        _wait_for(lambda: ("degraded", "HsmUnavailable") in seen, 5.0, "the listener called on degraded")
+        plugged.set_shim(state="plugged")
+        _wait_for(lambda: h.state.ready, 5.0, "ready again after replug")
+        _wait_for(lambda: ("ready", _mac(key, b"on change")) in seen, 5.0, "the listener signed on ready")
+        assert h.hmac_sha256(label, b"after") == _mac(key, b"after")
+    finally:
         h.close()

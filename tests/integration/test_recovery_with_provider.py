@@ -18,6 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from tls_client import client_context
 
 from spyrus_hsm.cloud.hub import HubClient, HubIdentity
 from spyrus_hsm.hsm import Hsm, HsmUnavailable, KeyAlgorithm, PoolSettings, Secret, TokenSelector
@@ -88,7 +89,7 @@ def test_new_tls_contexts_work_after_a_replug_with_the_provider_loaded(
     threading.Thread(target=serve, daemon=True).start()
 
     def handshake() -> bytes:
-        ctx = tls.client_context(files.cert_file, files.key_file, emulator_pki.ca_file)
+        ctx = client_context(files.cert_file, files.key_file, emulator_pki.ca_file)
         with ctx.wrap_socket(socket.create_connection(listener.getsockname()), server_hostname="localhost") as c:
             return c.recv(2)
 
@@ -158,11 +159,11 @@ def test_the_error_the_provider_leaves_after_a_replug_drops_no_api_connection(
     mutual = tls.server_context(server_files.cert_file, server_files.key_file, emulator_pki.ca_file,
                                 require_client_cert=True)
     # The module's own link (as to the hub), signed with its HSM key and open across the replug.
-    module_link = _tls_pair(mutual, tls.client_context(files.cert_file, files.key_file, emulator_pki.ca_file))
+    module_link = _tls_pair(mutual, client_context(files.cert_file, files.key_file, emulator_pki.ca_file))
     _, api_side = _tls_pair(tls.server_context(server_files.cert_file, server_files.key_file),
                             ssl.create_default_context(cafile=str(emulator_pki.ca_file)))  # a leaf, connected
     _replug(token_env, pool)
-    _tls_pair(mutual, tls.client_context(files.cert_file, files.key_file, emulator_pki.ca_file))  # reconnects
+    _tls_pair(mutual, client_context(files.cert_file, files.key_file, emulator_pki.ca_file))  # reconnects
     with pytest.raises(ssl.SSLWantReadError):
         api_side.read(4)  # the leaf has sent nothing yet: "want read", not an error
     del module_link

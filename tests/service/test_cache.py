@@ -36,8 +36,7 @@ class HsmSignatures:
         if not held:
             self.release.set()
         self._lock = threading.Lock()
-        self._inner = hsm.instrument
-        hsm.instrument = self._wrap
+        self._inner = hsm.instrument(self._wrap)
 
     def _wrap(self, fn: Callable[[Any], Any], operation: str, key: str | None,
               mechanism: str | None) -> Callable[[Any], Any]:

@@ -110,7 +110,7 @@ class Provisioner:
             key_label = cred.label
         else:
             key_label = self._sas_key(req)
-            key_id = next((o.id_hex for o in self.hsm.list_objects() if o.label == key_label), "")
+            key_id = next((o.id_hex for o in self.hsm.find(key_label, "secret-key")), "")
             identity = _fingerprint(req, key_id)
         previous = self.cached(req.registration_id)
         if previous and not force and previous.identity == identity and previous.status == "assigned":
@@ -134,13 +134,12 @@ class Provisioner:
     def _sas_key(self, req: DpsRequest) -> str:
         if not req.key:
             raise RegistrationError("symmetric-key attestation needs the HSM key label (--sas-key)")
-        labels = {o.label for o in self.hsm.list_objects() if o.type == "secret-key"}
-        if req.key not in labels:
+        if not self.hsm.find(req.key, "secret-key"):
             raise ObjectNotFound(f"no secret key labelled '{req.key}'; import it with 'spyrus-hsm key import-sas'")
         if not req.group:
             return req.key
         derived = f"{req.key}.{req.registration_id}"
-        if derived not in labels:
+        if not self.hsm.find(derived, "secret-key"):
             self.hsm.derive_hmac_key(req.key, req.registration_id.encode(), derived)
         return derived
 

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +67,6 @@ class HubClient:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._on_client: list[Callable[[Any], None]] = []
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -92,10 +90,6 @@ class HubClient:
                 with contextlib.suppress(Exception):
                     self._client.shutdown()
                 self._client = None
-
-    def on_client(self, fn: Callable[[Any], None]) -> None:
-        """Called with every new SDK client (after a rebuild too), to attach handlers."""
-        self._on_client.append(fn)
 
     @property
     def client(self) -> Any:
@@ -137,8 +131,6 @@ class HubClient:
             extra = {"module_id": i.module_id} if i.module_id else {}
             client = cls.create_from_x509_certificate(x509=x509, hostname=i.hostname,
                                                       device_id=i.device_id, **extra, **self._kwargs())
-        for fn in self._on_client:
-            fn(client)
         return client
 
     def _renew_loop(self) -> None:

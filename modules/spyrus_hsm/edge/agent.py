@@ -4,8 +4,8 @@ Threads, and what each may do:
 - the agent thread owns the SDK client: connects (retrying with back-off), reads the twin,
   applies desired properties in `$version` order and sends reported patches;
 - SDK handler threads only queue desired patches, and answer direct methods (their HSM reads
-  go through the sync Hsm API, bounded by a deadline even in inline mode);
-- the HSM pool's listener only queues (it may be called with the pool's lock held).
+  go through the sync Hsm API, bounded by a deadline);
+- the HSM pool's listener only queues (it runs on an HSM worker or supervisor thread).
 Nothing here runs on the asyncio loop: the runtime's `apply_service` hands the new service
 configuration to the loop. The module key (connection-string route) is read by the SDK from
 the environment and never passes through this code.
@@ -83,7 +83,7 @@ class EdgeAgent:
                                         "lastError": None}
         self._acked: dict[str, Any] = {}
         self._inventory_due = 0.0
-        hooks.hsm.pool.add_listener(self._on_hsm_state)
+        hooks.hsm.add_listener(self._on_hsm_state)
 
     # --- lifecycle ---------------------------------------------------------------------------
 

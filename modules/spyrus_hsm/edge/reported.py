@@ -2,7 +2,7 @@
 
     {"version": "0.1.0",
      "hsm": {"status": "ready", "ready": true, "reason": null, "tokenLabel": "edge",
-             "tokenSerial": "…", "recoveries": 0},
+             "tokenSerial": "…", "recoveries": 0, "restartRequired": false, "lastChange": null},
      "credentials": {"count": 2, "truncated": false,
                      "items": [{"label": "edge-id", "kind": "x509", "objects": ["cert", "private", "public"],
                                 "keyType": "EC", "commonName": "edge-1", "notAfter": "2026-…"}, …]},
@@ -36,7 +36,8 @@ def clip(text: str | None, limit: int = MAX_TEXT) -> str | None:
 
 def hsm_section(state: HsmState) -> dict[str, Any]:
     return {"status": state.status, "ready": state.ready, "reason": clip(state.reason),
-            "tokenLabel": state.token_label, "tokenSerial": state.token_serial, "recoveries": state.recoveries}
+            "tokenLabel": state.token_label, "tokenSerial": state.token_serial, "recoveries": state.recoveries,
+            "restartRequired": state.restart_required, "lastChange": clip(state.last_change)}
 
 
 def inventory(objects: Sequence[ObjectInfo], x509: Sequence[X509Credential]) -> list[dict[str, Any]]:

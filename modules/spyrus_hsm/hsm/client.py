@@ -1,4 +1,5 @@
-"""The HSM facade used by the rest of the package: typed operations, sync and async.
+"""The HSM facade used by the rest of the package: typed operations, sync and async, its state
+and the hooks on it (state listeners, queue depth, an instrumentation wrapper).
 
 Everything runs on the pool's worker threads; the async variants await without blocking the
 event loop. Object-changing operations bump the pool's epoch so every worker drops its cached
@@ -9,39 +10,65 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from . import operations as ops
+from .batcher import AsyncRunner
 from .errors import InvalidInput, ObjectNotFound
 from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm, WorkerSession
-from .pool import HsmPool, HsmState, PinSource, PoolSettings
+from .pool import HsmPool, HsmState, PoolSettings
+from .recovery import PinSource
 from .secret import Secret
 from .uri import Pkcs11Uri, as_uri
 
 T = TypeVar("T")
 KeyRef = str | Pkcs11Uri
-# Wraps one operation before it goes to a worker: (fn, operation, key label, mechanism) -> fn.
-# The wrapper runs on the worker thread inside the caller's contextvars (telemetry spans use it).
-Instrument = Callable[[Callable[[WorkerSession], Any], str, "str | None", "str | None"],
-                      Callable[[WorkerSession], Any]]
+
+
+class Instrument(Protocol):
+    """Wraps one operation before it goes to a worker: (fn, operation, key label, mechanism) ->
+    fn. The wrapper runs on the worker thread inside the caller's contextvars (telemetry spans
+    use it)."""
+
+    def __call__(self, fn: Callable[[WorkerSession], T], operation: str, key: str | None,
+                 mechanism: str | None, /) -> Callable[[WorkerSession], T]: ...
 
 
 class Hsm:
     def __init__(self, settings: PoolSettings, pin: PinSource) -> None:
         self.pool = HsmPool(settings, pin)
+        self._async = AsyncRunner(self.pool)
         self.settings = settings
-        self.instrument: Instrument | None = None
+        self._instrument: Instrument | None = None
+
+    def instrument(self, wrapper: Instrument | None) -> Instrument | None:
+        """Wrap every instrumented operation with `wrapper` (None: none); returns the previous
+        wrapper, so a caller can chain to it."""
+        previous, self._instrument = self._instrument, wrapper
+        return previous
 
     def _op(self, fn: Callable[[WorkerSession], T], operation: str, uri: Pkcs11Uri | None = None,
             mechanism: str | None = None) -> Callable[[WorkerSession], T]:
-        if self.instrument is None:
+        if self._instrument is None:
             return fn
         label = None if uri is None else (uri.object or (uri.id.hex() if uri.id else None))
-        return self.instrument(fn, operation, label, mechanism)
+        return self._instrument(fn, operation, label, mechanism)
+
+    def add_listener(self, fn: Callable[[HsmState], None]) -> None:
+        """Call `fn(state)` on every state change, on an HSM thread; `fn` may call the HSM."""
+        self.pool.add_listener(fn)
+
+    def remove_listener(self, fn: Callable[[HsmState], None]) -> None:
+        self.pool.remove_listener(fn)
+
+    def queue_depth(self) -> int:
+        """Requests admitted and not yet answered."""
+        return self.pool.queue_depth()
 
     def start(self, wait: bool = True) -> Hsm:
         self.pool.start(wait=wait)
@@ -76,7 +103,7 @@ class Hsm:
     async def asign(self, key: KeyRef, algorithm: SignAlgorithm, data: bytes,
                     timeout: float | None = None) -> bytes:
         uri = as_uri(key)
-        return await self.pool.arun(self._sign_op(uri, algorithm, data), _what("signing", uri), timeout)
+        return await self._async.run(self._sign_op(uri, algorithm, data), _what("signing", uri), timeout)
 
     def _sign_op(self, uri: Pkcs11Uri, algorithm: SignAlgorithm, data: bytes) -> Callable[[WorkerSession], bytes]:
         return self._op(partial(ops.sign, uri=uri, algorithm=algorithm, data=data), "sign", uri,
@@ -85,23 +112,16 @@ class Hsm:
     async def aprobe(self, timeout: float | None = None) -> None:
         """Ask the token for a few random bytes: fails (and starts recovery) if it is gone.
         Not instrumented: a periodic health probe would drown the traces."""
-        await self.pool.arun(ops.probe, "checking the token", timeout)
+        await self._async.run(ops.probe, "checking the token", timeout)
 
     async def acertificate_chain(self, key: KeyRef) -> list[x509.Certificate]:
         uri = as_uri(key)
-        ders = await self.pool.arun(self._op(partial(ops.certificate_chain, uri=uri), "read_certificates", uri),
+        ders = await self._async.run(self._op(partial(ops.certificate_chain, uri=uri), "read_certificates", uri),
                                     _what("reading certificates", uri))
         return [x509.load_der_x509_certificate(d) for d in ders]
 
     def hmac_sha256(self, key: KeyRef, data: bytes) -> bytes:
         return self.sign(key, SignAlgorithm.HMAC_SHA256, data)
-
-    async def ahmac_sha256(self, key: KeyRef, data: bytes) -> bytes:
-        return await self.asign(key, SignAlgorithm.HMAC_SHA256, data)
-
-    async def arun(self, fn: Callable[[WorkerSession], T], what: str) -> T:
-        """Run a custom operation from `hsm.operations` asynchronously."""
-        return await self.pool.arun(fn, what)
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -109,7 +129,7 @@ class Hsm:
         uri = as_uri(key)
         return self._run(partial(ops.key_algorithm, uri=uri), _what("reading key", uri))
 
-    def public_key(self, key: KeyRef) -> Any:
+    def public_key(self, key: KeyRef) -> PublicKeyTypes:
         """The public key (a `cryptography` object) of the pair named by `key`."""
         uri = as_uri(key)
         der = self._run(partial(ops.public_key_spki, uri=uri), _what("reading public key", uri))
@@ -121,7 +141,15 @@ class Hsm:
         return [x509.load_der_x509_certificate(d) for d in ders]
 
     def list_objects(self) -> list[ObjectInfo]:
+        """Every object on the token: on a USB token each read is a round trip; to look up a
+        label use `find`."""
         return self._run(ops.list_objects, "listing objects")
+
+    def find(self, label: str, type: str | None = None) -> list[ObjectInfo]:
+        """The objects labelled `label`, of `type` (private, public, cert, secret-key, data;
+        None: any type), read with one search. Duplicates are not an error here: all are
+        returned, sorted by type then id, and a caller that needs exactly one says so."""
+        return self._run(partial(ops.find_objects, label=label, type=type), f"finding '{label}'")
 
     def secret_key_value_readable(self, key: KeyRef) -> bool:
         uri = as_uri(key)
@@ -195,7 +223,7 @@ class Hsm:
         return self._run(partial(ops.delete, uri=uri), _what("deleting", uri), mutates=True)
 
 
-def _check_matches(key: Any, cert: x509.Certificate) -> None:
+def _check_matches(key: PrivateKeyTypes, cert: x509.Certificate) -> None:
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if key.public_key().public_bytes(*fmt) != cert.public_key().public_bytes(*fmt):
         raise InvalidInput("the PKCS#12 certificate does not belong to its private key")

@@ -17,13 +17,6 @@ def ecdsa_raw_to_der(raw: bytes) -> bytes:
     return bytes(DSASignature({"r": r, "s": s}).dump())
 
 
-def ecdsa_der_to_raw(der: bytes, size: int = 32) -> bytes:
-    """DER SEQUENCE {r, s} to fixed-width r||s (JWS ES256 form)."""
-    sig = DSASignature.load(der)
-    r, s = int(sig["r"].native), int(sig["s"].native)
-    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
-
-
 def key_id_from_spki(spki_der: bytes) -> bytes:
     """CKA_ID for a key pair: SHA-1 of its SubjectPublicKeyInfo, as many PKCS#11 tools do."""
     return hashlib.sha1(spki_der, usedforsecurity=False).digest()

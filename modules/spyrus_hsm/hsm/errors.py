@@ -61,3 +61,8 @@ class HsmTimeout(HsmUnavailable):
 
 class HsmBusy(HsmUnavailable):
     """The bounded queue of HSM work is full; retry later."""
+
+
+class TokenChanged(HsmUnavailable):
+    """The token's contents changed under the module: unreadable, another token with the same
+    label, or an object found before is gone. The pool re-reads the token, as after a fault."""

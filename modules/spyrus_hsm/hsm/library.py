@@ -10,13 +10,14 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pkcs11.exceptions as p11e
 from pkcs11 import Attribute, TokenFlag, _pkcs11
 from pkcs11.attributes import AttributeMapper
+from pkcs11.types import Session, Token
 
 from .errors import DuplicateObject, HsmConfigError, HsmUnavailable, LoginFailed, TokenNotFound
 from .faults import translate
@@ -42,7 +43,7 @@ class TokenSummary:
     initialized: bool
 
 
-def load_module(path: str) -> Any:
+def load_module(path: str) -> _LockingLib:
     """Load (or return the already loaded) PKCS#11 module at `path`."""
     if not Path(path).is_file():
         raise HsmConfigError(
@@ -64,7 +65,7 @@ def load_module(path: str) -> Any:
         raise HsmConfigError(f"PKCS#11 module {path} cannot be loaded: {exc}") from None
 
 
-def summarise(token: Any) -> TokenSummary:
+def summarise(token: Token) -> TokenSummary:
     return TokenSummary(
         label=token.label,
         serial=_serial_text(token.serial),
@@ -74,7 +75,7 @@ def summarise(token: Any) -> TokenSummary:
     )
 
 
-def list_tokens(lib: Any) -> list[TokenSummary]:
+def list_tokens(lib: _pkcs11.lib) -> list[TokenSummary]:
     out = []
     for slot in lib.get_slots(token_present=True):
         try:
@@ -84,9 +85,10 @@ def list_tokens(lib: Any) -> list[TokenSummary]:
     return out
 
 
-def find_token(lib: Any, selector: TokenSelector) -> Any:
+def find_token(lib: _pkcs11.lib, selector: TokenSelector) -> Token:
     """The one initialised token matching `selector`; a clear error listing what is there."""
     matches = []
+    unreadable = 0
     try:
         slots = lib.get_slots(token_present=True)
     except p11e.PKCS11Error as exc:
@@ -95,6 +97,9 @@ def find_token(lib: Any, selector: TokenSelector) -> Any:
         try:
             token = slot.get_token()
         except (p11e.TokenNotPresent, p11e.DeviceRemoved, p11e.TokenNotRecognised):
+            continue
+        except p11e.PKCS11Error:
+            unreadable += 1  # e.g. SoftHSM2 whose token directory went away: GENERAL_ERROR
             continue
         info = summarise(token)
         if not info.initialized:
@@ -108,6 +113,8 @@ def find_token(lib: Any, selector: TokenSelector) -> Any:
         return matches[0]
     present = [t for t in list_tokens(lib) if t.initialized]
     listing = ", ".join(f"'{t.label}' (serial {t.serial})" for t in present) or "none"
+    if unreadable:
+        listing += f"; {unreadable} slot(s) whose token information cannot be read"
     if not matches:
         raise TokenNotFound(
             f"token with {selector.describe()} not found; tokens present: {listing}; "
@@ -120,7 +127,7 @@ def find_token(lib: Any, selector: TokenSelector) -> Any:
     )
 
 
-def login(token: Any, pin: Secret) -> Any:
+def login(token: Token, pin: Secret) -> Session:
     """A read-write session logged in as the user; ALREADY_LOGGED_IN counts as success."""
     try:
         return token.open(rw=True, user_pin=pin.reveal_str(), attribute_mapper=attribute_mapper())
@@ -146,19 +153,19 @@ def attribute_mapper() -> AttributeMapper:
     return mapper
 
 
-def open_session(token: Any) -> Any:
+def open_session(token: Token) -> Session:
     try:
         return token.open(rw=True, attribute_mapper=attribute_mapper())
     except p11e.PKCS11Error as exc:
         raise translate(exc, f"opening a session on token '{token.label}'") from None
 
 
-def finalize_quietly(lib: Any) -> None:
+def finalize_quietly(lib: _pkcs11.lib) -> None:
     """C_Finalize, ignoring its result: only when no other thread is inside a PKCS#11 call."""
     lib.finalize()
 
 
-def initialize(lib: Any) -> None:
+def initialize(lib: _pkcs11.lib) -> None:
     try:
         lib.initialize()
     except HsmConfigError as exc:
@@ -210,8 +217,10 @@ class Cryptoki:
         self._cdll = cdll
         self._functions = flist.contents.functions
 
-    def _fn(self, index: int, *argtypes: Any) -> Any:
-        return ctypes.CFUNCTYPE(ctypes.c_ulong, *argtypes)(self._functions[index])
+    def _fn(self, index: int, *argtypes: type[ctypes.c_ulong | ctypes.c_void_p | ctypes.c_char_p]
+            ) -> Callable[..., int]:
+        function: Callable[..., int] = ctypes.CFUNCTYPE(ctypes.c_ulong, *argtypes)(self._functions[index])
+        return function
 
     def initialize(self) -> None:
         args = _InitArgs(None, None, None, None, _CKF_OS_LOCKING_OK, None)
@@ -242,10 +251,6 @@ class _LockingLib(_pkcs11.lib):
     def finalize(self) -> None:
         type(self)._cryptoki_for(self.so).finalize()
 
-    def reinitialize(self) -> None:
-        self.finalize()
-        self.initialize()
-
     @staticmethod
     def _cryptoki_for(path: str) -> Cryptoki:
         if path not in _CRYPTOKI:
@@ -254,7 +259,7 @@ class _LockingLib(_pkcs11.lib):
 
 
 _CRYPTOKI: dict[str, Cryptoki] = {}
-_LIBS: dict[str, Any] = {}
+_LIBS: dict[str, _LockingLib] = {}
 _SHARED: set[str] = set()
 
 
@@ -267,7 +272,7 @@ def is_shared(module_path: str) -> bool:
     return module_path in _SHARED
 
 
-def init_token(lib: Any, module_path: str, label: str, so_pin: Secret, user_pin: Secret | None) -> TokenSummary:
+def init_token(lib: _pkcs11.lib, module_path: str, label: str, so_pin: Secret, user_pin: Secret | None) -> TokenSummary:
     """Initialise a free token slot with `label`, then (unless None) set the user PIN.
     Refuses a taken label."""
     if not label or len(label.encode("utf-8")) > 32:
@@ -294,7 +299,7 @@ def init_token(lib: Any, module_path: str, label: str, so_pin: Secret, user_pin:
     return summarise(token) if user_pin is None else init_user_pin(lib, label, so_pin, user_pin)
 
 
-def init_user_pin(lib: Any, label: str, so_pin: Secret, user_pin: Secret) -> TokenSummary:
+def init_user_pin(lib: _pkcs11.lib, label: str, so_pin: Secret, user_pin: Secret) -> TokenSummary:
     """C_InitPIN as the security officer: the second step of making a token."""
     token = find_token(lib, TokenSelector(label=label))
     try:

@@ -13,20 +13,28 @@ import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 import pkcs11.exceptions as p11e
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from pkcs11 import MGF, Attribute, CertificateType, KeyType, Mechanism, ObjectClass
+from pkcs11.types import Key, Object, PublicKey, Session, SignMixin
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from pkcs11.util.rsa import encode_rsa_public_key
 
 from .encoding import key_id_from_spki
-from .errors import DuplicateObject, InvalidInput, ObjectNotFound
+from .errors import DuplicateObject, InvalidInput, ObjectNotFound, TokenChanged
+from .faults import is_device_fault
+from .library import TokenSummary, summarise
 from .secret import Secret
 from .uri import Pkcs11Uri
+
+Template = dict[Attribute, object]
+# What a search asked for: (class, label, id). A worker's handle cache and the pool's record of
+# objects seen since the token was last read are keyed by it.
+ObjectKey = tuple[ObjectClass, str | None, bytes | None]
 
 P256_OID = "1.2.840.10045.3.1.7"
 CATEGORY_USER = 1       # CKA_CERTIFICATE_CATEGORY: the key owner's certificate
@@ -68,24 +76,40 @@ class ObjectInfo:
 
 
 class WorkerSession:
-    """One worker thread's session plus its cache of object handles."""
+    """One worker thread's session plus its cache of object handles.
 
-    def __init__(self, session: Any, token_label: str) -> None:
+    `token` is the token the pool logged in to; `seen` (shared by the pool's sessions of one
+    generation) records the objects found since the token was last read: one of them missing
+    later means the token's contents changed under the module, not a wrong label."""
+
+    def __init__(self, session: Session, token: TokenSummary, generation: int,
+                 seen: set[ObjectKey]) -> None:
         self.session = session
-        self.token_label = token_label
-        self.generation = 0  # the pool's library generation this session belongs to
+        self.token = token
+        self.token_label = token.label
+        self.generation = generation  # the pool's library generation this session belongs to
         self.epoch = 0       # the pool's object epoch its handle cache reflects
-        self._cache: dict[tuple[Any, ...], Any] = {}
+        self._seen = seen
+        self._cache: dict[ObjectKey, Object] = {}
 
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def find(self, uri: Pkcs11Uri, cls: ObjectClass) -> Any:
+    def forget_seen(self) -> None:
+        """Objects are being deleted through this module: their absence is no news."""
+        self._seen.clear()
+
+    def find(self, uri: Pkcs11Uri, cls: ObjectClass) -> Object:
         """Exactly one token object of class `cls` matching the URI (cached per worker)."""
         key = (cls, uri.object, uri.id)
         obj = self._cache.get(key)
         if obj is None:
             found = self.search(uri, cls)
+            if not found and key in self._seen:
+                raise TokenChanged(
+                    f"the {_TYPE_BY_CLASS[cls]} object {_describe(uri)} was on token "
+                    f"'{self.token_label}' and is gone; re-reading the token, retry shortly"
+                )
             if not found:
                 raise ObjectNotFound(
                     f"no {_TYPE_BY_CLASS[cls]} object {_describe(uri)} on token "
@@ -97,15 +121,16 @@ class WorkerSession:
                     "refer to one by id (pkcs11:id=...) or delete the extra ones"
                 )
             obj = self._cache[key] = found[0]
+            self._seen.add(key)
         return obj
 
-    def search(self, uri: Pkcs11Uri, cls: ObjectClass | None) -> list[Any]:
+    def search(self, uri: Pkcs11Uri, cls: ObjectClass | None) -> list[Object]:
         if uri.token is not None and uri.token != self.token_label:
             raise ObjectNotFound(
                 f"the reference names token '{uri.token}' but this module uses "
                 f"token '{self.token_label}'"
             )
-        template: dict[Attribute, Any] = {Attribute.TOKEN: True}
+        template: Template = {Attribute.TOKEN: True}
         if cls is not None:
             template[Attribute.CLASS] = cls
         if uri.object is not None:
@@ -124,8 +149,10 @@ def _describe(uri: Pkcs11Uri) -> str:
     return " ".join(parts)
 
 
-def _retry_stale(ws: WorkerSession, fn: Callable[[], Any]) -> Any:
-    """Run fn; if a cached handle went stale (object deleted elsewhere), look up once more."""
+def _retry_stale(ws: WorkerSession, fn: Callable[[], bytes]) -> bytes:
+    """Run fn; if a cached handle went stale, look up once more. The object was deleted
+    elsewhere (then the lookup says so), or the token's contents changed under the module
+    (then the lookup misses an object seen before and the pool re-reads the token)."""
     try:
         return fn()
     except (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid):
@@ -133,23 +160,30 @@ def _retry_stale(ws: WorkerSession, fn: Callable[[], Any]) -> Any:
         return fn()
 
 
+def _signer(ws: WorkerSession, uri: Pkcs11Uri, cls: ObjectClass) -> SignMixin:
+    obj = ws.find(uri, cls)
+    if not isinstance(obj, SignMixin):
+        raise InvalidInput(f"the {_TYPE_BY_CLASS[cls]} object {_describe(uri)} cannot sign")
+    return obj
+
+
 # --- signing ---------------------------------------------------------------------------------
 
 def sign(ws: WorkerSession, uri: Pkcs11Uri, algorithm: SignAlgorithm, data: bytes) -> bytes:
     if algorithm is SignAlgorithm.HMAC_SHA256:
-        return bytes(_retry_stale(ws, lambda: ws.find(uri, ObjectClass.SECRET_KEY).sign(
+        return bytes(_retry_stale(ws, lambda: _signer(ws, uri, ObjectClass.SECRET_KEY).sign(
             data, mechanism=Mechanism.SHA256_HMAC)))
     if algorithm is SignAlgorithm.ECDSA_SHA256:
         # SoftHSM 2.6 has no CKM_ECDSA_SHA256: hash here, sign the digest with CKM_ECDSA.
         digest = hashlib.sha256(data).digest()
-        return bytes(_retry_stale(ws, lambda: ws.find(uri, ObjectClass.PRIVATE_KEY).sign(
+        return bytes(_retry_stale(ws, lambda: _signer(ws, uri, ObjectClass.PRIVATE_KEY).sign(
             digest, mechanism=Mechanism.ECDSA)))
     if algorithm is SignAlgorithm.RSA_PKCS1_SHA256:
-        return bytes(_retry_stale(ws, lambda: ws.find(uri, ObjectClass.PRIVATE_KEY).sign(
+        return bytes(_retry_stale(ws, lambda: _signer(ws, uri, ObjectClass.PRIVATE_KEY).sign(
             data, mechanism=Mechanism.SHA256_RSA_PKCS)))
     if algorithm is SignAlgorithm.RSA_PSS_SHA256:
         param = (Mechanism.SHA256, MGF.SHA256, 32)
-        return bytes(_retry_stale(ws, lambda: ws.find(uri, ObjectClass.PRIVATE_KEY).sign(
+        return bytes(_retry_stale(ws, lambda: _signer(ws, uri, ObjectClass.PRIVATE_KEY).sign(
             data, mechanism=Mechanism.SHA256_RSA_PKCS_PSS, mechanism_param=param)))
     raise InvalidInput(f"unsupported algorithm {algorithm}")
 
@@ -163,12 +197,35 @@ MECHANISM_NAMES = {
 
 
 def probe(ws: WorkerSession) -> None:
-    """The cheapest call that needs the token itself (C_GenerateRandom): is it still there?"""
+    """Is the token logged in to still there, and still the same one?
+
+    C_GetTokenInfo, compared with the token's label and serial at login: a module can go on
+    answering C_GenerateRandom while the token's contents are unreadable (SoftHSM2 with its
+    token directory moved away) or after another token took its place. Then C_GenerateRandom,
+    the cheapest call that needs the token itself."""
+    try:
+        now = summarise(ws.session.token.slot.get_token())
+    except p11e.PKCS11Error as exc:
+        if is_device_fault(exc):
+            raise  # unplugged: the usual recovery
+        raise TokenChanged(f"token '{ws.token.label}' contents unreadable "
+                           f"(C_GetTokenInfo: {type(exc).__name__})") from None
+    if now.serial != ws.token.serial:
+        raise TokenChanged(f"token serial changed from {ws.token.serial} to {now.serial}")
+    if now.label != ws.token.label:
+        raise TokenChanged(f"token label changed from '{ws.token.label}' to '{now.label}'")
     ws.session.generate_random(64)
 
 
+def _key(ws: WorkerSession, uri: Pkcs11Uri, cls: ObjectClass) -> Key:
+    obj = ws.find(uri, cls)
+    if not isinstance(obj, Key):
+        raise InvalidInput(f"the {_TYPE_BY_CLASS[cls]} object {_describe(uri)} is not a key")
+    return obj
+
+
 def key_algorithm(ws: WorkerSession, uri: Pkcs11Uri) -> KeyAlgorithm:
-    key = ws.find(uri, ObjectClass.PRIVATE_KEY)
+    key = _key(ws, uri, ObjectClass.PRIVATE_KEY)
     return KeyAlgorithm.EC_P256 if key.key_type == KeyType.EC else KeyAlgorithm.RSA_2048
 
 
@@ -177,7 +234,7 @@ def key_algorithm(ws: WorkerSession, uri: Pkcs11Uri) -> KeyAlgorithm:
 def public_key_spki(ws: WorkerSession, uri: Pkcs11Uri) -> bytes:
     """DER SubjectPublicKeyInfo of the key pair named by `uri` (public object or certificate)."""
     pubs = ws.search(uri.with_(type=None), ObjectClass.PUBLIC_KEY)
-    if len(pubs) == 1:
+    if len(pubs) == 1 and isinstance(pubs[0], PublicKey):
         pub = pubs[0]
         if pub.key_type == KeyType.EC:
             return bytes(encode_ec_public_key(pub))
@@ -235,7 +292,18 @@ def list_objects(ws: WorkerSession) -> list[ObjectInfo]:
     return sorted(out, key=lambda i: (i.label, i.type, i.id_hex))
 
 
-def _info(obj: Any) -> ObjectInfo:
+def find_objects(ws: WorkerSession, label: str, type: str | None) -> list[ObjectInfo]:
+    """The token objects labelled `label` (of one type: private, public, cert, secret-key,
+    data; None: any), sorted like `list_objects`. One C_FindObjects with a template: only the
+    matches are read, not the whole token."""
+    cls = _CLASS_BY_TYPE.get(type) if type is not None else None
+    if type is not None and cls is None:
+        raise InvalidInput(f"unknown object type '{type}'; one of {', '.join(_CLASS_BY_TYPE)}")
+    found = [_info(obj) for obj in ws.search(Pkcs11Uri(object=label), cls)]
+    return sorted(found, key=lambda i: (i.label, i.type, i.id_hex))
+
+
+def _info(obj: Object) -> ObjectInfo:
     cls = obj[Attribute.CLASS]
     label = obj[Attribute.LABEL]
     ident = bytes(obj[Attribute.ID]).hex()
@@ -256,11 +324,12 @@ def _info(obj: Any) -> ObjectInfo:
     return ObjectInfo(label, ident, kind, getattr(key_type, "name", None), sensitive, extractable)
 
 
-def _safe_attr(obj: Any, attr: Attribute) -> Any:
+def _safe_attr(obj: Object, attr: Attribute) -> int | None:
     try:
-        return obj[attr]
+        value = obj[attr]
     except p11e.PKCS11Error:
         return None
+    return value if isinstance(value, int) else None
 
 
 def secret_key_value_readable(ws: WorkerSession, uri: Pkcs11Uri) -> bool:
@@ -284,7 +353,7 @@ def _refuse_taken(ws: WorkerSession, label: str) -> None:
         )
 
 
-_SECRET_KEY_TEMPLATE: dict[Attribute, Any] = {
+_SECRET_KEY_TEMPLATE: Template = {
     Attribute.CLASS: ObjectClass.SECRET_KEY,
     Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
     Attribute.TOKEN: True,
@@ -331,10 +400,10 @@ def generate_keypair(ws: WorkerSession, label: str, algorithm: KeyAlgorithm) -> 
     """A key pair generated inside the token; the private half never leaves it. Returns id hex."""
     _refuse_taken(ws, label)
     temp_id = secrets.token_bytes(20)
-    private_template: dict[Attribute, Any] = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+    private_template: Template = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
                         Attribute.PRIVATE: True, Attribute.SIGN: True, Attribute.DECRYPT: False,
                         Attribute.UNWRAP: False, Attribute.DERIVE: False}
-    public_template: dict[Attribute, Any] = {Attribute.VERIFY: True, Attribute.ENCRYPT: False, Attribute.WRAP: False}
+    public_template: Template = {Attribute.VERIFY: True, Attribute.ENCRYPT: False, Attribute.WRAP: False}
     if algorithm is KeyAlgorithm.EC_P256:
         public_template[Attribute.EC_PARAMS] = encode_named_curve_parameters(P256_OID)
         pub, priv = ws.session.generate_keypair(
@@ -352,15 +421,15 @@ def generate_keypair(ws: WorkerSession, label: str, algorithm: KeyAlgorithm) -> 
     return key_id.hex()
 
 
-def import_private_key(ws: WorkerSession, label: str, key: Any, key_id: bytes) -> None:
+def import_private_key(ws: WorkerSession, label: str, key: PrivateKeyTypes, key_id: bytes) -> None:
     """Store a software private key (from a PKCS#12) as sensitive, non-extractable."""
     common = {Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.ID: key_id}
-    priv: dict[Attribute, Any] = {
+    priv: Template = {
         **common, Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.PRIVATE: True,
         Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: True,
         Attribute.DECRYPT: False, Attribute.UNWRAP: False, Attribute.DERIVE: False,
     }
-    pub: dict[Attribute, Any] = {**common, Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+    pub: Template = {**common, Attribute.CLASS: ObjectClass.PUBLIC_KEY,
                                  Attribute.VERIFY: True, Attribute.ENCRYPT: False}
     if isinstance(key, ec.EllipticCurvePrivateKey):
         if not isinstance(key.curve, ec.SECP256R1):
@@ -424,7 +493,7 @@ def key_id_of(ws: WorkerSession, label: str) -> bytes | None:
     return bytes(keys[0][Attribute.ID]) if keys else None
 
 
-def import_pkcs12_objects(ws: WorkerSession, label: str, key: Any, certs: list[bytes]) -> str:
+def import_pkcs12_objects(ws: WorkerSession, label: str, key: PrivateKeyTypes, certs: list[bytes]) -> str:
     _refuse_taken(ws, label)
     spki = key.public_key().public_bytes(serialization.Encoding.DER,
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -442,6 +511,7 @@ def has_certificates(ws: WorkerSession, label: str) -> bool:
 def delete(ws: WorkerSession, uri: Pkcs11Uri) -> int:
     cls = _CLASS_BY_TYPE.get(uri.type) if uri.type else None
     found = ws.search(uri, cls)
+    ws.forget_seen()
     for obj in found:
         obj.destroy()
     ws.clear_cache()

@@ -1,28 +1,21 @@
-"""A bounded pool of worker threads, each owning one PKCS#11 session, plus recovery.
+"""A bounded pool of worker threads, each owning one PKCS#11 session, and when to recover.
 
 python-pkcs11 does not serialise calls, so no session is ever used by two threads at once:
-each worker opens its own and keeps it. The supervisor thread holds the logged-in session
-(login is per token) and, when a call meets a device fault, stops taking work, fails what is
-queued, waits for in-flight calls to return, finalises and reinitialises the library, finds
-the token again by label/serial, logs in again and resumes. C_Finalize is only ever called
-with no thread inside the library.
+each worker opens its own and keeps it. Work is admitted against a bounded count of
+outstanding requests (refused at once when full or when the token is not ready) and runs on a
+worker with a per-call timeout. When a call meets a device fault, or finds the token's
+contents changed, the supervisor thread stops admitting work, fails what is queued, waits for
+in-flight calls to return and has `recovery.Connection` reconnect; then the workers open new
+sessions. State listeners are called outside the pool's lock, so one may call the HSM.
 
-Three ways in:
-- `run` (sync): hands the call to a worker and waits at most the call timeout;
-- `run` with sync_mode="inline": runs on the calling thread with a session checked out
-  exclusively from a bounded set (no thread hand-off, ~4x less overhead on fast tokens, but a
-  hung token blocks the caller: there is no per-call timeout);
-- `arun` (async): never touches PKCS#11 on the event loop. Concurrent requests made in the
-  same loop iteration are batched into worker jobs, so a burst costs one thread wake-up per
-  batch rather than one per request; each request keeps its own timeout and contextvars.
+The async way in (batching requests from an event loop) is `hsm.batcher`, built on the public
+methods here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import hashlib
-import hmac
 import logging
 import queue
 import threading
@@ -31,25 +24,20 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
-from . import library
-from .errors import HsmBusy, HsmError, HsmTimeout, HsmUnavailable, LoginFailed
+from .errors import HsmBusy, HsmError, HsmTimeout, HsmUnavailable, TokenChanged
 from .faults import fault_reason, is_device_fault, translate
 from .library import TokenSelector
-from .operations import WorkerSession
-from .secret import Secret
+from .operations import ObjectKey, WorkerSession
+from .recovery import Connection, PinSource
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Status = Literal["starting", "ready", "degraded", "stopped"]
-SyncMode = Literal["worker", "inline"]
-MAX_BATCH = 32
-# A worker job gathers requests until it holds about this much HSM work: fast tokens amortise
-# the thread hand-off over many requests, slow tokens spread a burst over all workers.
-BATCH_WORK_SECONDS = 0.0005
+_RESTART_TEXT = ("; the PKCS#11 module is shared with the OpenSSL provider, so it cannot be "
+                 "re-initialised in this process: the module needs a restart")
 
 
 @dataclass(frozen=True)
@@ -59,7 +47,6 @@ class PoolSettings:
     workers: int = 4
     call_timeout: float = 10.0
     queue_limit: int = 256
-    sync_mode: SyncMode = "worker"
     retry_min: float = 0.25
     retry_max: float = 5.0
 
@@ -72,6 +59,11 @@ class HsmState:
     token_serial: str | None = None
     since: float = field(default_factory=time.time)
     recoveries: int = 0
+    # The token changed in a way only a new process can re-read (see `recovery`): the runtime
+    # exits with recovery.EXIT_RESTART.
+    restart_required: bool = False
+    # The last change of token seen (e.g. "token serial changed from X to Y"), kept once ready.
+    last_change: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -80,53 +72,32 @@ class HsmState:
 
 @dataclass
 class _Job:
-    fn: Callable[[WorkerSession], Any]
+    fn: Callable[[WorkerSession], object]
     what: str
-    future: Future[Any]
+    future: Future[object]
     ctx: contextvars.Context
-
-
-@dataclass
-class _Request:
-    """One async request waiting in a batch."""
-    fn: Callable[[WorkerSession], Any]
-    what: str
-    future: asyncio.Future[Any]
-    ctx: contextvars.Context
-
-
-PinSource = Secret | Callable[[], Secret]
 
 
 class HsmPool:
     def __init__(self, settings: PoolSettings, pin: PinSource) -> None:
-        """`pin` is the PIN, or a function returning it (re-read at every connection attempt,
-        so a fixed PIN file is picked up without a restart)."""
         self.settings = settings
-        self._pin_source = pin
-        self._refused_pin: bytes | None = None
+        self._conn = Connection(settings.module_path, settings.token, pin)
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)          # waiters: drain, close
-        self._session_free = threading.Condition(self._lock)  # waiters: inline callers
-        self._wake = threading.Event()                        # wakes the supervisor
+        self._cond = threading.Condition(self._lock)  # waiters: drain
+        self._wake = threading.Event()                # wakes the supervisor
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._state = HsmState("starting")
         self._accepting = False
         self._recover_requested = True
+        self._change: str | None = None  # the token change behind the requested recovery
         self._stopping = False
         self._generation = 0
-        self._busy = 0          # threads inside a PKCS#11 call (workers and inline callers)
-        self._outstanding = 0   # requests accepted and not yet answered (the bounded queue)
-        self._lib: Any = None
-        self._token: Any = None
-        self._login_session: Any = None
+        self._seen: set[ObjectKey] = set()  # objects found in this generation (see WorkerSession)
+        self._busy = 0          # workers inside a PKCS#11 call
+        self._outstanding = 0   # requests admitted and not yet answered (the bounded queue)
         self._threads: list[threading.Thread] = []
         self._listeners: list[Callable[[HsmState], None]] = []
-        self._batchers: dict[asyncio.AbstractEventLoop, _Batcher] = {}
-        self._idle: list[tuple[int, WorkerSession]] = []  # inline sessions not in use
-        self._inline_sessions = 0
         self._ever_ready = False
-        self.op_seconds = 0.001  # moving average of one operation's duration, sizes batches
         self.epoch = 0  # bumped by object-mutating operations: sessions drop handle caches
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -138,11 +109,11 @@ class HsmPool:
         wait=False (service): return at once; the supervisor keeps retrying, state says why.
         """
         if wait:
-            self._connect()
+            info = self._conn.connect()
             self._ever_ready = True
             self._recover_requested = False
             self._accepting = True
-            self._set_state("ready")
+            self._set_state("ready", token=(info.label, info.serial))
         else:
             self._wake.set()  # the supervisor makes the first connection, and retries it
         for i in range(self.settings.workers):
@@ -162,7 +133,6 @@ class HsmPool:
             self._stopping = True
             self._accepting = False
             self._cond.notify_all()
-            self._session_free.notify_all()
         self._wake.set()
         self._fail_queued(HsmUnavailable("the HSM pool is shutting down"))
         for _ in range(self.settings.workers):
@@ -170,9 +140,7 @@ class HsmPool:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        # The login session is dropped, not closed: C_Logout would log out every session of
-        # the token in this process (pkcs11-provider's too). Process exit ends the login.
-        self._login_session = None
+        self._conn.drop()
         self._set_state("stopped", "shut down")
 
     @property
@@ -180,6 +148,8 @@ class HsmPool:
         return self._state
 
     def add_listener(self, fn: Callable[[HsmState], None]) -> None:
+        """Call `fn(state)` on every state change, on the thread that made it (a worker or the
+        supervisor), outside the pool's lock."""
         self._listeners.append(fn)
 
     def remove_listener(self, fn: Callable[[HsmState], None]) -> None:
@@ -194,41 +164,48 @@ class HsmPool:
 
     # --- admission ---------------------------------------------------------------------------
 
-    def _admit(self, what: str) -> None:
-        """Count one request in, or refuse it at once (not ready, or queue full)."""
+    def admit(self, what: str, n: int = 1) -> None:
+        """Count `n` requests in, or refuse them at once (not ready, or queue full).
+        Each admitted request is released exactly once, by `release`."""
         with self._cond:
             if not self._accepting:
-                raise HsmUnavailable(self._unavailable_text(what))
-            if self._outstanding >= self.settings.queue_limit:
+                raise HsmUnavailable(self.unavailable_text(what))
+            if self._outstanding + n > self.settings.queue_limit:
                 raise HsmBusy(f"{what}: the HSM queue is full "
                               f"({self.settings.queue_limit} waiting); retry later")
-            self._outstanding += 1
+            self._outstanding += n
 
-    def _release(self, n: int = 1) -> None:
+    def release(self, n: int = 1) -> None:
         with self._cond:
             self._outstanding -= n
 
-    def _unavailable_text(self, what: str) -> str:
+    def unavailable_text(self, what: str) -> str:
         st = self._state
         if st.status == "stopped":
             return f"{what}: the HSM pool is stopped"
         return f"{what}: the HSM is not ready ({st.reason or st.status}); retry shortly"
 
-    # --- sync --------------------------------------------------------------------------------
+    # --- running work ------------------------------------------------------------------------
 
     def submit(self, fn: Callable[[WorkerSession], T], what: str) -> Future[T]:
-        """Queue `fn(worker_session)` for a worker; never blocks."""
-        self._admit(what)
-        fut: Future[T] = Future()
-        fut.add_done_callback(lambda _: self._release())
+        """Admit and queue `fn(worker_session)` for a worker; never blocks."""
+        self.admit(what)
+        fut: Future[object] = Future()
+        fut.add_done_callback(lambda _: self.release())
         self._queue.put(_Job(fn, what, fut, contextvars.copy_context()))
-        return fut
+        return cast("Future[T]", fut)  # the worker sets it to fn's result
+
+    def dispatch(self, fn: Callable[[WorkerSession], T], what: str) -> Future[T]:
+        """Queue work the caller has already admitted (and releases itself); runs in an empty
+        context. A device fault inside `fn` is the caller's to report (`report_fault`)."""
+        fut: Future[object] = Future()
+        self._queue.put(_Job(fn, what, fut, contextvars.Context()))
+        return cast("Future[T]", fut)
 
     def run(self, fn: Callable[[WorkerSession], T], what: str, timeout: float | None = None) -> T:
+        """Run `fn(worker_session)` on a worker; wait at most the call timeout."""
         _refuse_on_event_loop(what)
         limit = self.settings.call_timeout if timeout is None else timeout
-        if self.settings.sync_mode == "inline":
-            return self._run_inline(fn, what, limit)
         fut = self.submit(fn, what)
         try:
             return fut.result(timeout=limit)
@@ -236,93 +213,14 @@ class HsmPool:
             fut.cancel()
             raise HsmTimeout(f"{what}: the HSM did not answer within {limit:g} s") from None
 
-    def _run_inline(self, fn: Callable[[WorkerSession], T], what: str, limit: float) -> T:
-        """Run on the calling thread with a session nobody else uses meanwhile."""
-        deadline = time.monotonic() + limit
-        with self._lock:
-            while True:
-                if not self._accepting:
-                    raise HsmUnavailable(self._unavailable_text(what))
-                generation = self._generation
-                ws = self._take_idle(generation)
-                if ws is not None or self._inline_sessions < self.settings.workers:
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._session_free.wait(left):
-                    raise HsmTimeout(f"{what}: no HSM session became free within {limit:g} s")
-            if ws is None:
-                self._inline_sessions += 1
-            self._busy += 1
-        try:
-            if ws is None:
-                ws = WorkerSession(library.open_session(self._token), self._token.label)
-                ws.generation = generation
-            if ws.epoch != self.epoch:
-                ws.clear_cache()
-                ws.epoch = self.epoch
-            return fn(ws)
-        except BaseException as exc:
-            if is_device_fault(exc) or isinstance(exc, HsmUnavailable):
-                self._request_recovery(fault_reason(exc), generation)
-            raise translate(exc, what) from None
-        finally:
-            with self._lock:
-                if ws is not None and generation == self._generation:
-                    self._idle.append((generation, ws))
-                else:
-                    self._inline_sessions -= 1
-                self._busy -= 1
-                self._session_free.notify()
-                if self._busy == 0:
-                    self._cond.notify_all()
-
-    def _take_idle(self, generation: int) -> WorkerSession | None:
-        while self._idle:
-            gen, ws = self._idle.pop()
-            if gen == generation:
-                return ws
-            self._inline_sessions -= 1  # from before a recovery: dead, just dropped
-        return None
-
-    # --- async -------------------------------------------------------------------------------
-
-    async def arun(self, fn: Callable[[WorkerSession], T], what: str,
-                   timeout: float | None = None) -> T:
-        """As `run`, awaiting on the event loop; the PKCS#11 call runs on a worker thread."""
-        limit = self.settings.call_timeout if timeout is None else timeout
-        loop = asyncio.get_running_loop()
-        batcher = self._batchers.get(loop)
-        if batcher is None:
-            batcher = self._batchers[loop] = _Batcher(self, loop)
-        self._admit(what)
-        fut = batcher.add(fn, what)
-        try:
-            return await asyncio.wait_for(fut, limit)
-        except TimeoutError:
-            raise HsmTimeout(f"{what}: the HSM did not answer within {limit:g} s") from None
-
-    def _run_batch(self, batch: list[_Request], ws: WorkerSession) -> list[tuple[bool, Any]]:
-        """Run a batch on one worker; a device fault fails the rest of the batch at once."""
-        results: list[tuple[bool, Any]] = []
-        started = time.perf_counter()
-        for i, req in enumerate(batch):
-            if req.future.cancelled():
-                results.append((False, None))
-                continue
-            try:
-                results.append((True, req.ctx.run(req.fn, ws)))
-            except BaseException as exc:
-                results.append((False, translate(exc, req.what)))
-                if is_device_fault(exc) or isinstance(exc, HsmUnavailable):
-                    self._request_recovery(fault_reason(exc), ws.generation)
-                    gone = HsmUnavailable(self._unavailable_text(req.what))
-                    results += [(False, gone)] * (len(batch) - i - 1)
-                    break
-        per_op = (time.perf_counter() - started) / len(batch)
-        self.op_seconds += 0.2 * (per_op - self.op_seconds)
-        return results
-
-    # --- workers -------------------------------------------------------------------------------
+    def report_fault(self, exc: BaseException, ws: WorkerSession) -> bool:
+        """Start recovery if `exc` (raised on `ws`) means the token went away or changed;
+        returns whether it did (then `ws` is dead)."""
+        if not (is_device_fault(exc) or isinstance(exc, HsmUnavailable)):
+            return False
+        change = str(exc) if isinstance(exc, TokenChanged) else None
+        self._request_recovery(fault_reason(exc), ws.generation, change)
+        return True
 
     def _worker(self) -> None:
         ws: WorkerSession | None = None
@@ -336,22 +234,23 @@ class HsmPool:
                 accepting = self._accepting
                 if accepting:
                     self._busy += 1
-                    current = self._generation
+                    generation, seen = self._generation, self._seen
             if not accepting:  # outside the lock: the future's callbacks take it
-                job.future.set_exception(HsmUnavailable(self._unavailable_text(job.what)))
+                job.future.set_exception(HsmUnavailable(self.unavailable_text(job.what)))
                 continue
             try:
-                if ws is None or ws.generation != current:
+                if ws is None or ws.generation != generation:
                     # Sessions of an earlier generation died with C_Finalize: drop, never close.
-                    ws = WorkerSession(library.open_session(self._token), self._token.label)
-                    ws.generation = current
+                    ws = self._new_session(generation, seen)
                 if ws.epoch != self.epoch:
                     ws.clear_cache()
                     ws.epoch = self.epoch
                 result = job.ctx.run(job.fn, ws)
             except BaseException as exc:
-                if is_device_fault(exc) or isinstance(exc, HsmUnavailable):
-                    self._request_recovery(fault_reason(exc), current)
+                if ws is None:  # opening the session failed
+                    if is_device_fault(exc) or isinstance(exc, HsmUnavailable):
+                        self._request_recovery(fault_reason(exc), generation, None)
+                elif self.report_fault(exc, ws):
                     ws = None
                 job.future.set_exception(translate(exc, job.what))
             else:
@@ -362,16 +261,23 @@ class HsmPool:
                     if self._busy == 0:
                         self._cond.notify_all()
 
+    def _new_session(self, generation: int, seen: set[ObjectKey]) -> WorkerSession:
+        identity = self._conn.identity
+        assert identity is not None, "a worker runs only once connected"
+        return WorkerSession(self._conn.open_session(), identity, generation, seen)
+
     # --- recovery ------------------------------------------------------------------------------
 
-    def _request_recovery(self, reason: str, generation: int) -> None:
+    def _request_recovery(self, reason: str, generation: int, change: str | None) -> None:
         with self._cond:
             if self._stopping or generation != self._generation or self._recover_requested:
                 return
             log.warning("HSM fault: %s; recovering", reason)
             self._recover_requested = True
+            self._change = change
             self._accepting = False
-            self._set_state("degraded", reason)
+            state = self._new_state("degraded", reason)
+        self._notify(state)
         self._wake.set()
 
     def _supervise(self) -> None:
@@ -384,74 +290,61 @@ class HsmPool:
                     return
                 if not self._recover_requested:
                     continue
-            self._fail_queued(HsmUnavailable(self._unavailable_text("HSM call")))
+                change = self._change
+            self._fail_queued(HsmUnavailable(self.unavailable_text("HSM call")))
             if not self._drain():
                 continue
+            before = self._conn.identity
             try:
-                self._reconnect()
-            except HsmError as exc:
-                self._set_state("degraded", str(exc))
+                info = self._conn.reconnect()
+            except Exception as raw:  # never let the supervisor die: it is the only way back
+                exc = translate(raw, "reconnecting to the HSM")
+                # A changed token that may not be re-initialised in this process stays unreadable.
+                restart = change is not None and not self._conn.reinitialisable
+                reason = f"{change}; {exc}" if change is not None else str(exc)
+                self._set_state("degraded", reason + (_RESTART_TEXT if restart else ""), restart=restart,
+                                change=change if restart else None)
                 self._wake.wait(delay)  # close() sets it: stop retrying at once
                 self._wake.set()        # and come round again for the next attempt
                 delay = min(delay * 2, self.settings.retry_max)
                 continue
             delay = self.settings.retry_min
+            swapped = None
+            if before is not None and info.serial != before.serial:
+                swapped = f"token serial changed from {before.serial} to {info.serial}"
+                log.warning("HSM: %s", swapped)
+            if swapped is not None and not self._conn.reinitialisable:
+                # The provider's sessions and keys belong to the token that went away.
+                self._set_state("degraded", swapped + _RESTART_TEXT, token=(info.label, info.serial),
+                                restart=True, change=swapped)
+                continue
             with self._lock:
                 self._generation += 1
-                self._inline_sessions -= len(self._idle)
-                self._idle.clear()
+                self._seen = set()
                 self._recover_requested = False
+                self._change = None
                 self._accepting = True
-            self._set_state("ready", None, self._state.recoveries + (1 if self._ever_ready else 0))
+            self._set_state("ready", None, self._state.recoveries + (1 if self._ever_ready else 0),
+                            token=(info.label, info.serial), change=swapped or change)
             self._ever_ready = True
-            log.info("HSM ready: token '%s'", self._token.label)
+            log.info("HSM ready: token '%s'", info.label)
 
     def _drain(self) -> bool:
         """Wait until no thread is inside a PKCS#11 call (C_Finalize is unsafe otherwise)."""
         deadline = time.monotonic() + 2 * self.settings.call_timeout
+        stuck = None
+        with self._cond:
+            while self._busy and not self._stopping and time.monotonic() <= deadline:
+                self._cond.wait(0.5)
+            if self._busy and not self._stopping:
+                stuck = self._new_state("degraded", f"{self._state.reason}; waiting for {self._busy} "
+                                        "HSM call(s) that have not returned")
+        if stuck is not None:
+            self._notify(stuck)
         with self._cond:
             while self._busy and not self._stopping:
-                if time.monotonic() > deadline:
-                    self._set_state("degraded", f"{self._state.reason}; waiting for {self._busy} "
-                                    "HSM call(s) that have not returned")
-                    deadline = float("inf")
                 self._cond.wait(0.5)
             return not self._stopping
-
-    def _reconnect(self) -> None:
-        """Each attempt starts from a fresh C_Initialize, so re-enumerated devices are seen —
-        unless pkcs11-provider shares the module in this process: finalising under it leaves it
-        unable to use any key until restart, so then only sessions and the login are renewed."""
-        if self._lib is not None:
-            self._login_session = None
-            self._token = None
-            if not library.is_shared(self.settings.module_path):
-                library.finalize_quietly(self._lib)
-                library.initialize(self._lib)
-        self._connect()
-
-    def _connect(self) -> None:
-        s = self.settings
-        if self._lib is None:
-            self._lib = library.load_module(s.module_path)
-        token = library.find_token(self._lib, s.token)
-        pin = self._pin_source() if callable(self._pin_source) else self._pin_source
-        digest = hashlib.sha256(pin.reveal()).digest()
-        if self._refused_pin is not None and hmac.compare_digest(digest, self._refused_pin):
-            # Retrying a refused PIN would count towards locking the token: wait for a new one.
-            raise LoginFailed(f"token '{token.label}': the token refused the PIN; fix the PIN file "
-                              "(not retried until its content changes, so the PIN is not locked)")
-        try:
-            self._login_session = library.login(token, pin)
-        except LoginFailed as exc:
-            if exc.pin_refused:  # not when the token has no user PIN yet: it is being set up
-                self._refused_pin = digest
-            raise
-        self._refused_pin = None
-        self._token = token
-        info = library.summarise(token)
-        self._state = HsmState(self._state.status, self._state.reason, info.label, info.serial,
-                               recoveries=self._state.recoveries)
 
     def _fail_queued(self, error: HsmError) -> None:
         while True:
@@ -465,69 +358,32 @@ class HsmPool:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)
 
-    def _set_state(self, status: Status, reason: str | None = None,
-                   recoveries: int | None = None) -> None:
+    # --- state -----------------------------------------------------------------------------------
+
+    def _set_state(self, status: Status, reason: str | None = None, recoveries: int | None = None, *,
+                   token: tuple[str, str] | None = None, restart: bool = False,
+                   change: str | None = None) -> None:
+        self._notify(self._new_state(status, reason, recoveries, token=token, restart=restart,
+                                     change=change))
+
+    def _new_state(self, status: Status, reason: str | None = None, recoveries: int | None = None, *,
+                   token: tuple[str, str] | None = None, restart: bool = False,
+                   change: str | None = None) -> HsmState:
         old = self._state
-        new = HsmState(status, reason, old.token_label, old.token_serial,
-                       recoveries=old.recoveries if recoveries is None else recoveries)
+        label, serial = token if token is not None else (old.token_label, old.token_serial)
+        new = HsmState(status, reason, label, serial,
+                       recoveries=old.recoveries if recoveries is None else recoveries,
+                       restart_required=restart, last_change=change or old.last_change)
         self._state = new
+        return new
+
+    def _notify(self, new: HsmState) -> None:
+        """Tell the listeners; never with the lock held (a listener may call the HSM)."""
         for fn in list(self._listeners):
             try:
                 fn(new)
             except Exception:
                 log.exception("HSM state listener failed")
-
-
-class _Batcher:
-    """Collects one event loop's HSM requests and hands them to workers in batches."""
-
-    def __init__(self, pool: HsmPool, loop: asyncio.AbstractEventLoop) -> None:
-        self.pool = pool
-        self.loop = loop
-        self.pending: list[_Request] = []
-
-    def add(self, fn: Callable[[WorkerSession], Any], what: str) -> asyncio.Future[Any]:
-        fut = self.loop.create_future()
-        if not self.pending:
-            self.loop.call_soon(self.flush)
-        self.pending.append(_Request(fn, what, fut, contextvars.copy_context()))
-        return fut
-
-    def flush(self) -> None:
-        batch, self.pending = self.pending, []
-        spread = -(-len(batch) // self.pool.settings.workers)
-        amortise = int(BATCH_WORK_SECONDS / max(self.pool.op_seconds, 1e-6))
-        size = max(1, min(MAX_BATCH, max(spread, amortise)))
-        try:
-            self._submit_chunks(batch, size)
-        except BaseException as exc:  # never leave a caller waiting on a lost batch
-            self.pool._release(len(batch))
-            for req in batch:
-                if not req.future.done():
-                    req.future.set_exception(translate(exc, req.what))
-
-    def _submit_chunks(self, batch: list[_Request], size: int) -> None:
-        for i in range(0, len(batch), size):
-            chunk = batch[i:i + size]
-            job_future: Future[list[tuple[bool, Any]]] = Future()
-            job_future.add_done_callback(partial(self._resolve_threadsafe, chunk))
-            self.pool._queue.put(_Job(partial(self.pool._run_batch, chunk), chunk[0].what,
-                                      job_future, contextvars.Context()))
-
-    def _resolve_threadsafe(self, chunk: list[_Request], job_future: Future[Any]) -> None:
-        self.loop.call_soon_threadsafe(self._resolve, chunk, job_future)
-
-    def _resolve(self, chunk: list[_Request], job_future: Future[list[tuple[bool, Any]]]) -> None:
-        self.pool._release(len(chunk))
-        exc = job_future.exception()
-        results = [(False, exc)] * len(chunk) if exc is not None else job_future.result()
-        for req, (ok, value) in zip(chunk, results, strict=True):
-            if req.future.done():
-                continue
-            if ok:
-                req.future.set_result(value)
-            else:
-                req.future.set_exception(value or HsmUnavailable(req.what))
 
 
 def _refuse_on_event_loop(what: str) -> None:

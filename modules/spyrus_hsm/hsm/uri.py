@@ -7,7 +7,7 @@ refused, and `pin-source` is accepted only as a `file:` reference.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TypedDict, Unpack
 from urllib.parse import quote, unquote_to_bytes
 
 OBJECT_TYPES = ("private", "public", "cert", "secret-key", "data")
@@ -17,6 +17,14 @@ _PATH_SAFE = ":[]@!$'()*+,=&"
 _QUERY_SAFE = ":[]@!$'()*+,=/?|"
 _PATH_ORDER = ("token", "manufacturer", "serial", "model", "object", "type", "id")
 _QUERY_ORDER = ("module-name", "module-path", "pin-source")
+
+
+class _Changes(TypedDict, total=False):
+    """What `Pkcs11Uri.with_` may change."""
+    object: str | None
+    type: str | None
+    id: bytes | None
+    pin_source: str | None
 
 
 class UriError(ValueError):
@@ -98,7 +106,7 @@ class Pkcs11Uri:
         text = "pkcs11:" + ";".join(path)
         return text + ("?" + "&".join(query) if query else "")
 
-    def with_(self, **changes: Any) -> Pkcs11Uri:
+    def with_(self, **changes: Unpack[_Changes]) -> Pkcs11Uri:
         return replace(self, **changes)
 
 

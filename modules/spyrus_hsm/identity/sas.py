@@ -110,8 +110,3 @@ class HsmSigningMechanism(SigningMechanism):
         data = data_str.encode("utf-8") if isinstance(data_str, str) else data_str
         return base64.b64encode(self._hsm.hmac_sha256(self._key, data)).decode("ascii")
 
-
-def derive_group_device_key(hsm: Hsm, group_key: KeyRef, registration_id: str, label: str) -> str:
-    """DPS group enrollment: store HMAC(groupKey, registrationId) as a new HSM key `label`."""
-    _require(registration_id=registration_id)
-    return hsm.derive_hmac_key(group_key, registration_id.encode("utf-8"), label)

@@ -47,16 +47,6 @@ def keyref_pem(uri: Pkcs11Uri) -> str:
     return _pem(PEM_LABEL, der)
 
 
-def parse_keyref_pem(text: str) -> Pkcs11Uri:
-    import base64
-
-    body = "".join(line for line in text.strip().splitlines() if not line.startswith("-----"))
-    seq = _ProviderUri.load(base64.b64decode(body))
-    if seq["desc"].native != URI_DESCRIPTION:
-        raise ValueError("not a PKCS#11 provider URI PEM")
-    return Pkcs11Uri.parse(seq["uri"].native)
-
-
 def key_uri(token_label: str, label: str, key_id: bytes | None = None) -> Pkcs11Uri:
     return Pkcs11Uri(token=token_label, object=label, type="private", id=key_id)
 
@@ -151,15 +141,6 @@ def load_provider(module_path: str, pin_file: str, directory: str | os.PathLike[
                                 "and that the PIN file is readable")
         _loaded_config = text
     return path
-
-
-def client_context(cert_file: str | os.PathLike[str], key_file: str | os.PathLike[str],
-                   ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
-    """TLS client context authenticating with `key_file` (a provider key reference or a PEM key)."""
-    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cert_file), str(key_file))
-    return ctx
 
 
 def server_context(cert_file: str | os.PathLike[str], key_file: str | os.PathLike[str],

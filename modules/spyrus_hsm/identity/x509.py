@@ -46,9 +46,10 @@ def common_name(cert: x509.Certificate) -> str:
     return str(names[0].value) if names else ""
 
 
-def credentials(hsm: Hsm) -> list[X509Credential]:
-    """Every private key in the token that has a certificate stored with it."""
-    objects = hsm.list_objects()
+def credentials(hsm: Hsm, label: str | None = None) -> list[X509Credential]:
+    """Every private key in the token (labelled `label`, if given) that has a certificate
+    stored with it."""
+    objects = hsm.list_objects() if label is None else hsm.find(label, "private") + hsm.find(label, "cert")
     cert_labels = {o.label for o in objects if o.type == "cert"}
     out = []
     for o in objects:
@@ -60,7 +61,7 @@ def credentials(hsm: Hsm) -> list[X509Credential]:
 
 def select(hsm: Hsm, label: str | None = None, cn: str | None = None) -> X509Credential:
     """The credential named by label and/or CN, or the only one in the token."""
-    found = credentials(hsm)
+    found = credentials(hsm, label)
     if label is not None:
         found = [c for c in found if c.label == label]
     if cn is not None:

@@ -74,7 +74,7 @@ class ServerTls:
         self._closed = False
         if cfg.tls_key_label:
             self.listening.sni_callback = self._newest
-            hsm.pool.add_listener(self._on_hsm_state)
+            hsm.add_listener(self._on_hsm_state)
 
     def _newest(self, conn: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
         if conn.context is not self.current:
@@ -102,7 +102,7 @@ class ServerTls:
 
     def close(self) -> None:
         self._closed = True
-        self._hsm.pool.remove_listener(self._on_hsm_state)
+        self._hsm.remove_listener(self._on_hsm_state)
 
 
 async def probe_forever(hsm: Hsm, stop: asyncio.Event) -> None:

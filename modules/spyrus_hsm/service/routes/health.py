@@ -22,7 +22,8 @@ async def readyz(request: web.Request) -> web.Response:
     api = request.app.get(API_NOT_SERVING)
     not_serving = api() if api is not None and state.ready else None
     if state.ready and not_serving is None:
-        return web.json_response({"ready": True, "status": state.status, "token": state.token_label})
+        return web.json_response({"ready": True, "status": state.status, "token": state.token_label,
+                                  "lastChange": state.last_change})
     title = "The HSM is not ready" if not state.ready else "The API is not serving yet"
     return problem_response(Problem(503, "not-ready", title, not_serving or state.reason or state.status,
                                     retry_after=svc.cfg.retry_after,
