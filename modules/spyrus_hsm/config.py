@@ -32,13 +32,14 @@ from typing import Any
 
 import yaml
 
+from .errors import Kind, SpyrusError
 from .hsm import PoolSettings, TokenSelector
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 ENV_CONFIG = "SPYRUS_HSM_CONFIG"
 
 
-class ConfigError(ValueError):
+class ConfigError(SpyrusError, ValueError, kind=Kind.CONFIG):
     """The configuration is invalid; the message names the key and where it came from."""
 
 
