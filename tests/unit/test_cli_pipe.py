@@ -6,15 +6,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
-from conftest import TokenEnv
 
 from spyrus_hsm.cli import EXIT_PIPE
 from spyrus_hsm.hsm import Hsm, Secret
 
 
-def _list_into_a_pipe(token_env: TokenEnv, *, read_first_line: bool, unbuffered: bool) -> tuple[int, str]:
+def _list_into_a_pipe(token_env: Any, *, read_first_line: bool, unbuffered: bool) -> tuple[int, str]:
     read_end, write_end = os.pipe()
     reader = os.fdopen(read_end, "rb")
     if not read_first_line:
@@ -31,13 +31,13 @@ def _list_into_a_pipe(token_env: TokenEnv, *, read_first_line: bool, unbuffered:
 
 
 @pytest.mark.parametrize("unbuffered", [True, False], ids=["unbuffered", "buffered"])
-def test_list_into_a_closed_pipe_exits_141_without_a_traceback(token_env: TokenEnv, unbuffered: bool) -> None:
+def test_list_into_a_closed_pipe_exits_141_without_a_traceback(token_env: Any, unbuffered: bool) -> None:
     for _ in range(3):
         code, err = _list_into_a_pipe(token_env, read_first_line=False, unbuffered=unbuffered)
         assert (code, err) == (EXIT_PIPE, "")
 
 
-def test_list_piped_into_a_reader_of_one_line_is_quiet(token_env: TokenEnv, hsm: Hsm) -> None:
+def test_list_piped_into_a_reader_of_one_line_is_quiet(token_env: Any, hsm: Hsm) -> None:
     for i in range(3):  # enough objects for several lines
         hsm.import_secret_key(f"pipe-{os.getpid()}-{i}", Secret(os.urandom(32)))
     for _ in range(5):

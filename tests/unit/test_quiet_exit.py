@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from conftest import TokenEnv
 from service_harness import store_hsm_certificate
 
 from emulator.pki import EmulatorPki
@@ -28,7 +28,7 @@ def _quiet(err: str) -> bool:
     return not any(n in err for n in NOISE)
 
 
-def _serve_until_listening_then_sigterm(token_env: TokenEnv, config: Path, tmp_path: Path) -> tuple[int, str, str]:
+def _serve_until_listening_then_sigterm(token_env: Any, config: Path, tmp_path: Path) -> tuple[int, str, str]:
     err_file = tmp_path / "serve.err"
     with err_file.open("wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "spyrus_hsm", "--config", str(config), "serve"],
@@ -50,7 +50,7 @@ def _serve_until_listening_then_sigterm(token_env: TokenEnv, config: Path, tmp_p
 
 
 def test_serve_with_its_key_in_the_hsm_stops_on_sigterm_without_noise(
-        token_env: TokenEnv, hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki) -> None:
+        token_env: Any, hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki) -> None:
     """As `make run` serves: the server key in the HSM, so pkcs11-provider is loaded too."""
     label = "quiet-" + secrets.token_hex(3)
     store_hsm_certificate(hsm, label, emulator_pki, server_ip=HOST)
@@ -67,7 +67,7 @@ def test_serve_with_its_key_in_the_hsm_stops_on_sigterm_without_noise(
     assert _quiet(err), err
 
 
-def test_a_cli_command_exits_without_noise(token_env: TokenEnv, hsm: Hsm) -> None:
+def test_a_cli_command_exits_without_noise(token_env: Any, hsm: Hsm) -> None:
     label = "quiet-" + secrets.token_hex(3)
     hsm.import_secret_key(label, Secret(secrets.token_bytes(32)))
     proc = subprocess.run([sys.executable, "-m", "spyrus_hsm", "sas", "--key", label, "--hub", "h.example",
