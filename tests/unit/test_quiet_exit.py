@@ -75,3 +75,17 @@ def test_a_cli_command_exits_without_noise(token_env: Any, hsm: Hsm) -> None:
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.startswith(b"SharedAccessSignature ")
     assert proc.stderr.decode() == ""
+
+
+def test_a_loaded_pkcs11_module_still_referenced_at_interpreter_exit_leaves_no_noise(token_env: Any) -> None:
+    """Whatever keeps the module's library object to the very end (a test runner's saved
+    traceback, a reference cycle) must not make its finalisation print: python-pkcs11's
+    lib.__dealloc__ looked up `unload` on a class the interpreter had already torn down, and
+    reported the AttributeError through a sys.excepthook that was already gone."""
+    script = ("from spyrus_hsm.hsm.library import load_module\n"
+              f"KEEP = [load_module({token_env.module!r})]\n"
+              "KEEP.append(KEEP)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=token_env.env(), capture_output=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0
+    assert proc.stderr.decode() == ""
