@@ -3,7 +3,8 @@
 Secrets (PINs, keys, passwords) come only from files or standard input, never from argv.
 Exit codes: 0 success; 1 the operation was attempted and failed (wrong PIN, unknown label,
 bad PKCS#12 password, HSM unavailable); 2 the command cannot run as given (usage, config,
-missing module or token, unreadable or invalid input).
+missing module or token, unreadable or invalid input); 141 standard output was closed early
+(`spyrus-hsm list | head -1`). An error's kind picks 1 or 2: `EXIT_CODES`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,17 +26,15 @@ from cryptography import x509
 
 from . import __version__
 from . import config as config_mod
-from .cloud.dps import RegistrationError
-from .config import Config, ConfigError
+from .config import Config
+from .errors import Kind, SpyrusError
 from .files import write_atomic
 from .hsm import (
     Hsm,
     HsmConfigError,
-    HsmError,
     KeyAlgorithm,
     Pkcs11Uri,
     Secret,
-    UriError,
     read_secret_file,
     read_secret_stream,
 )
@@ -45,9 +45,24 @@ from .identity.csr import build_csr
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_PIPE = 128 + 13  # what a shell reports for a command killed by SIGPIPE
+
+EXIT_CODES: dict[Kind, int] = {
+    Kind.USAGE: EXIT_USAGE,
+    Kind.CONFIG: EXIT_USAGE,
+    Kind.INVALID: EXIT_FAILED,
+    Kind.NOT_FOUND: EXIT_FAILED,
+    Kind.CONFLICT: EXIT_FAILED,
+    Kind.REFUSED: EXIT_FAILED,
+    Kind.CREDENTIAL: EXIT_FAILED,
+    Kind.UNAVAILABLE: EXIT_FAILED,
+    Kind.BUSY: EXIT_FAILED,
+    Kind.TIMEOUT: EXIT_FAILED,
+    Kind.UPSTREAM: EXIT_FAILED,
+}
 
 
-class UsageError(Exception):
+class UsageError(SpyrusError, kind=Kind.USAGE):
     """The command cannot run as given (exit 2)."""
 
 
@@ -296,7 +311,7 @@ def cmd_register(args: argparse.Namespace, stdin: _Stdin) -> int:
             raise UsageError("--payload must be JSON, e.g. '{\"site\": \"plant-7\"}'") from None
     with _hsm(args, stdin) as (hsm, cfg):
         ca_file = args.server_ca or cfg.cloud.server_ca_file
-        ca_pem = Path(ca_file).read_text() if ca_file else None
+        ca_pem = _read_input_file(ca_file, "server CA file").decode() if ca_file else None
         pin_file = args.pin_file or cfg.hsm.pin_file
 
         def load_provider() -> None:
@@ -328,11 +343,7 @@ def cmd_serve(args: argparse.Namespace, stdin: _Stdin) -> int:
         cfg = replace(cfg, hsm=replace(cfg.hsm, pin_file=args.pin_file))
     from . import telemetry
 
-    try:
-        tel = telemetry.setup("spyrus-hsm", set_global=True)
-    except telemetry.TelemetryConfigError as exc:
-        raise UsageError(str(exc)) from None
-    return serve(cfg, tel)
+    return serve(cfg, telemetry.setup("spyrus-hsm", set_global=True))
 
 
 def cmd_selftest(args: argparse.Namespace, stdin: _Stdin) -> int:
@@ -343,37 +354,29 @@ def cmd_selftest(args: argparse.Namespace, stdin: _Stdin) -> int:
 
 # --- parser -----------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="spyrus-hsm", description="Azure IoT identity secrets kept in a PKCS#11 HSM.")
+    p = argparse.ArgumentParser(prog="spyrus-hsm", description="Azure IoT identity secrets kept in a PKCS#11 HSM.")
     p.add_argument("--config", help="YAML config file (default: $SPYRUS_HSM_CONFIG)")
     p.add_argument("--pin-file", help="file holding the user PIN (default: hsm.pin_file)")
     p.add_argument("--version", action="version", version=f"spyrus-hsm {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log more to standard error")
     # --pin-file is accepted after the subcommand too ("token init --label L --pin-file F").
-    common = _Parser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--pin-file", default=argparse.SUPPRESS, help="file holding the user PIN")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True)
     _add = sub.add_parser
 
     def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
         return _add(name, parents=[common], **kw)
 
-    token = _add("token", help="token management").add_subparsers(
-        dest="token_command", required=True, parser_class=_Parser)
+    token = _add("token", help="token management").add_subparsers(dest="token_command", required=True)
     t = token.add_parser("init", help="initialise a free token (PINs from files or stdin: SO PIN, then user PIN)")
     t.add_argument("--label", required=True)
     t.add_argument("--so-pin-file")
     t.add_argument("--pin-file", default=argparse.SUPPRESS, help="file holding the new user PIN")
     t.set_defaults(func=cmd_token_init)
 
-    key = _add("key", help="keys").add_subparsers(dest="key_command", required=True,
-                                                           parser_class=_Parser)
+    key = _add("key", help="keys").add_subparsers(dest="key_command", required=True)
     k = key.add_parser("import-sas", parents=[common],
                        help="import a device primary key (base64, from --key-file or stdin)")
     k.add_argument("--label", required=True)
@@ -397,8 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="write the PEM here instead of standard output")
     c.set_defaults(func=cmd_csr)
 
-    cert = _add("cert", help="certificates").add_subparsers(
-        dest="cert_command", required=True, parser_class=_Parser)
+    cert = _add("cert", help="certificates").add_subparsers(dest="cert_command", required=True)
     c = cert.add_parser("import", parents=[common], help="store a certificate or chain beside its key")
     c.add_argument("file")
     c.add_argument("--label", required=True)
@@ -467,18 +469,30 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     func: Callable[[argparse.Namespace, _Stdin], int] = args.func
     try:
-        return func(args, _Stdin())
-    except (UsageError, ConfigError, HsmConfigError, UriError, sas_mod.SasError, tls.ProviderError) as exc:
-        return _fail(EXIT_USAGE, exc)
-    except (HsmError, RegistrationError) as exc:
-        return _fail(EXIT_FAILED, exc)
+        code = func(args, _Stdin())
+        sys.stdout.flush()  # a closed pipe shows here rather than at interpreter exit
+        return code
+    except SpyrusError as exc:
+        print(f"spyrus-hsm: error: {exc}", file=sys.stderr)
+        return EXIT_CODES[exc.kind]
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         return 130
 
 
-def _fail(code: int, exc: Exception) -> int:
-    print(f"spyrus-hsm: error: {exc}", file=sys.stderr)
-    return code
+def _stdout_closed() -> int:
+    """The reader of standard output went away: stop quietly, as `cat` does under a shell.
+
+    Python ignores SIGPIPE, so the write raised instead. Standard output is pointed at
+    /dev/null so that the flush at interpreter exit does not raise again (the recipe in the
+    Python docs' note on SIGPIPE); the exit code is the shell's for a SIGPIPE death rather
+    than 1, which means "attempted and failed".
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_PIPE
 
 
 def run() -> NoReturn:

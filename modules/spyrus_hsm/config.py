@@ -1,5 +1,9 @@
 """Configuration: one typed object, read from YAML, overridden by the environment, validated
-once. Errors name the key and the file.
+once. Errors name the key and the file (or the environment variable).
+
+Each key's type is its field's annotation: a YAML number or boolean where a string is meant is
+refused rather than converted (`token_serial: 01234567` is octal to YAML), a `Literal` lists the
+values allowed, and null is accepted only where the annotation allows None.
 
     hsm:
       module: /usr/lib/softhsm/libsofthsm2.so   # SPYRUS_HSM_PKCS11_MODULE
@@ -25,20 +29,22 @@ once. Errors name the key and the file.
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .errors import Kind, SpyrusError
 from .hsm import PoolSettings, TokenSelector
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 ENV_CONFIG = "SPYRUS_HSM_CONFIG"
 
 
-class ConfigError(ValueError):
+class ConfigError(SpyrusError, ValueError, kind=Kind.CONFIG):
     """The configuration is invalid; the message names the key and where it came from."""
 
 
@@ -74,7 +80,7 @@ class CloudConfig:
     provisioning_host: str = "global.azure-devices-provisioning.net"
     id_scope: str | None = None
     registration_id: str | None = None
-    attestation: str = "symmetricKey"   # or x509
+    attestation: Literal["symmetricKey", "x509"] = "symmetricKey"
     key: str | None = None              # HSM key label (SAS) or X.509 credential label
     group: bool = False
     hub: str | None = None              # without DPS: the IoT Hub host name ...
@@ -174,7 +180,7 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
     cfg = _from_mapping(data, source)
     for var, (section, key) in _ENV.items():
         if env.get(var):
-            cfg = _override(cfg, section, key, env[var], f"environment variable {var}")
+            cfg = _override(cfg, section, key, env[var], var)
     _validate(cfg, require_token)
     return cfg
 
@@ -207,7 +213,7 @@ def _from_mapping(data: Mapping[str, Any], source: str) -> Config:
         elif key in _SECTIONS:
             kwargs[key] = _section(_SECTIONS[key], value, f"{key}", source)
         elif key == "state_dir":
-            kwargs[key] = _typed(str, value, key, source)
+            kwargs[key] = _typed(_hints(Config)[key], value, key, source)
         else:
             raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(_SECTIONS)}, state_dir)")
     return Config(**kwargs)
@@ -218,12 +224,12 @@ def _section(cls: type[Any], value: Any, name: str, source: str) -> Any:
         return cls()
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: '{name}' must be a mapping")
-    known = {f.name: f for f in fields(cls)}
+    known = _hints(cls)
     kwargs = {}
     for key, item in value.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown key '{name}.{key}' (known: {', '.join(known)})")
-        kwargs[key] = _typed(_field_type(cls, key), item, f"{name}.{key}", source)
+        kwargs[key] = _typed(known[key], item, f"{name}.{key}", source)
     return cls(**kwargs)
 
 
@@ -288,30 +294,50 @@ def _rule(value: Any, index: int, source: str) -> PolicyRule:
     return PolicyRule(**parts)
 
 
-def _field_type(cls: type[Any], key: str) -> type[Any]:
-    default = getattr(cls(), key)
-    if isinstance(default, bool):
-        return bool
-    if isinstance(default, (int, float)):
-        return type(default)
-    return str
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    """The annotated type of each field of a config dataclass."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
 
 
-def _typed(kind: type[Any], value: Any, key: str, source: str) -> Any:
+_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _typed(hint: Any, value: Any, key: str, source: str) -> Any:
+    """`value` as the annotation `hint` wants it, or ConfigError naming `key` and `source`."""
+    args = get_args(hint)
+    optional = get_origin(hint) in (Union, types.UnionType) and type(None) in args
+    if optional:
+        [hint] = [a for a in args if a is not type(None)]
+        args = get_args(hint)
     if value is None:
-        return None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if optional:
+            return None
+        raise ConfigError(f"{source}: '{key}' must be {_describe(hint)}, not null")
+    if get_origin(hint) is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if hint is float and type(value) is int:
         return float(value)
-    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{source}: '{key}' must be {kind.__name__}, got {value!r}")
+    if type(value) is not hint:  # exact: a bool is not an int, a number is not a string
+        if hint is str and isinstance(value, (int, float, bool)):
+            raise ConfigError(f"{source}: '{key}' must be a string, but YAML read {value!r} as "
+                              f"{_NAMES[type(value)]}; put it in quotes")
+        raise ConfigError(f"{source}: '{key}' must be {_describe(hint)}, got {value!r}")
     return value
 
 
-def _override(cfg: Config, section: str, key: str, value: str, source: str) -> Config:
+def _describe(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, get_args(hint)))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _override(cfg: Config, section: str, key: str, value: str, var: str) -> Config:
     sec = getattr(cfg, section)
-    return replace(cfg, **{section: replace(sec, **{key: _typed(str, value, key, source)})})
+    typed = _typed(_hints(type(sec))[key], value, f"{section}.{key}", f"environment variable {var}")
+    return replace(cfg, **{section: replace(sec, **{key: typed})})
 
 
 def _validate(cfg: Config, require_token: bool) -> None:
@@ -331,8 +357,6 @@ def _validate(cfg: Config, require_token: bool) -> None:
     if not 60 <= cfg.sas.default_ttl <= 365 * 24 * 3600:
         raise ConfigError(f"{where}: 'sas.default_ttl' must be 60 s to 1 year")
     c = cfg.cloud
-    if c.attestation not in ("symmetricKey", "x509"):
-        raise ConfigError(f"{where}: 'cloud.attestation' must be symmetricKey or x509, got {c.attestation!r}")
     if c.id_scope and not c.registration_id:
         raise ConfigError(f"{where}: 'cloud.id_scope' needs 'cloud.registration_id'")
     if c.hub and not c.device_id:

@@ -50,6 +50,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from . import __version__
+from .errors import Kind, SpyrusError
 from .threads import call_with_deadline
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ HSM_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.
 _SIGNAL_PATHS = {"TRACES": "v1/traces", "METRICS": "v1/metrics"}
 
 
-class TelemetryConfigError(ValueError):
+class TelemetryConfigError(SpyrusError, ValueError, kind=Kind.CONFIG):
     """An OTEL_* variable holds a value spyrus-hsm cannot use; the message names the variable."""
 
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import Kind, SpyrusError
 from ..files import read_json, write_json_atomic
 from ..hsm import Hsm, ObjectNotFound
 from ..identity import x509 as x509_id
@@ -34,7 +35,7 @@ DEFAULT_TIMEOUT = 120.0
 SAS_TTL = 3600  # seconds; the token is only used to connect for this registration
 
 
-class RegistrationError(RuntimeError):
+class RegistrationError(SpyrusError, RuntimeError, kind=Kind.UPSTREAM):
     """A registration that did not produce an assignment; the message says what to do."""
 
 

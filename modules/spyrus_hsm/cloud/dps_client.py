@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import paho.mqtt.client as mqtt
 
 from .. import __version__
+from ..errors import Kind, SpyrusError
 
 API_VERSION = "2019-03-31"
 PORT = 8883
@@ -39,7 +40,7 @@ OPERATION_STATUS = "$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid
 CONNACK_NOT_AUTHORIZED = (4, 5)  # bad user name or password, not authorised
 
 
-class DpsFailure(Exception):
+class DpsFailure(SpyrusError, kind=Kind.UPSTREAM):
     """Why a registration ended without an assignment (the caller words it for the operator)."""
 
 

@@ -28,6 +28,7 @@ from azure.iot.device import IoTHubModuleClient, MethodResponse
 
 from .. import __version__
 from ..config import Config, ConfigError, ServiceConfig
+from ..errors import Kind, SpyrusError
 from ..hsm import Hsm, HsmState
 from ..identity import x509 as x509_id
 from ..threads import call_with_deadline, spawn
@@ -440,7 +441,7 @@ class EdgeAgent:
         return 200, body
 
 
-class ApplyError(RuntimeError):
+class ApplyError(SpyrusError, RuntimeError, kind=Kind.REFUSED):
     """A valid configuration that could not be applied; nothing was changed."""
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..config import Config, ConfigError, ServiceConfig, service_section, validate_service
+from ..errors import Kind, SpyrusError
 
 # twin key under `service` -> ServiceConfig field; all of them applied by Service.reconfigure
 LIVE: dict[str, str] = {
@@ -52,7 +53,7 @@ LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.W
 TOP_LEVEL = ("logLevel", "service")
 
 
-class TwinConfigError(ValueError):
+class TwinConfigError(SpyrusError, ValueError, kind=Kind.CONFIG):
     """The desired properties are not a valid configuration; the message names the twin key."""
 
 

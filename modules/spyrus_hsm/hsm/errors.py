@@ -2,17 +2,20 @@
 
 Nothing here ever carries a PIN, key bytes or data being signed. PKCS#11 exceptions from
 python-pkcs11 are translated to these in one place (`hsm.faults.translate`), so no caller
-outside `hsm/` has to know the PKCS#11 return codes.
+outside `hsm/` has to know the PKCS#11 return codes. Each class's `kind` decides the CLI's
+exit code and the API's HTTP status (see `spyrus_hsm.errors`).
 """
 
 from __future__ import annotations
 
+from ..errors import Kind, SpyrusError
 
-class HsmError(Exception):
+
+class HsmError(SpyrusError, kind=Kind.REFUSED):
     """Base of every error the HSM layer raises."""
 
 
-class HsmConfigError(HsmError):
+class HsmConfigError(HsmError, kind=Kind.CONFIG):
     """The configuration points at something that is not there (module, token, PIN file)."""
 
 
@@ -24,7 +27,7 @@ class PinFileError(HsmConfigError):
     """The PIN file is missing, unreadable, too open or empty."""
 
 
-class LoginFailed(HsmError):
+class LoginFailed(HsmError, kind=Kind.UNAVAILABLE):
     """The token refused the PIN (wrong, locked or expired), or has no user PIN yet.
 
     `pin_refused` is False when the token did not judge the PIN at all (no user PIN yet, as
@@ -35,31 +38,31 @@ class LoginFailed(HsmError):
         self.pin_refused = pin_refused
 
 
-class ObjectNotFound(HsmError):
+class ObjectNotFound(HsmError, kind=Kind.NOT_FOUND):
     """No object matches the label, id or URI asked for."""
 
 
-class DuplicateObject(HsmError):
+class DuplicateObject(HsmError, kind=Kind.CONFLICT):
     """More than one object matches where exactly one was expected, or a label is taken."""
 
 
-class InvalidInput(HsmError):
+class InvalidInput(HsmError, kind=Kind.INVALID):
     """Key material, a certificate or a parameter given to the HSM layer is unusable."""
 
 
-class OperationFailed(HsmError):
+class OperationFailed(HsmError, kind=Kind.REFUSED):
     """The token rejected an operation for a reason other than availability."""
 
 
-class HsmUnavailable(HsmError):
+class HsmUnavailable(HsmError, kind=Kind.UNAVAILABLE):
     """The token is not usable right now (unplugged, recovering, not logged in)."""
 
 
-class HsmTimeout(HsmUnavailable):
+class HsmTimeout(HsmUnavailable, kind=Kind.TIMEOUT):
     """An HSM call did not finish within its timeout."""
 
 
-class HsmBusy(HsmUnavailable):
+class HsmBusy(HsmUnavailable, kind=Kind.BUSY):
     """The bounded queue of HSM work is full; retry later."""
 
 

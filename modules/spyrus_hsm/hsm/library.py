@@ -54,7 +54,14 @@ def load_module(path: str) -> _LockingLib:
         raise HsmConfigError(f"PKCS#11 module {path} is not readable by uid {os.getuid()}")
     try:
         if path not in _LIBS:
-            _LIBS[path] = _LockingLib(path)
+            lib = _LockingLib(path)
+            # Never freed: at interpreter exit the object can outlive its class (torn down by
+            # the final garbage collection), and python-pkcs11's lib.__dealloc__ then cannot
+            # find `unload` and reports it through a sys.excepthook already gone ("Error in
+            # sys.excepthook" on exit). Nothing is lost: its C_Finalize would be skipped (the
+            # module is initialised through Cryptoki), and the OS unloads the module at exit.
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(lib))
+            _LIBS[path] = lib
         return _LIBS[path]
     except p11e.PKCS11Error as exc:
         raise HsmConfigError(

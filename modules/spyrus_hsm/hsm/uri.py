@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from typing import TypedDict, Unpack
 from urllib.parse import quote, unquote_to_bytes
 
+from ..errors import Kind, SpyrusError
+
 OBJECT_TYPES = ("private", "public", "cert", "secret-key", "data")
 
 # RFC 7512 pchar without the separators it reserves for itself.
@@ -27,7 +29,7 @@ class _Changes(TypedDict, total=False):
     pin_source: str | None
 
 
-class UriError(ValueError):
+class UriError(SpyrusError, ValueError, kind=Kind.USAGE):
     """A string is not a usable pkcs11: URI; the message says which part."""
 
 

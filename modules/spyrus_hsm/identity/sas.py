@@ -15,13 +15,14 @@ from urllib.parse import quote
 
 from azure.iot.device.common.auth.signing_mechanism import SigningMechanism
 
+from ..errors import Kind, SpyrusError
 from ..hsm import Hsm, KeyRef, SignAlgorithm
 
 MIN_TTL = 60
 MAX_TTL = 365 * 24 * 3600
 
 
-class SasError(ValueError):
+class SasError(SpyrusError, ValueError, kind=Kind.USAGE):
     """A SAS request that cannot be honoured as given (bad TTL, empty id, …)."""
 
 

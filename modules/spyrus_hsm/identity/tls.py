@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, cast
 
 from asn1crypto.core import Sequence, UTF8String, VisibleString
 
+from ..errors import Kind, SpyrusError
 from ..files import write_atomic
 from ..hsm import Pkcs11Uri, mark_shared
 
@@ -100,7 +101,7 @@ _load_lock = threading.Lock()
 _loaded_config: str | None = None
 
 
-class ProviderError(RuntimeError):
+class ProviderError(SpyrusError, RuntimeError, kind=Kind.CONFIG):
     """pkcs11-provider cannot be loaded; the message says what is missing."""
 
 

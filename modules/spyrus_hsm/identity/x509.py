@@ -20,12 +20,13 @@ from cryptography.exceptions import InvalidSignature as InvalidSignatureError
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from ..errors import Kind, SpyrusError
 from ..files import write_atomic
 from ..hsm import Hsm, InvalidInput, ObjectNotFound
 from . import tls
 
 
-class ChainError(ValueError):
+class ChainError(SpyrusError, ValueError, kind=Kind.CREDENTIAL):
     """A certificate chain that a peer would reject; the message says why."""
 
 

@@ -24,10 +24,12 @@ import threading
 import time
 from typing import Any
 
+from ..errors import Kind, SpyrusError
+
 log = logging.getLogger(__name__)
 
 
-class AuditError(RuntimeError):
+class AuditError(SpyrusError, RuntimeError, kind=Kind.UNAVAILABLE):
     """The audit record could not be written."""
 
 

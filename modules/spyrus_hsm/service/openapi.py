@@ -25,15 +25,17 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "Invalid request (field named in the detail)", 401: "Not authenticated",
         403: "Not allowed by policy", 404: "Not found", 405: "Method not allowed",
         408: "The request body did not arrive within the request timeout",
+        409: "Conflicts with what the HSM holds (a label taken, or naming several objects)",
         413: "Request body too large", 415: "Body is not application/json", 429: "Rate limited (see Retry-After)",
         422: "The HSM refused the operation or the stored credential is unusable",
         500: "Internal error (logged under the request id)", 502: "DPS registration failed",
-        503: "HSM not ready, busy or timed out, or the audit log unavailable (see Retry-After)",
+        503: "HSM not ready, busy or timed out, the audit log unavailable (see Retry-After), "
+             "or the module not set up for this",
     }
     return {str(c): _problem_ref(texts[c]) for c in codes}
 
 
-COMMON = (401, 403, 404, 405, 422, 429, 500, 503)
+COMMON = (401, 403, 404, 405, 409, 422, 429, 500, 503)
 BODY = (400, 408, 413, 415)
 
 

@@ -1,23 +1,25 @@
 """RFC 9457 problem details: the one place where failures become HTTP answers.
 
 Handlers raise `Problem` (or let package errors through); `problem_response` renders it, and
-`from_exception` maps the package's own errors — so the HTTP layer never guesses at PKCS#11.
-Details never quote request data, tokens, keys or PINs: messages of HSM errors are written by
-this package and name only labels and reasons.
+`from_exception` looks a package error's kind up in `HTTP` — so the HTTP layer never guesses at
+PKCS#11, and a new error class needs no change here. Details never quote request data, tokens,
+keys or PINs: messages of package errors are written by this package and name only labels and
+reasons; where they would tell a leaf device about the module's installation (paths, tokens
+present), a fixed detail is sent instead and the message goes to the log.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from ..cloud.dps import RegistrationError
-from ..hsm import errors as hsm_errors
-from ..identity.sas import SasError
-from ..identity.x509 import ChainError
+from ..errors import Kind, SpyrusError
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/problem+json"
 TYPE_BASE = "https://spyrus-hsm.dev/problems/"  # identifiers, documented in the README
@@ -70,24 +72,43 @@ def problem_response(p: Problem, instance: str | None = None) -> web.Response:
                         headers=headers)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """How one kind of error is answered over HTTP."""
+    status: int
+    type: str
+    title: str
+    detail: str | None = None   # sent instead of the error's message (see the module docstring)
+    retry: bool = False         # with Retry-After: trying again later may work
+
+
+_UNAVAILABLE = "Service temporarily unavailable"
+_INVALID = Answer(400, "invalid-request", "The request is not valid")
+
+HTTP: dict[Kind, Answer] = {
+    Kind.USAGE: _INVALID,
+    Kind.INVALID: _INVALID,
+    Kind.CONFIG: Answer(503, "not-configured", "The module is not set up for this",
+                        "the module's configuration or installation needs fixing; its log says why"),
+    Kind.NOT_FOUND: Answer(404, "not-found", "Not found"),
+    Kind.CONFLICT: Answer(409, "conflict", "Conflicts with what the HSM holds"),
+    Kind.REFUSED: Answer(422, "operation-failed", "The HSM refused the operation"),
+    Kind.CREDENTIAL: Answer(422, "credential-invalid", "The stored credential is not usable"),
+    Kind.UNAVAILABLE: Answer(503, "hsm-unavailable", _UNAVAILABLE, "the HSM is not ready; retry later", True),
+    Kind.BUSY: Answer(503, "hsm-busy", _UNAVAILABLE, "the HSM queue is full; retry later", True),
+    Kind.TIMEOUT: Answer(503, "hsm-timeout", _UNAVAILABLE, "the HSM did not answer in time; retry later", True),
+    Kind.UPSTREAM: Answer(502, "registration-failed", "DPS registration failed"),
+}
+
+
 def from_exception(exc: BaseException, retry_after: int) -> Problem | None:
-    """The problem for a known package error; None for anything else (a bug: 500, logged)."""
+    """The problem for a package error, by its kind; None for anything else (a bug: 500, logged)."""
     if isinstance(exc, Problem):
         return exc
-    if isinstance(exc, hsm_errors.HsmBusy):
-        return unavailable("the HSM queue is full; retry later", retry_after, "hsm-busy")
-    if isinstance(exc, hsm_errors.HsmTimeout):
-        return unavailable("the HSM did not answer in time; retry later", retry_after, "hsm-timeout")
-    if isinstance(exc, (hsm_errors.HsmUnavailable, hsm_errors.LoginFailed, hsm_errors.HsmConfigError)):
-        return unavailable("the HSM is not ready; retry later", retry_after)
-    if isinstance(exc, hsm_errors.ObjectNotFound):
-        return not_found(str(exc))
-    if isinstance(exc, (hsm_errors.InvalidInput, SasError)):
-        return bad_request(str(exc))
-    if isinstance(exc, hsm_errors.OperationFailed):
-        return Problem(422, "operation-failed", "The HSM refused the operation", str(exc))
-    if isinstance(exc, ChainError):
-        return Problem(422, "credential-invalid", "The stored credential is not usable", str(exc))
-    if isinstance(exc, RegistrationError):
-        return Problem(502, "registration-failed", "DPS registration failed", str(exc))
-    return None
+    if not isinstance(exc, SpyrusError):
+        return None
+    answer = HTTP[exc.kind]
+    if exc.kind is Kind.CONFIG:
+        log.error("a request needs what is not set up: %s", exc)
+    return Problem(answer.status, answer.type, answer.title, answer.detail or str(exc),
+                   retry_after=retry_after if answer.retry else None)

@@ -13,6 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ..config import ServiceConfig
+from ..errors import Kind, SpyrusError
 from ..files import write_atomic
 from ..hsm import Hsm, HsmState
 from ..identity import tls
@@ -118,7 +119,7 @@ async def probe_forever(hsm: Hsm, stop: asyncio.Event) -> None:
             pass
 
 
-class ListenError(Exception):
+class ListenError(SpyrusError, kind=Kind.CONFIG):
     """A listener cannot bind its address (in use, not assignable, not permitted)."""
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from ..errors import Kind, SpyrusError
 from .keys import SERVICE
 from .problems import Problem, bad_request
 
@@ -35,7 +36,7 @@ READING_BODY = web.RequestKey("spyrus.reading_body", bool)
 _NAMEABLE_KEY = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
 
 
-class ClientDisconnected(Exception):
+class ClientDisconnected(SpyrusError, kind=Kind.USAGE):
     """The client closed the connection before its request body arrived: nobody to answer."""
 
 

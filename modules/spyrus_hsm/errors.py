@@ -1,0 +1,43 @@
+"""The root of every error spyrus-hsm raises, and the kinds they come in.
+
+Each error class says what kind of failure it is (`SpyrusError.kind`); the ways out look the
+kind up in one table each: the CLI's exit code (`cli.EXIT_CODES`) and the API's HTTP status
+and problem type (`service.problems.HTTP`). A new error class picks a kind and needs nothing
+else. This module imports nothing from the package, so every layer (hsm/ included) can use it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, ClassVar
+
+
+class Kind(enum.Enum):
+    """What went wrong, in the terms the caller acts on."""
+
+    USAGE = "usage"              # the command line or request is malformed: change the call
+    INVALID = "invalid"          # the data handed in (key, certificate, password) is unusable
+    CONFIG = "config"            # configuration or installation is wrong: the operator fixes it
+    NOT_FOUND = "not-found"      # no object, key or record by that name
+    CONFLICT = "conflict"        # the name is taken, or names more than one thing
+    REFUSED = "refused"          # the HSM refused a well-formed operation
+    CREDENTIAL = "credential"    # a stored credential its peer would reject (chain, CN)
+    UNAVAILABLE = "unavailable"  # not usable right now (HSM missing, not logged in, audit log)
+    BUSY = "busy"                # too much work queued: back off and retry
+    TIMEOUT = "timeout"          # the HSM did not answer in time: retry
+    UPSTREAM = "upstream"        # DPS or IoT Hub did not do what was asked
+
+
+class SpyrusError(Exception):
+    """Base of every error the package raises.
+
+    A subclass names its kind in its declaration, `class ChainError(SpyrusError,
+    kind=Kind.CREDENTIAL)`, and inherits it otherwise.
+    """
+
+    kind: ClassVar[Kind]
+
+    def __init_subclass__(cls, kind: Kind | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            cls.kind = kind

@@ -1,0 +1,108 @@
+"""Every error the package raises has a kind, and the CLI's exit code and the API's HTTP status
+are both looked up from it: no package error reaches a user as a traceback or a 500."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+
+import spyrus_hsm
+from spyrus_hsm.cli import EXIT_CODES, EXIT_FAILED, EXIT_USAGE
+from spyrus_hsm.errors import Kind, SpyrusError
+from spyrus_hsm.hsm import errors as hsm_errors
+from spyrus_hsm.identity.tls import ProviderError
+from spyrus_hsm.identity.x509 import ChainError
+from spyrus_hsm.service.problems import HTTP, Problem, from_exception
+
+RETRY_AFTER = 7
+
+
+def _modules() -> list[ModuleType]:
+    names = [m.name for m in pkgutil.walk_packages(spyrus_hsm.__path__, "spyrus_hsm.")]
+    return [importlib.import_module(n) for n in names if not n.endswith(".__main__")]  # __main__ runs the CLI
+
+
+MODULES = _modules()  # imported first, so that every error class exists for the walk below
+
+
+def _subclasses(cls: type[SpyrusError]) -> Iterator[type[SpyrusError]]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+ERRORS = sorted(set(_subclasses(SpyrusError)), key=lambda c: f"{c.__module__}.{c.__qualname__}")
+
+
+def test_the_walk_finds_the_errors_of_every_layer() -> None:
+    names = {c.__name__ for c in ERRORS}
+    assert {"HsmError", "HsmBusy", "ConfigError", "UsageError", "UriError", "SasError", "ChainError",
+            "ProviderError", "RegistrationError", "AuditError", "TwinConfigError"} <= names
+
+
+def test_every_exception_class_of_the_package_is_on_the_one_root() -> None:
+    """Problem is the HTTP rendering itself; private classes never leave their module."""
+    stray = [f"{m.__name__}.{name}" for m in MODULES for name, obj in vars(m).items()
+             if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == m.__name__
+             and not issubclass(obj, SpyrusError) and obj is not Problem and not name.startswith("_")]
+    assert stray == []
+
+
+def test_both_tables_answer_every_kind() -> None:
+    assert set(EXIT_CODES) == set(Kind) == set(HTTP)
+    assert set(EXIT_CODES.values()) == {EXIT_FAILED, EXIT_USAGE}
+    assert all(400 <= a.status < 500 or a.status in (502, 503) for a in HTTP.values())
+
+
+@pytest.mark.parametrize("cls", ERRORS, ids=lambda c: c.__qualname__)
+def test_an_error_maps_to_an_exit_code_and_an_http_problem_by_its_kind(cls: type[SpyrusError]) -> None:
+    exc = cls.__new__(cls)  # as raised, whatever its constructor takes
+    Exception.__init__(exc, "what went wrong and what to do")
+    assert isinstance(exc.kind, Kind)
+    assert EXIT_CODES[exc.kind] in (EXIT_FAILED, EXIT_USAGE)
+    problem = from_exception(exc, RETRY_AFTER)
+    assert problem is not None
+    assert problem.status < 500 or problem.status in (502, 503), problem
+    assert (problem.status, problem.type) == (HTTP[exc.kind].status, HTTP[exc.kind].type)
+    assert (problem.retry_after == RETRY_AFTER) == HTTP[exc.kind].retry
+
+
+def test_a_local_chain_problem_is_a_credential_error_not_a_dps_failure() -> None:
+    exc = ChainError("certificate 'CN=dev1' is not issued by 'CN=other CA'")
+    problem = from_exception(exc, RETRY_AFTER)
+    assert problem is not None
+    assert (problem.status, problem.type) == (422, "credential-invalid")
+    assert problem.detail == str(exc)
+    assert EXIT_CODES[exc.kind] == EXIT_FAILED
+
+
+def test_a_missing_pkcs11_provider_is_503_not_configured_without_the_path() -> None:
+    exc = ProviderError("pkcs11-provider is not installed (/usr/lib/x/ossl-modules/pkcs11.so is missing)")
+    problem = from_exception(exc, RETRY_AFTER)
+    assert problem is not None
+    assert (problem.status, problem.type) == (503, "not-configured")
+    assert problem.detail and "ossl-modules" not in problem.detail
+    assert EXIT_CODES[exc.kind] == EXIT_USAGE
+
+
+@pytest.mark.parametrize(("cls", "status", "kind"), [
+    (hsm_errors.HsmBusy, 503, "hsm-busy"),
+    (hsm_errors.HsmTimeout, 503, "hsm-timeout"),
+    (hsm_errors.HsmUnavailable, 503, "hsm-unavailable"),
+    (hsm_errors.LoginFailed, 503, "hsm-unavailable"),
+    (hsm_errors.ObjectNotFound, 404, "not-found"),
+    (hsm_errors.InvalidInput, 400, "invalid-request"),
+    (hsm_errors.OperationFailed, 422, "operation-failed"),
+])
+def test_hsm_errors_keep_their_problem_types(cls: type[hsm_errors.HsmError], status: int, kind: str) -> None:
+    problem = from_exception(cls("token 'edge': something"), RETRY_AFTER)
+    assert problem is not None and (problem.status, problem.type) == (status, kind)
+
+
+def test_an_error_from_outside_the_package_is_left_to_the_500_handler() -> None:
+    assert from_exception(KeyError("bug"), RETRY_AFTER) is None
