@@ -34,6 +34,7 @@ LIVE: dict[str, str] = {
     "minTtlSeconds": "min_ttl",
     "maxTtlSeconds": "max_ttl",
     "auditFailClosed": "audit_fail_closed",
+    "auditFsync": "audit_fsync",
     "policy": "policy",
     "hub": "hub",
     "sasKey": "sas_key",
