@@ -8,6 +8,7 @@ await, not a blocked loop) and is handed out once its record is written.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
@@ -22,6 +23,7 @@ from service_harness import ServiceHarness, new_leaf, verify_sas
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm
+from spyrus_hsm.service.audit import AuditLog
 
 OWN_DEVICE = {"principals": ["*"], "operations": ["sas-token"], "devices": ["{cn}"]}
 
@@ -126,3 +128,43 @@ def test_without_fail_closed_tokens_go_out_while_the_audit_disk_is_stalled_and_a
         assert svc.service is not None and svc.service.audit.flush()
         recorded = {r["requestId"] for r in stalled.records() if r["status"] == 200}
     assert {f"token-{i}" for i in range(10)} <= recorded
+
+
+def _submit(audit: AuditLog, count: int, *, wait: bool = False) -> None:
+    async def run() -> None:
+        for i in range(count):
+            await audit.submit(wait=wait, principal=f"p{i}", operation="sas-token", outcome="denied",
+                               reason="forbidden", status=403)
+    asyncio.run(run())
+
+
+def test_records_nobody_waits_for_are_dropped_and_counted_when_the_queue_is_full(
+        stalled: StalledPipe, caplog: pytest.LogCaptureFixture) -> None:
+    audit = AuditLog(str(stalled.path), fail_closed=True, queue_limit=5)
+    _submit(audit, 1)  # the writer takes it and blocks in write: the queue is empty again
+    assert not audit.flush(timeout=0.2), "the stall is not in effect: the test proves nothing"
+    _submit(audit, 12)  # returns: the loop never waits for a full queue
+    assert audit.dropped >= 7  # 5 queued at most (the first record may not have left the queue yet)
+    assert "dropping new ones" in caplog.text
+    stalled.release()
+    assert audit.flush()
+    audit.close()
+    written = [r["principal"] for r in stalled.records()]
+    assert len(written) + audit.dropped == 13
+    assert written[1:] == [f"p{i}" for i in range(len(written) - 1)]  # the oldest kept, the newest dropped
+
+
+def test_close_gives_up_on_a_stalled_disk_and_says_what_was_lost(
+        stalled: StalledPipe, caplog: pytest.LogCaptureFixture) -> None:
+    audit = AuditLog(str(stalled.path), fail_closed=False)
+    _submit(audit, 3)
+    audit.close(timeout=0.2)  # returns though the writer is still blocked
+    assert "records are lost" in caplog.text
+
+
+def test_with_fsync_every_batch_is_written_and_the_waiters_told(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    audit = AuditLog(str(path), fail_closed=True, fsync=True)
+    _submit(audit, 3, wait=True)
+    audit.close()
+    assert [json.loads(line)["principal"] for line in path.read_bytes().splitlines()] == ["p0", "p1", "p2"]
