@@ -40,7 +40,7 @@ from ..errors import Kind, SpyrusError
 log = logging.getLogger(__name__)
 QUEUE_LIMIT = 10_000    # records nobody waits for, queued for a slow disk (~3 MB)
 MAX_BATCH = 1000        # records per write
-CLOSE_TIMEOUT = 5.0     # seconds `close` waits for the disk to take what is queued
+CLOSE_TIMEOUT = 2.0     # seconds `close` waits for the disk to take what is queued
 
 
 class AuditError(SpyrusError, RuntimeError, kind=Kind.UNAVAILABLE):
