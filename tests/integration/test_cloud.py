@@ -36,19 +36,6 @@ HOST = "127.0.0.31"
 SCOPE = "0ne000C10D"
 
 
-@pytest.fixture(scope="module")
-def provider(hsm: Hsm, token_env, tmp_path_factory):  # type: ignore[no-untyped-def]
-    """pkcs11-provider loaded into this process, as the module does at start."""
-    return tls.load_provider(token_env.module, str(token_env.pin_file), tmp_path_factory.mktemp("ossl"))
-
-
-@pytest.fixture
-def emu(make_emulator):  # type: ignore[no-untyped-def]
-    e = make_emulator(HOST, id_scope=SCOPE)
-    e.polls_before_assigned = 1
-    return e
-
-
 def _hsm_cert(hsm: Hsm, label: str, cn: str, issuer: epki.Issued, server: bool = False) -> x509.Certificate:
     """Key generated in the HSM, CSR signed there, certificate from `issuer`, stored beside it."""
     hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
