@@ -94,7 +94,7 @@ class CloudConfig:
         return bool(self.id_scope or self.hub)
 
 
-OPERATIONS = ("sas-token", "signature", "registration", "certificate")
+OPERATIONS = ("sas-token", "signature", "registration", "certificate", "certificate-issue")
 
 
 @dataclass(frozen=True)

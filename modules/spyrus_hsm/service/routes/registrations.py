@@ -1,5 +1,10 @@
 """POST /v1/registrations runs a DPS registration on a leaf's behalf (leaves cannot reach DPS
-through an edge gateway); GET /v1/registrations/{id} returns the stored result."""
+through an edge gateway); GET /v1/registrations/{id} returns the stored result.
+
+With `csr` (the leaf's own DER PKCS#10, base64; its key stays on the leaf) DPS is asked to issue
+an operational certificate: the caller needs the policy operation `certificate-issue` as well,
+the CSR's CN must be the registration id and its signature must verify, and the answer carries
+`issuedCertificateChain` (base64 DER, leaf first), checked against the CSR's key."""
 
 from __future__ import annotations
 
@@ -9,10 +14,11 @@ import re
 from aiohttp import web
 
 from ...cloud.dps import DpsRequest
+from ...identity.issued import check_csr
 from ..core import PRINCIPAL, Service, run_in_thread
 from ..keys import SERVICE
 from ..problems import bad_request, not_found
-from ..validation import ID_SCOPE, REGISTRATION_ID, choice, only, read_json, text
+from ..validation import ID_SCOPE, REGISTRATION_ID, base64_csr, choice, only, read_json, text
 
 MAX_PAYLOAD_CHARS = 4096
 
@@ -20,11 +26,12 @@ MAX_PAYLOAD_CHARS = 4096
 async def create(request: web.Request) -> web.Response:
     svc: Service = request.app[SERVICE]
     body = await read_json(request)
-    only(body, "registrationId", "idScope", "attestation", "payload")
+    only(body, "registrationId", "idScope", "attestation", "payload", "csr")
     reg = text(body, "registrationId", REGISTRATION_ID)
     scope = text(body, "idScope", ID_SCOPE, required=False) or svc.deps.cloud.id_scope
     attestation = choice(body, "attestation", ("x509", "symmetricKey"))
     payload = body.get("payload")
+    csr = base64_csr(body, "csr")
     if payload is not None and len(json.dumps(payload)) > MAX_PAYLOAD_CHARS:
         raise bad_request(f"'payload' may be at most {MAX_PAYLOAD_CHARS} characters of JSON")
     if not scope:
@@ -39,9 +46,12 @@ async def create(request: web.Request) -> web.Response:
     else:
         key = svc.key_for(svc.cfg.dps_key, principal, registrationId=reg)
     svc.authorize(request, "registration", device=reg, key=key)
+    if csr is not None:
+        svc.authorize(request, "certificate-issue", device=reg, key=key)
+        check_csr(csr, reg)
     result = await svc.register(DpsRequest(
         scope, reg, svc.deps.cloud.provisioning_host, "x509" if attestation == "x509" else "symmetricKey",
-        key, group=group, payload=payload, server_ca_pem=svc.dps_ca_pem))
+        key, group=group, payload=payload, server_ca_pem=svc.dps_ca_pem, csr=csr))
     return web.json_response(result.to_api())
 
 
