@@ -88,6 +88,7 @@ class CloudConfig:
     module_id: str | None = None
     sas_ttl: int = 3600
     registration_timeout: float = 120.0
+    issue_cert: str | None = None       # through DPS: HSM key label of the operational certificate
 
     @property
     def enabled(self) -> bool:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,3 +201,35 @@ def test_register_command_reports_a_refused_csr_with_its_exit_code(
     assert res.code == 1, res.err
     assert "refused the certificate signing request" in res.err and "too weak" in res.err
     assert "Traceback" not in res.err
+
+
+def test_serve_onboards_with_its_key_and_connects_to_the_hub_with_the_issued_certificate(
+        hsm, token_env, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg = "cms-" + label
+    _sas_enrollment(hsm, emu, reg, label)
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        f"hsm:\n  module: {token_env.module}\n  token_label: {token_env.label}\n  pin_file: {token_env.pin_file}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        f"cloud:\n  id_scope: {SCOPE}\n  registration_id: {reg}\n  provisioning_host: {HOST}\n"
+        f"  attestation: symmetricKey\n  key: {label}\n  issue_cert: {label}-op\n"
+        f"  server_ca_file: {emulator_pki.ca_file}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "spyrus_hsm", "--config", str(config), "serve"],
+                            env=token_env.env(SPYRUS_HSM_CONFIG=str(config)), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        emu.wait_for(lambda: any(c.client_id == reg and c.service == "hub" and c.accepted
+                                 for c in emu.received.connects), timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+    hub = [c for c in emu.received.connects if c.client_id == reg and c.service == "hub" and c.accepted]
+    assert [c.auth_method for c in hub] == ["x509"]  # the operational certificate, not the SAS key
+    assert [c.username.split("/")[0] for c in emu.received.connects
+            if c.client_id == reg and c.service == "dps"] == [SCOPE]
+    assert _private_key_files(tmp_path) == []
