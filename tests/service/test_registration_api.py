@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from otlp_receiver import OtlpReceiver
 from service_harness import ServiceHarness
 
@@ -226,3 +227,28 @@ def test_a_leaf_csr_for_another_id_or_malformed_or_weak_is_a_400(
         status, _, problem = register_csr(svc, leaf, reg, leaf_csr(reg, rsa.generate_private_key(65537, 1024)))
         assert status == 400, problem
         assert "DPS refused the certificate signing request" in problem["detail"] and "too weak" in problem["detail"]
+
+
+def test_a_leaf_whose_key_is_in_the_hsm_gets_its_chain_stored_there(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, emu: Emulator, cloud: CloudConfig) -> None:
+    from spyrus_hsm.hsm import KeyAlgorithm
+
+    reg, leaf = enrolled_leaf(hsm, emu, emulator_pki, "leafhsm-")
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=CSR_POLICY, cloud=cloud) as svc:
+        status, _, problem = svc.call("POST", "/v1/registrations", {
+            "registrationId": reg, "idScope": SCOPE, "attestation": "symmetricKey", "csr": leaf_csr(reg),
+            "issueCertificate": True}, cert=leaf)
+        assert status == 400 and "not both" in problem["detail"]
+        status, _, answer = svc.call("POST", "/v1/registrations", {
+            "registrationId": reg, "idScope": SCOPE, "attestation": "symmetricKey", "issueCertificate": True},
+            cert=leaf)
+        assert status == 200, answer
+    label = f"{reg}.operational"
+    assert answer["certificate"]["label"] == label
+    assert hsm.key_algorithm(label) is KeyAlgorithm.EC_P384
+    [private] = hsm.find(label, "private")
+    assert (private.sensitive, private.extractable) == (True, False)
+    stored = hsm.certificate_chain(label)
+    assert [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in stored] == \
+        answer["issuedCertificateChain"]
+    assert stored[0].public_key() == hsm.public_key(label)

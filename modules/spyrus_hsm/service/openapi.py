@@ -140,7 +140,10 @@ def _schemas(cfg: ServiceConfig, default_hub: bool, default_id_scope: bool) -> d
                     "maxLength": (v.MAX_CSR_BYTES + 2) // 3 * 4,
                     "description": "The leaf's DER PKCS#10 request, padded base64, CN = registrationId: "
                                    "DPS issues an operational certificate (policy operation "
-                                   "'certificate-issue')"}}},
+                                   "'certificate-issue')"},
+            "issueCertificate": {"type": "boolean", "default": False,
+                                 "description": "Instead of 'csr': DPS issues a certificate for a P-384 key "
+                                                "generated in this HSM (service.leaf_cert_label), stored there"}}},
         "Registration": {"type": "object", "required": ["registrationId", "assignedHub", "deviceId", "status"],
                          "properties": {
             "registrationId": {"type": "string"}, "assignedHub": {"type": "string"},

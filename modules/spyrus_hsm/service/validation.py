@@ -137,6 +137,14 @@ def base64_data(body: dict[str, Any], name: str) -> bytes:
     return base64.b64decode(value, validate=True)
 
 
+def flag(body: dict[str, Any], name: str) -> bool:
+    """An optional boolean (absent: false)."""
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise bad_request(f"'{name}' must be true or false")
+    return value
+
+
 def base64_csr(body: dict[str, Any], name: str) -> bytes | None:
     """An optional DER certificate signing request, padded base64 (its content is checked by
     the caller: identity.issued.check_csr)."""
