@@ -122,9 +122,10 @@ def _ca_chain(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> tuple[x509
     return leaf, [root, inter]  # deliberately out of order
 
 
-@pytest.mark.parametrize("kind", ["ec", "rsa"])
+@pytest.mark.parametrize("kind", ["ec", "ec-p384", "rsa"])
 def test_pkcs12_import_yields_key_cert_and_chain_sharing_one_id(hsm: Hsm, label: str, kind: str) -> None:
-    key = ec.generate_private_key(ec.SECP256R1()) if kind == "ec" else rsa.generate_private_key(65537, 2048)
+    key = (ec.generate_private_key(ec.SECP384R1() if kind == "ec-p384" else ec.SECP256R1())
+           if kind.startswith("ec") else rsa.generate_private_key(65537, 2048))
     leaf, chain = _ca_chain(key)
     p12 = pkcs12.serialize_key_and_certificates(
         b"dev", key, leaf, chain, serialization.BestAvailableEncryption(b"p12-password"))
@@ -135,7 +136,11 @@ def test_pkcs12_import_yields_key_cert_and_chain_sharing_one_id(hsm: Hsm, label:
     stored = hsm.certificate_chain(label)
     assert [c.subject.rfc4514_string() for c in stored] == ["CN=dev-p12", "CN=Test Intermediate", "CN=Test Root"]
     data = b"signed by the imported key"
-    if kind == "ec":
+    if kind == "ec-p384":
+        assert hsm.key_algorithm(label) is KeyAlgorithm.EC_P384
+        key.public_key().verify(ecdsa_raw_to_der(hsm.sign(label, SignAlgorithm.ECDSA_SHA384, data)),
+                                data, ec.ECDSA(hashes.SHA384()))
+    elif kind == "ec":
         key.public_key().verify(ecdsa_raw_to_der(hsm.sign(label, SignAlgorithm.ECDSA_SHA256, data)),
                                 data, ec.ECDSA(hashes.SHA256()))
     else:

@@ -72,6 +72,7 @@ class KeyAlgorithm(Enum):
 _CURVE_OIDS = {KeyAlgorithm.EC_P256: P256_OID, KeyAlgorithm.EC_P384: P384_OID}
 # ECDSA with SHA-256 for P-256 and SHA-384 for P-384 (the digest as long as the curve's order,
 # as Azure's P-384 CAs and TLS 1.3's signature schemes pair them).
+_IMPORTABLE_CURVES = {"secp256r1": KeyAlgorithm.EC_P256, "secp384r1": KeyAlgorithm.EC_P384}
 _ECDSA_DIGESTS = {SignAlgorithm.ECDSA_SHA256: hashlib.sha256, SignAlgorithm.ECDSA_SHA384: hashlib.sha384}
 
 
@@ -450,15 +451,17 @@ def import_private_key(ws: WorkerSession, label: str, key: PrivateKeyTypes, key_
     pub: Template = {**common, Attribute.CLASS: ObjectClass.PUBLIC_KEY,
                                  Attribute.VERIFY: True, Attribute.ENCRYPT: False}
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        if not isinstance(key.curve, ec.SECP256R1):
-            raise InvalidInput(f"EC curve {key.curve.name} is not supported; use P-256")
-        params = encode_named_curve_parameters(P256_OID)
+        algorithm = _IMPORTABLE_CURVES.get(key.curve.name)
+        if algorithm is None:
+            raise InvalidInput(f"EC curve {key.curve.name} is not supported; use P-256 or P-384")
+        params = encode_named_curve_parameters(_CURVE_OIDS[algorithm])
         point = key.public_key().public_bytes(serialization.Encoding.X962,
                                               serialization.PublicFormat.UncompressedPoint)
         from asn1crypto.core import OctetString
 
         priv.update({Attribute.KEY_TYPE: KeyType.EC, Attribute.EC_PARAMS: params,
-                     Attribute.VALUE: key.private_numbers().private_value.to_bytes(32, "big")})
+                     Attribute.VALUE: key.private_numbers().private_value.to_bytes(
+                         (key.curve.key_size + 7) // 8, "big")})
         pub.update({Attribute.KEY_TYPE: KeyType.EC, Attribute.EC_PARAMS: params,
                     Attribute.EC_POINT: OctetString(point).dump()})
     elif isinstance(key, rsa.RSAPrivateKey):
