@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gc
 import json
 import os
 import secrets
@@ -252,7 +253,10 @@ def test_dps_x509_credential_whose_cn_is_not_the_registration_id_is_a_credential
 
 
 def _threads_and_sockets() -> tuple[int, int]:
-    """Live threads, and open sockets of this process (the emulator's server side included)."""
+    """Live threads, and open sockets of this process (the emulator's server side included).
+    Garbage from earlier tests is collected first: its sockets closing during a test (SDK
+    clients, emulators) made the count go down and the comparison fail."""
+    gc.collect()
     sockets = 0
     for fd in Path("/proc/self/fd").iterdir():
         with contextlib.suppress(OSError):
