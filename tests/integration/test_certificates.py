@@ -131,18 +131,20 @@ def test_a_leaf_csr_with_a_weak_key_is_refused_by_dps_with_a_clear_error(
     assert [r.status_code for r in emu.received.registrations if r.registration_id == reg] == [400]
 
 
-def test_dps_refuses_a_csr_for_another_registration_id_with_400_and_an_error_body(
-        hsm, emu, emulator_pki, label) -> None:  # type: ignore[no-untyped-def]
-    """At the protocol level (the provisioner would not send it: see the next test)."""
+@pytest.mark.parametrize(("curve", "cn_suffix", "says"), [
+    (ec.SECP384R1, "-other", "must equal the registration id"),
+    (ec.SECP192R1, "", "curve secp192r1 is not allowed"),
+])
+def test_dps_refuses_a_csr_with_400_and_an_error_body(
+        hsm, emu, emulator_pki, label, curve, cn_suffix, says) -> None:  # type: ignore[no-untyped-def]
+    """At the protocol level: the provisioner would not send a CSR for another id (next test)."""
     reg = "cmn-" + label
     _sas_enrollment(hsm, emu, reg, label)
-    prov = Provisioner(hsm, "/nonexistent")
-    target = prov._target(_req(reg, label, emulator_pki), label, None)
-    csr = _csr(ec.generate_private_key(ec.SECP384R1()), reg + "-other")
+    target = Provisioner(hsm, "/nonexistent")._target(_req(reg, label, emulator_pki), label, None)
     with pytest.raises(dps_client.Rejected) as info:
-        dps_client.register(target, None, 30, csr)
+        dps_client.register(target, None, 30, _csr(ec.generate_private_key(curve()), reg + cn_suffix))
     assert info.value.status == 400
-    assert info.value.body["errorCode"] == 400004 and "registration id" in info.value.body["message"]
+    assert info.value.body["errorCode"] == 400004 and says in info.value.body["message"]
 
 
 def test_the_provisioner_refuses_a_leaf_csr_for_another_id_before_connecting(
