@@ -323,7 +323,7 @@ def cmd_register(args: argparse.Namespace, stdin: _Stdin) -> int:
             id_scope=args.id_scope, registration_id=args.registration_id,
             provisioning_host=args.provisioning_host or cfg.cloud.provisioning_host,
             attestation="x509" if args.x509 else "symmetricKey", key=args.x509 or args.sas_key,
-            group=args.group, payload=payload, server_ca_pem=ca_pem)
+            group=args.group, payload=payload, server_ca_pem=ca_pem, issue_cert=args.issue_cert)
         assignment = Provisioner(hsm, cfg.state_dir, load_provider).register(
             req, force=args.force, timeout=args.timeout or cfg.cloud.registration_timeout)
     print(json.dumps(assignment.to_api(), indent=2))
@@ -451,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--payload", help="JSON payload for custom allocation")
     c.add_argument("--force", action="store_true", help="register again even if a result is stored")
     c.add_argument("--timeout", type=float, help="overall limit in seconds (default 120)")
+    c.add_argument("--issue-cert", metavar="LABEL",
+                   help="have DPS issue an operational certificate for the HSM key LABEL (an EC "
+                        "P-384 key is generated there if absent) and store it beside the key")
     c.set_defaults(func=cmd_register)
 
     c = add_parser("serve", help="run the module (the container's entrypoint)")

@@ -88,13 +88,14 @@ class CloudConfig:
     module_id: str | None = None
     sas_ttl: int = 3600
     registration_timeout: float = 120.0
+    issue_cert: str | None = None       # through DPS: HSM key label of the operational certificate
 
     @property
     def enabled(self) -> bool:
         return bool(self.id_scope or self.hub)
 
 
-OPERATIONS = ("sas-token", "signature", "registration", "certificate")
+OPERATIONS = ("sas-token", "signature", "registration", "certificate", "certificate-issue")
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class ServiceConfig:
     dps_key: str = "{registrationId}"   # ... for DPS registration tokens and registrations
     group_key: str | None = None        # DPS group enrollment key: leaf keys derived from it
     x509_label: str = "{registrationId}"  # HSM credential label for X.509 registrations
+    leaf_cert_label: str = "{registrationId}.operational"  # HSM key of a leaf's issued certificate
     min_ttl: int = 300
     max_ttl: int = 86400
     cache_reuse_fraction: float = 0.5   # a cached token is reused until this much of its life
@@ -393,7 +395,7 @@ def validate_service(s: ServiceConfig, where: str) -> None:
             raise ConfigError(f"{where}: 'service.{name}' must be 0.1 to 600 seconds")
     if not 1 <= s.retry_after <= 3600:
         raise ConfigError(f"{where}: 'service.retry_after' must be 1 to 3600 seconds")
-    for name in ("sas_key", "dps_key", "x509_label"):
+    for name in ("sas_key", "dps_key", "x509_label", "leaf_cert_label"):
         template = getattr(s, name)
         try:
             template.format(deviceId="d", moduleId="m", registrationId="r", cn="c")

@@ -81,22 +81,24 @@ class Module:
                 self.stopping.wait(0.5)
                 continue
             try:
-                if c.attestation == "x509":
+                # An operational certificate issued through DPS replaces the onboarding credential.
+                operational = c.issue_cert if c.id_scope and c.registration_id else None
+                if c.attestation == "x509" or operational:
                     self.load_provider()
                 hub, device_id = c.hub, c.device_id
                 if c.id_scope and c.registration_id:
                     a = Provisioner(self.hsm, self.state_dir, self.load_provider).register(DpsRequest(
                         c.id_scope, c.registration_id, c.provisioning_host,
                         "x509" if c.attestation == "x509" else "symmetricKey", c.key, group=c.group,
-                        server_ca_pem=ca_pem), timeout=c.registration_timeout)
+                        server_ca_pem=ca_pem, issue_cert=operational), timeout=c.registration_timeout)
                     hub, device_id = a.assigned_hub, a.device_id
                     key = a.key
                 else:
                     key = c.key
                 assert hub and device_id and key
                 files = None
-                if c.attestation == "x509":
-                    cred = x509_id.select(self.hsm, label=key)
+                if c.attestation == "x509" or operational:
+                    cred = x509_id.select(self.hsm, label=operational or key)
                     files = x509_id.write_tls_files(cred, self.hsm.state.token_label or "", self.state_dir / "tls")
                 identity = HubIdentity(hub, device_id, c.module_id, sas_key=None if files else key,
                                        x509=files, server_ca_pem=ca_pem)

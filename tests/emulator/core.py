@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime as dt
 import logging
 import os
 import threading
@@ -15,11 +16,14 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .auth import Credential
 from .dps import ECHO, Dps, Enrollment
 from .hub import IotHub
+from .pki import make_ca
 from .records import Received
 from .server import Server, make_server_context
 
@@ -56,6 +60,11 @@ class Emulator:
         self._trusted: set[bytes] = set()
         self._hub = IotHub(self.hub_hostname, self.received)
         self._dps = Dps(id_scope, self._hub, self.received)
+        # Certificate management: a P-384 root and the issuing CA below it that signs CSRs.
+        self._issuing_root = make_ca("Emulator DPS Root CA", curve=ec.SECP384R1())
+        self._dps.issuing_ca = make_ca("Emulator DPS Issuing CA", self._issuing_root,
+                                       curve=ec.SECP384R1())  # fmt: skip
+        self._trust(Credential(ca=self._issuing_root.cert))
         self._server = Server(self._ssl, [self._hub, self._dps], self.received, connect_timeout)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -202,6 +211,20 @@ class Emulator:
             self._trusted.add(pem)
 
     # --- DPS behaviour --------------------------------------------------------------------
+
+    @property
+    def certificate_authority(self) -> x509.Certificate:
+        """The P-384 root above DPS's issuing CA: issued chains lead to it."""
+        return self._issuing_root.cert
+
+    @property
+    def issued_validity(self) -> float:
+        """Lifetime in seconds of the operational certificates DPS issues (default 30 days)."""
+        return self._dps.issued_validity.total_seconds()
+
+    @issued_validity.setter
+    def issued_validity(self, seconds: float) -> None:
+        self._call(lambda: setattr(self._dps, "issued_validity", dt.timedelta(seconds=seconds)))
 
     @property
     def polls_before_assigned(self) -> int:

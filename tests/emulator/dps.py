@@ -4,10 +4,19 @@ Flow (azure-iot-device 2.14): CONNECT ``{idScope}/registrations/{regId}/api-vers
 subscribe ``$dps/registrations/res/#``, PUT register -> 202 assigning -> GET operation status
 until 200 assigned. Assigned devices become identities of the emulator's hub with the same
 key or CA, so a test can register and then connect.
+
+Certificate issuance (Azure Device Registry certificate management): on
+api-version ``2025-07-01-preview`` the register body may carry ``csr`` (base64 DER PKCS#10).
+DPS checks it (signature, key strength, subject CN equal to the registration id; 400 with an
+errorCode/message body otherwise), signs it with its P-384 issuing CA and returns the chain in
+``registrationState.issuedCertificateChain``; the device then authenticates to the hub with that
+certificate.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import json
 import logging
@@ -15,13 +24,16 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from . import mqtt
 from .auth import AuthError, Credential, check_sas, check_x509, derive_group_key, parse_sas_token
 from .hub import IotHub
+from .pki import Issued, issue_from_csr
 from .records import AssignmentRecord, Received, RegistrationRecord
 from .server import Authenticated, Service, Session, split_topic
 
@@ -32,6 +44,10 @@ REGISTER = "$dps/registrations/PUT/iotdps-register/"
 OPERATION_STATUS = "$dps/registrations/GET/iotdps-get-operationstatus/"
 # Azure: up to 128 of [A-Za-z0-9-._:], the last one alphanumeric or '-'.
 _REGISTRATION_ID = re.compile(r"[A-Za-z0-9\-._:]{0,127}[A-Za-z0-9\-]")
+#: The api-versions on which a register request may carry a CSR.
+CERTIFICATE_API_VERSIONS = ("2025-07-01-preview",)
+_STRONG_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+_MIN_RSA_BITS = 2048
 
 
 class _Echo:
@@ -64,6 +80,7 @@ class Attestation:
     registration_id: str
     enrollment: Enrollment
     device_credential: Credential
+    api_version: str = ""
 
 
 @dataclass
@@ -71,6 +88,7 @@ class Operation:
     operation_id: str
     attestation: Attestation
     payload: Any
+    csr: x509.CertificateSigningRequest | None = field(default=None, repr=False)
     polls: int = 0
     result: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -82,6 +100,37 @@ def _utc_now() -> str:
 def _error(code: int, message: str) -> dict[str, Any]:
     return {"errorCode": code, "trackingId": str(uuid.uuid4()), "message": message,
             "timestampUtc": _utc_now()}  # fmt: skip
+
+
+class CsrRefused(Exception):
+    """A CSR DPS will not sign; the message is what the device is told."""
+
+
+def check_csr(encoded: Any, registration_id: str) -> x509.CertificateSigningRequest:
+    """The CSR of a register request, if DPS would sign it: base64 DER, self-signature valid,
+    an EC P-256/384/521 or RSA >= 2048 key, subject CN equal to the registration id."""
+    try:
+        if not isinstance(encoded, str):
+            raise ValueError("not a string")
+        csr = x509.load_der_x509_csr(base64.b64decode(encoded, validate=True))
+        signed = csr.is_signature_valid
+    except (ValueError, binascii.Error, TypeError) as exc:
+        raise CsrRefused(f"The csr is not a base64 DER PKCS#10 request ({exc}).") from None
+    if not signed:
+        raise CsrRefused("The csr signature does not verify.")
+    key = csr.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, _STRONG_CURVES):
+            raise CsrRefused(f"The csr key curve {key.curve.name} is not allowed.")
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < _MIN_RSA_BITS:
+            raise CsrRefused(f"The csr RSA key of {key.key_size} bits is too weak.")
+    else:
+        raise CsrRefused(f"The csr key type {type(key).__name__} is not allowed.")
+    names = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if len(names) != 1 or names[0].value != registration_id:
+        raise CsrRefused("The csr subject CN must equal the registration id.")
+    return csr
 
 
 class Dps(Service):
@@ -103,6 +152,8 @@ class Dps(Service):
         self.throttle_retry_after = 1
         self.throttle_status = 429
         self.stalled = False
+        self.issuing_ca: Issued | None = None  # set by the Emulator: signs operational certs
+        self.issued_validity = dt.timedelta(days=30)
 
     def add_enrollment(self, enrollment: Enrollment) -> None:
         table = self.individual if enrollment.kind == "individual" else self.groups
@@ -123,10 +174,14 @@ class Dps(Service):
             )
         if not _REGISTRATION_ID.fullmatch(registration_id):
             raise AuthError(f"invalid registration id {registration_id!r}")
+        api_version = parse_qs(rest).get("api-version", [""])[0]
         if connect.password is None and chain:
-            return Authenticated("x509", self._attest_x509(registration_id, chain))
+            attestation = self._attest_x509(registration_id, chain)
+            attestation.api_version = api_version
+            return Authenticated("x509", attestation)
         token = parse_sas_token(connect.password)
         attestation = self._attest_sas(registration_id, token)
+        attestation.api_version = api_version
         return Authenticated("sas", attestation, expires_at=token.expiry)
 
     def _candidates(self, registration_id: str, method: str) -> list[Enrollment]:
@@ -217,7 +272,15 @@ class Dps(Service):
             message = "registrationId in the body does not match the authenticated one."
             self._respond(session, rid, 401, _error(401002, message))
             return
-        operation = Operation(_operation_id(), attestation, request.get("payload"))
+        csr = None
+        if "csr" in request:
+            try:
+                csr = self._accept_csr(attestation, request["csr"])
+            except CsrRefused as refused:
+                self._record(session, request.get("payload"), 400)
+                self._respond(session, rid, 400, _error(400004, str(refused)))
+                return
+        operation = Operation(_operation_id(), attestation, request.get("payload"), csr)
         self.operations[operation.operation_id] = operation
         if self.polls_before_assigned <= 0:
             self._record(session, operation.payload, 200, operation.operation_id)
@@ -226,6 +289,14 @@ class Dps(Service):
             self._record(session, operation.payload, 202, operation.operation_id)
             assigning = {"operationId": operation.operation_id, "status": "assigning"}
             self._respond(session, rid, 202, assigning, retry_after=self.poll_retry_after)
+
+    def _accept_csr(self, attestation: Attestation, encoded: Any) -> x509.CertificateSigningRequest:
+        if attestation.api_version not in CERTIFICATE_API_VERSIONS:
+            raise CsrRefused(f"csr is not supported on api-version {attestation.api_version!r}; "
+                             f"use {CERTIFICATE_API_VERSIONS[-1]}.")  # fmt: skip
+        if self.issuing_ca is None:
+            raise CsrRefused("The enrollment is not linked to a certificate policy.")
+        return check_csr(encoded, attestation.registration_id)
 
     def _poll(self, session: Session, rid: str, operation_id: str) -> None:
         operation = self.operations.get(operation_id)
@@ -247,8 +318,17 @@ class Dps(Service):
         registration_id = attestation.registration_id
         device_id = enrollment.device_id or registration_id
         hub = enrollment.assigned_hub or self.hub.hostname
+        issued: list[str] = []
+        hub_credential = attestation.device_credential
+        if operation.csr is not None and self.issuing_ca is not None:
+            ca = self.issuing_ca
+            cert = issue_from_csr(ca, operation.csr, self.issued_validity)
+            issued = [base64.b64encode(c.public_bytes(Encoding.DER)).decode()
+                      for c in (cert, ca.cert, *ca.chain)]  # fmt: skip
+            # The hub now knows the device by its operational certificate.
+            hub_credential = Credential(ca=ca.chain[-1] if ca.chain else ca.cert)
         if hub == self.hub.hostname:
-            self.hub.add_identity(device_id, None, attestation.device_credential)
+            self.hub.add_identity(device_id, None, hub_credential)
         now = _utc_now()
         state = {
             "registrationId": registration_id,
@@ -263,6 +343,8 @@ class Dps(Service):
         payload = operation.payload if enrollment.payload is ECHO else enrollment.payload
         if payload is not None:
             state["payload"] = payload
+        if issued:
+            state["issuedCertificateChain"] = issued
         operation.result = {
             "operationId": operation.operation_id,
             "status": "assigned",

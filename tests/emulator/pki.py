@@ -1,6 +1,7 @@
 """Test PKI for the emulator and its tests: CAs, a TLS server certificate, device certificates.
 
-Everything is EC P-256 (fast to generate). PEM files are written only where a caller asks,
+Everything is EC P-256 (fast to generate), except the certificate-issuing CA of DPS, which is
+P-384 signing with SHA-384 as Azure Device Registry's CAs are. PEM files are written only where a caller asks,
 typically into pytest's tmp_path; nothing here is fit for production use.
 """
 
@@ -103,7 +104,9 @@ def _builder(
 
 
 def _sign(builder: x509.CertificateBuilder, signer: ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    return builder.sign(signer, hashes.SHA256())
+    # The digest follows the signer's curve: SHA-384 for a P-384 CA, SHA-256 otherwise.
+    digest = hashes.SHA384() if signer.curve.key_size >= 384 else hashes.SHA256()
+    return builder.sign(signer, digest)
 
 
 def _chain_below(issuer: Issued) -> tuple[x509.Certificate, ...]:
@@ -118,9 +121,15 @@ def _leaf_key_usage() -> x509.KeyUsage:
     )  # fmt: skip
 
 
-def make_ca(common_name: str, issuer: Issued | None = None, *, days: int = 3650) -> Issued:
-    """A root CA (no issuer) or an intermediate CA signed by ``issuer``."""
-    key = ec.generate_private_key(ec.SECP256R1())
+def make_ca(
+    common_name: str,
+    issuer: Issued | None = None,
+    *,
+    days: int = 3650,
+    curve: ec.EllipticCurve | None = None,
+) -> Issued:
+    """A root CA (no issuer) or an intermediate CA signed by ``issuer`` (default P-256)."""
+    key = ec.generate_private_key(curve or ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     builder = _builder(common_name, key, issuer, now - _ONE_DAY, now + days * _ONE_DAY)
     builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
@@ -174,6 +183,32 @@ def make_device_cert(
         x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
     )
     return Issued(_sign(builder, issuer.key), key, _chain_below(issuer))
+
+
+def issue_from_csr(
+    issuer: Issued, csr: x509.CertificateSigningRequest, validity: dt.timedelta
+) -> x509.Certificate:
+    """An operational client certificate for the CSR's key and subject, valid from a minute
+    ago (clock skew) for ``validity``: what DPS certificate management issues."""
+    now = dt.datetime.now(dt.UTC)
+    public_key = csr.public_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(issuer.cert.subject)
+        .public_key(public_key)  # type: ignore[arg-type]  # the caller checked its type
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .add_extension(_leaf_key_usage(), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)  # type: ignore[arg-type]
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), False
+        )
+    )
+    return _sign(builder, issuer.key)
 
 
 @dataclass

@@ -303,11 +303,12 @@ class Server:
             previous.close("replaced by a new connection with the same client id")
         self.sessions[key] = session
         service.opened(session)
-        writer.write(mqtt.encode_connack(mqtt.ConnackCode.ACCEPTED, session_present=resumed is not None))
+        # Recorded before CONNACK: a client's connect() may return (and its test look) at once.
         self.received.connects.append(
             ConnectRecord(service.name, packet.client_id, packet.username or "", auth.method,
                           "accepted", 0, peer)
         )  # fmt: skip
+        writer.write(mqtt.encode_connack(mqtt.ConnackCode.ACCEPTED, session_present=resumed is not None))
         log.info("%s: %s connected (%s) from %s", service.name, session.client_id, auth.method, peer)
         if auth.expires_at is not None:
             delay = max(0.0, auth.expires_at - time.time())

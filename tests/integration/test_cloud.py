@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gc
 import json
 import os
 import secrets
@@ -34,19 +35,6 @@ from spyrus_hsm.identity.csr import build_csr
 pytestmark = pytest.mark.timeout(90)
 HOST = "127.0.0.31"
 SCOPE = "0ne000C10D"
-
-
-@pytest.fixture(scope="module")
-def provider(hsm: Hsm, token_env, tmp_path_factory):  # type: ignore[no-untyped-def]
-    """pkcs11-provider loaded into this process, as the module does at start."""
-    return tls.load_provider(token_env.module, str(token_env.pin_file), tmp_path_factory.mktemp("ossl"))
-
-
-@pytest.fixture
-def emu(make_emulator):  # type: ignore[no-untyped-def]
-    e = make_emulator(HOST, id_scope=SCOPE)
-    e.polls_before_assigned = 1
-    return e
 
 
 def _hsm_cert(hsm: Hsm, label: str, cn: str, issuer: epki.Issued, server: bool = False) -> x509.Certificate:
@@ -265,7 +253,10 @@ def test_dps_x509_credential_whose_cn_is_not_the_registration_id_is_a_credential
 
 
 def _threads_and_sockets() -> tuple[int, int]:
-    """Live threads, and open sockets of this process (the emulator's server side included)."""
+    """Live threads, and open sockets of this process (the emulator's server side included).
+    Garbage from earlier tests is collected first: its sockets closing during a test (SDK
+    clients, emulators) made the count go down and the comparison fail."""
+    gc.collect()
     sockets = 0
     for fd in Path("/proc/self/fd").iterdir():
         with contextlib.suppress(OSError):

@@ -58,15 +58,21 @@ def test_unknown_label_names_the_fix(hsm: Hsm) -> None:
         hsm.hmac_sha256("no-such-key", b"x")
 
 
-@pytest.mark.parametrize("algorithm", [KeyAlgorithm.EC_P256, KeyAlgorithm.RSA_2048])
+@pytest.mark.parametrize("algorithm", list(KeyAlgorithm))
 def test_generated_key_signatures_verify_with_cryptography(hsm: Hsm, label: str, algorithm: KeyAlgorithm) -> None:
     hsm.generate_keypair(label, algorithm)
+    assert hsm.key_algorithm(label) is algorithm
     pub = hsm.public_key(label)
     data = secrets.token_bytes(200)
     if algorithm is KeyAlgorithm.EC_P256:
         raw = hsm.sign(label, SignAlgorithm.ECDSA_SHA256, data)
         assert len(raw) == 64
         pub.verify(ecdsa_raw_to_der(raw), data, ec.ECDSA(hashes.SHA256()))
+    elif algorithm is KeyAlgorithm.EC_P384:
+        assert isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name == "secp384r1"
+        raw = hsm.sign(label, SignAlgorithm.ECDSA_SHA384, data)
+        assert len(raw) == 96
+        pub.verify(ecdsa_raw_to_der(raw), data, ec.ECDSA(hashes.SHA384()))
     else:
         pub.verify(hsm.sign(label, SignAlgorithm.RSA_PKCS1_SHA256, data), data,
                    padding.PKCS1v15(), hashes.SHA256())
@@ -80,11 +86,13 @@ def test_generated_private_key_is_sensitive_and_not_extractable(hsm: Hsm, label:
     assert [(o.sensitive, o.extractable) for o in priv] == [(True, False)]
 
 
-@pytest.mark.parametrize("algorithm", [KeyAlgorithm.EC_P256, KeyAlgorithm.RSA_2048])
+@pytest.mark.parametrize("algorithm", list(KeyAlgorithm))
 def test_csr_is_signed_by_the_hsm_key(hsm: Hsm, label: str, algorithm: KeyAlgorithm) -> None:
     hsm.generate_keypair(label, algorithm)
     csr = x509.load_der_x509_csr(build_csr(hsm, label, "CN=dev-1,O=Contoso", ["dev-1.local"]))
     assert csr.is_signature_valid
+    expected_hash = "sha384" if algorithm is KeyAlgorithm.EC_P384 else "sha256"
+    assert csr.signature_hash_algorithm is not None and csr.signature_hash_algorithm.name == expected_hash
     assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "dev-1"
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     assert csr.public_key().public_bytes(*fmt) == hsm.public_key(label).public_bytes(*fmt)
@@ -114,9 +122,10 @@ def _ca_chain(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> tuple[x509
     return leaf, [root, inter]  # deliberately out of order
 
 
-@pytest.mark.parametrize("kind", ["ec", "rsa"])
+@pytest.mark.parametrize("kind", ["ec", "ec-p384", "rsa"])
 def test_pkcs12_import_yields_key_cert_and_chain_sharing_one_id(hsm: Hsm, label: str, kind: str) -> None:
-    key = ec.generate_private_key(ec.SECP256R1()) if kind == "ec" else rsa.generate_private_key(65537, 2048)
+    key = (ec.generate_private_key(ec.SECP384R1() if kind == "ec-p384" else ec.SECP256R1())
+           if kind.startswith("ec") else rsa.generate_private_key(65537, 2048))
     leaf, chain = _ca_chain(key)
     p12 = pkcs12.serialize_key_and_certificates(
         b"dev", key, leaf, chain, serialization.BestAvailableEncryption(b"p12-password"))
@@ -127,7 +136,11 @@ def test_pkcs12_import_yields_key_cert_and_chain_sharing_one_id(hsm: Hsm, label:
     stored = hsm.certificate_chain(label)
     assert [c.subject.rfc4514_string() for c in stored] == ["CN=dev-p12", "CN=Test Intermediate", "CN=Test Root"]
     data = b"signed by the imported key"
-    if kind == "ec":
+    if kind == "ec-p384":
+        assert hsm.key_algorithm(label) is KeyAlgorithm.EC_P384
+        key.public_key().verify(ecdsa_raw_to_der(hsm.sign(label, SignAlgorithm.ECDSA_SHA384, data)),
+                                data, ec.ECDSA(hashes.SHA384()))
+    elif kind == "ec":
         key.public_key().verify(ecdsa_raw_to_der(hsm.sign(label, SignAlgorithm.ECDSA_SHA256, data)),
                                 data, ec.ECDSA(hashes.SHA256()))
     else:

@@ -124,6 +124,27 @@ def test_a_keys_rule_lets_the_caller_sign_with_the_key_it_names(hsm: Hsm, tmp_pa
     assert base64.b64decode(body["signature"]) == hmac.new(leaf.key, b"to be signed", hashlib.sha256).digest()
 
 
+def test_es384_signs_with_a_p384_key_the_caller_may_name(hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki) -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from spyrus_hsm.hsm import KeyAlgorithm
+    from spyrus_hsm.hsm.encoding import ecdsa_raw_to_der
+
+    leaf = new_leaf(hsm)
+    hsm.generate_keypair(leaf.name + "-p384", KeyAlgorithm.EC_P384)
+    own_key = {"principals": ["*"], "operations": ["signature"], "keys": ["{cn}-p384"]}
+    request = {"key": leaf.name + "-p384", "algorithm": "ES384", "data": base64.b64encode(b"jws input").decode()}
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[own_key], bearer={leaf.name: leaf.bearer}) as svc:
+        status, _, body = svc.call("POST", "/v1/signatures", request, bearer=leaf.bearer)
+    assert status == 200, body
+    raw = base64.b64decode(body["signature"])
+    assert len(raw) == 96  # JWS ES384: r||s, 48 bytes each
+    public = hsm.public_key(leaf.name + "-p384")
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(ecdsa_raw_to_der(raw), b"jws input", ec.ECDSA(hashes.SHA384()))
+
+
 def test_a_sas_token_is_signed_with_the_key_the_service_chooses(hsm: Hsm, tmp_path: Path,
                                                                 emulator_pki: EmulatorPki) -> None:
     leaf = new_leaf(hsm)

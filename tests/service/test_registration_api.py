@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from otlp_receiver import OtlpReceiver
 from service_harness import ServiceHarness
 
@@ -142,3 +143,112 @@ def test_concurrent_registrations_share_only_identical_requests(
         assert [status for status, _ in same] == [200, 200], same
         assert same[0] == same[1]
         assert sent().count({"n": 3, "m": [1]}) == 1  # identical requests shared one registration
+
+
+# --- certificate issuance for a leaf's own key ----------------------------------------------
+
+CSR_POLICY = [{"principals": ["*"], "operations": ["registration", "certificate-issue"], "devices": ["{cn}"]}]
+
+
+def leaf_csr(cn: str, key: Any = None) -> str:
+    """The leaf's CSR, base64 DER; its key is the leaf's own (software here: the leaf is another
+    device), never in this module."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn)])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+    return base64.b64encode(csr.public_bytes(serialization.Encoding.DER)).decode()
+
+
+def enrolled_leaf(hsm: Hsm, emu: Emulator, pki: EmulatorPki, prefix: str) -> tuple[str, PemFiles]:
+    """A registration id enrolled with a symmetric key held in the HSM, and its leaf's TLS files."""
+    reg = prefix + secrets.token_hex(4)
+    emu.add_individual_enrollment(reg, symmetric_key=hsm_key(hsm, reg), assigned_hub=HOST)
+    return reg, pki.device(reg)
+
+
+def register_csr(svc: ServiceHarness, leaf: PemFiles, reg: str, csr: str) -> tuple[int, dict[str, str], Any]:
+    return svc.call("POST", "/v1/registrations", {"registrationId": reg, "idScope": SCOPE,
+                                                  "attestation": "symmetricKey", "csr": csr}, cert=leaf)
+
+
+def test_a_leaf_csr_is_issued_a_chain_that_verifies_to_the_dps_ca(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, emu: Emulator, cloud: CloudConfig) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from spyrus_hsm.identity import x509 as x509_id
+
+    reg, leaf = enrolled_leaf(hsm, emu, emulator_pki, "leafcsr-")
+    key = ec.generate_private_key(ec.SECP384R1())
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=CSR_POLICY, cloud=cloud) as svc:
+        status, _, answer = register_csr(svc, leaf, reg, leaf_csr(reg, key))
+        assert status == 200, answer
+        audit = [(r["operation"], r["outcome"]) for r in svc.audit_records()]
+    assert (answer["status"], answer["deviceId"]) == ("assigned", reg)
+    chain = [x509.load_der_x509_certificate(base64.b64decode(c)) for c in answer["issuedCertificateChain"]]
+    x509_id.validate_chain(chain, trust_anchor=emu.certificate_authority)
+    assert chain[0].public_key() == key.public_key()
+    assert answer["certificate"]["subject"] == f"CN={reg}" and answer["certificate"]["label"] is None
+    assert audit == [("certificate-issue", "allowed")]
+    assert not hsm.find(reg, "cert")  # the leaf's key is not here: nothing is stored in the HSM
+
+
+def test_a_leaf_csr_needs_the_certificate_issue_operation(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, emu: Emulator, cloud: CloudConfig) -> None:
+    reg, leaf = enrolled_leaf(hsm, emu, emulator_pki, "leafnoci-")
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, cloud=cloud) as svc:
+        status, _, problem = register_csr(svc, leaf, reg, leaf_csr(reg))
+        assert status == 403, problem
+        assert "certificate-issue" in problem["detail"]
+        status, _, answer = register(svc, leaf, reg)  # without a CSR: allowed as before
+        assert status == 200 and "issuedCertificateChain" not in answer
+    assert [r.status_code for r in emu.received.registrations if r.registration_id == reg] == [202]
+
+
+def test_a_leaf_csr_for_another_id_or_malformed_or_weak_is_a_400(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, emu: Emulator, cloud: CloudConfig) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    reg, leaf = enrolled_leaf(hsm, emu, emulator_pki, "leafbad-")
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=CSR_POLICY, cloud=cloud) as svc:
+        for csr, says in [(leaf_csr(reg + "-other"), "CN must be the registration id"),
+                          (base64.b64encode(b"not a request").decode(), "not a DER PKCS#10"),
+                          ("%%%", "padded base64"),
+                          (leaf_csr(reg)[:-8] + "AAAAAAA=", "")]:
+            status, _, problem = register_csr(svc, leaf, reg, csr)
+            assert status == 400, (csr, problem)
+            assert says in problem["detail"]
+        assert not [r for r in emu.received.registrations if r.registration_id == reg]  # none reached DPS
+        # A weak key passes the local checks; DPS refuses it and the leaf is told why, as a 400.
+        status, _, problem = register_csr(svc, leaf, reg, leaf_csr(reg, rsa.generate_private_key(65537, 1024)))
+        assert status == 400, problem
+        assert "DPS refused the certificate signing request" in problem["detail"] and "too weak" in problem["detail"]
+
+
+def test_a_leaf_whose_key_is_in_the_hsm_gets_its_chain_stored_there(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, emu: Emulator, cloud: CloudConfig) -> None:
+    from spyrus_hsm.hsm import KeyAlgorithm
+
+    reg, leaf = enrolled_leaf(hsm, emu, emulator_pki, "leafhsm-")
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=CSR_POLICY, cloud=cloud) as svc:
+        status, _, problem = svc.call("POST", "/v1/registrations", {
+            "registrationId": reg, "idScope": SCOPE, "attestation": "symmetricKey", "csr": leaf_csr(reg),
+            "issueCertificate": True}, cert=leaf)
+        assert status == 400 and "not both" in problem["detail"]
+        status, _, answer = svc.call("POST", "/v1/registrations", {
+            "registrationId": reg, "idScope": SCOPE, "attestation": "symmetricKey", "issueCertificate": True},
+            cert=leaf)
+        assert status == 200, answer
+    label = f"{reg}.operational"
+    assert answer["certificate"]["label"] == label
+    assert hsm.key_algorithm(label) is KeyAlgorithm.EC_P384
+    [private] = hsm.find(label, "private")
+    assert (private.sensitive, private.extractable) == (True, False)
+    stored = hsm.certificate_chain(label)
+    assert [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in stored] == \
+        answer["issuedCertificateChain"]
+    assert stored[0].public_key() == hsm.public_key(label)

@@ -7,6 +7,13 @@
 - Symmetric key, group enrollment: the device key HMAC(groupKey, registrationId) is derived
   inside the HSM and stored there as a non-extractable key, then used as above.
 
+Certificate issuance (Azure Device Registry certificate management): with `issue_cert` the
+request carries a CSR for a P-384 key generated in the HSM under that label (kept if it is
+there already); the issued chain is checked (`identity.issued`) and stored in the HSM beside the
+key (same CKA_ID, its own label), where X.509 connections find it. With `csr` a leaf's own
+request is sent and the checked chain is returned, not stored. A renewal is the same call with
+a new key under a new label.
+
 The MQTT exchange is `dps_client`'s, on the calling thread, with an overall deadline that closes
 the connection. The assignment is persisted atomically in the state directory and reused until
 the identity (credential or request) changes or a new registration is asked for.
@@ -14,6 +21,7 @@ the identity (credential or request) changes or a new registration is asked for.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import json
@@ -25,7 +33,8 @@ from typing import Any, Literal
 
 from ..errors import Kind, SpyrusError
 from ..files import read_json, write_json_atomic
-from ..hsm import Hsm, ObjectNotFound
+from ..hsm import Hsm, ObjectNotFound, Pkcs11Uri
+from ..identity import issued as issued_id
 from ..identity import x509 as x509_id
 from ..identity.sas import SasMinter, dps_uri
 from . import dps_client
@@ -50,6 +59,8 @@ class DpsRequest:
     group: bool = False               # `key` is a group enrollment key
     payload: Any = None
     server_ca_pem: str | None = None  # trust anchor for the DPS endpoint (None: system CAs)
+    issue_cert: str | None = None     # HSM key label to have a certificate issued for
+    csr: bytes | None = None          # a leaf's own DER CSR to have signed (not stored here)
 
     def canonical_payload(self) -> str:
         """The payload as canonical JSON: equal payloads give equal text (a dict is unhashable)."""
@@ -67,15 +78,23 @@ class Assignment:
     identity: str       # fingerprint of the credential and request; a change re-registers
     registered_at: str
     key: str | None = None  # the HSM key (SAS) or credential (X.509) label that was used
+    certificate_chain: list[str] | None = None  # issued: base64 DER, leaf first
+    certificate_label: str | None = None        # where the issued chain is stored in the HSM
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_api(self) -> dict[str, Any]:
         """The shape the CLI prints and the HTTP API returns."""
-        return {"registrationId": self.registration_id, "assignedHub": self.assigned_hub,
-                "deviceId": self.device_id, "status": self.status, "substatus": self.substatus,
-                "attestation": self.attestation, "registeredAt": self.registered_at}
+        out: dict[str, Any] = {
+            "registrationId": self.registration_id, "assignedHub": self.assigned_hub,
+            "deviceId": self.device_id, "status": self.status, "substatus": self.substatus,
+            "attestation": self.attestation, "registeredAt": self.registered_at}
+        if self.certificate_chain:
+            out["issuedCertificateChain"] = self.certificate_chain
+            leaf = issued_id.decode_chain(self.certificate_chain)[0]
+            out["certificate"] = {**issued_id.describe(leaf), "label": self.certificate_label}
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Assignment:
@@ -113,24 +132,53 @@ class Provisioner:
             key_label = self._sas_key(req)
             key_id = next((o.id_hex for o in self.hsm.find(key_label, "secret-key")), "")
             identity = _fingerprint(req, key_id)
+        if req.issue_cert:
+            # Another operational key is another request; without its certificate, ask again.
+            operational = issued_id.operational_key(self.hsm, req.issue_cert)
+            identity = _fingerprint(req, f"{identity}\n{req.issue_cert}\n{operational}")
+            force = force or not self.hsm.find(req.issue_cert, "cert")
         previous = self.cached(req.registration_id)
-        if previous and not force and previous.identity == identity and previous.status == "assigned":
+        if (previous and not force and req.csr is None and previous.identity == identity
+                and previous.status == "assigned"):
             return previous
+        csr = req.csr
+        if req.issue_cert:
+            csr = issued_id.device_csr(self.hsm, req.issue_cert, req.registration_id)
+        elif csr is not None:
+            issued_id.check_csr(csr, req.registration_id)
         try:
-            result = dps_client.register(self._target(req, key_label, cred), req.payload, timeout)
+            result = dps_client.register(self._target(req, key_label, cred), req.payload, timeout, csr)
         except dps_client.DpsFailure as exc:
             raise _explain(exc, req, timeout) from None
         state = result.get("registrationState") or {}
         if not state.get("assignedHub") or not state.get("deviceId"):
             raise RegistrationError(f"DPS assigned '{req.registration_id}' without naming a hub and "
                                     f"device id: {json.dumps(result)}")
+        chain = None
+        if csr is not None:
+            chain = self._accept_chain(req, csr, state.get("issuedCertificateChain"))
         assignment = Assignment(
             registration_id=req.registration_id, assigned_hub=state["assignedHub"],
             device_id=state["deviceId"], status=result["status"], substatus=state.get("substatus"),
             attestation=req.attestation, identity=identity, key=key_label,
-            registered_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+            registered_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            certificate_chain=chain, certificate_label=req.issue_cert)
         write_json_atomic(self.result_path(req.registration_id), assignment.to_json())
         return assignment
+
+    def _accept_chain(self, req: DpsRequest, csr: bytes, encoded: Any) -> list[str]:
+        """Check the issued chain against the CSR's key; for an HSM key, store it beside the key
+        (in place of a previous chain of that label: the key is the same, only the certificate
+        is renewed)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        chain = issued_id.decode_chain(encoded)
+        issued_id.check_chain(chain, x509.load_der_x509_csr(csr).public_key(), req.registration_id)
+        if req.issue_cert:
+            self.hsm.delete(Pkcs11Uri(object=req.issue_cert, type="cert"))
+            self.hsm.import_certificates(req.issue_cert, chain)
+        return [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in chain]
 
     def _sas_key(self, req: DpsRequest) -> str:
         if not req.key:
@@ -164,6 +212,10 @@ class Provisioner:
                                     context, token)
 
 
+class CertificateRefused(RegistrationError, kind=Kind.INVALID):
+    """DPS would not sign the CSR (a weak key, a subject that is not the registration id)."""
+
+
 class RegistrationIdMismatch(x509_id.ChainError):
     """The X.509 credential's CN is not the registration id (DPS requires them equal)."""
 
@@ -188,6 +240,10 @@ def _explain(exc: dps_client.DpsFailure, req: DpsRequest, timeout: float) -> Reg
             f"DPS refused the credentials of '{req.registration_id}' (unauthorized): check the "
             f"enrollment exists in ID scope {req.id_scope} and matches the "
             f"{'certificate/CA' if req.attestation == 'x509' else 'key'} in the HSM")
+    if isinstance(exc, dps_client.Rejected) and exc.status == 400 and (req.csr or req.issue_cert):
+        message = exc.body.get("message") if isinstance(exc.body, dict) else None
+        return CertificateRefused(f"DPS refused the certificate signing request of "
+                                  f"'{req.registration_id}': {message or exc}")
     if isinstance(exc, dps_client.Rejected) and exc.status >= 300:
         return RegistrationError(f"DPS rejected the registration of '{req.registration_id}': {exc}; "
                                  "if it says 401, the enrollment does not match the credential")

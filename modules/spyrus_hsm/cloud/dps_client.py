@@ -16,6 +16,7 @@ error or the deadline — closes the connection before returning.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import ssl
@@ -31,6 +32,9 @@ from .. import __version__
 from ..errors import Kind, SpyrusError
 
 API_VERSION = "2019-03-31"
+# Certificate issuance (Azure Device Registry certificate management): the register body may
+# carry a CSR, the answer the issued chain. Used only when a CSR is sent.
+CERTIFICATE_API_VERSION = "2025-07-01-preview"
 PORT = 8883
 KEEPALIVE = 60.0
 DEFAULT_RETRY_AFTER = 2.0  # seconds, when DPS names none (as the SDK)
@@ -77,13 +81,19 @@ class DpsTarget:
     port: int = PORT
 
 
-def register(target: DpsTarget, payload: Any, timeout: float) -> dict[str, Any]:
+def register(target: DpsTarget, payload: Any, timeout: float, csr: bytes | None = None) -> dict[str, Any]:
     """Register `target.registration_id` with `payload`; DPS's final answer ("assigned"), as
-    `{"operationId", "status", "registrationState": {...}}`. Raises a DpsFailure."""
-    session = _Session(target, time.monotonic() + timeout)
+    `{"operationId", "status", "registrationState": {...}}`. With `csr` (DER PKCS#10) DPS is
+    asked to issue a certificate: the answer's registrationState carries
+    `issuedCertificateChain`. Raises a DpsFailure."""
+    api_version = API_VERSION if csr is None else CERTIFICATE_API_VERSION
+    session = _Session(target, time.monotonic() + timeout, api_version)
+    request: dict[str, Any] = {"registrationId": target.registration_id, "payload": payload}
+    if csr is not None:
+        request["csr"] = base64.b64encode(csr).decode("ascii")
     try:
         session.connect()
-        return session.register({"registrationId": target.registration_id, "payload": payload})
+        return session.register(request)
     finally:
         session.close()
 
@@ -98,14 +108,14 @@ class _Answer:
 class _Session:
     """One MQTT connection to DPS, driven by paho's loop() on the calling thread."""
 
-    def __init__(self, target: DpsTarget, deadline: float) -> None:
+    def __init__(self, target: DpsTarget, deadline: float, api_version: str = API_VERSION) -> None:
         self.target = target
         self.deadline = deadline
         self.client = mqtt.Client(client_id=target.registration_id, clean_session=True,
                                   protocol=mqtt.MQTTv311)
         user_agent = quote(f"spyrus-hsm/{__version__}", safe="")
         self.client.username_pw_set(f"{target.id_scope}/registrations/{target.registration_id}/"
-                                    f"api-version={API_VERSION}&ClientVersion={user_agent}",
+                                    f"api-version={api_version}&ClientVersion={user_agent}",
                                     target.sas_token)
         self.client.tls_set_context(target.tls)
         self.client.on_connect = self._on_connect

@@ -37,6 +37,7 @@ Template = dict[Attribute, object]
 ObjectKey = tuple[ObjectClass, str | None, bytes | None]
 
 P256_OID = "1.2.840.10045.3.1.7"
+P384_OID = "1.3.132.0.34"
 CATEGORY_USER = 1       # CKA_CERTIFICATE_CATEGORY: the key owner's certificate
 CATEGORY_AUTHORITY = 2  # a CA certificate of the chain
 
@@ -53,13 +54,26 @@ _TYPE_BY_CLASS = {v: k for k, v in _CLASS_BY_TYPE.items()}
 class SignAlgorithm(Enum):
     HMAC_SHA256 = "HMAC-SHA256"
     ECDSA_SHA256 = "ECDSA-SHA256"      # raw r||s (JWS ES256); DER via encoding.ecdsa_raw_to_der
+    ECDSA_SHA384 = "ECDSA-SHA384"      # raw r||s (JWS ES384)
     RSA_PKCS1_SHA256 = "RS256"
     RSA_PSS_SHA256 = "PS256"
 
 
 class KeyAlgorithm(Enum):
     EC_P256 = "ec-p256"
+    EC_P384 = "ec-p384"
     RSA_2048 = "rsa-2048"
+
+    @property
+    def is_ec(self) -> bool:
+        return self in (KeyAlgorithm.EC_P256, KeyAlgorithm.EC_P384)
+
+
+_CURVE_OIDS = {KeyAlgorithm.EC_P256: P256_OID, KeyAlgorithm.EC_P384: P384_OID}
+# ECDSA with SHA-256 for P-256 and SHA-384 for P-384 (the digest as long as the curve's order,
+# as Azure's P-384 CAs and TLS 1.3's signature schemes pair them).
+_IMPORTABLE_CURVES = {"secp256r1": KeyAlgorithm.EC_P256, "secp384r1": KeyAlgorithm.EC_P384}
+_ECDSA_DIGESTS = {SignAlgorithm.ECDSA_SHA256: hashlib.sha256, SignAlgorithm.ECDSA_SHA384: hashlib.sha384}
 
 
 @dataclass(frozen=True)
@@ -173,9 +187,9 @@ def sign(ws: WorkerSession, uri: Pkcs11Uri, algorithm: SignAlgorithm, data: byte
     if algorithm is SignAlgorithm.HMAC_SHA256:
         return bytes(_retry_stale(ws, lambda: _signer(ws, uri, ObjectClass.SECRET_KEY).sign(
             data, mechanism=Mechanism.SHA256_HMAC)))
-    if algorithm is SignAlgorithm.ECDSA_SHA256:
-        # SoftHSM 2.6 has no CKM_ECDSA_SHA256: hash here, sign the digest with CKM_ECDSA.
-        digest = hashlib.sha256(data).digest()
+    if algorithm in _ECDSA_DIGESTS:
+        # SoftHSM 2.6 has no CKM_ECDSA_SHA256/384: hash here, sign the digest with CKM_ECDSA.
+        digest = _ECDSA_DIGESTS[algorithm](data).digest()
         return bytes(_retry_stale(ws, lambda: _signer(ws, uri, ObjectClass.PRIVATE_KEY).sign(
             digest, mechanism=Mechanism.ECDSA)))
     if algorithm is SignAlgorithm.RSA_PKCS1_SHA256:
@@ -191,6 +205,7 @@ def sign(ws: WorkerSession, uri: Pkcs11Uri, algorithm: SignAlgorithm, data: byte
 MECHANISM_NAMES = {
     SignAlgorithm.HMAC_SHA256: "CKM_SHA256_HMAC",
     SignAlgorithm.ECDSA_SHA256: "CKM_ECDSA",
+    SignAlgorithm.ECDSA_SHA384: "CKM_ECDSA",
     SignAlgorithm.RSA_PKCS1_SHA256: "CKM_SHA256_RSA_PKCS",
     SignAlgorithm.RSA_PSS_SHA256: "CKM_SHA256_RSA_PKCS_PSS",
 }
@@ -226,7 +241,11 @@ def _key(ws: WorkerSession, uri: Pkcs11Uri, cls: ObjectClass) -> Key:
 
 def key_algorithm(ws: WorkerSession, uri: Pkcs11Uri) -> KeyAlgorithm:
     key = _key(ws, uri, ObjectClass.PRIVATE_KEY)
-    return KeyAlgorithm.EC_P256 if key.key_type == KeyType.EC else KeyAlgorithm.RSA_2048
+    if key.key_type != KeyType.EC:
+        return KeyAlgorithm.RSA_2048
+    params = bytes(key[Attribute.EC_PARAMS])
+    return next((a for a, oid in _CURVE_OIDS.items() if encode_named_curve_parameters(oid) == params),
+                KeyAlgorithm.EC_P256)
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -404,8 +423,8 @@ def generate_keypair(ws: WorkerSession, label: str, algorithm: KeyAlgorithm) -> 
                         Attribute.PRIVATE: True, Attribute.SIGN: True, Attribute.DECRYPT: False,
                         Attribute.UNWRAP: False, Attribute.DERIVE: False}
     public_template: Template = {Attribute.VERIFY: True, Attribute.ENCRYPT: False, Attribute.WRAP: False}
-    if algorithm is KeyAlgorithm.EC_P256:
-        public_template[Attribute.EC_PARAMS] = encode_named_curve_parameters(P256_OID)
+    if algorithm.is_ec:
+        public_template[Attribute.EC_PARAMS] = encode_named_curve_parameters(_CURVE_OIDS[algorithm])
         pub, priv = ws.session.generate_keypair(
             KeyType.EC, store=True, label=label, id=temp_id,
             public_template=public_template, private_template=private_template)
@@ -432,15 +451,17 @@ def import_private_key(ws: WorkerSession, label: str, key: PrivateKeyTypes, key_
     pub: Template = {**common, Attribute.CLASS: ObjectClass.PUBLIC_KEY,
                                  Attribute.VERIFY: True, Attribute.ENCRYPT: False}
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        if not isinstance(key.curve, ec.SECP256R1):
-            raise InvalidInput(f"EC curve {key.curve.name} is not supported; use P-256")
-        params = encode_named_curve_parameters(P256_OID)
+        algorithm = _IMPORTABLE_CURVES.get(key.curve.name)
+        if algorithm is None:
+            raise InvalidInput(f"EC curve {key.curve.name} is not supported; use P-256 or P-384")
+        params = encode_named_curve_parameters(_CURVE_OIDS[algorithm])
         point = key.public_key().public_bytes(serialization.Encoding.X962,
                                               serialization.PublicFormat.UncompressedPoint)
         from asn1crypto.core import OctetString
 
         priv.update({Attribute.KEY_TYPE: KeyType.EC, Attribute.EC_PARAMS: params,
-                     Attribute.VALUE: key.private_numbers().private_value.to_bytes(32, "big")})
+                     Attribute.VALUE: key.private_numbers().private_value.to_bytes(
+                         (key.curve.key_size + 7) // 8, "big")})
         pub.update({Attribute.KEY_TYPE: KeyType.EC, Attribute.EC_PARAMS: params,
                     Attribute.EC_POINT: OctetString(point).dump()})
     elif isinstance(key, rsa.RSAPrivateKey):

@@ -45,7 +45,10 @@ def build_csr(hsm: Hsm, label: str, subject: str, dns_names: list[str] | None = 
         "attributes": attributes,
     })
     tbs = info.dump()
-    if algorithm is KeyAlgorithm.EC_P256:
+    if algorithm is KeyAlgorithm.EC_P384:
+        signature = ecdsa_raw_to_der(hsm.sign(label, SignAlgorithm.ECDSA_SHA384, tbs))
+        sig_alg = "sha384_ecdsa"
+    elif algorithm is KeyAlgorithm.EC_P256:
         signature = ecdsa_raw_to_der(hsm.sign(label, SignAlgorithm.ECDSA_SHA256, tbs))
         sig_alg = "sha256_ecdsa"
     else:

@@ -129,19 +129,30 @@ def _schemas(cfg: ServiceConfig, default_hub: bool, default_id_scope: bool) -> d
                      "description": f"The bytes to sign (at most {v.MAX_DATA_BYTES}), padded base64"}}},
         "Signature": {"type": "object", "required": ["signature"], "properties": {
             "signature": {"type": "string", "contentEncoding": "base64",
-                          "description": "ES256: raw r||s; RS256/PS256: PKCS#1; HMAC-SHA256: the MAC"}}},
+                          "description": "ES256/ES384: raw r||s; RS256/PS256: PKCS#1; HMAC-SHA256: the MAC"}}},
         "RegistrationRequest": {"type": "object", "additionalProperties": False,
                                 "required": registration_required, "properties": {
             "registrationId": {"type": "string", "pattern": v.REGISTRATION_ID},
             "idScope": {"type": "string", "pattern": v.ID_SCOPE},
             "attestation": {"type": "string", "enum": ["x509", "symmetricKey"]},
-            "payload": {"description": "Custom allocation payload (JSON), passed to DPS"}}},
+            "payload": {"description": "Custom allocation payload (JSON), passed to DPS"},
+            "csr": {"type": "string", "contentEncoding": "base64", "pattern": v.BASE64_CSR,
+                    "maxLength": (v.MAX_CSR_BYTES + 2) // 3 * 4,
+                    "description": "The leaf's DER PKCS#10 request, padded base64, CN = registrationId: "
+                                   "DPS issues an operational certificate (policy operation "
+                                   "'certificate-issue')"},
+            "issueCertificate": {"type": "boolean", "default": False,
+                                 "description": "Instead of 'csr': DPS issues a certificate for a P-384 key "
+                                                "generated in this HSM (service.leaf_cert_label), stored there"}}},
         "Registration": {"type": "object", "required": ["registrationId", "assignedHub", "deviceId", "status"],
                          "properties": {
             "registrationId": {"type": "string"}, "assignedHub": {"type": "string"},
             "deviceId": {"type": "string"}, "status": {"type": "string"},
             "substatus": {"type": ["string", "null"]}, "attestation": {"type": "string"},
-            "registeredAt": {"type": "string"}}},
+            "registeredAt": {"type": "string"},
+            "issuedCertificateChain": {"type": "array", "items": {"type": "string", "contentEncoding": "base64"},
+                                       "description": "Issued for 'csr': DER certificates, leaf first"},
+            "certificate": {"type": "object", "description": "The issued leaf: subject, issuer, notAfter"}}},
         "Problem": {"type": "object", "required": ["type", "title", "status"], "properties": {
             "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
             "detail": {"type": "string"}, "instance": {"type": "string"}}},

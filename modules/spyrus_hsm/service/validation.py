@@ -29,6 +29,8 @@ MAX_DATA_BYTES = 8192  # a signature request's data, decoded
 # Padded standard base64 of at most MAX_DATA_BYTES bytes, the limit inside the pattern: up to 2730
 # full groups of 3 bytes, then at most one partial group of 1 or 2 (8192 = 3 * 2730 + 2).
 BASE64_DATA = rf"^(?:[A-Za-z0-9+/]{{4}}){{0,{MAX_DATA_BYTES // 3}}}(?:[A-Za-z0-9+/]{{2}}==|[A-Za-z0-9+/]{{3}}=)?$"
+MAX_CSR_BYTES = 8192  # a leaf's DER PKCS#10 request (RSA-4096 ones are under 2 KiB)
+BASE64_CSR = rf"^(?:[A-Za-z0-9+/]{{4}}){{1,{MAX_CSR_BYTES // 3}}}(?:[A-Za-z0-9+/]{{2}}==|[A-Za-z0-9+/]{{3}}=)?$"
 
 
 # Set on the request while its body is being read: a timeout then is the client's (408), not ours.
@@ -132,4 +134,24 @@ def base64_data(body: dict[str, Any], name: str) -> bytes:
         raise bad_request(f"'{name}' is required: the bytes to sign, base64-encoded")
     if not re.fullmatch(BASE64_DATA, value):
         raise bad_request(f"'{name}' must be padded base64 of at most {MAX_DATA_BYTES} bytes")
+    return base64.b64decode(value, validate=True)
+
+
+def flag(body: dict[str, Any], name: str) -> bool:
+    """An optional boolean (absent: false)."""
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise bad_request(f"'{name}' must be true or false")
+    return value
+
+
+def base64_csr(body: dict[str, Any], name: str) -> bytes | None:
+    """An optional DER certificate signing request, padded base64 (its content is checked by
+    the caller: identity.issued.check_csr)."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(BASE64_CSR, value):
+        raise bad_request(f"'{name}' must be a DER PKCS#10 request of at most {MAX_CSR_BYTES} bytes, "
+                          "padded base64")
     return base64.b64decode(value, validate=True)

@@ -1,5 +1,5 @@
 """POST /v1/signatures: sign caller-supplied bytes with an HSM key the policy lets the caller
-name. ES256 answers the raw r||s (JWS form), the others the PKCS#11 output as is."""
+name. ES256/ES384 answer the raw r||s (JWS form), the others the PKCS#11 output as is."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from ..validation import LABEL, base64_data, choice, only, read_json, text
 ALGORITHMS = {
     "HMAC-SHA256": SignAlgorithm.HMAC_SHA256,
     "ES256": SignAlgorithm.ECDSA_SHA256,
+    "ES384": SignAlgorithm.ECDSA_SHA384,
     "PS256": SignAlgorithm.RSA_PSS_SHA256,
     "RS256": SignAlgorithm.RSA_PKCS1_SHA256,
 }
