@@ -315,19 +315,24 @@ async def slow_usb(args: argparse.Namespace, pin: Path, root: Path) -> dict[str,
     instrument = hsm.instrument(counting)
     n, roll_ttl = args.slow_leaves, rollover_ttl(args.rollover_seconds)
     out: dict[str, Any] = {"idle_worst_ms": max(await tick_lag(1.0)) * 1e3}
+    cache = listeners.service.cache
+
+    def counters() -> dict[str, int]:
+        return {k: getattr(cache, k) for k in ("minted", "refreshed", "refresh_failures", "withdrawn")}
     # hit: known leaves with long-lived tokens (filled on a fast token), asked again and again
     await run_load(url, ca, bearer_file, "fill", args, leaves=n, prefix="hit", concurrency=64)
     _shim(control, args.slow_usb_ms)
     out["hit"] = await run_load(url, ca, bearer_file, "round", args, leaves=n, prefix="hit",
                                 seconds=args.hit_seconds)
     # storm: n new leaves within 1 s
-    before = signatures
+    before, seen = signatures, counters()
     load = asyncio.create_task(run_load(url, ca, bearer_file, "storm", args, leaves=n, prefix="storm",
                                         ttl=roll_ttl, concurrency=args.storm_connections))
     lags = await _lag_while(load)
-    out["storm"] = {**await load, "signatures": signatures - before, "worst_lag_ms": max(lags) * 1e3}
+    out["storm"] = {**await load, "signatures": signatures - before, "worst_lag_ms": max(lags) * 1e3,
+                    "cache": {k: v - seen[k] for k, v in counters().items()}}
     # rollover: the storm's leaves come back while their tokens pass the reuse point
-    before = signatures
+    before, seen = signatures, counters()
     load = asyncio.create_task(run_load(url, ca, bearer_file, "round", args, leaves=n, prefix="storm",
                                         ttl=roll_ttl, seconds=args.rollover_seconds))
     lags = await _lag_while(load)
@@ -335,6 +340,7 @@ async def slow_usb(args: argparse.Namespace, pin: Path, root: Path) -> dict[str,
     while hsm.queue_depth():  # refreshes still queued: their tokens are collected by the sweep
         await asyncio.sleep(0.05)
     roll_signatures = signatures - before
+    roll_cache = {k: v - seen[k] for k, v in counters().items()}
     sweep = await run_load(url, ca, bearer_file, "fill", args, leaves=n, prefix="storm", ttl=roll_ttl,
                            concurrency=64)
     storm_tokens = out["storm"]["expiries"]
@@ -344,7 +350,7 @@ async def slow_usb(args: argparse.Namespace, pin: Path, root: Path) -> dict[str,
         needed += len(new)
         rolled += bool(new)
     out["rollover"] = {**roll, "expiries": {}, "signatures": roll_signatures, "needed": needed, "rolled": rolled,
-                       "worst_lag_ms": max(lags) * 1e3, "ttl": roll_ttl}
+                       "worst_lag_ms": max(lags) * 1e3, "ttl": roll_ttl, "cache": roll_cache}
     out["storm"]["expiries"] = {}
     await listeners.stop()
     hsm.close()
@@ -395,6 +401,10 @@ async def slow_usb_parent(args: argparse.Namespace, root: Path) -> None:
     print(f"  HSM signatures {roll['signatures']} for {roll['needed']} tokens needed  target <= "
           f"{roll['needed'] * 1.05:.0f}  {met(roll['signatures'] <= roll['needed'] * 1.05)}")
     print(f"  event-loop worst lag {roll['worst_lag_ms']:.2f} ms")
+    for name, case in (("storm", storm), ("rollover", roll)):
+        c = case["cache"]
+        print(f"  ({name}: {c['minted']} tokens signed while a request waited, {c['refreshed']} refreshed ahead, "
+              f"{c['refresh_failures']} refreshes refused or failed, {c['withdrawn']} withdrawn for a waiting request)")
 
 
 def _passthrough(args: argparse.Namespace) -> list[str]:

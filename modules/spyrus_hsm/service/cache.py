@@ -49,6 +49,10 @@ class TokenCache:
         self._inflight: dict[Hashable, asyncio.Task[SasToken]] = {}
         self._refreshing: dict[Hashable, asyncio.Task[None]] = {}
         self.waiting = 0  # requests awaiting a signature in flight (observable, e.g. by tests)
+        # What refresh-ahead did (observable, e.g. by the benchmark): successors stored,
+        # refreshes that failed (e.g. refused: the HSM queue was half full), refreshes
+        # withdrawn for a request that could not wait, and tokens minted while a caller waited.
+        self.refreshed = self.refresh_failures = self.withdrawn = self.minted = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -75,6 +79,7 @@ class TokenCache:
             refresh = self._refreshing.pop(key, None)
             if refresh is not None:
                 refresh.cancel()
+                self.withdrawn += 1
             task = asyncio.ensure_future(self._mint(key, ttl, mint, background=False))
             self._inflight[key] = task
         self.waiting += 1
@@ -86,7 +91,9 @@ class TokenCache:
     async def _refresh(self, key: Hashable, ttl: int, mint: Mint) -> None:
         try:
             await self._mint(key, ttl, mint, background=True)
+            self.refreshed += 1
         except Exception as exc:  # nobody waits for it: the next hit tries again
+            self.refresh_failures += 1
             log.debug("refreshing a cached token failed: %s", exc)
         finally:
             if self._refreshing.get(key) is asyncio.current_task():
@@ -95,6 +102,7 @@ class TokenCache:
     async def _mint(self, key: Hashable, ttl: int, mint: Mint, background: bool) -> SasToken:
         try:
             token = await mint(background)
+            self.minted += not background
             if self.reuse_fraction > 0:
                 # From the token's own expiry: a refresh may have waited in the HSM queue.
                 reuse_until = token.expires_on - (1.0 - self.reuse_fraction) * ttl
