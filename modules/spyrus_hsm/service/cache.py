@@ -37,6 +37,7 @@ Mint = Callable[[bool], Awaitable[SasToken]]
 class _Entry:
     token: SasToken
     reuse_until: float
+    expires_on: int  # the token's, kept here: the hit path reads it on every request
 
 
 class TokenCache:
@@ -66,10 +67,10 @@ class TokenCache:
         entry = self._entries.get(key)
         if entry is not None:
             now = self.clock()
-            if entry.token.expires_on - now >= min_life:
+            if entry.expires_on - now >= min_life:
                 self._entries.move_to_end(key)
-                if now >= entry.reuse_until and key not in self._refreshing and key not in self._inflight:
-                    self._refreshing[key] = asyncio.ensure_future(self._refresh(key, ttl, mint))
+                if now >= entry.reuse_until:
+                    self._refresh_ahead(key, ttl, mint)
                 return entry.token, True
         task = self._inflight.get(key)
         shared = task is not None
@@ -87,6 +88,10 @@ class TokenCache:
             return await asyncio.shield(task), shared
         finally:
             self.waiting -= 1
+
+    def _refresh_ahead(self, key: Hashable, ttl: int, mint: Mint) -> None:
+        if key not in self._refreshing and key not in self._inflight:
+            self._refreshing[key] = asyncio.ensure_future(self._refresh(key, ttl, mint))
 
     async def _refresh(self, key: Hashable, ttl: int, mint: Mint) -> None:
         try:
@@ -106,7 +111,7 @@ class TokenCache:
             if self.reuse_fraction > 0:
                 # From the token's own expiry: a refresh may have waited in the HSM queue.
                 reuse_until = token.expires_on - (1.0 - self.reuse_fraction) * ttl
-                self._entries[key] = _Entry(token, reuse_until)
+                self._entries[key] = _Entry(token, reuse_until, token.expires_on)
                 self._entries.move_to_end(key)
                 if len(self._entries) > self.max_entries:
                     self._entries.popitem(last=False)
