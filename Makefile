@@ -62,6 +62,7 @@ image-test: venv
 bench: venv shim
 	$(BIN)/python bench/hsm_throughput.py
 	$(BIN)/python bench/api_throughput.py
+	$(BIN)/python bench/audit_stall.py
 
 lock:
 	rm -rf $(BUILD)/lockenv && $(PYTHON) -m venv $(BUILD)/lockenv

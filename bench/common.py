@@ -5,8 +5,10 @@ The PIN goes to child processes in a file (mode 0600), never on a command line."
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,3 +52,13 @@ async def tick_lag(duration: float, tick: float = 0.001) -> list[float]:
         await asyncio.sleep(tick)
         lags.append(time.perf_counter() - t - tick)
     return lags
+
+
+async def child_json(script: str, *args: str) -> dict[str, Any]:
+    """Run `script` in a child Python (a load generator); its last line of output is a JSON object."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, script, *args, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(script).name} {args[0] if args else ''} failed ({proc.returncode})")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result

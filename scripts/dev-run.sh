@@ -72,10 +72,10 @@ echo "SAS token minted inside the HSM for device 'demo-device': ${TOKEN:0:60}...
 
 # The service: TLS key generated in the HSM, certificate from the development CA.
 run "$BIN/python" scripts/dev_pki.py ca "$PKI"
-if ! has_object "$TLS_LABEL" private-key; then
+if ! has_object "$TLS_LABEL" private; then
   spyrus key generate --label "$TLS_LABEL" --type ec-p256
 fi
-if ! has_object "$TLS_LABEL" certificate; then
+if ! has_object "$TLS_LABEL" cert; then
   spyrus csr --label "$TLS_LABEL" --subject "CN=spyrus-hsm development service" --out "$PKI/service.csr"
   run "$BIN/python" scripts/dev_pki.py sign-server "$PKI" "$PKI/service.csr" "$PKI/service-chain.pem"
   spyrus cert import "$PKI/service-chain.pem" --label "$TLS_LABEL"

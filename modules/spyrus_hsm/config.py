@@ -150,6 +150,7 @@ class ServiceConfig:
     retry_after: int = 1                # seconds, sent with 503 when the HSM is busy/not ready
     audit_file: str | None = None       # JSON lines; default <state_dir>/audit.log; "-" = stderr
     audit_fail_closed: bool = True      # refuse to hand out signatures the audit log missed
+    audit_fsync: bool = False           # fsync each batch of records (power loss loses none)
 
 
 @dataclass(frozen=True)

@@ -31,23 +31,42 @@ def _curl(line: str) -> tuple[int, str]:
     return int(code), body
 
 
-def test_make_run_serves_and_its_curl_commands_work_as_printed(tmp_path: Path) -> None:
-    state = tmp_path / "dev"
+def _start(state: Path, port: int) -> tuple[subprocess.Popen[str], str]:
+    """dev-run.sh until it serves: the process and what it printed up to then."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SPYRUS_", "SOFTHSM", "OTEL_"))}
-    env.update(SPYRUS_DEV_STATE=str(state), SPYRUS_DEV_PORT=str(_free_port()), OTEL_SDK_DISABLED="true")
+    env.update(SPYRUS_DEV_STATE=str(state), SPYRUS_DEV_PORT=str(port), OTEL_SDK_DISABLED="true")
     proc = subprocess.Popen(["bash", "scripts/dev-run.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    out = []
+    deadline = time.monotonic() + 120
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait()
+            raise AssertionError(f"dev-run.sh ended early ({proc.returncode}): "
+                                 f"{proc.stderr.read() if proc.stderr else ''}")
+        out.append(line)
+        if "API on https://" in line:
+            break
+    return proc, "".join(out)
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
     try:
-        out = []
-        deadline = time.monotonic() + 120
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, f"dev-run.sh ended early: {proc.wait()} {proc.stderr.read() if proc.stderr else ''}"
-            out.append(line)
-            if "API on https://" in line:
-                break
-        text = "".join(out)
+        return proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_make_run_serves_and_its_curl_commands_work_as_printed(tmp_path: Path) -> None:
+    state = tmp_path / "dev"
+    proc, text = _start(state, _free_port())
+    try:
         assert "independent check: signature verifies" in text
         commands = [m.strip() for m in re.findall(r"^  (curl .*)$", text, re.M)]
         assert len(commands) == 5
@@ -61,11 +80,17 @@ def test_make_run_serves_and_its_curl_commands_work_as_printed(tmp_path: Path) -
         bearer = (state / "bearer.token").read_text().strip()
         assert bearer not in text and bearer not in (state / "state" / "audit.log").read_text()
         assert bearer not in (state / "config.yaml").read_text()
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-        assert time.monotonic() - started < 10
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert _stop(proc) == 0
+
+
+def test_make_run_a_second_time_reuses_the_token_and_serves_again(tmp_path: Path) -> None:
+    state = tmp_path / "dev"
+    first, _ = _start(state, _free_port())
+    assert _stop(first) == 0
+    second, text = _start(state, _free_port())
+    try:
+        commands = [m.strip() for m in re.findall(r"^  (curl .*)$", text, re.M)]
+        assert [_curl(c)[0] for c in commands[:2]] == [200, 200]
+    finally:
+        assert _stop(second) == 0

@@ -112,3 +112,30 @@ def test_a_full_file_system_fails_closed_and_leaves_no_partial_record(tiny_fs: P
     log.close()
     assert json.loads(_lines(audit)[-1])["principal"] == "after"
 
+
+
+def test_a_batch_that_does_not_fit_fails_every_record_in_it_and_leaves_none_of_them(tiny_fs: Path) -> None:
+    """Group commit: whatever the batching, a waiter is told its record was written exactly when
+    its line is in the file, and the file holds whole records only."""
+    audit = tiny_fs / "audit.log"
+    log = AuditLog(str(audit), fail_closed=True)
+    (tiny_fs / "filler").write_bytes(b"\0" * (64 * 1024 - 6 * 1024))  # room for a few records, not all
+
+    async def one(i: int) -> bool:
+        try:
+            await log.submit(wait=True, principal=f"p{i}", operation="sas-token", outcome="allowed",
+                             reason="x" * 700, status=200)
+        except AuditError:
+            return False
+        return True
+
+    async def all_of_them() -> list[bool]:
+        return await asyncio.gather(*(one(i) for i in range(40)))
+
+    confirmed = asyncio.run(all_of_them())
+    log.close()
+    assert False in confirmed, "the file system never filled: the test proves nothing"
+    written = [json.loads(line)["principal"] for line in _lines(audit)]  # a torn line fails here
+    assert sorted(written) == sorted(f"p{i}" for i, ok in enumerate(confirmed) if ok)
+    data = audit.read_bytes()
+    assert data == b"" or data.endswith(b"\n")

@@ -4,7 +4,7 @@ The desired document overlays the config file's `service` section, key by key:
 
     {"logLevel": "info",
      "service": {"rateLimitPerSecond": 20, "rateLimitBurst": 40, "cacheReuseFraction": 0.5,
-                 "minTtlSeconds": 300, "maxTtlSeconds": 86400, "auditFailClosed": true,
+                 "minTtlSeconds": 300, "maxTtlSeconds": 86400, "auditFailClosed": true, "auditFsync": false,
                  "policy": [{"principals": [...], "operations": [...], "devices": [...], "keys": [...]}]}}
 
 A key absent from the twin (or deleted with null) keeps the file's value. The whole document is
@@ -34,6 +34,7 @@ LIVE: dict[str, str] = {
     "minTtlSeconds": "min_ttl",
     "maxTtlSeconds": "max_ttl",
     "auditFailClosed": "audit_fail_closed",
+    "auditFsync": "audit_fsync",
     "policy": "policy",
     "hub": "hub",
     "sasKey": "sas_key",

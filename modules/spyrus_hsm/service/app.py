@@ -1,9 +1,9 @@
 """The aiohttp application: middlewares (tracing and metrics, audit, problem+json, authentication,
 request timeout) around the routes in routes/. `build_app` is all a server or a test needs.
 
-Middleware order, outermost first: telemetry sees the final status of everything; audit writes
-one record per /v1 decision before the response leaves (and withholds a signature it could not
-record when fail_closed); problems turns every failure into RFC 9457 JSON; auth authenticates
+Middleware order, outermost first: telemetry sees the final status of everything; audit queues
+one record per /v1 decision (and, when fail_closed, holds a signature until its record is written
+and withholds it if that failed); problems turns every failure into RFC 9457 JSON; auth authenticates
 and rate-limits /v1 requests; the handler runs under the request timeout.
 """
 
@@ -119,17 +119,21 @@ async def _audit(request: web.Request, handler: Handler) -> web.StreamResponse:
     peer = request.transport.get_extra_info("peername") if request.transport else None  # gone once it disconnects
     response = await handler(request)
     fields = request.get(AUDIT, {})
+    # Only an answer that hands out a secret waits for its record (written off the loop, in a
+    # batch); every other record is queued and the answer goes at once.
+    withheld_unless_recorded = (svc.audit.fail_closed and response.status < 300
+                                and route_name(request) in SECRET_BEARING)
     try:
-        svc.audit.record(
+        await svc.audit.submit(
+            wait=withheld_unless_recorded, timeout=svc.cfg.request_timeout,
             principal=fields.get("principal"), operation=fields.get("operation") or _operation(request),
             key=fields.get("key"), device=fields.get("device"),
             status=None if response.status == CLIENT_CLOSED else response.status,
             outcome=_outcome(response.status), reason=fields.get("reason") or _reason(response),
             request_id=request[REQUEST_ID], remote=peer[0] if peer else None)
     except AuditError as exc:
-        if response.status < 300 and route_name(request) in SECRET_BEARING:
-            return problem_response(unavailable(str(exc) + "; nothing was handed out", svc.cfg.retry_after,
-                                                "audit-unavailable"), request[REQUEST_ID])
+        return problem_response(unavailable(str(exc) + "; nothing was handed out", svc.cfg.retry_after,
+                                            "audit-unavailable"), request[REQUEST_ID])
     response.headers["X-Request-Id"] = request[REQUEST_ID]
     return response
 

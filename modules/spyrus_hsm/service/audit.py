@@ -1,88 +1,181 @@
 """The audit log: one JSON line per decision — time, principal, operation, key, device,
 outcome, reason — and never a secret (no tokens, signatures, data or PINs are passed in).
 
-With fail_closed, a signature whose audit record could not be written is not handed out: the
-request gets 503 instead (`AuditError`).
+Records are written off the event loop by group commit: `submit` queues a record and one writer
+thread writes everything queued in one `write` (and, with audit_fsync, one `fsync`), so a slow or
+stalled disk delays the writer, never the loop. A caller that must not go on before its record
+is on disk (fail_closed, a signature about to be handed out) awaits its batch and gets
+`AuditError` when the batch failed: the request gets 503 instead. Every other record is queued
+and not waited for; those are bounded (`queue_limit`): past it, new ones are dropped, counted in
+`dropped` and logged when dropping starts and ends. `close` writes what is queued, waiting a
+bounded time for a disk that does not take it. `record` writes one record on the caller's thread.
 
-Each record is written all-or-nothing: on a full or failing file system a write can stop part-way
+Each batch is written all-or-nothing: on a full or failing file system a write can stop part-way
 through a line, and the next record appended to that torn line would make both unreadable. So a
-record is one `write` on an O_APPEND descriptor whose count is checked; a short or failed write is
-cut back to where the record began, and where that is not possible the file is marked torn and
-the next record starts on a new line. A file that does not end in a newline when it is opened
-(a crash mid-record) is treated the same way.
+batch is one `write` on an O_APPEND descriptor whose count is checked; a short or failed write is
+cut back to where the batch began and fails every record in it, and where cutting back is not
+possible (or the log is not a regular file) the file is marked torn and the next batch starts on a
+new line. A file that does not end in a newline when it is opened (a crash mid-record) is treated
+the same way. The file is reopened by name when logrotate moves it; "-" is stderr.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import errno
 import json
 import logging
 import os
+import stat
 import sys
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import Kind, SpyrusError
 
 log = logging.getLogger(__name__)
+QUEUE_LIMIT = 10_000    # records nobody waits for, queued for a slow disk (~3 MB)
+MAX_BATCH = 1000        # records per write
+CLOSE_TIMEOUT = 2.0     # seconds `close` waits for the disk to take what is queued
 
 
 class AuditError(SpyrusError, RuntimeError, kind=Kind.UNAVAILABLE):
     """The audit record could not be written."""
 
 
+@dataclass
+class _Pending:
+    line: bytes
+    done: asyncio.Future[None] | None  # set when someone awaits the record
+
+
 class AuditLog:
-    def __init__(self, path: str, fail_closed: bool) -> None:
+    def __init__(self, path: str, fail_closed: bool, fsync: bool = False, queue_limit: int = QUEUE_LIMIT) -> None:
         self.path = path
         self.fail_closed = fail_closed
+        self.fsync = fsync
+        self.queue_limit = queue_limit
         self._fd: int | None = None
         self._inode: tuple[int, int] | None = None
+        self._regular = True
         self._torn = False  # the file ends inside a record: begin the next one on a new line
         self._checked = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the descriptor: writer thread, `record`, `close`
         self.failures = 0
+        self.dropped = 0
+        self._dropping = False
+        # The queue and the writer thread's state, under one lock with two conditions: work
+        # wakes the writer, idle wakes `flush`.
+        self._queue: deque[_Pending] = deque()
+        self._unwaited = 0  # queued records nobody waits for: the bounded ones
+        self._busy = False  # the writer is writing a batch
+        self._closing = False
+        self._state = threading.Lock()
+        self._work = threading.Condition(self._state)
+        self._idle = threading.Condition(self._state)
+        self._writer: threading.Thread | None = None
 
-    def record(self, *, principal: str | None, operation: str, outcome: str, reason: str,
-               key: str | None = None, device: str | None = None, status: int | None = None,
-               request_id: str | None = None, remote: str | None = None) -> None:
-        """Write one record; raises AuditError when it fails and fail_closed is set."""
-        entry: dict[str, Any] = {
-            "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "principal": principal, "operation": operation, "key": key, "device": device,
-            "outcome": outcome, "reason": reason, "status": status, "requestId": request_id, "remote": remote,
-        }
-        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
-        try:
-            with self._lock:
-                self._write(line)
-        except OSError as exc:
-            self.failures += 1
-            self._close()  # reopened by the next record, which checks how the file ends
-            log.error("audit log %s cannot be written (%s)%s", self.path, _reason(exc),
-                      ": refusing to hand out signatures" if self.fail_closed else "")
-            if self.fail_closed:
-                raise AuditError(f"the audit log cannot be written ({_reason(exc)})") from None
+    def record(self, **fields: Any) -> None:
+        """Write one record now, on this thread; raises AuditError when it fails and fail_closed is set."""
+        error = self._commit(_line(**fields), 1)
+        if error is not None and self.fail_closed:
+            raise error
 
-    def _write(self, line: bytes) -> None:
+    async def submit(self, *, wait: bool, timeout: float | None = None, **fields: Any) -> None:
+        """Queue one record for the writer thread. With wait, return once its batch is written
+        (AuditError if that failed or took longer than timeout); without, return at once."""
+        line = _line(**fields)
+        done = asyncio.get_running_loop().create_future() if wait else None
+        with self._state:
+            if self._closing or (done is None and self._unwaited >= self.queue_limit):
+                self._drop()
+                if done is None:
+                    return
+                raise AuditError("the audit log is closed")
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+                self._writer.start()
+            self._queue.append(_Pending(line, done))
+            self._unwaited += done is None
+            self._work.notify()
+        if done is not None:
+            try:
+                await asyncio.wait_for(done, timeout)
+            except TimeoutError:
+                raise AuditError(f"the audit log did not take the record within {timeout:g} s") from None
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        if not self._dropping and not self._closing:
+            self._dropping = True
+            log.error("audit log %s: %d records wait for the disk; dropping new ones until they are written",
+                      self.path, self._unwaited)
+
+    def _run(self) -> None:
+        """The writer thread: everything queued, up to MAX_BATCH records, in one write."""
+        while True:
+            with self._state:
+                while not self._queue and not self._closing:
+                    self._work.wait()
+                if not self._queue:
+                    return
+                batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+                self._unwaited -= sum(p.done is None for p in batch)
+                self._busy = True
+            error = self._commit(b"".join(p.line for p in batch), len(batch))
+            _settle([p.done for p in batch if p.done is not None], error)
+            with self._state:
+                self._busy = False
+                if self._dropping and self._unwaited < self.queue_limit:
+                    self._dropping = False
+                    log.error("audit log %s: the queue has room again; %d records dropped so far",
+                              self.path, self.dropped)
+                self._idle.notify_all()
+
+    def flush(self, timeout: float = CLOSE_TIMEOUT) -> bool:
+        """Wait (on a thread other than the loop's) until what is queued is written; False on timeout."""
+        with self._state:
+            return self._idle.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def _commit(self, data: bytes, count: int) -> AuditError | None:
+        with self._lock:
+            try:
+                self._write(data)
+            except OSError as exc:
+                self.failures += count
+                self._close()  # reopened by the next batch, which checks how the file ends
+                log.error("audit log %s cannot be written (%s): %d record(s) lost%s", self.path, _reason(exc),
+                          count, ": refusing to hand out signatures" if self.fail_closed else "")
+                return AuditError(f"the audit log cannot be written ({_reason(exc)})")
+        return None
+
+    def _write(self, data: bytes) -> None:
         if self.path == "-":
-            sys.stderr.write(line.decode())
+            sys.stderr.write(data.decode())
             sys.stderr.flush()
             return
         fd = self._open()
-        data = b"\n" + line if self._torn else line
-        start = os.lseek(fd, 0, os.SEEK_END)
+        if self._torn:
+            data = b"\n" + data
+        start = os.lseek(fd, 0, os.SEEK_END) if self._regular else None
         written = os.write(fd, data)  # a failing call writes nothing; a short one returns its count
         if written != len(data):
             self._cut_back(fd, start)
             raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
         self._torn = False
+        if self.fsync and self._regular:
+            os.fsync(fd)
 
-    def _cut_back(self, fd: int, start: int) -> None:
-        """Remove what a short write left of its record; if that fails, the file stays torn and
-        the next record, after reopening, starts on a new line."""
+    def _cut_back(self, fd: int, start: int | None) -> None:
+        """Remove what a short write left of its batch; if that fails (or the log is a pipe), the
+        file stays torn and the next batch, after reopening, starts on a new line."""
         try:
+            if start is None:
+                raise OSError(errno.ESPIPE, "not a regular file")
             os.ftruncate(fd, start)
         except OSError:
             self._torn = True
@@ -91,10 +184,11 @@ class AuditLog:
         if self._fd is not None and self._rotated():
             self._close()
         if self._fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)  # a FIFO: never blocks
             st = os.fstat(fd)
             self._fd, self._inode = fd, (st.st_dev, st.st_ino)
-            self._torn = st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n"
+            self._regular = stat.S_ISREG(st.st_mode)
+            self._torn = self._regular and st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n"
         return self._fd
 
     def _rotated(self) -> bool:
@@ -117,9 +211,52 @@ class AuditLog:
                 pass
         self._fd = None
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Write what is queued (waiting at most timeout for the disk), then close the file."""
+        with self._state:
+            self._closing = True
+            self._work.notify()
+        if self._writer is not None:
+            self._writer.join(timeout)
+            if self._writer.is_alive():  # stuck in a write: leave it the descriptor
+                log.error("audit log %s: the disk took no write for %g s; %d queued records are lost",
+                          self.path, timeout, len(self._queue))
+                return
         with self._lock:
             self._close()
+
+
+def _line(*, principal: str | None, operation: str, outcome: str, reason: str, key: str | None = None,
+          device: str | None = None, status: int | None = None, request_id: str | None = None,
+          remote: str | None = None) -> bytes:
+    entry: dict[str, Any] = {
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "principal": principal, "operation": operation, "key": key, "device": device,
+        "outcome": outcome, "reason": reason, "status": status, "requestId": request_id, "remote": remote,
+    }
+    return (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+
+
+def _settle(waiting: list[asyncio.Future[None]], error: AuditError | None) -> None:
+    """Tell the requests awaiting a batch how it went, on their loops (one wake-up per loop)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for future in waiting:
+        by_loop.setdefault(future.get_loop(), []).append(future)
+    for loop, futures in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, futures, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+
+def _resolve(futures: list[asyncio.Future[None]], error: AuditError | None) -> None:
+    for future in futures:
+        if future.done():  # given up (timeout, request cancelled)
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(AuditError(str(error)))
 
 
 def _reason(exc: OSError) -> str:

@@ -70,13 +70,15 @@ class Service:
         verifier = ClientCertVerifier.from_file(cfg.client_ca_file) if cfg.client_ca_file else None
         self.cfg = cfg
         self.audit.fail_closed = cfg.audit_fail_closed
+        self.audit.fsync = cfg.audit_fsync
         self.authenticator = Authenticator(verifier, cfg.bearer_tokens)
         self.policy = pol.Policy(cfg.policy)
         self.limiter = RateLimiter(cfg.rate_limit_per_second, cfg.rate_limit_burst)
         self.cache = TokenCache(cfg.cache_reuse_fraction, max_entries=cfg.cache_max_entries)
 
     def close(self) -> None:
-        """Stop taking registrations (a running DPS call is abandoned by its own timeout)."""
+        """Stop taking registrations (a running DPS call is abandoned by its own timeout); write
+        what the audit log has queued (bounded wait)."""
         self._dps_threads.shutdown(wait=False, cancel_futures=True)
         self.audit.close()
 
