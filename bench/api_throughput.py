@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import SHIM, SOFTHSM, make_token, start_hsm, tick_lag
+from common import SHIM, SOFTHSM, child_json, make_token, start_hsm, tick_lag
 
 HOST = "127.0.0.1"
 BENCH_KEY = "bench-key"
@@ -142,14 +142,8 @@ async def run_load(url: str, ca: Path, bearer_file: Path, mode: str, args: argpa
     opts = {"seconds": args.seconds, "concurrency": args.concurrency, "leaves": 1, "ttl": 3600,
             "prefix": "leaf", **over}
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--load", url, "--ca", str(ca), "--bearer-file", str(bearer_file),
-        "--mode", mode, *argv, stdout=asyncio.subprocess.PIPE)
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"load generator failed ({proc.returncode})")
-    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    return result
+    return await child_json(__file__, "--load", url, "--ca", str(ca), "--bearer-file", str(bearer_file),
+                            "--mode", mode, *argv)
 
 
 # --- the servers under test -------------------------------------------------------------------
