@@ -36,10 +36,10 @@ def make_token(root: Path) -> Path:
     return pin_file
 
 
-def start_hsm(module: str, pin_file: Path, workers: int = 4) -> Any:
+def start_hsm(module: str, pin_file: Path, workers: int = 4, serial: bool = False) -> Any:
     from spyrus_hsm.hsm import Hsm, PoolSettings, TokenSelector, read_secret_file
 
-    settings = PoolSettings(module, TokenSelector(LABEL), workers=workers)
+    settings = PoolSettings(module, TokenSelector(LABEL), workers=workers, serial=serial)
     return Hsm(settings, lambda: read_secret_file(str(pin_file))).start(wait=True)
 
 

@@ -13,6 +13,7 @@ values allowed, and null is accepted only where the annotation allows None.
       workers: 4
       call_timeout: 10
       queue_limit: 256
+      serial: false        # true for a token that executes one operation at a time (USB)
     state_dir: /var/lib/spyrus-hsm
     sas:
       default_ttl: 3600
@@ -57,6 +58,7 @@ class HsmConfig:
     workers: int = 4
     call_timeout: float = 10.0
     queue_limit: int = 256
+    serial: bool = False  # one operation at a time (a USB token): one worker, one session
 
     def pool_settings(self) -> PoolSettings:
         return PoolSettings(
@@ -65,6 +67,7 @@ class HsmConfig:
             workers=self.workers,
             call_timeout=self.call_timeout,
             queue_limit=self.queue_limit,
+            serial=self.serial,
         )
 
 
@@ -137,6 +140,10 @@ class ServiceConfig:
     min_ttl: int = 300
     max_ttl: int = 86400
     cache_reuse_fraction: float = 0.5   # a cached token is reused until this much of its life
+    # ... and after that, while at least this much of its life is left (or the request's
+    # minTtlSeconds), handed out at once while its successor is signed in the background
+    cache_min_remaining_fraction: float = 0.25
+    cache_max_entries: int = 50_000     # least recently used tokens are forgotten beyond this
     max_body_bytes: int = 16384
     request_timeout: float = 15.0
     registration_timeout: float = 60.0
@@ -386,6 +393,10 @@ def validate_service(s: ServiceConfig, where: str) -> None:
         raise ConfigError(f"{where}: need 60 <= 'service.min_ttl' <= 'service.max_ttl' <= 1 year")
     if not 0.0 <= s.cache_reuse_fraction < 1.0:
         raise ConfigError(f"{where}: 'service.cache_reuse_fraction' must be 0 (no reuse) up to below 1")
+    if not 0.0 < s.cache_min_remaining_fraction < 1.0:
+        raise ConfigError(f"{where}: 'service.cache_min_remaining_fraction' must be above 0 and below 1")
+    if not 1 <= s.cache_max_entries <= 10_000_000:
+        raise ConfigError(f"{where}: 'service.cache_max_entries' must be 1 to 10000000")
     if not 256 <= s.max_body_bytes <= 1 << 20:
         raise ConfigError(f"{where}: 'service.max_body_bytes' must be 256 to 1048576")
     if s.rate_limit_per_second < 0 or s.rate_limit_burst < 1:

@@ -21,6 +21,10 @@
  *                     forwarding; if the token is unplugged during the sleep the call answers
  *                     CKR_DEVICE_REMOVED at once (the state is polled every 5 ms).
  *   fail_login=1      C_Login answers CKR_PIN_INCORRECT without forwarding (0 = off).
+ *   serial=1          a token that executes one signing operation at a time: the calls that
+ *                     sign_delay_ms slows down take one process-wide lock for their delay and
+ *                     the forwarded call, so concurrent sessions sign one after the other
+ *                     (0 = off; the lock is not taken for a length query).
  * A missing, unreadable or empty file means: plugged, no delay, no login failure.
  * Every call stats the file (~1 us); the file is re-read when its device, inode, size, mtime or
  * ctime changed, and also — while its mtime is within 2 s of the last read — re-read and compared
@@ -83,6 +87,7 @@ struct ctl_state {
     int unplugged;
     unsigned long delay_ms;
     int fail_login;
+    int serial;
 };
 
 static pthread_mutex_t g_ctl_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -110,6 +115,9 @@ struct sess_ent {
 };
 
 static pthread_mutex_t g_sess_lock = PTHREAD_MUTEX_INITIALIZER;
+/* serial=1: held by the one signing call in progress (from its delay to its return). */
+static pthread_mutex_t g_serial_lock = PTHREAD_MUTEX_INITIALIZER;
+static __thread int t_serial_held;
 static struct sess_ent *g_tab; /* open addressing, linear probing */
 static size_t g_cap, g_cnt;    /* g_cap is 0 or a power of two */
 
@@ -323,13 +331,16 @@ static void ctl_parse(const char *buf, size_t len, struct ctl_state *out)
                     out->unplugged = 1;
                 else if (strcmp(val, "plugged") == 0)
                     out->unplugged = 0;
-            } else if (strcmp(key, "sign_delay_ms") == 0 || strcmp(key, "fail_login") == 0) {
+            } else if (strcmp(key, "sign_delay_ms") == 0 || strcmp(key, "fail_login") == 0 ||
+                       strcmp(key, "serial") == 0) {
                 char *e = NULL;
                 errno = 0;
                 unsigned long v = strtoul(val, &e, 10);
                 if (errno == 0 && e != val && *e == '\0' && val[0] != '-') {
-                    if (key[0] == 's')
+                    if (strcmp(key, "sign_delay_ms") == 0)
                         out->delay_ms = v > MAX_DELAY_MS ? MAX_DELAY_MS : v;
+                    else if (strcmp(key, "serial") == 0)
+                        out->serial = v != 0;
                     else
                         out->fail_login = v != 0;
                 }
@@ -449,6 +460,9 @@ static void sleep_ns(long long ns)
 
 enum { ENTER_PLAIN = 0, ENTER_DELAY = 1, ENTER_LOGIN = 2, ENTER_CLOSE = 4 };
 
+static void serial_release(void);
+static CK_RV session_enter_locked(CK_SESSION_HANDLE h, int mode, struct ctl_state *sp);
+
 /* Before a call on session `h`. On CKR_OK the caller holds g_inflight for reading and calls
  * session_leave() after forwarding. */
 static CK_RV session_enter(CK_SESSION_HANDLE h, int mode)
@@ -459,6 +473,28 @@ static CK_RV session_enter(CK_SESSION_HANDLE h, int mode)
     refresh(&s);
     if (s.unplugged)
         return (mode & ENTER_LOGIN) ? CKR_TOKEN_NOT_PRESENT : CKR_DEVICE_REMOVED;
+    if ((mode & ENTER_DELAY) && s.serial) {
+        pthread_mutex_lock(&g_serial_lock);
+        t_serial_held = 1;
+    }
+    CK_RV rv = session_enter_locked(h, mode, &s);
+    if (rv != CKR_OK)
+        serial_release();
+    return rv;
+}
+
+static void serial_release(void)
+{
+    if (t_serial_held) {
+        t_serial_held = 0;
+        pthread_mutex_unlock(&g_serial_lock);
+    }
+}
+
+/* session_enter, after the serial lock (if any) is taken. */
+static CK_RV session_enter_locked(CK_SESSION_HANDLE h, int mode, struct ctl_state *sp)
+{
+    struct ctl_state s = *sp;
     if ((mode & ENTER_DELAY) && s.delay_ms > 0) {
         /* at least the full delay, measured on CLOCK_MONOTONIC */
         long long end = mono_ns() + (long long)s.delay_ms * 1000000LL;
@@ -493,6 +529,7 @@ static CK_RV session_enter(CK_SESSION_HANDLE h, int mode)
 static void session_leave(void)
 {
     pthread_rwlock_unlock(&g_inflight);
+    serial_release();
 }
 
 /* A call on a session: unplugged -> DEVICE_REMOVED, dead -> SESSION_HANDLE_INVALID. */

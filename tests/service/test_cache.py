@@ -142,3 +142,55 @@ def test_without_fail_closed_a_token_is_handed_out_though_the_audit_log_fails(hs
         status, _, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer)
     assert status == 200, body
     verify_sas(body["token"], leaf.key)
+
+
+# --- refresh-ahead -----------------------------------------------------------------------------
+
+
+def test_past_the_reuse_point_a_token_is_answered_at_once_and_its_successor_signed_in_the_background(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki) -> None:
+    leaf = new_leaf(hsm)
+    other = new_leaf(hsm)
+    policy = [{"principals": [leaf.name], "operations": ["sas-token"], "devices": [leaf.name, other.name]}]
+    ttl, reuse = 60, 0.01  # the reuse point comes after 0.6 s; 15 s of life is the default minimum
+    body = {"deviceId": leaf.name, "ttlSeconds": ttl}
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=policy, bearer={leaf.name: leaf.bearer}, min_ttl=60,
+                        cache_reuse_fraction=reuse, rate_limit_per_second=0) as svc:
+        first = svc.call("POST", "/v1/sas-tokens", body, bearer=leaf.bearer)[2]
+        # past the reuse point, and a second later than the first signature: HMAC is
+        # deterministic, so a successor with the same expiry would be the very same token
+        assert _wait_until(lambda: time.time() >= first["expiresOn"] - ttl + 1.5)
+        signatures = HsmSignatures(hsm, held=True)  # from here the HSM signs nothing until released
+        with ThreadPoolExecutor(1) as client:
+            waiting = client.submit(svc.call, "POST", "/v1/sas-tokens", {"deviceId": other.name},
+                                    bearer=leaf.bearer)  # a miss, stuck in the HSM
+            try:
+                status, _, hit = svc.call("POST", "/v1/sas-tokens", body, bearer=leaf.bearer)
+                assert status == 200 and hit["token"] == first["token"]  # at once, not after the HSM
+            finally:
+                signatures.release.set()
+            assert waiting.result(30)[0] == 200
+        assert _wait_until(lambda: signatures.count == 2)  # the miss and the background refresh
+        _, _, after = svc.call("POST", "/v1/sas-tokens", body, bearer=leaf.bearer)
+    assert after["expiresOn"] > first["expiresOn"]
+    verify_sas(after["token"], leaf.key)
+    assert signatures.count == 2
+
+
+def test_a_caller_that_needs_more_life_than_the_cached_token_has_gets_a_new_one(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki) -> None:
+    leaf = new_leaf(hsm)
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[OWN_DEVICE], bearer={leaf.name: leaf.bearer},
+                        rate_limit_per_second=0) as svc:
+        signatures = HsmSignatures(hsm)
+        first = svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name, "ttlSeconds": 600}, bearer=leaf.bearer)[2]
+        same = svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name, "ttlSeconds": 600,
+                                                   "minRemainingSeconds": 500}, bearer=leaf.bearer)[2]
+        fresh = svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name, "ttlSeconds": 600,
+                                                    "minRemainingSeconds": 600}, bearer=leaf.bearer)[2]
+        status, headers, bad = svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name,
+                                                                   "minRemainingSeconds": 0}, bearer=leaf.bearer)
+    assert same["token"] == first["token"]
+    assert fresh["expiresOn"] - time.time() >= 599
+    assert signatures.count == 2  # the second request was served from the cache, the third signed
+    assert status == 400 and problem_type(headers, bad) == "invalid-request" and "minRemainingSeconds" in bad["detail"]

@@ -2,7 +2,10 @@
 
 Concurrent requests made in the same loop iteration are batched into worker jobs, so a burst
 costs one thread wake-up per batch rather than one per request; each request keeps its own
-admission, timeout and contextvars. Built only on the pool's public methods.
+admission, timeout and contextvars. Background requests (`background=True`: work nobody is
+waiting for) go one per job at the pool's background priority, so a request that arrives
+later waits for at most the one background operation already running. Built only on the
+pool's public methods.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import TypeVar, cast
 from .errors import HsmTimeout, HsmUnavailable
 from .faults import translate
 from .operations import WorkerSession
-from .pool import HsmPool
+from .pool import BACKGROUND, URGENT, HsmPool
 
 T = TypeVar("T")
 MAX_BATCH = 32
@@ -38,6 +41,7 @@ class _Request:
     what: str
     future: asyncio.Future[object]
     ctx: contextvars.Context
+    background: bool
 
 
 class AsyncRunner:
@@ -48,14 +52,15 @@ class AsyncRunner:
         self._batchers: dict[asyncio.AbstractEventLoop, _Batcher] = {}
         self.op_seconds = 0.001  # moving average of one operation's duration, sizes batches
 
-    async def run(self, fn: Callable[[WorkerSession], T], what: str, timeout: float | None = None) -> T:
+    async def run(self, fn: Callable[[WorkerSession], T], what: str, timeout: float | None = None,
+                  background: bool = False) -> T:
         limit = self._pool.settings.call_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         batcher = self._batchers.get(loop)
         if batcher is None:
             batcher = self._batchers[loop] = _Batcher(self, loop)
-        self._pool.admit(what)
-        fut = batcher.add(fn, what)
+        self._pool.admit(what, background=background)
+        fut = batcher.add(fn, what, background)
         try:
             return await asyncio.wait_for(cast("asyncio.Future[T]", fut), limit)
         except TimeoutError:
@@ -91,30 +96,31 @@ class _Batcher:
         self.loop = loop
         self.pending: list[_Request] = []
 
-    def add(self, fn: Callable[[WorkerSession], object], what: str) -> asyncio.Future[object]:
+    def add(self, fn: Callable[[WorkerSession], object], what: str, background: bool = False) -> asyncio.Future[object]:
         fut = self.loop.create_future()
         if not self.pending:
             self.loop.call_soon(self.flush)
-        self.pending.append(_Request(fn, what, fut, contextvars.copy_context()))
+        self.pending.append(_Request(fn, what, fut, contextvars.copy_context(), background))
         return fut
 
     def flush(self) -> None:
         batch, self.pending = self.pending, []
-        spread = -(-len(batch) // self.pool.settings.workers)
+        urgent = [req for req in batch if not req.background]
+        spread = -(-len(urgent) // self.pool.workers)
         amortise = int(BATCH_WORK_SECONDS / max(self.runner.op_seconds, 1e-6))
         size = max(1, min(MAX_BATCH, max(spread, amortise)))
-        try:
-            self._submit_chunks(batch, size)
-        except BaseException as exc:  # never leave a caller waiting on a lost batch
-            self.pool.release(len(batch))
-            for req in batch:
-                if not req.future.done():
-                    req.future.set_exception(translate(exc, req.what))
-
-    def _submit_chunks(self, batch: list[_Request], size: int) -> None:
-        for i in range(0, len(batch), size):
-            chunk = batch[i:i + size]
-            job = self.pool.dispatch(partial(self.runner.run_batch, chunk), chunk[0].what)
+        chunks = [(urgent[i:i + size], URGENT) for i in range(0, len(urgent), size)]
+        chunks += [([req], BACKGROUND) for req in batch if req.background]
+        for n, (chunk, priority) in enumerate(chunks):
+            try:
+                job = self.pool.dispatch(partial(self.runner.run_batch, chunk), chunk[0].what, priority)
+            except BaseException as exc:  # never leave a caller waiting on a lost batch
+                lost = [req for rest, _ in chunks[n:] for req in rest]
+                self.pool.release(len(lost))
+                for req in lost:
+                    if not req.future.done():
+                        req.future.set_exception(translate(exc, req.what))
+                return
             job.add_done_callback(partial(self._resolve_threadsafe, chunk))
 
     def _resolve_threadsafe(self, chunk: list[_Request], job: Future[list[_Outcome]]) -> None:

@@ -101,9 +101,12 @@ class Hsm:
         return self.pool.run(self._sign_op(uri, algorithm, data), _what("signing", uri))
 
     async def asign(self, key: KeyRef, algorithm: SignAlgorithm, data: bytes,
-                    timeout: float | None = None) -> bytes:
+                    timeout: float | None = None, background: bool = False) -> bytes:
+        """background=True: nobody waits for this signature (e.g. a refresh ahead of expiry); it
+        runs after every request that is waiting, and is refused once half the queue is full."""
         uri = as_uri(key)
-        return await self._async.run(self._sign_op(uri, algorithm, data), _what("signing", uri), timeout)
+        return await self._async.run(self._sign_op(uri, algorithm, data), _what("signing", uri), timeout,
+                                     background)
 
     def _sign_op(self, uri: Pkcs11Uri, algorithm: SignAlgorithm, data: bytes) -> Callable[[WorkerSession], bytes]:
         return self._op(partial(ops.sign, uri=uri, algorithm=algorithm, data=data), "sign", uri,

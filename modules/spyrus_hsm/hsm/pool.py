@@ -3,7 +3,11 @@
 python-pkcs11 does not serialise calls, so no session is ever used by two threads at once:
 each worker opens its own and keeps it. Work is admitted against a bounded count of
 outstanding requests (refused at once when full or when the token is not ready) and runs on a
-worker with a per-call timeout. When a call meets a device fault, or finds the token's
+worker with a per-call timeout. Queued work is taken by priority, then in order of arrival:
+work someone is waiting for (`URGENT`) before background work (`BACKGROUND`, e.g. refreshing a
+cached token ahead of its expiry). A serial token (`PoolSettings.serial`: a USB token executes one
+operation at a time whatever the number of sessions) gets one worker and one session, so that
+order is the order in which the token signs. When a call meets a device fault, or finds the token's
 contents changed, the supervisor thread stops admitting work, fails what is queued, waits for
 in-flight calls to return and has `recovery.Connection` reconnect; then the workers open new
 sessions. State listeners are called outside the pool's lock, so one may call the HSM.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import queue
 import threading
@@ -36,6 +41,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Status = Literal["starting", "ready", "degraded", "stopped"]
+URGENT, BACKGROUND = 0, 1   # job priorities: lower runs first
+_STOP = 2                  # the workers' stop signal comes after every queued job
 _RESTART_TEXT = ("; the PKCS#11 module is shared with the OpenSSL provider, so it cannot be "
                  "re-initialised in this process: the module needs a restart")
 
@@ -49,6 +56,7 @@ class PoolSettings:
     queue_limit: int = 256
     retry_min: float = 0.25
     retry_max: float = 5.0
+    serial: bool = False  # the token executes one operation at a time: one worker, one session
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,9 @@ class HsmPool:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # waiters: drain
         self._wake = threading.Event()                # wakes the supervisor
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queue: queue.PriorityQueue[tuple[int, int, _Job | None]] = queue.PriorityQueue()
+        self._order = itertools.count()  # arrival order within a priority (next() is atomic)
+        self.workers = 1 if settings.serial else settings.workers
         self._state = HsmState("starting")
         self._accepting = False
         self._recover_requested = True
@@ -116,7 +126,7 @@ class HsmPool:
             self._set_state("ready", token=(info.label, info.serial))
         else:
             self._wake.set()  # the supervisor makes the first connection, and retries it
-        for i in range(self.settings.workers):
+        for i in range(self.workers):
             self._spawn(self._worker, f"hsm-worker-{i}")
         self._spawn(self._supervise, "hsm-supervisor")
 
@@ -135,8 +145,8 @@ class HsmPool:
             self._cond.notify_all()
         self._wake.set()
         self._fail_queued(HsmUnavailable("the HSM pool is shutting down"))
-        for _ in range(self.settings.workers):
-            self._queue.put(None)
+        for _ in range(self.workers):
+            self._put(_STOP, None)
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -164,13 +174,15 @@ class HsmPool:
 
     # --- admission ---------------------------------------------------------------------------
 
-    def admit(self, what: str, n: int = 1) -> None:
+    def admit(self, what: str, n: int = 1, background: bool = False) -> None:
         """Count `n` requests in, or refuse them at once (not ready, or queue full).
+        Background work may fill only half the queue, so it never crowds out requests.
         Each admitted request is released exactly once, by `release`."""
+        limit = self.settings.queue_limit // 2 if background else self.settings.queue_limit
         with self._cond:
             if not self._accepting:
                 raise HsmUnavailable(self.unavailable_text(what))
-            if self._outstanding + n > self.settings.queue_limit:
+            if self._outstanding + n > limit:
                 raise HsmBusy(f"{what}: the HSM queue is full "
                               f"({self.settings.queue_limit} waiting); retry later")
             self._outstanding += n
@@ -192,15 +204,18 @@ class HsmPool:
         self.admit(what)
         fut: Future[object] = Future()
         fut.add_done_callback(lambda _: self.release())
-        self._queue.put(_Job(fn, what, fut, contextvars.copy_context()))
+        self._put(URGENT, _Job(fn, what, fut, contextvars.copy_context()))
         return cast("Future[T]", fut)  # the worker sets it to fn's result
 
-    def dispatch(self, fn: Callable[[WorkerSession], T], what: str) -> Future[T]:
+    def dispatch(self, fn: Callable[[WorkerSession], T], what: str, priority: int = URGENT) -> Future[T]:
         """Queue work the caller has already admitted (and releases itself); runs in an empty
         context. A device fault inside `fn` is the caller's to report (`report_fault`)."""
         fut: Future[object] = Future()
-        self._queue.put(_Job(fn, what, fut, contextvars.Context()))
+        self._put(priority, _Job(fn, what, fut, contextvars.Context()))
         return cast("Future[T]", fut)
+
+    def _put(self, priority: int, job: _Job | None) -> None:
+        self._queue.put((priority, next(self._order), job))
 
     def run(self, fn: Callable[[WorkerSession], T], what: str, timeout: float | None = None) -> T:
         """Run `fn(worker_session)` on a worker; wait at most the call timeout."""
@@ -225,7 +240,7 @@ class HsmPool:
     def _worker(self) -> None:
         ws: WorkerSession | None = None
         while True:
-            job = self._queue.get()
+            _, _, job = self._queue.get()
             if job is None:
                 return
             if not job.future.set_running_or_notify_cancel():
@@ -349,11 +364,12 @@ class HsmPool:
     def _fail_queued(self, error: HsmError) -> None:
         while True:
             try:
-                job = self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if job is None:
-                self._queue.put(None)
+            job = item[2]
+            if job is None:  # the stop signals sort last: nothing queued is left behind them
+                self._queue.put(item)
                 return
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)

@@ -90,10 +90,10 @@ class SasMinter:
         return SasToken(format_token(resource_uri, sig, expiry, key_name), resource_uri, expiry)
 
     async def amint(self, key: KeyRef, resource_uri: str, ttl: int,
-                    key_name: str | None = None) -> SasToken:
+                    key_name: str | None = None, background: bool = False) -> SasToken:
         expiry = expiry_for(check_ttl(ttl, self.min_ttl))
         sig = await self.hsm.asign(key, SignAlgorithm.HMAC_SHA256,
-                                   string_to_sign(resource_uri, expiry))
+                                   string_to_sign(resource_uri, expiry), background=background)
         return SasToken(format_token(resource_uri, sig, expiry, key_name), resource_uri, expiry)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -73,7 +74,7 @@ class Service:
         self.authenticator = Authenticator(verifier, cfg.bearer_tokens)
         self.policy = pol.Policy(cfg.policy)
         self.limiter = RateLimiter(cfg.rate_limit_per_second, cfg.rate_limit_burst)
-        self.cache = TokenCache(cfg.cache_reuse_fraction)
+        self.cache = TokenCache(cfg.cache_reuse_fraction, max_entries=cfg.cache_max_entries)
 
     def close(self) -> None:
         """Stop taking registrations (a running DPS call is abandoned by its own timeout); write
@@ -132,18 +133,26 @@ class Service:
                           "'hub' is required: this service has no default hub (service.hub)")
         return hub
 
-    async def sas_token(self, key: str, uri: str, ttl: int, key_name: str | None = None) -> tuple[SasToken, bool]:
-        """(token, reused). A "sas.mint" span covers each signature actually made; requests that
-        shared it or were served from the cache are counted as cache hits."""
+    async def sas_token(self, key: str, uri: str, ttl: int, key_name: str | None = None,
+                        min_life: int | None = None) -> tuple[SasToken, bool]:
+        """(token, reused): a token with at least `min_life` seconds left (default:
+        cache_min_remaining_fraction of `ttl`). A "sas.mint" span covers each signature actually
+        made; requests that shared it or were served from the cache are counted as cache hits.
+        A cached token past its reuse point is refreshed in the background (see `cache`)."""
+        if min_life is None:
+            min_life = math.ceil(self.cfg.cache_min_remaining_fraction * ttl)
         token, reused = await self.cache.get((key, uri, key_name, ttl), ttl,
-                                             lambda: self._mint(key, uri, ttl, key_name))
+                                             lambda background: self._mint(key, uri, ttl, key_name, background),
+                                             min(min_life, ttl))
         (self.telemetry.metrics.cache_hits if reused else self.telemetry.metrics.cache_misses).add(1)
         trace.get_current_span().set_attribute("sas.cache_hit", reused)  # on the request's span
         return token, reused
 
-    async def _mint(self, key: str, uri: str, ttl: int, key_name: str | None) -> SasToken:
-        with self.tracer.start_as_current_span("sas.mint", attributes={"hsm.key.label": key, "sas.ttl": ttl}):
-            return await self.minter.amint(key, uri, ttl, key_name)
+    async def _mint(self, key: str, uri: str, ttl: int, key_name: str | None, background: bool) -> SasToken:
+        attributes: dict[str, str | int | bool] = {"hsm.key.label": key, "sas.ttl": ttl,
+                                                   "sas.refresh_ahead": background}
+        with self.tracer.start_as_current_span("sas.mint", attributes=attributes):
+            return await self.minter.amint(key, uri, ttl, key_name, background)
 
     # --- DPS on behalf of leaves ----------------------------------------------------------
 

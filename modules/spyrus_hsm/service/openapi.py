@@ -102,6 +102,10 @@ def spec(cfg: ServiceConfig, *, default_hub: bool, default_id_scope: bool) -> di
 def _schemas(cfg: ServiceConfig, default_hub: bool, default_id_scope: bool) -> dict[str, Any]:
     ttl = {"type": "integer", "minimum": cfg.min_ttl, "maximum": cfg.max_ttl,
            "description": "Token lifetime in seconds (service.min_ttl to service.max_ttl)"}
+    min_life = {"type": "integer", "minimum": 1, "maximum": cfg.max_ttl,
+                "description": "The least life in seconds the token handed out has left (default: "
+                               "service.cache_min_remaining_fraction of ttlSeconds; above ttlSeconds: "
+                               "a new token)"}
     device_required = ["deviceId"] if default_hub else ["deviceId", "hub"]
     registration_required = ["registrationId", "attestation", *([] if default_id_scope else ["idScope"])]
     return {
@@ -111,11 +115,11 @@ def _schemas(cfg: ServiceConfig, default_hub: bool, default_id_scope: bool) -> d
                 "deviceId": {"type": "string", "pattern": v.DEVICE_ID},
                 "moduleId": {"type": "string", "pattern": v.DEVICE_ID},
                 "hub": {"type": "string", "pattern": v.HOST_NAME},
-                "ttlSeconds": ttl}},
+                "ttlSeconds": ttl, "minRemainingSeconds": min_life}},
             {"type": "object", "additionalProperties": False, "required": ["idScope", "registrationId"],
              "properties": {"idScope": {"type": "string", "pattern": v.ID_SCOPE},
                             "registrationId": {"type": "string", "pattern": v.REGISTRATION_ID},
-                            "ttlSeconds": ttl}},
+                            "ttlSeconds": ttl, "minRemainingSeconds": min_life}},
         ]},
         "SasToken": {"type": "object", "required": ["token", "resourceUri", "expiresOn"], "properties": {
             "token": {"type": "string"}, "resourceUri": {"type": "string"},

@@ -1,6 +1,8 @@
 """POST /v1/sas-tokens: a SAS token for a device (or module) on a hub, or for a DPS
 registration, signed in the HSM by the key the config names for it (service.sas_key /
-service.dps_key) and reused from the cache while most of its life is left."""
+service.dps_key) and reused from the cache while most of its life is left. `minRemainingSeconds`
+(optional; more than the TTL asks for a new token) is the least life the caller accepts in a token; by default
+service.cache_min_remaining_fraction of the TTL."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from ..core import PRINCIPAL, Service
 from ..keys import SERVICE
 from ..validation import DEVICE_ID, HOST_NAME, ID_SCOPE, REGISTRATION_ID, integer, only, read_json, text
 
-FIELDS = ("deviceId", "moduleId", "hub", "idScope", "registrationId", "ttlSeconds")
+FIELDS = ("deviceId", "moduleId", "hub", "idScope", "registrationId", "ttlSeconds", "minRemainingSeconds")
 
 
 async def create(request: web.Request) -> web.Response:
@@ -21,8 +23,9 @@ async def create(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL].name
     ttl = integer(body, "ttlSeconds", svc.cfg.min_ttl, svc.cfg.max_ttl) or min(
         max(svc.deps.default_ttl, svc.cfg.min_ttl), svc.cfg.max_ttl)
+    min_life = integer(body, "minRemainingSeconds", 1, svc.cfg.max_ttl)  # above the TTL: a new token
     if "idScope" in body or "registrationId" in body:
-        only(body, "idScope", "registrationId", "ttlSeconds")
+        only(body, "idScope", "registrationId", "ttlSeconds", "minRemainingSeconds")
         scope = text(body, "idScope", ID_SCOPE)
         reg = text(body, "registrationId", REGISTRATION_ID)
         assert scope and reg
@@ -36,7 +39,7 @@ async def create(request: web.Request) -> web.Response:
         key = svc.key_for(svc.cfg.sas_key, principal, deviceId=device, moduleId=module)
         svc.authorize(request, "sas-token", device=device if module is None else f"{device}/{module}", key=key)
         uri, key_name = device_uri(svc.hub_for(text(body, "hub", HOST_NAME, required=False)), device, module), None
-    token, _ = await svc.sas_token(key, uri, ttl, key_name)
+    token, _ = await svc.sas_token(key, uri, ttl, key_name, min_life)
     return web.json_response({"token": token.token, "resourceUri": token.resource_uri, "expiresOn": token.expires_on})
 
 
