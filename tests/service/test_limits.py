@@ -4,6 +4,7 @@ requests that outlast the request timeout. Every refusal is a problem+json answe
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -18,7 +19,7 @@ import pytest
 from service_harness import Leaf, ServiceHarness, new_leaf, problem_type, verify_sas
 
 from emulator.pki import EmulatorPki
-from spyrus_hsm.hsm import Hsm, PoolSettings, Secret, TokenSelector
+from spyrus_hsm.hsm import Hsm, HsmBusy, PoolSettings, Secret, SignAlgorithm, TokenSelector
 
 OWN_DEVICE = {"principals": ["*"], "operations": ["sas-token"], "devices": ["{cn}"]}
 OWN_KEY = {"principals": ["*"], "operations": ["signature"], "keys": ["{cn}"]}
@@ -193,6 +194,15 @@ def test_a_full_hsm_queue_is_503_with_retry_after(one_worker_hsm: Callable[[int]
     assert status == 503 and problem_type(headers, body) == "hsm-busy"
     assert headers["retry-after"] == "7"
     assert "token" not in body
+
+
+def test_a_full_queue_tells_async_callers_how_long_the_queued_work_takes(
+        one_worker_hsm: Callable[[int], Hsm], hsm: Hsm) -> None:
+    leaf = new_leaf(hsm)
+    small = one_worker_hsm(1)
+    with occupied(small), pytest.raises(HsmBusy) as refused:
+        asyncio.run(small.asign(leaf.name, SignAlgorithm.HMAC_SHA256, b"data"))
+    assert refused.value.drain_seconds is not None and refused.value.drain_seconds > 0
 
 
 def test_a_request_that_outlasts_the_request_timeout_is_503(one_worker_hsm: Callable[[int], Hsm], hsm: Hsm,

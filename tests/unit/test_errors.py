@@ -106,3 +106,23 @@ def test_hsm_errors_keep_their_problem_types(cls: type[hsm_errors.HsmError], sta
 
 def test_an_error_from_outside_the_package_is_left_to_the_500_handler() -> None:
     assert from_exception(KeyError("bug"), RETRY_AFTER) is None
+
+
+def test_callers_refused_by_a_full_hsm_queue_are_spread_over_its_drain_time() -> None:
+    busy = hsm_errors.HsmBusy("the HSM queue is full", drain_seconds=20.0)
+    waits = []
+    for _ in range(50):
+        problem = from_exception(busy, 1)
+        assert problem is not None and problem.type == "hsm-busy"
+        assert problem.retry_after is not None
+        waits.append(problem.retry_after)
+    assert all(10 <= w <= 30 for w in waits), waits
+    assert len(set(waits)) > 1, "every caller told to come back at the same moment"
+
+
+def test_without_a_drain_time_a_full_queue_answers_the_configured_retry_after() -> None:
+    for drain in (None, 0.0):
+        problem = from_exception(hsm_errors.HsmBusy("full", drain_seconds=drain), 7)
+        assert problem is not None and problem.retry_after == 7
+    short = from_exception(hsm_errors.HsmBusy("full", drain_seconds=0.5), 7)
+    assert short is not None and short.retry_after == 7  # never sooner than configured

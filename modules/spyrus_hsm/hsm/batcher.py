@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar, cast
 
-from .errors import HsmTimeout, HsmUnavailable
+from .errors import HsmBusy, HsmTimeout, HsmUnavailable
 from .faults import translate
 from .operations import WorkerSession
 from .pool import BACKGROUND, URGENT, HsmPool
@@ -59,7 +59,11 @@ class AsyncRunner:
         batcher = self._batchers.get(loop)
         if batcher is None:
             batcher = self._batchers[loop] = _Batcher(self, loop)
-        self._pool.admit(what, background=background)
+        try:
+            self._pool.admit(what, background=background)
+        except HsmBusy as exc:
+            drain = self._pool.queue_depth() * self.op_seconds / self._pool.workers
+            raise HsmBusy(str(exc), drain_seconds=drain) from None
         fut = batcher.add(fn, what, background)
         try:
             return await asyncio.wait_for(cast("asyncio.Future[T]", fut), limit)

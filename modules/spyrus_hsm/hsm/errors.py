@@ -63,7 +63,14 @@ class HsmTimeout(HsmUnavailable, kind=Kind.TIMEOUT):
 
 
 class HsmBusy(HsmUnavailable, kind=Kind.BUSY):
-    """The bounded queue of HSM work is full; retry later."""
+    """The bounded queue of HSM work is full; retry later.
+
+    `drain_seconds`, when known, is how long the work already queued should take: a caller told
+    to come back then finds room, rather than bouncing again every second."""
+
+    def __init__(self, message: str, *, drain_seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.drain_seconds = drain_seconds
 
 
 class TokenChanged(HsmUnavailable):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,4 +113,16 @@ def from_exception(exc: BaseException, retry_after: int) -> Problem | None:
     if exc.kind is Kind.CONFIG:
         log.error("a request needs what is not set up: %s", exc)
     return Problem(answer.status, answer.type, answer.title, answer.detail or str(exc),
-                   retry_after=retry_after if answer.retry else None)
+                   retry_after=_retry_after(exc, retry_after) if answer.retry else None)
+
+
+def _retry_after(exc: SpyrusError, default: int) -> int:
+    """Seconds before a refused caller should try again. When the HSM queue is full and its
+    drain time is known, callers are spread over that time (half to one and a half of it): a
+    storm of new leaves told "1 s" all came back together every second and mostly bounced again,
+    spending the event loop on refusals while the token had work queued anyway."""
+    drain: float | None = getattr(exc, "drain_seconds", None)
+    if not drain:
+        return default
+    spread = random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not a secret
+    return max(default, math.ceil(drain * spread))
