@@ -116,7 +116,7 @@ def test_callers_refused_by_a_full_hsm_queue_are_spread_over_its_drain_time() ->
         assert problem is not None and problem.type == "hsm-busy"
         assert problem.retry_after is not None
         waits.append(problem.retry_after)
-    assert all(10 <= w <= 30 for w in waits), waits
+    assert all(10 <= w <= 20 for w in waits), waits
     assert len(set(waits)) > 1, "every caller told to come back at the same moment"
 
 

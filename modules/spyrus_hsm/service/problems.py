@@ -118,11 +118,11 @@ def from_exception(exc: BaseException, retry_after: int) -> Problem | None:
 
 def _retry_after(exc: SpyrusError, default: int) -> int:
     """Seconds before a refused caller should try again. When the HSM queue is full and its
-    drain time is known, callers are spread over that time (half to one and a half of it): a
-    storm of new leaves told "1 s" all came back together every second and mostly bounced again,
-    spending the event loop on refusals while the token had work queued anyway."""
+    drain time is known, callers are spread over its second half, so they come back while the
+    queue still has work and the token never idles: a storm of new leaves told "1 s" all came
+    back together every second and mostly bounced again, spending the event loop on refusals."""
     drain: float | None = getattr(exc, "drain_seconds", None)
     if not drain:
         return default
-    spread = random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not a secret
-    return max(default, math.ceil(drain * spread))
+    spread = random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
+    return max(default, math.floor(drain * spread))
