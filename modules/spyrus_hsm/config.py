@@ -92,6 +92,7 @@ class CloudConfig:
     sas_ttl: int = 3600
     registration_timeout: float = 120.0
     issue_cert: str | None = None       # through DPS: HSM key label of the operational certificate
+    renew_at: float = 0.8               # fraction of a certificate's lifetime after which it is due for renewal
 
     @property
     def enabled(self) -> bool:
@@ -373,6 +374,9 @@ def _validate(cfg: Config, require_token: bool) -> None:
         raise ConfigError(f"{where}: 'cloud.hub' needs 'cloud.device_id'")
     if c.enabled and not c.key:
         raise ConfigError(f"{where}: 'cloud.key' must name the HSM key or X.509 credential to use")
+    if not 0.0 < c.renew_at < 1.0:
+        raise ConfigError(f"{where}: 'cloud.renew_at' must be above 0 and below 1 (a fraction of the "
+                          f"certificate's lifetime), got {c.renew_at}")
     validate_service(cfg.service, where)
 
 

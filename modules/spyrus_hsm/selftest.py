@@ -1,7 +1,7 @@
 """`spyrus-hsm selftest`: check every link from config to a signature and say what to fix.
 
-Each check prints `ok` or `FAIL` with the exact file, device or setting involved. Exit 0 when
-every check passes, 1 otherwise. Used by operators and at container start-up.
+Each check prints `ok`, `WARN` or `FAIL` with the exact file, device or setting involved. Exit 0
+when no check fails (warnings included), 1 otherwise. Used by operators and at container start-up.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from pathlib import Path
 from . import config as config_mod
 from .hsm import Hsm, HsmError, SignAlgorithm, read_secret_file
 from .hsm.provision import list_tokens
+from .identity import x509 as x509_id
 
-CERT_WARN_DAYS = 30
+CERT_WARN_DAYS = 30        # certificates without a key in the token (CAs, peers)
+CREDENTIAL_WARN_LEFT = 0.2  # X.509 credentials: warn below this fraction of the lifetime left
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warning: bool = False  # passed, but needs attention soon (does not change the exit status)
 
 
 def _softhsm_checks(module: str) -> list[Check]:
@@ -138,11 +141,14 @@ def _object_checks(hsm: Hsm) -> list[Check]:
     out = [Check("objects", True, f"{sum(o.type == 'secret-key' for o in objects)} secret key(s), "
                  f"{sum(o.type == 'private' for o in objects)} private key(s), "
                  f"{sum(o.type == 'cert' for o in objects)} certificate(s)")]
+    credentials = x509_id.credentials(hsm)
+    out += [_lifetime_check(c) for c in credentials]
+    credential_labels = {c.label for c in credentials}
     for o in objects:
         if o.type in ("private", "secret-key") and (o.extractable or not o.sensitive):
             out.append(Check(f"key {o.label}", False,
                              "key is extractable or not sensitive; re-import it with spyrus-hsm"))
-        if o.type == "cert" and o.not_after:
+        if o.type == "cert" and o.not_after and o.label not in credential_labels:
             left = datetime.fromisoformat(o.not_after) - datetime.now(UTC)
             if left < timedelta(days=CERT_WARN_DAYS):
                 out.append(Check(f"cert {o.label}", False,
@@ -154,6 +160,24 @@ def _object_checks(hsm: Hsm) -> list[Check]:
     return out
 
 
+def _lifetime_check(cred: x509_id.X509Credential) -> Check:
+    """Expired: fail. Under CREDENTIAL_WARN_LEFT of its lifetime left: warn — a relative margin,
+    because operational certificates live 7 to 90 days and a fixed one would always trip."""
+    start, end = cred.leaf.not_valid_before_utc, cred.leaf.not_valid_after_utc
+    until = f"{end:%Y-%m-%dT%H:%M:%SZ}"
+    name = f"credential {cred.label}"
+    now = datetime.now(UTC)
+    if now >= end:
+        return Check(name, False, f"certificate of '{cred.label}' expired {until}; renew it: spyrus-hsm register "
+                     f"… --issue-cert {cred.label} --force, or import a new certificate for the key with "
+                     f"'spyrus-hsm cert import --label {cred.label} CHAIN.pem'")
+    left = (end - now) / (end - start) if end > start else 0.0
+    if left < CREDENTIAL_WARN_LEFT:
+        return Check(name, True, f"certificate of '{cred.label}' expires {until}, {left:.0%} of its lifetime "
+                     "left; renew it soon", warning=True)
+    return Check(name, True, f"certificate valid until {until} ({left:.0%} of its lifetime left)")
+
+
 def run_selftest(config_path: str | None, pin_file: str | None, json_out: bool = False) -> int:
     checks = collect(config_path, pin_file)
     passed = all(c.ok for c in checks)
@@ -161,7 +185,7 @@ def run_selftest(config_path: str | None, pin_file: str | None, json_out: bool =
         print(json.dumps({"ok": passed, "checks": [asdict(c) for c in checks]}, indent=2))
     else:
         for c in checks:
-            print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+            print(f"{'FAIL' if not c.ok else 'WARN' if c.warning else 'ok  '} {c.name}: {c.detail}")
     if not passed:
         print("selftest failed; fix the FAIL lines above", file=sys.stderr)
     return 0 if passed else 1

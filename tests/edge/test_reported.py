@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
 from emulator.pki import make_ca, make_device_cert
 from spyrus_hsm.edge.reported import (
     changes,
@@ -19,6 +24,7 @@ from spyrus_hsm.hsm import HsmState, ObjectInfo
 from spyrus_hsm.identity.x509 import X509Credential
 
 LEAF_EXPIRY = dt.datetime(2031, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
+LEAF_START = LEAF_EXPIRY - dt.timedelta(days=100)  # renewal due (0.8) 20 days before expiry
 
 
 def obj(label: str, kind: str, key_type: str | None = None, not_after: str | None = None) -> ObjectInfo:
@@ -26,9 +32,10 @@ def obj(label: str, kind: str, key_type: str | None = None, not_after: str | Non
                       not_after=not_after)
 
 
-def x509_credential(label: str, cn: str) -> X509Credential:
-    ca = make_ca("Edge Test CA")
-    leaf = make_device_cert(ca, cn, not_after=LEAF_EXPIRY)
+def x509_credential(label: str, cn: str, not_before: dt.datetime = LEAF_START,
+                    not_after: dt.datetime = LEAF_EXPIRY, ca_name: str = "Edge Test CA") -> X509Credential:
+    ca = make_ca(ca_name)
+    leaf = make_device_cert(ca, cn, not_before=not_before, not_after=not_after)
     return X509Credential(label, b"\x0a\x0b", cn, (leaf.cert, ca.cert))
 
 
@@ -56,11 +63,45 @@ def test_inventory_has_one_entry_per_label_with_its_kind() -> None:
     assert items == [
         {"label": "dev-key", "kind": "secret-key", "objects": ["secret-key"], "keyType": "GENERIC_SECRET"},
         {"label": "edge-id", "kind": "x509", "objects": ["cert", "private", "public"], "keyType": "EC",
-         "commonName": "edge-1", "notAfter": "2031-05-06T07:08:09Z", "chainLength": 2},
+         "commonName": "edge-1", "notAfter": "2031-05-06T07:08:09Z", "issuer": "CN=Edge Test CA",
+         "renewAt": "2031-04-16T07:08:09Z", "chainLength": 2},
         {"label": "root-ca", "kind": "certificate", "objects": ["cert"], "keyType": None,
          "notAfter": "2040-01-01T00:00:00Z"},
         {"label": "signer", "kind": "key-pair", "objects": ["private", "public"], "keyType": "RSA"},
     ]
+
+
+def test_renew_at_is_the_configured_fraction_of_the_lifetime() -> None:
+    start = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    cred = x509_credential("op", "dev-1", not_before=start, not_after=start + dt.timedelta(days=10))
+    objects = [obj("op", "private", "EC"), obj("op", "cert")]
+    assert inventory(objects, [cred], renew_at=0.5)[0]["renewAt"] == "2030-01-06T00:00:00Z"
+    assert inventory(objects, [cred], renew_at=0.25)[0]["renewAt"] == "2030-01-03T12:00:00Z"
+
+
+def test_earliest_not_after_is_a_scalar_over_x509_credentials_only() -> None:
+    soon, late = dt.datetime(2027, 3, 4, 5, 6, 7, tzinfo=dt.UTC), dt.datetime(2033, 1, 1, tzinfo=dt.UTC)
+    objects = [obj(label, kind) for label in ("a-late", "b-soon") for kind in ("private", "cert")]
+    objects.append(obj("root-ca", "cert", not_after="2026-01-01T00:00:00+00:00"))  # no key: not a credential
+    creds = [x509_credential("a-late", "d1", not_after=late),
+             x509_credential("b-soon", "d2", not_before=soon - dt.timedelta(days=30), not_after=soon)]
+    section = credentials_section(inventory(objects, creds))
+    assert section["earliestNotAfter"] == "2027-03-04T05:06:07Z"
+    # a credential beyond the item limit still counts: it is the device that is close to expiry
+    assert credentials_section(inventory(objects, creds), limit=1)["earliestNotAfter"] == "2027-03-04T05:06:07Z"
+    assert credentials_section(inventory(objects[-1:], []))["earliestNotAfter"] is None
+    assert credentials_section([])["earliestNotAfter"] is None
+
+
+def test_a_long_issuer_is_clipped_for_the_twin() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"{i}" + "u" * 60) for i in range(10)])
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name.from_rfc4514_string("CN=dev-1")).issuer_name(issuer)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(LEAF_START)
+            .not_valid_after(LEAF_EXPIRY).sign(key, hashes.SHA256()))
+    cred = X509Credential("op", b"\x0a", "dev-1", (leaf,))
+    item = credentials_section(inventory([obj("op", "private", "EC"), obj("op", "cert")], [cred]))["items"][0]
+    assert len(item["issuer"]) == 500 and item["issuer"].startswith("OU=9uuu") and item["issuer"].endswith("…")
 
 
 def test_a_large_inventory_is_truncated_with_the_full_count() -> None:

@@ -3,9 +3,10 @@
     {"version": "0.1.0",
      "hsm": {"status": "ready", "ready": true, "reason": null, "tokenLabel": "edge",
              "tokenSerial": "…", "recoveries": 0, "restartRequired": false, "lastChange": null},
-     "credentials": {"count": 2, "truncated": false,
+     "credentials": {"count": 2, "truncated": false, "earliestNotAfter": "2026-…",
                      "items": [{"label": "edge-id", "kind": "x509", "objects": ["cert", "private", "public"],
-                                "keyType": "EC", "commonName": "edge-1", "notAfter": "2026-…"}, …]},
+                                "keyType": "EC", "commonName": "edge-1", "notAfter": "2026-…",
+                                "issuer": "CN=…", "renewAt": "2026-…", "chainLength": 2}, …]},
      "config": {"status": "applied", "desiredVersion": 7, "appliedVersion": 7, "source": "twin", "error": null},
      "lastError": {"source": "config", "message": "…", "time": "…"}}
 
@@ -13,6 +14,9 @@ Labels, types, names and dates only: no key material, PIN or SAS key ever goes i
 section always carries all of its keys (null deletes a key in a twin patch), so a section can be
 sent whole whenever anything in it changes. Strings are clipped to 500 characters (twin values
 have size limits) and the inventory to 100 entries (reported properties are at most 32 KB).
+`credentials.earliestNotAfter` is a scalar (the X.509 credential closest to expiry, null when
+there is none) so that a fleet query can find devices due for renewal without looking inside
+the array.
 """
 
 from __future__ import annotations
@@ -40,10 +44,11 @@ def hsm_section(state: HsmState) -> dict[str, Any]:
             "restartRequired": state.restart_required, "lastChange": clip(state.last_change)}
 
 
-def inventory(objects: Sequence[ObjectInfo], x509: Sequence[X509Credential]) -> list[dict[str, Any]]:
+def inventory(objects: Sequence[ObjectInfo], x509: Sequence[X509Credential],
+              renew_at: float = 0.8) -> list[dict[str, Any]]:
     """One entry per label: what kind of credential it is, its object types and key type, and
-    for X.509 credentials the leaf's common name and expiry (certificates alone: the earliest
-    expiry among them)."""
+    for X.509 credentials the leaf's common name, issuer, expiry and renewal instant (when
+    `renew_at` of its lifetime has passed); certificates alone: the earliest expiry among them."""
     by_label: dict[str, list[ObjectInfo]] = {}
     for o in objects:
         by_label.setdefault(o.label, []).append(o)
@@ -57,8 +62,10 @@ def inventory(objects: Sequence[ObjectInfo], x509: Sequence[X509Credential]) -> 
                                 "keyType": key_type}
         cred = creds.get(label)
         if cred is not None:
-            item.update(commonName=cred.common_name, notAfter=_iso(cred.leaf.not_valid_after_utc),
-                        chainLength=len(cred.chain))
+            leaf = cred.leaf
+            start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+            item.update(commonName=cred.common_name, notAfter=_iso(end), issuer=leaf.issuer.rfc4514_string(),
+                        renewAt=_iso(start + (end - start) * renew_at), chainLength=len(cred.chain))
         else:
             expiries = sorted(o.not_after for o in group if o.not_after)
             if expiries:
@@ -80,7 +87,10 @@ def _kind(types: list[str], is_x509: bool) -> str:
 
 
 def credentials_section(items: Sequence[Mapping[str, Any]], limit: int = MAX_ITEMS) -> dict[str, Any]:
-    return {"count": len(items), "truncated": len(items) > limit,
+    # Over every item, not only those sent: a credential past the limit still expires. The
+    # timestamps share one format (_iso), so the smallest string is the earliest instant.
+    expiries = [i["notAfter"] for i in items if i.get("kind") == "x509" and i.get("notAfter")]
+    return {"count": len(items), "truncated": len(items) > limit, "earliestNotAfter": min(expiries, default=None),
             "items": [{k: clip(v) if isinstance(v, str) else v for k, v in i.items()} for i in items[:limit]]}
 
 

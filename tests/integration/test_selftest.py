@@ -1,0 +1,99 @@
+"""`spyrus-hsm selftest` on X.509 credentials: a certificate stored beside an HSM key is fine
+while young, a warning (exit status unchanged) below 20 % of its lifetime left, and a failure
+with what to do once expired. Each test uses a token of its own, so the certificates it stores
+do not reach other tests' self-tests."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from emulator.pki import make_ca
+from spyrus_hsm.hsm import Hsm, KeyAlgorithm, PoolSettings, Secret, TokenSelector
+from spyrus_hsm.hsm.provision import init_token
+
+LABEL = "op-cert"
+
+
+@pytest.fixture
+def own_token(token_env) -> Iterator[tuple[str, Hsm]]:  # type: ignore[no-untyped-def]
+    """A fresh token (same PINs as the session's) and a pool on it."""
+    label = "st-" + secrets.token_hex(3)
+    init_token(token_env.module, label, Secret(token_env.so_pin_file.read_bytes().strip()), Secret(token_env.pin))
+    hsm = Hsm(PoolSettings(token_env.module, TokenSelector(label), workers=1, call_timeout=5.0),
+              Secret(token_env.pin)).start(wait=True)
+    yield label, hsm
+    hsm.close()
+
+
+def store_credential(hsm: Hsm, *, lifetime: dt.timedelta, elapsed: float) -> x509.Certificate:
+    """An HSM key pair and a certificate for it from a test CA, `elapsed` (a fraction) of whose
+    `lifetime` has passed now, stored beside the key with the CA."""
+    hsm.generate_keypair(LABEL, KeyAlgorithm.EC_P256)
+    ca = make_ca("Selftest CA")
+    start = dt.datetime.now(dt.UTC).replace(microsecond=0) - lifetime * elapsed
+    cert = (x509.CertificateBuilder().subject_name(x509.Name.from_rfc4514_string("CN=device-1"))
+            .issuer_name(ca.cert.subject).public_key(hsm.public_key(LABEL))
+            .serial_number(x509.random_serial_number()).not_valid_before(start)
+            .not_valid_after(start + lifetime).sign(ca.key, hashes.SHA256()))
+    hsm.import_certificates(LABEL, [cert, ca.cert])
+    return cert
+
+
+def selftest(cli, token_env, token_label: str, *extra: str) -> Any:  # type: ignore[no-untyped-def]
+    res = cli("selftest", *extra, env=token_env.env(SPYRUS_HSM_TOKEN_LABEL=token_label))
+    assert "Traceback" not in res.err, res.err
+    return res
+
+
+def credential_check(cli, token_env, token_label: str) -> tuple[int, dict[str, Any]]:  # type: ignore[no-untyped-def]
+    res = selftest(cli, token_env, token_label, "--json")
+    checks = {c["name"]: c for c in json.loads(res.out)["checks"]}
+    assert f"credential {LABEL}" in checks, res.out
+    return res.code, checks[f"credential {LABEL}"]
+
+
+def until(cert: x509.Certificate) -> str:
+    return f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+
+
+def test_a_fresh_certificate_passes_without_a_warning(cli, token_env, own_token) -> None:  # type: ignore[no-untyped-def]
+    token_label, hsm = own_token
+    # ten days, as DPS-issued operational certificates are short-lived: no fixed 30-day margin
+    cert = store_credential(hsm, lifetime=dt.timedelta(days=10), elapsed=0.1)
+    code, check = credential_check(cli, token_env, token_label)
+    assert code == 0 and check["ok"] and not check["warning"], check
+    assert until(cert) in check["detail"]
+    res = selftest(cli, token_env, token_label)
+    assert res.code == 0 and "WARN" not in res.out and "FAIL" not in res.out, res.out
+
+
+def test_a_certificate_at_90_percent_of_its_lifetime_warns_and_still_passes(  # type: ignore[no-untyped-def]
+        cli, token_env, own_token) -> None:
+    token_label, hsm = own_token
+    cert = store_credential(hsm, lifetime=dt.timedelta(days=10), elapsed=0.9)
+    code, check = credential_check(cli, token_env, token_label)
+    assert code == 0 and check["ok"] and check["warning"], check
+    assert LABEL in check["detail"] and until(cert) in check["detail"]
+    res = selftest(cli, token_env, token_label)
+    assert res.code == 0, res.out + res.err
+    assert f"WARN credential {LABEL}: certificate of '{LABEL}' expires {until(cert)}" in res.out
+
+
+def test_an_expired_certificate_fails_with_how_to_renew_it(cli, token_env, own_token) -> None:  # type: ignore[no-untyped-def]
+    token_label, hsm = own_token
+    cert = store_credential(hsm, lifetime=dt.timedelta(days=10), elapsed=1.2)
+    code, check = credential_check(cli, token_env, token_label)
+    assert code == 1 and not check["ok"], check
+    res = selftest(cli, token_env, token_label)
+    assert res.code == 1
+    line = next(x for x in res.out.splitlines() if x.startswith(f"FAIL credential {LABEL}"))
+    assert f"expired {until(cert)}" in line and f"--issue-cert {LABEL} --force" in line, line
+    assert "cert import" in line
