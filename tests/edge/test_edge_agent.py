@@ -81,6 +81,20 @@ def test_reports_version_hsm_state_and_the_credential_inventory(
     assert cred["objects"] == ["cert", "private", "public"] and cred["chainLength"] == 2
 
 
+def test_the_reported_renewal_point_follows_the_configured_fraction(
+        site: EdgeSite, module_site: Callable[..., ModuleSite], hsm: Hsm, x509_label: str) -> None:
+    ms = module_site(policy=GW_CAN_MINT)
+    ms.document["cloud"] = {"renew_at": 0.5}
+    ms.write_config()
+    ms.start()
+    reported = connected(site)
+    cred = {i["label"]: i for i in reported["credentials"]["items"]}[x509_label]
+    leaf = hsm.certificate_chain(x509_label)[0]
+    start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    assert cred["renewAt"] == (start + (end - start) / 2).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert reported["credentials"]["earliestNotAfter"] <= cred["notAfter"]
+
+
 def test_reported_properties_hold_no_secret(site: EdgeSite, module_site: Callable[..., ModuleSite],
                                             token_env: Any, leaf: tuple[str, bytes]) -> None:
     ms = module_site(policy=GW_CAN_MINT)

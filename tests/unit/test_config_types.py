@@ -67,3 +67,14 @@ def test_top_level_state_dir_is_typed_too(tmp_path: Path) -> None:
 def test_service_keys_are_typed_from_their_annotations(tmp_path: Path) -> None:
     message = _refused(tmp_path, "hsm:\n  token_label: a\nservice:\n  tls_key_label: 42\n")
     assert "'service.tls_key_label' must be a string" in message
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.2"])
+def test_renew_at_outside_the_lifetime_is_refused(tmp_path: Path, value: str) -> None:
+    text = f"hsm:\n  token_label: t\ncloud:\n  renew_at: {value}\n"
+    assert "'cloud.renew_at' must be above 0 and below 1" in _refused(tmp_path, text)
+
+
+def test_renew_at_is_a_fraction_of_the_lifetime(tmp_path: Path) -> None:
+    assert _load(tmp_path, "hsm:\n  token_label: t\ncloud:\n  renew_at: 0.5\n").cloud.renew_at == 0.5
+    assert _load(tmp_path, "hsm:\n  token_label: t\n").cloud.renew_at == 0.8

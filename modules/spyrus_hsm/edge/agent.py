@@ -324,7 +324,8 @@ class EdgeAgent:
 
     def _read_inventory(self) -> list[dict[str, Any]]:
         hsm = self.hooks.hsm
-        return call_with_deadline(lambda: rep.inventory(hsm.list_objects(), x509_id.credentials(hsm)),
+        renew_at = self.hooks.config.cloud.renew_at
+        return call_with_deadline(lambda: rep.inventory(hsm.list_objects(), x509_id.credentials(hsm), renew_at),
                                   self.hsm_deadline, "reading the credential inventory", "edge-hsm-read")
 
     def _record_error(self, source: str, message: str) -> None:
