@@ -131,8 +131,8 @@ class Module:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.listeners is not None:
             await self.listeners.stop()
-        if self.service is not None:
-            self.service.close()
+        if self.service is not None:  # may wait up to 2 s for a stalled audit disk: not on the loop
+            await asyncio.to_thread(self.service.close)
         await asyncio.to_thread(self.stop)
 
     def _start_edge(self, loop: asyncio.AbstractEventLoop) -> EdgeAgent:
