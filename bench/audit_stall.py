@@ -35,7 +35,7 @@ from typing import Any
 from api_throughput import BENCH_KEY, HOST, service_config, write_pki
 from common import SOFTHSM, child_json, make_token, start_hsm
 
-from spyrus_hsm.service.audit import QUEUE_LIMIT, AuditLog
+from spyrus_hsm.service.audit import QUEUE_LIMIT, AuditLog, _line
 
 STALL_SECONDS = 1.0
 
@@ -47,7 +47,9 @@ class SyncAuditLog(AuditLog):
 
     async def submit(self, *, wait: bool, timeout: float | None = None, **fields: Any) -> None:
         self.writing.set()
-        self.record(**fields)
+        error = self._commit(_line(**fields), 1)
+        if error is not None and self.fail_closed:
+            raise error
 
 
 # --- the load generator (separate process) ----------------------------------------------------

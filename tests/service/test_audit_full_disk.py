@@ -40,6 +40,11 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def _write(log: AuditLog, **fields: Any) -> None:
+    """One record, as a fail-closed request writes it: awaited until its batch is on disk."""
+    asyncio.run(log.submit(wait=True, timeout=10, **fields))
+
+
 def _lines(path: Path) -> list[bytes]:
     return [line for line in path.read_bytes().split(b"\n") if line]
 
@@ -83,8 +88,8 @@ def test_a_record_after_a_torn_line_starts_on_a_new_line(tmp_path: Path) -> None
     path = tmp_path / "audit.log"
     path.write_bytes(b'{"time":"2026-01-01T00:00:00.000Z","princ')
     log = AuditLog(str(path), fail_closed=True)
-    log.record(principal="p", operation="sas-token", outcome="allowed", reason="200", status=200)
-    log.record(principal="q", operation="sas-token", outcome="denied", reason="forbidden", status=403)
+    _write(log, principal="p", operation="sas-token", outcome="allowed", reason="200", status=200)
+    _write(log, principal="q", operation="sas-token", outcome="denied", reason="forbidden", status=403)
     log.close()
     lines = _lines(path)
     assert lines[0] == b'{"time":"2026-01-01T00:00:00.000Z","princ'
@@ -101,14 +106,14 @@ def test_a_full_file_system_fails_closed_and_leaves_no_partial_record(tiny_fs: P
         for _ in range(10_000):
             if written == 20:
                 filler.write_bytes(b"\0" * 40_000)  # the disk fills up between two records
-            log.record(principal="p", operation="sas-token", outcome="allowed", reason=reason, status=200)
+            _write(log, principal="p", operation="sas-token", outcome="allowed", reason=reason, status=200)
             written += 1
     lines = _lines(audit)
     assert len(lines) == written
     assert all(json.loads(line)["reason"] == reason for line in lines)
     assert audit.read_bytes().endswith(b"\n")
     filler.unlink()  # space again: the log carries on with whole records
-    log.record(principal="after", operation="sas-token", outcome="allowed", reason="200", status=200)
+    _write(log, principal="after", operation="sas-token", outcome="allowed", reason="200", status=200)
     log.close()
     assert json.loads(_lines(audit)[-1])["principal"] == "after"
 

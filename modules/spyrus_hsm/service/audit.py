@@ -8,7 +8,7 @@ is on disk (fail_closed, a signature about to be handed out) awaits its batch an
 `AuditError` when the batch failed: the request gets 503 instead. Every other record is queued
 and not waited for; those are bounded (`queue_limit`): past it, new ones are dropped, counted in
 `dropped` and logged when dropping starts and ends. `close` writes what is queued, waiting a
-bounded time for a disk that does not take it. `record` writes one record on the caller's thread.
+bounded time for a disk that does not take it.
 
 Each batch is written all-or-nothing: on a full or failing file system a write can stop part-way
 through a line, and the next record appended to that torn line would make both unreadable. So a
@@ -78,12 +78,6 @@ class AuditLog:
         self._work = threading.Condition(self._state)
         self._idle = threading.Condition(self._state)
         self._writer: threading.Thread | None = None
-
-    def record(self, **fields: Any) -> None:
-        """Write one record now, on this thread; raises AuditError when it fails and fail_closed is set."""
-        error = self._commit(_line(**fields), 1)
-        if error is not None and self.fail_closed:
-            raise error
 
     async def submit(self, *, wait: bool, timeout: float | None = None, **fields: Any) -> None:
         """Queue one record for the writer thread. With wait, return once its batch is written
