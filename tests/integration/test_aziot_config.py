@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import pty
 import secrets
 import stat
 import subprocess
@@ -200,3 +202,25 @@ def test_a_target_is_required(aziot) -> None:  # type: ignore[no-untyped-def]
     label = "l-" + secrets.token_hex(2)
     res = aziot(*TARGETS["dps"], "--x509", label)
     assert res.code == 2 and "--identity-cert" in res.err
+
+
+@pytest.mark.parametrize(("answer", "written"), [("y", True), ("n", False)])
+def test_on_a_terminal_the_file_is_written_only_after_yes(  # type: ignore[no-untyped-def]
+        cli, token_env, label: str, tmp_path: Path, answer: str, written: bool) -> None:
+    _sas_key(cli, label, tmp_path)
+    out = tmp_path / "config.toml"
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "spyrus_hsm", "aziot-config", *TARGETS["dps"], "--sas-key", label,
+             "--out", str(out)],
+            stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=token_env.env())
+        os.write(controller, f"{answer}\n".encode())
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    pin = token_env.pin
+    assert pin not in stdout and pin not in stderr
+    assert b"will hold the token PIN in clear" in stdout
+    assert (proc.returncode, out.exists()) == ((0, True) if written else (2, False)), stderr
