@@ -93,6 +93,8 @@ class CloudConfig:
     registration_timeout: float = 120.0
     issue_cert: str | None = None       # through DPS: HSM key label of the operational certificate
     renew_at: float = 0.8               # fraction of a certificate's lifetime after which it is due for renewal
+    renew_retry_initial: float = 30.0   # seconds before the first retry of a failed renewal (then doubled, jittered)
+    renew_retry_max: float = 3600.0     # ... up to this
 
     @property
     def enabled(self) -> bool:
@@ -377,6 +379,9 @@ def _validate(cfg: Config, require_token: bool) -> None:
     if not 0.0 < c.renew_at < 1.0:
         raise ConfigError(f"{where}: 'cloud.renew_at' must be above 0 and below 1 (a fraction of the "
                           f"certificate's lifetime), got {c.renew_at}")
+    if not 0 < c.renew_retry_initial <= c.renew_retry_max:
+        raise ConfigError(f"{where}: 'cloud.renew_retry_initial' must be above 0 and at most "
+                          f"'cloud.renew_retry_max' (seconds), got {c.renew_retry_initial} and {c.renew_retry_max}")
     validate_service(cfg.service, where)
 
 

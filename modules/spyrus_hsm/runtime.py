@@ -13,23 +13,21 @@ import logging
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from . import config as config_mod
-from .cloud.dps import DpsRequest, Provisioner
-from .cloud.hub import HubClient, HubIdentity
+from .cloud.connection import CloudConnection
 from .config import Config, ServiceConfig
 from .edge.agent import EdgeAgent, EdgeHooks
 from .edge.environment import detect as detect_edge
 from .hsm import Hsm, HsmState, read_secret_file
 from .hsm.recovery import EXIT_RESTART, restart_done, restart_once
 from .identity import tls
-from .identity import x509 as x509_id
 from .service.audit import AuditLog
 from .service.core import Deps, Service
 from .service.server import ListenError, Listeners, ServerTls, probe_forever
 from .telemetry import Telemetry, hsm_instrument
+from .threads import spawn
 
 log = logging.getLogger("spyrus_hsm")
 EDGE_STOP_SECONDS = 3.0  # of the 10 s edgeAgent gives a module to stop
@@ -46,21 +44,25 @@ class Module:
         self.hsm.instrument(hsm_instrument(telemetry))
         telemetry.metrics.watch_queue_depth(self.hsm.queue_depth)
         self.telemetry = telemetry
-        self.hub: HubClient | None = None
-        self.assigned_hub: str | None = None
-        self.stopping = threading.Event()
         self.state_dir = Path(cfg.state_dir)
+        self.cloud: CloudConnection | None = None
+        if cfg.cloud.enabled:
+            self.cloud = CloudConnection(cfg.cloud, self.hsm, self.state_dir, self.load_provider,
+                                         lambda: self.hsm.state.token_label or "")
         self.service: Service | None = None
         self.listeners: Listeners | None = None
         if cfg.service.enabled:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             audit_path = cfg.service.audit_file or str(self.state_dir / "audit.log")
-            deps = Deps(self.hsm, telemetry, self.state_dir, cfg.cloud, lambda: self.assigned_hub,
+            deps = Deps(self.hsm, telemetry, self.state_dir, cfg.cloud, self._assigned_hub,
                         cfg.sas.default_ttl, self.load_provider)
             self.service = Service(cfg.service, deps, AuditLog(audit_path, cfg.service.audit_fail_closed))
         self.edge_env = detect_edge(os.environ)  # IoT Edge? (raises on a half-configured environment)
         self.edge: EdgeAgent | None = None
         self.exit_code = 0
+
+    def _assigned_hub(self) -> str | None:
+        return self.cloud.assigned_hub if self.cloud is not None else None
 
     def load_provider(self) -> None:
         assert self.cfg.hsm.pin_file
@@ -69,46 +71,8 @@ class Module:
     def start(self) -> None:
         self.hsm.add_listener(_log_state)
         self.hsm.start(wait=False)
-        if self.cfg.cloud.enabled:
-            threading.Thread(target=self._connect_cloud, name="cloud-connect", daemon=True).start()
-
-    def _connect_cloud(self) -> None:
-        """Waits for the HSM, registers (or reuses the registration) and connects to the hub."""
-        c = self.cfg.cloud
-        ca_pem = Path(c.server_ca_file).read_text() if c.server_ca_file else None
-        while not self.stopping.is_set():
-            if not self.hsm.state.ready:
-                self.stopping.wait(0.5)
-                continue
-            try:
-                # An operational certificate issued through DPS replaces the onboarding credential.
-                operational = c.issue_cert if c.id_scope and c.registration_id else None
-                if c.attestation == "x509" or operational:
-                    self.load_provider()
-                hub, device_id = c.hub, c.device_id
-                if c.id_scope and c.registration_id:
-                    a = Provisioner(self.hsm, self.state_dir, self.load_provider).register(DpsRequest(
-                        c.id_scope, c.registration_id, c.provisioning_host,
-                        "x509" if c.attestation == "x509" else "symmetricKey", c.key, group=c.group,
-                        server_ca_pem=ca_pem, issue_cert=operational), timeout=c.registration_timeout)
-                    hub, device_id = a.assigned_hub, a.device_id
-                    key = a.key
-                else:
-                    key = c.key
-                assert hub and device_id and key
-                files = None
-                if c.attestation == "x509" or operational:
-                    cred = x509_id.select(self.hsm, label=operational or key)
-                    files = x509_id.write_tls_files(cred, self.hsm.state.token_label or "", self.state_dir / "tls")
-                identity = HubIdentity(hub, device_id, c.module_id, sas_key=None if files else key,
-                                       x509=files, server_ca_pem=ca_pem)
-                self.assigned_hub = hub
-                self.hub = HubClient(self.hsm, identity, sas_ttl=c.sas_ttl).connect()
-                log.info("connected to IoT Hub %s as %s", hub, device_id)
-                return
-            except Exception as exc:
-                log.warning("cloud connection failed: %s; retrying in 10 s", exc)
-                self.stopping.wait(10)
+        if self.cloud is not None:
+            spawn(self.cloud.run, "cloud-connect")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut everything down (bounded: edgeAgent waits 10 s)."""
@@ -213,9 +177,8 @@ class Module:
         loop.call_soon_threadsafe(stop.set)
 
     def stop(self) -> None:
-        self.stopping.set()
-        if self.hub is not None:
-            self.hub.shutdown()
+        if self.cloud is not None:
+            self.cloud.stop()
         self.hsm.close()
 
 
