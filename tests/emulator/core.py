@@ -239,14 +239,10 @@ class Emulator:
     def throttle_dps(self, times: int = 1, retry_after: int = 1, status: int = 429) -> None:
         """Answer the next ``times`` DPS requests (register or poll) with 429 and
         ``retry-after``, as a throttled DPS does; the SDK retries after that many seconds.
-        Another ``status`` (e.g. 400) answers with that error instead, which is not retried."""
-
-        def apply() -> None:
-            self._dps.throttle_remaining = times
-            self._dps.throttle_retry_after = retry_after
-            self._dps.throttle_status = status
-
-        self._call(apply)
+        Another ``status`` (e.g. 400) answers with that error instead, which is not retried.
+        Calls queue up: ``throttle_dps(1, status=401); throttle_dps(1, 8)`` refuses the next
+        request with 401 and the one after it with 429."""
+        self._call(lambda: self._dps.throttled.extend([(status, retry_after)] * times))
 
     def stall_dps(self, stalled: bool = True) -> None:
         """Leave DPS requests (register and poll) unanswered, as an overloaded DPS may."""

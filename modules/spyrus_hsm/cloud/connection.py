@@ -11,6 +11,7 @@ under IoT Edge), under `credentials.<label>.renewal`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from azure.iot.device import Message
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ..config import CloudConfig
 from ..hsm import Hsm
@@ -96,10 +98,12 @@ class CloudConnection:
         if c.attestation == "x509" or self.operational:
             self.load_provider()
         provisioner = Provisioner(self.hsm, self.state_dir, self.load_provider)
-        in_use = None
+        in_use = known = None
+        began = renewal.now()
         if self.operational:
             renewal.tidy(self.hsm, self.operational, tls_dir=self.tls_dir)
-            in_use = self._not_expired(renewal.current(self.hsm, self.operational), provisioner)
+            known = renewal.current(self.hsm, self.operational)
+            in_use = self._not_expired(known, provisioner)
         hub, device_id, key = c.hub, c.device_id, c.key
         if c.id_scope and c.registration_id:
             label = in_use.label if in_use else self.operational
@@ -122,7 +126,8 @@ class CloudConnection:
             self.renewer = renewal.Renewer(
                 self.hsm, provisioner, self._request(self.operational), self._move,
                 renew_at=self.renew_at, backoff=renewal.Backoff(c.renew_retry_initial, c.renew_retry_max),
-                timeout=c.registration_timeout, tls_dir=self.tls_dir, report=self._report).start(in_use)
+                timeout=c.registration_timeout, tls_dir=self.tls_dir, report=self._report,
+            ).start(in_use, received=began if known is None or known.leaf != in_use.leaf else None)
 
     def _not_expired(self, cred: x509_id.X509Credential | None,
                      provisioner: Provisioner) -> x509_id.X509Credential | None:
@@ -144,9 +149,11 @@ class CloudConnection:
                                 device_id=assignment.device_id, x509=files))
         self.assigned_hub = assignment.assigned_hub
         leaf = cred.leaf
+        spki = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
         message = Message(json.dumps({"event": "certificateRenewed", "label": cred.label,
                                       "notAfter": leaf.not_valid_after_utc.isoformat(),
-                                      "issuer": leaf.issuer.rfc4514_string()}),
+                                      "issuer": leaf.issuer.rfc4514_string(),
+                                      "publicKeySha256": hashlib.sha256(spki).hexdigest()}),
                           content_encoding="utf-8", content_type="application/json")
         message.custom_properties["type"] = "certificate-renewed"
         self.hub.send(message)

@@ -152,10 +152,14 @@ def renew_once(hsm: Hsm, provisioner: Provisioner, request: DpsRequest, base: st
     return cred
 
 
-def due_at(leaf: x509.Certificate, renew_at: float) -> dt.datetime:
-    """When `renew_at` of the certificate's lifetime has passed."""
+def due_at(leaf: x509.Certificate, renew_at: float, received: dt.datetime | None = None) -> dt.datetime:
+    """When `renew_at` of the certificate's lifetime has passed. For a certificate just received
+    (`received`), no sooner than `renew_at` of the lifetime left then: issuers backdate
+    notBefore for clock skew (the emulator by a minute), which for a short-lived certificate
+    would make it due on arrival and renew it in a loop."""
     start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
-    return start + (end - start) * renew_at
+    due = start + (end - start) * renew_at
+    return max(due, received + (end - received) * renew_at) if received is not None else due
 
 
 # --- in serve ---------------------------------------------------------------------------------
@@ -212,6 +216,7 @@ class Renewer:
         self.renewals = 0
         self._retry_at: dt.datetime | None = None
         self._leaf: x509.Certificate | None = None
+        self._received: dt.datetime | None = None
         self._reported: dict[str, Any] | None = None
         self._forced = False
         self._wake = threading.Event()
@@ -219,8 +224,9 @@ class Renewer:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def start(self, in_use: x509_id.X509Credential) -> Renewer:
-        self._in_use(in_use)
+    def start(self, in_use: x509_id.X509Credential, received: dt.datetime | None = None) -> Renewer:
+        """Watch `in_use`; `received`: when it was issued, if that was just now."""
+        self._in_use(in_use, received)
         self._thread = spawn(self._run, "certificate-renewal")
         return self
 
@@ -242,7 +248,7 @@ class Renewer:
     def next_attempt(self) -> dt.datetime:
         with self._lock:
             assert self._leaf is not None, "start() names the credential in use"
-            due = due_at(self._leaf, self.renew_at)
+            due = due_at(self._leaf, self.renew_at, self._received)
             return max(due, self._retry_at) if self._retry_at else due
 
     # --- the thread ------------------------------------------------------------------------
@@ -275,14 +281,14 @@ class Renewer:
             return
         self.renewals += 1
         self._retry_at = None
-        self._in_use(cred)
+        self._in_use(cred, now())
         self._publish(state="scheduled", last_success=_iso(now()), failures=0, error=None)
         log.info("renewal of '%s' done in %.1f s: now '%s', valid until %s", self.base,
                  (now() - started).total_seconds(), cred.label, cred.leaf.not_valid_after_utc.isoformat())
 
-    def _in_use(self, cred: x509_id.X509Credential) -> None:
+    def _in_use(self, cred: x509_id.X509Credential, received: dt.datetime | None) -> None:
         with self._lock:
-            self._leaf = cred.leaf
+            self._leaf, self._received = cred.leaf, received
             self.status.label = cred.label
             self.status.not_after = _iso(cred.leaf.not_valid_after_utc)
 
