@@ -117,8 +117,13 @@ class Module:
                     raise
 
         log.info("IoT Edge: %s", self.edge_env.describe())
-        hooks = EdgeHooks(self.hsm, self.cfg, self._reload_config, apply)
-        return EdgeAgent(self.edge_env, hooks).start()
+        cloud = self.cloud if self.cloud is not None and self.cloud.operational else None
+        hooks = EdgeHooks(self.hsm, self.cfg, self._reload_config, apply,
+                          set_renew_at=cloud.set_renew_at if cloud is not None else None)
+        agent = EdgeAgent(self.edge_env, hooks)
+        if cloud is not None:
+            cloud.add_renewal_listener(agent.on_renewal)
+        return agent.start()
 
     def _reload_config(self) -> Config:
         return config_mod.load(None if self.cfg.source == "defaults" else self.cfg.source)

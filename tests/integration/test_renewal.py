@@ -14,8 +14,8 @@ import pytest
 from cloud_harness import Serve, sas_enrollment, serve_config
 
 from spyrus_hsm.cloud import renewal
-from spyrus_hsm.cloud.connection import twin_key
 from spyrus_hsm.cloud.dps import DpsRequest, Provisioner
+from spyrus_hsm.edge.reported import twin_key
 from spyrus_hsm.hsm import Hsm
 from spyrus_hsm.identity import x509 as x509_id
 

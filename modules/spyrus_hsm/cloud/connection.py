@@ -24,6 +24,7 @@ from azure.iot.device import Message
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ..config import CloudConfig
+from ..edge.reported import renewal_entries
 from ..hsm import Hsm
 from ..identity import x509 as x509_id
 from . import renewal
@@ -49,6 +50,8 @@ class CloudConnection:
         self.renewer: renewal.Renewer | None = None
         self.renew_at = cfg.renew_at
         self._listeners: list[RenewalListener] = []
+        self._last_state: dict[str, Any] | None = None
+        self._lock = threading.Lock()
         self._stopping = threading.Event()
         ca = cfg.server_ca_file
         self._ca_pem = Path(ca).read_text() if ca else None
@@ -56,7 +59,12 @@ class CloudConnection:
         self.operational = cfg.issue_cert if cfg.id_scope and cfg.registration_id else None
 
     def add_renewal_listener(self, fn: RenewalListener) -> None:
-        self._listeners.append(fn)
+        """`fn(label, state)` on every change of the renewal state, the latest one at once."""
+        with self._lock:
+            self._listeners.append(fn)
+            last = self._last_state
+        if last is not None and self.operational:
+            fn(self.operational, last)
 
     def set_renew_at(self, renew_at: float) -> None:
         self.renew_at = renew_at
@@ -160,15 +168,14 @@ class CloudConnection:
 
     def _report(self, state: dict[str, Any]) -> None:
         assert self.operational
-        for listener in self._listeners:
+        with self._lock:
+            self._last_state = state
+            listeners = list(self._listeners)
+        for listener in listeners:
             try:
                 listener(self.operational, state)
             except Exception as exc:
                 log.debug("renewal state listener failed: %s", exc)
         if self.hub is not None:
-            self.hub.report({"credentials": {twin_key(self.operational): {"renewal": state}}})
+            self.hub.report({"credentials": renewal_entries({self.operational: state})})
 
-
-def twin_key(label: str) -> str:
-    """`label` as a twin property name (those may not contain '.', '$' or spaces)."""
-    return "".join("_" if ch in ".$ " else ch for ch in label)

@@ -49,6 +49,7 @@ class EdgeHooks:
     config: Config                                          # what the process was started with
     reload_config: Callable[[], Config]                     # re-reads the config file
     apply_service: Callable[[ServiceConfig], None] | None   # None: the HTTP service is off
+    set_renew_at: Callable[[float], None] | None = None     # None: no operational certificate to renew
 
 
 class EdgeAgent:
@@ -84,6 +85,7 @@ class EdgeAgent:
                                         "lastError": None}
         self._acked: dict[str, Any] = {}
         self._inventory_due = 0.0
+        self._renewals: dict[str, dict[str, Any]] = {}  # operational certificate label -> renewal state
         hooks.hsm.add_listener(self._on_hsm_state)
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -272,6 +274,12 @@ class EdgeAgent:
                 self.hooks.apply_service(wanted.service)
             except Exception as exc:
                 raise ApplyError(f"the service could not be reconfigured: {_explain(exc)}") from None
+        if wanted.renew_at != self._current.renew_at:
+            renew_at = wanted.renew_at or self.hooks.config.cloud.renew_at
+            if self.hooks.set_renew_at is not None:
+                self.hooks.set_renew_at(renew_at)
+            self._inventory_due = 0.0  # the reported renewAt instants move with it
+            changed.append("cloud.renewAt")
         if wanted.log_level != self._current.log_level:
             level = twin.LOG_LEVELS[wanted.log_level] if wanted.log_level else self._default_log_level
             logging.getLogger(PACKAGE_LOGGER).setLevel(level)
@@ -286,6 +294,18 @@ class EdgeAgent:
         self._record_error("config", message)
 
     # --- reported properties -----------------------------------------------------------------
+
+    def on_renewal(self, label: str, state: dict[str, Any]) -> None:
+        """A renewal's state changed (renewal thread): reported under credentials.<label>.renewal."""
+        with self._lock:
+            moved = (self._renewals.get(label) or {}).get("label") != state.get("label")
+            self._renewals[label] = dict(state)
+            section = self._wanted.get("credentials")
+            if section is not None:
+                self._wanted["credentials"] = {**section, **rep.renewal_entries(self._renewals)}
+            if moved:
+                self._inventory_due = 0.0  # another generation in use: the inventory changed
+        self._queue.put(("push", None))
 
     def _on_hsm_state(self, state: HsmState) -> None:
         """HSM pool thread, possibly under the pool's lock: only queue."""
@@ -320,11 +340,11 @@ class EdgeAgent:
             self._inventory_due = time.monotonic() + min(60.0, self.inventory_interval)
             return
         with self._lock:
-            self._wanted["credentials"] = rep.credentials_section(items)
+            self._wanted["credentials"] = rep.credentials_section(items, renewals=self._renewals)
 
     def _read_inventory(self) -> list[dict[str, Any]]:
         hsm = self.hooks.hsm
-        renew_at = self.hooks.config.cloud.renew_at
+        renew_at = self._current.renew_at or self.hooks.config.cloud.renew_at
         return call_with_deadline(lambda: rep.inventory(hsm.list_objects(), x509_id.credentials(hsm), renew_at),
                                   self.hsm_deadline, "reading the credential inventory", "edge-hsm-read")
 
@@ -401,7 +421,7 @@ class EdgeAgent:
         except Exception as exc:
             return 503, {"error": rep.clip(_explain(exc)), "hsm": rep.hsm_section(self.hooks.hsm.state)}
         with self._lock:
-            self._wanted["credentials"] = rep.credentials_section(items)
+            self._wanted["credentials"] = rep.credentials_section(items, renewals=self._renewals)
         return 200, {"token": {"label": state.token_label, "serial": state.token_serial},
                      **rep.credentials_section(items, limit=1000)}
 

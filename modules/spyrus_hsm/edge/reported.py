@@ -86,12 +86,26 @@ def _kind(types: list[str], is_x509: bool) -> str:
     return types[0] if types else "unknown"
 
 
-def credentials_section(items: Sequence[Mapping[str, Any]], limit: int = MAX_ITEMS) -> dict[str, Any]:
+def credentials_section(items: Sequence[Mapping[str, Any]], limit: int = MAX_ITEMS,
+                        renewals: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     # Over every item, not only those sent: a credential past the limit still expires. The
     # timestamps share one format (_iso), so the smallest string is the earliest instant.
     expiries = [i["notAfter"] for i in items if i.get("kind") == "x509" and i.get("notAfter")]
     return {"count": len(items), "truncated": len(items) > limit, "earliestNotAfter": min(expiries, default=None),
-            "items": [{k: clip(v) if isinstance(v, str) else v for k, v in i.items()} for i in items[:limit]]}
+            "items": [{k: clip(v) if isinstance(v, str) else v for k, v in i.items()} for i in items[:limit]],
+            **renewal_entries(renewals or {})}
+
+
+def renewal_entries(renewals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """`{<label>: {"renewal": state}}` for each operational certificate being renewed, the
+    label made a valid twin key."""
+    return {twin_key(label): {"renewal": {k: clip(v) if isinstance(v, str) else v for k, v in state.items()}}
+            for label, state in renewals.items()}
+
+
+def twin_key(label: str) -> str:
+    """`label` as a twin property name (those may not contain '.', '$' or spaces)."""
+    return "".join("_" if ch in ".$ " else ch for ch in label)
 
 
 def config_section(status: str, desired_version: int | None, applied_version: int | None,
