@@ -85,9 +85,22 @@ def test_invalid_values_are_rejected_naming_the_twin_key(base: ServiceConfig, se
 
 
 def test_unknown_keys_are_rejected_listing_the_known_ones(base: ServiceConfig) -> None:
-    assert "unknown key 'colour' (known: logLevel, service)" in rejected({"colour": "red"}, base)
+    assert "unknown key 'colour' (known: logLevel, service, cloud)" in rejected({"colour": "red"}, base)
     message = rejected({"service": {"rateLimit": 5}}, base)
     assert "unknown key 'service.rateLimit'" in message and "rateLimitPerSecond" in message
+    message = rejected({"cloud": {"idScope": "0ne0001"}}, base)
+    assert "unknown key 'cloud.idScope' (known: renewAt" in message and "config file" in message
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.2, True, "0.5", [0.5]])
+def test_renew_at_must_be_a_fraction_of_the_lifetime(base: ServiceConfig, value: object) -> None:
+    assert "'cloud.renewAt' must be a number above 0 and below 1" in rejected({"cloud": {"renewAt": value}}, base)
+
+
+def test_renew_at_from_the_twin_and_back_to_the_file(base: ServiceConfig) -> None:
+    assert evaluate({"cloud": {"renewAt": 0.25}}, base).renew_at == 0.25
+    assert evaluate({"cloud": {"renewAt": None}}, base).renew_at is None
+    assert evaluate({}, base).renew_at is None
 
 
 @pytest.mark.parametrize("key, file_key", [("port", "port"), ("tlsCertFile", "tls_cert_file"),
