@@ -154,7 +154,7 @@ class Module:
 
         log.info("IoT Edge: %s", self.edge_env.describe())
         hooks = EdgeHooks(self.hsm, self.cfg, self._reload_config, apply)
-        return EdgeAgent(self.edge_env, hooks).start()
+        return EdgeAgent(self.edge_env, hooks, sdk_options={"sastoken_ttl": self.cfg.edge.sas_ttl}).start()
 
     def _reload_config(self) -> Config:
         return config_mod.load(None if self.cfg.source == "defaults" else self.cfg.source)
