@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service_harness import HOST, Leaf, ServiceHarness, free_port, new_leaf
+from service_harness import HOST, Leaf, ServiceHarness, free_port, new_leaf, verify_sas
 
 from emulator import Emulator
 from emulator.pki import EmulatorPki
@@ -109,6 +109,23 @@ def test_a_refused_leaf_gets_the_services_reason_without_retrying(site: Site) ->
     with pytest.raises(TokenRefused, match="HTTP 401") as info:
         tokens.fetch()
     assert tokens.retries == 0 and "not-the-leafs-token" not in str(info.value)
+
+
+def test_a_leaf_with_a_client_certificate_gets_its_token(site: Site) -> None:
+    cert = site.pki.device(site.leaf.name)
+    tokens = TokenService(f"https://{HOST}:{site.port}", str(site.pki.ca_file), site.leaf.name,
+                          client_cert=(str(cert.cert_file), str(cert.key_file)), ttl=TTL)
+    token = tokens.fetch()
+    assert token.token.startswith(f"SharedAccessSignature sr={HUB}%2Fdevices%2F{site.leaf.name}&")
+    verify_sas(token.token, site.leaf.key)
+
+
+def test_the_leaf_client_imports_nothing_of_pkcs11() -> None:
+    code = ("import sys, spyrus_hsm.leaf; "
+            "print(sorted(m for m in sys.modules if 'pkcs11' in m or m.startswith('spyrus_hsm.hsm')))")
+    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(ROOT / "modules")},
+                         capture_output=True, timeout=60, check=True)
+    assert out.stdout.decode().strip() == "[]"
 
 
 def test_a_rate_limited_leaf_retries_and_gets_its_token(site: Site) -> None:
