@@ -20,12 +20,21 @@ import requests
 from azure.iot.device.iothub.edge_hsm import IoTEdgeError, IoTEdgeHsm
 from edge_harness import DEVICE, HUB, MODULE, EdgeSite, ServeProcess
 
+from emulator import Emulator
 from emulator.auth import sign
+from emulator.pki import EmulatorPki
 from emulator.workload import WorkloadApi
 
 pytestmark = [pytest.mark.timeout(150)]
+GATEWAY = "127.0.0.82"
 CLIENT_ID = f"{DEVICE}/{MODULE}"
 SAS_TTL = 130  # the SDK renews 120 s before expiry: a renewal 10 s after each connect
+
+
+@pytest.fixture
+def site(make_emulator: Callable[..., Emulator], emulator_pki: EmulatorPki) -> EdgeSite:
+    """edgeHub on an address of this module's own (the other edge tests share 127.0.0.61)."""
+    return EdgeSite(make_emulator(GATEWAY, hub_hostname=HUB), emulator_pki)
 
 
 @pytest.fixture
