@@ -17,6 +17,8 @@ values allowed, and null is accepted only where the annotation allows None.
     state_dir: /var/lib/spyrus-hsm
     sas:
       default_ttl: 3600
+    edge:
+      sas_ttl: 3600           # life of the module's own edgeHub SAS tokens (IoT Edge only)
     service:                  # the HTTP signing API for leaf devices (see ServiceConfig)
       port: 8443
       tls_cert_file: /etc/spyrus-hsm/server-chain.pem
@@ -43,6 +45,7 @@ from .hsm import PoolSettings, TokenSelector
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 ENV_CONFIG = "SPYRUS_HSM_CONFIG"
+EDGE_SAS_TTL_MIN = 130
 
 
 class ConfigError(SpyrusError, ValueError, kind=Kind.CONFIG):
@@ -99,6 +102,14 @@ class CloudConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.id_scope or self.hub)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """The module's own connection to edgeHub under IoT Edge (identity from the environment)."""
+    # Seconds each SAS token the SDK makes for edgeHub lives (signed by the workload API, or
+    # with the connection string's key). The SDK renews 120 s before expiry, so more than that.
+    sas_ttl: int = 3600
 
 
 OPERATIONS = ("sas-token", "signature", "registration", "certificate", "certificate-issue")
@@ -164,12 +175,13 @@ class Config:
     sas: SasConfig = field(default_factory=SasConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
     state_dir: str = "/var/lib/spyrus-hsm"
     source: str = "defaults"
 
 
 _SECTIONS: dict[str, type[Any]] = {"hsm": HsmConfig, "sas": SasConfig, "cloud": CloudConfig,
-                                   "service": ServiceConfig}
+                                   "service": ServiceConfig, "edge": EdgeConfig}
 _ENV = {
     "SPYRUS_HSM_PKCS11_MODULE": ("hsm", "module"),
     "SPYRUS_HSM_TOKEN_LABEL": ("hsm", "token_label"),
@@ -382,6 +394,9 @@ def _validate(cfg: Config, require_token: bool) -> None:
     if not 0 < c.renew_retry_initial <= c.renew_retry_max:
         raise ConfigError(f"{where}: 'cloud.renew_retry_initial' must be above 0 and at most "
                           f"'cloud.renew_retry_max' (seconds), got {c.renew_retry_initial} and {c.renew_retry_max}")
+    if not EDGE_SAS_TTL_MIN <= cfg.edge.sas_ttl <= 365 * 24 * 3600:
+        raise ConfigError(f"{where}: 'edge.sas_ttl' must be {EDGE_SAS_TTL_MIN} s (the SDK renews a token 120 s "
+                          f"before it expires) to 1 year, got {cfg.edge.sas_ttl}")
     validate_service(cfg.service, where)
 
 

@@ -120,7 +120,7 @@ class Module:
         cloud = self.cloud if self.cloud is not None and self.cloud.operational else None
         hooks = EdgeHooks(self.hsm, self.cfg, self._reload_config, apply,
                           set_renew_at=cloud.set_renew_at if cloud is not None else None)
-        agent = EdgeAgent(self.edge_env, hooks)
+        agent = EdgeAgent(self.edge_env, hooks, sdk_options={"sastoken_ttl": self.cfg.edge.sas_ttl})
         if cloud is not None:
             cloud.add_renewal_listener(agent.on_renewal)
         return agent.start()

@@ -289,6 +289,18 @@ class Emulator:
         """A copy of the twin as a GET returns it: {"desired": {...}, "reported": {...}}."""
         return self._call(lambda: self._hub.identity(device_id, module_id).twin.document())
 
+    def primary_key(self, device_id: str, module_id: str | None = None) -> str:
+        """The primary SAS key the hub holds for an identity (what the edge runtime's key
+        service signs with for a module; see ``workload``)."""
+
+        def key() -> str:
+            keys = self._hub.identity(device_id, module_id).credential.keys
+            if not keys:
+                raise ValueError(f"{device_id}/{module_id or ''} has no symmetric key")
+            return keys[0]
+
+        return self._call(key)
+
     def is_registered(self, device_id: str, module_id: str | None = None) -> bool:
         client_id = f"{device_id}/{module_id}" if module_id else device_id
         return self._call(lambda: client_id in self._hub.identities)
