@@ -70,7 +70,16 @@ def _iotedgedev() -> Path:
     pytest.skip(message)
 
 
-def genconfig(tmp: Path, platform: str) -> Generated:
+def env_template_value(name: str) -> str:
+    """The value `.env.template` gives `name` (what a developer's .env starts from)."""
+    for line in (ROOT / ".env.template").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == name:
+            return value.strip().strip('"')
+    raise AssertionError(f".env.template does not set {name}")
+
+
+def genconfig(tmp: Path, platform: str, **extra_env: str) -> Generated:
     home = tmp / "home"
     (home / ".iotedgedev").mkdir(parents=True)
     # Past iotedgedev's first-run notice, with its usage telemetry off.
@@ -90,6 +99,8 @@ def genconfig(tmp: Path, platform: str) -> Generated:
             "CONTAINER_REGISTRY_PASSWORD": "not-a-real-password",
             "SPYRUS_HSM_PKCS11_MODULE": "/usr/lib/softhsm/libsofthsm2.so",
             "CONFIG_OUTPUT_DIR": str(out_dir),
+            "EDGE_RUNTIME_VERSION": env_template_value("EDGE_RUNTIME_VERSION"),
+            **extra_env,
         }
         # cwd is the empty temporary directory, so a developer's own .env does not count.
         proc = subprocess.run(
@@ -174,12 +185,31 @@ def test_the_api_port_is_published(gen: Generated) -> None:
     assert gen.create_options["HostConfig"]["PortBindings"] == {"8443/tcp": [{"HostPort": "8443"}]}
 
 
-def test_the_runtime_is_iot_edge_1_5(gen: Generated) -> None:
+def test_the_runtime_is_iot_edge_1_5_by_default(gen: Generated) -> None:
+    assert env_template_value("EDGE_RUNTIME_VERSION") == "1.5", "1.5 is the current LTS"
     assert gen.agent["schemaVersion"] == "1.1"
     assert gen.agent["runtime"]["type"] == "docker"
     images = {n: m["settings"]["image"] for n, m in gen.agent["systemModules"].items()}
     assert images == {"edgeAgent": "mcr.microsoft.com/azureiotedge-agent:1.5",
                       "edgeHub": "mcr.microsoft.com/azureiotedge-hub:1.5"}
+
+
+def test_the_runtime_images_follow_edge_runtime_version(tmp_path: Path) -> None:
+    gen = genconfig(tmp_path, "amd64", EDGE_RUNTIME_VERSION="1.5.21")
+    images = {n: m["settings"]["image"] for n, m in gen.agent["systemModules"].items()}
+    assert images == {"edgeAgent": "mcr.microsoft.com/azureiotedge-agent:1.5.21",
+                      "edgeHub": "mcr.microsoft.com/azureiotedge-hub:1.5.21"}
+
+
+def test_the_log_driver_caps_the_modules_log_files(gen: Generated) -> None:
+    log_config = gen.create_options["HostConfig"]["LogConfig"]
+    assert log_config["Type"] == "json-file"
+    assert log_config["Config"]["max-size"].endswith("m") and int(log_config["Config"]["max-file"]) >= 2
+
+
+def test_the_metrics_port_is_exposed_on_the_module_network_only(gen: Generated) -> None:
+    assert "9600/tcp" in gen.create_options["ExposedPorts"]
+    assert "9600/tcp" not in gen.create_options["HostConfig"]["PortBindings"]
 
 
 def test_module_outputs_route_upstream_and_twin_defaults_are_set(gen: Generated) -> None:
