@@ -136,6 +136,8 @@ class Module:
         tasks = [asyncio.create_task(self._watch_certificates(stop))]
         if self.telemetry.pull_reader is not None and self.cfg.metrics.enabled:
             tasks.append(asyncio.create_task(self._start_metrics(stop)))
+        elif self.cfg.metrics.enabled:
+            log.info("no metrics endpoint: OpenTelemetry is disabled (OTEL_SDK_DISABLED=true)")
         if self.service is not None:
             self.listeners = Listeners(self.service)
             tasks.append(asyncio.create_task(self._start_health(stop)))

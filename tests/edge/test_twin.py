@@ -142,3 +142,13 @@ def test_a_reload_lists_what_only_a_restart_applies(tmp_path: Path) -> None:
     path.write_text("hsm: {token_label: b, workers: 2}\n"
                     "service: {tls_cert_file: c, tls_key_file: k, port: 9443, rate_limit_burst: 9}\n")
     assert restart_required(running, load(str(path), env={})) == ["hsm.token_label", "hsm.workers", "service.port"]
+
+
+def test_a_reload_lists_metrics_logging_and_events_settings_as_needing_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("hsm: {token_label: a}\n")
+    running = load(str(path), env={})
+    path.write_text("hsm: {token_label: a}\nmetrics: {port: 9700}\nlogging: {format: json}\n"
+                    "events: {summary_interval: 30}\n")
+    assert restart_required(running, load(str(path), env={})) == [
+        "metrics.port", "logging.format", "events.summary_interval"]
