@@ -37,6 +37,7 @@ from .threads import call_with_deadline, spawn
 log = logging.getLogger(__name__)
 SEND_TIMEOUT = 10.0          # seconds for edgeHub to acknowledge one message
 RETRY_DELAY = 2.0            # seconds before trying again after a failed send
+MAX_ATTEMPTS = 5             # sends of one event while connected before it is given up (counted as dropped)
 MAX_PRINCIPALS = 200         # per summary; the rest are counted under "(other)"
 UNAUTHENTICATED = "(unauthenticated)"
 
@@ -51,6 +52,7 @@ class Events:
         self._lock = threading.Lock()
         self._buffer: collections.deque[dict[str, Any]] = collections.deque()
         self._dropped = 0
+        self._attempts = 0                       # failed sends of the oldest event
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -166,8 +168,15 @@ class Events:
                 call_with_deadline(functools.partial(client.send_message_to_output, message, self.cfg.output),
                                    SEND_TIMEOUT, f"sending a {entry['type']} event", "edge-events-send")
             except Exception as exc:
-                log.debug("event %s not sent (%s: %s); kept for later", entry["type"], type(exc).__name__, exc)
-                return False
+                self._attempts += 1
+                if self._attempts < MAX_ATTEMPTS:
+                    log.debug("event %s not sent (%s: %s); kept for later", entry["type"], type(exc).__name__, exc)
+                    return False
+                # An event edgeHub keeps refusing must not hold up every event behind it.
+                log.warning("event %s not sent after %d attempts (%s: %s); dropped", entry["type"], MAX_ATTEMPTS,
+                            type(exc).__name__, exc)
+                dropped -= 1
+            self._attempts = 0
             with self._lock:
                 if self._buffer and self._buffer[0] is entry:
                     self._buffer.popleft()

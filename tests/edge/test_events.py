@@ -158,3 +158,23 @@ def test_events_wait_in_a_bounded_buffer_while_edgehub_is_away_and_others_can_an
     assert got[0][1]["droppedBefore"] == 2 and "droppedBefore" not in got[1][1]
     assert got[2][1] == {**got[2][1], "label": "edge-id", "notAfter": "2031-01-02T00:00:00Z",
                          "previousNotAfter": "2030-01-02T00:00:00Z"}
+
+
+def test_an_event_edgehub_keeps_refusing_is_dropped_and_counted_rather_than_blocking_the_rest(
+        site: EdgeSite, sdk_client: Any) -> None:
+    conn = site.env["EdgeHubConnectionString"]
+    ca = Path(site.env["EdgeModuleCACertificateFile"]).read_text()
+    closed = IoTHubModuleClient.create_from_connection_string(conn, server_verification_cert=ca)
+    closed.shutdown()  # every send on it fails at once
+    current = [closed]
+    sender = events.Events(EventsConfig(), "edge1", MODULE).start(lambda: current[0])
+    try:
+        sender.emit("config.rejected", source="file", error="refused for ever")
+        site.emu.wait_for(lambda: sender.pending() == 0, 30, interval=0.1)
+        current[0] = sdk_client
+        sender.emit("hsm.recovered")
+        site.emu.wait_for(lambda: received(site), 20, interval=0.1)
+    finally:
+        sender.stop()
+    [(props, body)] = received(site)
+    assert props["type"] == "hsm.recovered" and body["droppedBefore"] == 1
