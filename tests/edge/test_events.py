@@ -4,7 +4,8 @@ each with the application property `type` that edgeHub's routes filter on.
 `serve` runs in its own process (a wrong PIN is refused only at a process's first login): it
 starts with a wrong PIN, is fixed, finds a certificate close to expiry, has a twin patch
 rejected and refuses some requests. The bounded buffer and `events.certificate_renewed` are
-tested in this process with the SDK's own module client connected to the emulator.
+tested in this process with the SDK's own module client connected to the emulator; an unplugged
+HSM (the shim) with the module running in this process.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 from azure.iot.device import IoTHubModuleClient
-from edge_harness import MODULE, EdgeSite
+from edge_harness import MODULE, EdgeSite, ModuleSite
 from service_harness import ask_sas_token, serve_config, stop_process, store_hsm_certificate, wait_for_lines
 
 from emulator.pki import EmulatorPki
@@ -178,3 +179,22 @@ def test_an_event_edgehub_keeps_refusing_is_dropped_and_counted_rather_than_bloc
         sender.stop()
     [(props, body)] = received(site)
     assert props["type"] == "hsm.recovered" and body["droppedBefore"] == 1
+
+
+@pytest.mark.shim
+def test_an_unplugged_hsm_is_announced_and_so_is_its_recovery(
+        site: EdgeSite, module_site: Callable[..., ModuleSite], token_env: Any) -> None:
+    token_env.set_shim(state="plugged")
+    module_site(policy=[]).start()
+    site.wait_reported(lambda r: (r.get("hsm") or {}).get("ready") and r.get("config"))
+    try:
+        token_env.set_shim(state="unplugged")
+        status, _ = site.method("listCredentials")  # the HSM call that meets the fault
+        assert status == 503
+        _, body = wait_event(site, "hsm.unavailable")
+        assert body["reason"] and body["moduleId"] == MODULE
+    finally:
+        token_env.set_shim(state="plugged")
+    _, body = wait_event(site, "hsm.recovered")
+    assert body["recoveries"] == 1
+    assert [p["type"] for p, _ in received(site)] == ["hsm.unavailable", "hsm.recovered"]
