@@ -25,6 +25,9 @@ values allowed, and null is accepted only where the annotation allows None.
       bearer_tokens: {gateway-3: <sha256 hex of the token>}
       policy:
         - {principals: ["*"], operations: [sas-token], devices: ["{cn}"]}
+    metrics: {enabled: true, host: 0.0.0.0, port: 9600}   # Prometheus text (metrics.py)
+    logging: {format: auto}      # SPYRUS_HSM_LOG_FORMAT: auto | iotedge | plain | json
+    events: {enabled: true, output: events, summary_interval: 60, buffer: 1000, expiry_warning_days: 14}
 """
 
 from __future__ import annotations
