@@ -1,5 +1,6 @@
 """The long-running module (`spyrus-hsm serve`): HSM pool, OpenSSL provider, Azure identity,
-the HTTP signing service for leaf devices and telemetry.
+the HTTP signing service for leaf devices and telemetry, the Prometheus endpoint and, under
+IoT Edge, the upstream events.
 
 Starts even when the HSM is missing or the PIN is wrong: it reports not-ready and recovers
 when fixed rather than crash-looping (edgeAgent stops restarting a module that does). Stops
