@@ -391,9 +391,11 @@ def cmd_serve(args: argparse.Namespace, stdin: _Stdin) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, hsm=replace(cfg.hsm, pin_file=args.pin_file))
-    from . import telemetry
+    from . import logformat, telemetry
 
-    return serve(cfg, telemetry.setup("spyrus-hsm", set_global=True))
+    logformat.apply(cfg.logging.format, os.environ)
+
+    return serve(cfg, telemetry.setup("spyrus-hsm", set_global=True, prometheus=cfg.metrics.enabled))
 
 
 def cmd_selftest(args: argparse.Namespace, stdin: _Stdin) -> int:

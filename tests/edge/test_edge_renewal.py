@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from cloud_harness import sas_enrollment
+from edge_harness import MODULE
 
 from spyrus_hsm.edge.reported import twin_key
 
@@ -49,5 +50,11 @@ def test_the_module_twin_reports_renewal_and_sets_renew_at(
     renewed = [t.json() for t in list(cloud.received.telemetry)
                if t.device_id == reg and t.properties.get("type") == "certificate-renewed"]
     assert [r["label"] for r in renewed][:1] == [f"{base}@2"]
+    site.emu.wait_for(lambda: any(r.module_id == MODULE and r.properties.get("type") == "certificate.renewed"
+                                  for r in list(site.emu.received.telemetry)), timeout=20)
+    upstream = [r.json() for r in list(site.emu.received.telemetry)
+                if r.module_id == MODULE and r.properties.get("$.on") == "events"
+                and r.properties.get("type") == "certificate.renewed"]
+    assert upstream[0]["label"] == f"{base}@2" and upstream[0]["previousNotAfter"]
     items = {i["label"]: i for i in doc["credentials"]["items"]}
     assert f"{base}@2" in items and base not in items  # the old generation is gone from the inventory too

@@ -148,10 +148,19 @@ def test_live_changes_are_named_as_in_the_twin(base: ServiceConfig) -> None:
     assert live_changes(base, new) == ["minTtlSeconds", "policy"]
 
 
-def test_a_reload_lists_what_only_a_restart_applies(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("before", "after", "expected"), [
+    ("hsm: {token_label: a}\nservice: {tls_cert_file: c, tls_key_file: k, port: 8443}\n",
+     "hsm: {token_label: b, workers: 2}\n"
+     "service: {tls_cert_file: c, tls_key_file: k, port: 9443, rate_limit_burst: 9}\n",
+     ["hsm.token_label", "hsm.workers", "service.port"]),
+    ("hsm: {token_label: a}\n",
+     "hsm: {token_label: a}\nmetrics: {port: 9700}\nlogging: {format: json}\nevents: {summary_interval: 30}\n",
+     ["metrics.port", "logging.format", "events.summary_interval"]),
+])
+def test_a_reload_lists_what_only_a_restart_applies(tmp_path: Path, before: str, after: str,
+                                                     expected: list[str]) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("hsm: {token_label: a}\nservice: {tls_cert_file: c, tls_key_file: k, port: 8443}\n")
+    path.write_text(before)
     running = load(str(path), env={})
-    path.write_text("hsm: {token_label: b, workers: 2}\n"
-                    "service: {tls_cert_file: c, tls_key_file: k, port: 9443, rate_limit_burst: 9}\n")
-    assert restart_required(running, load(str(path), env={})) == ["hsm.token_label", "hsm.workers", "service.port"]
+    path.write_text(after)
+    assert restart_required(running, load(str(path), env={})) == expected

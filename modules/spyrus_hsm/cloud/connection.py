@@ -11,6 +11,7 @@ under IoT Edge), under `credentials.<label>.renewal`.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from typing import Any
 from azure.iot.device import Message
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from .. import events
 from ..config import CloudConfig
 from ..edge.reported import renewal_entries
 from ..hsm import Hsm
@@ -165,6 +167,9 @@ class CloudConnection:
                           content_encoding="utf-8", content_type="application/json")
         message.custom_properties["type"] = "certificate-renewed"
         self.hub.send(message)
+        previous = self.renewer.status.not_after if self.renewer is not None else None
+        events.certificate_renewed(cred.label, leaf.not_valid_after_utc,  # upstream too, under IoT Edge
+                                   dt.datetime.fromisoformat(previous) if previous else None)
 
     def _report(self, state: dict[str, Any]) -> None:
         assert self.operational

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from azure.iot.device import IoTHubModuleClient, MethodResponse
 from azure.iot.device.common.auth.sastoken import SasTokenError
 
-from .. import __version__
+from .. import __version__, events
 from ..config import Config, ConfigError, ServiceConfig
 from ..errors import Kind, SpyrusError
 from ..hsm import Hsm, HsmState
@@ -124,6 +124,11 @@ class EdgeAgent:
     def connected(self) -> bool:
         client = self._client
         return bool(client is not None and client.connected)
+
+    def output_client(self) -> Any:
+        """The SDK client while it is connected (for sending messages to outputs), else None."""
+        client = self._client
+        return client if client is not None and client.connected else None
 
     # --- the agent thread --------------------------------------------------------------------
 
@@ -343,6 +348,7 @@ class EdgeAgent:
 
     def _reject(self, source: str, message: str) -> None:
         log.warning("configuration rejected: %s", message)
+        events.config_rejected(source, message)
         self._wanted["config"] = rep.config_section("rejected", self._desired_version, self._applied_version,
                                                     source, message)
         self._record_error("config", message)

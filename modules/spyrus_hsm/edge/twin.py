@@ -179,7 +179,7 @@ def restart_required(running: Config, reloaded: Config) -> list[str]:
     """Keys whose new file value only takes effect after a restart (everything outside the live
     service settings), named as in the config file."""
     keys = []
-    for section in ("hsm", "sas", "cloud", "edge"):
+    for section in ("hsm", "sas", "cloud", "edge", "metrics", "logging", "events"):
         old, new = getattr(running, section), getattr(reloaded, section)
         keys += [f"{section}.{f.name}" for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]
     if running.state_dir != reloaded.state_dir:
