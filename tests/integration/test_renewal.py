@@ -82,7 +82,9 @@ def test_serve_renews_a_20_s_certificate_three_times_each_with_a_new_key(
         state = _renewal_state(emu, reg, base)
     finally:
         code = serve.stop()
-    print("\n".join(["renewal timeline:", *timeline]))
+    durations = [line.split(" done in ")[1].split(":")[0]
+                 for line in serve.output().splitlines() if " done in " in line]
+    print("\n".join(["renewal timeline:", *timeline, f"each renewal took {', '.join(durations)}"]))
     assert code == 0, serve.output()
     events = _renewed(emu, reg)
     assert [e["label"] for e in events[:3]] == [f"{base}@2", f"{base}@3", f"{base}@4"]
