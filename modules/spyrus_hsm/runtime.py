@@ -26,6 +26,8 @@ from .hsm import Hsm, HsmState, read_secret_file
 from .hsm.recovery import EXIT_RESTART, restart_done, restart_once
 from .identity import tls
 from .identity import x509 as x509_id
+from .pcsc.daemon import Pcscd
+from .pcsc.watch import CardWatch
 from .service.audit import AuditLog
 from .service.core import Deps, Service
 from .service.server import ListenError, Listeners, ServerTls, probe_forever
@@ -58,6 +60,14 @@ class Module:
             deps = Deps(self.hsm, telemetry, self.state_dir, cfg.cloud, lambda: self.assigned_hub,
                         cfg.sas.default_ttl, self.load_provider)
             self.service = Service(cfg.service, deps, AuditLog(audit_path, cfg.service.audit_fail_closed))
+        # PC/SC: pcscd run here (internal) or the host's; either way a missing token is explained
+        # in reader terms ("card removed from reader X").
+        self.pcscd = Pcscd() if cfg.hsm.pcscd == "internal" else None
+        self.cards = CardWatch() if cfg.hsm.pcscd != "none" else None
+        if self.cards is not None:
+            cards = self.cards
+            self.hsm.explain_faults(cards.explain)
+            self.hsm.add_listener(lambda state: cards.token_ready() if state.ready else None)
         self.edge_env = detect_edge(os.environ)  # IoT Edge? (raises on a half-configured environment)
         self.edge: EdgeAgent | None = None
         self.exit_code = 0
@@ -67,6 +77,8 @@ class Module:
         tls.load_provider(self.cfg.hsm.module, self.cfg.hsm.pin_file, self.state_dir / "openssl")
 
     def start(self) -> None:
+        if self.pcscd is not None:
+            self.pcscd.start()  # the HSM's connection attempts retry until pcscd answers
         self.hsm.add_listener(_log_state)
         self.hsm.start(wait=False)
         if self.cfg.cloud.enabled:
@@ -217,6 +229,8 @@ class Module:
         if self.hub is not None:
             self.hub.shutdown()
         self.hsm.close()
+        if self.pcscd is not None:
+            self.pcscd.stop()
 
 
 def _port_taken(exc: ListenError, told: bool) -> bool:
