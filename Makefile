@@ -56,7 +56,7 @@ unit: venv shim tools
 test: lint unit
 
 # Builds the amd64 image with podman (installed if missing) and tests it: scripts/image-test.sh.
-image-test: venv
+image-test: venv shim
 	@bash scripts/image-test.sh
 
 bench: venv shim

@@ -35,6 +35,7 @@ E_NO_READERS_AVAILABLE = 0x8010002E
 E_NO_ACCESS = 0x80100027
 E_UNKNOWN_READER = 0x80100009
 E_INSUFFICIENT_BUFFER = 0x80100008
+E_PROTO_MISMATCH = 0x8010000F
 W_SECURITY_VIOLATION = 0x8010006A
 
 
@@ -113,6 +114,9 @@ def explain_code(rv: int) -> str:
     if code in (E_NO_ACCESS, W_SECURITY_VIOLATION):
         return (f"access denied by polkit for uid {os.getuid()}: allow org.debian.pcsc-lite.access_pcsc and "
                 "access_card for it on the host (see README, PC/SC)")
+    if code == E_PROTO_MISMATCH:
+        return (f"pcscd at {socket_path()} speaks another pcsc-lite protocol version than this image's "
+                "libpcsclite; use hsm.pcscd: internal, or a host pcscd of the same protocol (see README, PC/SC)")
     if code == E_NO_READERS_AVAILABLE:
         return "no reader: is the token plugged in and passed through?"
     return f"PC/SC error 0x{code:08X}"
