@@ -179,6 +179,13 @@ def card_follows_readiness(mod: Module, card: VirtualCard, mode: str) -> None:
 def test_internal_pcscd_sees_the_card_and_readiness_follows_it(internal: tuple[Module, VirtualCard]) -> None:
     mod, card = internal
     card_follows_readiness(mod, card, "internal")
+    # SIGTERM stops the module and its pcscd: exit code 0 within edgeAgent's 10 s.
+    started = time.monotonic()
+    podman("stop", "-t", "10", mod.container, timeout=30)
+    elapsed = time.monotonic() - started
+    code = podman("inspect", mod.container, "--format", "{{.State.ExitCode}}").stdout.strip()
+    print(f"internal: stopped in {elapsed:.1f} s, exit code {code}")
+    assert code == "0" and elapsed < 10, mod.logs()
 
 
 def test_the_hosts_pcscd_bound_in_sees_the_card_and_readiness_follows_it(host: tuple[Module, VirtualCard]) -> None:
