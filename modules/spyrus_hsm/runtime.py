@@ -14,6 +14,8 @@ import os
 import signal
 import sys
 import threading
+import traceback
+import types
 from pathlib import Path
 
 from . import config as config_mod
@@ -251,9 +253,13 @@ def _log_state(state: HsmState) -> None:
         log.warning("HSM %s: %s", state.status, state.reason)
 
 
-def _quiet_pkcs11_finalizers(hook: object = sys.unraisablehook) -> None:
+def _quiet_pkcs11_finalizers(hook: object = sys.unraisablehook, excepthook: object = sys.excepthook) -> None:
     """python-pkcs11's search iterators raise from __del__ after a device fault ("Exception
-    ignored in OperationContext.__del__"); after an unplug that is expected, not news."""
+    ignored in OperationContext.__del__"); after an unplug that is expected, not news.
+
+    Cython prints such an exception twice: its whole traceback first, through sys.excepthook
+    (no "Exception ignored" header), then through the unraisable hook. Only a traceback made of
+    python-pkcs11's own frames is dropped from the first; a crash through our code still shows."""
 
     def unraisable(info: sys.UnraisableHookArgs) -> None:
         if "pkcs11" in repr(info.object) or "pkcs11" in type(info.exc_value).__module__:
@@ -261,7 +267,15 @@ def _quiet_pkcs11_finalizers(hook: object = sys.unraisablehook) -> None:
             return
         hook(info)  # type: ignore[operator]
 
+    def uncaught(kind: type[BaseException], value: BaseException, tb: types.TracebackType | None) -> None:
+        frames = traceback.extract_tb(tb)
+        if kind.__module__.startswith("pkcs11") and frames and all(f.filename.endswith(".pyx") for f in frames):
+            log.debug("printed by a python-pkcs11 finalizer: %r", value)
+            return
+        excepthook(kind, value, tb)  # type: ignore[operator]
+
     sys.unraisablehook = unraisable
+    sys.excepthook = uncaught
 
 
 def serve(cfg: Config, telemetry: Telemetry) -> int:

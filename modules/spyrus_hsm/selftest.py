@@ -71,7 +71,9 @@ def _pcsc_checks(pcscd: str) -> list[Check]:
         return []
     s = scard.survey()
     if s.problem:
-        hint = "; serve starts pcscd with hsm.pcscd: internal (is serve running?)" if pcscd == "internal" else ""
+        hint = ""
+        if pcscd == "internal" and s.problem.startswith("pcscd not reachable"):
+            hint = "; serve starts pcscd with hsm.pcscd: internal (is serve running?)"
         return [Check("pcsc", False, s.problem + hint)]
     if not s.readers:
         return [Check("pcsc readers", False, NO_READER)]
@@ -80,6 +82,9 @@ def _pcsc_checks(pcscd: str) -> list[Check]:
     cards = s.with_card
     out.append(Check("pcsc card", bool(cards), "card in reader " + ", ".join(f"'{r}'" for r in cards) if cards
                      else f"no card in any reader ({names}): insert the token"))
+    for reader in cards:
+        denied = scard.card_access(reader)
+        out.append(Check("pcsc access", denied is None, denied or f"uid {os.getuid()} may use the card in '{reader}'"))
     return out
 
 

@@ -48,7 +48,6 @@ def parse_line(raw: str) -> tuple[int, str]:
 class Pcscd:
     def __init__(self, argv: Sequence[str] | None = None) -> None:
         self.argv = list(argv or default_argv())
-        self.restarts = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[str] | None = None
@@ -73,7 +72,6 @@ class Pcscd:
                 return
             if time.monotonic() - started >= STABLE_AFTER:
                 delay = BACKOFF_MIN
-            self.restarts += 1
             log.error("pcscd exited (%s); restarting it in %g s", code, delay)
             if self._stopping.wait(delay):
                 return

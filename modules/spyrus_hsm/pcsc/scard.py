@@ -23,6 +23,9 @@ _DWORD = ctypes.c_ulong
 _SCOPE_SYSTEM = 2
 _MAX_ATR_SIZE = 33
 _STATE_UNAWARE = 0x0
+_SHARE_SHARED = 2
+_PROTOCOL_ANY = 0x3  # T=0 | T=1
+_LEAVE_CARD = 0
 _STATE_UNKNOWN = 0x4
 _STATE_UNAVAILABLE = 0x8
 _STATE_PRESENT = 0x20
@@ -83,8 +86,11 @@ def _library() -> ctypes.CDLL:
         lib.SCardReleaseContext.argtypes = [_LONG]
         lib.SCardListReaders.argtypes = [_LONG, ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(_DWORD)]
         lib.SCardGetStatusChange.argtypes = [_LONG, _DWORD, ctypes.POINTER(_ReaderState), _DWORD]
+        lib.SCardConnect.argtypes = [_LONG, ctypes.c_char_p, _DWORD, _DWORD, ctypes.POINTER(_LONG),
+                                     ctypes.POINTER(_DWORD)]
+        lib.SCardDisconnect.argtypes = [_LONG, _DWORD]
         for fn in (lib.SCardEstablishContext, lib.SCardReleaseContext, lib.SCardListReaders,
-                   lib.SCardGetStatusChange):
+                   lib.SCardGetStatusChange, lib.SCardConnect, lib.SCardDisconnect):
             fn.restype = _LONG
         _lib = lib
     return _lib
@@ -102,8 +108,9 @@ def unreachable_text(path: str | None = None) -> str:
                 "with internal, see the module's log for pcscd's own errors")
     if not os.access(path, os.R_OK | os.W_OK):
         return f"pcscd not reachable at {path}: uid {os.getuid()} may not open the socket"
-    return (f"pcscd not reachable at {path}: the socket is there but pcscd does not answer (stopped, or its "
-            "pcsc-lite protocol version differs from this image's libpcsclite; see README, PC/SC)")
+    return (f"pcscd not reachable at {path}: the socket is there but pcscd does not answer (stopped; refusing "
+            f"uid {os.getuid()} by polkit; or speaking another pcsc-lite protocol version than this image's "
+            "libpcsclite; see README, PC/SC)")
 
 
 def explain_code(rv: int) -> str:
@@ -145,6 +152,29 @@ def survey() -> Survey:
         if rv != SUCCESS:
             return Survey(problem=explain_code(rv))
         return Survey(tuple(Reader(n, _has_card(st.dwEventState)) for n, st in zip(names, states, strict=True)))
+    finally:
+        lib.SCardReleaseContext(ctx)
+
+
+def card_access(reader: str) -> str | None:
+    """Why this uid may not use the card in `reader` (polkit's access_card is checked when a
+    client connects to a card), or None when a shared connection works."""
+    try:
+        lib = _library()
+    except OSError:
+        return "libpcsclite.so.1 cannot be loaded: install libpcsclite1"
+    ctx = _LONG(0)
+    rv = lib.SCardEstablishContext(_SCOPE_SYSTEM, None, None, ctypes.byref(ctx))
+    if rv != SUCCESS:
+        return explain_code(rv)
+    try:
+        card, protocol = _LONG(0), _DWORD(0)
+        rv = lib.SCardConnect(ctx, reader.encode(), _SHARE_SHARED, _PROTOCOL_ANY, ctypes.byref(card),
+                              ctypes.byref(protocol))
+        if rv == SUCCESS:
+            lib.SCardDisconnect(card, _LEAVE_CARD)
+            return None
+        return explain_code(rv)
     finally:
         lib.SCardReleaseContext(ctx)
 
