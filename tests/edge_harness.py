@@ -1,7 +1,9 @@
 """The module under IoT Edge, for real (fixtures in tests/edge/conftest.py): the emulator acts
 as edgeHub on 127.0.0.61 (a gateway host name distinct from the hub name, as on an edge device),
 the SDK connects through the `EdgeHubConnectionString` + `EdgeModuleCACertificateFile` fallback
-of `create_from_edge_environment`, and the emulator checks the module's SAS against its key.
+of `create_from_edge_environment` (or, after `EdgeSite.use_workload`, with the seven `IOTEDGE_*`
+variables and the emulator's workload API), and the emulator checks the module's SAS against
+its key. `ServeProcess` runs `spyrus-hsm serve` in a process of its own, as edgeAgent does.
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ import asyncio
 import hashlib
 import http.client
 import json
+import os
 import secrets
+import signal
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +28,7 @@ import yaml
 
 from emulator import Emulator, new_symmetric_key
 from emulator.pki import EmulatorPki
+from emulator.workload import WorkloadApi
 from spyrus_hsm import config, telemetry
 from spyrus_hsm.runtime import Module
 
@@ -29,6 +36,7 @@ GATEWAY = "127.0.0.61"
 HUB = "edge-test-hub.azure-devices.net"
 DEVICE, MODULE = "edge1", "spyrus_hsm"
 API_HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class EdgeSite:
@@ -37,6 +45,8 @@ class EdgeSite:
 
     def __init__(self, emu: Emulator, pki: EmulatorPki) -> None:
         self.emu = emu
+        self.pki = pki
+        self.workload: WorkloadApi | None = None
         self.module_key = new_symmetric_key()
         emu.add_device(DEVICE, symmetric_key=new_symmetric_key())
         emu.add_module(DEVICE, MODULE, symmetric_key=self.module_key)
@@ -45,6 +55,13 @@ class EdgeSite:
                                        f"SharedAccessKey={self.module_key};GatewayHostName={GATEWAY}",
             "EdgeModuleCACertificateFile": str(pki.ca_file),
         }
+
+    def use_workload(self, socket_path: Path) -> WorkloadApi:
+        """Run the workload API on `socket_path` and give the module the edge runtime's seven
+        variables instead of the connection string (the module key stays in the emulator)."""
+        self.workload = WorkloadApi(self.emu, socket_path, DEVICE, MODULE, self.pki.ca_pem).start()
+        self.env = self.workload.environment(hub=HUB, gateway=self.emu.host)
+        return self.workload
 
     def reported(self) -> dict[str, Any]:
         return self.emu.twin(DEVICE, MODULE)["reported"]
@@ -164,3 +181,37 @@ class ModuleSite:
         finally:
             conn.close()
         return resp.status, json.loads(data) if data else None
+
+
+class ServeProcess:
+    """`spyrus-hsm -v serve` in its own process with `site`'s environment; `config` adds YAML
+    to the file it is started with."""
+
+    def __init__(self, token_env: Any, directory: Path, site: EdgeSite, token_label: str, pin_file: Path,
+                 config: str = "") -> None:
+        self.config = directory / "serve.yaml"
+        self.config.write_text(f"hsm:\n  module: {token_env.module}\n  token_label: {token_label}\n"
+                               f"  pin_file: {pin_file}\n  call_timeout: 5\nstate_dir: {directory / 'state'}\n"
+                               + config)
+        self.output = directory / "serve.out"
+        env = token_env.env(SPYRUS_HSM_CONFIG=str(self.config), **site.env)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "modules"), env.get("PYTHONPATH", "")])
+        with self.output.open("wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "spyrus_hsm", "-v", "serve"], env=env,
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self) -> int:
+        """SIGTERM, as edgeAgent stops a module; the exit code (10 s, then it would be killed)."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=10)
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")

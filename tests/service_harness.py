@@ -16,9 +16,12 @@ import http.client
 import ipaddress
 import json
 import secrets
+import signal
 import socket
 import ssl
+import subprocess
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -249,3 +252,41 @@ def serve_config(directory: Path, token_env: Any, pki: EmulatorPki, service: dic
     path = directory / "serve.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return path
+
+
+def wait_for_lines(proc: subprocess.Popen[bytes], markers: tuple[str, ...], within: float) -> dict[str, str]:
+    """The first line of `serve`'s standard output containing each of `markers` (e.g. "API on
+    https://"), read as they come; AssertionError if they do not all come within `within` s."""
+    assert proc.stdout is not None
+    found: dict[str, str] = {}
+    end = time.monotonic() + within
+    while time.monotonic() < end and len(found) < len(markers):
+        line = proc.stdout.readline().decode()
+        if not line:
+            break
+        found.update({m: line.strip() for m in markers if m in line and m not in found})
+    assert len(found) == len(markers), f"serve printed {found} (exit code {proc.poll()})"
+    return found
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as edgeAgent stops a module; killed if still running 10 s later."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def ask_sas_token(port: int, ctx: ssl.SSLContext, bearer: str, device: str) -> int:
+    """POST /v1/sas-tokens for `device` on a fresh connection; the status."""
+    conn = http.client.HTTPSConnection(HOST, port, context=ctx, timeout=10)
+    try:
+        conn.request("POST", "/v1/sas-tokens", body=json.dumps({"deviceId": device}),
+                     headers={"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()

@@ -330,6 +330,56 @@ def cmd_register(args: argparse.Namespace, stdin: _Stdin) -> int:
     return 0
 
 
+def cmd_renew(args: argparse.Namespace, stdin: _Stdin) -> int:
+    """One renewal of the operational certificate LABEL (cloud.issue_cert) by hand: a new key
+    pair, a DPS registration with the config's onboarding credential, the new certificate
+    proven by connecting to the hub with it, then the previous generation deleted."""
+    from .cloud import renewal
+    from .cloud.dps import DpsRequest, Provisioner
+    from .cloud.hub import HubClient, HubIdentity
+    from .identity import issued as issued_id
+    from .identity import x509 as x509_id
+
+    with _hsm(args, stdin) as (hsm, cfg):
+        c = cfg.cloud
+        if not (c.id_scope and c.registration_id and c.key):
+            raise UsageError("renew registers with the onboarding credential of the config's cloud section: "
+                             "set cloud.id_scope, cloud.registration_id and cloud.key")
+        pin_file = args.pin_file or cfg.hsm.pin_file
+        if not pin_file:
+            raise UsageError("renew needs hsm.pin_file: pkcs11-provider reads the PIN from it to connect")
+        ca_pem = _read_input_file(c.server_ca_file, "server CA file").decode() if c.server_ca_file else None
+        in_use = renewal.require_current(hsm, args.label)
+        due = renewal.due_at(in_use.leaf, c.renew_at)
+        if not args.force and due > renewal.now():
+            print(json.dumps({"renewed": False, "label": in_use.label, "renewAt": due.isoformat(),
+                              **issued_id.describe(in_use.leaf)}, indent=2))
+            print(f"spyrus-hsm: '{in_use.label}' is not due for renewal until {due.isoformat()}; "
+                  "--force renews now", file=sys.stderr)
+            return 0
+        state_dir = Path(cfg.state_dir)
+
+        def load_provider() -> None:
+            tls.load_provider(cfg.hsm.module, pin_file, state_dir / "openssl")
+
+        def prove(cred: x509_id.X509Credential, assignment: Any) -> None:
+            load_provider()
+            files = x509_id.write_tls_files(cred, hsm.state.token_label or "", state_dir / "tls")
+            identity = HubIdentity(assignment.assigned_hub, assignment.device_id, c.module_id, x509=files,
+                                   server_ca_pem=ca_pem)
+            HubClient(hsm, identity).connect().shutdown()
+
+        req = DpsRequest(c.id_scope, c.registration_id, c.provisioning_host,
+                         "x509" if c.attestation == "x509" else "symmetricKey", c.key, group=c.group,
+                         server_ca_pem=ca_pem, issue_cert=args.label)
+        cred = renewal.renew_once(hsm, Provisioner(hsm, state_dir, load_provider), req, args.label, prove,
+                                  timeout=args.timeout or c.registration_timeout, tls_dir=state_dir / "tls")
+    print(json.dumps({"renewed": True, "label": cred.label, "previous": in_use.label,
+                      "renewAt": renewal.due_at(cred.leaf, c.renew_at).isoformat(),
+                      **issued_id.describe(cred.leaf)}, indent=2))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, stdin: _Stdin) -> int:
     from .runtime import serve
 
@@ -341,9 +391,11 @@ def cmd_serve(args: argparse.Namespace, stdin: _Stdin) -> int:
         from dataclasses import replace
 
         cfg = replace(cfg, hsm=replace(cfg.hsm, pin_file=args.pin_file))
-    from . import telemetry
+    from . import logformat, telemetry
 
-    return serve(cfg, telemetry.setup("spyrus-hsm", set_global=True))
+    logformat.apply(cfg.logging.format, os.environ)
+
+    return serve(cfg, telemetry.setup("spyrus-hsm", set_global=True, prometheus=cfg.metrics.enabled))
 
 
 def cmd_selftest(args: argparse.Namespace, stdin: _Stdin) -> int:
@@ -455,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="have DPS issue an operational certificate for the HSM key LABEL (an EC "
                         "P-384 key is generated there if absent) and store it beside the key")
     c.set_defaults(func=cmd_register)
+
+    c = add_parser("renew", help="renew an operational certificate issued through DPS, with a new HSM key")
+    c.add_argument("--label", required=True, help="its label (cloud.issue_cert)")
+    c.add_argument("--force", action="store_true", help="renew even if it is not due yet")
+    c.add_argument("--timeout", type=float,
+                   help="DPS registration limit in seconds (default cloud.registration_timeout)")
+    c.set_defaults(func=cmd_renew)
 
     c = add_parser("serve", help="run the module (the container's entrypoint)")
     c.set_defaults(func=cmd_serve)

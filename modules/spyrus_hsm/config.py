@@ -18,6 +18,8 @@ values allowed, and null is accepted only where the annotation allows None.
     state_dir: /var/lib/spyrus-hsm
     sas:
       default_ttl: 3600
+    edge:
+      sas_ttl: 3600           # life of the module's own edgeHub SAS tokens (IoT Edge only)
     service:                  # the HTTP signing API for leaf devices (see ServiceConfig)
       port: 8443
       tls_cert_file: /etc/spyrus-hsm/server-chain.pem
@@ -26,6 +28,9 @@ values allowed, and null is accepted only where the annotation allows None.
       bearer_tokens: {gateway-3: <sha256 hex of the token>}
       policy:
         - {principals: ["*"], operations: [sas-token], devices: ["{cn}"]}
+    metrics: {enabled: true, host: 0.0.0.0, port: 9600}   # Prometheus text (metrics.py)
+    logging: {format: auto}      # SPYRUS_HSM_LOG_FORMAT: auto | iotedge | plain | json
+    events: {enabled: true, output: events, summary_interval: 60, buffer: 1000, expiry_warning_days: 14}
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from .hsm import PoolSettings, TokenSelector
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 ENV_CONFIG = "SPYRUS_HSM_CONFIG"
+EDGE_SAS_TTL_MIN = 130
 
 
 class ConfigError(SpyrusError, ValueError, kind=Kind.CONFIG):
@@ -98,10 +104,20 @@ class CloudConfig:
     registration_timeout: float = 120.0
     issue_cert: str | None = None       # through DPS: HSM key label of the operational certificate
     renew_at: float = 0.8               # fraction of a certificate's lifetime after which it is due for renewal
+    renew_retry_initial: float = 30.0   # seconds before the first retry of a failed renewal (then doubled, jittered)
+    renew_retry_max: float = 3600.0     # ... up to this
 
     @property
     def enabled(self) -> bool:
         return bool(self.id_scope or self.hub)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """The module's own connection to edgeHub under IoT Edge (identity from the environment)."""
+    # Seconds each SAS token the SDK makes for edgeHub lives (signed by the workload API, or
+    # with the connection string's key). The SDK renews 120 s before expiry, so more than that.
+    sas_ttl: int = 3600
 
 
 OPERATIONS = ("sas-token", "signature", "registration", "certificate", "certificate-issue")
@@ -161,22 +177,55 @@ class ServiceConfig:
     audit_fsync: bool = False           # fsync each batch of records (power loss loses none)
 
 
+# --- operations: Prometheus endpoint, log format, upstream events ---------------------------
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus text on http://<host>:<port>/metrics for IoT Edge's metrics-collector."""
+    enabled: bool = True
+    host: str = "0.0.0.0"  # noqa: S104 - the collector scrapes over the module network
+    port: int = 9600       # edgeHub's and edgeAgent's port
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """How log lines look: `auto` is `iotedge` under IoT Edge (IOTEDGE_* set), else `plain`."""
+    format: Literal["auto", "iotedge", "plain", "json"] = "auto"
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """Messages on a module output (IoT Edge only) for what an operator should hear about."""
+    enabled: bool = True
+    output: str = "events"
+    summary_interval: float = 60.0   # seconds between summaries of refused requests
+    buffer: int = 1000               # events kept while edgeHub is unreachable (oldest dropped)
+    expiry_warning_days: int = 14    # a certificate this close to expiry is announced
+
+
 @dataclass(frozen=True)
 class Config:
     hsm: HsmConfig = field(default_factory=HsmConfig)
     sas: SasConfig = field(default_factory=SasConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
     state_dir: str = "/var/lib/spyrus-hsm"
     source: str = "defaults"
 
 
 _SECTIONS: dict[str, type[Any]] = {"hsm": HsmConfig, "sas": SasConfig, "cloud": CloudConfig,
-                                   "service": ServiceConfig}
+                                   "service": ServiceConfig, "edge": EdgeConfig, "metrics": MetricsConfig,
+                                   "logging": LoggingConfig, "events": EventsConfig}
 _ENV = {
     "SPYRUS_HSM_PKCS11_MODULE": ("hsm", "module"),
     "SPYRUS_HSM_TOKEN_LABEL": ("hsm", "token_label"),
     "SPYRUS_HSM_PIN_FILE": ("hsm", "pin_file"),
+    "SPYRUS_HSM_LOG_FORMAT": ("logging", "format"),
     "SPYRUS_HSM_PCSCD": ("hsm", "pcscd"),
 }
 
@@ -383,7 +432,28 @@ def _validate(cfg: Config, require_token: bool) -> None:
     if not 0.0 < c.renew_at < 1.0:
         raise ConfigError(f"{where}: 'cloud.renew_at' must be above 0 and below 1 (a fraction of the "
                           f"certificate's lifetime), got {c.renew_at}")
+    if not 0 < c.renew_retry_initial <= c.renew_retry_max:
+        raise ConfigError(f"{where}: 'cloud.renew_retry_initial' must be above 0 and at most "
+                          f"'cloud.renew_retry_max' (seconds), got {c.renew_retry_initial} and {c.renew_retry_max}")
+    if not EDGE_SAS_TTL_MIN <= cfg.edge.sas_ttl <= 365 * 24 * 3600:
+        raise ConfigError(f"{where}: 'edge.sas_ttl' must be {EDGE_SAS_TTL_MIN} s (the SDK renews a token 120 s "
+                          f"before it expires) to 1 year, got {cfg.edge.sas_ttl}")
     validate_service(cfg.service, where)
+    _validate_operations(cfg, where)
+
+
+def _validate_operations(cfg: Config, where: str) -> None:
+    if not 0 <= cfg.metrics.port <= 65535:
+        raise ConfigError(f"{where}: 'metrics.port' must be a TCP port (0-65535), got {cfg.metrics.port}")
+    e = cfg.events
+    if not e.output or any(c in e.output for c in "/#+ "):
+        raise ConfigError(f"{where}: 'events.output' must be an output name without '/', '#', '+' or spaces")
+    if not 1 <= e.summary_interval <= 86400:
+        raise ConfigError(f"{where}: 'events.summary_interval' must be 1 to 86400 seconds")
+    if not 1 <= e.buffer <= 100_000:
+        raise ConfigError(f"{where}: 'events.buffer' must be 1 to 100000")
+    if not 1 <= e.expiry_warning_days <= 365:
+        raise ConfigError(f"{where}: 'events.expiry_warning_days' must be 1 to 365")
 
 
 def validate_service(s: ServiceConfig, where: str) -> None:

@@ -1,5 +1,6 @@
 """The long-running module (`spyrus-hsm serve`): HSM pool, OpenSSL provider, Azure identity,
-the HTTP signing service for leaf devices and telemetry.
+the HTTP signing service for leaf devices and telemetry, the Prometheus endpoint and, under
+IoT Edge, the upstream events.
 
 Starts even when the HSM is missing or the PIN is wrong: it reports not-ready and recovers
 when fixed rather than crash-looping (edgeAgent stops restarting a module that does). Stops
@@ -9,18 +10,18 @@ cleanly on SIGTERM/SIGINT with exit code 0.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import signal
 import sys
-import threading
 import traceback
 import types
 from pathlib import Path
 
 from . import config as config_mod
-from .cloud.dps import DpsRequest, Provisioner
-from .cloud.hub import HubClient, HubIdentity
+from . import events as events_mod
+from .cloud.connection import CloudConnection
 from .config import Config, ServiceConfig
 from .edge.agent import EdgeAgent, EdgeHooks
 from .edge.environment import detect as detect_edge
@@ -28,16 +29,19 @@ from .hsm import Hsm, HsmState, read_secret_file
 from .hsm.recovery import EXIT_RESTART, restart_done, restart_once
 from .identity import tls
 from .identity import x509 as x509_id
+from .metrics import EdgeLabels, MetricsEndpoint, registry
 from .pcsc.daemon import Pcscd
 from .pcsc.watch import CardWatch
 from .service.audit import AuditLog
 from .service.core import Deps, Service
 from .service.server import ListenError, Listeners, ServerTls, probe_forever
 from .telemetry import Telemetry, hsm_instrument
+from .threads import spawn
 
 log = logging.getLogger("spyrus_hsm")
 EDGE_STOP_SECONDS = 3.0  # of the 10 s edgeAgent gives a module to stop
 LISTEN_RETRY = 5.0  # seconds between attempts to bind a listener's port (and to start the API)
+CERTIFICATE_CHECK_INTERVAL = 600.0  # seconds between reads of the X.509 credentials' expiry
 
 
 class Module:
@@ -49,17 +53,24 @@ class Module:
         self.hsm = Hsm(cfg.hsm.pool_settings(), lambda: read_secret_file(pin_file))
         self.hsm.instrument(hsm_instrument(telemetry))
         telemetry.metrics.watch_queue_depth(self.hsm.queue_depth)
+        telemetry.metrics.watch("hsm.ready", lambda: 1.0 if self.hsm.state.ready else 0.0)
+        telemetry.metrics.watch("hsm.recoveries", lambda: self.hsm.state.recoveries)
+        self.earliest_not_after: dt.datetime | None = None  # of the X.509 credentials, last read
+        telemetry.metrics.watch("certificate.earliest_expiry", self._days_to_earliest_expiry)
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        self.events: events_mod.Events | None = None
         self.telemetry = telemetry
-        self.hub: HubClient | None = None
-        self.assigned_hub: str | None = None
-        self.stopping = threading.Event()
         self.state_dir = Path(cfg.state_dir)
+        self.cloud: CloudConnection | None = None
+        if cfg.cloud.enabled:
+            self.cloud = CloudConnection(cfg.cloud, self.hsm, self.state_dir, self.load_provider,
+                                         lambda: self.hsm.state.token_label or "")
         self.service: Service | None = None
         self.listeners: Listeners | None = None
         if cfg.service.enabled:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             audit_path = cfg.service.audit_file or str(self.state_dir / "audit.log")
-            deps = Deps(self.hsm, telemetry, self.state_dir, cfg.cloud, lambda: self.assigned_hub,
+            deps = Deps(self.hsm, telemetry, self.state_dir, cfg.cloud, self._assigned_hub,
                         cfg.sas.default_ttl, self.load_provider)
             self.service = Service(cfg.service, deps, AuditLog(audit_path, cfg.service.audit_fail_closed))
         # PC/SC: pcscd run here (internal) or the host's; either way a missing token is explained
@@ -74,6 +85,9 @@ class Module:
         self.edge: EdgeAgent | None = None
         self.exit_code = 0
 
+    def _assigned_hub(self) -> str | None:
+        return self.cloud.assigned_hub if self.cloud is not None else None
+
     def load_provider(self) -> None:
         assert self.cfg.hsm.pin_file
         tls.load_provider(self.cfg.hsm.module, self.cfg.hsm.pin_file, self.state_dir / "openssl")
@@ -83,61 +97,36 @@ class Module:
             self.pcscd.start()  # the HSM's connection attempts retry until pcscd answers
         self.hsm.add_listener(_log_state)
         self.hsm.start(wait=False)
-        if self.cfg.cloud.enabled:
-            threading.Thread(target=self._connect_cloud, name="cloud-connect", daemon=True).start()
-
-    def _connect_cloud(self) -> None:
-        """Waits for the HSM, registers (or reuses the registration) and connects to the hub."""
-        c = self.cfg.cloud
-        ca_pem = Path(c.server_ca_file).read_text() if c.server_ca_file else None
-        while not self.stopping.is_set():
-            if not self.hsm.state.ready:
-                self.stopping.wait(0.5)
-                continue
-            try:
-                # An operational certificate issued through DPS replaces the onboarding credential.
-                operational = c.issue_cert if c.id_scope and c.registration_id else None
-                if c.attestation == "x509" or operational:
-                    self.load_provider()
-                hub, device_id = c.hub, c.device_id
-                if c.id_scope and c.registration_id:
-                    a = Provisioner(self.hsm, self.state_dir, self.load_provider).register(DpsRequest(
-                        c.id_scope, c.registration_id, c.provisioning_host,
-                        "x509" if c.attestation == "x509" else "symmetricKey", c.key, group=c.group,
-                        server_ca_pem=ca_pem, issue_cert=operational), timeout=c.registration_timeout)
-                    hub, device_id = a.assigned_hub, a.device_id
-                    key = a.key
-                else:
-                    key = c.key
-                assert hub and device_id and key
-                files = None
-                if c.attestation == "x509" or operational:
-                    cred = x509_id.select(self.hsm, label=operational or key)
-                    files = x509_id.write_tls_files(cred, self.hsm.state.token_label or "", self.state_dir / "tls")
-                identity = HubIdentity(hub, device_id, c.module_id, sas_key=None if files else key,
-                                       x509=files, server_ca_pem=ca_pem)
-                self.assigned_hub = hub
-                self.hub = HubClient(self.hsm, identity, sas_ttl=c.sas_ttl).connect()
-                log.info("connected to IoT Hub %s as %s", hub, device_id)
-                return
-            except Exception as exc:
-                log.warning("cloud connection failed: %s; retrying in 10 s", exc)
-                self.stopping.wait(10)
+        if self.cloud is not None:
+            spawn(self.cloud.run, "cloud-connect")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut everything down (bounded: edgeAgent waits 10 s)."""
         loop = asyncio.get_running_loop()
         self.hsm.add_listener(lambda state: self._restart_if_needed(state, loop, stop))
+        if self.edge_env is not None and self.cfg.events.enabled:
+            self.events = events_mod.Events(self.cfg.events, self.edge_env.device_id, self.edge_env.module_id)
+            self.hsm.add_listener(self.events.hsm_state)
+            events_mod.install(self.events)
         self.start()
         if self.edge_env is not None:
             self.edge = self._start_edge(asyncio.get_running_loop())
-        tasks = []
+            if self.events is not None:
+                self.events.start(self.edge.output_client)
+        tasks = [asyncio.create_task(self._watch_certificates(stop))]
+        if self.telemetry.pull_reader is not None and self.cfg.metrics.enabled:
+            tasks.append(asyncio.create_task(self._start_metrics(stop)))
+        elif self.cfg.metrics.enabled:
+            log.info("no metrics endpoint: OpenTelemetry is disabled (OTEL_SDK_DISABLED=true)")
         if self.service is not None:
             self.listeners = Listeners(self.service)
             tasks.append(asyncio.create_task(self._start_health(stop)))
             tasks.append(asyncio.create_task(probe_forever(self.hsm, stop)))
             tasks.append(asyncio.create_task(self._start_api(stop)))
         await stop.wait()
+        if self.events is not None:
+            events_mod.install(None)
+            await asyncio.to_thread(self.events.stop, 1.0)
         if self.edge is not None:
             await asyncio.to_thread(self.edge.stop, EDGE_STOP_SECONDS)
         for task in tasks:
@@ -145,6 +134,8 @@ class Module:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.listeners is not None:
             await self.listeners.stop()
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.stop()
         if self.service is not None:  # may wait up to 2 s for a stalled audit disk: not on the loop
             await asyncio.to_thread(self.service.close)
         await asyncio.to_thread(self.stop)
@@ -167,11 +158,68 @@ class Module:
                     raise
 
         log.info("IoT Edge: %s", self.edge_env.describe())
-        hooks = EdgeHooks(self.hsm, self.cfg, self._reload_config, apply)
-        return EdgeAgent(self.edge_env, hooks).start()
+        cloud = self.cloud if self.cloud is not None and self.cloud.operational else None
+        hooks = EdgeHooks(self.hsm, self.cfg, self._reload_config, apply,
+                          set_renew_at=cloud.set_renew_at if cloud is not None else None)
+        agent = EdgeAgent(self.edge_env, hooks, sdk_options={"sastoken_ttl": self.cfg.edge.sas_ttl})
+        if cloud is not None:
+            cloud.add_renewal_listener(agent.on_renewal)
+        return agent.start()
 
     def _reload_config(self) -> Config:
         return config_mod.load(None if self.cfg.source == "defaults" else self.cfg.source)
+
+    def labels(self) -> EdgeLabels:
+        """The module's identity as edgeHub labels its metrics (the edge runtime's names first)."""
+        if self.edge_env is not None:
+            return EdgeLabels(self.edge_env.hub_hostname, self.edge_env.device_id, self.edge_env.module_id)
+        c = self.cfg.cloud
+        return EdgeLabels(self._assigned_hub() or c.hub or "", c.device_id or c.registration_id or "",
+                          c.module_id or "")
+
+    async def _start_metrics(self, stop: asyncio.Event) -> None:
+        """The Prometheus endpoint, retried while its port is taken."""
+        assert self.telemetry.pull_reader is not None
+        m = self.cfg.metrics
+        endpoint = MetricsEndpoint(registry(self.telemetry.pull_reader, self.labels()), m.host, m.port)
+        told = False
+        while not stop.is_set():
+            try:
+                port = await endpoint.start()
+            except ListenError as exc:
+                told = _port_taken(exc, told)
+                await asyncio.sleep(LISTEN_RETRY)
+                continue
+            self.metrics_endpoint = endpoint
+            print(f"spyrus-hsm: metrics on http://{m.host}:{port}/metrics", flush=True)
+            return
+
+    async def _watch_certificates(self, stop: asyncio.Event) -> None:
+        """Reads the X.509 credentials' expiry when the HSM becomes ready and every ten minutes
+        (for the expiry metric and event); off the loop, each HSM call bounded by the pool."""
+        due, seen_recoveries = 0.0, -1
+        while not stop.is_set():
+            state = self.hsm.state
+            if state.ready and (loop_time() >= due or state.recoveries != seen_recoveries):
+                seen_recoveries = state.recoveries
+                try:
+                    creds = await asyncio.to_thread(x509_id.credentials, self.hsm)
+                except Exception as exc:
+                    log.warning("reading the certificates' expiry failed: %s", exc)
+                    due = loop_time() + 60
+                else:
+                    due = loop_time() + CERTIFICATE_CHECK_INTERVAL
+                    self._certificates_read([(c.label, c.leaf.not_valid_after_utc) for c in creds])
+            await asyncio.sleep(1.0)
+
+    def _certificates_read(self, expiries: list[tuple[str, dt.datetime]]) -> None:
+        self.earliest_not_after = min((when for _, when in expiries), default=None)
+        for label, when in expiries:
+            events_mod.certificate_expiring(label, when)
+
+    def _days_to_earliest_expiry(self) -> float | None:
+        when = self.earliest_not_after
+        return None if when is None else round((when - dt.datetime.now(dt.UTC)).total_seconds() / 86400, 3)
 
     async def _start_health(self, stop: asyncio.Event) -> None:
         """The health listener, retried while its port is taken (see _port_taken)."""
@@ -227,12 +275,15 @@ class Module:
         loop.call_soon_threadsafe(stop.set)
 
     def stop(self) -> None:
-        self.stopping.set()
-        if self.hub is not None:
-            self.hub.shutdown()
+        if self.cloud is not None:
+            self.cloud.stop()
         self.hsm.close()
         if self.pcscd is not None:
             self.pcscd.stop()
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def _port_taken(exc: ListenError, told: bool) -> bool:

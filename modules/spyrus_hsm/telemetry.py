@@ -43,7 +43,7 @@ from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExp
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -223,21 +223,36 @@ class Metrics:
         self.cache_misses: Counter = meter.create_counter(
             "cache.misses", unit="{miss}", description="Lookups that had to go to the HSM."
         )
-        self._queue_depth: Callable[[], int] | None = None
-        meter.create_observable_gauge(
-            "hsm.queue.depth",
-            callbacks=[self._observe_queue_depth],
-            unit="{call}",
-            description="PKCS#11 calls waiting for a worker session.",
+        self.signatures: Counter = meter.create_counter(
+            "hsm.signatures", unit="{signature}", description="HSM signing operations, by outcome."
         )
+        self._sources: dict[str, Callable[[], float | None]] = {}
+        for name, unit, description, make in (
+            ("hsm.queue.depth", "{call}", "PKCS#11 calls waiting for a worker session.",
+             meter.create_observable_gauge),
+            ("hsm.ready", "1", "1 while the HSM is ready, 0 otherwise.", meter.create_observable_gauge),
+            ("hsm.recoveries", "{recovery}", "Times the HSM came back after being lost.",
+             meter.create_observable_counter),
+            ("certificate.earliest_expiry", "d", "Days until the X.509 credential closest to expiry expires.",
+             meter.create_observable_gauge),
+        ):
+            make(name, callbacks=[self._observer(name)], unit=unit, description=description)
+
+    def watch(self, name: str, source: Callable[[], float | None]) -> None:
+        """Report `source()` as the observable instrument `name` at every collection (None: no
+        value this time). `source` must be quick and must not touch the HSM."""
+        self._sources[name] = source
 
     def watch_queue_depth(self, source: Callable[[], int]) -> None:
         """Report `source()` as hsm.queue.depth at every collection (e.g. the pool's queue size)."""
-        self._queue_depth = source
+        self.watch("hsm.queue.depth", source)
 
-    def _observe_queue_depth(self, options: CallbackOptions) -> Iterable[Observation]:
-        source = self._queue_depth
-        return [] if source is None else [Observation(source())]
+    def _observer(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            source = self._sources.get(name)
+            value = None if source is None else source()
+            return [] if value is None else [Observation(value)]
+        return observe
 
 
 # --- setup and shutdown --------------------------------------------------------------------
@@ -251,6 +266,7 @@ class Telemetry:
         settings: TelemetrySettings,
         tracer_provider: TracerProvider | None,
         meter_provider: MeterProvider | None,
+        pull_reader: InMemoryMetricReader | None = None,
     ) -> None:
         self.settings = settings
         self.tracer_provider = tracer_provider
@@ -264,6 +280,8 @@ class Telemetry:
             else metrics.NoOpMeter(INSTRUMENTATION_NAME)
         )
         self.metrics = Metrics(self.meter)
+        # The pull reader behind the Prometheus endpoint (metrics.py); None when it is off.
+        self.pull_reader = pull_reader
         self._closed = False
 
     def force_flush(self, deadline: float = 3.0) -> bool:
@@ -323,12 +341,14 @@ def _within(deadline: float, what: str, work: Callable[[], None]) -> bool:
     return True
 
 
-def setup(service_name: str = "spyrus-hsm", *, set_global: bool = False) -> Telemetry:
+def setup(service_name: str = "spyrus-hsm", *, set_global: bool = False, prometheus: bool = False) -> Telemetry:
     """Build tracing and metrics from the OTEL_* variables of the process environment.
 
     With set_global=True the providers also become the process-wide ones (what auto-
     instrumentation in other libraries uses); OpenTelemetry allows that once per
     process, so tests leave it False and use `telemetry.tracer` / `telemetry.meter`.
+    With prometheus=True the meter also gets a pull reader for the Prometheus endpoint
+    (`Telemetry.pull_reader`), whether or not metrics are exported over OTLP.
     Raises TelemetryConfigError naming the variable when one is invalid.
     """
     settings = TelemetrySettings.from_env()
@@ -337,9 +357,9 @@ def setup(service_name: str = "spyrus-hsm", *, set_global: bool = False) -> Tele
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES override these defaults.
     resource = Resource.create({SERVICE_NAME: service_name, SERVICE_VERSION: __version__,
                                 **OTELResourceDetector().detect().attributes})
-    meter_provider = MeterProvider(
-        resource=resource, metric_readers=_metric_readers(settings), shutdown_on_exit=False
-    )
+    pull_reader = InMemoryMetricReader() if prometheus else None
+    meter_provider = MeterProvider(resource=resource, shutdown_on_exit=False,
+                                   metric_readers=_metric_readers(settings) + ([pull_reader] if pull_reader else []))
     tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     if settings.traces is not None:
         _quiet_dropped_span_warnings()
@@ -353,7 +373,7 @@ def setup(service_name: str = "spyrus-hsm", *, set_global: bool = False) -> Tele
     if set_global:
         metrics.set_meter_provider(meter_provider)
         trace.set_tracer_provider(tracer_provider)
-    telemetry = Telemetry(settings, tracer_provider, meter_provider)
+    telemetry = Telemetry(settings, tracer_provider, meter_provider, pull_reader)
     # Our bounded shutdown instead of the SDK's unbounded atexit hooks (shutdown_on_exit=False).
     atexit.register(telemetry.shutdown)
     return telemetry
@@ -392,6 +412,7 @@ def hsm_span(
     mechanism: str | None,
     *,
     duration: Histogram | None = None,
+    count: Counter | None = None,
 ) -> Iterator[Span]:
     """A span named "hsm.<operation>" around one HSM call, recording its outcome.
 
@@ -399,7 +420,8 @@ def hsm_span(
     cancelled) and, on error, error.type (the exception's class name). The exception's message
     and traceback are deliberately not recorded: they can quote the data being signed.
     With `duration` (Metrics.hsm_operation_duration) the elapsed time is recorded too, labelled
-    by operation, mechanism, outcome and error type.
+    by operation, mechanism, outcome and error type; with `count` (Metrics.signatures) the call
+    is counted, labelled the same way.
     """
     attributes = {HSM_OPERATION: operation}
     if key_label is not None:
@@ -424,19 +446,20 @@ def hsm_span(
             raise
         finally:
             span.set_attribute(HSM_OUTCOME, outcome)
+            labels = _metric_labels(attributes, outcome, error_type)
             if duration is not None:
-                _record_duration(duration, time.perf_counter() - started, attributes, outcome, error_type)
+                duration.record(time.perf_counter() - started, labels)
+            if count is not None:
+                count.add(1, labels)
 
 
-def _record_duration(
-    duration: Histogram, seconds: float, span_attributes: Mapping[str, str], outcome: Outcome, error_type: str | None
-) -> None:
+def _metric_labels(span_attributes: Mapping[str, str], outcome: Outcome, error_type: str | None) -> dict[str, str]:
     # The key label stays out of metric attributes to keep series few.
     labels = {k: v for k, v in span_attributes.items() if k != HSM_KEY_LABEL}
     labels[HSM_OUTCOME] = outcome
     if error_type is not None:
         labels[ERROR_TYPE] = error_type
-    duration.record(seconds, labels)
+    return labels
 
 
 def hsm_instrument(telemetry: Telemetry) -> Callable[[Callable[[T], R], str, str | None, str | None], Callable[[T], R]]:
@@ -447,7 +470,8 @@ def hsm_instrument(telemetry: Telemetry) -> Callable[[Callable[[T], R], str, str
              mechanism: str | None) -> Callable[[T], R]:
         def traced(arg: T) -> R:
             with hsm_span(telemetry.tracer, operation, key_label, mechanism,
-                          duration=telemetry.metrics.hsm_operation_duration):
+                          duration=telemetry.metrics.hsm_operation_duration,
+                          count=telemetry.metrics.signatures if operation == "sign" else None):
                 return fn(arg)
         return traced
 

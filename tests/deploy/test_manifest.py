@@ -4,6 +4,10 @@ with the HSM's USB bus passed through the way the pitfalls require and nothing l
 deployment.pcsc-host.template.json (the host's pcscd socket bound in instead of the USB bus) is
 held to the same checks.
 
+deployments/layered.spyrus-hsm.json, the fleet's layered deployment, is checked offline too: set
+leaf by leaf onto the generated base manifest it must still validate, its module must be the
+base template's, and the module must accept its twin settings.
+
 iotedgedev lives in its own virtualenv (.build/iotedgedev, `make tools`); genconfig runs with
 every proxy pointing at a closed loopback port and DOCKER_HOST at a listener that must see no
 connection, so nothing leaves the machine and Docker is never needed.
@@ -24,6 +28,10 @@ from typing import Any
 
 import jsonschema
 import pytest
+
+from spyrus_hsm.config import ServiceConfig
+from spyrus_hsm.edge import reported, twin
+from spyrus_hsm.hsm import HsmState
 
 ROOT = Path(__file__).resolve().parents[2]
 IOTEDGEDEV = ROOT / ".build" / "iotedgedev" / "bin" / "iotedgedev"
@@ -74,7 +82,16 @@ def _iotedgedev() -> Path:
     pytest.skip(message)
 
 
-def genconfig(tmp: Path, platform: str, template: str = TEMPLATES["usb"]) -> Generated:
+def env_template_value(name: str) -> str:
+    """The value `.env.template` gives `name` (what a developer's .env starts from)."""
+    for line in (ROOT / ".env.template").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == name:
+            return value.strip().strip('"')
+    raise AssertionError(f".env.template does not set {name}")
+
+
+def genconfig(tmp: Path, platform: str, template: str = TEMPLATES["usb"], **extra_env: str) -> Generated:
     home = tmp / "home"
     (home / ".iotedgedev").mkdir(parents=True)
     # Past iotedgedev's first-run notice, with its usage telemetry off.
@@ -94,6 +111,8 @@ def genconfig(tmp: Path, platform: str, template: str = TEMPLATES["usb"]) -> Gen
             "CONTAINER_REGISTRY_PASSWORD": "not-a-real-password",
             "SPYRUS_HSM_PKCS11_MODULE": "/usr/lib/softhsm/libsofthsm2.so",
             "CONFIG_OUTPUT_DIR": str(out_dir),
+            "EDGE_RUNTIME_VERSION": env_template_value("EDGE_RUNTIME_VERSION"),
+            **extra_env,
         }
         # cwd is the empty temporary directory, so a developer's own .env does not count.
         proc = subprocess.run(
@@ -182,12 +201,31 @@ def test_the_api_port_is_published(gen: Generated) -> None:
     assert gen.create_options["HostConfig"]["PortBindings"] == {"8443/tcp": [{"HostPort": "8443"}]}
 
 
-def test_the_runtime_is_iot_edge_1_5(gen: Generated) -> None:
+def test_the_runtime_is_iot_edge_1_5_by_default(gen: Generated) -> None:
+    assert env_template_value("EDGE_RUNTIME_VERSION") == "1.5", "1.5 is the current LTS"
     assert gen.agent["schemaVersion"] == "1.1"
     assert gen.agent["runtime"]["type"] == "docker"
     images = {n: m["settings"]["image"] for n, m in gen.agent["systemModules"].items()}
     assert images == {"edgeAgent": "mcr.microsoft.com/azureiotedge-agent:1.5",
                       "edgeHub": "mcr.microsoft.com/azureiotedge-hub:1.5"}
+
+
+def test_the_runtime_images_follow_edge_runtime_version(tmp_path: Path) -> None:
+    gen = genconfig(tmp_path, "amd64", EDGE_RUNTIME_VERSION="1.5.21")
+    images = {n: m["settings"]["image"] for n, m in gen.agent["systemModules"].items()}
+    assert images == {"edgeAgent": "mcr.microsoft.com/azureiotedge-agent:1.5.21",
+                      "edgeHub": "mcr.microsoft.com/azureiotedge-hub:1.5.21"}
+
+
+def test_the_log_driver_caps_the_modules_log_files(gen: Generated) -> None:
+    log_config = gen.create_options["HostConfig"]["LogConfig"]
+    assert log_config["Type"] == "json-file"
+    assert log_config["Config"]["max-size"].endswith("m") and int(log_config["Config"]["max-file"]) >= 2
+
+
+def test_the_metrics_port_is_exposed_on_the_module_network_only(gen: Generated) -> None:
+    assert "9600/tcp" in gen.create_options["ExposedPorts"]
+    assert "9600/tcp" not in gen.create_options["HostConfig"]["PortBindings"]
 
 
 def test_module_outputs_route_upstream_and_twin_defaults_are_set(gen: Generated) -> None:
@@ -237,3 +275,92 @@ def test_the_pcsc_host_variant_binds_the_hosts_pcscd_folder_and_no_usb(
         assert gen.module["env"]["SPYRUS_HSM_PCSCD"] == {"value": "host"}
         base = generated[("usb", platform)]
         assert "SPYRUS_HSM_PCSCD" not in base.module["env"]  # the base template keeps hsm.pcscd from the config
+
+
+# --- the layered deployment for the fleet (deployments/layered.spyrus-hsm.json) ---------------
+
+LAYERED = ROOT / "deployments" / "layered.spyrus-hsm.json"
+LAYER_PREFIX = "properties.desired."
+
+
+@pytest.fixture(scope="module")
+def layered() -> dict[str, Any]:
+    """The layered deployment as `az iot edge deployment create` gets it, after the README's
+    envsubst of the two variables it names."""
+    text = LAYERED.read_text()
+    for name, value in (("CONTAINER_REGISTRY_SERVER", REGISTRY),
+                        ("SPYRUS_HSM_PKCS11_MODULE", "/usr/lib/softhsm/libsofthsm2.so")):
+        text = text.replace("${" + name + "}", value)
+    assert not re.findall(r"\$\{[^}]*\}", text), "a placeholder the README does not substitute"
+    return dict(json.loads(text))
+
+
+def set_path(document: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        document = document.setdefault(part, {})
+    document[leaf] = value
+
+
+def applied(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the layer's `properties.desired.<path>` entries set where IoT Hub merges them."""
+    merged = json.loads(json.dumps(base))
+    for module, entries in layer["content"]["modulesContent"].items():
+        for key, value in entries.items():
+            assert key.startswith(LAYER_PREFIX), (module, key)
+            set_path(merged["modulesContent"].setdefault(module, {}).setdefault("properties.desired", {}),
+                     key[len(LAYER_PREFIX):], value)
+    return merged
+
+
+def test_the_layer_targets_the_rosetta_fleet_above_the_base_deployment(layered: dict[str, Any]) -> None:
+    assert layered["targetCondition"] == "tags.hsm='spyrus-rosetta'"
+    assert isinstance(layered["priority"], int) and layered["priority"] > 0
+
+
+def test_the_layer_on_the_base_manifest_validates_against_the_deployment_schema(
+        layered: dict[str, Any], generated: dict[tuple[str, str], Generated]) -> None:
+    schema = json.loads(SCHEMA.read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    merged = applied(generated[("usb", "amd64")].manifest, layered)
+    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(merged)]
+    assert not errors, errors
+
+
+def test_the_layers_module_is_the_base_templates_module(layered: dict[str, Any],
+                                                        generated: dict[tuple[str, str], Generated]) -> None:
+    base = generated[("usb", "amd64")]
+    module = layered["content"]["modulesContent"]["$edgeAgent"]["properties.desired.modules.spyrus_hsm"]
+    chunks = base.create_option_chunks(module["settings"])
+    assert all(isinstance(c, str) and len(c) <= TWIN_VALUE_MAX for c in chunks)
+    assert json.loads("".join(chunks)) == base.create_options
+    assert module["env"] == base.module["env"]
+    assert module["settings"]["image"] == f"{REGISTRY}/spyrus-hsm:{project_version()}-amd64"
+    assert {k: v for k, v in module.items() if k not in ("env", "settings")} == {
+        k: v for k, v in base.module.items() if k not in ("env", "settings")}
+
+
+def test_twin_settings_are_set_leaf_by_leaf_and_the_module_accepts_them(layered: dict[str, Any]) -> None:
+    entries = layered["content"]["modulesContent"]["spyrus_hsm"]
+    desired: dict[str, Any] = {}
+    for key, value in entries.items():
+        assert not isinstance(value, dict), f"{key} would replace what other layers set below it"
+        set_path(desired, key[len(LAYER_PREFIX):], value)
+    assert set(desired) <= set(twin.TOP_LEVEL) and desired["service"]
+    assert all(k.startswith(LAYER_PREFIX + "service.") for k in entries if k != LAYER_PREFIX + "logLevel")
+    evaluated = twin.evaluate(desired, ServiceConfig(enabled=True, tls_cert_file="c", tls_key_file="k"), 1)
+    assert evaluated.service.rate_limit_burst == desired["service"]["rateLimitBurst"]
+    hub = layered["content"]["modulesContent"]["$edgeHub"]
+    assert "FROM /messages/modules/spyrus_hsm/outputs/events INTO $upstream" in hub.values()
+
+
+def test_the_custom_metrics_query_properties_the_module_reports(layered: dict[str, Any]) -> None:
+    queries = layered["metrics"]["queries"]
+    assert set(queries) == {"hsmNotReady", "certificateExpiresWithin14Days"}
+    for query in queries.values():
+        assert query.startswith("SELECT deviceId FROM devices.modules WHERE moduleId = 'spyrus_hsm' AND ")
+    assert queries["hsmNotReady"].endswith("properties.reported.hsm.ready = false")
+    assert queries["certificateExpiresWithin14Days"].endswith("properties.reported.credentials.earliestDaysLeft < 14")
+    # ... and those are the names the module reports under
+    assert "ready" in reported.hsm_section(HsmState("degraded"))
+    assert "earliestDaysLeft" in reported.credentials_section([])

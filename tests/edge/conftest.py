@@ -1,5 +1,6 @@
-"""Fixtures: `site` (the emulator as edgeHub with this module's identity) and `module_site`
-(a Module with its config file, under that edge environment). See tests/edge_harness.py."""
+"""Fixtures: `site` (the emulator as edgeHub with this module's identity), `module_site`
+(a Module with its config file, under that edge environment) and `serve` (`spyrus-hsm serve`
+in its own process under it). See tests/edge_harness.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from edge_harness import GATEWAY, HUB, EdgeSite, ModuleSite
+from edge_harness import GATEWAY, HUB, EdgeSite, ModuleSite, ServeProcess
 
 from emulator import Emulator
 from emulator.pki import EmulatorPki
@@ -36,3 +37,18 @@ def module_site(token_env: Any, tmp_path: Path, emulator_pki: EmulatorPki, site:
     for m in made:
         if m.running is not None:
             assert m.running.stop(), "the module did not stop within 10 s"
+
+
+@pytest.fixture
+def serve(token_env: Any, tmp_path: Path, site: EdgeSite) -> Iterator[Callable[..., ServeProcess]]:
+    """Factory: `serve(token_label, pin_file, config="")` -> a running ServeProcess; killed at
+    teardown if still running."""
+    started: list[ServeProcess] = []
+
+    def start(token_label: str, pin_file: Path, config: str = "") -> ServeProcess:
+        started.append(ServeProcess(token_env, tmp_path, site, token_label, pin_file, config))
+        return started[-1]
+
+    yield start
+    for p in started:
+        p.kill()

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,45 +25,6 @@ from spyrus_hsm.hsm.provision import init_token, init_user_pin, list_tokens
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.timeout(90)]
-
-
-class ServeProcess:
-    def __init__(self, token_env: Any, directory: Path, site: EdgeSite, token_label: str, pin_file: Path) -> None:
-        self.config = directory / "serve.yaml"
-        self.config.write_text(f"hsm:\n  module: {token_env.module}\n  token_label: {token_label}\n"
-                               f"  pin_file: {pin_file}\n  call_timeout: 5\nstate_dir: {directory / 'state'}\n")
-        self.output = directory / "serve.out"
-        env = token_env.env(SPYRUS_HSM_CONFIG=str(self.config), **site.env)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "modules"), env.get("PYTHONPATH", "")])
-        with self.output.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "spyrus_hsm", "-v", "serve"], env=env,
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def terminate(self) -> int:
-        """SIGTERM, as edgeAgent stops a module; the exit code (10 s, then it would be killed)."""
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=10)
-
-    def text(self) -> str:
-        return self.output.read_text(errors="replace")
-
-
-@pytest.fixture
-def serve(token_env: Any, tmp_path: Path, site: EdgeSite) -> Iterator[Any]:
-    started: list[ServeProcess] = []
-
-    def start(token_label: str, pin_file: Path) -> ServeProcess:
-        started.append(ServeProcess(token_env, tmp_path, site, token_label, pin_file))
-        return started[-1]
-
-    yield start
-    for p in started:
-        if p.alive():
-            p.proc.kill()
-            p.proc.wait()
 
 
 def hsm_reported(site: EdgeSite, ready: bool, fragment: str = "") -> dict[str, Any]:

@@ -93,6 +93,17 @@ def test_earliest_not_after_is_a_scalar_over_x509_credentials_only() -> None:
     assert credentials_section([])["earliestNotAfter"] is None
 
 
+def test_earliest_days_left_counts_whole_days_until_the_earliest_expiry() -> None:
+    soon = dt.datetime(2027, 3, 4, 5, 6, 7, tzinfo=dt.UTC)
+    objects = [obj("b-soon", kind) for kind in ("private", "cert")]
+    items = inventory(objects, [x509_credential("b-soon", "d2", not_before=soon - dt.timedelta(days=30),
+                                                not_after=soon)])
+    for now, days in ((soon - dt.timedelta(days=14, hours=1), 14), (soon - dt.timedelta(days=13, hours=23), 13),
+                      (soon - dt.timedelta(seconds=1), 0), (soon + dt.timedelta(hours=1), -1)):
+        assert credentials_section(items, now=now)["earliestDaysLeft"] == days, now
+    assert credentials_section([])["earliestDaysLeft"] is None
+
+
 def test_a_long_issuer_is_clipped_for_the_twin() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     issuer = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"{i}" + "u" * 60) for i in range(10)])

@@ -85,9 +85,22 @@ def test_invalid_values_are_rejected_naming_the_twin_key(base: ServiceConfig, se
 
 
 def test_unknown_keys_are_rejected_listing_the_known_ones(base: ServiceConfig) -> None:
-    assert "unknown key 'colour' (known: logLevel, service)" in rejected({"colour": "red"}, base)
+    assert "unknown key 'colour' (known: logLevel, service, cloud)" in rejected({"colour": "red"}, base)
     message = rejected({"service": {"rateLimit": 5}}, base)
     assert "unknown key 'service.rateLimit'" in message and "rateLimitPerSecond" in message
+    message = rejected({"cloud": {"idScope": "0ne0001"}}, base)
+    assert "unknown key 'cloud.idScope' (known: renewAt" in message and "config file" in message
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.2, True, "0.5", [0.5]])
+def test_renew_at_must_be_a_fraction_of_the_lifetime(base: ServiceConfig, value: object) -> None:
+    assert "'cloud.renewAt' must be a number above 0 and below 1" in rejected({"cloud": {"renewAt": value}}, base)
+
+
+def test_renew_at_from_the_twin_and_back_to_the_file(base: ServiceConfig) -> None:
+    assert evaluate({"cloud": {"renewAt": 0.25}}, base).renew_at == 0.25
+    assert evaluate({"cloud": {"renewAt": None}}, base).renew_at is None
+    assert evaluate({}, base).renew_at is None
 
 
 @pytest.mark.parametrize("key, file_key", [("port", "port"), ("tlsCertFile", "tls_cert_file"),
@@ -135,10 +148,19 @@ def test_live_changes_are_named_as_in_the_twin(base: ServiceConfig) -> None:
     assert live_changes(base, new) == ["minTtlSeconds", "policy"]
 
 
-def test_a_reload_lists_what_only_a_restart_applies(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("before", "after", "expected"), [
+    ("hsm: {token_label: a}\nservice: {tls_cert_file: c, tls_key_file: k, port: 8443}\n",
+     "hsm: {token_label: b, workers: 2}\n"
+     "service: {tls_cert_file: c, tls_key_file: k, port: 9443, rate_limit_burst: 9}\n",
+     ["hsm.token_label", "hsm.workers", "service.port"]),
+    ("hsm: {token_label: a}\n",
+     "hsm: {token_label: a}\nmetrics: {port: 9700}\nlogging: {format: json}\nevents: {summary_interval: 30}\n",
+     ["metrics.port", "logging.format", "events.summary_interval"]),
+])
+def test_a_reload_lists_what_only_a_restart_applies(tmp_path: Path, before: str, after: str,
+                                                     expected: list[str]) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("hsm: {token_label: a}\nservice: {tls_cert_file: c, tls_key_file: k, port: 8443}\n")
+    path.write_text(before)
     running = load(str(path), env={})
-    path.write_text("hsm: {token_label: b, workers: 2}\n"
-                    "service: {tls_cert_file: c, tls_key_file: k, port: 9443, rate_limit_burst: 9}\n")
-    assert restart_required(running, load(str(path), env={})) == ["hsm.token_label", "hsm.workers", "service.port"]
+    path.write_text(after)
+    assert restart_required(running, load(str(path), env={})) == expected

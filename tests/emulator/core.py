@@ -239,14 +239,10 @@ class Emulator:
     def throttle_dps(self, times: int = 1, retry_after: int = 1, status: int = 429) -> None:
         """Answer the next ``times`` DPS requests (register or poll) with 429 and
         ``retry-after``, as a throttled DPS does; the SDK retries after that many seconds.
-        Another ``status`` (e.g. 400) answers with that error instead, which is not retried."""
-
-        def apply() -> None:
-            self._dps.throttle_remaining = times
-            self._dps.throttle_retry_after = retry_after
-            self._dps.throttle_status = status
-
-        self._call(apply)
+        Another ``status`` (e.g. 400) answers with that error instead, which is not retried.
+        Calls queue up: ``throttle_dps(1, status=401); throttle_dps(1, 8)`` refuses the next
+        request with 401 and the one after it with 429."""
+        self._call(lambda: self._dps.throttled.extend([(status, retry_after)] * times))
 
     def stall_dps(self, stalled: bool = True) -> None:
         """Leave DPS requests (register and poll) unanswered, as an overloaded DPS may."""
@@ -292,6 +288,18 @@ class Emulator:
     def twin(self, device_id: str, module_id: str | None = None) -> dict[str, Any]:
         """A copy of the twin as a GET returns it: {"desired": {...}, "reported": {...}}."""
         return self._call(lambda: self._hub.identity(device_id, module_id).twin.document())
+
+    def primary_key(self, device_id: str, module_id: str | None = None) -> str:
+        """The primary SAS key the hub holds for an identity (what the edge runtime's key
+        service signs with for a module; see ``workload``)."""
+
+        def key() -> str:
+            keys = self._hub.identity(device_id, module_id).credential.keys
+            if not keys:
+                raise ValueError(f"{device_id}/{module_id or ''} has no symmetric key")
+            return keys[0]
+
+        return self._call(key)
 
     def is_registered(self, device_id: str, module_id: str | None = None) -> bool:
         client_id = f"{device_id}/{module_id}" if module_id else device_id

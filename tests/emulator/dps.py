@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import datetime as dt
 import json
 import logging
@@ -148,9 +149,7 @@ class Dps(Service):
         self.created: dict[str, str] = {}
         self.polls_before_assigned = 1
         self.poll_retry_after = 1
-        self.throttle_remaining = 0
-        self.throttle_retry_after = 1
-        self.throttle_status = 429
+        self.throttled: collections.deque[tuple[int, int]] = collections.deque()  # (status, retry-after)
         self.stalled = False
         self.issuing_ca: Issued | None = None  # set by the Emulator: signs operational certs
         self.issued_validity = dt.timedelta(days=30)
@@ -231,9 +230,8 @@ class Dps(Service):
             raise mqtt.ProtocolError(f"{session.client_id} may not publish to {packet.topic!r}")
         if self.stalled:
             log.info("DPS stalled: %s gets no answer to %s", session.client_id, path)
-        elif self.throttle_remaining > 0:
-            self.throttle_remaining -= 1
-            self._throttled(session, rid, path, packet.payload)
+        elif self.throttled:
+            self._throttled(session, rid, path, packet.payload, *self.throttled.popleft())
         elif path == REGISTER:
             self._register(session, rid, packet.payload)
         else:
@@ -249,13 +247,13 @@ class Dps(Service):
             topic += f"&retry-after={retry_after}"
         session.publish(topic, json.dumps(body))
 
-    def _throttled(self, session: Session, rid: str, path: str, body: bytes) -> None:
-        status = self.throttle_status
+    def _throttled(self, session: Session, rid: str, path: str, body: bytes, status: int,
+                   retry_after: int) -> None:
         if path == REGISTER:
             self._record(session, _payload_of(body), status)
         message = "Operations are being throttled for this tenant." if status == 429 else "Request refused."
         self._respond(session, rid, status, _error(status * 1000 + 1, message),
-                      retry_after=self.throttle_retry_after)
+                      retry_after=retry_after)
 
     def _register(self, session: Session, rid: str, body: bytes) -> None:
         attestation: Attestation = session.identity

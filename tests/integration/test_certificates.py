@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import base64
 import json
-import secrets
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cloud_harness import sas_enrollment
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from spyrus_hsm.cloud import dps_client
 from spyrus_hsm.cloud.dps import CertificateRefused, DpsRequest, Provisioner
 from spyrus_hsm.cloud.hub import HubClient, HubIdentity
-from spyrus_hsm.hsm import Hsm, InvalidInput, KeyAlgorithm, Secret
+from spyrus_hsm.hsm import Hsm, InvalidInput, KeyAlgorithm
 from spyrus_hsm.identity import issued as issued_id
 from spyrus_hsm.identity import x509 as x509_id
 
@@ -31,9 +31,7 @@ SCOPE = "0ne000CE57"
 
 
 def _sas_enrollment(hsm: Hsm, emu, reg: str, label: str) -> None:  # type: ignore[no-untyped-def]
-    raw = secrets.token_bytes(32)
-    hsm.import_secret_key(label, Secret(raw))
-    emu.add_individual_enrollment(reg, symmetric_key=base64.b64encode(raw).decode(), assigned_hub=HOST)
+    sas_enrollment(hsm, emu, reg, label, HOST)
 
 
 def _req(reg: str, key: str, emulator_pki, **kw) -> DpsRequest:  # type: ignore[no-untyped-def]

@@ -35,6 +35,7 @@ def test_config_path_comes_from_the_environment(tmp_path: Path) -> None:
     ("hsm:\n  token_label: a\n: bad: yaml\n", "not valid YAML"),
     ("other: 1\n", "unknown key 'other'"),
     ("hsm:\n  module: /x.so\n", "no token selected"),
+    ("hsm:\n  token_label: a\nedge:\n  sas_ttl: 120\n", "'edge.sas_ttl' must be 130 s"),
 ])
 def test_errors_name_the_key_and_the_file(tmp_path: Path, text: str, fragment: str) -> None:
     path = _write(tmp_path, text)
@@ -50,3 +51,8 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 
 def test_token_init_needs_no_token_selection(tmp_path: Path) -> None:
     assert load(_write(tmp_path, "hsm:\n  module: /x.so\n"), env={}, require_token=False).hsm.module == "/x.so"
+
+
+def test_the_edgehub_token_lifetime_is_read_from_the_edge_section(tmp_path: Path) -> None:
+    assert load(_write(tmp_path, "hsm:\n  token_label: a\n"), env={}).edge.sas_ttl == 3600
+    assert load(_write(tmp_path, "hsm:\n  token_label: a\nedge:\n  sas_ttl: 900\n"), env={}).edge.sas_ttl == 900

@@ -47,6 +47,8 @@ SAS_TTL = 3600  # seconds; the token is only used to connect for this registrati
 class RegistrationError(SpyrusError, RuntimeError, kind=Kind.UPSTREAM):
     """A registration that did not produce an assignment; the message says what to do."""
 
+    retry_after: float | None = None  # seconds DPS asked to wait before trying again
+
 
 @dataclass(frozen=True)
 class DpsRequest:
@@ -244,6 +246,11 @@ def _explain(exc: dps_client.DpsFailure, req: DpsRequest, timeout: float) -> Reg
         message = exc.body.get("message") if isinstance(exc.body, dict) else None
         return CertificateRefused(f"DPS refused the certificate signing request of "
                                   f"'{req.registration_id}': {message or exc}")
+    if isinstance(exc, dps_client.Throttled):
+        error = RegistrationError(f"DPS is throttling the registration of '{req.registration_id}' "
+                                  f"({exc.status}) and asks to retry in {exc.retry_after:g} s")
+        error.retry_after = exc.retry_after
+        return error
     if isinstance(exc, dps_client.Rejected) and exc.status >= 300:
         return RegistrationError(f"DPS rejected the registration of '{req.registration_id}': {exc}; "
                                  "if it says 401, the enrollment does not match the credential")

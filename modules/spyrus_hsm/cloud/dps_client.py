@@ -61,6 +61,14 @@ class Rejected(DpsFailure):
         self.body = body
 
 
+class Throttled(Rejected):
+    """DPS asked to retry later than the deadline allows (429, or a server error)."""
+
+    def __init__(self, status: int, body: Any, retry_after: float) -> None:
+        super().__init__(status, body)
+        self.retry_after = retry_after
+
+
 class Unreachable(DpsFailure):
     """No connection to DPS, or it was lost."""
 
@@ -148,7 +156,10 @@ class _Session:
         while True:
             answer = self._request(topic, body)
             if answer.status >= 429:  # throttled or a server error: the same request again
-                self._wait(answer.retry_after or DEFAULT_RETRY_AFTER)
+                retry_after = answer.retry_after or DEFAULT_RETRY_AFTER
+                if retry_after >= self._remaining():  # say so now rather than wait for nothing
+                    raise Throttled(answer.status, answer.body, retry_after)
+                self._wait(retry_after)
                 continue
             if answer.status >= 300:
                 raise Rejected(answer.status, answer.body)

@@ -23,7 +23,7 @@ from azure.iot.device import X509, IoTHubDeviceClient, IoTHubModuleClient, Messa
 from ..hsm import Hsm
 from ..identity.sas import SasMinter, device_uri
 from ..identity.x509 import TlsFiles
-from ..threads import spawn
+from ..threads import call_with_deadline, spawn
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ class HubClient:
 
     def connect(self) -> HubClient:
         with self._lock:
-            self._client = self._build()
-            self._client.connect()
+            self._client = self._connected()
             self.stats.connects += 1
             self.stats.connected_since = time.time()
         if self.identity.sas_key:
@@ -105,6 +104,41 @@ class HubClient:
         with self._lock:
             self._client.send_message(msg)
 
+    def report(self, patch: dict[str, Any], timeout: float = 30.0) -> None:
+        """Patch the identity's twin reported properties (raises if not connected or if the hub
+        does not answer within `timeout`: the SDK would wait for ever)."""
+        with self._lock:
+            client = self._client
+        if client is None:
+            raise ConnectionError("not connected to IoT Hub")
+        call_with_deadline(lambda: client.patch_twin_reported_properties(patch), timeout,
+                           "reporting to the device twin", "hub-twin-patch")
+
+    def switch(self, identity: HubIdentity) -> None:
+        """Move the connection to `identity` (a renewed credential): the old client is shut
+        down first (the hub allows one connection per device id, and an old client reconnecting
+        would push the new one off), then the new one connects. If it cannot, the previous
+        identity is connected again (or left to the watchdog) and the error raised."""
+        if (identity.sas_key is None) == (identity.x509 is None):
+            raise ValueError("a hub identity needs exactly one of sas_key and x509")
+        with self._lock:
+            previous, old = self.identity, self._client
+            self._client = None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    old.shutdown()
+            self.identity = identity
+            try:
+                self._client = self._connected()
+            except Exception:
+                self.identity = previous
+                with contextlib.suppress(Exception):
+                    self._client = self._connected()
+                raise
+            self.stats.connects += 1
+            self.stats.connected_since = time.time()
+        log.info("IoT Hub client %s moved to a new credential", identity.device_id)
+
     # --- internals ---------------------------------------------------------------------------
 
     def _kwargs(self) -> dict[str, Any]:
@@ -131,6 +165,17 @@ class HubClient:
             extra = {"module_id": i.module_id} if i.module_id else {}
             client = cls.create_from_x509_certificate(x509=x509, hostname=i.hostname,
                                                       device_id=i.device_id, **extra, **self._kwargs())
+        return client
+
+    def _connected(self) -> Any:
+        """A new client for the current identity, connected (shut down again if it cannot)."""
+        client = self._build()
+        try:
+            client.connect()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.shutdown()
+            raise
         return client
 
     def _renew_loop(self) -> None:
@@ -167,8 +212,7 @@ class HubClient:
             if old is not None:
                 with contextlib.suppress(Exception):
                     old.shutdown()
-            self._client = self._build()
-            self._client.connect()
+            self._client = self._connected()
             self.stats.rebuilds += 1
             self.stats.connects += 1
             self.stats.connected_since = time.time()

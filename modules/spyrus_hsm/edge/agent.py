@@ -6,6 +6,10 @@ Threads, and what each may do:
 - SDK handler threads only queue desired patches, and answer direct methods (their HSM reads
   go through the sync Hsm API, bounded by a deadline);
 - the HSM pool's listener only queues (it runs on an HSM worker or supervisor thread).
+Under the edge runtime the SDK has the workload API sign each SAS token; when a renewal fails
+(the workload socket gone while aziot-edged restarts) the SDK never tries again, so the agent
+reports it and builds a new client (a new token) once the workload API signs again, before
+the old token expires.
 Nothing here runs on the asyncio loop: the runtime's `apply_service` hands the new service
 configuration to the loop. The module key (connection-string route) is read by the SDK from
 the environment and never passes through this code.
@@ -25,8 +29,9 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from azure.iot.device import IoTHubModuleClient, MethodResponse
+from azure.iot.device.common.auth.sastoken import SasTokenError
 
-from .. import __version__
+from .. import __version__, events
 from ..config import Config, ConfigError, ServiceConfig
 from ..errors import Kind, SpyrusError
 from ..hsm import Hsm, HsmState
@@ -49,6 +54,7 @@ class EdgeHooks:
     config: Config                                          # what the process was started with
     reload_config: Callable[[], Config]                     # re-reads the config file
     apply_service: Callable[[ServiceConfig], None] | None   # None: the HTTP service is off
+    set_renew_at: Callable[[float], None] | None = None     # None: no operational certificate to renew
 
 
 class EdgeAgent:
@@ -84,6 +90,9 @@ class EdgeAgent:
                                         "lastError": None}
         self._acked: dict[str, Any] = {}
         self._inventory_due = 0.0
+        self._renewals: dict[str, dict[str, Any]] = {}  # operational certificate label -> renewal state
+        self._renew_due: float | None = None   # a SAS renewal failed: when to try a new client
+        self._renew_delay = 1.0
         hooks.hsm.add_listener(self._on_hsm_state)
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -116,6 +125,11 @@ class EdgeAgent:
         client = self._client
         return bool(client is not None and client.connected)
 
+    def output_client(self) -> Any:
+        """The SDK client while it is connected (for sending messages to outputs), else None."""
+        client = self._client
+        return client if client is not None and client.connected else None
+
     # --- the agent thread --------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -137,13 +151,17 @@ class EdgeAgent:
         if client is not None:
             _shutdown_quietly(client)
 
-    def _connect(self) -> bool:
-        client = None
+    def _new_client(self) -> Any:
+        """A module client from the environment; under IoT Edge this asks the workload API for
+        the trust bundle and the first token's signature."""
+        return IoTHubModuleClient.create_from_edge_environment(ensure_desired_properties=False, **self.sdk_options)
+
+    def _connect(self, client: Any = None) -> bool:
         try:
-            client = IoTHubModuleClient.create_from_edge_environment(ensure_desired_properties=False,
-                                                                     **self.sdk_options)
+            client = client or self._new_client()
             client.connect()
             client.on_connection_state_change = functools.partial(self._queue.put, ("connection", None))
+            client.on_background_exception = self._on_background_exception
             client.on_method_request_received = functools.partial(self._on_method, client)
             client.on_twin_desired_properties_patch_received = self._on_patch
             if self._stop.is_set():
@@ -169,7 +187,8 @@ class EdgeAgent:
 
     def _step(self) -> None:
         due = self._inventory_due if self.hooks.hsm.state.ready else float("inf")
-        pending = bool(rep.changes(self._acked, self._wanted)) or not self.connected
+        pending = (bool(rep.changes(self._acked, self._wanted)) or not self.connected
+                   or self._renew_due is not None)
         wait = 1.0 if pending else max(0.1, min(30.0, due - time.monotonic()))
         try:
             kind, arg = self._queue.get(timeout=wait)
@@ -181,6 +200,12 @@ class EdgeAgent:
             self._handle_hsm_state()
         elif kind == "connection":
             self._handle_connection()
+        elif kind == "renewal-failed":
+            self._handle_renewal_failure(arg)
+        if self._renew_due is not None and time.monotonic() >= self._renew_due:
+            self._retry_renewal()
+            if self._client is None:
+                return
         if self._twin_stale and self.connected:
             self._refresh_twin()
         if self.hooks.hsm.state.ready and time.monotonic() >= self._inventory_due:
@@ -207,6 +232,42 @@ class EdgeAgent:
             spawn(functools.partial(_shutdown_quietly, client), "edge-shutdown")
         self._down_since = None
         self._was_connected = False
+
+    # --- SAS token renewal -------------------------------------------------------------------
+
+    def _on_background_exception(self, exc: Exception) -> None:
+        """SDK handler thread: only queue. A failed renewal is the one the agent acts on."""
+        if isinstance(exc, SasTokenError):
+            self._queue.put(("renewal-failed", exc))
+        else:
+            log.debug("IoT Edge client background error: %s", _explain(exc))
+
+    def _handle_renewal_failure(self, exc: BaseException) -> None:
+        self._record_error("edge", f"the SAS token for edgeHub could not be renewed ({_explain(exc)}); "
+                                   "retrying with a new client while the current token lasts")
+        if self._renew_due is None:
+            self._renew_delay = 1.0
+            self._renew_due = time.monotonic() + self._renew_delay
+
+    def _retry_renewal(self) -> None:
+        """Build a client with a fresh token; while that fails (the workload API still away),
+        keep the connected one and back off; once it works, swap (old one shut down first:
+        both would connect as the same client id)."""
+        try:
+            fresh = call_with_deadline(self._new_client, self.sdk_timeout, "making a new SAS token",
+                                       "edge-sdk-call")
+        except Exception as exc:
+            self._renew_delay = min(self._renew_delay * 2, self.retry_max)
+            self._renew_due = time.monotonic() + self._renew_delay
+            log.warning("SAS token renewal still failing (%s); next try in %g s", _explain(exc), self._renew_delay)
+            return
+        self._renew_due = None
+        old, self._client = self._client, None
+        if old is not None:
+            spawn(functools.partial(_shutdown_quietly, old), "edge-shutdown").join(self.sdk_timeout)
+        self._was_connected = False
+        if self._connect(fresh):
+            log.info("SAS token renewed with a new IoT Edge client after the renewal failure")
 
     def _sdk(self, what: str, fn: Callable[[], T]) -> T:
         """An SDK call that waits for edgeHub's answer, bounded; a client that does not answer
@@ -272,6 +333,12 @@ class EdgeAgent:
                 self.hooks.apply_service(wanted.service)
             except Exception as exc:
                 raise ApplyError(f"the service could not be reconfigured: {_explain(exc)}") from None
+        if wanted.renew_at != self._current.renew_at:
+            renew_at = wanted.renew_at or self.hooks.config.cloud.renew_at
+            if self.hooks.set_renew_at is not None:
+                self.hooks.set_renew_at(renew_at)
+            self._inventory_due = 0.0  # the reported renewAt instants move with it
+            changed.append("cloud.renewAt")
         if wanted.log_level != self._current.log_level:
             level = twin.LOG_LEVELS[wanted.log_level] if wanted.log_level else self._default_log_level
             logging.getLogger(PACKAGE_LOGGER).setLevel(level)
@@ -281,11 +348,24 @@ class EdgeAgent:
 
     def _reject(self, source: str, message: str) -> None:
         log.warning("configuration rejected: %s", message)
+        events.config_rejected(source, message)
         self._wanted["config"] = rep.config_section("rejected", self._desired_version, self._applied_version,
                                                     source, message)
         self._record_error("config", message)
 
     # --- reported properties -----------------------------------------------------------------
+
+    def on_renewal(self, label: str, state: dict[str, Any]) -> None:
+        """A renewal's state changed (renewal thread): reported under credentials.<label>.renewal."""
+        with self._lock:
+            moved = (self._renewals.get(label) or {}).get("label") != state.get("label")
+            self._renewals[label] = dict(state)
+            section = self._wanted.get("credentials")
+            if section is not None:
+                self._wanted["credentials"] = {**section, **rep.renewal_entries(self._renewals)}
+            if moved:
+                self._inventory_due = 0.0  # another generation in use: the inventory changed
+        self._queue.put(("push", None))
 
     def _on_hsm_state(self, state: HsmState) -> None:
         """HSM pool thread, possibly under the pool's lock: only queue."""
@@ -320,11 +400,11 @@ class EdgeAgent:
             self._inventory_due = time.monotonic() + min(60.0, self.inventory_interval)
             return
         with self._lock:
-            self._wanted["credentials"] = rep.credentials_section(items)
+            self._wanted["credentials"] = rep.credentials_section(items, renewals=self._renewals)
 
     def _read_inventory(self) -> list[dict[str, Any]]:
         hsm = self.hooks.hsm
-        renew_at = self.hooks.config.cloud.renew_at
+        renew_at = self._current.renew_at or self.hooks.config.cloud.renew_at
         return call_with_deadline(lambda: rep.inventory(hsm.list_objects(), x509_id.credentials(hsm), renew_at),
                                   self.hsm_deadline, "reading the credential inventory", "edge-hsm-read")
 
@@ -401,7 +481,7 @@ class EdgeAgent:
         except Exception as exc:
             return 503, {"error": rep.clip(_explain(exc)), "hsm": rep.hsm_section(self.hooks.hsm.state)}
         with self._lock:
-            self._wanted["credentials"] = rep.credentials_section(items)
+            self._wanted["credentials"] = rep.credentials_section(items, renewals=self._renewals)
         return 200, {"token": {"label": state.token_label, "serial": state.token_serial},
                      **rep.credentials_section(items, limit=1000)}
 

@@ -3,7 +3,7 @@
     {"version": "0.1.0",
      "hsm": {"status": "ready", "ready": true, "reason": null, "tokenLabel": "edge",
              "tokenSerial": "…", "recoveries": 0, "restartRequired": false, "lastChange": null},
-     "credentials": {"count": 2, "truncated": false, "earliestNotAfter": "2026-…",
+     "credentials": {"count": 2, "truncated": false, "earliestNotAfter": "2026-…", "earliestDaysLeft": 40,
                      "items": [{"label": "edge-id", "kind": "x509", "objects": ["cert", "private", "public"],
                                 "keyType": "EC", "commonName": "edge-1", "notAfter": "2026-…",
                                 "issuer": "CN=…", "renewAt": "2026-…", "chainLength": 2}, …]},
@@ -16,12 +16,14 @@ sent whole whenever anything in it changes. Strings are clipped to 500 character
 have size limits) and the inventory to 100 entries (reported properties are at most 32 KB).
 `credentials.earliestNotAfter` is a scalar (the X.509 credential closest to expiry, null when
 there is none) so that a fleet query can find devices due for renewal without looking inside
-the array.
+the array; `earliestDaysLeft` is the whole days until then, for queries and deployment metrics
+(the hub's query language has no date arithmetic).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -86,12 +88,40 @@ def _kind(types: list[str], is_x509: bool) -> str:
     return types[0] if types else "unknown"
 
 
-def credentials_section(items: Sequence[Mapping[str, Any]], limit: int = MAX_ITEMS) -> dict[str, Any]:
+def credentials_section(items: Sequence[Mapping[str, Any]], limit: int = MAX_ITEMS,
+                        renewals: Mapping[str, Mapping[str, Any]] | None = None,
+                        now: dt.datetime | None = None) -> dict[str, Any]:
     # Over every item, not only those sent: a credential past the limit still expires. The
     # timestamps share one format (_iso), so the smallest string is the earliest instant.
     expiries = [i["notAfter"] for i in items if i.get("kind") == "x509" and i.get("notAfter")]
-    return {"count": len(items), "truncated": len(items) > limit, "earliestNotAfter": min(expiries, default=None),
-            "items": [{k: clip(v) if isinstance(v, str) else v for k, v in i.items()} for i in items[:limit]]}
+    earliest = min(expiries, default=None)
+    return {"count": len(items), "truncated": len(items) > limit, "earliestNotAfter": earliest,
+            "earliestDaysLeft": days_left(earliest, now or dt.datetime.now(dt.UTC)),
+            "items": [{k: clip(v) if isinstance(v, str) else v for k, v in i.items()} for i in items[:limit]],
+            **renewal_entries(renewals or {})}
+
+
+def renewal_entries(renewals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """`{<label>: {"renewal": state}}` for each operational certificate being renewed, the
+    label made a valid twin key."""
+    return {twin_key(label): {"renewal": {k: clip(v) if isinstance(v, str) else v for k, v in state.items()}}
+            for label, state in renewals.items()}
+
+
+def twin_key(label: str) -> str:
+    """`label` as a twin property name (those may not contain '.', '$' or spaces)."""
+    return "".join("_" if ch in ".$ " else ch for ch in label)
+
+
+def days_left(iso: str | None, now: dt.datetime) -> int | None:
+    """Whole days from `now` until the instant `iso` (negative once past). IoT Hub's query
+    language cannot do date arithmetic, so a fleet query or a deployment's custom metric
+    compares this number (`earliestDaysLeft < 14`); it changes once a day, so the reported
+    document is not rewritten at every inventory."""
+    if iso is None:
+        return None
+    when = dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    return math.floor((when - now).total_seconds() / 86400)
 
 
 def config_section(status: str, desired_version: int | None, applied_version: int | None,

@@ -51,7 +51,8 @@ FIXED_FIELDS = ("enabled", "host", "port", "health_host", "health_port", "tls_ce
                 "tls_key_label", "client_ca_file", "bearer_tokens", "max_body_bytes", "audit_file")
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "error": logging.ERROR, "critical": logging.CRITICAL}
-TOP_LEVEL = ("logLevel", "service")
+TOP_LEVEL = ("logLevel", "service", "cloud")
+CLOUD_LIVE = {"renewAt": "renew_at"}  # twin key under `cloud` -> CloudConfig field
 
 
 class TwinConfigError(SpyrusError, ValueError, kind=Kind.CONFIG):
@@ -62,6 +63,7 @@ class TwinConfigError(SpyrusError, ValueError, kind=Kind.CONFIG):
 class TwinSettings:
     service: ServiceConfig
     log_level: str | None  # None: not set in the twin (the process keeps its own level)
+    renew_at: float | None = None  # cloud.renewAt; None: the config file's cloud.renew_at
 
 
 def evaluate(desired: Mapping[str, Any], base: ServiceConfig, version: int | None = None) -> TwinSettings:
@@ -72,7 +74,8 @@ def evaluate(desired: Mapping[str, Any], base: ServiceConfig, version: int | Non
     unknown = [k for k in doc if k not in TOP_LEVEL]
     if unknown:
         raise TwinConfigError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(TOP_LEVEL)})")
-    return TwinSettings(_service(doc.get("service"), base, where), _log_level(doc.get("logLevel"), where))
+    return TwinSettings(_service(doc.get("service"), base, where), _log_level(doc.get("logLevel"), where),
+                        _renew_at(doc.get("cloud"), where))
 
 
 def settings(desired: Mapping[str, Any]) -> dict[str, Any]:
@@ -86,6 +89,26 @@ def _log_level(value: Any, where: str) -> str | None:
     if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
         raise TwinConfigError(f"{where}: 'logLevel' must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
     return value.lower()
+
+
+def _renew_at(value: Any, where: str) -> float | None:
+    """`cloud.renewAt`: the fraction of an operational certificate's lifetime after which it is
+    renewed (the only live key of the module's cloud identity)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TwinConfigError(f"{where}: 'cloud' must be an object")
+    unknown = [k for k, v in value.items() if k not in CLOUD_LIVE and v is not None]
+    if unknown:
+        raise TwinConfigError(f"{where}: unknown key 'cloud.{unknown[0]}' (known: {', '.join(CLOUD_LIVE)}; "
+                              "the cloud identity is set in the config file)")
+    renew_at = value.get("renewAt")
+    if renew_at is None:
+        return None
+    if isinstance(renew_at, bool) or not isinstance(renew_at, int | float) or not 0 < renew_at < 1:
+        raise TwinConfigError(f"{where}: 'cloud.renewAt' must be a number above 0 and below 1 (a fraction "
+                              f"of the certificate's lifetime), got {renew_at!r}")
+    return float(renew_at)
 
 
 def _service(value: Any, base: ServiceConfig, where: str) -> ServiceConfig:
@@ -156,7 +179,7 @@ def restart_required(running: Config, reloaded: Config) -> list[str]:
     """Keys whose new file value only takes effect after a restart (everything outside the live
     service settings), named as in the config file."""
     keys = []
-    for section in ("hsm", "sas", "cloud"):
+    for section in ("hsm", "sas", "cloud", "edge", "metrics", "logging", "events"):
         old, new = getattr(running, section), getattr(reloaded, section)
         keys += [f"{section}.{f.name}" for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]
     if running.state_dir != reloaded.state_dir:

@@ -20,6 +20,7 @@ from aiohttp import HttpVersion11, web
 from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from .. import events
 from .audit import AuditError
 from .core import AUDIT, PRINCIPAL, REQUEST_ID, Service
 from .keys import SERVICE
@@ -100,6 +101,7 @@ async def _telemetry(request: web.Request, handler: Handler) -> web.StreamRespon
             principal = request.get(PRINCIPAL)
             if principal is not None:
                 span.set_attribute("enduser.id", principal.name)
+            events.request_refused(principal.name if principal is not None else None, status)
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             svc.telemetry.metrics.http_request_duration.record(

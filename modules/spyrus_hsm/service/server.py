@@ -123,6 +123,22 @@ class ListenError(SpyrusError, kind=Kind.CONFIG):
     """A listener cannot bind its address (in use, not assignable, not permitted)."""
 
 
+async def listen(runner: web.AppRunner, host: str, port: int, ctx: ssl.SSLContext | None, setting: str) -> int:
+    """Set up `runner` and serve it on host:port; the port bound (when 0 asked for one). On
+    ListenError (naming `setting`) nothing is left behind."""
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(f"cannot listen on {host}:{port} ({setting}): "
+                          f"{exc.strerror or exc.__class__.__name__}") from None
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else port
+
+
 class Listeners:
     """The API (HTTPS) and health (HTTP, loopback) sites of one service."""
 
@@ -166,18 +182,9 @@ class Listeners:
     async def _start(self, app: web.Application, host: str, port: int, ctx: ssl.SSLContext | None,
                      setting: str) -> int:
         runner = Runner(app, access_log=None, shutdown_timeout=2.0)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=1024)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise ListenError(f"cannot listen on {host}:{port} ({setting}): "
-                              f"{exc.strerror or exc.__class__.__name__}") from None
+        bound = await listen(runner, host, port, ctx, setting)
         self.runners.append(runner)
-        server = site._server  # the bound port, when 0 asked for one
-        sockets = getattr(server, "sockets", None) or []
-        return int(sockets[0].getsockname()[1]) if sockets else port
+        return bound
 
     async def stop(self) -> None:
         if self.server_tls is not None:

@@ -1,0 +1,186 @@
+"""The module's own Azure identity in `serve`: DPS registration (or a fixed hub), the IoT Hub
+connection, and the renewal of its operational certificate.
+
+With `cloud.issue_cert: L` the hub connection uses the certificate DPS issued for a key in the
+HSM, and `renewal.Renewer` keeps it fresh. At start the newest complete generation of `L` is the
+credential; what an interrupted renewal left is tidied away once the connection is up; an
+already expired certificate is renewed before connecting (the hub would refuse it).
+Renewal state goes to the identity's own device twin and to whoever else asks (the module twin
+under IoT Edge), under `credentials.<label>.renewal`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from azure.iot.device import Message
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from .. import events
+from ..config import CloudConfig
+from ..edge.reported import renewal_entries
+from ..hsm import Hsm
+from ..identity import x509 as x509_id
+from . import renewal
+from .dps import Assignment, DpsRequest, Provisioner
+from .hub import HubClient, HubIdentity
+
+log = logging.getLogger("spyrus_hsm")
+RETRY_SECONDS = 10.0
+RenewalListener = Callable[[str, dict[str, Any]], None]  # (base label, renewal state)
+
+
+class CloudConnection:
+    def __init__(self, cfg: CloudConfig, hsm: Hsm, state_dir: Path, load_provider: Callable[[], None],
+                 token_label: Callable[[], str]) -> None:
+        self.cfg = cfg
+        self.hsm = hsm
+        self.state_dir = state_dir
+        self.tls_dir = state_dir / "tls"
+        self.load_provider = load_provider
+        self.token_label = token_label
+        self.hub: HubClient | None = None
+        self.assigned_hub: str | None = None
+        self.renewer: renewal.Renewer | None = None
+        self.renew_at = cfg.renew_at
+        self._listeners: list[RenewalListener] = []
+        self._last_state: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        ca = cfg.server_ca_file
+        self._ca_pem = Path(ca).read_text() if ca else None
+        # An operational certificate issued through DPS replaces the onboarding credential.
+        self.operational = cfg.issue_cert if cfg.id_scope and cfg.registration_id else None
+
+    def add_renewal_listener(self, fn: RenewalListener) -> None:
+        """`fn(label, state)` on every change of the renewal state, the latest one at once."""
+        with self._lock:
+            self._listeners.append(fn)
+            last = self._last_state
+        if last is not None and self.operational:
+            fn(self.operational, last)
+
+    def set_renew_at(self, renew_at: float) -> None:
+        self.renew_at = renew_at
+        if self.renewer is not None:
+            self.renewer.set_renew_at(renew_at)
+
+    def run(self) -> None:
+        """Waits for the HSM, registers (or reuses the registration) and connects; retried until
+        it succeeds or `stop()`."""
+        while not self._stopping.is_set():
+            if not self.hsm.state.ready:
+                self._stopping.wait(0.5)
+                continue
+            try:
+                self._connect()
+                return
+            except Exception as exc:
+                log.warning("cloud connection failed: %s; retrying in %g s", exc, RETRY_SECONDS)
+                self._stopping.wait(RETRY_SECONDS)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.renewer is not None:
+            self.renewer.stop()
+        if self.hub is not None:
+            self.hub.shutdown()
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _request(self, issue_cert: str | None) -> DpsRequest:
+        c = self.cfg
+        assert c.id_scope and c.registration_id
+        return DpsRequest(c.id_scope, c.registration_id, c.provisioning_host,
+                          "x509" if c.attestation == "x509" else "symmetricKey", c.key, group=c.group,
+                          server_ca_pem=self._ca_pem, issue_cert=issue_cert)
+
+    def _connect(self) -> None:
+        c = self.cfg
+        if c.attestation == "x509" or self.operational:
+            self.load_provider()
+        provisioner = Provisioner(self.hsm, self.state_dir, self.load_provider)
+        in_use = known = None
+        began = renewal.now()
+        if self.operational:
+            renewal.tidy(self.hsm, self.operational, tls_dir=self.tls_dir)
+            known = renewal.current(self.hsm, self.operational)
+            in_use = self._not_expired(known, provisioner)
+        hub, device_id, key = c.hub, c.device_id, c.key
+        if c.id_scope and c.registration_id:
+            label = in_use.label if in_use else self.operational
+            a = provisioner.register(self._request(label), timeout=c.registration_timeout)
+            hub, device_id, key = a.assigned_hub, a.device_id, a.key
+        assert hub and device_id and key
+        files = None
+        if c.attestation == "x509" or self.operational:
+            cred = x509_id.select(self.hsm, label=(in_use.label if in_use else self.operational) or key)
+            files = x509_id.write_tls_files(cred, self.token_label(), self.tls_dir)
+            in_use = cred if self.operational else None
+        identity = HubIdentity(hub, device_id, c.module_id, sas_key=None if files else key,
+                               x509=files, server_ca_pem=self._ca_pem)
+        self.assigned_hub = hub
+        self.hub = HubClient(self.hsm, identity, sas_ttl=c.sas_ttl).connect()
+        log.info("connected to IoT Hub %s as %s", hub, device_id)
+        if self.operational and in_use is not None:
+            for old in renewal.tidy(self.hsm, self.operational, keep=in_use.label, tls_dir=self.tls_dir):
+                log.info("removed '%s', an earlier generation of '%s' no longer in use", old, self.operational)
+            self.renewer = renewal.Renewer(
+                self.hsm, provisioner, self._request(self.operational), self._move,
+                renew_at=self.renew_at, backoff=renewal.Backoff(c.renew_retry_initial, c.renew_retry_max),
+                timeout=c.registration_timeout, tls_dir=self.tls_dir, report=self._report,
+            ).start(in_use, received=began if known is None or known.leaf != in_use.leaf else None)
+
+    def _not_expired(self, cred: x509_id.X509Credential | None,
+                     provisioner: Provisioner) -> x509_id.X509Credential | None:
+        """`cred`, or, if its certificate has expired, a renewed one (nothing to move yet)."""
+        if cred is None or cred.leaf.not_valid_after_utc > renewal.now():
+            return cred
+        assert self.operational
+        log.warning("the operational certificate '%s' expired at %s; renewing it before connecting",
+                    cred.label, cred.leaf.not_valid_after_utc.isoformat())
+        return renewal.renew_once(self.hsm, provisioner, self._request(self.operational), self.operational,
+                                  lambda new, assignment: None, timeout=self.cfg.registration_timeout,
+                                  tls_dir=self.tls_dir)
+
+    def _move(self, cred: x509_id.X509Credential, assignment: Assignment) -> None:
+        """Connect with the renewed credential and prove it with a message on the new connection."""
+        assert self.hub is not None
+        files = x509_id.write_tls_files(cred, self.token_label(), self.tls_dir)
+        self.hub.switch(replace(self.hub.identity, hostname=assignment.assigned_hub,
+                                device_id=assignment.device_id, x509=files))
+        self.assigned_hub = assignment.assigned_hub
+        leaf = cred.leaf
+        spki = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        message = Message(json.dumps({"event": "certificateRenewed", "label": cred.label,
+                                      "notAfter": leaf.not_valid_after_utc.isoformat(),
+                                      "issuer": leaf.issuer.rfc4514_string(),
+                                      "publicKeySha256": hashlib.sha256(spki).hexdigest()}),
+                          content_encoding="utf-8", content_type="application/json")
+        message.custom_properties["type"] = "certificate-renewed"
+        self.hub.send(message)
+        previous = self.renewer.status.not_after if self.renewer is not None else None
+        events.certificate_renewed(cred.label, leaf.not_valid_after_utc,  # upstream too, under IoT Edge
+                                   dt.datetime.fromisoformat(previous) if previous else None)
+
+    def _report(self, state: dict[str, Any]) -> None:
+        assert self.operational
+        with self._lock:
+            self._last_state = state
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(self.operational, state)
+            except Exception as exc:
+                log.debug("renewal state listener failed: %s", exc)
+        if self.hub is not None:
+            self.hub.report({"credentials": renewal_entries({self.operational: state})})
+

@@ -1,0 +1,317 @@
+"""Renewal of an operational certificate issued through DPS, with a fresh HSM key each time.
+
+The credential configured as `cloud.issue_cert: L` lives in the token in generations: `L`
+(the first), then `L@2`, `L@3`, … — each a key pair and its issued chain under one label and
+one CKA_ID. One renewal (`renew_once`):
+
+  1. removes incomplete generations (a key without its certificate: an attempt that died);
+  2. generates the next generation's key pair (P-384) in the HSM;
+  3. registers with DPS again with the onboarding credential, sending that key's CSR; the
+     chain is checked and stored beside the key (`Provisioner`);
+  4. moves the connection to the new credential (`move`); if that fails, the new generation
+     is removed and the old credential stays in use;
+  5. deletes the previous generations.
+
+The credential in use is always the newest *complete* generation (`current`). A crash at any
+step therefore leaves the old or the new credential usable, and what it left half-made is
+removed by step 1 of the next attempt or at start (`tidy`).
+
+`Renewer` runs this in `serve`: when `renew_at` of the certificate's lifetime has passed (or it
+has expired), and again after a failure with a jittered, capped exponential backoff that honours
+DPS's retry-after. Its state (`RenewalStatus`) is what the twin reports under
+`credentials.<label>.renewal`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from ..hsm import Hsm, ObjectNotFound, Pkcs11Uri
+from ..identity import issued as issued_id
+from ..identity import x509 as x509_id
+from ..threads import spawn
+from .dps import Assignment, DpsRequest, Provisioner
+
+log = logging.getLogger(__name__)
+SEPARATOR = "@"
+Move = Callable[[x509_id.X509Credential, Assignment], None]
+
+
+# --- generations in the token -----------------------------------------------------------------
+
+def label_for(base: str, number: int) -> str:
+    return base if number == 1 else f"{base}{SEPARATOR}{number}"
+
+
+def generation_of(base: str, label: str) -> int | None:
+    """The generation number of `label` in the family of `base`, or None if it is not one."""
+    if label == base:
+        return 1
+    suffix = label[len(base) + 1:] if label.startswith(base + SEPARATOR) else ""
+    return int(suffix) if suffix.isdigit() and not suffix.startswith("0") and int(suffix) > 1 else None
+
+
+@dataclass(frozen=True)
+class Generation:
+    label: str
+    number: int
+    types: frozenset[str]
+
+    @property
+    def complete(self) -> bool:
+        return {"private", "cert"} <= self.types
+
+
+def generations(hsm: Hsm, base: str) -> list[Generation]:
+    """The generations of `base` in the token, oldest first."""
+    types: dict[str, set[str]] = {}
+    for o in hsm.list_objects():
+        if generation_of(base, o.label) is not None:
+            types.setdefault(o.label, set()).add(o.type)
+    found = [Generation(label, generation_of(base, label) or 0, frozenset(t)) for label, t in types.items()]
+    return sorted(found, key=lambda g: g.number)
+
+
+def current(hsm: Hsm, base: str) -> x509_id.X509Credential | None:
+    """The credential to use: the newest complete generation (None before the first issuance)."""
+    for generation in reversed(generations(hsm, base)):
+        if generation.complete:
+            return x509_id.select(hsm, label=generation.label)
+    return None
+
+
+def require_current(hsm: Hsm, base: str) -> x509_id.X509Credential:
+    found = current(hsm, base)
+    if found is None:
+        raise ObjectNotFound(f"no certificate has been issued for '{base}' yet, so there is nothing to renew; "
+                             f"run 'spyrus-hsm register … --issue-cert {base}' first")
+    return found
+
+
+def tidy(hsm: Hsm, base: str, keep: str | None = None, tls_dir: Path | None = None) -> list[str]:
+    """Delete the generations of `base` that cannot be used, and with `keep` (the credential
+    now in use) every other one. Returns the labels deleted. Generation 1 without a certificate
+    and nothing complete beside it is kept: it is the key of a first issuance (perhaps made by
+    hand with `key generate`), which the next registration certifies."""
+    found = generations(hsm, base)
+    if keep is not None:
+        doomed = [g.label for g in found if g.label != keep]
+    else:
+        first_only = not any(g.complete for g in found)
+        doomed = [g.label for g in found if not g.complete and not (first_only and g.number == 1)]
+    for label in doomed:
+        discard(hsm, label, tls_dir)
+    return doomed
+
+
+def discard(hsm: Hsm, label: str, tls_dir: Path | None = None) -> None:
+    """Delete one generation: its key pair and certificates, and the TLS files written for it."""
+    hsm.delete(Pkcs11Uri(object=label))
+    if tls_dir is not None:
+        for path in (tls_dir / f"{label}.chain.pem", tls_dir / f"{label}.keyref.pem"):
+            path.unlink(missing_ok=True)
+
+
+# --- one renewal --------------------------------------------------------------------------------
+
+def renew_once(hsm: Hsm, provisioner: Provisioner, request: DpsRequest, base: str, move: Move, *,
+               timeout: float, tls_dir: Path | None = None) -> x509_id.X509Credential:
+    """Steps 1 to 5 above; returns the new credential, now in use. On failure the old credential is
+    untouched and nothing of the attempt is left in the token."""
+    in_use = require_current(hsm, base)
+    for label in tidy(hsm, base, tls_dir=tls_dir):
+        log.info("renewal of '%s': removed '%s', left incomplete by an earlier attempt", base, label)
+    label = label_for(base, max(g.number for g in generations(hsm, base)) + 1)
+    try:
+        log.info("renewal of '%s': step 1/4: generating key pair '%s' in the HSM", base, label)
+        issued_id.operational_key(hsm, label)
+        log.info("renewal of '%s': step 2/4: registering with DPS for a certificate for '%s'", base, label)
+        assignment = provisioner.register(replace(request, issue_cert=label), force=True, timeout=timeout)
+        cred = x509_id.select(hsm, label=label)
+        log.info("renewal of '%s': step 3/4: moving the connection to '%s' (valid until %s)", base, label,
+                 cred.leaf.not_valid_after_utc.isoformat())
+        move(cred, assignment)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the HSM may be what failed; tidy() catches up later
+            discard(hsm, label, tls_dir)
+        raise
+    log.info("renewal of '%s': step 4/4: deleting the previous generation '%s'", base, in_use.label)
+    old = tidy(hsm, base, keep=label, tls_dir=tls_dir)
+    if in_use.label not in old:
+        log.warning("renewal of '%s': the previous credential '%s' was not found to delete", base, in_use.label)
+    return cred
+
+
+def due_at(leaf: x509.Certificate, renew_at: float, received: dt.datetime | None = None) -> dt.datetime:
+    """When `renew_at` of the certificate's lifetime has passed. For a certificate just received
+    (`received`), no sooner than `renew_at` of the lifetime left then: issuers backdate
+    notBefore for clock skew (the emulator by a minute), which for a short-lived certificate
+    would make it due on arrival and renew it in a loop."""
+    start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    due = start + (end - start) * renew_at
+    return max(due, received + (end - received) * renew_at) if received is not None else due
+
+
+# --- in serve ---------------------------------------------------------------------------------
+
+@dataclass
+class RenewalStatus:
+    """What the twin reports under `credentials.<label>.renewal` (times ISO 8601, UTC)."""
+    state: str = "scheduled"            # scheduled | renewing | failed
+    label: str | None = None            # the generation in use
+    not_after: str | None = None
+    last_attempt: str | None = None
+    last_success: str | None = None
+    next_attempt: str | None = None
+    failures: int = 0                   # consecutive
+    error: str | None = None
+
+    def to_twin(self) -> dict[str, Any]:
+        return {"state": self.state, "label": self.label, "notAfter": self.not_after,
+                "lastAttempt": self.last_attempt, "lastSuccess": self.last_success,
+                "nextAttempt": self.next_attempt, "failures": self.failures, "error": self.error}
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial: float = 30.0
+    cap: float = 3600.0
+
+    def delay(self, failures: int, retry_after: float | None = None) -> float:
+        """Exponential from `initial`, capped, with jitter over its upper half (devices of a
+        fleet that failed together do not retry together); never sooner than DPS asked."""
+        ceiling = min(self.cap, self.initial * 2 ** max(0, failures - 1))
+        jittered = random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not a secret)
+        return max(jittered, retry_after or 0.0)
+
+
+class Renewer:
+    """The renewal loop of one operational credential, on its own thread."""
+
+    def __init__(self, hsm: Hsm, provisioner: Provisioner, request: DpsRequest, move: Move, *,
+                 renew_at: float, backoff: Backoff, timeout: float, tls_dir: Path,
+                 report: Callable[[dict[str, Any]], None]) -> None:
+        assert request.issue_cert
+        self.hsm = hsm
+        self.provisioner = provisioner
+        self.request = request
+        self.base = request.issue_cert
+        self.move = move
+        self.renew_at = renew_at
+        self.backoff = backoff
+        self.timeout = timeout
+        self.tls_dir = tls_dir
+        self._report = report
+        self.status = RenewalStatus()
+        self.renewals = 0
+        self._retry_at: dt.datetime | None = None
+        self._leaf: x509.Certificate | None = None
+        self._received: dt.datetime | None = None
+        self._reported: dict[str, Any] | None = None
+        self._forced = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self, in_use: x509_id.X509Credential, received: dt.datetime | None = None) -> Renewer:
+        """Watch `in_use`; `received`: when it was issued, if that was just now."""
+        self._in_use(in_use, received)
+        self._thread = spawn(self._run, "certificate-renewal")
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def set_renew_at(self, renew_at: float) -> None:
+        """A new fraction of the lifetime (from the twin): rescheduled at once."""
+        self.renew_at = renew_at
+        self._wake.set()
+
+    def renew_now(self) -> None:
+        self._forced = True
+        self._wake.set()
+
+    def next_attempt(self) -> dt.datetime:
+        with self._lock:
+            assert self._leaf is not None, "start() names the credential in use"
+            due = due_at(self._leaf, self.renew_at, self._received)
+            return max(due, self._retry_at) if self._retry_at else due
+
+    # --- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._publish(next_attempt=_iso(self.next_attempt()))
+            wait = (self.next_attempt() - now()).total_seconds()
+            if wait > 0 and not self._forced:
+                self._wake.wait(min(wait, 60.0))  # re-checked at least every minute (clock changes)
+                self._wake.clear()
+                continue
+            self._forced = False
+            self._attempt()
+
+    def _attempt(self) -> None:
+        started = now()
+        self._publish(state="renewing", last_attempt=_iso(started), next_attempt=None)
+        try:
+            cred = renew_once(self.hsm, self.provisioner, self.request, self.base, self.move,
+                              timeout=self.timeout, tls_dir=self.tls_dir)
+        except Exception as exc:
+            failures = self.status.failures + 1
+            delay = self.backoff.delay(failures, getattr(exc, "retry_after", None))
+            self._retry_at = now() + dt.timedelta(seconds=delay)
+            log.warning("renewal of '%s' failed (attempt %d): %s; the current certificate stays in use; "
+                        "next attempt in %.0f s", self.base, failures, exc, delay)
+            self._publish(state="failed", failures=failures, error=f"{type(exc).__name__}: {exc}",
+                          next_attempt=_iso(self._retry_at))
+            return
+        self.renewals += 1
+        self._retry_at = None
+        self._in_use(cred, now())
+        self._publish(state="scheduled", last_success=_iso(now()), failures=0, error=None)
+        log.info("renewal of '%s' done in %.1f s: now '%s', valid until %s", self.base,
+                 (now() - started).total_seconds(), cred.label, cred.leaf.not_valid_after_utc.isoformat())
+
+    def _in_use(self, cred: x509_id.X509Credential, received: dt.datetime | None) -> None:
+        with self._lock:
+            self._leaf, self._received = cred.leaf, received
+            self.status.label = cred.label
+            self.status.not_after = _iso(cred.leaf.not_valid_after_utc)
+
+    def _publish(self, **changes: Any) -> None:
+        """Change the status and report it if it differs from what was last reported (a report
+        that failed is sent again on the next pass of the loop, at most a minute later)."""
+        with self._lock:
+            for name, value in changes.items():
+                setattr(self.status, name, value)
+            document = self.status.to_twin()
+        if document == self._reported:
+            return
+        try:
+            self._report(document)
+        except Exception as exc:
+            log.debug("renewal state not reported (sent again later): %s", exc)
+            return
+        self._reported = document
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.isoformat(timespec="seconds")

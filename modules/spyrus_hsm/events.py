@@ -1,0 +1,233 @@
+"""Upstream events: one message on a module output (`events` by default) per thing an operator
+should hear about, with the application property `type` for edgeHub's routes, e.g.
+
+    FROM /messages/modules/spyrus_hsm/outputs/events WHERE type = 'hsm.unavailable' INTO $upstream
+
+Types: hsm.unavailable, hsm.pinRefused, hsm.recovered, config.rejected, certificate.expiring,
+certificate.renewed and requests.refused (every `summary_interval` seconds, counts of denied and
+rate-limited requests by principal, only when there were some).
+
+Recording an event never blocks and never raises: it appends to a bounded buffer (the oldest
+event is dropped when it is full, and the drop is counted in the next message) that a sender
+thread drains whenever edgeHub is connected. So the request path, the HSM pool's listeners and
+the edge agent can all call in. Other code reports through the module-level functions
+(`events.certificate_renewed(label, not_after)`), which do nothing unless the module runs under
+IoT Edge with events on. Bodies carry names, counts and times only: never a token, key or PIN.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from azure.iot.device import Message
+
+from .config import EventsConfig
+from .edge.reported import clip
+from .hsm import HsmState
+from .threads import call_with_deadline, spawn
+
+log = logging.getLogger(__name__)
+SEND_TIMEOUT = 10.0          # seconds for edgeHub to acknowledge one message
+RETRY_DELAY = 2.0            # seconds before trying again after a failed send
+MAX_ATTEMPTS = 5             # sends of one event while connected before it is given up (counted as dropped)
+MAX_PRINCIPALS = 200         # per summary; the rest are counted under "(other)"
+UNAUTHENTICATED = "(unauthenticated)"
+
+ClientSource = Callable[[], Any]  # the connected SDK client, or None
+
+
+class Events:
+    def __init__(self, cfg: EventsConfig, device_id: str, module_id: str) -> None:
+        self.cfg = cfg
+        self.device_id = device_id
+        self.module_id = module_id
+        self._lock = threading.Lock()
+        self._buffer: collections.deque[dict[str, Any]] = collections.deque()
+        self._dropped = 0
+        self._attempts = 0                       # failed sends of the oldest event
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._refused: dict[str, collections.Counter[str]] = {}
+        self._window_start = time.time()
+        self._hsm_announced: str | None = None   # the unavailable-type event of the current outage
+        self._expiry_announced: set[tuple[str, str]] = set()
+
+    # --- recording (any thread; never blocks, never raises) ------------------------------------
+
+    def emit(self, type_: str, **fields: Any) -> None:
+        self._enqueue({"type": type_, "time": _now(), "deviceId": self.device_id, "moduleId": self.module_id,
+                       **fields})
+
+    def _enqueue(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            if len(self._buffer) >= self.cfg.buffer:
+                self._buffer.popleft()
+                self._dropped += 1
+            self._buffer.append(entry)
+        self._wake.set()
+
+    def hsm_state(self, state: HsmState) -> None:
+        """An HSM pool listener (it may run under the pool's lock: only records)."""
+        if state.ready:
+            if self._hsm_announced is not None:
+                self._hsm_announced = None
+                self.emit("hsm.recovered", tokenLabel=state.token_label, tokenSerial=state.token_serial,
+                          recoveries=state.recoveries)
+            return
+        if state.status != "degraded":
+            return
+        # The pool words every refusal of the PIN (wrong, locked, expired) with "PIN".
+        kind = "hsm.pinRefused" if "PIN" in (state.reason or "") else "hsm.unavailable"
+        if kind != self._hsm_announced:
+            self._hsm_announced = kind
+            self.emit(kind, reason=clip(state.reason), tokenLabel=state.token_label)
+
+    def request_refused(self, principal: str | None, status: int) -> None:
+        """Count a refused API request (401/403 denied, 429 rate-limited) for the next summary."""
+        reason = "denied" if status in (401, 403) else "rateLimited" if status == 429 else None
+        if reason is None:
+            return
+        name = principal or UNAUTHENTICATED
+        with self._lock:
+            if name not in self._refused and len(self._refused) >= MAX_PRINCIPALS:
+                name = "(other)"
+            self._refused.setdefault(name, collections.Counter())[reason] += 1
+
+    def certificate_expiring(self, label: str, not_after: dt.datetime) -> None:
+        """Announced once per certificate (label and expiry) within `expiry_warning_days`."""
+        days = (not_after - dt.datetime.now(dt.UTC)).total_seconds() / 86400
+        key = (label, not_after.isoformat())
+        if days > self.cfg.expiry_warning_days or key in self._expiry_announced:
+            return
+        self._expiry_announced.add(key)
+        self.emit("certificate.expiring", label=label, notAfter=_iso(not_after), daysLeft=round(days, 1))
+
+    def _summary(self) -> None:
+        """Queue the counts of refused requests since the last summary, if there were any."""
+        now = time.time()
+        with self._lock:
+            counts, self._refused = self._refused, {}
+            start, self._window_start = self._window_start, now
+        if not counts:
+            return
+        principals = {name: {"denied": c["denied"], "rateLimited": c["rateLimited"]} for name, c in counts.items()}
+        self.emit("requests.refused", periodSeconds=round(now - start, 1), principals=principals,
+                  denied=sum(p["denied"] for p in principals.values()),
+                  rateLimited=sum(p["rateLimited"] for p in principals.values()))
+
+    # --- sending (its own thread) --------------------------------------------------------------
+
+    def start(self, client: ClientSource) -> Events:
+        self._thread = spawn(lambda: self._run(client), "edge-events")
+        return self
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._buffer)
+
+    def _run(self, client_source: ClientSource) -> None:
+        next_summary = time.monotonic() + self.cfg.summary_interval
+        while not self._stop.is_set():
+            wait = RETRY_DELAY
+            try:
+                if time.monotonic() >= next_summary:
+                    next_summary = time.monotonic() + self.cfg.summary_interval
+                    self._summary()
+                client = client_source()
+                if client is not None and self._send_pending(client):
+                    wait = max(0.05, next_summary - time.monotonic())
+            except Exception:  # never let the sender die: the events would pile up unsent
+                log.exception("upstream events: unexpected error")
+            self._wake.wait(min(wait, max(0.05, next_summary - time.monotonic())))
+            self._wake.clear()
+
+    def _send_pending(self, client: Any) -> bool:
+        """Send the buffered events in order; False if one could not be sent (kept for later)."""
+        while not self._stop.is_set():
+            with self._lock:
+                if not self._buffer:
+                    return True
+                entry, dropped = self._buffer[0], self._dropped
+            message = _message(entry, dropped)
+            try:
+                call_with_deadline(functools.partial(client.send_message_to_output, message, self.cfg.output),
+                                   SEND_TIMEOUT, f"sending a {entry['type']} event", "edge-events-send")
+            except Exception as exc:
+                self._attempts += 1
+                if self._attempts < MAX_ATTEMPTS:
+                    log.debug("event %s not sent (%s: %s); kept for later", entry["type"], type(exc).__name__, exc)
+                    return False
+                # An event edgeHub keeps refusing must not hold up every event behind it.
+                log.warning("event %s not sent after %d attempts (%s: %s); dropped", entry["type"], MAX_ATTEMPTS,
+                            type(exc).__name__, exc)
+                dropped -= 1
+            self._attempts = 0
+            with self._lock:
+                if self._buffer and self._buffer[0] is entry:
+                    self._buffer.popleft()
+                self._dropped -= dropped
+        return True
+
+
+def _message(entry: dict[str, Any], dropped: int) -> Message:
+    body = dict(entry, droppedBefore=dropped) if dropped else entry
+    message = Message(json.dumps(body), content_encoding="utf-8",  # type: ignore[no-untyped-call]
+                      content_type="application/json")
+    message.custom_properties["type"] = entry["type"]
+    return message
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _now() -> str:
+    return _iso(dt.datetime.now(dt.UTC))
+
+
+# --- the process's events, for code that does not hold the object ------------------------------
+
+_current: Events | None = None
+
+
+def install(events: Events | None) -> None:
+    global _current
+    _current = events
+
+
+def request_refused(principal: str | None, status: int) -> None:
+    if _current is not None:
+        _current.request_refused(principal, status)
+
+
+def config_rejected(source: str, message: str) -> None:
+    if _current is not None:
+        _current.emit("config.rejected", source=source, error=clip(message))
+
+
+def certificate_expiring(label: str, not_after: dt.datetime) -> None:
+    if _current is not None:
+        _current.certificate_expiring(label, not_after)
+
+
+def certificate_renewed(label: str, not_after: dt.datetime, previous_not_after: dt.datetime | None = None) -> None:
+    """For certificate renewal: announce that `label` now holds a certificate valid until
+    `not_after` (and, if given, what the one it replaced was valid until)."""
+    if _current is not None:
+        _current.emit("certificate.renewed", label=label, notAfter=_iso(not_after),
+                      previousNotAfter=_iso(previous_not_after) if previous_not_after else None)

@@ -1,0 +1,84 @@
+"""How log lines look on standard error: the IoT Edge format, plain text or JSON lines.
+
+`iotedge logs` and the `GetModuleLogs` direct method filter a module's output by syslog
+severity, which they read from a prefix on each line:
+
+    <6> 2026-11-30 03:24:04.123 +00:00 spyrus_hsm: HSM ready: token 'edge' (serial 1234)
+
+(`<3>` error ... `<7>` debug; the time is UTC with milliseconds.) A line without the prefix is
+taken as informational, so a traceback's continuation lines carry the prefix too: filtering by
+severity keeps them with their message. `auto` uses that format when the edge runtime started
+the process (the IOTEDGE_* variables are set) and plain text otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Mapping
+from typing import Literal
+
+LogFormat = Literal["auto", "iotedge", "plain", "json"]
+PLAIN = "%(levelname)s %(name)s: %(message)s"
+EDGE_MARKER = "IOTEDGE_MODULEID"  # set by the edge runtime in every module it starts
+
+
+def syslog_severity(levelno: int) -> int:
+    """RFC 5424 severity for a Python level: 2 critical, 3 error, 4 warning, 6 info, 7 debug."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+class IotEdgeFormatter(logging.Formatter):
+    """`<N> YYYY-MM-DD HH:MM:SS.fff +00:00 logger: message`, every line of it prefixed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = dt.datetime.fromtimestamp(record.created, dt.UTC)
+        prefix = f"<{syslog_severity(record.levelno)}> {when:%Y-%m-%d %H:%M:%S}.{int(record.msecs):03d} +00:00 "
+        text = f"{record.name}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return "\n".join(prefix + line for line in text.splitlines() or [""])
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (UTC, ISO 8601), level, severity, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = dt.datetime.fromtimestamp(record.created, dt.UTC)
+        entry = {"time": when.isoformat(timespec="milliseconds"), "level": record.levelname.lower(),
+                 "severity": syslog_severity(record.levelno), "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def resolve(fmt: LogFormat, env: Mapping[str, str]) -> Literal["iotedge", "plain", "json"]:
+    if fmt == "auto":
+        return "iotedge" if env.get(EDGE_MARKER) else "plain"
+    return fmt
+
+
+def formatter(fmt: Literal["iotedge", "plain", "json"]) -> logging.Formatter:
+    if fmt == "iotedge":
+        return IotEdgeFormatter()
+    if fmt == "json":
+        return JsonFormatter()
+    return logging.Formatter(PLAIN)
+
+
+def apply(fmt: LogFormat, env: Mapping[str, str]) -> str:
+    """Give every handler of the root logger the chosen format; returns the format used."""
+    chosen = resolve(fmt, env)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter(chosen))
+    return chosen

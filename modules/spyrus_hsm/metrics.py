@@ -1,0 +1,170 @@
+"""Prometheus text on http://<host>:9600/metrics, as edgeHub and edgeAgent serve theirs, for
+IoT Edge's metrics-collector (it scrapes the URLs listed in its `MetricsEndpointsCSV`).
+
+The values are those of the package's OpenTelemetry instruments (`telemetry.Metrics`), read
+through a pull reader of the same MeterProvider at each scrape, so the OTLP export and this
+endpoint never disagree. Each name gets the prefix `spyrus_hsm_`, its unit as a suffix and
+`_total` on counters (Prometheus's conventions); each series gets the labels edgeHub puts on its
+own, `iothub`, `edge_device` and `module_name`, so one dashboard query covers a fleet.
+
+Rendering uses prometheus-client's exposition (the format is its reference implementation);
+the endpoint is a plain-HTTP aiohttp listener on the module network, like the health listener.
+A scrape runs the SDK's collection off the event loop: it calls the observable instruments'
+callbacks, which read counters and cached values only, never the HSM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+from opentelemetry.sdk.metrics.export import (
+    Gauge,
+    Histogram,
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    Metric,
+    NumberDataPoint,
+    Sum,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.core import (
+    Metric as PromMetric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from .service.server import listen
+
+log = logging.getLogger(__name__)
+PREFIX = "spyrus_hsm_"
+# OpenTelemetry unit -> Prometheus suffix; units in braces ({call}, {hit}) are annotations.
+_UNITS = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "d": "days", "1": ""}
+_INVALID = re.compile(r"[^a-zA-Z0-9_]")
+
+
+@dataclass(frozen=True)
+class EdgeLabels:
+    """edgeHub's identifying labels: hub host name, device id, module id ("" when unknown)."""
+
+    iothub: str = ""
+    edge_device: str = ""
+    module_name: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"iothub": self.iothub, "edge_device": self.edge_device, "module_name": self.module_name}
+
+
+def prometheus_name(name: str, unit: str) -> str:
+    """`hsm.operation.duration` in `s` -> `spyrus_hsm_hsm_operation_duration_seconds`."""
+    base = PREFIX + _INVALID.sub("_", name)
+    suffix = "" if unit.startswith("{") else _UNITS.get(unit, _INVALID.sub("_", unit))
+    return f"{base}_{suffix}" if suffix and not base.endswith(suffix) else base
+
+
+def _label_name(key: str) -> str:
+    return _INVALID.sub("_", key)
+
+
+class OpenTelemetryCollector(Collector):
+    """A prometheus-client collector that reads the SDK's pull reader at each scrape."""
+
+    def __init__(self, reader: InMemoryMetricReader, labels: EdgeLabels) -> None:
+        self.reader = reader
+        self.labels = labels.as_dict()
+
+    def collect(self) -> Iterator[PromMetric]:
+        data = self.reader.get_metrics_data()
+        if data is None:
+            return
+        for resource in data.resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    family = self._family(metric)
+                    if family is not None:
+                        yield family
+
+    def _family(self, metric: Metric) -> PromMetric | None:
+        name = prometheus_name(metric.name, metric.unit or "")
+        doc = metric.description or metric.name
+        points: list[NumberDataPoint | HistogramDataPoint] = list(metric.data.data_points)  # type: ignore[arg-type]
+        keys = sorted({_label_name(k) for p in points for k in (p.attributes or {})} - set(self.labels))
+        label_names = [*self.labels, *keys]
+        data = metric.data
+        if isinstance(data, Histogram):
+            hist = HistogramMetricFamily(name, doc, labels=label_names)
+            for point in points:
+                assert isinstance(point, HistogramDataPoint)
+                hist.add_metric(self._values(point.attributes, keys), _buckets(point), point.sum)
+            return hist
+        family: CounterMetricFamily | GaugeMetricFamily
+        if isinstance(data, Sum) and data.is_monotonic:
+            family = CounterMetricFamily(name.removesuffix("_total"), doc, labels=label_names)
+        elif isinstance(data, (Sum, Gauge)):
+            family = GaugeMetricFamily(name, doc, labels=label_names)
+        else:
+            return None
+        for point in points:
+            assert isinstance(point, NumberDataPoint)
+            family.add_metric(self._values(point.attributes, keys), point.value)
+        return family
+
+    def _values(self, attributes: Mapping[str, object] | None, keys: list[str]) -> list[str]:
+        named = {_label_name(k): str(v) for k, v in (attributes or {}).items()}
+        return [*self.labels.values(), *(named.get(k, "") for k in keys)]
+
+
+def _buckets(point: HistogramDataPoint) -> list[tuple[str, float]]:
+    """OpenTelemetry's per-bucket counts as Prometheus's cumulative `le` buckets."""
+    out, running = [], 0
+    for bound, count in zip([*point.explicit_bounds, float("inf")], point.bucket_counts, strict=True):
+        running += count
+        out.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(running)))
+    return out
+
+
+def registry(reader: InMemoryMetricReader, labels: EdgeLabels) -> CollectorRegistry:
+    """A registry holding only our metrics (not the client library's process/GC defaults)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(OpenTelemetryCollector(reader, labels))
+    return reg
+
+
+def render(reg: CollectorRegistry) -> bytes:
+    return generate_latest(reg)
+
+
+class MetricsEndpoint:
+    """GET /metrics over plain HTTP on (host, port); port 0 picks a free one (tests)."""
+
+    def __init__(self, reg: CollectorRegistry, host: str, port: int) -> None:
+        self.reg = reg
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> int:
+        """Listen; ListenError (the port taken, the address not ours) leaves nothing behind."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.port = await listen(runner, self.host, self.port, None, "metrics.port")
+        self._runner = runner
+        return self.port
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(render, self.reg)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,57 @@
+"""Log line formats: the IoT Edge prefix (`<N> YYYY-MM-DD HH:MM:SS.fff +00:00 `) that `iotedge
+logs` and GetModuleLogs filter on, JSON lines, and which one `auto` picks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+
+import pytest
+
+from spyrus_hsm.logformat import IotEdgeFormatter, JsonFormatter, resolve
+
+PREFIX = re.compile(r"^<(\d)> (\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3}) \+00:00 ")
+
+
+def record(level: int, message: str = "hello %s", exc: bool = False) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            exc_info = sys.exc_info()
+    rec = logging.LogRecord("spyrus_hsm.test", level, __file__, 1, message, ("world",), exc_info)
+    rec.created, rec.msecs = 1_790_000_000.25, 250.0  # 2026-09-21 14:13:20.250 UTC
+    return rec
+
+
+@pytest.mark.parametrize(("level", "severity"), [(logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+                                                 (logging.INFO, 6), (logging.DEBUG, 7), (5, 7)])
+def test_each_level_gets_its_syslog_severity_and_a_utc_timestamp(level: int, severity: int) -> None:
+    line = IotEdgeFormatter().format(record(level))
+    match = PREFIX.match(line)
+    assert match, line
+    assert int(match.group(1)) == severity
+    assert match.group(2) == "2026-09-21 14:13:20.250"
+    assert line.endswith("spyrus_hsm.test: hello world")
+
+
+def test_every_line_of_a_traceback_carries_the_prefix() -> None:
+    lines = IotEdgeFormatter().format(record(logging.ERROR, exc=True)).splitlines()
+    assert len(lines) > 2 and all(line.startswith("<3> 2026-09-21 14:13:20.250 +00:00 ") for line in lines)
+    assert lines[-1].endswith("ValueError: boom")
+
+
+def test_json_lines_are_one_object_each() -> None:
+    entry = json.loads(JsonFormatter().format(record(logging.WARNING)))
+    assert entry == {"time": "2026-09-21T14:13:20.250+00:00", "level": "warning", "severity": 4,
+                     "logger": "spyrus_hsm.test", "message": "hello world"}
+    assert "ValueError: boom" in json.loads(JsonFormatter().format(record(logging.ERROR, exc=True)))["exception"]
+
+
+def test_auto_is_the_iot_edge_format_only_under_the_edge_runtime() -> None:
+    assert resolve("auto", {"IOTEDGE_MODULEID": "spyrus_hsm"}) == "iotedge"
+    assert resolve("auto", {}) == "plain"
+    assert resolve("json", {"IOTEDGE_MODULEID": "spyrus_hsm"}) == "json"
