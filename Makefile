@@ -34,7 +34,7 @@ tools: deps $(TOOLS)/.installed
 
 $(SHIM): tests/p11shim/p11shim.c | deps
 	@mkdir -p $(BUILD)
-	$(CC) -shared -fPIC -O2 -Wall -Wextra -Werror -I/usr/include/p11-kit-1 -o $@ $< -ldl -lpthread
+	$(CC) -shared -fPIC -O2 -Wall -Wextra -Werror -I/usr/include/p11-kit-1 -I/usr/include/PCSC -o $@ $< -ldl -lpthread
 
 shim: $(SHIM)
 
@@ -56,7 +56,7 @@ unit: venv shim tools
 test: lint unit
 
 # Builds the amd64 image with podman (installed if missing) and tests it: scripts/image-test.sh.
-image-test: venv
+image-test: venv shim
 	@bash scripts/image-test.sh
 
 # The same for Dockerfile.arm64v8 on this (amd64) machine, under qemu-user-static.

@@ -10,7 +10,8 @@
 # 1. podman, buildah, runc and debootstrap from Debian if missing (arm64: qemu-user-static too);
 # 2. the base: a local stand-in for debian:bookworm-slim made with debootstrap, kept between runs;
 # 3. the image from Dockerfile.<arch> with --build-arg BASE_IMAGE=<the stand-in>;
-# 4. pytest tests/image against it (a SoftHSM2 token, TLS files and a bearer token made here);
+# 4. pytest tests/image against it (a SoftHSM2 token, TLS files and a bearer token made here;
+#    for PC/SC, this machine's pcscd and a virtual card: see tests/image/test_image_pcsc.py);
 # 5. removal of the test image, its build stage and containers (the base stays cached;
 #    IMAGE_TEST_KEEP=1 keeps the image too, for a look inside).
 #
@@ -40,6 +41,8 @@ IMAGE=${IMAGE:-$image_default}
 PODMAN=${PODMAN:-podman --root /var/lib/containers/spyrus-hsm --runroot /run/containers/spyrus-hsm \
 --storage-driver=vfs --cgroup-manager=cgroupfs --runtime runc}
 ULIMITS=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+# The PC/SC tests (tests/image/test_image_pcsc.py) need the virtual reader driver in the image.
+EXTRA_PACKAGES=${EXTRA_PACKAGES:-vsmartcard-vpcd}
 export PODMAN IMAGE
 read -r -a podman <<< "$PODMAN"
 started=$SECONDS
@@ -101,8 +104,8 @@ fi
 echo "building $IMAGE from $dockerfile on $BASE_IMAGE"
 build_started=$SECONDS
 "${podman[@]}" build --format docker --network=host "${ULIMITS[@]}" "${build_mounts[@]}" \
-  --platform "linux/$arch" --build-arg "BASE_IMAGE=$BASE_IMAGE" -f "$dockerfile" -t "$IMAGE" . \
-  > "$work/build.log" 2>&1 \
+  --platform "linux/$arch" --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "EXTRA_PACKAGES=$EXTRA_PACKAGES" \
+  -f "$dockerfile" -t "$IMAGE" . > "$work/build.log" 2>&1 \
   || { tail -40 "$work/build.log" >&2; echo "error: image build failed" >&2; exit 1; }
 build_seconds=$((SECONDS - build_started))
 size=$("${podman[@]}" image inspect "$IMAGE" --format '{{.Size}}')

@@ -6,6 +6,10 @@ set -euo pipefail
 
 packages=(python3 python3-venv python3-dev gcc make libc6-dev libp11-kit-dev softhsm2 opensc openssl curl ca-certificates)
 backports=(pkcs11-provider)
+# PC/SC: pcscd with libccid (the Rosetta is a CCID reader), libpcsclite (its client library, and
+# the headers the test shim builds with), and for the tests a virtual reader driver (vpcd) and
+# card emulator (vpicc, whose Python half is python3-virtualsmartcard).
+packages+=(pcscd libccid libpcsclite1 libpcsclite-dev vsmartcard-vpcd vsmartcard-vpicc python3-virtualsmartcard)
 
 missing=()
 for p in "${packages[@]}" "${backports[@]}"; do

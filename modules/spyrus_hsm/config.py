@@ -14,6 +14,7 @@ values allowed, and null is accepted only where the annotation allows None.
       call_timeout: 10
       queue_limit: 256
       serial: false        # true for a token that executes one operation at a time (USB)
+      pcscd: none          # SPYRUS_HSM_PCSCD: none | internal (serve runs pcscd) | host (/run/pcscd bound in)
     state_dir: /var/lib/spyrus-hsm
     sas:
       default_ttl: 3600
@@ -65,6 +66,10 @@ class HsmConfig:
     call_timeout: float = 10.0
     queue_limit: int = 256
     serial: bool = False  # one operation at a time (a USB token): one worker, one session
+    # PC/SC transport of the token (a CCID reader such as the Rosetta USB): none (SoftHSM2, or a
+    # library that needs no pcscd), internal (serve supervises its own pcscd), host (the host's
+    # pcscd socket, /run/pcscd, is bound in).
+    pcscd: Literal["none", "internal", "host"] = "none"
 
     def pool_settings(self) -> PoolSettings:
         return PoolSettings(
@@ -221,6 +226,7 @@ _ENV = {
     "SPYRUS_HSM_TOKEN_LABEL": ("hsm", "token_label"),
     "SPYRUS_HSM_PIN_FILE": ("hsm", "pin_file"),
     "SPYRUS_HSM_LOG_FORMAT": ("logging", "format"),
+    "SPYRUS_HSM_PCSCD": ("hsm", "pcscd"),
 }
 
 

@@ -15,6 +15,8 @@ import logging
 import os
 import signal
 import sys
+import traceback
+import types
 from pathlib import Path
 
 from . import config as config_mod
@@ -28,6 +30,8 @@ from .hsm.recovery import EXIT_RESTART, restart_done, restart_once
 from .identity import tls
 from .identity import x509 as x509_id
 from .metrics import EdgeLabels, MetricsEndpoint, registry
+from .pcsc.daemon import Pcscd
+from .pcsc.watch import CardWatch
 from .service.audit import AuditLog
 from .service.core import Deps, Service
 from .service.server import ListenError, Listeners, ServerTls, probe_forever
@@ -69,6 +73,14 @@ class Module:
             deps = Deps(self.hsm, telemetry, self.state_dir, cfg.cloud, self._assigned_hub,
                         cfg.sas.default_ttl, self.load_provider)
             self.service = Service(cfg.service, deps, AuditLog(audit_path, cfg.service.audit_fail_closed))
+        # PC/SC: pcscd run here (internal) or the host's; either way a missing token is explained
+        # in reader terms ("card removed from reader X").
+        self.pcscd = Pcscd() if cfg.hsm.pcscd == "internal" else None
+        self.cards = CardWatch() if cfg.hsm.pcscd != "none" else None
+        if self.cards is not None:
+            cards = self.cards
+            self.hsm.explain_faults(cards.explain)
+            self.hsm.add_listener(lambda state: cards.token_ready() if state.ready else None)
         self.edge_env = detect_edge(os.environ)  # IoT Edge? (raises on a half-configured environment)
         self.edge: EdgeAgent | None = None
         self.exit_code = 0
@@ -81,6 +93,8 @@ class Module:
         tls.load_provider(self.cfg.hsm.module, self.cfg.hsm.pin_file, self.state_dir / "openssl")
 
     def start(self) -> None:
+        if self.pcscd is not None:
+            self.pcscd.start()  # the HSM's connection attempts retry until pcscd answers
         self.hsm.add_listener(_log_state)
         self.hsm.start(wait=False)
         if self.cloud is not None:
@@ -264,6 +278,8 @@ class Module:
         if self.cloud is not None:
             self.cloud.stop()
         self.hsm.close()
+        if self.pcscd is not None:
+            self.pcscd.stop()
 
 
 def loop_time() -> float:
@@ -288,9 +304,13 @@ def _log_state(state: HsmState) -> None:
         log.warning("HSM %s: %s", state.status, state.reason)
 
 
-def _quiet_pkcs11_finalizers(hook: object = sys.unraisablehook) -> None:
+def _quiet_pkcs11_finalizers(hook: object = sys.unraisablehook, excepthook: object = sys.excepthook) -> None:
     """python-pkcs11's search iterators raise from __del__ after a device fault ("Exception
-    ignored in OperationContext.__del__"); after an unplug that is expected, not news."""
+    ignored in OperationContext.__del__"); after an unplug that is expected, not news.
+
+    Cython prints such an exception twice: its whole traceback first, through sys.excepthook
+    (no "Exception ignored" header), then through the unraisable hook. Only a traceback made of
+    python-pkcs11's own frames is dropped from the first; a crash through our code still shows."""
 
     def unraisable(info: sys.UnraisableHookArgs) -> None:
         if "pkcs11" in repr(info.object) or "pkcs11" in type(info.exc_value).__module__:
@@ -298,7 +318,15 @@ def _quiet_pkcs11_finalizers(hook: object = sys.unraisablehook) -> None:
             return
         hook(info)  # type: ignore[operator]
 
+    def uncaught(kind: type[BaseException], value: BaseException, tb: types.TracebackType | None) -> None:
+        frames = traceback.extract_tb(tb)
+        if kind.__module__.startswith("pkcs11") and frames and all(f.filename.endswith(".pyx") for f in frames):
+            log.debug("printed by a python-pkcs11 finalizer: %r", value)
+            return
+        excepthook(kind, value, tb)  # type: ignore[operator]
+
     sys.unraisablehook = unraisable
+    sys.excepthook = uncaught
 
 
 def serve(cfg: Config, telemetry: Telemetry) -> int:

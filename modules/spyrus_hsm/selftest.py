@@ -18,6 +18,8 @@ from . import config as config_mod
 from .hsm import Hsm, HsmError, SignAlgorithm, read_secret_file
 from .hsm.provision import list_tokens
 from .identity import x509 as x509_id
+from .pcsc import scard
+from .pcsc.watch import NO_READER
 
 CERT_WARN_DAYS = 30        # certificates without a key in the token (CAs, peers)
 CREDENTIAL_WARN_LEFT = 0.2  # X.509 credentials: warn below this fraction of the lifetime left
@@ -50,8 +52,8 @@ def _softhsm_checks(module: str) -> list[Check]:
     return [Check("softhsm tokens", True, f"{conf} -> {tokendir}")]
 
 
-def _usb_checks(module: str) -> list[Check]:
-    if "softhsm" in Path(module).name:
+def _usb_checks(module: str, pcscd: str) -> list[Check]:
+    if "softhsm" in Path(module).name or pcscd == "host":  # host: the host's pcscd opens the USB device
         return []
     usb = Path("/dev/bus/usb")
     if not usb.is_dir():
@@ -61,6 +63,29 @@ def _usb_checks(module: str) -> list[Check]:
         return [Check("usb", False, f"uid {os.getuid()} cannot open {', '.join(denied[:5])}; "
                       "add the cgroup rule 'c 189:* rmw' and a group that can read them")]
     return [Check("usb", True, "/dev/bus/usb devices are accessible")]
+
+
+def _pcsc_checks(pcscd: str) -> list[Check]:
+    """hsm.pcscd internal/host: pcscd answers, which readers it sees, which holds the card."""
+    if pcscd == "none":
+        return []
+    s = scard.survey()
+    if s.problem:
+        hint = ""
+        if pcscd == "internal" and s.problem.startswith("pcscd not reachable"):
+            hint = "; serve starts pcscd with hsm.pcscd: internal (is serve running?)"
+        return [Check("pcsc", False, s.problem + hint)]
+    if not s.readers:
+        return [Check("pcsc readers", False, NO_READER)]
+    names = ", ".join(f"'{r.name}'" for r in s.readers)
+    out = [Check("pcsc readers", True, f"pcscd at {scard.socket_path()} ({pcscd}) sees {names}")]
+    cards = s.with_card
+    out.append(Check("pcsc card", bool(cards), "card in reader " + ", ".join(f"'{r}'" for r in cards) if cards
+                     else f"no card in any reader ({names}): insert the token"))
+    for reader in cards:
+        denied = scard.card_access(reader)
+        out.append(Check("pcsc access", denied is None, denied or f"uid {os.getuid()} may use the card in '{reader}'"))
+    return out
 
 
 def _service_checks(cfg: config_mod.Config) -> list[Check]:
@@ -106,7 +131,7 @@ def collect(config_path: str | None, pin_file: str | None) -> list[Check]:
                         f"{module} is missing or unreadable; set SPYRUS_HSM_PKCS11_MODULE"))
     if not ok:
         return checks
-    checks += _softhsm_checks(module) + _usb_checks(module)
+    checks += _softhsm_checks(module) + _usb_checks(module, cfg.hsm.pcscd) + _pcsc_checks(cfg.hsm.pcscd)
     try:
         tokens = list_tokens(module)
         checks.append(Check("tokens", True, ", ".join(f"'{t.label}'" for t in tokens) or "none"))

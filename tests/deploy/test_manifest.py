@@ -1,6 +1,8 @@
 """The IoT Edge deployment: `iotedgedev genconfig` turns deployment.template.json and
 modules/spyrus_hsm/module.json into manifests that Azure accepts (schema, twin value sizes),
 with the HSM's USB bus passed through the way the pitfalls require and nothing left to fill in.
+deployment.pcsc-host.template.json (the host's pcscd socket bound in instead of the USB bus) is
+held to the same checks.
 
 deployments/layered.spyrus-hsm.json, the fleet's layered deployment, is checked offline too: set
 leaf by leaf onto the generated base manifest it must still validate, its module must be the
@@ -39,11 +41,13 @@ REGISTRY = "localhost:5000"
 TWIN_VALUE_MAX = 512      # characters in one twin value
 CREATE_OPTIONS_MAX_CHUNKS = 8
 PLATFORMS = ("amd64", "arm64v8")
+TEMPLATES = {"usb": "deployment.template.json", "pcsc-host": "deployment.pcsc-host.template.json"}
 
 
 @dataclass
 class Generated:
     platform: str
+    template: str
     text: str
     output: str
     docker_contacted: bool
@@ -87,7 +91,7 @@ def env_template_value(name: str) -> str:
     raise AssertionError(f".env.template does not set {name}")
 
 
-def genconfig(tmp: Path, platform: str, **extra_env: str) -> Generated:
+def genconfig(tmp: Path, platform: str, template: str = TEMPLATES["usb"], **extra_env: str) -> Generated:
     home = tmp / "home"
     (home / ".iotedgedev").mkdir(parents=True)
     # Past iotedgedev's first-run notice, with its usage telemetry off.
@@ -112,7 +116,7 @@ def genconfig(tmp: Path, platform: str, **extra_env: str) -> Generated:
         }
         # cwd is the empty temporary directory, so a developer's own .env does not count.
         proc = subprocess.run(
-            [str(_iotedgedev()), "solution", "genconfig", "-f", str(ROOT / "deployment.template.json"),
+            [str(_iotedgedev()), "solution", "genconfig", "-f", str(ROOT / template),
              "-P", platform],
             cwd=tmp, env=env, capture_output=True, text=True, timeout=120, check=False)
         docker.setblocking(False)
@@ -123,16 +127,18 @@ def genconfig(tmp: Path, platform: str, **extra_env: str) -> Generated:
             contacted = False
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
-    return Generated(platform, (out_dir / f"deployment.{platform}.json").read_text(), output, contacted)
+    name = template.removesuffix(".template.json")
+    return Generated(platform, template, (out_dir / f"{name}.{platform}.json").read_text(), output, contacted)
 
 
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Generated]]:
-    yield {p: genconfig(tmp_path_factory.mktemp(p), p) for p in PLATFORMS}
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, str], Generated]]:
+    yield {(t, p): genconfig(tmp_path_factory.mktemp(f"{t}-{p}"), p, TEMPLATES[t]) for t in TEMPLATES
+           for p in PLATFORMS}
 
 
-@pytest.fixture(params=PLATFORMS)
-def gen(request: pytest.FixtureRequest, generated: dict[str, Generated]) -> Generated:
+@pytest.fixture(params=[(t, p) for t in TEMPLATES for p in PLATFORMS], ids=lambda tp: "-".join(tp))
+def gen(request: pytest.FixtureRequest, generated: dict[tuple[str, str], Generated]) -> Generated:
     return generated[request.param]
 
 
@@ -170,6 +176,8 @@ def test_the_image_is_the_modules_platform_tag_in_the_registry(gen: Generated) -
 
 
 def test_the_usb_bus_is_bound_with_a_cgroup_rule_and_the_module_is_not_privileged(gen: Generated) -> None:
+    if gen.template != TEMPLATES["usb"]:
+        pytest.skip("the pcsc-host variant binds the host's pcscd socket instead")
     host = gen.create_options["HostConfig"]
     assert "/dev/bus/usb:/dev/bus/usb" in host["Binds"]
     assert host["DeviceCgroupRules"] == ["c 189:* rmw"]
@@ -255,6 +263,20 @@ def test_the_two_dockerfiles_differ_only_in_their_base_image() -> None:
     assert "ARG BASE_IMAGE=arm64v8/debian:bookworm-slim" in (ROOT / "Dockerfile.arm64v8").read_text()
 
 
+def test_the_pcsc_host_variant_binds_the_hosts_pcscd_folder_and_no_usb(
+        generated: dict[tuple[str, str], Generated]) -> None:
+    for platform in PLATFORMS:
+        gen = generated[("pcsc-host", platform)]
+        host = gen.create_options["HostConfig"]
+        # The folder, not the socket file: a restarted host pcscd makes a new socket in it.
+        assert "/run/pcscd:/run/pcscd" in host["Binds"]
+        assert not any(b.startswith("/dev/bus/usb") for b in host["Binds"]) and "DeviceCgroupRules" not in host
+        assert "Privileged" not in json.dumps(gen.create_options)
+        assert gen.module["env"]["SPYRUS_HSM_PCSCD"] == {"value": "host"}
+        base = generated[("usb", platform)]
+        assert "SPYRUS_HSM_PCSCD" not in base.module["env"]  # the base template keeps hsm.pcscd from the config
+
+
 # --- the layered deployment for the fleet (deployments/layered.spyrus-hsm.json) ---------------
 
 LAYERED = ROOT / "deployments" / "layered.spyrus-hsm.json"
@@ -297,17 +319,17 @@ def test_the_layer_targets_the_rosetta_fleet_above_the_base_deployment(layered: 
 
 
 def test_the_layer_on_the_base_manifest_validates_against_the_deployment_schema(
-        layered: dict[str, Any], generated: dict[str, Generated]) -> None:
+        layered: dict[str, Any], generated: dict[tuple[str, str], Generated]) -> None:
     schema = json.loads(SCHEMA.read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
-    merged = applied(generated["amd64"].manifest, layered)
+    merged = applied(generated[("usb", "amd64")].manifest, layered)
     errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(merged)]
     assert not errors, errors
 
 
 def test_the_layers_module_is_the_base_templates_module(layered: dict[str, Any],
-                                                        generated: dict[str, Generated]) -> None:
-    base = generated["amd64"]
+                                                        generated: dict[tuple[str, str], Generated]) -> None:
+    base = generated[("usb", "amd64")]
     module = layered["content"]["modulesContent"]["$edgeAgent"]["properties.desired.modules.spyrus_hsm"]
     chunks = base.create_option_chunks(module["settings"])
     assert all(isinstance(c, str) and len(c) <= TWIN_VALUE_MAX for c in chunks)

@@ -4,7 +4,7 @@
  * For the spyrus-hsm tests; not for production use.
  *
  * Build (the project's Makefile, `make shim`):
- *   cc -shared -fPIC -O2 -Wall -Wextra -Werror -I/usr/include/p11-kit-1 \
+ *   cc -shared -fPIC -O2 -Wall -Wextra -Werror -I/usr/include/p11-kit-1 -I/usr/include/PCSC \
  *      -o .build/libp11shim.so tests/p11shim/p11shim.c -ldl -lpthread
  *
  * Environment
@@ -26,6 +26,14 @@
  *                     the forwarded call, so concurrent sessions sign one after the other
  *                     (0 = off; the lock is not taken for a length query).
  * A missing, unreadable or empty file means: plugged, no delay, no login failure.
+ *
+ * PC/SC mode (P11SHIM_PCSC_READER=<reader name>, read once with P11SHIM_CONTROL)
+ *   The token is plugged only while a card is in that reader as pcscd reports it (asked through
+ *   libpcsclite.so.1, dlopen'ed on first use, at every call as the control file is) *and* the
+ *   control file does not say unplugged: pulling the card is an unplug, inserting it a replug,
+ *   as a vendor library over a CCID reader behaves. pcscd not running, the reader missing or
+ *   libpcsclite not loadable all count as no card. A card pulled and put back between two calls
+ *   (pcscd's event counter for the reader moved) is a replug too.
  * Every call stats the file (~1 us); the file is re-read when its device, inode, size, mtime or
  * ctime changed, and also — while its mtime is within 2 s of the last read — re-read and compared
  * by content, so same-size rewrites within one timestamp tick are not missed. Replace the file
@@ -67,6 +75,7 @@
 #include <unistd.h>
 
 #include <p11-kit/pkcs11.h>
+#include <winscard.h>
 
 #define DEFAULT_TARGET "/usr/lib/softhsm/libsofthsm2.so"
 #define CTL_MAX 4096
@@ -100,6 +109,18 @@ static char g_ctl_buf[CTL_MAX];
 static size_t g_ctl_len;
 static struct ctl_state g_cur;        /* parsed from g_ctl_buf */
 static int g_seen_unplugged;          /* the state the previous call observed */
+
+/* ---- PC/SC mode (all under g_ctl_lock) ------------------------------------------------- */
+
+static char *g_reader;                /* P11SHIM_PCSC_READER, NULL = off */
+static void *g_pcsc_dl;
+static LONG (*p_establish)(DWORD, LPCVOID, LPCVOID, LPSCARDCONTEXT);
+static LONG (*p_release)(SCARDCONTEXT);
+static LONG (*p_status_change)(SCARDCONTEXT, DWORD, SCARD_READERSTATE *, DWORD);
+static SCARDCONTEXT g_pcsc_ctx;
+static int g_pcsc_have_ctx;
+static DWORD g_card_events;           /* pcscd's event counter when the card was last seen */
+static int g_card_seen;
 
 /* ---- sessions -------------------------------------------------------------------------- */
 
@@ -247,6 +268,9 @@ static void ctl_set_path_from_env(void)
         g_ctl_len = 0;
         memset(&g_cur, 0, sizeof g_cur);
     }
+    const char *r = getenv("P11SHIM_PCSC_READER");
+    free(g_reader);
+    g_reader = (r && *r) ? strdup(r) : NULL;
     pthread_mutex_unlock(&g_ctl_lock);
     free(copy);
 }
@@ -379,6 +403,61 @@ static int ctl_read(void)
 
 static void replug_kill(void);
 
+/* g_ctl_lock held */
+static int pcsc_load(void)
+{
+    if (p_status_change)
+        return 1;
+    if (!g_pcsc_dl)
+        g_pcsc_dl = dlopen("libpcsclite.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!g_pcsc_dl)
+        return 0;
+    p_establish = (LONG(*)(DWORD, LPCVOID, LPCVOID, LPSCARDCONTEXT))dlsym(g_pcsc_dl, "SCardEstablishContext");
+    p_release = (LONG(*)(SCARDCONTEXT))dlsym(g_pcsc_dl, "SCardReleaseContext");
+    p_status_change = (LONG(*)(SCARDCONTEXT, DWORD, SCARD_READERSTATE *, DWORD))dlsym(g_pcsc_dl, "SCardGetStatusChange");
+    if (!p_establish || !p_release || !p_status_change) {
+        p_status_change = NULL;
+        return 0;
+    }
+    return 1;
+}
+
+/* g_ctl_lock held. 1 when a card is in g_reader; *swapped = it was pulled and put back since
+ * the last call that saw it. */
+static int pcsc_card_present(int *swapped)
+{
+    *swapped = 0;
+    if (!pcsc_load())
+        return 0;
+    if (!g_pcsc_have_ctx) {
+        if (p_establish(SCARD_SCOPE_SYSTEM, NULL, NULL, &g_pcsc_ctx) != SCARD_S_SUCCESS)
+            return 0;
+        g_pcsc_have_ctx = 1;
+    }
+    SCARD_READERSTATE rs;
+    memset(&rs, 0, sizeof rs);
+    rs.szReader = g_reader;
+    rs.dwCurrentState = SCARD_STATE_UNAWARE;
+    LONG rv = p_status_change(g_pcsc_ctx, 0, &rs, 1);
+    if (rv != SCARD_S_SUCCESS) {
+        if (rv != SCARD_E_UNKNOWN_READER && rv != SCARD_E_TIMEOUT) {
+            /* pcscd went away (or the context did): start again at the next call */
+            p_release(g_pcsc_ctx);
+            g_pcsc_have_ctx = 0;
+        }
+        g_card_seen = 0;
+        return 0;
+    }
+    int present = (rs.dwEventState & SCARD_STATE_PRESENT) &&
+                  !(rs.dwEventState & (SCARD_STATE_MUTE | SCARD_STATE_UNAVAILABLE));
+    DWORD events = rs.dwEventState >> 16;
+    if (present && g_card_seen && events != g_card_events)
+        *swapped = 1;
+    g_card_seen = present;
+    g_card_events = events;
+    return present;
+}
+
 /* Sample the control file and handle a replug; `out` gets the state in force for this call. */
 static void refresh(struct ctl_state *out)
 {
@@ -408,10 +487,14 @@ static void refresh(struct ctl_state *out)
                 ctl_parse(g_ctl_buf, g_ctl_len, &g_cur);
         }
     }
-    if (g_seen_unplugged && !g_cur.unplugged)
+    int unplugged = g_cur.unplugged, swapped = 0;
+    if (!unplugged && g_reader)
+        unplugged = !pcsc_card_present(&swapped);
+    if ((g_seen_unplugged || swapped) && !unplugged)
         replug_kill();
-    g_seen_unplugged = g_cur.unplugged;
+    g_seen_unplugged = unplugged;
     *out = g_cur;
+    out->unplugged = unplugged;
     pthread_mutex_unlock(&g_ctl_lock);
 }
 

@@ -66,6 +66,10 @@ class Hsm:
     def remove_listener(self, fn: Callable[[HsmState], None]) -> None:
         self.pool.remove_listener(fn)
 
+    def explain_faults(self, fn: Callable[[], str | None] | None) -> None:
+        """Say why the token is missing in the transport's terms (see HsmPool.explain_faults)."""
+        self.pool.explain_faults(fn)
+
     def queue_depth(self) -> int:
         """Requests admitted and not yet answered."""
         return self.pool.queue_depth()

@@ -108,6 +108,7 @@ class HsmPool:
         self._threads: list[threading.Thread] = []
         self._listeners: list[Callable[[HsmState], None]] = []
         self._ever_ready = False
+        self._explain: Callable[[], str | None] | None = None
         self.epoch = 0  # bumped by object-mutating operations: sessions drop handle caches
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -165,6 +166,24 @@ class HsmPool:
     def remove_listener(self, fn: Callable[[HsmState], None]) -> None:
         if fn in self._listeners:
             self._listeners.remove(fn)
+
+    def explain_faults(self, fn: Callable[[], str | None] | None) -> None:
+        """While the token is missing, `fn()` says why in the transport's terms ("card removed
+        from reader X"); its answer replaces the PKCS#11 reason in the state (None: keep it).
+        Called on an HSM thread, outside the pool's lock."""
+        self._explain = fn
+
+    def _explained(self, reason: str) -> str:
+        if self._explain is None:
+            return reason
+        try:
+            better = self._explain()
+        except Exception:
+            log.exception("explaining an HSM fault failed")
+            return reason
+        if better and better != reason:
+            log.debug("HSM: %s (PKCS#11: %s)", better, reason)
+        return better or reason
 
     def queue_depth(self) -> int:
         return self._outstanding
@@ -287,11 +306,13 @@ class HsmPool:
         with self._cond:
             if self._stopping or generation != self._generation or self._recover_requested:
                 return
-            log.warning("HSM fault: %s; recovering", reason)
             self._recover_requested = True
             self._change = change
             self._accepting = False
-            state = self._new_state("degraded", reason)
+        explained = self._explained(reason)
+        log.warning("HSM fault: %s; recovering", explained if explained == reason else f"{explained} ({reason})")
+        with self._cond:
+            state = self._new_state("degraded", explained)
         self._notify(state)
         self._wake.set()
 
@@ -316,7 +337,7 @@ class HsmPool:
                 exc = translate(raw, "reconnecting to the HSM")
                 # A changed token that may not be re-initialised in this process stays unreadable.
                 restart = change is not None and not self._conn.reinitialisable
-                reason = f"{change}; {exc}" if change is not None else str(exc)
+                reason = f"{change}; {exc}" if change is not None else self._explained(str(exc))
                 self._set_state("degraded", reason + (_RESTART_TEXT if restart else ""), restart=restart,
                                 change=change if restart else None)
                 self._wake.wait(delay)  # close() sets it: stop retrying at once
