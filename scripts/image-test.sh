@@ -49,7 +49,13 @@ started=$SECONDS
 
 tools=(podman buildah runc debootstrap)
 foreign=0
-[ "$arch" = "$(dpkg --print-architecture)" ] || { foreign=1; tools+=(qemu-user-static); }
+cross=
+if [ "$arch" != "$(dpkg --print-architecture)" ]; then
+  # The PC/SC image tests mount the test shim into the container: it is built for $arch too.
+  foreign=1
+  cross=$(case "$arch" in arm64) echo aarch64-linux-gnu ;; *) echo "$arch-linux-gnu" ;; esac)
+  tools+=(qemu-user-static "gcc-$cross" "libc6-dev-$arch-cross")
+fi
 missing=()
 for p in "${tools[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -76,6 +82,11 @@ if [ "$foreign" = 1 ]; then
 fi
 
 bash scripts/debian-base-image.sh "$BASE_IMAGE" "$arch"
+if [ -n "$cross" ]; then
+  mkdir -p ".build/$arch"
+  make --no-print-directory CC="$cross-gcc" SHIM=".build/$arch/libp11shim.so" shim
+  export SPYRUS_IMAGE_SHIM=".build/$arch/libp11shim.so"
+fi
 
 cleanup() {
   "${podman[@]}" ps -a -q --filter "ancestor=$IMAGE" | xargs -r "${podman[@]}" rm -f > /dev/null || true
