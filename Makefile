@@ -59,6 +59,11 @@ test: lint unit
 image-test: venv shim
 	@bash scripts/image-test.sh
 
+# The same for Dockerfile.arm64v8 on this (amd64) machine, under qemu-user-static.
+.PHONY: image-test-arm64
+image-test-arm64: venv
+	@bash scripts/image-test.sh --arch arm64
+
 bench: venv shim
 	$(BIN)/python bench/hsm_throughput.py
 	$(BIN)/python bench/api_throughput.py

@@ -3,12 +3,17 @@
 # machines that reach Debian's package mirror but no container registry. Does nothing when the
 # image already exists. The mirror is read from this machine's apt sources at run time.
 #
-#   scripts/debian-base-image.sh [IMAGE]     (default localhost/debian:bookworm-slim)
+#   scripts/debian-base-image.sh [IMAGE [ARCH]]
+#
+# IMAGE defaults to localhost/debian:bookworm-slim, ARCH (a Debian architecture) to this
+# machine's. A foreign ARCH (arm64 on amd64) needs qemu-user-static's binfmt handlers, which
+# scripts/image-test.sh --arch sets up: debootstrap's second stage runs the target's binaries.
 #
 # PODMAN may name the podman command with its global flags (see scripts/image-test.sh).
 set -euo pipefail
 
 image=${1:-localhost/debian:bookworm-slim}
+arch=${2:-$(dpkg --print-architecture)}
 read -r -a podman <<< "${PODMAN:-podman}"
 
 if "${podman[@]}" image exists "$image"; then
@@ -27,8 +32,8 @@ rootfs=$(mktemp -d)
 trap 'rm -rf "$rootfs"' EXIT
 chmod 0755 "$rootfs"   # it becomes the image's /; mktemp made it 0700
 
-echo "debootstrap bookworm (minbase) from the mirror in $sources"
-debootstrap --variant=minbase bookworm "$rootfs" "$mirror" > "$rootfs.log" 2>&1 \
+echo "debootstrap bookworm (minbase, $arch) from the mirror in $sources"
+debootstrap --variant=minbase --arch="$arch" bookworm "$rootfs" "$mirror" > "$rootfs.log" 2>&1 \
   || { tail -20 "$rootfs.log" >&2; rm -f "$rootfs.log"; exit 1; }
 rm -f "$rootfs.log"
 
@@ -64,7 +69,7 @@ find "$rootfs/usr/share/doc" -mindepth 2 ! -name copyright ! -type d -delete
 rm -rf "$rootfs"/usr/share/{info,locale,man,groff,lintian}/* \
        "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
 
-tar -C "$rootfs" -c . | "${podman[@]}" import > /dev/null \
+tar -C "$rootfs" -c . | "${podman[@]}" import --os linux --arch "$arch" > /dev/null \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'CMD ["bash"]' - "$image"
 echo "imported $image"

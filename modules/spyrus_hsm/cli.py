@@ -114,9 +114,10 @@ def _pin(args: argparse.Namespace, cfg: Config, stdin: _Stdin) -> Secret:
 
 
 @contextmanager
-def _hsm(args: argparse.Namespace, stdin: _Stdin) -> Iterator[tuple[Hsm, Config]]:
+def _hsm(args: argparse.Namespace, stdin: _Stdin, pin: Secret | None = None) -> Iterator[tuple[Hsm, Config]]:
+    """The logged-in HSM; `pin` when the caller has read it already (it needs it again)."""
     cfg = _load_config(args)
-    pin = _pin(args, cfg, stdin)
+    pin = pin or _pin(args, cfg, stdin)
     hsm = Hsm(cfg.hsm.pool_settings(), pin)
     hsm.start(wait=True)
     try:
@@ -330,6 +331,61 @@ def cmd_register(args: argparse.Namespace, stdin: _Stdin) -> int:
     return 0
 
 
+def cmd_aziot_config(args: argparse.Namespace, stdin: _Stdin) -> int:
+    from . import aziot
+
+    if bool(args.id_scope) == bool(args.hub):
+        raise UsageError("give --id-scope and --registration-id (DPS) or --hub and --device-id (manual)")
+    if args.id_scope and not args.registration_id:
+        raise UsageError("--id-scope needs --registration-id")
+    if args.hub and not args.device_id:
+        raise UsageError("--hub needs --device-id")
+    if args.x509 and not args.identity_cert:
+        raise UsageError("--x509 needs --identity-cert: the file aziot reads the device certificate from")
+    if args.yes and not args.out:
+        raise UsageError("--yes confirms writing --out; without --out nothing is written")
+    prov = aziot.Provisioning(
+        source="dps" if args.id_scope else "manual", method="x509" if args.x509 else "sas",
+        key_label=args.x509 or args.sas_key, id_scope=args.id_scope, registration_id=args.registration_id,
+        global_endpoint=args.global_endpoint, hub=args.hub, device_id=args.device_id,
+        identity_cert=args.identity_cert)
+    pin = _pin(args, _load_config(args), stdin)
+    with _hsm(args, stdin, pin) as (hsm, cfg):
+        chain = aziot.check_objects(hsm, prov)
+        token_label = hsm.state.token_label or ""
+    lib_path = args.lib_path or cfg.hsm.module
+    if not args.out:
+        pin.wipe()
+        sys.stdout.write(aziot.render(lib_path, token_label, prov))
+        return 0
+    try:
+        _confirm_aziot_out(args)
+        text = aziot.render(lib_path, token_label, prov, aziot.pin_value(pin.reveal_str()))
+    finally:
+        pin.wipe()
+    write_atomic(args.out, text, mode=0o600)
+    print(f"wrote {args.out} (mode 0600; it holds the token PIN)", file=sys.stderr)
+    if chain:
+        write_atomic(args.identity_cert, aziot.chain_pem(chain), mode=0o644)
+        print(f"wrote {args.identity_cert}: the certificate chain of '{prov.key_label}' from the token",
+              file=sys.stderr)
+    if os.geteuid() != 0:
+        print(f"note: {args.out} is owned by uid {os.geteuid()}; aziot expects root to own it", file=sys.stderr)
+    return 0
+
+
+def _confirm_aziot_out(args: argparse.Namespace) -> None:
+    """The file will hold the PIN in clear: ask, or take --yes from a script."""
+    if args.yes:
+        return
+    if sys.stdin is None or not sys.stdin.isatty():
+        raise UsageError(f"{args.out} would hold the token PIN (aziot reads it only from there): "
+                         "confirm with --yes")
+    answer = input(f"{args.out} will hold the token PIN in clear, mode 0600. Write it? [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise UsageError(f"not written: {args.out}")
+
+
 def cmd_renew(args: argparse.Namespace, stdin: _Stdin) -> int:
     """One renewal of the operational certificate LABEL (cloud.issue_cert) by hand: a new key
     pair, a DPS registration with the config's onboarding credential, the new certificate
@@ -507,6 +563,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="have DPS issue an operational certificate for the HSM key LABEL (an EC "
                         "P-384 key is generated there if absent) and store it beside the key")
     c.set_defaults(func=cmd_register)
+
+    c = add_parser("aziot-config", help="print the /etc/aziot/config.toml sections that make the edge "
+                                        "runtime itself use keys in this token")
+    c.add_argument("--id-scope", help="DPS provisioning: the ID scope")
+    c.add_argument("--registration-id", help="DPS provisioning: the registration ID")
+    c.add_argument("--global-endpoint", default="https://global.azure-devices-provisioning.net/",
+                   help="DPS global endpoint")
+    c.add_argument("--hub", help="manual provisioning: the IoT Hub host name")
+    c.add_argument("--device-id", help="manual provisioning: the device ID")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--x509", metavar="LABEL", help="X.509 credential (private key + certificate) label")
+    g.add_argument("--sas-key", metavar="LABEL", help="symmetric key label (the device's own key)")
+    c.add_argument("--identity-cert", metavar="PATH",
+                   help="with --x509: the certificate file aziot reads (written from the token with --out)")
+    c.add_argument("--lib-path", help="the PKCS#11 library as the host sees it (default hsm.module)")
+    c.add_argument("--out", metavar="FILE", help="write the file with the real PIN (mode 0600), after confirmation")
+    c.add_argument("--yes", action="store_true", help="confirm --out without asking (for scripts)")
+    c.set_defaults(func=cmd_aziot_config)
 
     c = add_parser("renew", help="renew an operational certificate issued through DPS, with a new HSM key")
     c.add_argument("--label", required=True, help="its label (cloud.issue_cert)")

@@ -3,7 +3,8 @@ mounted into the container, the module serving its HTTPS API as the non-root use
 minted through the API from outside and checked in software with the device key, and a clean
 exit within 10 s of SIGTERM.
 
-Run by `make image-test` (scripts/image-test.sh builds the image and sets IMAGE and PODMAN).
+Run by `make image-test` and `make image-test-arm64` (scripts/image-test.sh builds the image
+and sets IMAGE, PODMAN and SPYRUS_IMAGE_ARCH).
 """
 
 from __future__ import annotations
@@ -223,6 +224,14 @@ def test_the_image_has_no_compiler_and_no_test_tools(image: str) -> None:
               f"sys.exit(any(u.find_spec(m) for m in {unwanted}))'")
     proc = podman("run", "--rm", *ULIMITS, "--entrypoint", "sh", image, "-c", script, check=False)
     assert proc.returncode == 0, f"build tools or test packages in the image: {proc.stdout} {proc.stderr}"
+
+
+def test_the_image_is_for_the_architecture_under_test(image: str) -> None:
+    # `make image-test-arm64` runs these tests on the arm64 image under qemu: make sure they did.
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}[os.environ.get("SPYRUS_IMAGE_ARCH", "amd64")]
+    proc = podman("run", "--rm", *ULIMITS, "--entrypoint", "python3", image, "-c",
+                  "import platform; print(platform.machine())")
+    assert proc.stdout.strip() == machine, proc.stdout + proc.stderr
 
 
 def test_the_module_runs_as_the_unprivileged_user_in_plugdev(image: str) -> None:

@@ -47,7 +47,8 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIM = ROOT / ".build" / "libp11shim.so"
+# `make image-test-arm64` builds the shim for the image's architecture and names it here.
+SHIM = Path(os.environ.get("SPYRUS_IMAGE_SHIM") or ROOT / ".build" / "libp11shim.so").resolve()
 SHIM_IN_CONTAINER = "/opt/p11shim/libp11shim.so"
 GUARD = 90.0  # seconds; only so that a container that never gets there fails instead of hanging
 READYZ = ("import urllib.request as u, urllib.error as e\n"
