@@ -301,6 +301,18 @@ def cmd_openssl_config(args: argparse.Namespace, stdin: _Stdin) -> int:
     return 0
 
 
+def _provider_loader(args: argparse.Namespace, cfg: Config, what: str) -> Callable[[], None]:
+    """Loads pkcs11-provider when called (only X.509 paths need it); it reads the PIN from a file."""
+    pin_file = args.pin_file or cfg.hsm.pin_file
+
+    def load() -> None:
+        if not pin_file:
+            raise UsageError(f"{what} needs hsm.pin_file: pkcs11-provider reads the PIN from it")
+        tls.load_provider(cfg.hsm.module, pin_file, Path(cfg.state_dir) / "openssl")
+
+    return load
+
+
 def cmd_register(args: argparse.Namespace, stdin: _Stdin) -> int:
     from .cloud.dps import DpsRequest, Provisioner
 
@@ -313,13 +325,7 @@ def cmd_register(args: argparse.Namespace, stdin: _Stdin) -> int:
     with _hsm(args, stdin) as (hsm, cfg):
         ca_file = args.server_ca or cfg.cloud.server_ca_file
         ca_pem = _read_input_file(ca_file, "server CA file").decode() if ca_file else None
-        pin_file = args.pin_file or cfg.hsm.pin_file
-
-        def load_provider() -> None:
-            if not pin_file:
-                raise UsageError("X.509 registration needs hsm.pin_file: pkcs11-provider reads the PIN from it")
-            tls.load_provider(cfg.hsm.module, pin_file, Path(cfg.state_dir) / "openssl")
-
+        load_provider = _provider_loader(args, cfg, "X.509 registration")
         req = DpsRequest(
             id_scope=args.id_scope, registration_id=args.registration_id,
             provisioning_host=args.provisioning_host or cfg.cloud.provisioning_host,
@@ -401,9 +407,7 @@ def cmd_renew(args: argparse.Namespace, stdin: _Stdin) -> int:
         if not (c.id_scope and c.registration_id and c.key):
             raise UsageError("renew registers with the onboarding credential of the config's cloud section: "
                              "set cloud.id_scope, cloud.registration_id and cloud.key")
-        pin_file = args.pin_file or cfg.hsm.pin_file
-        if not pin_file:
-            raise UsageError("renew needs hsm.pin_file: pkcs11-provider reads the PIN from it to connect")
+        load_provider = _provider_loader(args, cfg, "renew")
         ca_pem = _read_input_file(c.server_ca_file, "server CA file").decode() if c.server_ca_file else None
         in_use = renewal.require_current(hsm, args.label)
         due = renewal.due_at(in_use.leaf, c.renew_at)
@@ -414,20 +418,15 @@ def cmd_renew(args: argparse.Namespace, stdin: _Stdin) -> int:
                   "--force renews now", file=sys.stderr)
             return 0
         state_dir = Path(cfg.state_dir)
-
-        def load_provider() -> None:
-            tls.load_provider(cfg.hsm.module, pin_file, state_dir / "openssl")
+        load_provider()  # the new certificate is proven through it: fail before any change if it cannot load
 
         def prove(cred: x509_id.X509Credential, assignment: Any) -> None:
-            load_provider()
             files = x509_id.write_tls_files(cred, hsm.state.token_label or "", state_dir / "tls")
             identity = HubIdentity(assignment.assigned_hub, assignment.device_id, c.module_id, x509=files,
                                    server_ca_pem=ca_pem)
             HubClient(hsm, identity).connect().shutdown()
 
-        req = DpsRequest(c.id_scope, c.registration_id, c.provisioning_host,
-                         "x509" if c.attestation == "x509" else "symmetricKey", c.key, group=c.group,
-                         server_ca_pem=ca_pem, issue_cert=args.label)
+        req = DpsRequest.onboarding(c, ca_pem, issue_cert=args.label)
         cred = renewal.renew_once(hsm, Provisioner(hsm, state_dir, load_provider), req, args.label, prove,
                                   timeout=args.timeout or c.registration_timeout, tls_dir=state_dir / "tls")
     print(json.dumps({"renewed": True, "label": cred.label, "previous": in_use.label,

@@ -97,11 +97,7 @@ class CloudConnection:
     # --- internals -----------------------------------------------------------------------------
 
     def _request(self, issue_cert: str | None) -> DpsRequest:
-        c = self.cfg
-        assert c.id_scope and c.registration_id
-        return DpsRequest(c.id_scope, c.registration_id, c.provisioning_host,
-                          "x509" if c.attestation == "x509" else "symmetricKey", c.key, group=c.group,
-                          server_ca_pem=self._ca_pem, issue_cert=issue_cert)
+        return DpsRequest.onboarding(self.cfg, self._ca_pem, issue_cert)
 
     def _connect(self) -> None:
         c = self.cfg

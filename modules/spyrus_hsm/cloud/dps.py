@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..config import CloudConfig
 from ..errors import Kind, SpyrusError
 from ..files import read_json, write_json_atomic
 from ..hsm import Hsm, ObjectNotFound, Pkcs11Uri
@@ -63,6 +64,14 @@ class DpsRequest:
     server_ca_pem: str | None = None  # trust anchor for the DPS endpoint (None: system CAs)
     issue_cert: str | None = None     # HSM key label to have a certificate issued for
     csr: bytes | None = None          # a leaf's own DER CSR to have signed (not stored here)
+
+    @classmethod
+    def onboarding(cls, cloud: CloudConfig, server_ca_pem: str | None,
+                   issue_cert: str | None = None) -> DpsRequest:
+        """The registration of the config's own identity, with its onboarding credential."""
+        assert cloud.id_scope and cloud.registration_id
+        return cls(cloud.id_scope, cloud.registration_id, cloud.provisioning_host, cloud.attestation, cloud.key,
+                   group=cloud.group, server_ca_pem=server_ca_pem, issue_cert=issue_cert)
 
     def canonical_payload(self) -> str:
         """The payload as canonical JSON: equal payloads give equal text (a dict is unhashable)."""
