@@ -62,13 +62,27 @@ class Served:
 @pytest.fixture(scope="module")
 def served(hsm: Hsm, token_env, tmp_path_factory: pytest.TempPathFactory,  # type: ignore[no-untyped-def]
            emulator_pki: EmulatorPki) -> Iterator[Served]:
+    """`serve` with the token cache off: every token is signed."""
+    yield from _serve(hsm, token_env, tmp_path_factory, emulator_pki, cache_reuse_fraction=0)
+
+
+@pytest.fixture(scope="module")
+def served_cached(hsm: Hsm, token_env, tmp_path_factory: pytest.TempPathFactory,  # type: ignore[no-untyped-def]
+                  emulator_pki: EmulatorPki) -> Iterator[Served]:
+    """`serve` with the token cache on (reusing a token for half its life)."""
+    yield from _serve(hsm, token_env, tmp_path_factory, emulator_pki, cache_reuse_fraction=0.5)
+
+
+def _serve(hsm: Hsm, token_env, tmp_path_factory: pytest.TempPathFactory,  # type: ignore[no-untyped-def]
+           emulator_pki: EmulatorPki, cache_reuse_fraction: float) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("metrics")
     device = f"metrics-{secrets.token_hex(3)}"
     hsm.import_secret_key(device, Secret(secrets.token_bytes(32)))
     store_hsm_certificate(hsm, f"metrics-cert-{secrets.token_hex(3)}", emulator_pki)
     bearer = secrets.token_urlsafe(24)
     config = serve_config(tmp, token_env, emulator_pki, {
-        "bearer": {"gateway": bearer}, "policy": POLICY, "cache_reuse_fraction": 0, "rate_limit_per_second": 0})
+        "bearer": {"gateway": bearer}, "policy": POLICY, "cache_reuse_fraction": cache_reuse_fraction,
+        "rate_limit_per_second": 0})
     document = json.loads(config.read_text())
     document["metrics"] = {"host": HOST, "port": free_port()}
     config.write_text(json.dumps(document))
@@ -172,3 +186,17 @@ def test_under_iot_edge_every_log_line_carries_its_syslog_severity(served: Serve
     assert not bad, bad[:5]
     assert any(line.startswith("<6> ") and "HSM ready" in line for line in lines)
     assert any(line.startswith("<4> ") for line in lines), "the edgeHub client's retries are warnings"
+
+
+def test_cache_hits_and_misses_are_counted(served_cached: Served) -> None:
+    before = wait_ready(served_cached)
+    assert [request(served_cached, served_cached.bearer) for _ in range(3)] == [200] * 3
+    text, after = scrape(served_cached)
+    print("\n" + "\n".join(line for line in text.splitlines() if line.startswith("spyrus_hsm_cache_")))
+
+    def moved(name: str) -> float:
+        return total(after, name) - total(before, name)
+
+    assert moved("spyrus_hsm_cache_misses_total") == 1  # the first is signed ...
+    assert moved("spyrus_hsm_cache_hits_total") == 2    # ... the other two are the same token again
+    assert moved("spyrus_hsm_hsm_signatures_total") == 1
