@@ -213,12 +213,10 @@ class Renewer:
         self.tls_dir = tls_dir
         self._report = report
         self.status = RenewalStatus()
-        self.renewals = 0
         self._retry_at: dt.datetime | None = None
         self._leaf: x509.Certificate | None = None
         self._received: dt.datetime | None = None
         self._reported: dict[str, Any] | None = None
-        self._forced = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -241,10 +239,6 @@ class Renewer:
         self.renew_at = renew_at
         self._wake.set()
 
-    def renew_now(self) -> None:
-        self._forced = True
-        self._wake.set()
-
     def next_attempt(self) -> dt.datetime:
         with self._lock:
             assert self._leaf is not None, "start() names the credential in use"
@@ -257,11 +251,10 @@ class Renewer:
         while not self._stop.is_set():
             self._publish(next_attempt=_iso(self.next_attempt()))
             wait = (self.next_attempt() - now()).total_seconds()
-            if wait > 0 and not self._forced:
+            if wait > 0:
                 self._wake.wait(min(wait, 60.0))  # re-checked at least every minute (clock changes)
                 self._wake.clear()
                 continue
-            self._forced = False
             self._attempt()
 
     def _attempt(self) -> None:
@@ -279,7 +272,6 @@ class Renewer:
             self._publish(state="failed", failures=failures, error=f"{type(exc).__name__}: {exc}",
                           next_attempt=_iso(self._retry_at))
             return
-        self.renewals += 1
         self._retry_at = None
         self._in_use(cred, now())
         self._publish(state="scheduled", last_success=_iso(now()), failures=0, error=None)
