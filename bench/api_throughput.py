@@ -185,7 +185,8 @@ async def start_service(hsm: Any, cfg: Any, root: Path, telemetry_off: bool = Fa
     from spyrus_hsm.config import CloudConfig
     from spyrus_hsm.service.audit import AuditLog
     from spyrus_hsm.service.core import Deps, Service
-    from spyrus_hsm.service.server import Listeners, ServerTls
+    from spyrus_hsm.service.server import Listeners
+    from spyrus_hsm.service.server_tls import ServerTls
     from spyrus_hsm.telemetry import disabled, hsm_instrument, setup
 
     # Default: as `serve` does with the OTEL_* variables of the bench's environment (none: spans

@@ -37,7 +37,8 @@ from spyrus_hsm.hsm import Hsm, KeyAlgorithm, Secret
 from spyrus_hsm.service.audit import AuditLog
 from spyrus_hsm.service.core import Deps, Service
 from spyrus_hsm.service.problems import TYPE_BASE
-from spyrus_hsm.service.server import Listeners, ServerTls, probe_forever
+from spyrus_hsm.service.server import Listeners, probe_forever
+from spyrus_hsm.service.server_tls import ServerTls
 from spyrus_hsm.telemetry import Telemetry, disabled, hsm_instrument
 
 HOST = "127.0.0.1"
@@ -202,9 +203,12 @@ def verify_sas(token: str, key: bytes) -> dict[str, str]:
     return fields
 
 
-def store_hsm_certificate(hsm: Hsm, label: str, pki: EmulatorPki, *, server_ip: str | None = None) -> x509.Certificate:
+def store_hsm_certificate(hsm: Hsm, label: str, pki: EmulatorPki, *, server_ip: str | None = None,
+                          issuing: bool = False) -> x509.Certificate:
     """A key pair generated in the HSM and a certificate for it from the PKI's intermediate CA,
-    stored beside it with the intermediate; with `server_ip`, a TLS server certificate for it."""
+    stored beside it with the intermediate; with `server_ip`, a TLS server certificate for it;
+    with `issuing` too, one that can certify the API's short-lived keys (a path-length-0 CA
+    name-constrained to that address), as `make run`'s development PKI makes it."""
     hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
     now = dt.datetime.now(dt.UTC)
     issuer = pki.intermediate
@@ -213,9 +217,15 @@ def store_hsm_certificate(hsm: Hsm, label: str, pki: EmulatorPki, *, server_ip: 
                .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
                .not_valid_after(now + dt.timedelta(days=1)))
     if server_ip is not None:
-        builder = (builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(server_ip))]),
-                                         critical=False)
+        address = ipaddress.ip_address(server_ip)
+        builder = (builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(address)]), critical=False)
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+        if issuing:
+            network = ipaddress.ip_network(f"{address}/{address.max_prefixlen}")
+            builder = (builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                       .add_extension(x509.NameConstraints([x509.IPAddress(network)], None), critical=True)
+                       .add_extension(x509.SubjectKeyIdentifier.from_public_key(hsm.public_key(label)),  # type: ignore[arg-type]
+                                      critical=False))
     cert = builder.sign(issuer.key, hashes.SHA256())
     hsm.import_certificates(label, [cert, issuer.cert])
     return cert

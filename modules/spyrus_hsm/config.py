@@ -150,6 +150,11 @@ class ServiceConfig:
     tls_cert_file: str | None = None    # server certificate chain (PEM); with tls_key_label and
     tls_key_file: str | None = None     # no cert file, the chain stored in the HSM is used
     tls_key_label: str | None = None
+    # With tls_key_label and an issuing certificate: the life of each in-memory TLS key it
+    # certifies (renewed at half), so handshakes cost no token signature (see server_tls)
+    tls_lifetime: int = 86400
+    tls_handshakes: int = 16            # TLS handshakes in progress at once; more connections wait
+    tls_handshake_timeout: float = 10.0  # seconds a client has to complete its handshake
     client_ca_file: str | None = None   # trust anchors for leaf certificates (mutual TLS)
     bearer_tokens: dict[str, str] = field(default_factory=dict)   # principal -> SHA-256 hex
     policy: tuple[PolicyRule, ...] = ()
@@ -469,6 +474,12 @@ def validate_service(s: ServiceConfig, where: str) -> None:
         raise ConfigError(f"{where}: set one of 'service.tls_key_file' and 'service.tls_key_label', not both")
     if s.tls_cert_file and not (s.tls_key_file or s.tls_key_label):
         raise ConfigError(f"{where}: 'service.tls_cert_file' needs 'service.tls_key_file' or 'service.tls_key_label'")
+    if not 300 <= s.tls_lifetime <= 30 * 24 * 3600:
+        raise ConfigError(f"{where}: 'service.tls_lifetime' must be 300 seconds to 30 days")
+    if not 1 <= s.tls_handshakes <= 1024:
+        raise ConfigError(f"{where}: 'service.tls_handshakes' must be 1 to 1024")
+    if not 1.0 <= s.tls_handshake_timeout <= 120.0:
+        raise ConfigError(f"{where}: 'service.tls_handshake_timeout' must be 1 to 120 seconds")
     if not 60 <= s.min_ttl <= s.max_ttl <= 365 * 24 * 3600:
         raise ConfigError(f"{where}: need 60 <= 'service.min_ttl' <= 'service.max_ttl' <= 1 year")
     if not 0.0 <= s.cache_reuse_fraction < 1.0:

@@ -34,7 +34,8 @@ from .pcsc.daemon import Pcscd
 from .pcsc.watch import CardWatch
 from .service.audit import AuditLog
 from .service.core import Deps, Service
-from .service.server import ListenError, Listeners, ServerTls, probe_forever
+from .service.server import ListenError, Listeners, probe_forever
+from .service.server_tls import ServerTls
 from .telemetry import Telemetry, hsm_instrument
 from .threads import spawn
 
@@ -234,29 +235,36 @@ class Module:
             await asyncio.sleep(LISTEN_RETRY)
 
     async def _start_api(self, stop: asyncio.Event) -> None:
-        """The HTTPS listener; with the server key in the HSM it waits for the HSM first."""
+        """The HTTPS listener; with the server key in the HSM it waits for the HSM first. A
+        failure is logged once (ERROR, saying what to fix) until it changes, shown by /readyz on
+        the health port, and retried."""
         assert self.service is not None and self.listeners is not None
-        svc_cfg = self.service.cfg
+        svc_cfg, listeners = self.service.cfg, self.listeners
         told = False
+        last_error: str | None = None
         while not stop.is_set():
+            if svc_cfg.tls_key_label and not self.hsm.state.ready:
+                await asyncio.sleep(0.5)
+                continue
+            server_tls: ServerTls | None = None
             try:
-                if svc_cfg.tls_key_label:
-                    if not self.hsm.state.ready:
-                        await asyncio.sleep(0.5)
-                        continue
-                    await asyncio.to_thread(self.load_provider)
-                server_tls = await asyncio.to_thread(ServerTls, svc_cfg, self.hsm, self.state_dir / "tls")
-                try:
-                    await self.listeners.start_api(server_tls)
-                except ListenError:
-                    server_tls.close()
-                    raise
-                print(f"spyrus-hsm: API on https://{svc_cfg.host}:{self.listeners.api_port}", flush=True)
+                server_tls = await asyncio.to_thread(ServerTls, svc_cfg, self.hsm, self.state_dir / "tls",
+                                                     self.load_provider)
+                await listeners.start_api(server_tls)
+                print(f"spyrus-hsm: API on https://{svc_cfg.host}:{listeners.api_port}", flush=True)
                 return
             except ListenError as exc:
                 told = _port_taken(exc, told)
-            except (OSError, ValueError, RuntimeError) as exc:
-                log.error("the API cannot start: %s; retrying in %g s", exc, LISTEN_RETRY)
+            except Exception as exc:  # whatever it is, the module stays up and says so
+                error = f"the API cannot start: {exc}"
+                listeners.api_start_error = error
+                if error != last_error:
+                    log.error("%s; retrying every %g s", error, LISTEN_RETRY)
+                else:
+                    log.debug("%s; still retrying", error)
+                last_error = error
+            if server_tls is not None:
+                await asyncio.to_thread(server_tls.close)
             await asyncio.sleep(LISTEN_RETRY)
 
     def _restart_if_needed(self, state: HsmState, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:

@@ -25,6 +25,11 @@
  *                     sign_delay_ms slows down take one process-wide lock for their delay and
  *                     the forwarded call, so concurrent sessions sign one after the other
  *                     (0 = off; the lock is not taken for a length query).
+ *   watch_thread=main | watch_thread=TID
+ *   thread_log=PATH   every call made on the watched thread (the process's main thread, whose
+ *                     thread id is the process id, or the thread with that id) appends one line
+ *                     "<function> <tid>" to PATH: how the tests prove that no PKCS#11 call,
+ *                     pkcs11-provider's included, runs on an event loop's thread.
  * A missing, unreadable or empty file means: plugged, no delay, no login failure.
  *
  * PC/SC mode (P11SHIM_PCSC_READER=<reader name>, read once with P11SHIM_CONTROL)
@@ -97,6 +102,8 @@ struct ctl_state {
     unsigned long delay_ms;
     int fail_login;
     int serial;
+    long watch_tid;                 /* watch_thread: 0 = off, -1 = the main thread, else a tid */
+    char thread_log[256];           /* thread_log: where calls on the watched thread are noted */
 };
 
 static pthread_mutex_t g_ctl_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -355,6 +362,19 @@ static void ctl_parse(const char *buf, size_t len, struct ctl_state *out)
                     out->unplugged = 1;
                 else if (strcmp(val, "plugged") == 0)
                     out->unplugged = 0;
+            } else if (strcmp(key, "watch_thread") == 0) {
+                if (strcmp(val, "main") == 0) {
+                    out->watch_tid = -1;
+                } else {
+                    char *e = NULL;
+                    long v = strtol(val, &e, 10);
+                    if (e != val && *e == '\0' && v > 0)
+                        out->watch_tid = v;
+                }
+            } else if (strcmp(key, "thread_log") == 0) {
+                size_t n = strlen(val);
+                if (n < sizeof out->thread_log)
+                    memcpy(out->thread_log, val, n + 1);
             } else if (strcmp(key, "sign_delay_ms") == 0 || strcmp(key, "fail_login") == 0 ||
                        strcmp(key, "serial") == 0) {
                 char *e = NULL;
@@ -458,8 +478,28 @@ static int pcsc_card_present(int *swapped)
     return present;
 }
 
-/* Sample the control file and handle a replug; `out` gets the state in force for this call. */
-static void refresh(struct ctl_state *out)
+/* g_ctl_lock held. A call on the watched thread: one line "<function> <tid>" appended to the log. */
+static void thread_note(const char *fn)
+{
+    if (!g_cur.watch_tid || !g_cur.thread_log[0] || strncmp(fn, "shim_", 5) != 0)
+        return;
+    long tid = (long)gettid();
+    if (g_cur.watch_tid == -1 ? tid != (long)getpid() : tid != g_cur.watch_tid)
+        return;
+    int fd = open(g_cur.thread_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return;
+    char line[128];
+    int n = snprintf(line, sizeof line, "%s %ld\n", fn + 5, tid);
+    if (n > 0 && write(fd, line, (size_t)n) < 0) {
+        /* nothing to do: the note is best effort */
+    }
+    close(fd);
+}
+
+/* Sample the control file and handle a replug; `out` gets the state in force for this call.
+ * `fn` is the calling function's name (the refresh() macro passes it). */
+static void refresh_named(struct ctl_state *out, const char *fn)
 {
     pthread_mutex_lock(&g_ctl_lock);
     if (g_ctl_path) {
@@ -493,6 +533,7 @@ static void refresh(struct ctl_state *out)
     if ((g_seen_unplugged || swapped) && !unplugged)
         replug_kill();
     g_seen_unplugged = unplugged;
+    thread_note(fn);
     *out = g_cur;
     out->unplugged = unplugged;
     pthread_mutex_unlock(&g_ctl_lock);
@@ -543,17 +584,21 @@ static void sleep_ns(long long ns)
 
 enum { ENTER_PLAIN = 0, ENTER_DELAY = 1, ENTER_LOGIN = 2, ENTER_CLOSE = 4 };
 
+#define refresh(out) refresh_named((out), __func__)
+
 static void serial_release(void);
 static CK_RV session_enter_locked(CK_SESSION_HANDLE h, int mode, struct ctl_state *sp);
 
+#define session_enter(h, mode) session_enter_named((h), (mode), __func__)
+
 /* Before a call on session `h`. On CKR_OK the caller holds g_inflight for reading and calls
  * session_leave() after forwarding. */
-static CK_RV session_enter(CK_SESSION_HANDLE h, int mode)
+static CK_RV session_enter_named(CK_SESSION_HANDLE h, int mode, const char *fn)
 {
     struct ctl_state s;
     if (!__atomic_load_n(&g_t, __ATOMIC_ACQUIRE))
         return CKR_CRYPTOKI_NOT_INITIALIZED;
-    refresh(&s);
+    refresh_named(&s, fn);
     if (s.unplugged)
         return (mode & ENTER_LOGIN) ? CKR_TOKEN_NOT_PRESENT : CKR_DEVICE_REMOVED;
     if ((mode & ENTER_DELAY) && s.serial) {

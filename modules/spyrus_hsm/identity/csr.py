@@ -7,8 +7,8 @@ from asn1crypto import keys as asn1keys
 from asn1crypto import x509 as asn1x509
 from cryptography import x509
 
-from ..hsm import Hsm, InvalidInput, KeyAlgorithm, SignAlgorithm
-from ..hsm.encoding import ecdsa_raw_to_der
+from ..hsm import Hsm, InvalidInput
+from . import hsm_signature
 
 
 def parse_subject(subject: str) -> x509.Name:
@@ -44,16 +44,7 @@ def build_csr(hsm: Hsm, label: str, subject: str, dns_names: list[str] | None = 
         "subject_pk_info": asn1keys.PublicKeyInfo.load(spki_der),
         "attributes": attributes,
     })
-    tbs = info.dump()
-    if algorithm is KeyAlgorithm.EC_P384:
-        signature = ecdsa_raw_to_der(hsm.sign(label, SignAlgorithm.ECDSA_SHA384, tbs))
-        sig_alg = "sha384_ecdsa"
-    elif algorithm is KeyAlgorithm.EC_P256:
-        signature = ecdsa_raw_to_der(hsm.sign(label, SignAlgorithm.ECDSA_SHA256, tbs))
-        sig_alg = "sha256_ecdsa"
-    else:
-        signature = hsm.sign(label, SignAlgorithm.RSA_PKCS1_SHA256, tbs)
-        sig_alg = "sha256_rsa"
+    sig_alg, signature = hsm_signature.sign(hsm, label, algorithm, info.dump())
     req = asn1csr.CertificationRequest({
         "certification_request_info": info,
         "signature_algorithm": {"algorithm": sig_alg},
