@@ -2,8 +2,9 @@
 # `make run`: the module on a development SoftHSM2 token, on this machine's loopback only.
 #  - a token in .state/dev (created once) with a demo device key, and a SAS token minted by the
 #    HSM for it, checked independently;
-#  - a development CA, the service's TLS key generated inside the HSM (its certificate signed by
-#    that CA and stored beside it), a demo leaf certificate and a demo bearer token;
+#  - a development CA, the service's key generated inside the HSM (its certificate, an issuing
+#    one for the service's names, signed by that CA and stored beside it: the API handshakes
+#    with short-lived in-memory keys it certifies), a demo leaf certificate and a demo bearer token;
 #  - then `spyrus-hsm serve` in the foreground, after printing curl commands that work as printed.
 # Idempotent. Each spyrus-hsm command is printed before it runs. Nothing leaves this machine.
 # SPYRUS_DEV_STATE (default .state/dev) and SPYRUS_DEV_PORT (default 8443) move it elsewhere.
@@ -41,7 +42,7 @@ service:
   host: 127.0.0.1
   port: $PORT
   health_port: 0
-  tls_key_label: $TLS_LABEL          # the server key never leaves the HSM
+  tls_key_label: $TLS_LABEL          # never leaves the HSM; certifies the API's short-lived TLS keys
   client_ca_file: $PKI/ca.pem
   bearer_tokens:
     $KEY_LABEL: $BEARER_SHA
@@ -70,12 +71,16 @@ echo "SAS token minted inside the HSM for device 'demo-device': ${TOKEN:0:60}...
 # Check it independently with the demo key file (software HMAC), as IoT Hub would.
 "$BIN/python" scripts/verify_sas.py "$STATE/demo-device.key" <<<"$TOKEN"
 
-# The service: TLS key generated in the HSM, certificate from the development CA.
+# The service: its key generated in the HSM, an issuing certificate from the development CA
+# (one made by an earlier version, which could not issue, is replaced).
 run "$BIN/python" scripts/dev_pki.py ca "$PKI"
 if ! has_object "$TLS_LABEL" private; then
   spyrus key generate --label "$TLS_LABEL" --type ec-p256
 fi
-if ! has_object "$TLS_LABEL" cert; then
+if ! has_object "$TLS_LABEL" cert || ! "$BIN/python" scripts/dev_pki.py can-issue "$PKI/service-chain.pem"; then
+  if has_object "$TLS_LABEL" cert; then
+    spyrus delete --label "$TLS_LABEL" --type cert
+  fi
   spyrus csr --label "$TLS_LABEL" --subject "CN=spyrus-hsm development service" --out "$PKI/service.csr"
   run "$BIN/python" scripts/dev_pki.py sign-server "$PKI" "$PKI/service.csr" "$PKI/service-chain.pem"
   spyrus cert import "$PKI/service-chain.pem" --label "$TLS_LABEL"

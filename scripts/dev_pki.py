@@ -1,8 +1,13 @@
-"""Development PKI for `make run` (never for production): a CA that signs the service's server
-certificate (from a CSR whose key stays in the HSM) and a demo leaf certificate.
+"""Development PKI for `make run` (never for production): a CA that certifies the service's key
+(from a CSR whose key stays in the HSM) and a demo leaf certificate.
+
+The service's certificate is an issuing one, as the API's TLS design wants it: a path-length-0
+CA certificate name-constrained to the service's names (localhost, 127.0.0.1), so the HSM key
+certifies the short-lived in-memory keys the API handshakes with, and nothing else.
 
     python scripts/dev_pki.py ca DIR                      # DIR/ca.pem, DIR/ca.key (once)
     python scripts/dev_pki.py sign-server DIR CSR OUT     # SAN localhost + 127.0.0.1
+    python scripts/dev_pki.py can-issue CHAIN             # exit 0 if CHAIN's first certificate can issue
     python scripts/dev_pki.py leaf DIR CN                 # DIR/CN.pem, DIR/CN.key (once)
 """
 
@@ -54,7 +59,13 @@ def _issue(builder: x509.CertificateBuilder, ca: x509.Certificate, ca_key: ec.El
 
 def make_ca(d: Path) -> None:
     if (d / "ca.pem").exists():
-        return
+        ca = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+        if ca.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length != 0:
+            return
+        # An earlier version's CA (path length 0) cannot have an issuing service certificate
+        # below it: start again, with the demo leaf it signed.
+        for old in [d / "ca.pem", d / "ca.key", *d.glob("*.pem"), *d.glob("*.key")]:
+            old.unlink(missing_ok=True)
     d.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
@@ -62,7 +73,7 @@ def make_ca(d: Path) -> None:
             .issuer_name(_name("spyrus-hsm development CA")).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - DAY)
             .not_valid_after(now + 3650 * DAY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=True,
                                          crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
@@ -76,11 +87,35 @@ def sign_server(d: Path, csr_file: Path, out: Path) -> None:
     csr = x509.load_pem_x509_csr(csr_file.read_bytes())
     public_key = csr.public_key()
     assert isinstance(public_key, ec.EllipticCurvePublicKey)
-    san = x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                       x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    cert = _issue(x509.CertificateBuilder().subject_name(csr.subject).add_extension(san, critical=False),
-                  ca, ca_key, public_key, ExtendedKeyUsageOID.SERVER_AUTH)
+    loopback = ipaddress.ip_address("127.0.0.1")
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(ca.subject).public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - DAY).not_valid_after(now + 365 * DAY)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(loopback)]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.NameConstraints([x509.DNSName("localhost"),
+                                                 x509.IPAddress(ipaddress.ip_network("127.0.0.1/32"))], None),
+                           critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
     out.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM))
+
+
+def can_issue(chain_file: Path) -> bool:
+    if not chain_file.exists():
+        return False
+    cert = x509.load_pem_x509_certificates(chain_file.read_bytes())[0]
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
 
 
 def make_leaf(d: Path, cn: str) -> None:
@@ -99,6 +134,8 @@ def main(argv: list[str]) -> int:
         make_ca(Path(argv[1]))
     elif len(argv) == 4 and argv[0] == "sign-server":
         sign_server(Path(argv[1]), Path(argv[2]), Path(argv[3]))
+    elif len(argv) == 2 and argv[0] == "can-issue":
+        return 0 if can_issue(Path(argv[1])) else 1
     elif len(argv) == 3 and argv[0] == "leaf":
         make_leaf(Path(argv[1]), argv[2])
     else:

@@ -260,6 +260,8 @@ class Module:
                 listeners.api_start_error = error
                 if error != last_error:
                     log.error("%s; retrying every %g s", error, LISTEN_RETRY)
+                    if self.edge is not None:
+                        self.edge.report_error("api", error)
                 else:
                     log.debug("%s; still retrying", error)
                 last_error = error

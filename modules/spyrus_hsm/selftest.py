@@ -14,9 +14,12 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from cryptography import x509
+
 from . import config as config_mod
 from .hsm import Hsm, HsmError, SignAlgorithm, read_secret_file
 from .hsm.provision import list_tokens
+from .identity import issuing
 from .identity import x509 as x509_id
 from .pcsc import scard
 from .pcsc.watch import NO_READER
@@ -156,9 +159,31 @@ def collect(config_path: str | None, pin_file: str | None) -> list[Check]:
                 checks.append(Check("service.tls_key_label", found, f"private key '{label}'" if found else
                                     f"no private key '{label}' on the token; generate it with "
                                     f"'spyrus-hsm key generate --label {label} --type ec-p256'"))
+                if found:
+                    checks.append(_api_tls_check(hsm, cfg.service))
     except HsmError as exc:
         checks.append(Check("login", False, str(exc)))
     return checks
+
+
+def _api_tls_check(hsm: Hsm, svc: config_mod.ServiceConfig) -> Check:
+    """Whether the API's handshakes cost token signatures (see service/server_tls)."""
+    label = svc.tls_key_label
+    if svc.tls_cert_file:
+        chain = x509.load_pem_x509_certificates(Path(svc.tls_cert_file).read_bytes())
+    else:
+        chain = hsm.certificate_chain(label or "")
+    if not chain:
+        return Check("api tls", False, f"no certificate is stored beside '{label}'; import one with "
+                     f"'spyrus-hsm cert import FILE --label {label}' or set service.tls_cert_file")
+    why = issuing.cannot_issue(chain[0])
+    if why is None:
+        return Check("api tls", True, f"'{label}' certifies short-lived in-memory TLS keys "
+                     f"({svc.tls_lifetime} s each): no token signature per handshake")
+    return Check("api tls", True, f"the certificate beside '{label}' cannot issue ({why}): every new TLS "
+                 "connection costs a token signature on the event loop and the API cannot handshake while "
+                 "the token is away; re-issue it as a path-length-0 CA certificate name-constrained to the "
+                 "service's names (README: 'The API's TLS key')", warning=True)
 
 
 def _object_checks(hsm: Hsm) -> list[Check]:

@@ -4,15 +4,18 @@ work exactly as printed, and a clean stop on SIGTERM."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
 
+from cryptography import x509
 from service_harness import verify_sas
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,8 +68,13 @@ def _stop(proc: subprocess.Popen[str]) -> int:
 
 def test_make_run_serves_and_its_curl_commands_work_as_printed(tmp_path: Path) -> None:
     state = tmp_path / "dev"
-    proc, text = _start(state, _free_port())
+    port = _free_port()
+    proc, text = _start(state, port)
     try:
+        # The API handshakes with a short-lived key that the service key in the HSM certified.
+        served = x509.load_pem_x509_certificate(ssl.get_server_certificate(("127.0.0.1", port)).encode())
+        assert served.issuer.rfc4514_string() == "CN=spyrus-hsm development service"
+        assert served.not_valid_after_utc - served.not_valid_before_utc <= dt.timedelta(hours=24, minutes=5)
         assert "independent check: signature verifies" in text
         commands = [m.strip() for m in re.findall(r"^  (curl .*)$", text, re.M)]
         assert len(commands) == 5

@@ -97,3 +97,36 @@ def test_an_expired_certificate_fails_with_how_to_renew_it(cli, token_env, own_t
     line = next(x for x in res.out.splitlines() if x.startswith(f"FAIL credential {LABEL}"))
     assert f"expired {until(cert)}" in line and f"--issue-cert {LABEL} --force" in line, line
     assert "cert import" in line
+
+
+def api_tls_check(cli, token_env, token_label: str, tmp_path) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    config = tmp_path / "service.yaml"
+    config.write_text(token_env.config_file.read_text() + f"service:\n  tls_key_label: {LABEL}\n")
+    res = cli("selftest", "--json", env=token_env.env(SPYRUS_HSM_TOKEN_LABEL=token_label,
+                                                     SPYRUS_HSM_CONFIG=str(config)))
+    assert "Traceback" not in res.err, res.err
+    checks = {c["name"]: c for c in json.loads(res.out)["checks"]}
+    assert "api tls" in checks, res.out
+    return dict(checks["api tls"])
+
+
+def test_an_issuing_service_certificate_is_reported_as_costing_no_signature_per_handshake(  # type: ignore[no-untyped-def]
+        cli, token_env, own_token, emulator_pki, tmp_path) -> None:
+    from service_harness import store_hsm_certificate
+
+    token_label, hsm = own_token
+    store_hsm_certificate(hsm, LABEL, emulator_pki, server_ip="127.0.0.1", issuing=True)
+    check = api_tls_check(cli, token_env, token_label, tmp_path)
+    assert check["ok"] and not check["warning"] and "no token signature per handshake" in check["detail"], check
+
+
+def test_a_service_certificate_that_cannot_issue_warns_with_what_it_costs_and_how_to_move(  # type: ignore[no-untyped-def]
+        cli, token_env, own_token, emulator_pki, tmp_path) -> None:
+    from service_harness import store_hsm_certificate
+
+    token_label, hsm = own_token
+    store_hsm_certificate(hsm, LABEL, emulator_pki, server_ip="127.0.0.1")
+    check = api_tls_check(cli, token_env, token_label, tmp_path)
+    assert check["ok"] and check["warning"], check
+    assert "cannot issue" in check["detail"] and "token signature" in check["detail"]
+    assert "path-length-0 CA" in check["detail"]

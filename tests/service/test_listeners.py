@@ -6,7 +6,9 @@ starts only after the HSM is ready)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import http.client
+import ipaddress
 import json
 import secrets
 import signal
@@ -20,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from service_harness import HOST, free_port, serve_config, store_hsm_certificate
 
 from emulator.pki import EmulatorPki
-from spyrus_hsm.hsm import Hsm
+from spyrus_hsm.hsm import Hsm, KeyAlgorithm
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -145,3 +149,49 @@ def readyz_answer(port: int) -> tuple[int, Any]:
         return resp.status, json.loads(resp.read())
     finally:
         conn.close()
+
+
+def test_an_api_that_cannot_start_says_why_once_in_the_log_and_readyz_and_starts_once_fixed(
+        hsm: Hsm, token_env: Any, tmp_path: Path, emulator_pki: EmulatorPki) -> None:
+    """service.tls_key_label names a key with no certificate beside it: one ERROR line saying
+    what to fix, /readyz (health port) gives the same reason, and the API starts once the
+    certificate is imported, without a restart."""
+    label = "api-tls-" + secrets.token_hex(3)
+    hsm.generate_keypair(label, KeyAlgorithm.EC_P256)  # a key, no certificate
+    api_port, health_port = free_port(), free_port()
+    config = serve_config(tmp_path, token_env, emulator_pki, {
+        "port": api_port, "health_port": health_port, "tls_key_label": label,
+        "tls_cert_file": None, "tls_key_file": None})
+    err_file = tmp_path / "serve.err"
+    with err_file.open("wb") as err:
+        proc = serve(config, token_env, err)
+        try:
+            answers_seen: list[tuple[int, Any]] = []
+
+            def says_why() -> bool:
+                if readyz(health_port) is None:
+                    return False
+                answers_seen.append(readyz_answer(health_port))
+                return "no certificate is stored beside" in (answers_seen[-1][1].get("detail") or "")
+            wait_for(says_why, proc, err_file)
+            assert answers_seen[-1][0] == 503
+            time.sleep(2 * 5.0)  # two more attempts (LISTEN_RETRY): still one ERROR line
+            issuer = emulator_pki.intermediate
+            now = dt.datetime.now(dt.UTC)
+            cert = (x509.CertificateBuilder().subject_name(x509.Name.from_rfc4514_string(f"CN={label}"))
+                    .issuer_name(issuer.cert.subject).public_key(hsm.public_key(label))
+                    .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+                    .not_valid_after(now + dt.timedelta(days=1))
+                    .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]), False)
+                    .sign(issuer.key, hashes.SHA256()))
+            hsm.import_certificates(label, [cert, issuer.cert])
+            wait_for(lambda: answers(api_port, tls=True, ca=emulator_pki.ca_file), proc, err_file)
+            wait_for(lambda: readyz(health_port) == 200, proc, err_file)
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=30)
+    log = err_file.read_text()
+    errors = [line for line in log.splitlines() if "ERROR" in line and "the API cannot start" in line]
+    assert len(errors) == 1, log[-3000:]
+    assert f"no certificate is stored beside HSM key '{label}'" in errors[0] and "cert import" in errors[0]
+    assert "Traceback" not in log

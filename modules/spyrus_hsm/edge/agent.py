@@ -408,6 +408,10 @@ class EdgeAgent:
         return call_with_deadline(lambda: rep.inventory(hsm.list_objects(), x509_id.credentials(hsm), renew_at),
                                   self.hsm_deadline, "reading the credential inventory", "edge-hsm-read")
 
+    def report_error(self, source: str, message: str) -> None:
+        """Another part of the module failed (the API could not start, say): the twin's lastError."""
+        self._record_error(source, message)
+
     def _record_error(self, source: str, message: str) -> None:
         with self._lock:
             last = self._wanted.get("lastError")

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ..config import ServiceConfig
 from ..errors import Kind, SpyrusError
 from ..files import write_atomic
-from ..hsm import Hsm, HsmState
+from ..hsm import Hsm, HsmState, ObjectNotFound
 from ..identity import issuing, tls
 from ..identity.x509 import chain_pem
 from ..threads import spawn
@@ -113,7 +113,10 @@ class ServerTls:
         if cfg.tls_cert_file:
             self._chain = x509.load_pem_x509_certificates(Path(cfg.tls_cert_file).read_bytes())
         else:
-            self._chain = self._hsm.certificate_chain(cfg.tls_key_label)
+            try:
+                self._chain = self._hsm.certificate_chain(cfg.tls_key_label)
+            except ObjectNotFound:
+                self._chain = []
         if not self._chain:
             raise TlsSetupError(f"no certificate is stored beside HSM key '{cfg.tls_key_label}'; import one with "
                                 "'spyrus-hsm cert import' or set service.tls_cert_file")
