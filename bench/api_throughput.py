@@ -399,7 +399,13 @@ async def slow_usb(args: argparse.Namespace, pin: Path, root: Path) -> dict[str,
     out["rollover"] = {**roll, "expiries": {}, "signatures": roll_signatures, "needed": needed, "rolled": rolled,
                        "worst_lag_ms": max(lags) * 1e3, "ttl": roll_ttl, "cache": roll_cache}
     out["storm"]["expiries"] = {}
-    # reconnect storm: the known leaves each open a new connection for their cached token
+    # reconnect storm: the known leaves each open a new connection for their cached token (once
+    # the refreshes the sweep started are done: they are not this case's)
+    while True:
+        settled = signatures
+        await asyncio.sleep(0.5)
+        if settled == signatures and not hsm.queue_depth():
+            break
     before = signatures
     load = asyncio.create_task(run_load(url, ca, bearer_file, "reconnect", args, leaves=n, prefix="hit",
                                         concurrency=args.storm_connections))

@@ -32,7 +32,7 @@ class TlsListener:
         self._pending = asyncio.Semaphore(pending)
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting: asyncio.Task[None] | None = None
-        self.in_progress = 0  # handshakes holding a slot (observable, e.g. by tests)
+        self.in_progress = self.peak = 0  # handshakes holding a slot, now and at most (observable)
 
     @classmethod
     def bind(cls, protocol_factory: Any, host: str, port: int, ctx: ssl.SSLContext, *, handshakes: int,
@@ -87,6 +87,7 @@ class TlsListener:
             finally:
                 self._pending.release()
             self.in_progress += 1
+            self.peak = max(self.peak, self.in_progress)
             try:
                 await loop.connect_accepted_socket(self._factory, conn, ssl=self._ctx,
                                                    ssl_handshake_timeout=self._timeout)
