@@ -134,7 +134,7 @@ async def _load(url: str, ca: str, bearer: str, args: argparse.Namespace) -> dic
             "p99_ms": q[98] * 1e3, "errors": errors, "retried": retried,
             "all_served_s": max(done) if done else None,
             "unserved": sum(1 for d in done if d != d),  # NaN: gave up
-            "expiries": {str(n): sorted(e) for n, e in expiries.items()} if mode in ("round", "storm") else {}}
+            "expiries": {str(n): sorted(e) for n, e in expiries.items()} if mode in ("round", "storm", "fill") else {}}
 
 
 async def run_load(url: str, ca: Path, bearer_file: Path, mode: str, args: argparse.Namespace,
@@ -388,6 +388,7 @@ async def slow_usb(args: argparse.Namespace, pin: Path, root: Path) -> dict[str,
         await asyncio.sleep(0.05)
     roll_signatures = signatures - before
     roll_cache = {k: v - seen[k] for k, v in counters().items()}
+    minted = cache.minted
     sweep = await run_load(url, ca, bearer_file, "fill", args, leaves=n, prefix="storm", ttl=roll_ttl,
                            concurrency=64)
     storm_tokens = out["storm"]["expiries"]
@@ -396,6 +397,7 @@ async def slow_usb(args: argparse.Namespace, pin: Path, root: Path) -> dict[str,
         new = (set(seen) | set(sweep["expiries"].get(leaf, ()))) - set(storm_tokens.get(leaf, ()))
         needed += len(new)
         rolled += bool(new)
+    needed -= cache.minted - minted  # tokens the sweep itself waited for were not signed in the run
     out["rollover"] = {**roll, "expiries": {}, "signatures": roll_signatures, "needed": needed, "rolled": rolled,
                        "worst_lag_ms": max(lags) * 1e3, "ttl": roll_ttl, "cache": roll_cache}
     out["storm"]["expiries"] = {}
