@@ -293,13 +293,13 @@ LAYER_PREFIX = "properties.desired."
 
 @pytest.fixture(scope="module")
 def layered() -> dict[str, Any]:
-    """The layered deployment as `az iot edge deployment create` gets it, after the README's
-    envsubst of the two variables it names."""
+    """The layered deployment as `az iot edge deployment create` gets it, after the envsubst of
+    the two variables it names (docs/deployment/iot-edge.md, fleet roll-out)."""
     text = LAYERED.read_text()
     for name, value in (("CONTAINER_REGISTRY_SERVER", REGISTRY),
                         ("SPYRUS_HSM_PKCS11_MODULE", "/usr/lib/softhsm/libsofthsm2.so")):
         text = text.replace("${" + name + "}", value)
-    assert not re.findall(r"\$\{[^}]*\}", text), "a placeholder the README does not substitute"
+    assert not re.findall(r"\$\{[^}]*\}", text), "a placeholder the documented envsubst does not substitute"
     return dict(json.loads(text))
 
 
