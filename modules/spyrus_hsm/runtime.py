@@ -18,6 +18,7 @@ import sys
 import traceback
 import types
 from pathlib import Path
+from typing import Any
 
 from . import config as config_mod
 from . import events as events_mod
@@ -56,6 +57,8 @@ class Module:
         telemetry.metrics.watch("hsm.ready", lambda: 1.0 if self.hsm.state.ready else 0.0)
         telemetry.metrics.watch("hsm.recoveries", lambda: self.hsm.state.recoveries)
         self.not_after: dict[str, dt.datetime] = {}  # of the X.509 credentials by label, last read
+        self._reread_certificates = False  # set when the operational credential in use changed
+        self._credential_in_use: tuple[Any, Any] = (None, None)  # (its label, its notAfter)
         telemetry.metrics.watch_each("certificate.not_after.timestamp", self._not_after_timestamps)
         telemetry.metrics.watch("hsm.queue.limit", lambda: cfg.hsm.queue_limit)
         self.metrics_endpoint: MetricsEndpoint | None = None
@@ -66,6 +69,7 @@ class Module:
         if cfg.cloud.enabled:
             self.cloud = CloudConnection(cfg.cloud, self.hsm, self.state_dir, self.load_provider,
                                          lambda: self.hsm.state.token_label or "")
+            self.cloud.add_renewal_listener(self._renewal_changed)
         self.service: Service | None = None
         self.listeners: Listeners | None = None
         if cfg.service.enabled:
@@ -204,8 +208,9 @@ class Module:
         due, seen_recoveries = 0.0, -1
         while not stop.is_set():
             state = self.hsm.state
-            if state.ready and (loop_time() >= due or state.recoveries != seen_recoveries):
-                seen_recoveries = state.recoveries
+            if state.ready and (loop_time() >= due or state.recoveries != seen_recoveries
+                                or self._reread_certificates):
+                seen_recoveries, self._reread_certificates = state.recoveries, False
                 try:
                     creds = await asyncio.to_thread(x509_id.credentials, self.hsm)
                 except Exception as exc:
@@ -220,6 +225,15 @@ class Module:
         self.not_after = dict(expiries)
         for label, when in expiries:
             events_mod.certificate_expiring(label, when)
+
+    def _renewal_changed(self, label: str, state: dict[str, Any]) -> None:
+        """A renewal listener (on the renewal thread): when the credential in use changes (issued,
+        or renewed into a new generation), the expiry metric is read again at once rather than at
+        the next ten-minute check."""
+        in_use = (state.get("label"), state.get("notAfter"))
+        if in_use != self._credential_in_use:
+            self._credential_in_use = in_use
+            self._reread_certificates = True
 
     def _renewal_failures(self) -> list[tuple[dict[str, str], float]]:
         renewer = self.cloud.renewer if self.cloud is not None else None
