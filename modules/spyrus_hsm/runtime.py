@@ -222,7 +222,10 @@ class Module:
             await asyncio.sleep(1.0)
 
     def _certificates_read(self, expiries: list[tuple[str, dt.datetime]]) -> None:
-        self.not_after = dict(expiries)
+        earliest: dict[str, dt.datetime] = {}  # a label several credentials share: the earliest
+        for label, when in expiries:
+            earliest[label] = min(when, earliest.get(label, when))
+        self.not_after = earliest
         for label, when in expiries:
             events_mod.certificate_expiring(label, when)
 

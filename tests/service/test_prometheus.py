@@ -113,9 +113,19 @@ def served(hsm: Hsm, token_env, tmp_path_factory: pytest.TempPathFactory,  # typ
         api_port = int(lines["API on https://"].rsplit(":", 1)[1])
         metrics_port = int(lines["metrics on http://"].rsplit(":", 1)[1].split("/")[0])
         ctx = ssl.create_default_context(cafile=str(emulator_pki.ca_file))
-        yield Served(api_port, metrics_port, bearer, device, cert_label, cert.not_valid_after_utc, ctx)
+        served = Served(api_port, metrics_port, bearer, device, cert_label, cert.not_valid_after_utc, ctx)
+        wait_until_ready(served)
+        yield served
     finally:
         stop_process(proc)
+
+
+def wait_until_ready(served: Served) -> None:
+    """The API answers before the HSM is ready (with 503): wait for the HSM, as a leaf would."""
+    end = time.monotonic() + 60
+    while not re.search(r"^spyrus_hsm_hsm_ready\{[^}]*\} 1\.0$", served.scrape(), re.M):
+        assert time.monotonic() < end, "the HSM did not become ready within 60 s"
+        time.sleep(0.2)
 
 
 def wait_for_certificate_series(served: Served) -> str:
