@@ -10,7 +10,7 @@ SHIM := $(BUILD)/libp11shim.so
 TOOLS := $(BUILD)/iotedgedev
 DOCKERFILES := Dockerfile.amd64 Dockerfile.arm64v8 .devcontainer/Dockerfile
 
-.PHONY: all deps venv tools shim run test lint unit image-test bench lock clean
+.PHONY: all deps venv tools shim run test lint unit docs image-test bench lock clean
 
 all: test
 
@@ -46,6 +46,8 @@ lint: venv tools
 	$(BIN)/mypy
 	$(TOOLS)/bin/hadolint $(DOCKERFILES)
 	$(BIN)/python scripts/runtime_lock.py --check
+	promtool check rules deployments/prometheus/alerts.yml
+	cd deployments/prometheus && promtool test rules alerts.test.yml
 
 # Two processes: a PKCS#11 module is loaded once per process, and the `shim` tests need the
 # fault-injection shim as their module (see tests/conftest.py).
@@ -53,7 +55,13 @@ unit: venv shim tools
 	SPYRUS_TOOLS_REQUIRED=1 $(BIN)/python -m pytest -q tests
 	SPYRUS_TEST_VIA_SHIM=1 $(BIN)/python -m pytest -q -m shim tests
 
-test: lint unit
+# The documentation site, built strictly (a broken link or anchor, or a page missing from the
+# navigation, fails it) into .build/site; scripts/mkdocs_hooks.py adds the reference pages it
+# generates from the code (scripts/gen_reference.py).
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(BUILD)/site
+
+test: lint docs unit
 
 # Builds the amd64 image with podman (installed if missing) and tests it: scripts/image-test.sh.
 image-test: venv shim

@@ -7,13 +7,15 @@
 #    with short-lived in-memory keys it certifies), a demo leaf certificate and a demo bearer token;
 #  - then `spyrus-hsm serve` in the foreground, after printing curl commands that work as printed.
 # Idempotent. Each spyrus-hsm command is printed before it runs. Nothing leaves this machine.
-# SPYRUS_DEV_STATE (default .state/dev) and SPYRUS_DEV_PORT (default 8443) move it elsewhere.
+# SPYRUS_DEV_STATE (default .state/dev), SPYRUS_DEV_PORT (default 8443) and SPYRUS_DEV_METRICS_PORT
+# (default 9600, the metrics listener, on 127.0.0.1 too) move it elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 umask 077
 
 STATE="$(realpath -m "${SPYRUS_DEV_STATE:-$PWD/.state/dev}")"
 PORT="${SPYRUS_DEV_PORT:-8443}"
+METRICS_PORT="${SPYRUS_DEV_METRICS_PORT:-9600}"
 BIN="$PWD/.venv/bin"
 LABEL="spyrus-dev"
 KEY_LABEL="demo-device"
@@ -49,6 +51,9 @@ service:
   policy:                            # each leaf may get SAS tokens for itself only
     - {principals: ["*"], operations: [sas-token], devices: ["{cn}"]}
   hub: demo-hub.example
+metrics:                             # Prometheus text on loopback only (the module's default is 0.0.0.0,
+  host: 127.0.0.1                    # for the collector on the IoT Edge module network)
+  port: $METRICS_PORT
 YAML
 
 run() { printf '+ %s\n' "$*" >&2; "$@"; }
@@ -108,6 +113,7 @@ Try it from another terminal (the service starts below; Ctrl-C stops it):
   # the API description
   curl --cacert $PKI/ca.pem $URL/openapi.json
 
+Metrics (Prometheus text, this machine only): http://127.0.0.1:$METRICS_PORT/metrics
 Audit log: $STATE/state/audit.log
 
 TXT

@@ -10,6 +10,10 @@ backports=(pkcs11-provider)
 # the headers the test shim builds with), and for the tests a virtual reader driver (vpcd) and
 # card emulator (vpicc, whose Python half is python3-virtualsmartcard).
 packages+=(pcscd libccid libpcsclite1 libpcsclite-dev vsmartcard-vpcd vsmartcard-vpicc python3-virtualsmartcard)
+# Prometheus (its server and promtool): `make test` checks the alert rules and a live scrape of
+# the metrics endpoint with Prometheus's own tools. Only the binaries are used; the Debian
+# service it installs is stopped and disabled below, as the tests start their own server.
+packages+=(prometheus)
 
 missing=()
 for p in "${packages[@]}" "${backports[@]}"; do
@@ -36,3 +40,8 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${packages[@]}"
 apt-get install -y -q --no-install-recommends -t bookworm-backports "${backports[@]}"
+# The package starts a system Prometheus on :9090 where systemd runs; the project needs only the
+# binaries, so keep that service off (no-op in a container without systemd).
+if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled prometheus >/dev/null 2>&1; then
+  systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi

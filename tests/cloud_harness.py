@@ -37,12 +37,12 @@ def serve_config(path: Path, token_env: Any, state_dir: Path, ca_file: Path, **c
 class Serve:
     """`spyrus-hsm -v --config FILE serve`; stderr collected line by line."""
 
-    def __init__(self, token_env: Any, config: Path) -> None:
+    def __init__(self, token_env: Any, config: Path, **env: str) -> None:
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "spyrus_hsm", "-v", "--config", str(config), "serve"],
-            env=token_env.env(SPYRUS_HSM_CONFIG=str(config)), stdin=subprocess.DEVNULL,
+            env=token_env.env(SPYRUS_HSM_CONFIG=str(config), **env), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -5,7 +5,11 @@ The values are those of the package's OpenTelemetry instruments (`telemetry.Metr
 through a pull reader of the same MeterProvider at each scrape, so the OTLP export and this
 endpoint never disagree. Each name gets the prefix `spyrus_hsm_`, its unit as a suffix and
 `_total` on counters (Prometheus's conventions); each series gets the labels edgeHub puts on its
-own, `iothub`, `edge_device` and `module_name`, so one dashboard query covers a fleet.
+own, `iothub`, `edge_device` and `instance_number` (a GUID per process start, so a restart shows
+as a new instance and counters that went back to zero are not read as a fall), plus
+`module_name`, so one dashboard query covers a fleet. A label with no value (outside IoT Edge,
+no hub configured) is left out rather than sent empty. `promtool check metrics` passes on a
+scrape (tests/service/test_prometheus.py).
 
 Rendering uses prometheus-client's exposition (the format is its reference implementation);
 the endpoint is a plain-HTTP aiohttp listener on the module network, like the health listener.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -49,18 +54,24 @@ PREFIX = "spyrus_hsm_"
 # OpenTelemetry unit -> Prometheus suffix; units in braces ({call}, {hit}) are annotations.
 _UNITS = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "d": "days", "1": ""}
 _INVALID = re.compile(r"[^a-zA-Z0-9_]")
+# edgeHub's instance_number: new at each start of the process.
+INSTANCE_NUMBER = str(uuid.uuid4())
 
 
 @dataclass(frozen=True)
 class EdgeLabels:
-    """edgeHub's identifying labels: hub host name, device id, module id ("" when unknown)."""
+    """edgeHub's identifying labels: hub host name, device id, module id ("" when unknown, and
+    then not sent) and this process's instance number."""
 
     iothub: str = ""
     edge_device: str = ""
     module_name: str = ""
+    instance_number: str = INSTANCE_NUMBER
 
     def as_dict(self) -> dict[str, str]:
-        return {"iothub": self.iothub, "edge_device": self.edge_device, "module_name": self.module_name}
+        labels = {"iothub": self.iothub, "edge_device": self.edge_device,
+                  "instance_number": self.instance_number, "module_name": self.module_name}
+        return {name: value for name, value in labels.items() if value}
 
 
 def prometheus_name(name: str, unit: str) -> str:
@@ -104,7 +115,7 @@ class OpenTelemetryCollector(Collector):
             for point in points:
                 assert isinstance(point, HistogramDataPoint)
                 hist.add_metric(self._values(point.attributes, keys), _buckets(point), point.sum)
-            return hist
+            return _without_empty_labels(hist)
         family: CounterMetricFamily | GaugeMetricFamily
         if isinstance(data, Sum) and data.is_monotonic:
             family = CounterMetricFamily(name.removesuffix("_total"), doc, labels=label_names)
@@ -115,11 +126,18 @@ class OpenTelemetryCollector(Collector):
         for point in points:
             assert isinstance(point, NumberDataPoint)
             family.add_metric(self._values(point.attributes, keys), point.value)
-        return family
+        return _without_empty_labels(family)
 
     def _values(self, attributes: Mapping[str, object] | None, keys: list[str]) -> list[str]:
         named = {_label_name(k): str(v) for k, v in (attributes or {}).items()}
         return [*self.labels.values(), *(named.get(k, "") for k in keys)]
+
+
+def _without_empty_labels(family: PromMetric) -> PromMetric:
+    """A series's labels without those that have no value (an attribute only some points carry):
+    Prometheus reads an empty label as an absent one, so sending it only adds noise."""
+    family.samples = [s._replace(labels={k: v for k, v in s.labels.items() if v != ""}) for s in family.samples]
+    return family
 
 
 def _buckets(point: HistogramDataPoint) -> list[tuple[str, float]]:

@@ -18,6 +18,7 @@ import sys
 import traceback
 import types
 from pathlib import Path
+from typing import Any
 
 from . import config as config_mod
 from . import events as events_mod
@@ -56,8 +57,11 @@ class Module:
         telemetry.metrics.watch_queue_depth(self.hsm.queue_depth)
         telemetry.metrics.watch("hsm.ready", lambda: 1.0 if self.hsm.state.ready else 0.0)
         telemetry.metrics.watch("hsm.recoveries", lambda: self.hsm.state.recoveries)
-        self.earliest_not_after: dt.datetime | None = None  # of the X.509 credentials, last read
-        telemetry.metrics.watch("certificate.earliest_expiry", self._days_to_earliest_expiry)
+        self.not_after: dict[str, dt.datetime] = {}  # of the X.509 credentials by label, last read
+        self._reread_certificates = False  # set when the operational credential in use changed
+        self._credential_in_use: tuple[Any, Any] = (None, None)  # (its label, its notAfter)
+        telemetry.metrics.watch_each("certificate.not_after.timestamp", self._not_after_timestamps)
+        telemetry.metrics.watch("hsm.queue.limit", lambda: cfg.hsm.queue_limit)
         self.metrics_endpoint: MetricsEndpoint | None = None
         self.events: events_mod.Events | None = None
         self.telemetry = telemetry
@@ -66,6 +70,7 @@ class Module:
         if cfg.cloud.enabled:
             self.cloud = CloudConnection(cfg.cloud, self.hsm, self.state_dir, self.load_provider,
                                          lambda: self.hsm.state.token_label or "")
+            self.cloud.add_renewal_listener(self._renewal_changed)
         self.service: Service | None = None
         self.listeners: Listeners | None = None
         if cfg.service.enabled:
@@ -74,6 +79,9 @@ class Module:
             deps = Deps(self.hsm, telemetry, self.state_dir, cfg.cloud, self._assigned_hub,
                         cfg.sas.default_ttl, self.load_provider)
             self.service = Service(cfg.service, deps, AuditLog(audit_path, cfg.service.audit_fail_closed))
+            audit = self.service.audit
+            telemetry.metrics.watch("audit.dropped", lambda: audit.dropped)
+        telemetry.metrics.watch_each("certificate.renewal.consecutive_failures", self._renewal_failures)
         # PC/SC: pcscd run here (internal) or the host's; either way a missing token is explained
         # in reader terms ("card removed from reader X").
         self.pcscd = Pcscd() if cfg.hsm.pcscd == "internal" else None
@@ -201,8 +209,9 @@ class Module:
         due, seen_recoveries = 0.0, -1
         while not stop.is_set():
             state = self.hsm.state
-            if state.ready and (loop_time() >= due or state.recoveries != seen_recoveries):
-                seen_recoveries = state.recoveries
+            if state.ready and (loop_time() >= due or state.recoveries != seen_recoveries
+                                or self._reread_certificates):
+                seen_recoveries, self._reread_certificates = state.recoveries, False
                 try:
                     creds = await asyncio.to_thread(x509_id.credentials, self.hsm)
                 except Exception as exc:
@@ -214,13 +223,28 @@ class Module:
             await asyncio.sleep(1.0)
 
     def _certificates_read(self, expiries: list[tuple[str, dt.datetime]]) -> None:
-        self.earliest_not_after = min((when for _, when in expiries), default=None)
+        earliest: dict[str, dt.datetime] = {}  # a label several credentials share: the earliest
+        for label, when in expiries:
+            earliest[label] = min(when, earliest.get(label, when))
+        self.not_after = earliest
         for label, when in expiries:
             events_mod.certificate_expiring(label, when)
 
-    def _days_to_earliest_expiry(self) -> float | None:
-        when = self.earliest_not_after
-        return None if when is None else round((when - dt.datetime.now(dt.UTC)).total_seconds() / 86400, 3)
+    def _renewal_changed(self, label: str, state: dict[str, Any]) -> None:
+        """A renewal listener (on the renewal thread): when the credential in use changes (issued,
+        or renewed into a new generation), the expiry metric is read again at once rather than at
+        the next ten-minute check."""
+        in_use = (state.get("label"), state.get("notAfter"))
+        if in_use != self._credential_in_use:
+            self._credential_in_use = in_use
+            self._reread_certificates = True
+
+    def _renewal_failures(self) -> list[tuple[dict[str, str], float]]:
+        renewer = self.cloud.renewer if self.cloud is not None else None
+        return [] if renewer is None else [({"label": renewer.base}, renewer.status.failures)]
+
+    def _not_after_timestamps(self) -> list[tuple[dict[str, str], float]]:
+        return [({"label": label}, when.timestamp()) for label, when in self.not_after.items()]
 
     async def _start_health(self, stop: asyncio.Event) -> None:
         """The health listener, retried while its port is taken (see _port_taken)."""

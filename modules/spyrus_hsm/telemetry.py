@@ -227,14 +227,26 @@ class Metrics:
             "hsm.signatures", unit="{signature}", description="HSM signing operations, by outcome."
         )
         self._sources: dict[str, Callable[[], float | None]] = {}
+        self._labelled: dict[str, Callable[[], Iterable[tuple[Mapping[str, str], float]]]] = {}
         for name, unit, description, make in (
             ("hsm.queue.depth", "{call}", "PKCS#11 calls waiting for a worker session.",
+             meter.create_observable_gauge),
+            ("hsm.queue.limit", "{call}", "PKCS#11 calls that may wait at once (hsm.queue_limit); more are refused.",
              meter.create_observable_gauge),
             ("hsm.ready", "1", "1 while the HSM is ready, 0 otherwise.", meter.create_observable_gauge),
             ("hsm.recoveries", "{recovery}", "Times the HSM came back after being lost.",
              meter.create_observable_counter),
-            ("certificate.earliest_expiry", "d", "Days until the X.509 credential closest to expiry expires.",
+            # A point in time (Unix seconds) per credential, so an alert computes `- time()` itself
+            # and one series per label says which credential it is.
+            ("certificate.not_after.timestamp", "s",
+             "When each X.509 credential in the HSM expires (its notAfter), in seconds since the Unix epoch.",
              meter.create_observable_gauge),
+            ("certificate.renewal.consecutive_failures", "{failure}",
+             "Renewal attempts of each operational certificate that failed in a row (0 after a success).",
+             meter.create_observable_gauge),
+            ("audit.dropped", "{record}",
+             "Audit records dropped because the audit log's queue was full (non-blocking writes only).",
+             meter.create_observable_counter),
         ):
             make(name, callbacks=[self._observer(name)], unit=unit, description=description)
 
@@ -243,12 +255,19 @@ class Metrics:
         value this time). `source` must be quick and must not touch the HSM."""
         self._sources[name] = source
 
+    def watch_each(self, name: str, source: Callable[[], Iterable[tuple[Mapping[str, str], float]]]) -> None:
+        """Like `watch`, one observation per (attributes, value) that `source()` yields."""
+        self._labelled[name] = source
+
     def watch_queue_depth(self, source: Callable[[], int]) -> None:
         """Report `source()` as hsm.queue.depth at every collection (e.g. the pool's queue size)."""
         self.watch("hsm.queue.depth", source)
 
     def _observer(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
+            labelled = self._labelled.get(name)
+            if labelled is not None:
+                return [Observation(value, dict(attributes)) for attributes, value in labelled()]
             source = self._sources.get(name)
             value = None if source is None else source()
             return [] if value is None else [Observation(value)]

@@ -201,20 +201,28 @@ def test_the_api_port_is_published(gen: Generated) -> None:
     assert gen.create_options["HostConfig"]["PortBindings"] == {"8443/tcp": [{"HostPort": "8443"}]}
 
 
-def test_the_runtime_is_iot_edge_1_5_by_default(gen: Generated) -> None:
-    assert env_template_value("EDGE_RUNTIME_VERSION") == "1.5", "1.5 is the current LTS"
+def test_the_runtime_is_iot_edge_1_6_by_default(gen: Generated) -> None:
+    assert env_template_value("EDGE_RUNTIME_VERSION") == "1.6", "1.6 is the current LTS (1.5 left service 2026-11-10)"
     assert gen.agent["schemaVersion"] == "1.1"
     assert gen.agent["runtime"]["type"] == "docker"
     images = {n: m["settings"]["image"] for n, m in gen.agent["systemModules"].items()}
-    assert images == {"edgeAgent": "mcr.microsoft.com/azureiotedge-agent:1.5",
-                      "edgeHub": "mcr.microsoft.com/azureiotedge-hub:1.5"}
+    assert images == {"edgeAgent": "mcr.microsoft.com/azureiotedge-agent:1.6",
+                      "edgeHub": "mcr.microsoft.com/azureiotedge-hub:1.6"}
 
 
 def test_the_runtime_images_follow_edge_runtime_version(tmp_path: Path) -> None:
-    gen = genconfig(tmp_path, "amd64", EDGE_RUNTIME_VERSION="1.5.21")
+    gen = genconfig(tmp_path, "amd64", EDGE_RUNTIME_VERSION="1.6.3")
     images = {n: m["settings"]["image"] for n, m in gen.agent["systemModules"].items()}
-    assert images == {"edgeAgent": "mcr.microsoft.com/azureiotedge-agent:1.5.21",
-                      "edgeHub": "mcr.microsoft.com/azureiotedge-hub:1.5.21"}
+    assert images == {"edgeAgent": "mcr.microsoft.com/azureiotedge-agent:1.6.3",
+                      "edgeHub": "mcr.microsoft.com/azureiotedge-hub:1.6.3"}
+
+
+def test_no_deployment_file_names_a_runtime_out_of_service() -> None:
+    """The runtime version is set in one place (.env.template); nothing pins 1.4 or 1.5."""
+    files = [ROOT / ".env.template", *ROOT.glob("deployment*.template.json"), *(ROOT / "deployments").glob("*.json")]
+    stale = re.compile(r"azureiotedge-(?:agent|hub):1\.[45]\b|EDGE_RUNTIME_VERSION=1\.[45]\b")
+    found = [f"{f.name}: {m.group(0)}" for f in files for m in stale.finditer(f.read_text())]
+    assert not found, found
 
 
 def test_the_log_driver_caps_the_modules_log_files(gen: Generated) -> None:
@@ -285,13 +293,13 @@ LAYER_PREFIX = "properties.desired."
 
 @pytest.fixture(scope="module")
 def layered() -> dict[str, Any]:
-    """The layered deployment as `az iot edge deployment create` gets it, after the README's
-    envsubst of the two variables it names."""
+    """The layered deployment as `az iot edge deployment create` gets it, after the envsubst of
+    the two variables it names (docs/deployment/iot-edge.md, fleet roll-out)."""
     text = LAYERED.read_text()
     for name, value in (("CONTAINER_REGISTRY_SERVER", REGISTRY),
                         ("SPYRUS_HSM_PKCS11_MODULE", "/usr/lib/softhsm/libsofthsm2.so")):
         text = text.replace("${" + name + "}", value)
-    assert not re.findall(r"\$\{[^}]*\}", text), "a placeholder the README does not substitute"
+    assert not re.findall(r"\$\{[^}]*\}", text), "a placeholder the documented envsubst does not substitute"
     return dict(json.loads(text))
 
 

@@ -4,6 +4,7 @@ work exactly as printed, and a clean stop on SIGTERM."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import os
@@ -102,3 +103,29 @@ def test_make_run_a_second_time_reuses_the_token_and_serves_again(tmp_path: Path
         assert [_curl(c)[0] for c in commands[:2]] == [200, 200]
     finally:
         assert _stop(second) == 0
+
+
+def test_make_run_serves_metrics_on_loopback_only(tmp_path: Path) -> None:
+    metrics_port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPYRUS_", "SOFTHSM", "OTEL_"))}
+    env.update(SPYRUS_DEV_STATE=str(tmp_path / "dev"), SPYRUS_DEV_PORT=str(_free_port()),
+               SPYRUS_DEV_METRICS_PORT=str(metrics_port), OTEL_SDK_DISABLED="false")
+    proc = subprocess.Popen(["bash", "scripts/dev-run.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        deadline, line = time.monotonic() + 120, ""
+        while time.monotonic() < deadline and "metrics on http://" not in line:
+            line = proc.stdout.readline()
+            assert line, f"dev-run.sh ended early ({proc.wait()})"
+        assert f"metrics on http://127.0.0.1:{metrics_port}/metrics" in line, line
+        with socket.create_connection(("127.0.0.1", metrics_port), timeout=5):
+            pass  # listening on loopback ...
+        # ... and only there: a listener on 0.0.0.0 would answer on any other loopback address too
+        with socket.socket() as s, contextlib.suppress(ConnectionRefusedError):
+            s.settimeout(5)
+            s.connect(("127.0.0.2", metrics_port))
+            raise AssertionError("the metrics listener answers on 127.0.0.2: it is not bound to 127.0.0.1 alone")
+    finally:
+        assert _stop(proc) == 0
+
