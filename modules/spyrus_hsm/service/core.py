@@ -130,7 +130,7 @@ class Service:
         hub = requested or self.default_hub()
         if not hub:
             raise Problem(400, "invalid-request", "The request is not valid",
-                          "'hub' is required: this service has no default hub (service.hub)")
+                          "'hub' is required: this service has no default hub")
         return hub
 
     async def sas_token(self, key: str, uri: str, ttl: int, key_name: str | None = None,
