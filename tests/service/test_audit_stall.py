@@ -177,12 +177,7 @@ def test_a_token_withheld_for_want_of_its_record_is_recorded_as_withheld_not_all
                         audit_file=stalled.path, rate_limit_per_second=0, request_timeout=1.0) as svc:
         # The writer takes this record and blocks in its write: the token's record stays queued.
         assert svc.call("POST", "/v1/sas-tokens", {"deviceId": other.name}, bearer=leaf.bearer)[0] == 403
-        status, _, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer,
-                                   headers={"X-Request-Id": "token"})
-        assert status == 503 and "nothing was handed out" in body["detail"], body
-        stalled.release()
-        assert svc.service is not None and svc.service.audit.flush()
-        records = [r for r in stalled.records() if r["requestId"] == "token"]
+        records = _withheld_token_records(svc, leaf, stalled)
     assert [(r["outcome"], r["status"], r["reason"]) for r in records] == [("withheld", 503, "audit-unavailable")]
 
 
@@ -192,10 +187,16 @@ def test_a_record_the_writer_already_holds_is_followed_by_one_saying_the_answer_
     with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[OWN_DEVICE], bearer={leaf.name: leaf.bearer},
                         audit_file=stalled.path, rate_limit_per_second=0, request_timeout=1.0) as svc:
         # The token's record is the first: the writer holds it, blocked in its write.
-        status, _, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer,
-                                   headers={"X-Request-Id": "token"})
-        assert status == 503 and "nothing was handed out" in body["detail"], body
-        stalled.release()
-        assert svc.service is not None and svc.service.audit.flush()
-        records = [r for r in stalled.records() if r["requestId"] == "token"]
+        records = _withheld_token_records(svc, leaf, stalled)
     assert [(r["outcome"], r["status"]) for r in records] == [("allowed", 200), ("withheld", 503)]
+
+
+def _withheld_token_records(svc: ServiceHarness, leaf: Any, stalled: StalledPipe) -> list[dict[str, Any]]:
+    """Ask for a token while the audit disk is stalled (the answer is withheld: 503), then
+    release the disk; the records written for that request."""
+    status, _, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer,
+                               headers={"X-Request-Id": "token"})
+    assert status == 503 and "nothing was handed out" in body["detail"], body
+    stalled.release()
+    assert svc.service is not None and svc.service.audit.flush()
+    return [r for r in stalled.records() if r["requestId"] == "token"]
