@@ -200,3 +200,24 @@ def _withheld_token_records(svc: ServiceHarness, leaf: Any, stalled: StalledPipe
     stalled.release()
     assert svc.service is not None and svc.service.audit.flush()
     return [r for r in stalled.records() if r["requestId"] == "token"]
+
+
+def test_a_record_whose_waiter_is_cancelled_says_the_answer_was_aborted(stalled: StalledPipe) -> None:
+    audit = AuditLog(str(stalled.path), fail_closed=True)
+    _submit(audit, 1)  # the writer takes it and blocks in write: the next record stays queued
+
+    async def abandoned() -> None:
+        waiting = asyncio.ensure_future(audit.submit(wait=True, principal="p", operation="signature",
+                                                     outcome="allowed", reason="policy rule 0", status=200,
+                                                     request_id="cancelled"))
+        await asyncio.sleep(0)  # queued
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(abandoned())
+    stalled.release()
+    assert audit.flush()
+    audit.close()
+    records = [r for r in stalled.records() if r["requestId"] == "cancelled"]
+    assert [(r["outcome"], r["status"], r["reason"]) for r in records] == [("aborted", None, "cancelled")]

@@ -85,10 +85,10 @@ class AuditLog:
         """Queue one record for the writer thread. With wait, return once its batch is written
         (AuditError if that failed or took longer than timeout); without, return at once.
 
-        A record waited for past `timeout` describes an answer that is then not given (the caller
-        gets 503 and nothing is handed out): it is rewritten to say so while it is still queued,
-        or, when the writer already holds it, followed by a record with the same request id that
-        says so."""
+        A record waited for past `timeout` (or whose waiter is cancelled) describes an answer that
+        is then not given (the caller gets 503, or nothing): it is rewritten to say so while it is
+        still queued, or, when the writer already holds it, followed by a record with the same
+        request id that says so."""
         line = _line(**fields)
         done = asyncio.get_running_loop().create_future() if wait else None
         pending = _Pending(line, done)
@@ -108,12 +108,16 @@ class AuditLog:
             try:
                 await asyncio.wait_for(done, timeout)
             except TimeoutError:
-                self._withhold(pending, fields)
+                self._withhold(pending, fields, WITHHELD_STATUS, "withheld", "audit-unavailable")
                 raise AuditError(f"the audit log did not take the record within {timeout:g} s") from None
+            except asyncio.CancelledError:  # the request was abandoned (shutdown): nothing is sent
+                self._withhold(pending, fields, None, "aborted", "cancelled")
+                raise
 
-    def _withhold(self, pending: _Pending, fields: dict[str, Any]) -> None:
-        """The record of an answer withheld because its record was not written in time."""
-        line = _line(**{**fields, "status": WITHHELD_STATUS, "outcome": "withheld", "reason": "audit-unavailable"})
+    def _withhold(self, pending: _Pending, fields: dict[str, Any], status: int | None, outcome: str,
+                  reason: str) -> None:
+        """The record of an answer not given after all, because its record was not written in time."""
+        line = _line(**{**fields, "status": status, "outcome": outcome, "reason": reason})
         with self._state:
             if not pending.taken:
                 pending.line = line
