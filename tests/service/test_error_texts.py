@@ -10,6 +10,7 @@ a walk over the routes checks that none was left out.
 
 from __future__ import annotations
 
+import datetime as dt
 import http.client
 import json
 import logging
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from service_harness import ServiceHarness, free_port, problem_type, store_hsm_certificate
 
 from emulator.core import Emulator
@@ -98,7 +101,7 @@ def test_every_error_answer_of_every_route_names_only_what_the_caller_asked_for_
         caplog_info: pytest.LogCaptureFixture) -> None:
     leaf, bearer = "leaf-" + secrets.token_hex(3), secrets.token_urlsafe(24)
     cloud = CloudConfig(provisioning_host=DPS_HOST, server_ca_file=str(emulator_pki.ca_file), id_scope=SCOPE)
-    private = (token_env.label, inventory, str(tmp_path), DPS_HOST, NO_DPS_HOST)
+    private = (token_env.label, inventory, str(tmp_path), DPS_HOST, NO_DPS_HOST, "CN=")
     with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, bearer={leaf: bearer}, cloud=cloud,
                         rate_limit_per_second=0) as svc:
         c = Caller(svc, leaf, bearer, caplog_info)
@@ -149,14 +152,22 @@ def test_every_error_answer_of_every_route_names_only_what_the_caller_asked_for_
 
     unreachable_cloud = CloudConfig(provisioning_host=NO_DPS_HOST, server_ca_file=str(emulator_pki.ca_file),
                                     id_scope=SCOPE)
-    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, bearer={leaf: bearer}, cloud=unreachable_cloud,
-                        rate_limit_per_second=0) as svc:
+    other, other_bearer = "leaf-" + secrets.token_hex(3), secrets.token_urlsafe(24)
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, bearer={leaf: bearer, other: other_bearer},
+                        cloud=unreachable_cloud, rate_limit_per_second=0) as svc:
         c2 = Caller(svc, leaf, bearer, caplog_info)
         unreachable = c2.ask(*registrations, "/v1/registrations",
                              {"registrationId": leaf, "attestation": "symmetricKey"},
                              status=502, kind="registration-failed")
         assert unreachable.detail == f"DPS could not be reached for the registration of '{leaf}'"
         assert f"cannot connect to DPS at {NO_DPS_HOST}" in unreachable.log
+
+        # Its credential is there, but its certificate has expired: the subject stays in the log.
+        store_expired_certificate(hsm, other, emulator_pki)
+        c2.name, c2.bearer = other, other_bearer
+        expired = c2.ask(*registrations, "/v1/registrations", {"registrationId": other, "attestation": "x509"},
+                         status=422, kind="credential-invalid")
+        assert f"'CN={other}' is not valid now" in expired.log
 
     # The audit log cannot be written (its directory is missing): nothing is handed out.
     audit_file = tmp_path / "missing" / "audit.log"
@@ -196,6 +207,18 @@ def test_readyz_on_the_api_port_gives_a_short_public_reason_and_the_health_port_
     assert_private(Provoked(("GET", "/readyz"), status, api["detail"], ""), token_env.label, missing)
     # The health port (loopback, for the runtime and the operator) keeps the whole reason.
     assert missing in health["detail"] and "tokens present" in health["detail"]
+
+
+def store_expired_certificate(hsm: Hsm, label: str, pki: EmulatorPki) -> None:
+    """A key pair in the HSM under `label` with a certificate (CN=label) that expired yesterday."""
+    hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
+    now = dt.datetime.now(dt.UTC)
+    issuer = pki.intermediate
+    cert = (x509.CertificateBuilder().subject_name(x509.Name.from_rfc4514_string(f"CN={label}"))
+            .issuer_name(issuer.cert.subject).public_key(hsm.public_key(label))
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=2))
+            .not_valid_after(now - dt.timedelta(days=1)).sign(issuer.key, hashes.SHA256()))
+    hsm.import_certificates(label, [cert, issuer.cert])
 
 
 def _health_readyz(svc: ServiceHarness) -> dict[str, Any]:
