@@ -292,7 +292,6 @@ class Module:
         loop.call_soon_threadsafe(stop.set)
 
 
-
 def loop_time() -> float:
     return asyncio.get_running_loop().time()
 
