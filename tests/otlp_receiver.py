@@ -52,6 +52,8 @@ class SpanRecord:
     events: list[tuple[str, dict[str, Any]]]
     resource: dict[str, Any]
     scope: str
+    start_ns: int = 0  # start and end times (Unix ns)
+    end_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,8 @@ def _spans(request: ExportTraceServiceRequest) -> Iterator[SpanRecord]:
                     events=[(e.name, decode_attributes(e.attributes)) for e in s.events],
                     resource=resource,
                     scope=ss.scope.name,
+                    start_ns=s.start_time_unix_nano,
+                    end_ns=s.end_time_unix_nano,
                 )
 
 

@@ -33,9 +33,20 @@ class SpyrusError(Exception):
 
     A subclass names its kind in its declaration, `class ChainError(SpyrusError,
     kind=Kind.CREDENTIAL)`, and inherits it otherwise.
+
+    The message is for the operator: it may name what the token holds, files, readers, and
+    what to do. `public` is what a remote caller (a leaf, through the API) may be told: only
+    what it asked for. Without one (given where it is raised, or the class's `public_detail`),
+    the API answers a fixed text for the kind and logs the message.
     """
 
     kind: ClassVar[Kind]
+    public_detail: ClassVar[str | None] = None
+    public: str | None = None
+
+    def __init__(self, *args: object, public: str | None = None) -> None:
+        super().__init__(*args)
+        self.public = public if public is not None else self.public_detail
 
     def __init_subclass__(cls, kind: Kind | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

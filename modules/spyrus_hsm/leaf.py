@@ -12,13 +12,17 @@ imports nothing of PKCS#11 or of the rest of the package but its error root, so 
     leaf.client.send_message("hello")
 
 Renewal: a thread asks the service for a new token once `renew_at` of the current one's life has
-passed and gives it to the SDK (`update_sastoken`). While the service is unreachable or answers
+passed and gives it to the SDK (`update_sastoken`). A token's life is measured as the service
+states it (`expiresInSeconds`, or its expiry against the answer's Date header) and counted down
+on the leaf's monotonic clock: a leaf whose wall clock is wrong (ahead by more than the TTL, or
+booted without a real-time clock) still renews on time. While the service is unreachable or answers
 503/429 it retries with jittered, capped exponential back-off (at least Retry-After seconds when
 the service says so) until the current token expires; the connection keeps the token it has.
 """
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
 import logging
@@ -26,6 +30,7 @@ import secrets
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,14 +55,21 @@ class TokenServiceUnavailable(SpyrusError, kind=Kind.UNAVAILABLE):
 @dataclass(frozen=True)
 class LeafToken:
     token: str
-    expires_on: int        # seconds since the epoch
-    issued_at: float       # time.time() when it was received
+    expires_on: int        # seconds since the epoch, by the service's clock
+    lifetime: float        # seconds it had left when the service answered, by the service's clock
+    received: float        # the leaf's monotonic clock when the answer came
 
     def __repr__(self) -> str:  # the token is a credential
-        return f"LeafToken(expires_on={self.expires_on})"
+        return f"LeafToken(expires_on={self.expires_on}, lifetime={self.lifetime:g})"
 
-    def renew_time(self, renew_at: float) -> float:
-        return self.issued_at + renew_at * (self.expires_on - self.issued_at)
+    def renew_due(self, renew_at: float) -> float:
+        """When (monotonic clock) `renew_at` of its life has passed."""
+        return self.received + renew_at * self.lifetime
+
+    @property
+    def expires_at(self) -> float:
+        """When (monotonic clock) it expires."""
+        return self.received + self.lifetime
 
 
 @dataclass(frozen=True)
@@ -77,13 +89,15 @@ class TokenService:
 
     def __init__(self, url: str, trust_anchor: str, device_id: str, *, bearer_token: str | None = None,
                  client_cert: tuple[str, str] | None = None, hub: str | None = None, ttl: int | None = None,
-                 timeout: float = 10.0, backoff: Backoff | None = None) -> None:
+                 timeout: float = 10.0, backoff: Backoff | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         parts = urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError(f"the token service URL must be https://host[:port], got {url!r}")
         self.host, self.port = parts.hostname, parts.port or 443
         self.device_id, self.hub, self.ttl, self.timeout = device_id, hub, ttl, timeout
         self.backoff = backoff or Backoff()
+        self.clock = clock  # monotonic: a token's life is counted down on it
         self.retries = 0  # requests that failed and were tried again
         self._bearer = bearer_token
         self._context = ssl.create_default_context(cafile=trust_anchor)
@@ -134,9 +148,10 @@ class TokenService:
             raise TokenRefused(f"the token service refused a token for {self.device_id}: HTTP {response.status} "
                                f"{answer.get('title', '')} {answer.get('detail', '')}".rstrip())
         try:
-            return LeafToken(str(answer["token"]), int(answer["expiresOn"]), time.time())
+            token, expires_on = str(answer["token"]), int(answer["expiresOn"])
         except (KeyError, TypeError, ValueError):
             raise TokenRefused("the token service's answer has no token and expiresOn") from None
+        return LeafToken(token, expires_on, _lifetime(answer, expires_on, response.getheader("Date")), self.clock())
 
 
 class LeafDevice:
@@ -171,8 +186,15 @@ class LeafDevice:
 
     @property
     def renew_time(self) -> float | None:
-        """When (time.time()) the current token is due for renewal."""
-        return None if self._token is None else self._token.renew_time(self.renew_at)
+        """When (time.time(), for display) the current token is due for renewal."""
+        wait = self.seconds_to_renewal()
+        return None if wait is None else time.time() + wait
+
+    def seconds_to_renewal(self) -> float | None:
+        """Seconds until the current token is due for renewal (0 when overdue)."""
+        if self._token is None:
+            return None
+        return max(0.0, self._token.renew_due(self.renew_at) - self.tokens.clock())
 
     def connect(self) -> LeafDevice:
         self._token = self.tokens.fetch()
@@ -201,14 +223,14 @@ class LeafDevice:
         while not self._stop.is_set():
             token = self._token
             assert token is not None
-            if self._stop.wait(max(0.0, token.renew_time(self.renew_at) - time.time())):
+            if self._stop.wait(max(0.0, token.renew_due(self.renew_at) - self.tokens.clock())):
                 return
             self._renew(token)
 
     def _renew(self, current: LeafToken) -> None:
         """One renewal round, retried until the current token expires; a failed round is followed
         by the next after a back-off (the SDK reconnects once it has a valid token)."""
-        remaining = current.expires_on - time.time()
+        remaining = current.expires_at - self.tokens.clock()
         deadline = time.monotonic() + max(remaining, 1.0)
         try:
             fresh = self.tokens.fetch(min_remaining=max(1, int(remaining) + 1), deadline=deadline, stop=self._stop)
@@ -233,6 +255,20 @@ class _Retry(Exception):
     def __init__(self, reason: str, after: float | None = None) -> None:
         super().__init__(reason)
         self.after = after
+
+
+def _lifetime(answer: dict[str, Any], expires_on: int, date: str | None) -> float:
+    """Seconds the token had left when the service answered, by the service's own clock: its
+    `expiresInSeconds`, or else its expiry against the answer's Date header (a service that
+    predates the field); the leaf's wall clock only when the service sent neither."""
+    stated = answer.get("expiresInSeconds")
+    if isinstance(stated, (int, float)) and not isinstance(stated, bool):
+        return max(0.0, float(stated))
+    try:
+        now = email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()
+    except (TypeError, ValueError):
+        now = time.time()
+    return max(0.0, expires_on - now)
 
 
 def _seconds(header: str | None) -> float | None:

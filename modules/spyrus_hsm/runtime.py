@@ -37,11 +37,16 @@ from .service.audit import AuditLog
 from .service.core import Deps, Service
 from .service.server import ListenError, Listeners, probe_forever
 from .service.server_tls import ServerTls
+from .shutdown import Shutdown
 from .telemetry import Telemetry, hsm_instrument
 from .threads import spawn
 
 log = logging.getLogger("spyrus_hsm")
-EDGE_STOP_SECONDS = 3.0  # of the 10 s edgeAgent gives a module to stop
+# Each part's own limit when stopping; together they share one budget (shutdown.STOP_SECONDS).
+EDGE_STOP_SECONDS = 3.0
+AUDIT_CLOSE_SECONDS = 2.0  # a stalled audit disk
+HSM_CLOSE_SECONDS = 5.0  # a call in progress in the token
+PCSCD_STOP_SECONDS = 3.0
 LISTEN_RETRY = 5.0  # seconds between attempts to bind a listener's port (and to start the API)
 CERTIFICATE_CHECK_INTERVAL = 600.0  # seconds between reads of the X.509 credentials' expiry
 
@@ -93,6 +98,7 @@ class Module:
         self.edge_env = detect_edge(os.environ)  # IoT Edge? (raises on a half-configured environment)
         self.edge: EdgeAgent | None = None
         self.exit_code = 0
+        self.shutdown: Shutdown | None = None  # once stopping: the budget the stop shares
 
     def _assigned_hub(self) -> str | None:
         return self.cloud.assigned_hub if self.cloud is not None else None
@@ -133,21 +139,32 @@ class Module:
             tasks.append(asyncio.create_task(probe_forever(self.hsm, stop)))
             tasks.append(asyncio.create_task(self._start_api(stop)))
         await stop.wait()
+        await self._stop_all(tasks, Shutdown())
+
+    async def _stop_all(self, tasks: list[asyncio.Task[None]], shutdown: Shutdown) -> None:
+        """Every part stopped within one shared budget (edgeAgent kills the module 10 s after
+        SIGTERM): each is waited for at most what the ones before it left."""
+        self.shutdown = shutdown
         if self.events is not None:
             events_mod.install(None)
-            await asyncio.to_thread(self.events.stop, 1.0)
+            await shutdown.call("events", self.events.stop, cap=1.0)
         if self.edge is not None:
-            await asyncio.to_thread(self.edge.stop, EDGE_STOP_SECONDS)
+            await shutdown.call("edgeHub client", self.edge.stop, cap=EDGE_STOP_SECONDS)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await shutdown.wait("background tasks", asyncio.gather(*tasks, return_exceptions=True))
         if self.listeners is not None:
-            await self.listeners.stop()
+            await shutdown.wait("listeners", self.listeners.stop())
         if self.metrics_endpoint is not None:
-            await self.metrics_endpoint.stop()
-        if self.service is not None:  # may wait up to 2 s for a stalled audit disk: not on the loop
-            await asyncio.to_thread(self.service.close)
-        await asyncio.to_thread(self.stop)
+            await shutdown.wait("metrics endpoint", self.metrics_endpoint.stop())
+        if self.service is not None:  # the audit log waits for a stalled disk: not on the loop
+            await shutdown.call("service", self.service.close, cap=AUDIT_CLOSE_SECONDS)
+        cloud = self.cloud
+        if cloud is not None:
+            await shutdown.call("hub connection", lambda _: cloud.stop())
+        await shutdown.call("HSM pool", self.hsm.close, cap=HSM_CLOSE_SECONDS)
+        if self.pcscd is not None:
+            await shutdown.call("pcscd", self.pcscd.stop, cap=PCSCD_STOP_SECONDS)
 
     def _start_edge(self, loop: asyncio.AbstractEventLoop) -> EdgeAgent:
         """The module client for edgeHub: twin configuration, reported state, direct methods."""
@@ -308,13 +325,6 @@ class Module:
         self.exit_code = EXIT_RESTART
         loop.call_soon_threadsafe(stop.set)
 
-    def stop(self) -> None:
-        if self.cloud is not None:
-            self.cloud.stop()
-        self.hsm.close()
-        if self.pcscd is not None:
-            self.pcscd.stop()
-
 
 def loop_time() -> float:
     return asyncio.get_running_loop().time()
@@ -376,7 +386,7 @@ def serve(cfg: Config, telemetry: Telemetry) -> int:
         await module.run(stop)
 
     asyncio.run(main())
-    telemetry.shutdown(deadline=2.0)
+    telemetry.shutdown(deadline=module.shutdown.remaining(2.0) if module.shutdown else 2.0)
     log.info("stopped")
     return module.exit_code
 

@@ -432,6 +432,7 @@ def hsm_span(
     *,
     duration: Histogram | None = None,
     count: Counter | None = None,
+    submitted: Submitted | None = None,
 ) -> Iterator[Span]:
     """A span named "hsm.<operation>" around one HSM call, recording its outcome.
 
@@ -440,18 +441,21 @@ def hsm_span(
     and traceback are deliberately not recorded: they can quote the data being signed.
     With `duration` (Metrics.hsm_operation_duration) the elapsed time is recorded too, labelled
     by operation, mechanism, outcome and error type; with `count` (Metrics.signatures) the call
-    is counted, labelled the same way.
+    is counted, labelled the same way. With `submitted` (when the caller handed the call to
+    the pool) span and duration begin then, so both include the wait in the queue; without,
+    they begin now.
     """
     attributes = {HSM_OPERATION: operation}
     if key_label is not None:
         attributes[HSM_KEY_LABEL] = key_label
     if mechanism is not None:
         attributes[HSM_MECHANISM] = mechanism
-    started = time.perf_counter()
+    start = submitted or Submitted.now()
     outcome: Outcome = "ok"
     error_type: str | None = None
     with tracer.start_as_current_span(
-        f"hsm.{operation}", attributes=attributes, record_exception=False, set_status_on_exception=False
+        f"hsm.{operation}", attributes=attributes, start_time=start.wall_ns, record_exception=False,
+        set_status_on_exception=False
     ) as span:
         try:
             yield span
@@ -467,9 +471,21 @@ def hsm_span(
             span.set_attribute(HSM_OUTCOME, outcome)
             labels = _metric_labels(attributes, outcome, error_type)
             if duration is not None:
-                duration.record(time.perf_counter() - started, labels)
+                duration.record(time.perf_counter() - start.perf, labels)
             if count is not None:
                 count.add(1, labels)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """When a call was handed over, by both clocks a measurement needs: the span's start
+    (wall, ns) and the duration's (perf_counter)."""
+    wall_ns: int
+    perf: float
+
+    @staticmethod
+    def now() -> Submitted:
+        return Submitted(time.time_ns(), time.perf_counter())
 
 
 def _metric_labels(span_attributes: Mapping[str, str], outcome: Outcome, error_type: str | None) -> dict[str, str]:
@@ -483,14 +499,19 @@ def _metric_labels(span_attributes: Mapping[str, str], outcome: Outcome, error_t
 
 def hsm_instrument(telemetry: Telemetry) -> Callable[[Callable[[T], R], str, str | None, str | None], Callable[[T], R]]:
     """For `Hsm.instrument`: each operation runs inside an `hsm_span`, on the worker thread but
-    in the caller's contextvars, so the span's parent is the request's span."""
+    in the caller's contextvars, so the span's parent is the request's span. `Hsm` wraps an
+    operation when the caller submits it, so span and duration begin then: queueing included,
+    as `hsm.operation.duration` says."""
 
     def wrap(fn: Callable[[T], R], operation: str, key_label: str | None,
              mechanism: str | None) -> Callable[[T], R]:
+        submitted = Submitted.now()
+
         def traced(arg: T) -> R:
             with hsm_span(telemetry.tracer, operation, key_label, mechanism,
                           duration=telemetry.metrics.hsm_operation_duration,
-                          count=telemetry.metrics.signatures if operation == "sign" else None):
+                          count=telemetry.metrics.signatures if operation == "sign" else None,
+                          submitted=submitted):
                 return fn(arg)
         return traced
 

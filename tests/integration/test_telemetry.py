@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from opentelemetry.trace import Span, Tracer
 from otlp_receiver import OtlpReceiver, SilentCollector, SpanRecord, all_attribute_values, closed_port_endpoint
 
+from spyrus_hsm.hsm import Hsm, PoolSettings, Secret, SignAlgorithm, TokenSelector
 from spyrus_hsm.hsm.errors import HsmTimeout
-from spyrus_hsm.telemetry import Telemetry, TelemetryConfigError, hsm_span, setup
+from spyrus_hsm.telemetry import Telemetry, TelemetryConfigError, hsm_instrument, hsm_span, setup
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -342,3 +345,41 @@ def test_dead_collector_neither_slows_spans_nor_holds_up_shutdown(
 def test_shutdown_with_a_live_collector_finishes_and_is_idempotent(exported: Telemetry) -> None:
     assert exported.shutdown(deadline=3)
     assert exported.shutdown(deadline=3)
+
+
+# --- HSM timing: from the caller's submission, queueing included ------------------------------
+
+QUEUED_DELAY_MS = 400
+
+
+@pytest.mark.shim
+def test_hsm_operation_duration_and_span_begin_when_the_caller_submits_queueing_included(
+        rx: OtlpReceiver, exported: Telemetry, token_env: Any, hsm: Hsm) -> None:
+    """One worker, two signatures submitted together, each slowed by the shim: the second waits
+    in the queue while the first signs, and its span and duration include that wait."""
+    label = "queued-" + secrets.token_hex(3)
+    hsm.import_secret_key(label, Secret(secrets.token_bytes(32)))
+    settings = PoolSettings(token_env.module, TokenSelector(token_env.label), workers=1, call_timeout=10.0,
+                            retry_min=0.1, retry_max=0.5)
+    single = Hsm(settings, Secret(token_env.pin)).start(wait=True)
+    single.instrument(hsm_instrument(exported))
+    token_env.set_shim(sign_delay_ms=QUEUED_DELAY_MS)
+    try:
+        with ThreadPoolExecutor(2) as callers:
+            for answer in [callers.submit(single.sign, label, SignAlgorithm.HMAC_SHA256, b"x") for _ in range(2)]:
+                answer.result()
+    finally:
+        token_env.set_shim(state="plugged")
+        single.close()
+    assert exported.force_flush()
+    first, second = sorted(rx.wait_for_spans(lambda s: s.name == "hsm.sign"
+                                             and s.attributes.get("hsm.key.label") == label, count=2),
+                           key=lambda s: s.end_ns)
+    # The second was submitted while the first was signing: its span begins before the first ends.
+    assert second.start_ns < first.end_ns
+    [point] = [p for p in rx.wait_for_metric("hsm.operation.duration")
+               if p.attributes.get("hsm.operation") == "sign" and p.count == 2][-1:]
+    # The two durations are the spans' lengths: one delay, and a delay of waiting plus one of signing.
+    spans_total = (first.end_ns - first.start_ns + second.end_ns - second.start_ns) / 1e9
+    assert point.total is not None and point.total == pytest.approx(spans_total, abs=0.05)
+    assert spans_total >= 3 * QUEUED_DELAY_MS / 1000

@@ -168,3 +168,56 @@ def test_with_fsync_every_batch_is_written_and_the_waiters_told(tmp_path: Path) 
     _submit(audit, 3, wait=True)
     audit.close()
     assert [json.loads(line)["principal"] for line in path.read_bytes().splitlines()] == ["p0", "p1", "p2"]
+
+
+def test_a_token_withheld_for_want_of_its_record_is_recorded_as_withheld_not_allowed(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, stalled: StalledPipe) -> None:
+    leaf, other = new_leaf(hsm), new_leaf(hsm)
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[OWN_DEVICE], bearer={leaf.name: leaf.bearer},
+                        audit_file=stalled.path, rate_limit_per_second=0, request_timeout=1.0) as svc:
+        # The writer takes this record and blocks in its write: the token's record stays queued.
+        assert svc.call("POST", "/v1/sas-tokens", {"deviceId": other.name}, bearer=leaf.bearer)[0] == 403
+        records = _withheld_token_records(svc, leaf, stalled)
+    assert [(r["outcome"], r["status"], r["reason"]) for r in records] == [("withheld", 503, "audit-unavailable")]
+
+
+def test_a_record_the_writer_already_holds_is_followed_by_one_saying_the_answer_was_withheld(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, stalled: StalledPipe) -> None:
+    leaf = new_leaf(hsm)
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[OWN_DEVICE], bearer={leaf.name: leaf.bearer},
+                        audit_file=stalled.path, rate_limit_per_second=0, request_timeout=1.0) as svc:
+        # The token's record is the first: the writer holds it, blocked in its write.
+        records = _withheld_token_records(svc, leaf, stalled)
+    assert [(r["outcome"], r["status"]) for r in records] == [("allowed", 200), ("withheld", 503)]
+
+
+def _withheld_token_records(svc: ServiceHarness, leaf: Any, stalled: StalledPipe) -> list[dict[str, Any]]:
+    """Ask for a token while the audit disk is stalled (the answer is withheld: 503), then
+    release the disk; the records written for that request."""
+    status, _, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer,
+                               headers={"X-Request-Id": "token"})
+    assert status == 503 and "nothing was handed out" in body["detail"], body
+    stalled.release()
+    assert svc.service is not None and svc.service.audit.flush()
+    return [r for r in stalled.records() if r["requestId"] == "token"]
+
+
+def test_a_record_whose_waiter_is_cancelled_says_the_answer_was_aborted(stalled: StalledPipe) -> None:
+    audit = AuditLog(str(stalled.path), fail_closed=True)
+    _submit(audit, 1)  # the writer takes it and blocks in write: the next record stays queued
+
+    async def abandoned() -> None:
+        waiting = asyncio.ensure_future(audit.submit(wait=True, principal="p", operation="signature",
+                                                     outcome="allowed", reason="policy rule 0", status=200,
+                                                     request_id="cancelled"))
+        await asyncio.sleep(0)  # queued
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(abandoned())
+    stalled.release()
+    assert audit.flush()
+    audit.close()
+    records = [r for r in stalled.records() if r["requestId"] == "cancelled"]
+    assert [(r["outcome"], r["status"], r["reason"]) for r in records] == [("aborted", None, "cancelled")]

@@ -77,8 +77,38 @@ def test_a_local_chain_problem_is_a_credential_error_not_a_dps_failure() -> None
     problem = from_exception(exc, RETRY_AFTER)
     assert problem is not None
     assert (problem.status, problem.type) == (422, "credential-invalid")
-    assert problem.detail == str(exc)
+    assert problem.detail == ChainError.public_detail and "CN=" not in problem.detail  # the subjects: logged
     assert EXIT_CODES[exc.kind] == EXIT_FAILED
+
+
+OPERATORS_TEXT = ("no credential 'x'; credentials present: 'service-tls' (CN module); PIN file /etc/spyrus/pin; "
+                  "reader 'Virtual PCD 00 00'; import one with 'spyrus-hsm key import-pkcs12'")
+
+
+@pytest.mark.parametrize("cls", ERRORS, ids=lambda c: c.__qualname__)
+def test_a_caller_is_told_no_message_of_an_error_that_has_no_public_text_and_the_log_has_it(
+        cls: type[SpyrusError], caplog: pytest.LogCaptureFixture) -> None:
+    exc = cls.__new__(cls)  # as raised, whatever its constructor takes
+    Exception.__init__(exc, OPERATORS_TEXT)
+    caplog.set_level("INFO", logger="spyrus_hsm.service.problems")
+    problem = from_exception(exc, RETRY_AFTER, "POST /v1/x (request r1)")
+    assert problem is not None and problem.detail
+    assert problem.detail in (cls.public_detail, HTTP[exc.kind].detail)
+    assert not any(word in problem.detail for word in ("present", "/etc", "PCD", "spyrus-hsm", "service-tls"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"POST /v1/x (request r1) answered {problem.status} {problem.type}: {OPERATORS_TEXT}"]
+
+
+def test_an_error_raised_with_public_text_tells_the_caller_that_and_logs_the_rest(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="spyrus_hsm.service.problems")
+    exc = hsm_errors.ObjectNotFound(OPERATORS_TEXT, public="no secret-key object labelled 'x'")
+    problem = from_exception(exc, RETRY_AFTER)
+    assert problem is not None and problem.detail == "no secret-key object labelled 'x'"
+    assert OPERATORS_TEXT in caplog.text
+    caplog.clear()
+    same = hsm_errors.InvalidInput("'csr' is not a CSR", public="'csr' is not a CSR")
+    assert from_exception(same, RETRY_AFTER) is not None and caplog.records == []  # nothing withheld: no line
 
 
 def test_a_missing_pkcs11_provider_is_503_not_configured_without_the_path() -> None:

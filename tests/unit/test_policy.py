@@ -17,6 +17,14 @@ def test_nothing_is_allowed_without_a_rule() -> None:
     assert "no policy rule allows 'leaf-1' the operation 'sas-token' on device 'leaf-1'" in decision.reason
 
 
+def test_a_refusal_names_a_key_only_when_the_caller_named_it() -> None:
+    """The key the configuration chose for a device (a group key, say) is not the caller's to learn."""
+    chosen = Policy(()).decide(Request("leaf-1", "registration", device="leaf-1", key="group-key"))
+    named = Policy(()).decide(Request("leaf-1", "signature", key="leaf-1-sig", key_named_by_caller=True))
+    assert "group-key" not in chosen.reason and "device 'leaf-1'" in chosen.reason
+    assert "key 'leaf-1-sig'" in named.reason
+
+
 def test_cn_lets_a_caller_act_as_itself() -> None:
     policy = Policy(rules(OWN_DEVICE))
     assert policy.decide(Request("leaf-1", "sas-token", device="leaf-1", key="leaf-1")).allowed

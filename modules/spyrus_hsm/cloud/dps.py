@@ -34,7 +34,7 @@ from typing import Any, Literal
 from ..config import CloudConfig
 from ..errors import Kind, SpyrusError
 from ..files import read_json, write_json_atomic
-from ..hsm import Hsm, ObjectNotFound, Pkcs11Uri
+from ..hsm import Hsm, InvalidInput, ObjectNotFound, Pkcs11Uri
 from ..identity import issued as issued_id
 from ..identity import x509 as x509_id
 from ..identity.sas import SasMinter, dps_uri
@@ -131,7 +131,7 @@ class Provisioner:
         """Register (or reuse the persisted assignment for this exact identity)."""
         cred = None
         if req.attestation == "x509":
-            cred = x509_id.select(self.hsm, label=req.key, cn=req.cn or (None if req.key else req.registration_id))
+            cred = self._credential(req)
             if cred.common_name != req.registration_id:
                 raise RegistrationIdMismatch(
                     f"the certificate CN '{cred.common_name}' must equal the registration id "
@@ -164,7 +164,8 @@ class Provisioner:
         state = result.get("registrationState") or {}
         if not state.get("assignedHub") or not state.get("deviceId"):
             raise RegistrationError(f"DPS assigned '{req.registration_id}' without naming a hub and "
-                                    f"device id: {json.dumps(result)}")
+                                    f"device id: {json.dumps(result)}",
+                                    public=f"DPS's answer for '{req.registration_id}' names no hub and device id")
         chain = None
         if csr is not None:
             chain = self._accept_chain(req, csr, state.get("issuedCertificateChain"))
@@ -191,11 +192,24 @@ class Provisioner:
             self.hsm.import_certificates(req.issue_cert, chain)
         return [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in chain]
 
+    def _credential(self, req: DpsRequest) -> x509_id.X509Credential:
+        """The X.509 credential the registration attests with. A caller through the API is told
+        of its registration only; the message (what the token holds) is the operator's."""
+        try:
+            return x509_id.select(self.hsm, label=req.key, cn=req.cn or (None if req.key else req.registration_id))
+        except ObjectNotFound as exc:
+            exc.public = f"no X.509 credential for the registration of '{req.registration_id}'"
+            raise
+        except InvalidInput as exc:
+            exc.public = f"more than one X.509 credential matches the registration of '{req.registration_id}'"
+            raise
+
     def _sas_key(self, req: DpsRequest) -> str:
         if not req.key:
             raise RegistrationError("symmetric-key attestation needs the HSM key label (--sas-key)")
         if not self.hsm.find(req.key, "secret-key"):
-            raise ObjectNotFound(f"no secret key labelled '{req.key}'; import it with 'spyrus-hsm key import-sas'")
+            raise ObjectNotFound(f"no secret key labelled '{req.key}'; import it with 'spyrus-hsm key import-sas'",
+                                 public=f"no key for the registration of '{req.registration_id}'")
         if not req.group:
             return req.key
         derived = f"{req.key}.{req.registration_id}"
@@ -246,28 +260,40 @@ def _fingerprint(req: DpsRequest, credential: str) -> str:
 
 
 def _explain(exc: dps_client.DpsFailure, req: DpsRequest, timeout: float) -> RegistrationError:
+    """The operator's message (what to check, where) and the caller's (`public`: what became of
+    its registration)."""
+    reg = req.registration_id
     if isinstance(exc, dps_client.Unauthorized):
         return RegistrationError(
-            f"DPS refused the credentials of '{req.registration_id}' (unauthorized): check the "
+            f"DPS refused the credentials of '{reg}' (unauthorized): check the "
             f"enrollment exists in ID scope {req.id_scope} and matches the "
-            f"{'certificate/CA' if req.attestation == 'x509' else 'key'} in the HSM")
+            f"{'certificate/CA' if req.attestation == 'x509' else 'key'} in the HSM",
+            public=f"DPS refused the credentials of '{reg}'")
     if isinstance(exc, dps_client.Rejected) and exc.status == 400 and (req.csr or req.issue_cert):
         message = exc.body.get("message") if isinstance(exc.body, dict) else None
-        return CertificateRefused(f"DPS refused the certificate signing request of "
-                                  f"'{req.registration_id}': {message or exc}")
+        # DPS's own reason is about the caller's CSR ("too weak"): the caller may read it.
+        return CertificateRefused(f"DPS refused the certificate signing request of '{reg}': {message or exc}",
+                                  public=f"DPS refused the certificate signing request of '{reg}'"
+                                         + (f": {message}" if message else ""))
     if isinstance(exc, dps_client.Throttled):
-        error = RegistrationError(f"DPS is throttling the registration of '{req.registration_id}' "
-                                  f"({exc.status}) and asks to retry in {exc.retry_after:g} s")
+        error = RegistrationError(f"DPS is throttling the registration of '{reg}' "
+                                  f"({exc.status}) and asks to retry in {exc.retry_after:g} s",
+                                  public=f"DPS is throttling the registration of '{reg}'; retry in "
+                                         f"{exc.retry_after:g} s")
         error.retry_after = exc.retry_after
         return error
     if isinstance(exc, dps_client.Rejected) and exc.status >= 300:
-        return RegistrationError(f"DPS rejected the registration of '{req.registration_id}': {exc}; "
-                                 "if it says 401, the enrollment does not match the credential")
+        return RegistrationError(f"DPS rejected the registration of '{reg}': {exc}; "
+                                 "if it says 401, the enrollment does not match the credential",
+                                 public=f"DPS rejected the registration of '{reg}' (status {exc.status})")
     if isinstance(exc, dps_client.Rejected):
         status = exc.body.get("status") if isinstance(exc.body, dict) else None
-        return RegistrationError(f"DPS answered '{status}' for '{req.registration_id}'; "
-                                 "check the enrollment's allocation policy and the hub link")
+        return RegistrationError(f"DPS answered '{status}' for '{reg}'; "
+                                 "check the enrollment's allocation policy and the hub link",
+                                 public=f"DPS answered '{status}' for '{reg}'")
     if isinstance(exc, dps_client.Unreachable):
-        return RegistrationError(f"cannot connect to DPS at {req.provisioning_host}: {exc}")
-    return RegistrationError(f"DPS registration of '{req.registration_id}' did not finish within "
-                             f"{timeout:g} s ({exc}); check that {req.provisioning_host} is reachable")
+        return RegistrationError(f"cannot connect to DPS at {req.provisioning_host}: {exc}",
+                                 public=f"DPS could not be reached for the registration of '{reg}'")
+    return RegistrationError(f"DPS registration of '{reg}' did not finish within "
+                             f"{timeout:g} s ({exc}); check that {req.provisioning_host} is reachable",
+                             public=f"the registration of '{reg}' did not finish in time")

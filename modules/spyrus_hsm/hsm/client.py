@@ -78,8 +78,9 @@ class Hsm:
         self.pool.start(wait=wait)
         return self
 
-    def close(self) -> None:
-        self.pool.close()
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the workers, waiting at most `timeout` for a call in progress."""
+        self.pool.close(timeout)
 
     def __enter__(self) -> Hsm:
         return self

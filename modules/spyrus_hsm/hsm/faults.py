@@ -45,6 +45,11 @@ def fault_reason(exc: BaseException) -> str:
     return f"the HSM failed: {type(exc).__name__}"
 
 
+def _invalid(message: str) -> errors.InvalidInput:
+    """About the request itself (`what` names only the object it asked for): a caller may be told."""
+    return errors.InvalidInput(message, public=message)
+
+
 def translate(exc: BaseException, what: str) -> errors.HsmError:
     """An HsmError for a PKCS#11 failure during `what` (e.g. "signing with key 'edge'")."""
     if isinstance(exc, errors.HsmError):
@@ -63,12 +68,12 @@ def translate(exc: BaseException, what: str) -> errors.HsmError:
         return errors.LoginFailed("the token has no user PIN yet; run 'spyrus-hsm token init'",
                                   pin_refused=False)
     if isinstance(exc, (p11e.KeyTypeInconsistent, p11e.MechanismInvalid)):
-        return errors.InvalidInput(f"{what} failed: the key cannot be used for this algorithm")
+        return _invalid(f"{what} failed: the key cannot be used for this algorithm")
     if isinstance(exc, (p11e.DataLenRange, p11e.DataInvalid)):
-        return errors.InvalidInput(f"{what} failed: the data is not acceptable for this algorithm")
+        return _invalid(f"{what} failed: the data is not acceptable for this algorithm")
     if isinstance(exc, (p11e.TemplateIncomplete, p11e.TemplateInconsistent,
                         p11e.AttributeValueInvalid, p11e.AttributeTypeInvalid)):
-        return errors.InvalidInput(f"{what} failed: the token rejected the object's attributes")
+        return _invalid(f"{what} failed: the token rejected the object's attributes")
     if isinstance(exc, p11e.DeviceMemory):
         return errors.OperationFailed(f"{what} failed: the token is out of memory; delete unused objects")
     if isinstance(exc, p11e.TokenWriteProtected):

@@ -127,12 +127,14 @@ class WorkerSession:
             if not found:
                 raise ObjectNotFound(
                     f"no {_TYPE_BY_CLASS[cls]} object {_describe(uri)} on token "
-                    f"'{self.token_label}'; see 'spyrus-hsm list'"
+                    f"'{self.token_label}'; see 'spyrus-hsm list'",
+                    public=f"no {_TYPE_BY_CLASS[cls]} object {_describe(uri)}"
                 )
             if len(found) > 1:
                 raise DuplicateObject(
                     f"{len(found)} {_TYPE_BY_CLASS[cls]} objects match {_describe(uri)}; "
-                    "refer to one by id (pkcs11:id=...) or delete the extra ones"
+                    "refer to one by id (pkcs11:id=...) or delete the extra ones",
+                    public=f"more than one {_TYPE_BY_CLASS[cls]} object {_describe(uri)}"
                 )
             obj = self._cache[key] = found[0]
             self._seen.add(key)
@@ -177,7 +179,8 @@ def _retry_stale(ws: WorkerSession, fn: Callable[[], bytes]) -> bytes:
 def _signer(ws: WorkerSession, uri: Pkcs11Uri, cls: ObjectClass) -> SignMixin:
     obj = ws.find(uri, cls)
     if not isinstance(obj, SignMixin):
-        raise InvalidInput(f"the {_TYPE_BY_CLASS[cls]} object {_describe(uri)} cannot sign")
+        message = f"the {_TYPE_BY_CLASS[cls]} object {_describe(uri)} cannot sign"
+        raise InvalidInput(message, public=message)
     return obj
 
 
@@ -199,7 +202,7 @@ def sign(ws: WorkerSession, uri: Pkcs11Uri, algorithm: SignAlgorithm, data: byte
         param = (Mechanism.SHA256, MGF.SHA256, 32)
         return bytes(_retry_stale(ws, lambda: _signer(ws, uri, ObjectClass.PRIVATE_KEY).sign(
             data, mechanism=Mechanism.SHA256_RSA_PKCS_PSS, mechanism_param=param)))
-    raise InvalidInput(f"unsupported algorithm {algorithm}")
+    raise InvalidInput(f"unsupported algorithm {algorithm}", public=f"unsupported algorithm {algorithm}")
 
 
 MECHANISM_NAMES = {
@@ -282,7 +285,8 @@ def certificate_chain(ws: WorkerSession, uri: Pkcs11Uri) -> list[bytes]:
     if not certs:
         raise ObjectNotFound(
             f"no certificate {_describe(uri)} on token '{ws.token_label}'; "
-            "add one with 'spyrus-hsm cert import'"
+            "add one with 'spyrus-hsm cert import'",
+            public=f"no certificate {_describe(uri)}"
         )
     return order_chain(certs)
 

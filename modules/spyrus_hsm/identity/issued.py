@@ -32,6 +32,8 @@ OPERATIONAL_KEY = KeyAlgorithm.EC_P384  # as the CAs of Azure Device Registry
 class IssuedChainInvalid(SpyrusError, kind=Kind.UPSTREAM):
     """DPS answered with a certificate chain that must not be used; the message says why."""
 
+    public_detail = "DPS issued a certificate chain that cannot be used"
+
 
 def operational_key(hsm: Hsm, label: str) -> str:
     """The CKA_ID (hex) of the key pair `label`, generated in the HSM (P-384) if absent."""
@@ -53,15 +55,19 @@ def check_csr(der: bytes, registration_id: str) -> x509.CertificateSigningReques
         csr = x509.load_der_x509_csr(der)
         signed = csr.is_signature_valid
     except ValueError as exc:
-        raise InvalidInput(f"'csr' is not a DER PKCS#10 certificate signing request ({exc})") from None
+        raise _about_the_csr(f"'csr' is not a DER PKCS#10 certificate signing request ({exc})") from None
     if not signed:
-        raise InvalidInput("the CSR's signature does not verify with its public key")
+        raise _about_the_csr("the CSR's signature does not verify with its public key")
     names = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     cn = str(names[0].value) if len(names) == 1 else None
     if cn != registration_id:
-        raise InvalidInput(f"the CSR's subject CN must be the registration id '{registration_id}', "
-                           f"not {cn!r}")
+        raise _about_the_csr(f"the CSR's subject CN must be the registration id '{registration_id}', not {cn!r}")
     return csr
+
+
+def _about_the_csr(message: str) -> InvalidInput:
+    """The caller's own CSR is at fault: the caller may be told why."""
+    return InvalidInput(message, public=message)
 
 
 def decode_chain(encoded: Any) -> list[x509.Certificate]:

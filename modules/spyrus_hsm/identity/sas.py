@@ -53,7 +53,8 @@ def dps_uri(id_scope: str, registration_id: str) -> str:
 def _require(**values: str) -> None:
     for name, value in values.items():
         if not value or any(c in value for c in "\n\r") or value != value.strip():
-            raise SasError(f"{name} must be a non-empty name without spaces around it")
+            message = f"{name} must be a non-empty name without spaces around it"
+            raise SasError(message, public=message)
 
 
 def string_to_sign(resource_uri: str, expiry: int) -> bytes:
@@ -68,7 +69,8 @@ def format_token(resource_uri: str, signature: bytes, expiry: int, key_name: str
 
 def check_ttl(ttl: int, min_ttl: int = MIN_TTL) -> int:
     if not min_ttl <= ttl <= MAX_TTL:
-        raise SasError(f"ttl must be between {min_ttl} and {MAX_TTL} seconds, got {ttl}")
+        message = f"ttl must be between {min_ttl} and {MAX_TTL} seconds, got {ttl}"
+        raise SasError(message, public=message)
     return ttl
 
 

@@ -29,6 +29,8 @@ from . import tls
 class ChainError(SpyrusError, ValueError, kind=Kind.CREDENTIAL):
     """A certificate chain that a peer would reject; the message says why."""
 
+    public_detail = "the X.509 credential for the request has a certificate chain a peer would reject"
+
 
 @dataclass(frozen=True)
 class X509Credential:

@@ -145,8 +145,10 @@ async def _audit(request: web.Request, handler: Handler) -> web.StreamResponse:
             outcome=_outcome(response.status), reason=fields.get("reason") or _reason(response),
             request_id=request[REQUEST_ID], remote=peer[0] if peer else None)
     except AuditError as exc:
-        return problem_response(unavailable(str(exc) + "; nothing was handed out", svc.cfg.retry_after,
-                                            "audit-unavailable"), request[REQUEST_ID])
+        log.error("%s %s (request %s): %s; nothing was handed out", request.method, route_template(request),
+                  request[REQUEST_ID], exc)
+        return problem_response(unavailable("the audit record could not be written; nothing was handed out",
+                                            svc.cfg.retry_after, "audit-unavailable"), request[REQUEST_ID])
     response.headers["X-Request-Id"] = request[REQUEST_ID]
     return response
 
@@ -188,7 +190,8 @@ async def _problems(request: web.Request, handler: Handler) -> web.StreamRespons
         response.headers["X-Problem-Type"] = "client-disconnected"
         return response
     except Exception as exc:
-        found = from_exception(exc, svc.cfg.retry_after)
+        found = from_exception(exc, svc.cfg.retry_after,
+                               f"{request.method} {route_template(request)} (request {instance})")
         if found is None:
             log.exception("internal error in %s %s (request %s)", request.method, route_template(request), instance)
             found = Problem(500, "internal-error", "Internal error",

@@ -41,16 +41,18 @@ log = logging.getLogger(__name__)
 QUEUE_LIMIT = 10_000    # records nobody waits for, queued for a slow disk (~3 MB)
 MAX_BATCH = 1000        # records per write
 CLOSE_TIMEOUT = 2.0     # seconds `close` waits for the disk to take what is queued
+WITHHELD_STATUS = 503   # what a caller gets whose answer waited too long for its record
 
 
 class AuditError(SpyrusError, RuntimeError, kind=Kind.UNAVAILABLE):
     """The audit record could not be written."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     line: bytes
     done: asyncio.Future[None] | None  # set when someone awaits the record
+    taken: bool = False                # in a batch the writer is writing: too late to change
 
 
 class AuditLog:
@@ -81,9 +83,15 @@ class AuditLog:
 
     async def submit(self, *, wait: bool, timeout: float | None = None, **fields: Any) -> None:
         """Queue one record for the writer thread. With wait, return once its batch is written
-        (AuditError if that failed or took longer than timeout); without, return at once."""
+        (AuditError if that failed or took longer than timeout); without, return at once.
+
+        A record waited for past `timeout` (or whose waiter is cancelled) describes an answer that
+        is then not given (the caller gets 503, or nothing): it is rewritten to say so while it is
+        still queued, or, when the writer already holds it, followed by a record with the same
+        request id that says so."""
         line = _line(**fields)
         done = asyncio.get_running_loop().create_future() if wait else None
+        pending = _Pending(line, done)
         with self._state:
             if self._closing or (done is None and self._unwaited >= self.queue_limit):
                 self._drop()
@@ -93,14 +101,30 @@ class AuditLog:
             if self._writer is None:
                 self._writer = threading.Thread(target=self._run, name="audit-writer", daemon=True)
                 self._writer.start()
-            self._queue.append(_Pending(line, done))
+            self._queue.append(pending)
             self._unwaited += done is None
             self._work.notify()
         if done is not None:
             try:
                 await asyncio.wait_for(done, timeout)
             except TimeoutError:
+                self._withhold(pending, fields, WITHHELD_STATUS, "withheld", "audit-unavailable")
                 raise AuditError(f"the audit log did not take the record within {timeout:g} s") from None
+            except asyncio.CancelledError:  # the request was abandoned (shutdown): nothing is sent
+                self._withhold(pending, fields, None, "aborted", "cancelled")
+                raise
+
+    def _withhold(self, pending: _Pending, fields: dict[str, Any], status: int | None, outcome: str,
+                  reason: str) -> None:
+        """The record of an answer not given after all, because its record was not written in time."""
+        line = _line(**{**fields, "status": status, "outcome": outcome, "reason": reason})
+        with self._state:
+            if not pending.taken:
+                pending.line = line
+                return
+            self._queue.append(_Pending(line, None))  # beyond queue_limit: it corrects a record
+            self._unwaited += 1
+            self._work.notify()
 
     def _drop(self) -> None:
         self.dropped += 1
@@ -118,6 +142,8 @@ class AuditLog:
                 if not self._queue:
                     return
                 batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+                for p in batch:
+                    p.taken = True
                 self._unwaited -= sum(p.done is None for p in batch)
                 self._busy = True
             error = self._commit(b"".join(p.line for p in batch), len(batch))

@@ -133,7 +133,7 @@ class Authenticator:
         if not der:
             return None
         if self.verifier is None:
-            raise _bad_cert("this service accepts no client certificates (no service.client_ca_file)")
+            raise _bad_cert("this service accepts no client certificates")
         return Principal(self.verifier.verify(der), "certificate")
 
     def _bearer(self, authorization: str) -> Principal:

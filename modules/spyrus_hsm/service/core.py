@@ -23,7 +23,7 @@ from ..hsm import Hsm
 from ..identity.sas import SasMinter, SasToken
 from ..telemetry import Telemetry
 from . import policy as pol
-from .audit import AuditLog
+from .audit import CLOSE_TIMEOUT, AuditLog
 from .auth import Authenticator, ClientCertVerifier, Principal
 from .cache import TokenCache
 from .problems import Problem, forbidden
@@ -76,11 +76,11 @@ class Service:
         self.limiter = RateLimiter(cfg.rate_limit_per_second, cfg.rate_limit_burst)
         self.cache = TokenCache(cfg.cache_reuse_fraction, max_entries=cfg.cache_max_entries)
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Stop taking registrations (a running DPS call is abandoned by its own timeout); write
-        what the audit log has queued (bounded wait)."""
+        what the audit log has queued (waiting at most `timeout`)."""
         self._dps_threads.shutdown(wait=False, cancel_futures=True)
-        self.audit.close()
+        self.audit.close(timeout)
 
     @property
     def tracer(self) -> Tracer:
@@ -130,7 +130,7 @@ class Service:
         hub = requested or self.default_hub()
         if not hub:
             raise Problem(400, "invalid-request", "The request is not valid",
-                          "'hub' is required: this service has no default hub (service.hub)")
+                          "'hub' is required: this service has no default hub")
         return hub
 
     async def sas_token(self, key: str, uri: str, ttl: int, key_name: str | None = None,

@@ -121,9 +121,12 @@ def _schemas(cfg: ServiceConfig, default_hub: bool, default_id_scope: bool) -> d
                             "registrationId": {"type": "string", "pattern": v.REGISTRATION_ID},
                             "ttlSeconds": ttl, "minRemainingSeconds": min_life}},
         ]},
-        "SasToken": {"type": "object", "required": ["token", "resourceUri", "expiresOn"], "properties": {
+        "SasToken": {"type": "object", "required": ["token", "resourceUri", "expiresOn", "expiresInSeconds"],
+                     "properties": {
             "token": {"type": "string"}, "resourceUri": {"type": "string"},
-            "expiresOn": {"type": "integer", "description": "Unix time"}}},
+            "expiresOn": {"type": "integer", "description": "Unix time"},
+            "expiresInSeconds": {"type": "integer", "description": "seconds of life left when answered, by the "
+                                 "service's clock: schedule renewal from this, not from the local clock"}}},
         "SignatureRequest": {"type": "object", "additionalProperties": False,
                              "required": ["key", "algorithm", "data"], "properties": {
             "key": {"type": "string", "pattern": v.LABEL},

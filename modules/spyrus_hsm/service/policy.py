@@ -53,7 +53,9 @@ class Policy:
         return True
 
     def _denial(self, req: Request) -> str:
-        target = " ".join(f"{k} '{v}'" for k, v in (("device", req.device), ("key", req.key)) if v is not None)
+        """Told to the caller: a key the configuration chose for it is not named."""
+        key = req.key if req.key_named_by_caller else None
+        target = " ".join(f"{k} '{v}'" for k, v in (("device", req.device), ("key", key)) if v is not None)
         return f"no policy rule allows '{req.principal}' the operation '{req.operation}'" + (
             f" on {target}" if target else "")
 

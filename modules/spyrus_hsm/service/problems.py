@@ -3,9 +3,10 @@
 Handlers raise `Problem` (or let package errors through); `problem_response` renders it, and
 `from_exception` looks a package error's kind up in `HTTP` — so the HTTP layer never guesses at
 PKCS#11, and a new error class needs no change here. Details never quote request data, tokens,
-keys or PINs: messages of package errors are written by this package and name only labels and
-reasons; where they would tell a leaf device about the module's installation (paths, tokens
-present), a fixed detail is sent instead and the message goes to the log.
+keys or PINs. A package error's message is written for the operator (what the token holds,
+paths, readers, what to do); a caller is told only its `public` text, which names what the
+caller asked for, or else the fixed detail of its kind, and the message goes to the log, one
+line per answer.
 """
 
 from __future__ import annotations
@@ -80,39 +81,46 @@ class Answer:
     status: int
     type: str
     title: str
-    detail: str | None = None   # sent instead of the error's message (see the module docstring)
+    detail: str                 # sent when the error has no public text (see the module docstring)
     retry: bool = False         # with Retry-After: trying again later may work
 
 
 _UNAVAILABLE = "Service temporarily unavailable"
-_INVALID = Answer(400, "invalid-request", "The request is not valid")
+_INVALID = "The request is not valid"
 
 HTTP: dict[Kind, Answer] = {
-    Kind.USAGE: _INVALID,
-    Kind.INVALID: _INVALID,
+    Kind.USAGE: Answer(400, "invalid-request", _INVALID, "the request is not valid"),
+    Kind.INVALID: Answer(400, "invalid-request", _INVALID, "the HSM cannot use what the request gives or names"),
     Kind.CONFIG: Answer(503, "not-configured", "The module is not set up for this",
                         "the module's configuration or installation needs fixing; its log says why"),
-    Kind.NOT_FOUND: Answer(404, "not-found", "Not found"),
-    Kind.CONFLICT: Answer(409, "conflict", "Conflicts with what the HSM holds"),
-    Kind.REFUSED: Answer(422, "operation-failed", "The HSM refused the operation"),
-    Kind.CREDENTIAL: Answer(422, "credential-invalid", "The stored credential is not usable"),
+    Kind.NOT_FOUND: Answer(404, "not-found", "Not found", "nothing by that name"),
+    Kind.CONFLICT: Answer(409, "conflict", "Conflicts with what the HSM holds",
+                          "the request conflicts with what the HSM holds"),
+    Kind.REFUSED: Answer(422, "operation-failed", "The HSM refused the operation",
+                         "the HSM refused the operation; the module's log says why"),
+    Kind.CREDENTIAL: Answer(422, "credential-invalid", "The stored credential is not usable",
+                            "the credential the request needs is not usable; the module's log says why"),
     Kind.UNAVAILABLE: Answer(503, "hsm-unavailable", _UNAVAILABLE, "the HSM is not ready; retry later", True),
     Kind.BUSY: Answer(503, "hsm-busy", _UNAVAILABLE, "the HSM queue is full; retry later", True),
     Kind.TIMEOUT: Answer(503, "hsm-timeout", _UNAVAILABLE, "the HSM did not answer in time; retry later", True),
-    Kind.UPSTREAM: Answer(502, "registration-failed", "DPS registration failed"),
+    Kind.UPSTREAM: Answer(502, "registration-failed", "DPS registration failed",
+                          "DPS did not complete the registration; the module's log says why"),
 }
 
 
-def from_exception(exc: BaseException, retry_after: int) -> Problem | None:
-    """The problem for a package error, by its kind; None for anything else (a bug: 500, logged)."""
+def from_exception(exc: BaseException, retry_after: int, where: str = "a request") -> Problem | None:
+    """The problem for a package error, by its kind; None for anything else (a bug: 500, logged).
+    When the caller is told less than the message, the message is logged, naming `where`."""
     if isinstance(exc, Problem):
         return exc
     if not isinstance(exc, SpyrusError):
         return None
     answer = HTTP[exc.kind]
-    if exc.kind is Kind.CONFIG:
-        log.error("a request needs what is not set up: %s", exc)
-    return Problem(answer.status, answer.type, answer.title, answer.detail or str(exc),
+    detail = exc.public or exc.public_detail or answer.detail
+    if detail != str(exc):
+        level = logging.ERROR if exc.kind is Kind.CONFIG else logging.WARNING if answer.status >= 500 else logging.INFO
+        log.log(level, "%s answered %d %s: %s", where, answer.status, answer.type, exc)
+    return Problem(answer.status, answer.type, answer.title, detail,
                    retry_after=_retry_after(exc, retry_after) if answer.retry else None)
 
 

@@ -1,5 +1,7 @@
 """GET /healthz (the process answers), GET /readyz (the HSM is present and logged in, and the API listens),
-GET /openapi.json. No authentication: they reveal no names beyond the token's label."""
+GET /openapi.json. No authentication. On the API's port, which leaves reach, /readyz says ready or
+not and a short public reason; the full reason (token, reader, what to fix) is on the health
+port, which stays on loopback, and in the twin."""
 
 from __future__ import annotations
 
@@ -20,14 +22,21 @@ async def readyz(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     state = svc.hsm.state
     api = request.app.get(API_NOT_SERVING)
-    not_serving = api() if api is not None and state.ready else None
+    if api is None:  # the API's own port: public answers only
+        if state.ready:
+            return web.json_response({"ready": True, "status": state.status})
+        return _not_ready("The HSM is not ready", f"the HSM is {state.status}", state.status, svc.cfg.retry_after)
+    not_serving = api() if state.ready else None
     if state.ready and not_serving is None:
         return web.json_response({"ready": True, "status": state.status, "token": state.token_label,
                                   "lastChange": state.last_change})
     title = "The HSM is not ready" if not state.ready else "The API is not serving yet"
-    return problem_response(Problem(503, "not-ready", title, not_serving or state.reason or state.status,
-                                    retry_after=svc.cfg.retry_after,
-                                    extra={"ready": False, "status": state.status}))
+    return _not_ready(title, not_serving or state.reason or state.status, state.status, svc.cfg.retry_after)
+
+
+def _not_ready(title: str, detail: str, status: str, retry_after: int) -> web.Response:
+    return problem_response(Problem(503, "not-ready", title, detail, retry_after=retry_after,
+                                    extra={"ready": False, "status": status}))
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -40,7 +40,7 @@ async def create(request: web.Request) -> web.Response:
     if payload is not None and len(json.dumps(payload)) > MAX_PAYLOAD_CHARS:
         raise bad_request(f"'payload' may be at most {MAX_PAYLOAD_CHARS} characters of JSON")
     if not scope:
-        raise bad_request("'idScope' is required: this service has no default (cloud.id_scope)")
+        raise bad_request("'idScope' is required: this service has no default")
     assert reg
     principal = request[PRINCIPAL].name
     group = attestation == "symmetricKey" and svc.cfg.group_key is not None

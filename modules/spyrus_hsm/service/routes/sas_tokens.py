@@ -6,6 +6,8 @@ service.cache_min_remaining_fraction of the TTL."""
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from ...identity.sas import device_uri, dps_uri
@@ -40,7 +42,9 @@ async def create(request: web.Request) -> web.Response:
         svc.authorize(request, "sas-token", device=device if module is None else f"{device}/{module}", key=key)
         uri, key_name = device_uri(svc.hub_for(text(body, "hub", HOST_NAME, required=False)), device, module), None
     token, _ = await svc.sas_token(key, uri, ttl, key_name, min_life)
-    return web.json_response({"token": token.token, "resourceUri": token.resource_uri, "expiresOn": token.expires_on})
+    # expiresInSeconds: the life left by this clock, so a leaf whose clock is wrong renews on time.
+    return web.json_response({"token": token.token, "resourceUri": token.resource_uri, "expiresOn": token.expires_on,
+                              "expiresInSeconds": max(0, token.expires_on - int(time.time()))})
 
 
 ROUTES = [web.post("/v1/sas-tokens", create, name="sas-tokens")]
