@@ -75,6 +75,17 @@ def device(hsm: Hsm) -> str:
     return name
 
 
+def serve_with_key_in_token(hsm: Hsm, tmp_path: Path, token_env: Any, pki: EmulatorPki, *,
+                            issuing: bool) -> tuple[Serve, ssl.SSLContext, str]:
+    """`serve` whose TLS key is a new key in the token, certified by the PKI (an issuing
+    certificate or a plain server one); with a client context trusting the PKI and a bearer."""
+    label = "api-tls-" + secrets.token_hex(3)
+    store_hsm_certificate(hsm, label, pki, server_ip=HOST, issuing=issuing)
+    bearer = secrets.token_urlsafe(16)
+    return (start_serve(tmp_path, token_env, pki, label, bearer),
+            ssl.create_default_context(cafile=str(pki.ca_file)), bearer)
+
+
 def start_serve(tmp_path: Path, token_env: Any, pki: EmulatorPki, label: str, bearer: str) -> Serve:
     config = serve_config(tmp_path, token_env, pki, {
         "port": 0, "health_port": 0, "tls_key_label": label, "tls_cert_file": None, "tls_key_file": None,
@@ -147,11 +158,7 @@ def _wait(cond: Callable[[], bool], what: str) -> None:
 def test_no_pkcs11_call_runs_on_the_event_loop_thread_while_leaves_connect(
         shim: Callable[..., None], hsm: Hsm, token_env: Any, tmp_path: Path, emulator_pki: EmulatorPki,
         device: str) -> None:
-    label = "api-tls-" + secrets.token_hex(3)
-    store_hsm_certificate(hsm, label, emulator_pki, server_ip=HOST, issuing=True)
-    bearer = secrets.token_urlsafe(16)
-    serve = start_serve(tmp_path, token_env, emulator_pki, label, bearer)
-    ctx = ssl.create_default_context(cafile=str(emulator_pki.ca_file))
+    serve, ctx, bearer = serve_with_key_in_token(hsm, tmp_path, token_env, emulator_pki, issuing=True)
     try:
         statuses = [ask(serve, ctx, bearer, device)[0] for _ in range(12)]  # 12 new connections
         _wait(lambda: readyz(serve) == 200, "/readyz true")
@@ -165,11 +172,7 @@ def test_no_pkcs11_call_runs_on_the_event_loop_thread_while_leaves_connect(
 def test_a_handshake_costs_no_token_signature_and_the_api_listens_while_the_token_is_away(
         shim: Callable[..., None], hsm: Hsm, token_env: Any, tmp_path: Path, emulator_pki: EmulatorPki,
         device: str) -> None:
-    label = "api-tls-" + secrets.token_hex(3)
-    store_hsm_certificate(hsm, label, emulator_pki, server_ip=HOST, issuing=True)
-    bearer = secrets.token_urlsafe(16)
-    serve = start_serve(tmp_path, token_env, emulator_pki, label, bearer)
-    ctx = ssl.create_default_context(cafile=str(emulator_pki.ca_file))
+    serve, ctx, bearer = serve_with_key_in_token(hsm, tmp_path, token_env, emulator_pki, issuing=True)
     try:
         assert ask(serve, ctx, bearer, device)[0] == 200  # the token is cached from here on
         # A token slower than any handshake could wait for: the handshakes never meet it.
@@ -196,11 +199,7 @@ def test_a_handshake_costs_no_token_signature_and_the_api_listens_while_the_toke
 def test_a_service_certificate_that_cannot_issue_keeps_working_and_says_what_it_costs(
         shim: Callable[..., None], hsm: Hsm, token_env: Any, tmp_path: Path, emulator_pki: EmulatorPki,
         device: str) -> None:
-    label = "api-tls-" + secrets.token_hex(3)
-    store_hsm_certificate(hsm, label, emulator_pki, server_ip=HOST)  # a plain server certificate
-    bearer = secrets.token_urlsafe(16)
-    serve = start_serve(tmp_path, token_env, emulator_pki, label, bearer)
-    ctx = ssl.create_default_context(cafile=str(emulator_pki.ca_file))
+    serve, ctx, bearer = serve_with_key_in_token(hsm, tmp_path, token_env, emulator_pki, issuing=False)
     try:
         statuses = [ask(serve, ctx, bearer, device)[0] for _ in range(3)]
     finally:

@@ -212,17 +212,23 @@ def test_readyz_turns_false_within_1_s_of_an_unplug_with_no_requests_at_all(
     verify_sas(token["token"], devices[device])
 
 
+def key_in_hsm_service(hsm: Hsm, plugged: Any, tmp_path: Path, pki: EmulatorPki, bearer: str,
+                       **overrides: Any) -> ServiceHarness:
+    """The service with its TLS key in the HSM and a plain server certificate: every handshake
+    signs in the HSM through pkcs11-provider (the `hsm` placement of service/server_tls)."""
+    tls.load_provider(plugged.module, str(plugged.pin_file), tmp_path / "openssl")
+    label = "api-" + secrets.token_hex(3)
+    store_hsm_certificate(hsm, label, pki, server_ip=HOST)
+    return ServiceHarness(hsm, tmp_path, pki, policy=POLICY, bearer={"gateway": bearer}, probe=True,
+                          tls_key_label=label, tls_cert_file=None, tls_key_file=None, **overrides)
+
+
 def test_with_the_server_key_in_the_hsm_new_leaves_are_served_again_after_a_replug(
         hsm: Hsm, plugged: Any, tmp_path: Path, emulator_pki: EmulatorPki, devices: dict[str, bytes],
         bearer: str) -> None:
-    # service.tls_key_label: every handshake signs in the HSM through pkcs11-provider, and a TLS
-    # context made before a replug can never sign again (pkcs11-provider #494).
-    tls.load_provider(plugged.module, str(plugged.pin_file), tmp_path / "openssl")
-    label = "api-" + secrets.token_hex(3)
-    store_hsm_certificate(hsm, label, emulator_pki, server_ip=HOST)
+    # A TLS context made before a replug can never sign again (pkcs11-provider #494).
     device = next(iter(devices))
-    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, bearer={"gateway": bearer}, probe=True,
-                        tls_key_label=label, tls_cert_file=None, tls_key_file=None) as svc:
+    with key_in_hsm_service(hsm, plugged, tmp_path, emulator_pki, bearer) as svc:
         status, _, token = svc.call("POST", "/v1/sas-tokens", {"deviceId": device}, bearer=bearer)
         assert status == 200, token
         recoveries = hsm.state.recoveries
@@ -249,13 +255,8 @@ def test_with_the_server_key_in_the_hsm_readyz_turns_true_after_a_replug_only_on
         bearer: str) -> None:
     """The HSM is ready again a moment before the API's TLS context is renewed: /readyz on the
     health listener (what the container's health check and an operator look at) waits for both."""
-    tls.load_provider(plugged.module, str(plugged.pin_file), tmp_path / "openssl")
-    label = "api-" + secrets.token_hex(3)
-    store_hsm_certificate(hsm, label, emulator_pki, server_ip=HOST)
     device = next(iter(devices))
-    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, bearer={"gateway": bearer}, probe=True,
-                        tls_key_label=label, tls_cert_file=None, tls_key_file=None,
-                        health_port=free_port()) as svc:
+    with key_in_hsm_service(hsm, plugged, tmp_path, emulator_pki, bearer, health_port=free_port()) as svc:
         assert svc.health_port is not None
         assert health_readyz(svc.health_port) == 200
         plugged.set_shim(state="unplugged")
@@ -263,6 +264,28 @@ def test_with_the_server_key_in_the_hsm_readyz_turns_true_after_a_replug_only_on
         plugged.set_shim(state="plugged")
         wait_until(lambda: health_readyz(svc.health_port) == 200, RECOVERY_GUARD, "ready after the replug")
         # At once, on a new connection (a new handshake, signed in the HSM):
+        status, _, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": device}, bearer=bearer)
+    assert status == 200, body
+    verify_sas(body["token"], devices[device])
+
+
+def test_with_the_server_key_in_the_hsm_two_recoveries_in_a_row_leave_the_api_ready(
+        hsm: Hsm, plugged: Any, tmp_path: Path, emulator_pki: EmulatorPki, devices: dict[str, bytes],
+        bearer: str) -> None:
+    """Each recovery asks for a new TLS context. They used to be made on a thread each, so one
+    made for an older recovery could finish last and leave /readyz false until the next one; one
+    thread now makes them in turn, and readiness follows the newest recovery."""
+    device = next(iter(devices))
+    with key_in_hsm_service(hsm, plugged, tmp_path, emulator_pki, bearer, health_port=free_port()) as svc:
+        assert svc.health_port is not None
+        for _ in range(2):
+            recoveries = hsm.state.recoveries
+            plugged.set_shim(state="unplugged")
+            wait_until(lambda: not hsm.state.ready, RECOVERY_GUARD, "noticed unplugged")
+            plugged.set_shim(state="plugged")
+            wait_until(lambda r=recoveries: hsm.state.ready and hsm.state.recoveries > r, RECOVERY_GUARD,
+                       "recovered")  # no wait for the TLS context: the next unplug comes at once
+        wait_until(lambda: health_readyz(svc.health_port) == 200, RECOVERY_GUARD, "ready after both")
         status, _, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": device}, bearer=bearer)
     assert status == 200, body
     verify_sas(body["token"], devices[device])

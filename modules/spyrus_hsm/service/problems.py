@@ -118,10 +118,23 @@ def from_exception(exc: BaseException, retry_after: int, where: str = "a request
     answer = HTTP[exc.kind]
     detail = exc.public or exc.public_detail or answer.detail
     if detail != str(exc):
-        level = logging.ERROR if exc.kind is Kind.CONFIG else logging.WARNING if answer.status >= 500 else logging.INFO
-        log.log(level, "%s answered %d %s: %s", where, answer.status, answer.type, exc)
+        log.log(_level(exc.kind, answer.status), "%s answered %d %s: %s", where, answer.status, answer.type, exc)
     return Problem(answer.status, answer.type, answer.title, detail,
                    retry_after=_retry_after(exc, retry_after) if answer.retry else None)
+
+
+# A busy, absent or slow HSM is already told once by the HSM's own state (its log line, /readyz,
+# the twin, the metrics); a storm answers it thousands of times a second, and a log line each
+# would cost the event loop more than the answers.
+_TRANSIENT = {Kind.BUSY, Kind.UNAVAILABLE, Kind.TIMEOUT}
+
+
+def _level(kind: Kind, status: int) -> int:
+    if kind is Kind.CONFIG:
+        return logging.ERROR
+    if kind in _TRANSIENT:
+        return logging.DEBUG
+    return logging.WARNING if status >= 500 else logging.INFO
 
 
 def _retry_after(exc: SpyrusError, default: int) -> int:
