@@ -147,11 +147,13 @@ class ServiceConfig:
     port: int = 8443
     health_host: str = "127.0.0.1"      # plain-HTTP /healthz and /readyz for the container's
     health_port: int = 8080             # HEALTHCHECK; 0 turns it off
-    tls_cert_file: str | None = None    # server certificate chain (PEM); with tls_key_label and
-    tls_key_file: str | None = None     # no cert file, the chain stored in the HSM is used
+    tls_cert_file: str | None = None    # server certificate chain (PEM); else the one stored beside tls_key_label
+    tls_key_file: str | None = None     # server private key (PEM file), instead of tls_key_label
+    # HSM key of the API; with an issuing certificate beside it (or in tls_cert_file) it certifies
+    # short-lived in-memory TLS keys, else it signs each handshake (see "The API's TLS key")
     tls_key_label: str | None = None
     # With tls_key_label and an issuing certificate: the life of each in-memory TLS key it
-    # certifies (renewed at half), so handshakes cost no token signature (see server_tls)
+    # certifies (renewed at half), so handshakes cost no token signature
     tls_lifetime: int = 86400
     tls_handshakes: int = 16            # TLS handshakes in progress at once; more connections wait
     tls_handshake_timeout: float = 10.0  # seconds a client has to complete its handshake
