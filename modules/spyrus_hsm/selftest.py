@@ -183,7 +183,7 @@ def _api_tls_check(hsm: Hsm, svc: config_mod.ServiceConfig) -> Check:
     return Check("api tls", True, f"the certificate beside '{label}' cannot issue ({why}): every new TLS "
                  "connection costs a token signature on the event loop and the API cannot handshake while "
                  "the token is away; re-issue it as a path-length-0 CA certificate name-constrained to the "
-                 "service's names (README: 'The API's TLS key')", warning=True)
+                 "service's names (see docs/security/api-tls.md)", warning=True)
 
 
 def _object_checks(hsm: Hsm) -> list[Check]:

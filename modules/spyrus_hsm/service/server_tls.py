@@ -128,7 +128,7 @@ class ServerTls:
         log.warning("API TLS: the certificate beside HSM key '%s' cannot issue (%s), so every new TLS "
                     "connection costs a token signature on the event loop, and the API stops handshaking "
                     "while the token is away; re-issue it as a path-length-0 CA certificate for the "
-                    "service's names (see the README, 'The API's TLS key')", cfg.tls_key_label, why)
+                    "service's names (see docs/security/api-tls.md)", cfg.tls_key_label, why)
         return Placement.HSM
 
     def _build(self) -> ssl.SSLContext:
