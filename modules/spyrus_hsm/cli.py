@@ -602,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:  # the SDK's warnings from its own threads repeat the error printed below
+        logging.getLogger("azure.iot.device").setLevel(logging.ERROR)
     func: Callable[[argparse.Namespace, _Stdin], int] = args.func
     try:
         code = func(args, _Stdin())
