@@ -200,7 +200,8 @@ def test_renew_once_cleans_up_after_itself_and_after_an_interrupted_attempt(
     from spyrus_hsm.identity import issued as issued_id
     issued_id.operational_key(hsm, f"{base}@2")
     moved: list[str] = []
-    second = renewal.renew_once(hsm, prov, request, base, lambda cred, a: moved.append(cred.label), timeout=20)
+    second = renewal.renew_once(hsm, prov, request, base, lambda cred, a: moved.append(cred.label),
+                                timeout=20).credential
     assert moved == [second.label] == [f"{base}@2"]
     assert [g.label for g in _generations(hsm, base)] == [f"{base}@2"]
     assert second.leaf.public_key() != first.leaf.public_key()
