@@ -291,3 +291,33 @@ class FakeHub:
                 and leaf.issuer == self.root.subject
                 and leaf.public_key().public_bytes(*fmt) == pair.key.public_key().public_bytes(*fmt))
 
+
+
+class FakeHubClient:
+    """What `CloudConnection` asks of `hub.HubClient`, counted: `FakeHubClient.made` lists every
+    client made, so a test sees two clients for one identity."""
+
+    made: list[FakeHubClient] = []
+
+    def __init__(self, keys: Any, identity: Any, **options: Any) -> None:
+        self.identity = identity
+        self.connected = False
+        self.closed = False
+        self.reports: list[dict[str, Any]] = []
+        FakeHubClient.made.append(self)
+
+    def connect(self) -> FakeHubClient:
+        self.connected = True
+        return self
+
+    def shutdown(self) -> None:
+        self.connected, self.closed = False, True
+
+    def switch(self, identity: Any) -> None:
+        self.identity = identity
+
+    def send(self, message: Any) -> None:
+        pass
+
+    def report(self, patch: dict[str, Any], timeout: float | None = None) -> None:
+        self.reports.append(patch)

@@ -26,10 +26,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from .. import events, times
 from ..config import CloudConfig
 from ..edge.reported import renewal_entries
-from ..hsm import Hsm
 from ..identity import x509 as x509_id
-from . import renewal
-from .dps import Assignment, DpsRequest, Provisioner
+from ..keystore import KeyStore
+from . import dps_client, renewal
+from .dps import Assignment, DpsRequest, Exchange, Provisioner
 from .hub import HubClient, HubIdentity
 
 log = logging.getLogger("spyrus_hsm")
@@ -39,11 +39,13 @@ HubFactory = Callable[..., HubClient]  # HubClient(keys, identity, sas_ttl=…);
 
 
 class CloudConnection:
-    def __init__(self, cfg: CloudConfig, hsm: Hsm, state_dir: Path, load_provider: Callable[[], None],
-                 token_label: Callable[[], str], hub_factory: HubFactory = HubClient) -> None:
+    def __init__(self, cfg: CloudConfig, hsm: KeyStore, state_dir: Path, load_provider: Callable[[], None],
+                 token_label: Callable[[], str], hub_factory: HubFactory = HubClient,
+                 exchange: Exchange = dps_client.register) -> None:
         self.cfg = cfg
         self.hsm = hsm
         self.hub_factory = hub_factory
+        self.exchange = exchange
         self.state_dir = state_dir
         self.tls_dir = state_dir / "tls"
         self.load_provider = load_provider
@@ -104,7 +106,7 @@ class CloudConnection:
         c = self.cfg
         if c.attestation == "x509" or self.operational:
             self.load_provider()
-        provisioner = Provisioner(self.hsm, self.state_dir, self.load_provider)
+        provisioner = Provisioner(self.hsm, self.state_dir, self.load_provider, self.exchange)
         in_use = known = None
         began = renewal.now()
         if self.operational:
