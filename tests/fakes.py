@@ -17,7 +17,7 @@ import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -297,7 +297,7 @@ class FakeHubClient:
     """What `CloudConnection` asks of `hub.HubClient`, counted: `FakeHubClient.made` lists every
     client made, so a test sees two clients for one identity."""
 
-    made: list[FakeHubClient] = []
+    made: ClassVar[list[FakeHubClient]] = []
 
     def __init__(self, keys: Any, identity: Any, **options: Any) -> None:
         self.identity = identity
