@@ -29,6 +29,7 @@ from typing import Any
 
 from azure.iot.device import Message
 
+from . import times
 from .config import EventsConfig
 from .edge.reported import clip
 from .hsm import HsmState
@@ -109,7 +110,7 @@ class Events:
         if days > self.cfg.expiry_warning_days or key in self._expiry_announced:
             return
         self._expiry_announced.add(key)
-        self.emit("certificate.expiring", label=label, notAfter=_iso(not_after), daysLeft=round(days, 1))
+        self.emit("certificate.expiring", label=label, notAfter=times.iso(not_after), daysLeft=round(days, 1))
 
     def _summary(self) -> None:
         """Queue the counts of refused requests since the last summary, if there were any."""
@@ -192,12 +193,10 @@ def _message(entry: dict[str, Any], dropped: int) -> Message:
     return message
 
 
-def _iso(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _now() -> str:
-    return _iso(dt.datetime.now(dt.UTC))
+    return times.iso(dt.datetime.now(dt.UTC))
 
 
 # --- the process's events, for code that does not hold the object ------------------------------
@@ -229,5 +228,5 @@ def certificate_renewed(label: str, not_after: dt.datetime, previous_not_after: 
     """For certificate renewal: announce that `label` now holds a certificate valid until
     `not_after` (and, if given, what the one it replaced was valid until)."""
     if _current is not None:
-        _current.emit("certificate.renewed", label=label, notAfter=_iso(not_after),
-                      previousNotAfter=_iso(previous_not_after) if previous_not_after else None)
+        _current.emit("certificate.renewed", label=label, notAfter=times.iso(not_after),
+                      previousNotAfter=times.iso(previous_not_after) if previous_not_after else None)
