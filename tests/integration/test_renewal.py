@@ -252,3 +252,27 @@ def test_renew_command_whose_new_certificate_the_hub_refuses_says_so_in_one_line
     assert len(res.err.strip().splitlines()) == 1, res.err
     assert res.err.startswith("spyrus-hsm:") and HOST in res.err and "refused" in res.err, res.err
     assert [g.label for g in _generations(hsm, base)] == [base]  # the old credential stays, the new one is gone
+
+
+def test_serve_whose_hub_refuses_the_credential_says_so_in_one_line_and_carries_on(
+        hsm, provider, token_env, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg, base = "sr-" + label, label + "-op"
+    emu.refuse_hub(1)  # the first connect at start ...
+    serve, _ = _enrolled_module(hsm, token_env, emu, emulator_pki, tmp_path, reg, label, validity=30)
+    try:
+        at = serve.wait_line("cloud connection failed", timeout=60)
+        emu.wait_for(lambda: any(c.accepted for c in _hub_connects(emu, reg)), timeout=30)  # ... then retried
+        emu.refuse_hub(1)  # ... and the move to the renewed certificate
+        emu.wait_for(lambda: _renewal_state(emu, reg, base).get("state") == "failed", timeout=60)
+        failed = _renewal_state(emu, reg, base)
+        emu.wait_for(lambda: _renewal_state(emu, reg, base).get("lastSuccess") is not None, timeout=60)
+    finally:
+        code = serve.stop()
+    output = serve.output()
+    assert code == 0, output
+    assert "Traceback" not in output, output
+    line = output.splitlines()[at]
+    assert f"IoT Hub {HOST} ({reg}) refused the credential" in line, line
+    assert f"IoT Hub {HOST} ({reg}) refused the credential" in failed["error"], failed
+    assert failed["label"] == base  # the old certificate stayed in use ...
+    assert [g.label for g in _generations(hsm, base)] == [f"{base}@2"]  # the refused @2 discarded, made again
