@@ -98,8 +98,9 @@ class HubClient:
         self._stop.set()
         for t in self._threads:
             t.join(5)
-        # A switch or rebuild in progress ends within its connect deadline; after that, go anyway.
-        held = self._lifecycle.acquire(timeout=self.connect_timeout)
+        # A switch or rebuild still connecting is not waited for long: what it connects after
+        # this is shut down rather than installed (`_install`).
+        held = self._lifecycle.acquire(timeout=min(5.0, self.connect_timeout))
         try:
             with self._lock:
                 client, self._client = self._client, None
@@ -158,9 +159,13 @@ class HubClient:
 
     def _install(self, client: Any) -> None:
         with self._lock:
-            self._client = client
-            self.stats.connects += 1
-            self.stats.connected_since = time.time()
+            stopped = self._stop.is_set()  # shut down while it connected
+            if not stopped:
+                self._client = client
+                self.stats.connects += 1
+                self.stats.connected_since = time.time()
+        if stopped:
+            self._close(client)
 
     def _current(self, what: str) -> tuple[Any, HubIdentity]:
         with self._lock:
