@@ -92,8 +92,9 @@ class Module:
         pid = self.proc.pid
         status = Path(f"/proc/{pid}/status").read_text()
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        return {"pid": pid, "threads": int(fields["Threads"]), "fds": len(os.listdir(f"/proc/{pid}/fd")),
-                "rss_kib": int(fields["VmRSS"].split()[0])}
+        fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        return {"pid": pid, "threads": int(fields["Threads"]), "fds": len(fds),
+                "sockets": sum(f.startswith("socket:") for f in fds), "rss_kib": int(fields["VmRSS"].split()[0])}
 
 
 def renewed(emu: Emulator) -> list[dict[str, Any]]:
@@ -135,7 +136,11 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--validity", type=float, default=20.0, help="seconds each issued certificate lives")
+    parser.add_argument("--faults", default=",".join(FAULTS), help=f"drawn from (default: all of {','.join(FAULTS)})")
     args = parser.parse_args()
+    faults = args.faults.split(",")
+    if not set(faults) <= set(FAULTS):
+        parser.error(f"--faults: unknown {', '.join(sorted(set(faults) - set(FAULTS)))}")
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="spyrus-soak-"))
     pin_file = make_token(root)
@@ -165,7 +170,7 @@ def main() -> None:
     try:
         emu.wait_for(lambda: any(c.accepted for c in list(emu.received.connects) if c.client_id == REG), 60)
         for cycle in range(args.cycles):
-            fault = rng.choice(FAULTS)
+            fault = rng.choice(faults)
             drawn[fault] = drawn.get(fault, 0) + 1
             target = len(renewed(emu)) + 1
             began = time.monotonic()
@@ -203,7 +208,7 @@ def main() -> None:
     if durations:
         print(f"  seconds per cycle: median {statistics.median(durations):.1f}, worst {max(durations):.1f}")
     if len(longest) >= 4:
-        for key in ("threads", "fds", "rss_kib"):
+        for key in ("threads", "fds", "sockets", "rss_kib"):
             print(f"  {key} (process with {len(longest)} samples): first quarter median "
                   f"{quarter(longest, key, False):g}, last quarter median {quarter(longest, key, True):g}")
     print(f"  certificate-renewed messages: {len(messages)}, delivered twice: {len(keys) - len(set(keys))}")
