@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime as dt
 import json
 import os
@@ -92,7 +93,10 @@ class Module:
         pid = self.proc.pid
         status = Path(f"/proc/{pid}/status").read_text()
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        fds = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):  # closed since it was listed
+                fds.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
         return {"pid": pid, "threads": int(fields["Threads"]), "fds": len(fds),
                 "sockets": sum(f.startswith("socket:") for f in fds), "rss_kib": int(fields["VmRSS"].split()[0])}
 
