@@ -78,7 +78,7 @@ class HubClient:
         self._client: Any = None
         self._lock = threading.Lock()           # guards _client and identity; never held over an SDK call
         self._lifecycle = threading.RLock()     # one connect, switch, rebuild or shutdown at a time
-        self._connects = Lane("hub-connect", 1)
+        self._connects = Lane("hub-connect", 2)  # a hung connect leaves room to go back
         self._calls = Lane("hub-call", 2)       # sends, twin patches, SAS updates
         self._closes = Lane("hub-close", 1)
         self._stop = threading.Event()
