@@ -396,6 +396,7 @@ def cmd_renew(args: argparse.Namespace, stdin: _Stdin) -> int:
     """One renewal of the operational certificate LABEL (cloud.issue_cert) by hand: a new key
     pair, a DPS registration with the config's onboarding credential, the new certificate
     proven by connecting to the hub with it, then the previous generation deleted."""
+    from . import times
     from .cloud import renewal
     from .cloud.dps import DpsRequest, Provisioner
     from .cloud.hub import HubClient, HubIdentity
@@ -412,9 +413,9 @@ def cmd_renew(args: argparse.Namespace, stdin: _Stdin) -> int:
         in_use = renewal.require_current(hsm, args.label)
         due = renewal.due_at(in_use.leaf, c.renew_at)
         if not args.force and due > renewal.now():
-            print(json.dumps({"renewed": False, "label": in_use.label, "renewAt": due.isoformat(),
+            print(json.dumps({"renewed": False, "label": in_use.label, "renewAt": times.iso(due),
                               **issued_id.describe(in_use.leaf)}, indent=2))
-            print(f"spyrus-hsm: '{in_use.label}' is not due for renewal until {due.isoformat()}; "
+            print(f"spyrus-hsm: '{in_use.label}' is not due for renewal until {times.iso(due)}; "
                   "--force renews now", file=sys.stderr)
             return 0
         state_dir = Path(cfg.state_dir)
@@ -427,10 +428,13 @@ def cmd_renew(args: argparse.Namespace, stdin: _Stdin) -> int:
             HubClient(hsm, identity).connect().shutdown()
 
         req = DpsRequest.onboarding(c, ca_pem, issue_cert=args.label)
-        cred = renewal.renew_once(hsm, Provisioner(hsm, state_dir, load_provider), req, args.label, prove,
-                                  timeout=args.timeout or c.registration_timeout, tls_dir=state_dir / "tls")
+        renewed = renewal.renew_once(hsm, Provisioner(hsm, state_dir, load_provider), req, args.label, prove,
+                                     timeout=args.timeout or c.registration_timeout, tls_dir=state_dir / "tls")
+        cred = renewed.credential
+        for warning in renewed.warnings:
+            print(f"spyrus-hsm: warning: renewed, but {warning}", file=sys.stderr)
     print(json.dumps({"renewed": True, "label": cred.label, "previous": in_use.label,
-                      "renewAt": renewal.due_at(cred.leaf, c.renew_at).isoformat(),
+                      "renewAt": times.iso(renewal.due_at(cred.leaf, c.renew_at)),
                       **issued_id.describe(cred.leaf)}, indent=2))
     return 0
 
@@ -602,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:  # the SDK's warnings from its own threads repeat the error printed below
+        logging.getLogger("azure.iot.device").setLevel(logging.ERROR)
     func: Callable[[argparse.Namespace, _Stdin], int] = args.func
     try:
         code = func(args, _Stdin())

@@ -9,7 +9,11 @@ rate-limited requests by principal, only when there were some).
 
 Recording an event never blocks and never raises: it appends to a bounded buffer (the oldest
 event is dropped when it is full, and the drop is counted in the next message) that a sender
-thread drains whenever edgeHub is connected. So the request path, the HSM pool's listeners and
+thread drains whenever edgeHub is connected. Each event carries an `eventId` (also the message
+id) by which a receiver can recognise a copy. A send is made once and waited for: one that gets
+no answer is waited for again rather than sent again, so a late answer delivers the event once;
+the sends with no answer hold at most two threads (`threads.Lane`), after which the sender
+waits for one of them to return before it sends anything else. So the request path, the HSM pool's listeners and
 the edge agent can all call in. Other code reports through the module-level functions
 (`events.certificate_renewed(label, not_after)`), which do nothing unless the module runs under
 IoT Edge with events on. Bodies carry names, counts and times only: never a token, key or PIN.
@@ -24,15 +28,18 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, wait
 from typing import Any
 
 from azure.iot.device import Message
 
+from . import times
 from .config import EventsConfig
 from .edge.reported import clip
 from .hsm import HsmState
-from .threads import call_with_deadline, spawn
+from .threads import Lane, spawn
 
 log = logging.getLogger(__name__)
 SEND_TIMEOUT = 10.0          # seconds for edgeHub to acknowledge one message
@@ -45,14 +52,18 @@ ClientSource = Callable[[], Any]  # the connected SDK client, or None
 
 
 class Events:
-    def __init__(self, cfg: EventsConfig, device_id: str, module_id: str) -> None:
+    def __init__(self, cfg: EventsConfig, device_id: str, module_id: str,
+                 send_timeout: float = SEND_TIMEOUT) -> None:
         self.cfg = cfg
+        self.send_timeout = send_timeout
         self.device_id = device_id
         self.module_id = module_id
         self._lock = threading.Lock()
         self._buffer: collections.deque[dict[str, Any]] = collections.deque()
         self._dropped = 0
         self._attempts = 0                       # failed sends of the oldest event
+        self._lane = Lane("edge-events-send", width=2)
+        self._inflight: dict[str, Future[Any]] = {}  # eventId -> its send, until it returns
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -64,8 +75,8 @@ class Events:
     # --- recording (any thread; never blocks, never raises) ------------------------------------
 
     def emit(self, type_: str, **fields: Any) -> None:
-        self._enqueue({"type": type_, "time": _now(), "deviceId": self.device_id, "moduleId": self.module_id,
-                       **fields})
+        self._enqueue({"type": type_, "time": _now(), "eventId": uuid.uuid4().hex, "deviceId": self.device_id,
+                       "moduleId": self.module_id, **fields})
 
     def _enqueue(self, entry: dict[str, Any]) -> None:
         with self._lock:
@@ -109,7 +120,7 @@ class Events:
         if days > self.cfg.expiry_warning_days or key in self._expiry_announced:
             return
         self._expiry_announced.add(key)
-        self.emit("certificate.expiring", label=label, notAfter=_iso(not_after), daysLeft=round(days, 1))
+        self.emit("certificate.expiring", label=label, notAfter=times.iso(not_after), daysLeft=round(days, 1))
 
     def _summary(self) -> None:
         """Queue the counts of refused requests since the last summary, if there were any."""
@@ -163,10 +174,8 @@ class Events:
                 if not self._buffer:
                     return True
                 entry, dropped = self._buffer[0], self._dropped
-            message = _message(entry, dropped)
             try:
-                call_with_deadline(functools.partial(client.send_message_to_output, message, self.cfg.output),
-                                   SEND_TIMEOUT, f"sending a {entry['type']} event", "edge-events-send")
+                self._send(client, entry, dropped)
             except Exception as exc:
                 self._attempts += 1
                 if self._attempts < MAX_ATTEMPTS:
@@ -175,6 +184,7 @@ class Events:
                 # An event edgeHub keeps refusing must not hold up every event behind it.
                 log.warning("event %s not sent after %d attempts (%s: %s); dropped", entry["type"], MAX_ATTEMPTS,
                             type(exc).__name__, exc)
+                self._inflight.pop(entry["eventId"], None)
                 dropped -= 1
             self._attempts = 0
             with self._lock:
@@ -183,21 +193,33 @@ class Events:
                 self._dropped -= dropped
         return True
 
+    def _send(self, client: Any, entry: dict[str, Any], dropped: int) -> None:
+        """One send of `entry`, or a further wait for the send of it still under way."""
+        what = f"sending a {entry['type']} event"
+        future = self._inflight.get(entry["eventId"])
+        if future is None:
+            message = _message(entry, dropped)
+            future = self._lane.submit(functools.partial(client.send_message_to_output, message, self.cfg.output),
+                                       self.send_timeout, what)
+            self._inflight[entry["eventId"]] = future
+            future.add_done_callback(lambda _: self._wake.set())
+        if not wait([future], self.send_timeout).done:
+            raise TimeoutError(f"{what}: no answer within {self.send_timeout:g} s (still waiting for it)")
+        del self._inflight[entry["eventId"]]
+        future.result()
 
 def _message(entry: dict[str, Any], dropped: int) -> Message:
     body = dict(entry, droppedBefore=dropped) if dropped else entry
     message = Message(json.dumps(body), content_encoding="utf-8",  # type: ignore[no-untyped-call]
-                      content_type="application/json")
+                      content_type="application/json", message_id=entry["eventId"])
     message.custom_properties["type"] = entry["type"]
     return message
 
 
-def _iso(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _now() -> str:
-    return _iso(dt.datetime.now(dt.UTC))
+    return times.iso(dt.datetime.now(dt.UTC))
 
 
 # --- the process's events, for code that does not hold the object ------------------------------
@@ -229,5 +251,5 @@ def certificate_renewed(label: str, not_after: dt.datetime, previous_not_after: 
     """For certificate renewal: announce that `label` now holds a certificate valid until
     `not_after` (and, if given, what the one it replaced was valid until)."""
     if _current is not None:
-        _current.emit("certificate.renewed", label=label, notAfter=_iso(not_after),
-                      previousNotAfter=_iso(previous_not_after) if previous_not_after else None)
+        _current.emit("certificate.renewed", label=label, notAfter=times.iso(not_after),
+                      previousNotAfter=times.iso(previous_not_after) if previous_not_after else None)

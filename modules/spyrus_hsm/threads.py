@@ -5,6 +5,7 @@ that must answer in time waits on a helper thread and gives up at its deadline).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, wait
 from typing import TypeVar
@@ -23,16 +24,75 @@ def call_with_deadline(fn: Callable[[], T], seconds: float, what: str, thread_na
     """`fn()` on a daemon thread, waited for at most `seconds`: its result or its exception, or
     TimeoutError("{what}: no answer within {seconds} s"). A call that misses the deadline is left
     to finish on its own; its outcome is discarded."""
+    future = start(fn, thread_name)
+    if not wait([future], seconds).done:
+        raise TimeoutError(f"{what}: no answer within {seconds:g} s")
+    return future.result()
+
+
+
+def start(fn: Callable[[], T], thread_name: str) -> Future[T]:
+    """`fn()` on a new daemon thread; its outcome in the future returned."""
     future: Future[T] = Future()
 
     def run() -> None:
         try:
             future.set_result(fn())
-        except BaseException as exc:  # handed to the caller
+        except BaseException as exc:  # handed to whoever holds the future
             future.set_exception(exc)
 
     spawn(run, thread_name)
-    if not wait([future], seconds).done:
-        raise TimeoutError(f"{what}: no answer within {seconds:g} s")
-    return future.result()
+    return future
 
+
+class Lane:
+    """Blocking calls of one kind, each on a helper thread waited for with a deadline, at most
+    `width` of them at once. A call that misses its deadline keeps its place until it does
+    return, so calls that never return hold at most `width` threads, not one per attempt:
+    once the lane is full, a caller waits for a place (within the same deadline) or gives up
+    without starting another thread."""
+
+    def __init__(self, name: str, width: int = 1) -> None:
+        self.name = name
+        self.width = width
+        self._places = threading.BoundedSemaphore(width)
+        self._lock = threading.Lock()
+        self._busy = 0
+
+    @property
+    def busy(self) -> int:
+        """Calls started and not yet returned (some perhaps given up on)."""
+        with self._lock:
+            return self._busy
+
+    def submit(self, fn: Callable[[], T], seconds: float, what: str) -> Future[T]:
+        """Start `fn()` once a place is free (TimeoutError if none is within `seconds`)."""
+        if not self._places.acquire(timeout=max(0.0, seconds)):
+            raise TimeoutError(f"{what}: {self.width} earlier call(s) still have no answer")
+        with self._lock:
+            self._busy += 1
+
+        def run() -> T:
+            try:
+                return fn()
+            finally:
+                with self._lock:
+                    self._busy -= 1
+                self._places.release()
+
+        try:
+            return start(run, self.name)
+        except BaseException:
+            with self._lock:
+                self._busy -= 1
+            self._places.release()
+            raise
+
+    def call(self, fn: Callable[[], T], seconds: float, what: str) -> T:
+        """`fn()`'s result or exception, or TimeoutError("{what}: no answer within …") after
+        `seconds` in all (the wait for a place included)."""
+        began = time.monotonic()
+        future = self.submit(fn, seconds, what)
+        if not wait([future], max(0.0, seconds - (time.monotonic() - began))).done:
+            raise TimeoutError(f"{what}: no answer within {seconds:g} s")
+        return future.result()

@@ -181,6 +181,29 @@ def test_an_event_edgehub_keeps_refusing_is_dropped_and_counted_rather_than_bloc
     assert props["type"] == "hsm.recovered" and body["droppedBefore"] == 1
 
 
+def test_a_hung_edgehub_holds_at_most_two_sender_threads_and_no_event_arrives_twice(
+        site: EdgeSite, sdk_client: Any) -> None:
+    sender = events.Events(EventsConfig(), "edge1", MODULE, send_timeout=0.2)
+    site.emu.stall_hub(True)  # sends get no PUBACK: the SDK waits for ever
+    sender.start(lambda: sdk_client)
+    try:
+        for i in range(3):
+            sender.emit("config.rejected", source="file", error=f"unanswered {i}")
+        # Each event is waited for five deadlines, then given up; before: sent again each time.
+        site.emu.wait_for(lambda: sender.pending() <= 1, 30, interval=0.1)
+        threads = [t for t in threading.enumerate() if t.name == "edge-events-send"]
+        site.emu.stall_hub(False)
+        site.emu.drop_connection(f"edge1/{MODULE}")  # on reconnecting the SDK publishes again what got no answer
+        site.emu.wait_for(lambda: sender.pending() == 0 and len(received(site)) >= 1, 30, interval=0.1)
+    finally:
+        site.emu.stall_hub(False)
+        sender.stop()
+    ids = [body["eventId"] for _, body in received(site)]
+    print(f"hung edgeHub: {len(threads)} sender threads; {len(ids)} of 3 events delivered, {len(set(ids))} distinct")
+    assert len(threads) <= 2, threads  # before: one per attempt, ten for the first two events
+    assert len(ids) == len(set(ids)), ids
+
+
 @pytest.mark.shim
 def test_an_unplugged_hsm_is_announced_and_so_is_its_recovery(
         site: EdgeSite, module_site: Callable[..., ModuleSite], token_env: Any) -> None:

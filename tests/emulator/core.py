@@ -248,6 +248,17 @@ class Emulator:
         """Leave DPS requests (register and poll) unanswered, as an overloaded DPS may."""
         self._call(lambda: setattr(self._dps, "stalled", stalled))
 
+    # --- IoT Hub behaviour --------------------------------------------------------------------
+
+    def refuse_hub(self, times: int = 1) -> None:
+        """Refuse the next ``times`` IoT Hub connects with CONNACK 5 (not authorized), whatever
+        their credential: a hub that no longer accepts a certificate."""
+        self._call(lambda: setattr(self._hub, "refusals", times))
+
+    def stall_hub(self, stalled: bool = True) -> None:
+        """Leave IoT Hub publishes (telemetry, twin requests) unacknowledged, as a hung hub may."""
+        self._call(lambda: setattr(self._hub, "stalled", stalled))
+
     # --- cloud-to-device ----------------------------------------------------------------------
 
     def send_desired_patch(

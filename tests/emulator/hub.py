@@ -21,7 +21,7 @@ from cryptography import x509
 from . import mqtt
 from .auth import AuthError, Credential, check_sas, check_x509, parse_sas_token
 from .records import Received, ReportedPatchRecord, TelemetryRecord
-from .server import Authenticated, Service, Session, parse_query, split_topic
+from .server import Authenticated, Service, Session, Unanswered, parse_query, split_topic
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ class IotHub(Service):
         self.sessions: dict[str, Session] = {}
         self._pending: dict[str, tuple[Session, asyncio.Future[tuple[int, Any]]]] = {}
         self._request_ids = itertools.count(1)
+        self.refusals = 0        # the next connects refused with CONNACK 5, whatever their credential
+        self.stalled = False     # publishes get no PUBACK and no twin response, as a hung hub
 
     # --- registry ---------------------------------------------------------------------------
 
@@ -121,6 +123,9 @@ class IotHub(Service):
         if named != connect.client_id:
             raise AuthError(f"username names {named!r} but the client id is {connect.client_id!r}")
         identity = self.identities.get(connect.client_id)
+        if self.refusals > 0:
+            self.refusals -= 1
+            raise AuthError(f"{connect.client_id!r} refused on the test's request")
         if identity is None:
             raise AuthError(f"{connect.client_id!r} is not registered in the hub")
         credential = identity.credential
@@ -142,6 +147,8 @@ class IotHub(Service):
         return min(qos, 1) if topic_filter in allowed else mqtt.SUBACK_FAILURE
 
     def handle_publish(self, session: Session, packet: mqtt.Publish) -> None:
+        if self.stalled:
+            raise Unanswered(f"hub stalled: {session.client_id} gets no answer to {packet.topic}")
         identity: HubIdentity = session.identity
         path, query = split_topic(packet.topic)
         events = f"{identity.topic_base}/messages/events/"

@@ -83,6 +83,10 @@ class Authenticated:
     expires_at: float | None = None
 
 
+class Unanswered(Exception):
+    """Raised by ``Service.handle_publish`` to leave a PUBLISH unacknowledged (a hung service)."""
+
+
 class Service(ABC):
     """One Azure service behind the listener (IoT Hub or DPS)."""
 
@@ -337,7 +341,11 @@ class Server:
         if isinstance(packet, mqtt.Publish):
             if packet.qos == 2:
                 raise mqtt.ProtocolError("QoS 2 PUBLISH (Azure IoT closes the connection)")
-            session.service.handle_publish(session, packet)
+            try:
+                session.service.handle_publish(session, packet)
+            except Unanswered as e:
+                log.info("%s", e)
+                return
             if packet.qos == 1:
                 assert packet.packet_id is not None
                 session.send(mqtt.encode_puback(packet.packet_id))

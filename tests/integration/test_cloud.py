@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from azure.iot.device.exceptions import CredentialError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -26,6 +25,7 @@ from tls_client import client_context
 from emulator import pki as epki
 from spyrus_hsm.cloud.dps import DpsRequest, Provisioner, RegistrationError
 from spyrus_hsm.cloud.hub import HubClient, HubIdentity
+from spyrus_hsm.cloud.sdk import HubCredentialRefused, HubTimeout
 from spyrus_hsm.files import read_json, write_json_atomic
 from spyrus_hsm.hsm import Hsm, KeyAlgorithm, Secret
 from spyrus_hsm.identity import tls
@@ -85,7 +85,7 @@ def test_x509_certificate_from_another_ca_is_refused(hsm, provider, emu, emulato
     _hsm_cert(hsm, label, device, other_ca)
     emu.add_device(device, x509_ca_pem=emulator_pki.root.cert_pem)
     client = _x509_client(hsm, label, device, emulator_pki.ca_pem, tmp_path)
-    with pytest.raises(CredentialError):
+    with pytest.raises(HubCredentialRefused, match=f"IoT Hub {HOST} .* refused the credential"):
         client.connect()
     client.shutdown()
 
@@ -95,7 +95,7 @@ def test_x509_certificate_with_another_cn_is_refused(hsm, provider, emu, emulato
     _hsm_cert(hsm, label, device + "-not-me", emulator_pki.intermediate)
     emu.add_device(device, x509_ca_pem=emulator_pki.root.cert_pem)
     client = _x509_client(hsm, label, device, emulator_pki.ca_pem, tmp_path)
-    with pytest.raises(CredentialError):
+    with pytest.raises(HubCredentialRefused, match=f"IoT Hub {HOST} .* refused the credential"):
         client.connect()
     client.shutdown()
 
@@ -153,7 +153,7 @@ def test_sas_token_signed_with_another_key_is_refused(hsm, emu, emulator_pki, la
     emu.add_device(device, symmetric_key=base64.b64encode(secrets.token_bytes(32)).decode())
     _sas_key(hsm, label)  # a different key
     client = HubClient(hsm, HubIdentity(HOST, device, sas_key=label, server_ca_pem=emulator_pki.ca_pem))
-    with pytest.raises(CredentialError):
+    with pytest.raises(HubCredentialRefused, match=f"IoT Hub {HOST} .* refused the credential"):
         client.connect()
     client.shutdown()
 
@@ -425,6 +425,29 @@ def test_watchdog_rebuilds_a_client_that_stays_disconnected(hsm, emu, emulator_p
         emu.wait_for(lambda: any(t.device_id == device for t in emu.received.telemetry), timeout=10)
     finally:
         client.shutdown()
+
+
+def test_a_hung_hub_blocks_neither_the_caller_nor_shutdown_and_holds_at_most_two_threads(
+        hsm, emu, emulator_pki, label) -> None:  # type: ignore[no-untyped-def]
+    device = "hang-" + label
+    emu.add_device(device, symmetric_key=_sas_key(hsm, label))
+    client = HubClient(hsm, HubIdentity(HOST, device, sas_key=label, server_ca_pem=emulator_pki.ca_pem),
+                       call_timeout=0.5).connect()
+    emu.stall_hub(True)  # publishes and twin requests get no answer: the SDK would wait for ever
+    stopped = threading.Event()
+    try:
+        for _ in range(4):
+            with pytest.raises(HubTimeout, match=f"IoT Hub {HOST} .*did not answer"):
+                client.send("unanswered")
+        with pytest.raises(HubTimeout):
+            client.report({"probe": 1})
+        stuck = [t for t in threading.enumerate() if t.name == "hub-call"]
+        threading.Thread(target=lambda: (client.shutdown(), stopped.set()), daemon=True).start()
+        assert stopped.wait(30), "shutdown waited for the hung calls"
+    finally:
+        emu.stall_hub(False)
+        client.shutdown()
+    assert len(stuck) <= 2, stuck  # one thread per unanswered call before: five
 
 
 def test_tls_server_and_client_both_sign_with_hsm_keys(hsm, provider, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -200,23 +200,33 @@ def test_renew_once_cleans_up_after_itself_and_after_an_interrupted_attempt(
     from spyrus_hsm.identity import issued as issued_id
     issued_id.operational_key(hsm, f"{base}@2")
     moved: list[str] = []
-    second = renewal.renew_once(hsm, prov, request, base, lambda cred, a: moved.append(cred.label), timeout=20)
+    second = renewal.renew_once(hsm, prov, request, base, lambda cred, a: moved.append(cred.label),
+                                timeout=20).credential
     assert moved == [second.label] == [f"{base}@2"]
     assert [g.label for g in _generations(hsm, base)] == [f"{base}@2"]
     assert second.leaf.public_key() != first.leaf.public_key()
 
 
-def test_renew_command_renews_only_when_due_unless_forced(
-        cli, hsm, provider, token_env, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    reg, base = "rc-" + label, label + "-op"
+def _cli_env(hsm, token_env, emu, emulator_pki, tmp_path, reg, label, base) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """The environment of a `spyrus-hsm` command with a config whose cloud section onboards `reg`."""
     sas_enrollment(hsm, emu, reg, label, HOST)
     config = serve_config(tmp_path / "c.yaml", token_env, tmp_path / "state", emulator_pki.ca_file,
                           **_cloud(reg, label, base))
-    env = token_env.env(SPYRUS_HSM_CONFIG=str(config))
-    res = cli("renew", "--label", base, env=env)
-    assert res.code == 1 and "nothing to renew" in res.err and "--issue-cert" in res.err, res.err
+    return token_env.env(SPYRUS_HSM_CONFIG=str(config))  # type: ignore[no-any-return]
+
+
+def _register(cli, env, emulator_pki, reg: str, label: str, base: str) -> None:  # type: ignore[no-untyped-def]
     assert cli("register", "--id-scope", SCOPE, "--registration-id", reg, "--sas-key", label, "--provisioning-host",
                HOST, "--server-ca", str(emulator_pki.ca_file), "--issue-cert", base, env=env).code == 0
+
+
+def test_renew_command_renews_only_when_due_unless_forced(
+        cli, hsm, provider, token_env, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg, base = "rc-" + label, label + "-op"
+    env = _cli_env(hsm, token_env, emu, emulator_pki, tmp_path, reg, label, base)
+    res = cli("renew", "--label", base, env=env)
+    assert res.code == 1 and "nothing to renew" in res.err and "--issue-cert" in res.err, res.err
+    _register(cli, env, emulator_pki, reg, label, base)
     res = cli("renew", "--label", base, env=env)
     assert res.code == 0, res.err
     assert json.loads(res.out)["renewed"] is False and "not due for renewal until" in res.err
@@ -228,3 +238,41 @@ def test_renew_command_renews_only_when_due_unless_forced(
     assert out["subject"] == f"CN={reg}" and out["notAfter"]
     assert len(_hub_connects(emu, reg)) == connects + 1  # the new certificate was proven on the hub
     assert [g.label for g in _generations(hsm, base)] == [f"{base}@2"]
+
+
+def test_renew_command_whose_new_certificate_the_hub_refuses_says_so_in_one_line(
+        cli, hsm, provider, token_env, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg, base = "rr-" + label, label + "-op"
+    env = _cli_env(hsm, token_env, emu, emulator_pki, tmp_path, reg, label, base)
+    _register(cli, env, emulator_pki, reg, label, base)
+    emu.refuse_hub(1)
+    res = cli("renew", "--label", base, "--force", env=env)
+    assert res.code == 1, res.err
+    assert "Traceback" not in res.err, res.err
+    assert len(res.err.strip().splitlines()) == 1, res.err
+    assert res.err.startswith("spyrus-hsm:") and HOST in res.err and "refused" in res.err, res.err
+    assert [g.label for g in _generations(hsm, base)] == [base]  # the old credential stays, the new one is gone
+
+
+def test_serve_whose_hub_refuses_the_credential_says_so_in_one_line_and_carries_on(
+        hsm, provider, token_env, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg, base = "sr-" + label, label + "-op"
+    emu.refuse_hub(1)  # the first connect at start ...
+    serve, _ = _enrolled_module(hsm, token_env, emu, emulator_pki, tmp_path, reg, label, validity=30)
+    try:
+        at = serve.wait_line("cloud connection failed", timeout=60)
+        emu.wait_for(lambda: any(c.accepted for c in _hub_connects(emu, reg)), timeout=30)  # ... then retried
+        emu.refuse_hub(1)  # ... and the move to the renewed certificate
+        emu.wait_for(lambda: _renewal_state(emu, reg, base).get("state") == "failed", timeout=60)
+        failed = _renewal_state(emu, reg, base)
+        emu.wait_for(lambda: _renewal_state(emu, reg, base).get("lastSuccess") is not None, timeout=60)
+    finally:
+        code = serve.stop()
+    output = serve.output()
+    assert code == 0, output
+    assert "Traceback" not in output, output
+    line = output.splitlines()[at]
+    assert f"IoT Hub {HOST} ({reg}) refused the credential" in line, line
+    assert f"IoT Hub {HOST} ({reg}) refused the credential" in failed["error"], failed
+    assert failed["label"] == base  # the old certificate stayed in use ...
+    assert [g.label for g in _generations(hsm, base)] == [f"{base}@2"]  # the refused @2 discarded, made again

@@ -11,7 +11,6 @@ under IoT Edge), under `credentials.<label>.renewal`.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -24,25 +23,29 @@ from typing import Any
 from azure.iot.device import Message
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from .. import events
+from .. import events, times
 from ..config import CloudConfig
 from ..edge.reported import renewal_entries
-from ..hsm import Hsm
 from ..identity import x509 as x509_id
-from . import renewal
-from .dps import Assignment, DpsRequest, Provisioner
+from ..keystore import KeyStore
+from . import dps_client, renewal
+from .dps import Assignment, DpsRequest, Exchange, Provisioner
 from .hub import HubClient, HubIdentity
 
 log = logging.getLogger("spyrus_hsm")
 RETRY_SECONDS = 10.0
 RenewalListener = Callable[[str, dict[str, Any]], None]  # (base label, renewal state)
+HubFactory = Callable[..., HubClient]  # HubClient(keys, identity, sas_ttl=…); tests hand in their own
 
 
 class CloudConnection:
-    def __init__(self, cfg: CloudConfig, hsm: Hsm, state_dir: Path, load_provider: Callable[[], None],
-                 token_label: Callable[[], str]) -> None:
+    def __init__(self, cfg: CloudConfig, hsm: KeyStore, state_dir: Path, load_provider: Callable[[], None],
+                 token_label: Callable[[], str], hub_factory: HubFactory = HubClient,
+                 exchange: Exchange = dps_client.register) -> None:
         self.cfg = cfg
         self.hsm = hsm
+        self.hub_factory = hub_factory
+        self.exchange = exchange
         self.state_dir = state_dir
         self.tls_dir = state_dir / "tls"
         self.load_provider = load_provider
@@ -103,7 +106,7 @@ class CloudConnection:
         c = self.cfg
         if c.attestation == "x509" or self.operational:
             self.load_provider()
-        provisioner = Provisioner(self.hsm, self.state_dir, self.load_provider)
+        provisioner = Provisioner(self.hsm, self.state_dir, self.load_provider, self.exchange)
         in_use = known = None
         began = renewal.now()
         if self.operational:
@@ -123,17 +126,36 @@ class CloudConnection:
             in_use = cred if self.operational else None
         identity = HubIdentity(hub, device_id, c.module_id, sas_key=None if files else key,
                                x509=files, server_ca_pem=self._ca_pem)
-        self.assigned_hub = hub
-        self.hub = HubClient(self.hsm, identity, sas_ttl=c.sas_ttl).connect()
-        log.info("connected to IoT Hub %s as %s", hub, device_id)
-        if self.operational and in_use is not None:
+        client = self.hub_factory(self.hsm, identity, sas_ttl=c.sas_ttl).connect()
+        try:
+            log.info("connected to IoT Hub %s as %s", hub, device_id)
+            renewer = None
+            if self.operational and in_use is not None:
+                self._tidy_after_connect(in_use)
+                renewer = renewal.Renewer(
+                    self.hsm, provisioner, self._request(self.operational), self._switch,
+                    renew_at=self.renew_at, backoff=renewal.Backoff(c.renew_retry_initial, c.renew_retry_max),
+                    timeout=c.registration_timeout, tls_dir=self.tls_dir, report=self._report,
+                    announce=self._announce)
+        except BaseException:
+            client.shutdown()  # never a second client for this identity on the next try
+            raise
+        # Published only now: stop() shuts down what is here, and the renewer moves this client.
+        self.assigned_hub, self.hub = hub, client
+        if renewer is not None:
+            assert in_use is not None
+            self.renewer = renewer.start(in_use, received=began if known is None or known.leaf != in_use.leaf else None)
+
+    def _tidy_after_connect(self, in_use: x509_id.X509Credential) -> None:
+        """Delete the generations of the operational credential other than `in_use`; one that
+        cannot be deleted now is left to the next renewal (which starts by deleting it)."""
+        assert self.operational
+        try:
             for old in renewal.tidy(self.hsm, self.operational, keep=in_use.label, tls_dir=self.tls_dir):
                 log.info("removed '%s', an earlier generation of '%s' no longer in use", old, self.operational)
-            self.renewer = renewal.Renewer(
-                self.hsm, provisioner, self._request(self.operational), self._move,
-                renew_at=self.renew_at, backoff=renewal.Backoff(c.renew_retry_initial, c.renew_retry_max),
-                timeout=c.registration_timeout, tls_dir=self.tls_dir, report=self._report,
-            ).start(in_use, received=began if known is None or known.leaf != in_use.leaf else None)
+        except Exception as exc:
+            log.warning("earlier generations of '%s' not deleted (the next renewal does it): %s",
+                        self.operational, exc)
 
     def _not_expired(self, cred: x509_id.X509Credential | None,
                      provisioner: Provisioner) -> x509_id.X509Credential | None:
@@ -145,27 +167,33 @@ class CloudConnection:
                     cred.label, cred.leaf.not_valid_after_utc.isoformat())
         return renewal.renew_once(self.hsm, provisioner, self._request(self.operational), self.operational,
                                   lambda new, assignment: None, timeout=self.cfg.registration_timeout,
-                                  tls_dir=self.tls_dir)
+                                  tls_dir=self.tls_dir).credential
 
-    def _move(self, cred: x509_id.X509Credential, assignment: Assignment) -> None:
-        """Connect with the renewed credential and prove it with a message on the new connection."""
+    def _switch(self, cred: x509_id.X509Credential, assignment: Assignment) -> None:
+        """Connect with the renewed credential; returns once the hub has accepted it (the
+        renewal's commit point)."""
         assert self.hub is not None
         files = x509_id.write_tls_files(cred, self.token_label(), self.tls_dir)
         self.hub.switch(replace(self.hub.identity, hostname=assignment.assigned_hub,
                                 device_id=assignment.device_id, x509=files))
         self.assigned_hub = assignment.assigned_hub
+
+    def _announce(self, cred: x509_id.X509Credential, previous: x509_id.X509Credential) -> None:
+        """After the commit point: the certificate-renewed message on the new connection, and
+        the upstream event under IoT Edge. The message carries the new key's hash, by which a
+        receiver recognises a copy delivered twice."""
+        assert self.hub is not None
+        events.certificate_renewed(cred.label, cred.leaf.not_valid_after_utc, previous.leaf.not_valid_after_utc)
         leaf = cred.leaf
         spki = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
         message = Message(json.dumps({"event": "certificateRenewed", "label": cred.label,
-                                      "notAfter": leaf.not_valid_after_utc.isoformat(),
+                                      "notAfter": times.iso(leaf.not_valid_after_utc),
                                       "issuer": leaf.issuer.rfc4514_string(),
                                       "publicKeySha256": hashlib.sha256(spki).hexdigest()}),
                           content_encoding="utf-8", content_type="application/json")
         message.custom_properties["type"] = "certificate-renewed"
+        message.message_id = f"certificate-renewed-{hashlib.sha256(spki).hexdigest()[:32]}"
         self.hub.send(message)
-        previous = self.renewer.status.not_after if self.renewer is not None else None
-        events.certificate_renewed(cred.label, leaf.not_valid_after_utc,  # upstream too, under IoT Edge
-                                   dt.datetime.fromisoformat(previous) if previous else None)
 
     def _report(self, state: dict[str, Any]) -> None:
         assert self.operational

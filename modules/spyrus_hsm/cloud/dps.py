@@ -34,15 +34,18 @@ from typing import Any, Literal
 from ..config import CloudConfig
 from ..errors import Kind, SpyrusError
 from ..files import read_json, write_json_atomic
-from ..hsm import Hsm, InvalidInput, ObjectNotFound, Pkcs11Uri
+from ..hsm import InvalidInput, ObjectNotFound, Pkcs11Uri
 from ..identity import issued as issued_id
 from ..identity import x509 as x509_id
-from ..identity.sas import SasMinter, dps_uri
+from ..identity.sas import dps_uri
+from ..identity.sas import mint as sas_mint
+from ..keystore import KeyStore
 from . import dps_client
 
 Attestation = Literal["x509", "symmetricKey"]
 DEFAULT_TIMEOUT = 120.0
 SAS_TTL = 3600  # seconds; the token is only used to connect for this registration
+Exchange = Callable[[dps_client.DpsTarget, Any, float, "bytes | None"], dict[str, Any]]
 
 
 class RegistrationError(SpyrusError, RuntimeError, kind=Kind.UPSTREAM):
@@ -113,11 +116,13 @@ class Assignment:
 
 
 class Provisioner:
-    def __init__(self, hsm: Hsm, state_dir: str | Path,
-                 load_provider: Callable[[], None] | None = None) -> None:
+    def __init__(self, hsm: KeyStore, state_dir: str | Path,
+                 load_provider: Callable[[], None] | None = None,
+                 exchange: Exchange = dps_client.register) -> None:
         self.hsm = hsm
         self.state_dir = Path(state_dir)
         self._load_provider = load_provider
+        self._exchange = exchange  # the MQTT exchange with DPS (tests put a DPS of their own here)
 
     def result_path(self, registration_id: str) -> Path:
         return self.state_dir / "registrations" / f"{registration_id}.json"
@@ -158,7 +163,7 @@ class Provisioner:
         elif csr is not None:
             issued_id.check_csr(csr, req.registration_id)
         try:
-            result = dps_client.register(self._target(req, key_label, cred), req.payload, timeout, csr)
+            result = self._exchange(self._target(req, key_label, cred), req.payload, timeout, csr)
         except dps_client.DpsFailure as exc:
             raise _explain(exc, req, timeout) from None
         state = result.get("registrationState") or {}
@@ -232,7 +237,7 @@ class Provisioner:
             context.load_cert_chain(files.cert_file, files.key_file)
         else:
             uri = dps_uri(req.id_scope, req.registration_id)
-            token = SasMinter(self.hsm).mint(key_label, uri, SAS_TTL).token
+            token = sas_mint(self.hsm, key_label, uri, SAS_TTL).token
         return dps_client.DpsTarget(req.provisioning_host, req.id_scope, req.registration_id,
                                     context, token)
 

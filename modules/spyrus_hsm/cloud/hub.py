@@ -7,11 +7,16 @@
 - A watchdog rebuilds the client when it stays disconnected (SAS renewal failures left SDK
   clients unable to reconnect until restart: azure-iot-sdk-python #1202, #993), and a new
   client means a new SSLContext, so stale provider key handles after an HSM reset are dropped.
+- Every SDK call runs on a helper thread with a deadline (the synchronous SDK waits for ever),
+  in a lane that bounds the threads calls that never return can hold, and never under the lock
+  the watchdog and shutdown take; what the SDK raises comes out as a `sdk.HubError` naming the
+  hub and the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -23,7 +28,8 @@ from azure.iot.device import X509, IoTHubDeviceClient, IoTHubModuleClient, Messa
 from ..hsm import Hsm
 from ..identity.sas import SasMinter, device_uri
 from ..identity.x509 import TlsFiles
-from ..threads import call_with_deadline, spawn
+from ..threads import Lane, spawn
+from .sdk import HubError, HubTimeout, translate
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,10 @@ class HubIdentity:
     server_ca_pem: str | None = None
     gateway_hostname: str | None = None
 
+    @property
+    def client_id(self) -> str:
+        return f"{self.device_id}/{self.module_id}" if self.module_id else self.device_id
+
 
 @dataclass
 class HubStats:
@@ -51,30 +61,34 @@ class HubStats:
 class HubClient:
     def __init__(self, hsm: Hsm, identity: HubIdentity, *, sas_ttl: int = 3600,
                  renew_at: float = 0.6, reconnect_after: float = 30.0,
-                 watch_interval: float = 1.0, sdk_options: dict[str, Any] | None = None) -> None:
-        if (identity.sas_key is None) == (identity.x509 is None):
-            raise ValueError("a hub identity needs exactly one of sas_key and x509")
+                 watch_interval: float = 1.0, sdk_options: dict[str, Any] | None = None,
+                 connect_timeout: float = 60.0, call_timeout: float = 30.0) -> None:
+        _check(identity)
         self.hsm = hsm
         self.identity = identity
         self.sas_ttl = sas_ttl
         self.renew_at = renew_at
         self.reconnect_after = reconnect_after
         self.watch_interval = watch_interval
+        self.connect_timeout = connect_timeout
+        self.call_timeout = call_timeout
         self.sdk_options = dict(sdk_options or {})  # e.g. keepalive, connection_retry
         self.stats = HubStats()
         self._minter = SasMinter(hsm, min_ttl=1)
         self._client: Any = None
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()           # guards _client and identity; never held over an SDK call
+        self._lifecycle = threading.RLock()     # one connect, switch, rebuild or shutdown at a time
+        self._connects = Lane("hub-connect", 2)  # a hung connect leaves room to go back
+        self._calls = Lane("hub-call", 2)       # sends, twin patches, SAS updates
+        self._closes = Lane("hub-close", 1)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def connect(self) -> HubClient:
-        with self._lock:
-            self._client = self._connected()
-            self.stats.connects += 1
-            self.stats.connected_since = time.time()
+        with self._lifecycle:
+            self._install(self._connected(self.identity))
         if self.identity.sas_key:
             self._threads.append(spawn(self._renew_loop, "hub-sas-renewer"))
         self._threads.append(spawn(self._watchdog, "hub-watchdog"))
@@ -84,11 +98,17 @@ class HubClient:
         self._stop.set()
         for t in self._threads:
             t.join(5)
-        with self._lock:
-            if self._client is not None:
-                with contextlib.suppress(Exception):
-                    self._client.shutdown()
-                self._client = None
+        # A switch or rebuild still connecting is not waited for long: what it connects after
+        # this is shut down rather than installed (`_install`).
+        held = self._lifecycle.acquire(timeout=min(5.0, self.connect_timeout))
+        try:
+            with self._lock:
+                client, self._client = self._client, None
+            if client is not None:
+                self._close(client)
+        finally:
+            if held:
+                self._lifecycle.release()
 
     @property
     def client(self) -> Any:
@@ -101,92 +121,145 @@ class HubClient:
 
     def send(self, payload: str | bytes | Message) -> None:
         msg = payload if isinstance(payload, Message) else Message(payload)
-        with self._lock:
-            self._client.send_message(msg)
+        client, identity = self._current("sending a message")
+        self._sdk(self._calls, lambda: client.send_message(msg), self.call_timeout, "sending a message", identity)
 
-    def report(self, patch: dict[str, Any], timeout: float = 30.0) -> None:
-        """Patch the identity's twin reported properties (raises if not connected or if the hub
-        does not answer within `timeout`: the SDK would wait for ever)."""
-        with self._lock:
-            client = self._client
-        if client is None:
-            raise ConnectionError("not connected to IoT Hub")
-        call_with_deadline(lambda: client.patch_twin_reported_properties(patch), timeout,
-                           "reporting to the device twin", "hub-twin-patch")
+    def report(self, patch: dict[str, Any], timeout: float | None = None) -> None:
+        """Patch the identity's twin reported properties (HubError if not connected or if the
+        hub does not answer within `timeout`: the SDK would wait for ever)."""
+        client, identity = self._current("reporting to the device twin")
+        self._sdk(self._calls, lambda: client.patch_twin_reported_properties(patch),
+                  timeout or self.call_timeout, "reporting to the device twin", identity)
 
     def switch(self, identity: HubIdentity) -> None:
         """Move the connection to `identity` (a renewed credential): the old client is shut
         down first (the hub allows one connection per device id, and an old client reconnecting
         would push the new one off), then the new one connects. If it cannot, the previous
-        identity is connected again (or left to the watchdog) and the error raised."""
-        if (identity.sas_key is None) == (identity.x509 is None):
-            raise ValueError("a hub identity needs exactly one of sas_key and x509")
-        with self._lock:
-            previous, old = self.identity, self._client
-            self._client = None
+        identity is connected again (or left to the watchdog) and the error raised. Returns
+        once the hub has accepted the new credential."""
+        _check(identity)
+        with self._lifecycle:
+            with self._lock:
+                previous, old = self.identity, self._client
+                self._client = None
             if old is not None:
-                with contextlib.suppress(Exception):
-                    old.shutdown()
-            self.identity = identity
+                self._close(old)
             try:
-                self._client = self._connected()
-            except Exception:
-                self.identity = previous
+                client = self._connected(identity)
+            except BaseException:
                 with contextlib.suppress(Exception):
-                    self._client = self._connected()
+                    self._install(self._connected(previous))
                 raise
-            self.stats.connects += 1
-            self.stats.connected_since = time.time()
+            with self._lock:
+                self.identity = identity
+            self._install(client)
         log.info("IoT Hub client %s moved to a new credential", identity.device_id)
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _kwargs(self) -> dict[str, Any]:
+    def _install(self, client: Any) -> None:
+        with self._lock:
+            stopped = self._stop.is_set()  # shut down while it connected
+            if not stopped:
+                self._client = client
+                self.stats.connects += 1
+                self.stats.connected_since = time.time()
+        if stopped:
+            self._close(client)
+
+    def _current(self, what: str) -> tuple[Any, HubIdentity]:
+        with self._lock:
+            client, identity = self._client, self.identity
+        if client is None:
+            raise HubError(f"IoT Hub {identity.hostname} ({identity.client_id}): not connected while {what}")
+        return client, identity
+
+    def _sdk(self, lane: Lane, fn: Any, seconds: float, what: str, identity: HubIdentity) -> Any:
+        """`fn()` (an SDK call) in `lane` within `seconds`, its exceptions translated."""
+        try:
+            return lane.call(fn, seconds, what)
+        except TimeoutError as exc:
+            raise HubTimeout(f"IoT Hub {identity.hostname} ({identity.client_id}) did not answer within "
+                             f"{seconds:g} s while {what}") from exc
+        except Exception as exc:
+            raise translate(exc, identity.hostname, identity.client_id, what) from exc
+
+    def _close(self, client: Any) -> None:
+        """Shut an SDK client down, waiting at most `call_timeout` (a hung one is left behind)."""
+        try:
+            self._closes.call(client.shutdown, self.call_timeout, "closing the IoT Hub client")
+        except Exception as exc:
+            log.debug("IoT Hub client not shut down cleanly: %s", exc)
+
+    def _kwargs(self, identity: HubIdentity) -> dict[str, Any]:
         kw: dict[str, Any] = dict(self.sdk_options)
-        if self.identity.server_ca_pem:
-            kw["server_verification_cert"] = self.identity.server_ca_pem
-        if self.identity.gateway_hostname:
-            kw["gateway_hostname"] = self.identity.gateway_hostname
+        if identity.server_ca_pem:
+            kw["server_verification_cert"] = identity.server_ca_pem
+        if identity.gateway_hostname:
+            kw["gateway_hostname"] = identity.gateway_hostname
         return kw
 
-    def _token(self) -> str:
-        i = self.identity
+    def _token(self, identity: HubIdentity) -> str:
+        i = identity
         return self._minter.mint(i.sas_key or "", device_uri(i.hostname, i.device_id, i.module_id),
                                  self.sas_ttl).token
 
-    def _build(self) -> Any:
-        i = self.identity
+    def _build(self, identity: HubIdentity) -> Any:
+        i = identity
         cls = IoTHubModuleClient if i.module_id else IoTHubDeviceClient
-        if i.sas_key:
-            client = cls.create_from_sastoken(self._token(), **self._kwargs())
-        else:
+        try:
+            if i.sas_key:
+                return cls.create_from_sastoken(self._token(i), **self._kwargs(i))
             assert i.x509 is not None
             x509 = X509(str(i.x509.cert_file), str(i.x509.key_file))
             extra = {"module_id": i.module_id} if i.module_id else {}
-            client = cls.create_from_x509_certificate(x509=x509, hostname=i.hostname,
-                                                      device_id=i.device_id, **extra, **self._kwargs())
-        return client
+            return cls.create_from_x509_certificate(x509=x509, hostname=i.hostname,
+                                                    device_id=i.device_id, **extra, **self._kwargs(i))
+        except Exception as exc:
+            raise translate(exc, i.hostname, i.client_id, "making a client") from exc
 
-    def _connected(self) -> Any:
-        """A new client for the current identity, connected (shut down again if it cannot)."""
-        client = self._build()
+    def _connected(self, identity: HubIdentity) -> Any:
+        """A new client for `identity`, connected within `connect_timeout` (shut down again if it
+        cannot, and also if it connects only after the deadline)."""
+        client = self._build(identity)
+        guard = threading.Lock()
+        state = {"abandoned": False, "connected": False}
+
+        def connect() -> None:
+            try:
+                client.connect()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    client.shutdown()
+                raise
+            with guard:
+                state["connected"] = True
+                late = state["abandoned"]
+            if late:
+                with contextlib.suppress(Exception):
+                    client.shutdown()
+
         try:
-            client.connect()
+            self._sdk(self._connects, connect, self.connect_timeout, "connecting", identity)
         except BaseException:
-            with contextlib.suppress(Exception):
-                client.shutdown()
+            with guard:
+                state["abandoned"] = True
+                connected = state["connected"]
+            if connected:  # it connected just as the deadline passed
+                self._close(client)
             raise
         return client
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(max(1.0, self.sas_ttl * self.renew_at)):
             try:
-                token = self._token()
-                with self._lock:
-                    self._client.update_sastoken(token)
+                client, identity = self._current("renewing the SAS token")
+                token = self._token(identity)
+                self._sdk(self._calls, functools.partial(client.update_sastoken, token), self.call_timeout,
+                          "renewing the SAS token", identity)
                 self.stats.renewals += 1
             except Exception as exc:  # the watchdog rebuilds if this leaves us disconnected
-                self.stats.last_error = f"SAS renewal failed: {type(exc).__name__}: {exc}"
+                self.stats.last_error = f"SAS renewal failed: {exc}"
                 log.warning("%s", self.stats.last_error)
 
     def _watchdog(self) -> None:
@@ -202,18 +275,24 @@ class HubClient:
                 self._rebuild()
                 down_since = None
             except Exception as exc:
-                self.stats.last_error = f"reconnect failed: {type(exc).__name__}: {exc}"
+                self.stats.last_error = f"reconnect failed: {exc}"
                 log.warning("IoT Hub client %s: %s", self.identity.device_id, self.stats.last_error)
                 down_since = time.monotonic()
 
     def _rebuild(self) -> None:
-        with self._lock:
-            old, self._client = self._client, None
+        with self._lifecycle:
+            if self._stop.is_set():
+                return
+            with self._lock:
+                old, self._client = self._client, None
+                identity = self.identity
             if old is not None:
-                with contextlib.suppress(Exception):
-                    old.shutdown()
-            self._client = self._connected()
+                self._close(old)
+            self._install(self._connected(identity))
             self.stats.rebuilds += 1
-            self.stats.connects += 1
-            self.stats.connected_since = time.time()
         log.info("IoT Hub client %s rebuilt and connected", self.identity.device_id)
+
+
+def _check(identity: HubIdentity) -> None:
+    if (identity.sas_key is None) == (identity.x509 is None):
+        raise ValueError("a hub identity needs exactly one of sas_key and x509")

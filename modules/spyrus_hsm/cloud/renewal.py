@@ -8,13 +8,22 @@ one CKA_ID. One renewal (`renew_once`):
   2. generates the next generation's key pair (P-384) in the HSM;
   3. registers with DPS again with the onboarding credential, sending that key's CSR; the
      chain is checked and stored beside the key (`Provisioner`);
-  4. moves the connection to the new credential (`move`); if that fails, the new generation
-     is removed and the old credential stays in use;
-  5. deletes the previous generations.
+  4. moves the connection to the new credential (`move`), which returns once the hub has
+     accepted it. That is the COMMIT POINT. Before it, any error (or a deadline passed) removes
+     the new generation and leaves the old credential in use; after it, nothing undoes the
+     renewal:
+  5. announces it (the `certificate-renewed` message, the upstream event): a failure is a
+     warning in the renewal state;
+  6. deletes the previous generations: a failure is a warning too, and the deletion is tried
+     again later (`Renewer`) and at the start of every attempt (step 1), never a new renewal.
 
-The credential in use is always the newest *complete* generation (`current`). A crash at any
-step therefore leaves the old or the new credential usable, and what it left half-made is
-removed by step 1 of the next attempt or at start (`tidy`).
+Invariants (tests/unit/test_renewal_faults.py drives every step through an error and a
+deadline passed; tests/integration/test_renewal.py kills the process at each step): the
+connection always uses a complete generation whose certificate DPS issued; besides it the token
+holds at most one other generation, which the next attempt (or the next start) removes. At
+start the credential is the newest complete generation (`current`); during a renewal it is the
+one the connection uses (`in_use`), so a generation completed late by a call that missed its
+deadline is removed, never used.
 
 `Renewer` runs this in `serve`: when `renew_at` of the certificate's lifetime has passed (or it
 has expired), and again after a failure with a jittered, capped exponential backoff that honours
@@ -36,15 +45,18 @@ from typing import Any
 
 from cryptography import x509
 
-from ..hsm import Hsm, ObjectNotFound, Pkcs11Uri
+from .. import times
+from ..hsm import ObjectNotFound, Pkcs11Uri
 from ..identity import issued as issued_id
 from ..identity import x509 as x509_id
+from ..keystore import KeyStore
 from ..threads import spawn
 from .dps import Assignment, DpsRequest, Provisioner
 
 log = logging.getLogger(__name__)
 SEPARATOR = "@"
-Move = Callable[[x509_id.X509Credential, Assignment], None]
+Move = Callable[[x509_id.X509Credential, Assignment], None]      # returns once the hub accepted it
+Announce = Callable[[x509_id.X509Credential, x509_id.X509Credential], None]  # (new, previous)
 
 
 # --- generations in the token -----------------------------------------------------------------
@@ -72,7 +84,7 @@ class Generation:
         return {"private", "cert"} <= self.types
 
 
-def generations(hsm: Hsm, base: str) -> list[Generation]:
+def generations(hsm: KeyStore, base: str) -> list[Generation]:
     """The generations of `base` in the token, oldest first."""
     types: dict[str, set[str]] = {}
     for o in hsm.list_objects():
@@ -82,7 +94,7 @@ def generations(hsm: Hsm, base: str) -> list[Generation]:
     return sorted(found, key=lambda g: g.number)
 
 
-def current(hsm: Hsm, base: str) -> x509_id.X509Credential | None:
+def current(hsm: KeyStore, base: str) -> x509_id.X509Credential | None:
     """The credential to use: the newest complete generation (None before the first issuance)."""
     for generation in reversed(generations(hsm, base)):
         if generation.complete:
@@ -90,7 +102,7 @@ def current(hsm: Hsm, base: str) -> x509_id.X509Credential | None:
     return None
 
 
-def require_current(hsm: Hsm, base: str) -> x509_id.X509Credential:
+def require_current(hsm: KeyStore, base: str) -> x509_id.X509Credential:
     found = current(hsm, base)
     if found is None:
         raise ObjectNotFound(f"no certificate has been issued for '{base}' yet, so there is nothing to renew; "
@@ -98,7 +110,7 @@ def require_current(hsm: Hsm, base: str) -> x509_id.X509Credential:
     return found
 
 
-def tidy(hsm: Hsm, base: str, keep: str | None = None, tls_dir: Path | None = None) -> list[str]:
+def tidy(hsm: KeyStore, base: str, keep: str | None = None, tls_dir: Path | None = None) -> list[str]:
     """Delete the generations of `base` that cannot be used, and with `keep` (the credential
     now in use) every other one. Returns the labels deleted. Generation 1 without a certificate
     and nothing complete beside it is kept: it is the key of a first issuance (perhaps made by
@@ -114,7 +126,7 @@ def tidy(hsm: Hsm, base: str, keep: str | None = None, tls_dir: Path | None = No
     return doomed
 
 
-def discard(hsm: Hsm, label: str, tls_dir: Path | None = None) -> None:
+def discard(hsm: KeyStore, label: str, tls_dir: Path | None = None) -> None:
     """Delete one generation: its key pair and certificates, and the TLS files written for it."""
     hsm.delete(Pkcs11Uri(object=label))
     if tls_dir is not None:
@@ -124,13 +136,26 @@ def discard(hsm: Hsm, label: str, tls_dir: Path | None = None) -> None:
 
 # --- one renewal --------------------------------------------------------------------------------
 
-def renew_once(hsm: Hsm, provisioner: Provisioner, request: DpsRequest, base: str, move: Move, *,
-               timeout: float, tls_dir: Path | None = None) -> x509_id.X509Credential:
-    """Steps 1 to 5 above; returns the new credential, now in use. On failure the old credential is
-    untouched and nothing of the attempt is left in the token."""
-    in_use = require_current(hsm, base)
-    for label in tidy(hsm, base, tls_dir=tls_dir):
-        log.info("renewal of '%s': removed '%s', left incomplete by an earlier attempt", base, label)
+@dataclass(frozen=True)
+class Renewed:
+    """A renewal past its commit point: `credential` is in use, whatever `warnings` say went
+    wrong after that (the announcement, the deletion of older generations)."""
+    credential: x509_id.X509Credential
+    previous: x509_id.X509Credential
+    warnings: tuple[str, ...] = ()
+    leftovers: bool = False     # older generations could not be deleted: try again later
+
+
+def renew_once(hsm: KeyStore, provisioner: Provisioner, request: DpsRequest, base: str, move: Move, *,
+               timeout: float, tls_dir: Path | None = None, in_use: x509_id.X509Credential | None = None,
+               announce: Announce | None = None) -> Renewed:
+    """Steps 1 to 6 above. `in_use`: the generation the connection uses (default: the newest
+    complete one). Before the commit point (`move` returned) an error discards the new
+    generation and is raised, the old credential untouched; after it, errors are returned as
+    warnings and never undo the renewal."""
+    in_use = in_use or require_current(hsm, base)
+    for label in tidy(hsm, base, keep=in_use.label, tls_dir=tls_dir):
+        log.info("renewal of '%s': removed '%s', left by an earlier attempt", base, label)
     label = label_for(base, max(g.number for g in generations(hsm, base)) + 1)
     try:
         log.info("renewal of '%s': step 1/4: generating key pair '%s' in the HSM", base, label)
@@ -139,17 +164,29 @@ def renew_once(hsm: Hsm, provisioner: Provisioner, request: DpsRequest, base: st
         assignment = provisioner.register(replace(request, issue_cert=label), force=True, timeout=timeout)
         cred = x509_id.select(hsm, label=label)
         log.info("renewal of '%s': step 3/4: moving the connection to '%s' (valid until %s)", base, label,
-                 cred.leaf.not_valid_after_utc.isoformat())
+                 times.iso(cred.leaf.not_valid_after_utc))
         move(cred, assignment)
     except BaseException:
-        with contextlib.suppress(Exception):  # the HSM may be what failed; tidy() catches up later
+        with contextlib.suppress(Exception):  # the HSM may be what failed; the next attempt's tidy catches up
             discard(hsm, label, tls_dir)
         raise
+    # COMMIT POINT: the hub accepted the new credential; from here on nothing undoes the renewal.
+    warnings: list[str] = []
+    if announce is not None:
+        try:
+            announce(cred, in_use)
+        except Exception as exc:
+            warnings.append(f"the renewal was not announced: {exc}")
     log.info("renewal of '%s': step 4/4: deleting the previous generation '%s'", base, in_use.label)
-    old = tidy(hsm, base, keep=label, tls_dir=tls_dir)
-    if in_use.label not in old:
-        log.warning("renewal of '%s': the previous credential '%s' was not found to delete", base, in_use.label)
-    return cred
+    leftovers = False
+    try:
+        tidy(hsm, base, keep=label, tls_dir=tls_dir)
+    except Exception as exc:
+        leftovers = True
+        warnings.append(f"the previous generation '{in_use.label}' is not deleted yet: {exc}")
+    for warning in warnings:
+        log.warning("renewal of '%s' to '%s' done, but %s", base, label, warning)
+    return Renewed(cred, in_use, tuple(warnings), leftovers)
 
 
 def due_at(leaf: x509.Certificate, renew_at: float, received: dt.datetime | None = None) -> dt.datetime:
@@ -166,20 +203,23 @@ def due_at(leaf: x509.Certificate, renew_at: float, received: dt.datetime | None
 
 @dataclass
 class RenewalStatus:
-    """What the twin reports under `credentials.<label>.renewal` (times ISO 8601, UTC)."""
+    """What the twin reports under `credentials.<label>.renewal` (times: `times.iso`)."""
     state: str = "scheduled"            # scheduled | renewing | failed
     label: str | None = None            # the generation in use
     not_after: str | None = None
+    renew_at: str | None = None         # when it is due (`due_at`); the inventory's renewAt is this
     last_attempt: str | None = None
     last_success: str | None = None
-    next_attempt: str | None = None
+    next_attempt: str | None = None     # renewAt, or later after a failure (backoff)
     failures: int = 0                   # consecutive
-    error: str | None = None
+    error: str | None = None            # why the last attempt failed (before its commit point)
+    warning: str | None = None          # what went wrong after a commit point, until it is put right
 
     def to_twin(self) -> dict[str, Any]:
-        return {"state": self.state, "label": self.label, "notAfter": self.not_after,
+        return {"state": self.state, "label": self.label, "notAfter": self.not_after, "renewAt": self.renew_at,
                 "lastAttempt": self.last_attempt, "lastSuccess": self.last_success,
-                "nextAttempt": self.next_attempt, "failures": self.failures, "error": self.error}
+                "nextAttempt": self.next_attempt, "failures": self.failures, "error": self.error,
+                "warning": self.warning}
 
 
 @dataclass(frozen=True)
@@ -198,15 +238,16 @@ class Backoff:
 class Renewer:
     """The renewal loop of one operational credential, on its own thread."""
 
-    def __init__(self, hsm: Hsm, provisioner: Provisioner, request: DpsRequest, move: Move, *,
+    def __init__(self, hsm: KeyStore, provisioner: Provisioner, request: DpsRequest, move: Move, *,
                  renew_at: float, backoff: Backoff, timeout: float, tls_dir: Path,
-                 report: Callable[[dict[str, Any]], None]) -> None:
+                 report: Callable[[dict[str, Any]], None], announce: Announce | None = None) -> None:
         assert request.issue_cert
         self.hsm = hsm
         self.provisioner = provisioner
         self.request = request
         self.base = request.issue_cert
         self.move = move
+        self.announce = announce
         self.renew_at = renew_at
         self.backoff = backoff
         self.timeout = timeout
@@ -214,8 +255,9 @@ class Renewer:
         self._report = report
         self.status = RenewalStatus()
         self._retry_at: dt.datetime | None = None
-        self._leaf: x509.Certificate | None = None
+        self._cred: x509_id.X509Credential | None = None
         self._received: dt.datetime | None = None
+        self._leftovers = False             # older generations a commit left behind, to delete
         self._reported: dict[str, Any] | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -223,9 +265,14 @@ class Renewer:
         self._thread: threading.Thread | None = None
 
     def start(self, in_use: x509_id.X509Credential, received: dt.datetime | None = None) -> Renewer:
-        """Watch `in_use`; `received`: when it was issued, if that was just now."""
-        self._in_use(in_use, received)
+        """Watch `in_use` on the renewal thread; `received`: when it was issued, if just now."""
+        self.watch(in_use, received)
         self._thread = spawn(self._run, "certificate-renewal")
+        return self
+
+    def watch(self, in_use: x509_id.X509Credential, received: dt.datetime | None = None) -> Renewer:
+        """Name the credential the connection uses (`start` does, or a caller of `attempt`)."""
+        self._in_use(in_use, received)
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -239,30 +286,39 @@ class Renewer:
         self.renew_at = renew_at
         self._wake.set()
 
-    def next_attempt(self) -> dt.datetime:
+    def due(self) -> dt.datetime:
         with self._lock:
-            assert self._leaf is not None, "start() names the credential in use"
-            due = due_at(self._leaf, self.renew_at, self._received)
-            return max(due, self._retry_at) if self._retry_at else due
+            assert self._cred is not None, "start() names the credential in use"
+            return due_at(self._cred.leaf, self.renew_at, self._received)
+
+    def next_attempt(self) -> dt.datetime:
+        due = self.due()
+        return max(due, self._retry_at) if self._retry_at else due
 
     # --- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._publish(next_attempt=_iso(self.next_attempt()))
+            if self._leftovers:
+                self.delete_leftovers()
+            self._publish(renew_at=times.iso(self.due()), next_attempt=times.iso(self.next_attempt()))
             wait = (self.next_attempt() - now()).total_seconds()
             if wait > 0:
-                self._wake.wait(min(wait, 60.0))  # re-checked at least every minute (clock changes)
+                limit = self.backoff.initial if self._leftovers else 60.0  # re-checked (clock changes)
+                self._wake.wait(min(wait, limit))
                 self._wake.clear()
                 continue
-            self._attempt()
+            self.attempt()
 
-    def _attempt(self) -> None:
+    def attempt(self) -> None:
+        """One renewal now, its outcome in `status` (and reported)."""
         started = now()
-        self._publish(state="renewing", last_attempt=_iso(started), next_attempt=None)
+        assert self._cred is not None
+        self._publish(state="renewing", last_attempt=times.iso(started), next_attempt=None)
         try:
-            cred = renew_once(self.hsm, self.provisioner, self.request, self.base, self.move,
-                              timeout=self.timeout, tls_dir=self.tls_dir)
+            renewed = renew_once(self.hsm, self.provisioner, self.request, self.base, self.move,
+                                 timeout=self.timeout, tls_dir=self.tls_dir, in_use=self._cred,
+                                 announce=self.announce)
         except Exception as exc:
             failures = self.status.failures + 1
             delay = self.backoff.delay(failures, getattr(exc, "retry_after", None))
@@ -270,19 +326,35 @@ class Renewer:
             log.warning("renewal of '%s' failed (attempt %d): %s; the current certificate stays in use; "
                         "next attempt in %.0f s", self.base, failures, exc, delay)
             self._publish(state="failed", failures=failures, error=f"{type(exc).__name__}: {exc}",
-                          next_attempt=_iso(self._retry_at))
+                          next_attempt=times.iso(self._retry_at))
             return
         self._retry_at = None
-        self._in_use(cred, now())
-        self._publish(state="scheduled", last_success=_iso(now()), failures=0, error=None)
+        self._in_use(renewed.credential, now())
+        self._leftovers = renewed.leftovers
+        self._publish(state="scheduled", last_success=times.iso(now()), failures=0, error=None,
+                      warning="; ".join(renewed.warnings) or None, next_attempt=times.iso(self.next_attempt()))
         log.info("renewal of '%s' done in %.1f s: now '%s', valid until %s", self.base,
-                 (now() - started).total_seconds(), cred.label, cred.leaf.not_valid_after_utc.isoformat())
+                 (now() - started).total_seconds(), renewed.credential.label,
+                 times.iso(renewed.credential.leaf.not_valid_after_utc))
+
+    def delete_leftovers(self) -> None:
+        """Delete the generations a renewal could not delete after its commit point."""
+        assert self._cred is not None
+        try:
+            deleted = tidy(self.hsm, self.base, keep=self._cred.label, tls_dir=self.tls_dir)
+        except Exception as exc:
+            log.debug("renewal of '%s': older generations still not deleted: %s", self.base, exc)
+            return
+        log.info("renewal of '%s': deleted %s, left by the last renewal", self.base, ", ".join(deleted) or "nothing")
+        self._leftovers = False
+        self._publish(warning=None)
 
     def _in_use(self, cred: x509_id.X509Credential, received: dt.datetime | None) -> None:
         with self._lock:
-            self._leaf, self._received = cred.leaf, received
+            self._cred, self._received = cred, received
             self.status.label = cred.label
-            self.status.not_after = _iso(cred.leaf.not_valid_after_utc)
+            self.status.not_after = times.iso(cred.leaf.not_valid_after_utc)
+            self.status.renew_at = times.iso(due_at(cred.leaf, self.renew_at, received))
 
     def _publish(self, **changes: Any) -> None:
         """Change the status and report it if it differs from what was last reported (a report
@@ -302,8 +374,4 @@ class Renewer:
 
 
 def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _iso(t: dt.datetime) -> str:
-    return t.isoformat(timespec="seconds")
+    return times.now()

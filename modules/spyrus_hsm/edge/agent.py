@@ -362,7 +362,8 @@ class EdgeAgent:
             self._renewals[label] = dict(state)
             section = self._wanted.get("credentials")
             if section is not None:
-                self._wanted["credentials"] = {**section, **rep.renewal_entries(self._renewals)}
+                items = rep.with_renewal_times(section["items"], self._renewals)
+                self._wanted["credentials"] = {**section, "items": items, **rep.renewal_entries(self._renewals)}
             if moved:
                 self._inventory_due = 0.0  # another generation in use: the inventory changed
         self._queue.put(("push", None))

@@ -27,6 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .. import times
 from ..hsm import HsmState, ObjectInfo
 from ..identity.x509 import X509Credential
 
@@ -66,12 +67,12 @@ def inventory(objects: Sequence[ObjectInfo], x509: Sequence[X509Credential],
         if cred is not None:
             leaf = cred.leaf
             start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
-            item.update(commonName=cred.common_name, notAfter=_iso(end), issuer=leaf.issuer.rfc4514_string(),
-                        renewAt=_iso(start + (end - start) * renew_at), chainLength=len(cred.chain))
+            item.update(commonName=cred.common_name, notAfter=times.iso(end), issuer=leaf.issuer.rfc4514_string(),
+                        renewAt=times.iso(start + (end - start) * renew_at), chainLength=len(cred.chain))
         else:
             expiries = sorted(o.not_after for o in group if o.not_after)
             if expiries:
-                item["notAfter"] = _iso(dt.datetime.fromisoformat(expiries[0]))
+                item["notAfter"] = times.iso(dt.datetime.fromisoformat(expiries[0]))
         items.append(item)
     return items
 
@@ -92,13 +93,23 @@ def credentials_section(items: Sequence[Mapping[str, Any]], limit: int = MAX_ITE
                         renewals: Mapping[str, Mapping[str, Any]] | None = None,
                         now: dt.datetime | None = None) -> dict[str, Any]:
     # Over every item, not only those sent: a credential past the limit still expires. The
-    # timestamps share one format (_iso), so the smallest string is the earliest instant.
+    # timestamps share one format (times.iso), so the smallest string is the earliest instant.
+    items = with_renewal_times(items, renewals or {})
     expiries = [i["notAfter"] for i in items if i.get("kind") == "x509" and i.get("notAfter")]
     earliest = min(expiries, default=None)
     return {"count": len(items), "truncated": len(items) > limit, "earliestNotAfter": earliest,
             "earliestDaysLeft": days_left(earliest, now or dt.datetime.now(dt.UTC)),
             "items": [{k: clip(v) if isinstance(v, str) else v for k, v in i.items()} for i in items[:limit]],
             **renewal_entries(renewals or {})}
+
+
+def with_renewal_times(items: Sequence[Mapping[str, Any]],
+                       renewals: Mapping[str, Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """`items` with the renewAt of each credential being renewed taken from its renewal state,
+    so the inventory and `credentials.<label>.renewal` say the same (the renewal's rule also
+    knows when the certificate was received: see `cloud.renewal.due_at`)."""
+    due = {state.get("label"): state.get("renewAt") for state in renewals.values() if state.get("renewAt")}
+    return [{**i, "renewAt": due[i["label"]]} if i.get("label") in due and "renewAt" in i else i for i in items]
 
 
 def renewal_entries(renewals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -132,7 +143,7 @@ def config_section(status: str, desired_version: int | None, applied_version: in
 
 
 def error_entry(source: str, message: str, when: dt.datetime) -> dict[str, Any]:
-    return {"source": source, "message": clip(message), "time": _iso(when)}
+    return {"source": source, "message": clip(message), "time": times.iso(when)}
 
 
 def changes(acknowledged: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,5 +152,3 @@ def changes(acknowledged: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[
     return {k: v for k, v in wanted.items() if k not in acknowledged or acknowledged[k] != v}
 
 
-def _iso(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

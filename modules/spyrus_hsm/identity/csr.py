@@ -7,7 +7,8 @@ from asn1crypto import keys as asn1keys
 from asn1crypto import x509 as asn1x509
 from cryptography import x509
 
-from ..hsm import Hsm, InvalidInput
+from ..hsm import InvalidInput
+from ..keystore import KeyStore
 from . import hsm_signature
 
 
@@ -22,7 +23,7 @@ def parse_subject(subject: str) -> x509.Name:
     return name
 
 
-def build_csr(hsm: Hsm, label: str, subject: str, dns_names: list[str] | None = None) -> bytes:
+def build_csr(hsm: KeyStore, label: str, subject: str, dns_names: list[str] | None = None) -> bytes:
     """DER PKCS#10 request for the key pair `label`, signed in the HSM."""
     name = parse_subject(subject)
     algorithm = hsm.key_algorithm(label)

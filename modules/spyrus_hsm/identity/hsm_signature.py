@@ -4,8 +4,9 @@ issues, so both sign the same way for each key type."""
 
 from __future__ import annotations
 
-from ..hsm import Hsm, KeyAlgorithm, SignAlgorithm
+from ..hsm import KeyAlgorithm, SignAlgorithm
 from ..hsm.encoding import ecdsa_raw_to_der
+from ..keystore import KeyStore
 
 # key type -> (PKCS#11 mechanism, X.509 signature algorithm, hash name for cryptography)
 _SCHEMES: dict[KeyAlgorithm, tuple[SignAlgorithm, str, str]] = {
@@ -19,7 +20,7 @@ def scheme(algorithm: KeyAlgorithm) -> tuple[SignAlgorithm, str, str]:
     return _SCHEMES.get(algorithm, _SCHEMES[KeyAlgorithm.RSA_2048])
 
 
-def sign(hsm: Hsm, label: str, algorithm: KeyAlgorithm, data: bytes) -> tuple[str, bytes]:
+def sign(hsm: KeyStore, label: str, algorithm: KeyAlgorithm, data: bytes) -> tuple[str, bytes]:
     """(signature algorithm name, DER signature) of `data` by the HSM key `label` (blocking:
     call it off the event loop; the pool bounds it with hsm.call_timeout)."""
     mechanism, name, _ = scheme(algorithm)

@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ..errors import Kind, SpyrusError
-from ..hsm import Hsm, InvalidInput, KeyAlgorithm
+from ..hsm import InvalidInput, KeyAlgorithm
+from ..keystore import KeyStore
 from . import x509 as x509_id
 from .csr import build_csr
 
@@ -35,7 +36,7 @@ class IssuedChainInvalid(SpyrusError, kind=Kind.UPSTREAM):
     public_detail = "DPS issued a certificate chain that cannot be used"
 
 
-def operational_key(hsm: Hsm, label: str) -> str:
+def operational_key(hsm: KeyStore, label: str) -> str:
     """The CKA_ID (hex) of the key pair `label`, generated in the HSM (P-384) if absent."""
     found = hsm.find(label, "private")
     if len(found) > 1:
@@ -43,7 +44,7 @@ def operational_key(hsm: Hsm, label: str) -> str:
     return found[0].id_hex if found else hsm.generate_keypair(label, OPERATIONAL_KEY)
 
 
-def device_csr(hsm: Hsm, label: str, registration_id: str) -> bytes:
+def device_csr(hsm: KeyStore, label: str, registration_id: str) -> bytes:
     """A DER CSR for the key pair `label` with CN = the registration id, signed in the HSM."""
     subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, registration_id)])
     return build_csr(hsm, label, subject.rfc4514_string())

@@ -17,6 +17,7 @@ from azure.iot.device.common.auth.signing_mechanism import SigningMechanism
 
 from ..errors import Kind, SpyrusError
 from ..hsm import Hsm, KeyRef, SignAlgorithm
+from ..keystore import KeyStore
 
 MIN_TTL = 60
 MAX_TTL = 365 * 24 * 3600
@@ -78,6 +79,14 @@ def expiry_for(ttl: int, now: float | None = None) -> int:
     return int((time.time() if now is None else now) + ttl)
 
 
+def mint(keys: KeyStore, key: KeyRef, resource_uri: str, ttl: int, key_name: str | None = None,
+         min_ttl: int = MIN_TTL) -> SasToken:
+    """A SAS token for `resource_uri` signed with the HMAC key `key` in the key store."""
+    expiry = expiry_for(check_ttl(ttl, min_ttl))
+    sig = keys.sign(key, SignAlgorithm.HMAC_SHA256, string_to_sign(resource_uri, expiry))
+    return SasToken(format_token(resource_uri, sig, expiry, key_name), resource_uri, expiry)
+
+
 class SasMinter:
     """Mints SAS tokens with a key held in the HSM."""
 
@@ -87,9 +96,7 @@ class SasMinter:
 
     def mint(self, key: KeyRef, resource_uri: str, ttl: int,
              key_name: str | None = None) -> SasToken:
-        expiry = expiry_for(check_ttl(ttl, self.min_ttl))
-        sig = self.hsm.sign(key, SignAlgorithm.HMAC_SHA256, string_to_sign(resource_uri, expiry))
-        return SasToken(format_token(resource_uri, sig, expiry, key_name), resource_uri, expiry)
+        return mint(self.hsm, key, resource_uri, ttl, key_name, self.min_ttl)
 
     async def amint(self, key: KeyRef, resource_uri: str, ttl: int,
                     key_name: str | None = None, background: bool = False) -> SasToken:

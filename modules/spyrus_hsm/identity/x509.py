@@ -22,7 +22,8 @@ from cryptography.x509.oid import NameOID
 
 from ..errors import Kind, SpyrusError
 from ..files import write_atomic
-from ..hsm import Hsm, InvalidInput, ObjectNotFound
+from ..hsm import InvalidInput, ObjectNotFound
+from ..keystore import KeyStore
 from . import tls
 
 
@@ -49,7 +50,7 @@ def common_name(cert: x509.Certificate) -> str:
     return str(names[0].value) if names else ""
 
 
-def credentials(hsm: Hsm, label: str | None = None) -> list[X509Credential]:
+def credentials(hsm: KeyStore, label: str | None = None) -> list[X509Credential]:
     """Every private key in the token (labelled `label`, if given) that has a certificate
     stored with it."""
     objects = hsm.list_objects() if label is None else hsm.find(label, "private") + hsm.find(label, "cert")
@@ -62,7 +63,7 @@ def credentials(hsm: Hsm, label: str | None = None) -> list[X509Credential]:
     return out
 
 
-def select(hsm: Hsm, label: str | None = None, cn: str | None = None) -> X509Credential:
+def select(hsm: KeyStore, label: str | None = None, cn: str | None = None) -> X509Credential:
     """The credential named by label and/or CN, or the only one in the token."""
     found = credentials(hsm, label)
     if label is not None:

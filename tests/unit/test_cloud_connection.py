@@ -1,0 +1,49 @@
+"""The module's own hub connection (`cloud.connection`) over the in-memory key store, DPS and
+hub client of tests/fakes.py: what happens when a step after connecting fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fakes import FakeDps, FakeHubClient, FakeKeyStore, Faults
+
+from spyrus_hsm.cloud import renewal
+from spyrus_hsm.cloud.connection import CloudConnection
+from spyrus_hsm.cloud.dps import DpsRequest, Provisioner
+from spyrus_hsm.config import CloudConfig
+
+BASE = "op"
+
+
+@pytest.fixture(autouse=True)
+def _no_clients_yet() -> None:
+    FakeHubClient.made.clear()
+
+
+def test_a_failed_tidy_after_connecting_leaves_one_client_and_a_running_renewal(tmp_path: Path) -> None:
+    faults = Faults()
+    keys = FakeKeyStore(faults)
+    dps = FakeDps(faults)
+    keys.import_secret("onboard", b"\x02" * 32)
+    cfg = CloudConfig(id_scope="0ne00FA4E", registration_id="dev-1", provisioning_host="dps.example",
+                      key="onboard", issue_cert=BASE)
+    provisioner = Provisioner(keys, tmp_path, exchange=dps)
+    request = DpsRequest.onboarding(cfg, None, BASE)
+    provisioner.register(request)
+    # A renewal to op@2 whose deletion of 'op' failed, then a restart: 'op' is still there ...
+    faults.arm(f"delete:{BASE}", "error")
+    renewal.renew_once(keys, provisioner, request, BASE, lambda cred, a: None, timeout=5)
+    assert [g.label for g in renewal.generations(keys, BASE)] == [BASE, f"{BASE}@2"]
+    faults.arm(f"delete:{BASE}", "error")  # ... and cannot be deleted after connecting either
+    connection = CloudConnection(cfg, keys, tmp_path, lambda: None, lambda: "fake",
+                                 hub_factory=FakeHubClient, exchange=dps)
+    try:
+        connection.run()  # returns once connected (before: raised, and the retry made a second client)
+        assert f"delete:{BASE}" not in faults.armed
+        assert len(FakeHubClient.made) == 1 and FakeHubClient.made[0].connected
+        assert connection.hub is FakeHubClient.made[0]
+        assert connection.renewer is not None and connection.renewer.status.label == f"{BASE}@2"
+    finally:
+        connection.stop()
+    assert all(c.closed for c in FakeHubClient.made)
