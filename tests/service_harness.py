@@ -204,18 +204,21 @@ def verify_sas(token: str, key: bytes) -> dict[str, str]:
 
 
 def store_hsm_certificate(hsm: Hsm, label: str, pki: EmulatorPki, *, server_ip: str | None = None,
-                          issuing: bool = False) -> x509.Certificate:
+                          issuing: bool = False,
+                          valid: tuple[dt.timedelta, dt.timedelta] | None = None) -> x509.Certificate:
     """A key pair generated in the HSM and a certificate for it from the PKI's intermediate CA,
     stored beside it with the intermediate; with `server_ip`, a TLS server certificate for it;
     with `issuing` too, one that can certify the API's short-lived keys (a path-length-0 CA
-    name-constrained to that address), as `make run`'s development PKI makes it."""
+    name-constrained to that address), as `make run`'s development PKI makes it. `valid`: its
+    notBefore and notAfter relative to now (default: 5 minutes ago to a day from now)."""
     hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
     now = dt.datetime.now(dt.UTC)
     issuer = pki.intermediate
     builder = (x509.CertificateBuilder().subject_name(x509.Name.from_rfc4514_string(f"CN={label}"))
                .issuer_name(issuer.cert.subject).public_key(hsm.public_key(label))
-               .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-               .not_valid_after(now + dt.timedelta(days=1)))
+               .serial_number(x509.random_serial_number()))
+    since, until = valid or (-dt.timedelta(minutes=5), dt.timedelta(days=1))
+    builder = builder.not_valid_before(now + since).not_valid_after(now + until)
     if server_ip is not None:
         address = ipaddress.ip_address(server_ip)
         builder = (builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(address)]), critical=False)

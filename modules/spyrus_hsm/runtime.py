@@ -35,7 +35,7 @@ from .pcsc.daemon import Pcscd
 from .pcsc.watch import CardWatch
 from .service.audit import AuditLog
 from .service.core import Deps, Service
-from .service.server import ListenError, Listeners, probe_forever
+from .service.server import ListenError, Listeners, probe_forever, tune_collector
 from .service.server_tls import ServerTls
 from .shutdown import Shutdown
 from .telemetry import Telemetry, hsm_instrument
@@ -292,6 +292,7 @@ class Module:
                 server_tls = await asyncio.to_thread(ServerTls, svc_cfg, self.hsm, self.state_dir / "tls",
                                                      self.load_provider)
                 await listeners.start_api(server_tls)
+                tune_collector()
                 print(f"spyrus-hsm: API on https://{svc_cfg.host}:{listeners.api_port}", flush=True)
                 return
             except ListenError as exc:

@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from service_harness import ServiceHarness, free_port, problem_type, store_hsm_certificate
 
 from emulator.core import Emulator
@@ -211,14 +209,7 @@ def test_readyz_on_the_api_port_gives_a_short_public_reason_and_the_health_port_
 
 def store_expired_certificate(hsm: Hsm, label: str, pki: EmulatorPki) -> None:
     """A key pair in the HSM under `label` with a certificate (CN=label) that expired yesterday."""
-    hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
-    now = dt.datetime.now(dt.UTC)
-    issuer = pki.intermediate
-    cert = (x509.CertificateBuilder().subject_name(x509.Name.from_rfc4514_string(f"CN={label}"))
-            .issuer_name(issuer.cert.subject).public_key(hsm.public_key(label))
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=2))
-            .not_valid_after(now - dt.timedelta(days=1)).sign(issuer.key, hashes.SHA256()))
-    hsm.import_certificates(label, [cert, issuer.cert])
+    store_hsm_certificate(hsm, label, pki, valid=(-dt.timedelta(days=2), -dt.timedelta(days=1)))
 
 
 def _health_readyz(svc: ServiceHarness) -> dict[str, Any]:

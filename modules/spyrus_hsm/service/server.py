@@ -45,7 +45,8 @@ GC_YOUNG_THRESHOLD = 20_000
 
 
 def tune_collector() -> None:
-    """Fewer, not longer, garbage-collector pauses once the module serves. In
+    """Fewer, not longer, garbage-collector pauses once the module serves (a process-wide
+    setting: `serve` applies it once its API listens, as the API benchmark does). In
     bench/api_throughput.py's storm (2,000 new leaves, thousands of refusals) the event loop's
     worst stalls were the collector's: ~30 full collections of 35-100 ms. What start-up made
     (modules, SDKs, the TLS context) lives as long as the process, so it is frozen out of the
@@ -115,7 +116,6 @@ class Listeners:
         self.api_listener, self.api_port, self.server_tls = listener, listener.port, server_tls
         self.runners.append(runner)
         self.api_start_error = None
-        tune_collector()
         log.info("API listening on https://%s:%d", cfg.host, self.api_port)
 
     def api_not_serving(self) -> str | None:

@@ -174,6 +174,8 @@ class ServerTls:
             return None
         if back and (self._failures or self.placement is Placement.HSM):
             return 0.0  # the token is back: try now rather than at the back-off's end
+        if self._renew_at == float("inf"):
+            return None  # nothing scheduled (Event.wait refuses an infinite timeout)
         return max(0.0, self._renew_at - self._clock())
 
     def _run(self) -> None:

@@ -97,6 +97,8 @@ class TlsListener:
                 self._slots.release()
         except (OSError, TimeoutError, ssl.SSLError) as exc:  # the client's problem: nothing to answer
             log.debug("TLS connection dropped before it was established: %r", exc)
+        except Exception as exc:  # ours (the HTTP server's protocol, say): one line, the listener goes on
+            log.warning("a TLS connection could not be set up: %s: %s", type(exc).__name__, exc)
         finally:
             if not handed_over:
                 conn.close()
