@@ -186,9 +186,10 @@ def service_config(cert: Path | None, key: Path | None, bearer: str, audit: Path
 
 async def start_service(hsm: Any, cfg: Any, root: Path, telemetry_off: bool = False) -> tuple[Any, int]:
     from spyrus_hsm.config import CloudConfig
+    from spyrus_hsm.service import collector
     from spyrus_hsm.service.audit import AuditLog
     from spyrus_hsm.service.core import Deps, Service
-    from spyrus_hsm.service.server import Listeners, tune_collector
+    from spyrus_hsm.service.server import Listeners
     from spyrus_hsm.service.server_tls import ServerTls
     from spyrus_hsm.telemetry import disabled, hsm_instrument, setup
 
@@ -199,7 +200,7 @@ async def start_service(hsm: Any, cfg: Any, root: Path, telemetry_off: bool = Fa
     deps = Deps(hsm, telemetry, root / "state", CloudConfig(), lambda: None, 3600, None)
     listeners = Listeners(Service(cfg, deps, AuditLog(cfg.audit_file, True)))
     await listeners.start_api(await asyncio.to_thread(ServerTls, cfg, hsm, root / "tls"))
-    tune_collector()  # as `serve` does once its API listens
+    collector.pace()  # as `serve` does once its API listens
     assert listeners.api_port
     return listeners, listeners.api_port
 

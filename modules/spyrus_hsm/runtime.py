@@ -33,9 +33,10 @@ from .identity import x509 as x509_id
 from .metrics import EdgeLabels, MetricsEndpoint, registry
 from .pcsc.daemon import Pcscd
 from .pcsc.watch import CardWatch
+from .service import collector
 from .service.audit import AuditLog
 from .service.core import Deps, Service
-from .service.server import ListenError, Listeners, probe_forever, tune_collector
+from .service.server import ListenError, Listeners, probe_forever
 from .service.server_tls import ServerTls
 from .shutdown import Shutdown
 from .telemetry import Telemetry, hsm_instrument
@@ -292,7 +293,7 @@ class Module:
                 server_tls = await asyncio.to_thread(ServerTls, svc_cfg, self.hsm, self.state_dir / "tls",
                                                      self.load_provider)
                 await listeners.start_api(server_tls)
-                tune_collector()
+                collector.pace()
                 print(f"spyrus-hsm: API on https://{svc_cfg.host}:{listeners.api_port}", flush=True)
                 return
             except ListenError as exc:

@@ -6,7 +6,6 @@ flight."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import ssl
 
@@ -37,25 +36,6 @@ async def probe_forever(hsm: Hsm, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), PROBE_INTERVAL)
         except TimeoutError:
             pass
-
-
-# Container objects allocated before the youngest generation is collected (CPython's default:
-# 700). See tune_collector.
-GC_YOUNG_THRESHOLD = 20_000
-
-
-def tune_collector() -> None:
-    """Fewer, not longer, garbage-collector pauses once the module serves (a process-wide
-    setting: `serve` applies it once its API listens, as the API benchmark does). In
-    bench/api_throughput.py's storm (2,000 new leaves, thousands of refusals) the event loop's
-    worst stalls were the collector's: ~30 full collections of 35-100 ms. What start-up made
-    (modules, SDKs, the TLS context) lives as long as the process, so it is frozen out of the
-    collector's sight; and a larger youngest generation lets a request's objects die by reference
-    counting before a collection promotes them (the same storm: 25-32 ticks 20 ms late at the
-    default threshold, 0-4 at 20,000)."""
-    gc.freeze()
-    _, middle, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, oldest)
 
 
 class ListenError(SpyrusError, kind=Kind.CONFIG):
