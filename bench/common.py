@@ -1,10 +1,12 @@
-"""Shared by the benchmarks: a throw-away SoftHSM2 token, an HSM pool on it, event-loop lag.
+"""Shared by the benchmarks: a throw-away SoftHSM2 token, an HSM pool on it, event-loop lag, a
+process's open fds by kind.
 
 The PIN goes to child processes in a file (mode 0600), never on a command line."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -62,3 +64,44 @@ async def child_json(script: str, *args: str) -> dict[str, Any]:
         raise RuntimeError(f"{Path(script).name} {args[0] if args else ''} failed ({proc.returncode})")
     result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
     return result
+
+
+def _sockets(pid: int) -> dict[str, str]:
+    """Socket inode -> what it is, from the process's view of /proc/net: a TCP socket by its state
+    and its peer (or its own port when it listens), a Unix socket by its path."""
+    found: dict[str, str] = {}
+    states = {"01": "established", "06": "time-wait", "08": "close-wait", "0A": "listening"}
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{proto}").read_text().splitlines()[1:]:
+                f = line.split()
+                local, remote, state, inode = f[1], f[2], f[3], f[9]
+                peer = local if state == "0A" else remote
+                ip, port = peer.split(":")
+                addr = ".".join(str(b) for b in reversed(bytes.fromhex(ip))) if len(ip) == 8 else f"[{ip}]"
+                found[inode] = f"{proto} {states.get(state, 'state ' + state)} {addr}:{int(port, 16)}"
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
+            f = line.split()
+            found[f[6]] = f"unix {f[7] if len(f) > 7 else '(unnamed)'}"
+    return found
+
+
+def fd_kinds(pid: int) -> dict[str, int]:
+    """The open fds of a process, counted by kind: a socket as `_sockets` names it, a pipe,
+    an anonymous inode ([eventfd], [eventpoll], ...), a file by its path."""
+    sockets = _sockets(pid)
+    kinds: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed since it was listed
+            continue
+        if target.startswith("socket:["):
+            kind = sockets.get(target[8:-1], "socket (other)")
+        elif target.startswith("pipe:"):
+            kind = "pipe"
+        else:
+            kind = target
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
