@@ -11,9 +11,11 @@ the HSM is unplugged at a random point of the cycle for a random time (0.5 s to 
 certificate's validity, so now and then past its expiry) and plugged back, one leaf request
 made while it is away.
 
-After each cycle: /readyz on the health port answers 200 again (within 60 s), and a few leaf
+After each cycle: /readyz on the health port answers 200 again (within 60 s); a few leaf
 SAS-token requests through the API are all answered with a token that verifies for the device
-asked. Then the audit log is checked: every line parses as one whole JSON record with the
+asked; the token (seen through a session of the soak's own, not through the shim) settles to
+one complete generation, beside at most one incomplete one, within 30 s. Then the audit log is
+checked: every line parses as one whole JSON record with the
 documented fields, none contains a secret (PIN, bearer token, onboarding or device key, any
 SAS token or signature handed out), and every leaf request the soak made has its record (by
 its X-Request-Id) with the outcome and status it was answered with; a request answered 200
@@ -83,6 +85,7 @@ FAULTS = ["none", "dps-refused", "dps-throttled", "dps-stalled", "hub-refused", 
 CYCLE_DEADLINE = 120.0  # seconds for one renewal, faults and backoff included
 READY_DEADLINE = 60.0   # seconds for /readyz to answer 200 again after a cycle
 AUDIT_DEADLINE = 10.0   # seconds for a request's audit record to reach the file
+TOKEN_DEADLINE = 30.0   # seconds for the token to settle to one complete generation after a renewal
 AUDIT_FIELDS = {"time", "principal", "operation", "key", "device", "outcome", "reason", "status", "requestId",
                 "remote"}
 OUTCOMES = {"allowed", "denied", "unauthenticated", "rate-limited", "rejected", "error", "aborted", "withheld"}
@@ -255,6 +258,19 @@ class Audit:
             return f.read(1) == b"\n"
 
 
+def token_settled(hsm: Any) -> str | None:
+    """None once the token holds one complete generation and at most one incomplete one (the next
+    renewal's, begun); else what it holds when TOKEN_DEADLINE has passed."""
+    end = time.monotonic() + TOKEN_DEADLINE
+    while True:
+        gens = renewal.generations(hsm, BASE)
+        if sum(g.complete for g in gens) == 1 and len(gens) <= 2:
+            return None
+        if time.monotonic() > end:
+            return f"the token holds {[(g.label, g.complete) for g in gens]} {TOKEN_DEADLINE:g} s after the renewal"
+        time.sleep(0.5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -363,7 +379,6 @@ def main() -> None:
     keys = {f"leaf-{i}": secrets.token_bytes(32) for i in range(LEAVES)}
     for name, key in keys.items():
         hsm.import_secret_key(name, Secret(key))
-    hsm.close()
     emu.add_individual_enrollment(REG, symmetric_key=base64.b64encode(raw).decode(), assigned_hub=HOST)
     bearer = secrets.token_urlsafe(24)
     port, health_port = free_port(), free_port()
@@ -417,6 +432,9 @@ def main() -> None:
             problems += after_problems + [f"{rid}: answered {status} after the cycle" for rid, _, status in after
                                           if status not in (200, None)]
             made += after
+            settled = token_settled(hsm)  # the soak's own session on the token, not through the shim
+            if settled:
+                problems.append(settled)
             audit.expect(made, api.handed_out)
             failures += [f"cycle {cycle + 1} ({fault}): {p}" for p in problems + audit.problems]
             audit.problems.clear()
@@ -435,7 +453,6 @@ def main() -> None:
     if not audit.whole():
         audit.problems.append("the audit log ends inside a record")
     failures += [f"at the end: {p}" for p in audit.problems]
-    hsm = start_hsm(SOFTHSM, pin_file, workers=1)
     gens = renewal.generations(hsm, BASE)
     cred = x509_id.select(hsm, label=gens[-1].label) if gens and gens[-1].complete else None
     hsm.close()
