@@ -1,10 +1,12 @@
-"""Shared by the benchmarks: a throw-away SoftHSM2 token, an HSM pool on it, event-loop lag.
+"""Shared by the benchmarks: a throw-away SoftHSM2 token, an HSM pool on it, event-loop lag, a
+process's open fds by kind.
 
 The PIN goes to child processes in a file (mode 0600), never on a command line."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -62,3 +64,59 @@ async def child_json(script: str, *args: str) -> dict[str, Any]:
         raise RuntimeError(f"{Path(script).name} {args[0] if args else ''} failed ({proc.returncode})")
     result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
     return result
+
+
+def _sockets(pid: int) -> dict[str, tuple[str, str, str, str]]:
+    """Socket inode -> (protocol, state, local address, peer address), from the process's view
+    of /proc/net; a Unix socket as ("unix", "", its path, "")."""
+    found: dict[str, tuple[str, str, str, str]] = {}
+    states = {"01": "established", "06": "time-wait", "08": "close-wait", "0A": "listening"}
+
+    def addr(hexed: str) -> str:
+        ip, port = hexed.split(":")
+        host = ".".join(str(b) for b in reversed(bytes.fromhex(ip))) if len(ip) == 8 else f"[{ip}]"
+        return f"{host}:{int(port, 16)}"
+
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{proto}").read_text().splitlines()[1:]:
+                f = line.split()
+                found[f[9]] = (proto, states.get(f[3], "state " + f[3]), addr(f[1]), addr(f[2]))
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
+            f = line.split()
+            found[f[6]] = ("unix", "", f[7] if len(f) > 7 else "(unnamed)", "")
+    return found
+
+
+def fd_kinds(pid: int) -> dict[str, int]:
+    """The open fds of a process, counted by kind: a TCP socket by its state and peer (its own
+    address when it listens; "pair within the process" when both ends are the process's), a Unix
+    socket by its path, a pipe, an anonymous inode ([eventfd], [eventpoll], ...), a file by its path."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed since it was listed
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    sockets = _sockets(pid)
+    own = [sockets.get(t[8:-1]) for t in targets if t.startswith("socket:[")]
+    own_local = {s[2] for s in own if s is not None and s[0].startswith("tcp")}
+    kinds: dict[str, int] = {}
+    for target in targets:
+        if target.startswith("socket:["):
+            sock = sockets.get(target[8:-1])
+            if sock is None:
+                kind = "socket (other)"
+            elif sock[0] == "unix":
+                kind = f"unix {sock[2]}"
+            elif sock[1] == "listening":
+                kind = f"{sock[0]} listening {sock[2]}"
+            elif sock[3] in own_local:
+                kind = f"{sock[0]} {sock[1]} pair within the process ({sock[2].rsplit(':', 1)[0]})"
+            else:
+                kind = f"{sock[0]} {sock[1]} to {sock[3]}"
+        elif target.startswith("pipe:"):
+            kind = "pipe"
+        else:
+            kind = target
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
