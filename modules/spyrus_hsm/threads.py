@@ -96,3 +96,53 @@ class Lane:
         if not wait([future], max(0.0, seconds - (time.monotonic() - began))).done:
             raise TimeoutError(f"{what}: no answer within {seconds:g} s")
         return future.result()
+
+
+class Worker:
+    """The background thread(s) of one object, with one way to stop them: a subclass runs its
+    loop in `run()` (or starts more threads with `spawn`), watches `self._stop`, and says in
+    `_wake_for_close()` how to interrupt a wait other than on that event (done once, by the first
+    `close`). `close(timeout)` is idempotent and bounded: safe twice, safe before `start`, never
+    waits longer than `timeout` in all, and says whether every thread has ended."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._threads_lock = threading.Lock()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def start(self) -> None:
+        """`run()` on a daemon thread named after the worker."""
+        self.spawn(self.run, self.name)
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
+        """Another thread of this worker, joined by `close`."""
+        with self._threads_lock:
+            thread = spawn(target, name)
+            self._threads.append(thread)
+        return thread
+
+    def _wake_for_close(self) -> None:
+        """Interrupt waits that `self._stop` does not end (a queue, another event)."""
+
+    def close(self, timeout: float) -> bool:
+        """Stop and wait at most `timeout` seconds for the threads; True if none is left running
+        (a thread closing its own worker is not waited for, and counts as ending)."""
+        with self._threads_lock:
+            first = not self._stop.is_set()
+            self._stop.set()
+        if first:
+            self._wake_for_close()
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._threads_lock:
+            threads = [t for t in self._threads if t is not threading.current_thread()]
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in threads)
