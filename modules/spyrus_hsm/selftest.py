@@ -17,8 +17,7 @@ from pathlib import Path
 from cryptography import x509
 
 from . import config as config_mod
-from .hsm import Hsm, HsmError, SignAlgorithm, read_secret_file
-from .hsm.provision import list_tokens
+from .hsm import Hsm, HsmError, SignAlgorithm, list_tokens, read_secret_file
 from .identity import issuing
 from .identity import x509 as x509_id
 from .pcsc import scard
