@@ -16,7 +16,7 @@ class Waiting(Worker):
         self.woken = 0
 
     def run(self) -> None:
-        while not self._stop.wait(60):
+        while not self.stop_event.wait(60):
             pass
 
     def _wake_for_close(self) -> None:
@@ -87,3 +87,17 @@ def test_a_worker_closed_from_its_own_thread_does_not_wait_for_itself() -> None:
     worker.start()
     assert worker.close(timeout=30) is True
     assert results == [True]
+
+
+def test_a_worker_runs_a_target_and_calls_on_close_once() -> None:
+    stop_calls: list[int] = []
+    worker: Worker
+
+    def loop() -> None:
+        worker.stop_event.wait(60)
+
+    worker = Worker("test-target", loop, on_close=lambda: stop_calls.append(1))
+    worker.start()
+    assert worker.close(timeout=30) is True
+    assert worker.close(timeout=30) is True
+    assert stop_calls == [1]

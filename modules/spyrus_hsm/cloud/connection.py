@@ -134,7 +134,7 @@ class CloudConnection:
                 self._tidy_after_connect(in_use)
                 renewer = renewal.Renewer(
                     self.hsm, provisioner, self._request(self.operational), self._switch,
-                    renew_at=self.renew_at, backoff=renewal.Backoff(c.renew_retry_initial, c.renew_retry_max),
+                    renew_at=self.renew_at, backoff=renewal.retry_backoff(c.renew_retry_initial, c.renew_retry_max),
                     timeout=c.registration_timeout, tls_dir=self.tls_dir, report=self._report,
                     announce=self._announce)
         except BaseException:

@@ -31,6 +31,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar, cast
 
+from ..backoff import Backoff
+from ..threads import Worker
 from .errors import HsmBusy, HsmError, HsmTimeout, HsmUnavailable, TokenChanged
 from .faults import fault_reason, is_device_fault, translate
 from .library import TokenSelector
@@ -105,7 +107,7 @@ class HsmPool:
         self._seen: set[ObjectKey] = set()  # objects found in this generation (see WorkerSession)
         self._busy = 0          # workers inside a PKCS#11 call
         self._outstanding = 0   # requests admitted and not yet answered (the bounded queue)
-        self._threads: list[threading.Thread] = []
+        self._threads = Worker("hsm-pool")  # the workers and the supervisor, joined by close
         self._listeners: list[Callable[[HsmState], None]] = []
         self._ever_ready = False
         self._explain: Callable[[], str | None] | None = None
@@ -132,9 +134,7 @@ class HsmPool:
         self._spawn(self._supervise, "hsm-supervisor")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._threads.spawn(target, name)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the workers; neither logs out nor finalises (others in the process may use it)."""
@@ -148,9 +148,7 @@ class HsmPool:
         self._fail_queued(HsmUnavailable("the HSM pool is shutting down"))
         for _ in range(self.workers):
             self._put(_STOP, None)
-        deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        self._threads.close(timeout)
         self._conn.drop()
         self._set_state("stopped", "shut down")
 
@@ -317,7 +315,7 @@ class HsmPool:
         self._wake.set()
 
     def _supervise(self) -> None:
-        delay = self.settings.retry_min
+        backoff = Backoff(self.settings.retry_min, self.settings.retry_max)
         while True:
             self._wake.wait()
             self._wake.clear()
@@ -340,11 +338,10 @@ class HsmPool:
                 reason = f"{change}; {exc}" if change is not None else self._explained(str(exc))
                 self._set_state("degraded", reason + (_RESTART_TEXT if restart else ""), restart=restart,
                                 change=change if restart else None)
-                self._wake.wait(delay)  # close() sets it: stop retrying at once
-                self._wake.set()        # and come round again for the next attempt
-                delay = min(delay * 2, self.settings.retry_max)
+                self._wake.wait(backoff.next())  # close() sets it: stop retrying at once
+                self._wake.set()                 # and come round again for the next attempt
                 continue
-            delay = self.settings.retry_min
+            backoff.reset()
             swapped = None
             if before is not None and info.serial != before.serial:
                 swapped = f"token serial changed from {before.serial} to {info.serial}"
