@@ -164,7 +164,7 @@ class CloudConnection:
             return cred
         assert self.operational
         log.warning("the operational certificate '%s' expired at %s; renewing it before connecting",
-                    cred.label, cred.leaf.not_valid_after_utc.isoformat())
+                    cred.label, times.iso(cred.leaf.not_valid_after_utc))
         return renewal.renew_once(self.hsm, provisioner, self._request(self.operational), self.operational,
                                   lambda new, assignment: None, timeout=self.cfg.registration_timeout,
                                   tls_dir=self.tls_dir).credential

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from .. import times
 from ..errors import Kind, SpyrusError
 from ..hsm import InvalidInput, KeyAlgorithm
 from ..keystore import KeyStore
@@ -112,4 +113,4 @@ def check_chain(chain: list[x509.Certificate], public_key: PublicKeyTypes, regis
 def describe(cert: x509.Certificate) -> dict[str, str]:
     """What the CLI and the API show of an issued certificate."""
     return {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
-            "notAfter": cert.not_valid_after_utc.isoformat()}
+            "notAfter": times.iso(cert.not_valid_after_utc)}

@@ -22,7 +22,6 @@ the same way. The file is reopened by name when logrotate moves it; "-" is stder
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import errno
 import json
 import logging
@@ -35,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from .. import times
 from ..errors import Kind, SpyrusError
 from ..threads import Worker
 
@@ -254,7 +254,7 @@ def _line(*, principal: str | None, operation: str, outcome: str, reason: str, k
           device: str | None = None, status: int | None = None, request_id: str | None = None,
           remote: str | None = None) -> bytes:
     entry: dict[str, Any] = {
-        "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time": times.iso(times.now(), "milliseconds"),
         "principal": principal, "operation": operation, "key": key, "device": device,
         "outcome": outcome, "reason": reason, "status": status, "requestId": request_id, "remote": remote,
     }

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .. import times
 from ..identity.x509 import is_ca
 from .problems import Problem, unauthenticated
 
@@ -53,9 +54,9 @@ class ClientCertVerifier:
         issuer = self._issuer(cert)
         for c, what in ((cert, "the client certificate"), (issuer, "its issuing CA")):
             if now > c.not_valid_after_utc:
-                raise _bad_cert(f"{what} expired on {c.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+                raise _bad_cert(f"{what} expired on {times.iso(c.not_valid_after_utc)}")
             if now < c.not_valid_before_utc:
-                raise _bad_cert(f"{what} is not valid before {c.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}")
+                raise _bad_cert(f"{what} is not valid before {times.iso(c.not_valid_before_utc)}")
         _check_leaf(cert)
         _check_usage(cert)
         names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

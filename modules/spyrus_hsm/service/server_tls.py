@@ -32,6 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from .. import times
 from ..backoff import Backoff
 from ..config import ServiceConfig
 from ..errors import Kind, SpyrusError
@@ -211,7 +212,7 @@ class ServerTls:
     def _expiry_note(self) -> str:
         if self.not_after is None:
             return ""
-        return "; the current certificate expires at " + dt.datetime.fromtimestamp(self.not_after, dt.UTC).isoformat()
+        return "; the current certificate expires at " + times.iso(dt.datetime.fromtimestamp(self.not_after, dt.UTC))
 
     # --- state ---------------------------------------------------------------------------------
 
