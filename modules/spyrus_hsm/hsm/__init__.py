@@ -18,10 +18,10 @@ from .errors import (
 )
 from .library import TokenSelector, TokenSummary, mark_shared
 from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm
-from .pool import HsmState, PoolSettings
 from .provision import list_tokens
 from .recovery import EXIT_RESTART, restart_done, restart_once
 from .secret import Secret, read_secret_file, read_secret_stream
+from .state import HsmState, PoolSettings
 from .uri import Pkcs11Uri, UriError, as_uri
 
 __all__ = [

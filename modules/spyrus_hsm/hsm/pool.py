@@ -28,56 +28,24 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
-from typing import Literal, TypeVar, cast
+from dataclasses import dataclass
+from typing import TypeVar, cast
 
 from ..backoff import Backoff
 from ..threads import Worker
 from .errors import HsmBusy, HsmError, HsmTimeout, HsmUnavailable, TokenChanged
 from .faults import fault_reason, is_device_fault, translate
-from .library import TokenSelector
 from .operations import ObjectKey, WorkerSession
 from .recovery import Connection, PinSource
+from .state import HsmState, PoolSettings, Status
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-Status = Literal["starting", "ready", "degraded", "stopped"]
 URGENT, BACKGROUND = 0, 1   # job priorities: lower runs first
 _STOP = 2                  # the workers' stop signal comes after every queued job
 _RESTART_TEXT = ("; the PKCS#11 module is shared with the OpenSSL provider, so it cannot be "
                  "re-initialised in this process: the module needs a restart")
-
-
-@dataclass(frozen=True)
-class PoolSettings:
-    module_path: str
-    token: TokenSelector
-    workers: int = 4
-    call_timeout: float = 10.0
-    queue_limit: int = 256
-    retry_min: float = 0.25
-    retry_max: float = 5.0
-    serial: bool = False  # the token executes one operation at a time: one worker, one session
-
-
-@dataclass(frozen=True)
-class HsmState:
-    status: Status
-    reason: str | None = None
-    token_label: str | None = None
-    token_serial: str | None = None
-    since: float = field(default_factory=time.time)
-    recoveries: int = 0
-    # The token changed in a way only a new process can re-read (see `recovery`): the runtime
-    # exits with recovery.EXIT_RESTART.
-    restart_required: bool = False
-    # The last change of token seen (e.g. "token serial changed from X to Y"), kept once ready.
-    last_change: str | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.status == "ready"
 
 
 @dataclass
