@@ -48,6 +48,7 @@ lint: venv tools
 	$(BIN)/python scripts/runtime_lock.py --check
 	promtool check rules deployments/prometheus/alerts.yml
 	cd deployments/prometheus && promtool test rules alerts.test.yml
+	$(BIN)/lint-imports --no-cache
 
 # Two processes: a PKCS#11 module is loaded once per process, and the `shim` tests need the
 # fault-injection shim as their module (see tests/conftest.py).

@@ -4,8 +4,8 @@ client connected through edgeHub (a transparent gateway) that renews them before
 A leaf has no HSM and no key: it proves who it is to the module (a bearer token or a client
 certificate), the module signs the leaf's SAS token with the key it holds in its HSM, and the leaf
 hands the token to `IoTHubDeviceClient.create_from_sastoken(..., gateway_hostname=...)`. This module
-imports nothing of PKCS#11 or of the rest of the package but its error root, so it runs anywhere
-`azure-iot-device` does.
+imports nothing of PKCS#11 or of the rest of the package but its error root and the basics
+(back-off, threads), so it runs anywhere `azure-iot-device` does.
 
     tokens = TokenService("https://edge-gw:8443", "edge-ca.pem", "leaf-17", bearer_token=secret)
     leaf = LeafDevice(tokens, gateway_hostname="edge-gw", trust_anchor="edge-ca.pem").connect()
@@ -26,7 +26,6 @@ import email.utils
 import http.client
 import json
 import logging
-import secrets
 import ssl
 import threading
 import time
@@ -37,11 +36,12 @@ from urllib.parse import urlsplit
 
 from azure.iot.device import IoTHubDeviceClient
 
+from .backoff import Backoff
 from .errors import Kind, SpyrusError
+from .threads import Worker
 
 log = logging.getLogger(__name__)
 RETRYABLE = frozenset({429, 502, 503, 504})
-_random = secrets.SystemRandom()
 
 
 class TokenRefused(SpyrusError, kind=Kind.UPSTREAM):
@@ -72,16 +72,10 @@ class LeafToken:
         return self.received + self.lifetime
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential back-off with full jitter: a random wait up to base * 2**attempt, capped."""
-    base: float = 0.5
-    cap: float = 30.0
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        if retry_after is not None:  # the service said when: not before, plus a little spread
-            return min(max(retry_after, 0.0), self.cap) + _random.uniform(0, self.base)
-        return _random.uniform(0, min(self.cap, self.base * 2 ** min(attempt, 30)))
+def token_backoff(initial: float = 0.5, cap: float = 30.0) -> Backoff:
+    """A leaf's retries: full jitter (a random wait up to initial * 2**n, capped); a Retry-After
+    is honoured up to `cap`, plus a little spread so leaves told the same time do not return together."""
+    return Backoff(initial, cap, jitter="full", retry_after_cap=cap)
 
 
 class TokenService:
@@ -96,7 +90,7 @@ class TokenService:
             raise ValueError(f"the token service URL must be https://host[:port], got {url!r}")
         self.host, self.port = parts.hostname, parts.port or 443
         self.device_id, self.hub, self.ttl, self.timeout = device_id, hub, ttl, timeout
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff or token_backoff()
         self.clock = clock  # monotonic: a token's life is counted down on it
         self.retries = 0  # requests that failed and were tried again
         self._bearer = bearer_token
@@ -114,7 +108,7 @@ class TokenService:
             try:
                 return self._request(min_remaining)
             except _Retry as retry:
-                wait = self.backoff.delay(attempt, retry.after)
+                wait = self.backoff.delay(attempt + 1, retry.after)
                 if time.monotonic() + wait > deadline:
                     raise TokenServiceUnavailable(f"no SAS token for {self.device_id} from "
                                                   f"{self.host}:{self.port}: {retry}") from None
@@ -168,8 +162,7 @@ class LeafDevice:
         self._options = client_options
         self._client: Any = None
         self._token: LeafToken | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("leaf-token-renewal", self._renew_forever)
         self.renewals = 0          # tokens handed to the SDK after the first
         self.failed_attempts = 0   # renewal rounds that ended without a token
 
@@ -202,14 +195,11 @@ class LeafDevice:
                                    "server_verification_cert": self._gateway_ca, **self._options}
         self._client = IoTHubDeviceClient.create_from_sastoken(self._token.token, **options)
         self._client.connect()
-        self._thread = threading.Thread(target=self._renew_forever, name="leaf-token-renewal", daemon=True)
-        self._thread.start()
+        self._worker.start()
         return self
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(self.tokens.timeout + 5)
+        self._worker.close(self.tokens.timeout + 5)
         if self._client is not None:
             self._client.shutdown()
 
@@ -220,10 +210,10 @@ class LeafDevice:
         self.close()
 
     def _renew_forever(self) -> None:
-        while not self._stop.is_set():
+        while not self._worker.stopping:
             token = self._token
             assert token is not None
-            if self._stop.wait(max(0.0, token.renew_due(self.renew_at) - self.tokens.clock())):
+            if self._worker.stop_event.wait(max(0.0, token.renew_due(self.renew_at) - self.tokens.clock())):
                 return
             self._renew(token)
 
@@ -233,11 +223,13 @@ class LeafDevice:
         remaining = current.expires_at - self.tokens.clock()
         deadline = time.monotonic() + max(remaining, 1.0)
         try:
-            fresh = self.tokens.fetch(min_remaining=max(1, int(remaining) + 1), deadline=deadline, stop=self._stop)
+            fresh = self.tokens.fetch(min_remaining=max(1, int(remaining) + 1), deadline=deadline,
+                                      stop=self._worker.stop_event)
         except (TokenRefused, TokenServiceUnavailable) as exc:
             self.failed_attempts += 1
             log.warning("SAS token for %s not renewed: %s", self.tokens.device_id, exc)
-            self._stop.wait(self.tokens.backoff.delay(self.failed_attempts))  # then at once: it is overdue
+            # then at once: it is overdue
+            self._worker.stop_event.wait(self.tokens.backoff.delay(self.failed_attempts + 1))
             return
         self._token = fresh
         try:

@@ -19,6 +19,8 @@ import logging
 from collections.abc import Mapping
 from typing import Literal
 
+from . import times
+
 LogFormat = Literal["auto", "iotedge", "plain", "json"]
 PLAIN = "%(levelname)s %(name)s: %(message)s"
 EDGE_MARKER = "IOTEDGE_MODULEID"  # set by the edge runtime in every module it starts
@@ -54,7 +56,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         when = dt.datetime.fromtimestamp(record.created, dt.UTC)
-        entry = {"time": when.isoformat(timespec="milliseconds"), "level": record.levelname.lower(),
+        entry = {"time": times.iso(when, "milliseconds"), "level": record.levelname.lower(),
                  "severity": syslog_severity(record.levelno), "logger": record.name,
                  "message": record.getMessage()}
         if record.exc_info:

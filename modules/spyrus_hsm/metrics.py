@@ -47,7 +47,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .service.server import listen
+from .listening import listen
 
 log = logging.getLogger(__name__)
 PREFIX = "spyrus_hsm_"

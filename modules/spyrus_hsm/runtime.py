@@ -26,17 +26,17 @@ from .cloud.connection import CloudConnection
 from .config import Config, ServiceConfig
 from .edge.agent import EdgeAgent, EdgeHooks
 from .edge.environment import detect as detect_edge
-from .hsm import Hsm, HsmState, read_secret_file
-from .hsm.recovery import EXIT_RESTART, restart_done, restart_once
+from .hsm import EXIT_RESTART, Hsm, HsmState, read_secret_file, restart_done, restart_once
 from .identity import tls
 from .identity import x509 as x509_id
+from .listening import ListenError
 from .metrics import EdgeLabels, MetricsEndpoint, registry
 from .pcsc.daemon import Pcscd
 from .pcsc.watch import CardWatch
 from .service import collector
 from .service.audit import AuditLog
 from .service.core import Deps, Service
-from .service.server import ListenError, Listeners, probe_forever
+from .service.server import Listeners, probe_forever
 from .service.server_tls import ServerTls
 from .shutdown import Shutdown
 from .telemetry import Telemetry, hsm_instrument

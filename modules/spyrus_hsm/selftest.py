@@ -17,8 +17,8 @@ from pathlib import Path
 from cryptography import x509
 
 from . import config as config_mod
-from .hsm import Hsm, HsmError, SignAlgorithm, read_secret_file
-from .hsm.provision import list_tokens
+from . import times
+from .hsm import Hsm, HsmError, SignAlgorithm, list_tokens, read_secret_file
 from .identity import issuing
 from .identity import x509 as x509_id
 from .pcsc import scard
@@ -214,7 +214,7 @@ def _lifetime_check(cred: x509_id.X509Credential) -> Check:
     """Expired: fail. Under CREDENTIAL_WARN_LEFT of its lifetime left: warn — a relative margin,
     because operational certificates live 7 to 90 days and a fixed one would always trip."""
     start, end = cred.leaf.not_valid_before_utc, cred.leaf.not_valid_after_utc
-    until = f"{end:%Y-%m-%dT%H:%M:%SZ}"
+    until = times.iso(end)
     name = f"credential {cred.label}"
     now = datetime.now(UTC)
     if now >= end:

@@ -96,3 +96,60 @@ class Lane:
         if not wait([future], max(0.0, seconds - (time.monotonic() - began))).done:
             raise TimeoutError(f"{what}: no answer within {seconds:g} s")
         return future.result()
+
+
+class Worker:
+    """The background thread(s) of one object, with one way to stop them. Its loop, `target` (or
+    `run()` in a subclass), watches `stop_event`; `on_close` (or `_wake_for_close()`) interrupts
+    a wait that event does not end (a queue, another event), once, on the first `close`. More
+    threads may be started with `spawn`. `close(timeout)` is idempotent and bounded: safe twice,
+    safe before `start`, never waits longer than `timeout` in all, and says whether every thread
+    has ended."""
+
+    def __init__(self, name: str, target: Callable[[], None] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.name = name
+        self.stop_event = threading.Event()
+        self._target = target
+        self._on_close = on_close
+        self._threads: list[threading.Thread] = []
+        self._threads_lock = threading.Lock()
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_event.is_set()
+
+    def start(self) -> None:
+        """`run()` on a daemon thread named after the worker."""
+        self.spawn(self.run, self.name)
+
+    def run(self) -> None:
+        if self._target is None:
+            raise NotImplementedError("a Worker needs a target or a run() of its own")
+        self._target()
+
+    def spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
+        """Another thread of this worker, joined by `close`."""
+        with self._threads_lock:
+            thread = spawn(target, name)
+            self._threads.append(thread)
+        return thread
+
+    def _wake_for_close(self) -> None:
+        if self._on_close is not None:
+            self._on_close()
+
+    def close(self, timeout: float) -> bool:
+        """Stop and wait at most `timeout` seconds for the threads; True if none is left running
+        (a thread closing its own worker is not waited for, and counts as ending)."""
+        with self._threads_lock:
+            first = not self.stop_event.is_set()
+            self.stop_event.set()
+        if first:
+            self._wake_for_close()
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._threads_lock:
+            threads = [t for t in self._threads if t is not threading.current_thread()]
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in threads)

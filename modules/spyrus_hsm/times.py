@@ -7,9 +7,10 @@ from __future__ import annotations
 import datetime as dt
 
 
-def iso(when: dt.datetime) -> str:
-    """`when` (aware) as 2026-12-04T18:45:05Z."""
-    return when.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+def iso(when: dt.datetime, timespec: str = "seconds") -> str:
+    """`when` (aware) as 2026-12-04T18:45:05Z (timespec="milliseconds": 2026-12-04T18:45:05.250Z,
+    for logs and audit records)."""
+    return when.astimezone(dt.UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def parse(text: str) -> dt.datetime:

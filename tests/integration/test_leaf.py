@@ -22,7 +22,7 @@ from service_harness import HOST, Leaf, ServiceHarness, free_port, new_leaf, ver
 from emulator import Emulator
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm
-from spyrus_hsm.leaf import Backoff, LeafDevice, TokenRefused, TokenService
+from spyrus_hsm.leaf import LeafDevice, TokenRefused, TokenService, token_backoff
 
 GATEWAY = "127.0.0.83"
 HUB = "hub.example"  # the hub ServiceHarness's service mints tokens for
@@ -72,7 +72,7 @@ def site(hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki,
 
 
 def test_a_leaf_sends_through_edgehub_renews_and_rides_out_a_service_outage(site: Site) -> None:
-    tokens = site.tokens(ttl=TTL, backoff=Backoff(base=0.2, cap=2.0))
+    tokens = site.tokens(ttl=TTL, backoff=token_backoff(0.2, 2.0))
     device = LeafDevice(tokens, GATEWAY, str(site.pki.ca_file), renew_at=0.25).connect()
     try:
         device.client.send_message(json.dumps({"n": 0}))
@@ -132,7 +132,7 @@ def test_a_rate_limited_leaf_retries_and_gets_its_token(site: Site) -> None:
     """The rate limit (one request per two seconds, burst 1) answers 429 with Retry-After."""
     assert site.service is not None
     site.service.run(_reconfigure(site.service, rate_limit_per_second=0.5, rate_limit_burst=1))
-    tokens = site.tokens(ttl=TTL, backoff=Backoff(base=0.1, cap=5.0))
+    tokens = site.tokens(ttl=TTL, backoff=token_backoff(0.1, 5.0))
     tokens.fetch()
     assert tokens.fetch(min_remaining=TTL).expires_on > time.time()
     assert tokens.retries >= 1

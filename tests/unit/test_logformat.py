@@ -46,7 +46,7 @@ def test_every_line_of_a_traceback_carries_the_prefix() -> None:
 
 def test_json_lines_are_one_object_each() -> None:
     entry = json.loads(JsonFormatter().format(record(logging.WARNING)))
-    assert entry == {"time": "2026-09-21T14:13:20.250+00:00", "level": "warning", "severity": 4,
+    assert entry == {"time": "2026-09-21T14:13:20.250Z", "level": "warning", "severity": 4,
                      "logger": "spyrus_hsm.test", "message": "hello world"}
     assert "ValueError: boom" in json.loads(JsonFormatter().format(record(logging.ERROR, exc=True)))["exception"]
 

@@ -68,8 +68,9 @@ def rig(tmp_path: Path) -> Rig:
     first = renewal.require_current(keys, BASE)
     hub.connect(first)
     reports: list[dict[str, Any]] = []
-    renewer = renewal.Renewer(keys, provisioner, request, hub.move, renew_at=0.5, backoff=renewal.Backoff(60, 120),
-                              timeout=5, tls_dir=tmp_path / "tls", report=reports.append, announce=hub.announce)
+    renewer = renewal.Renewer(keys, provisioner, request, hub.move, renew_at=0.5,
+                              backoff=renewal.retry_backoff(60, 120), timeout=5, tls_dir=tmp_path / "tls",
+                              report=reports.append, announce=hub.announce)
     return Rig(faults, keys, dps, hub, renewer.watch(first), reports)
 
 

@@ -9,7 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from spyrus_hsm.cloud.renewal import Backoff, due_at, generation_of, label_for
+from spyrus_hsm.cloud.renewal import due_at, generation_of, label_for, retry_backoff
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 
@@ -45,7 +45,7 @@ def test_a_backdated_certificate_just_received_is_not_due_on_arrival() -> None:
 
 
 def test_backoff_doubles_is_capped_jittered_and_honours_retry_after() -> None:
-    backoff = Backoff(initial=2, cap=30)
+    backoff = retry_backoff(initial=2, cap=30)
     for failures, ceiling in [(1, 2), (2, 4), (3, 8), (4, 16), (5, 30), (12, 30)]:
         delays = [backoff.delay(failures) for _ in range(200)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays), (failures, min(delays), max(delays))

@@ -38,7 +38,7 @@ def test_a_just_received_certificate_has_one_renew_at_in_the_twin_in_one_time_fo
     cred = renewal.require_current(keys, BASE)
     reports: list[dict[str, Any]] = []
     renewer = renewal.Renewer(keys, provisioner, request, lambda c, a: None, renew_at=0.5,
-                              backoff=renewal.Backoff(), timeout=5, tls_dir=tmp_path, report=reports.append)
+                              backoff=renewal.retry_backoff(), timeout=5, tls_dir=tmp_path, report=reports.append)
     renewer.watch(cred, received=renewal.now())
     state = renewer.status.to_twin()
     state["nextAttempt"] = renewal.times.iso(renewer.next_attempt())

@@ -134,7 +134,7 @@ class CloudConnection:
                 self._tidy_after_connect(in_use)
                 renewer = renewal.Renewer(
                     self.hsm, provisioner, self._request(self.operational), self._switch,
-                    renew_at=self.renew_at, backoff=renewal.Backoff(c.renew_retry_initial, c.renew_retry_max),
+                    renew_at=self.renew_at, backoff=renewal.retry_backoff(c.renew_retry_initial, c.renew_retry_max),
                     timeout=c.registration_timeout, tls_dir=self.tls_dir, report=self._report,
                     announce=self._announce)
         except BaseException:
@@ -164,7 +164,7 @@ class CloudConnection:
             return cred
         assert self.operational
         log.warning("the operational certificate '%s' expired at %s; renewing it before connecting",
-                    cred.label, cred.leaf.not_valid_after_utc.isoformat())
+                    cred.label, times.iso(cred.leaf.not_valid_after_utc))
         return renewal.renew_once(self.hsm, provisioner, self._request(self.operational), self.operational,
                                   lambda new, assignment: None, timeout=self.cfg.registration_timeout,
                                   tls_dir=self.tls_dir).credential

@@ -22,7 +22,6 @@ the identity (credential or request) changes or a new registration is asked for.
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
 import json
 import ssl
@@ -31,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .. import times
 from ..config import CloudConfig
 from ..errors import Kind, SpyrusError
 from ..files import read_json, write_json_atomic
@@ -178,7 +178,7 @@ class Provisioner:
             registration_id=req.registration_id, assigned_hub=state["assignedHub"],
             device_id=state["deviceId"], status=result["status"], substatus=state.get("substatus"),
             attestation=req.attestation, identity=identity, key=key_label,
-            registered_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            registered_at=times.iso(times.now()),
             certificate_chain=chain, certificate_label=req.issue_cert)
         write_json_atomic(self.result_path(req.registration_id), assignment.to_json())
         return assignment

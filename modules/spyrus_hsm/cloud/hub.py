@@ -28,7 +28,7 @@ from azure.iot.device import X509, IoTHubDeviceClient, IoTHubModuleClient, Messa
 from ..hsm import Hsm
 from ..identity.sas import SasMinter, device_uri
 from ..identity.x509 import TlsFiles
-from ..threads import Lane, spawn
+from ..threads import Lane, Worker
 from .sdk import HubError, HubTimeout, translate
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,8 @@ class HubClient:
         self._connects = Lane("hub-connect", 2)  # a hung connect leaves room to go back
         self._calls = Lane("hub-call", 2)       # sends, twin patches, SAS updates
         self._closes = Lane("hub-close", 1)
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._worker = Worker("hub")              # the SAS renewer and the watchdog
+        self._stop = self._worker.stop_event
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -90,14 +90,12 @@ class HubClient:
         with self._lifecycle:
             self._install(self._connected(self.identity))
         if self.identity.sas_key:
-            self._threads.append(spawn(self._renew_loop, "hub-sas-renewer"))
-        self._threads.append(spawn(self._watchdog, "hub-watchdog"))
+            self._worker.spawn(self._renew_loop, "hub-sas-renewer")
+        self._worker.spawn(self._watchdog, "hub-watchdog")
         return self
 
     def shutdown(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(5)
+        self._worker.close(5)
         # A switch or rebuild still connecting is not waited for long: what it connects after
         # this is shut down rather than installed (`_install`).
         held = self._lifecycle.acquire(timeout=min(5.0, self.connect_timeout))

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -46,11 +45,12 @@ from typing import Any
 from cryptography import x509
 
 from .. import times
+from ..backoff import Backoff
 from ..hsm import ObjectNotFound, Pkcs11Uri
 from ..identity import issued as issued_id
 from ..identity import x509 as x509_id
 from ..keystore import KeyStore
-from ..threads import spawn
+from ..threads import Worker
 from .dps import Assignment, DpsRequest, Provisioner
 
 log = logging.getLogger(__name__)
@@ -222,17 +222,10 @@ class RenewalStatus:
                 "warning": self.warning}
 
 
-@dataclass(frozen=True)
-class Backoff:
-    initial: float = 30.0
-    cap: float = 3600.0
-
-    def delay(self, failures: int, retry_after: float | None = None) -> float:
-        """Exponential from `initial`, capped, with jitter over its upper half (devices of a
-        fleet that failed together do not retry together); never sooner than DPS asked."""
-        ceiling = min(self.cap, self.initial * 2 ** max(0, failures - 1))
-        jittered = random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not a secret)
-        return max(jittered, retry_after or 0.0)
+def retry_backoff(initial: float = 30.0, cap: float = 3600.0) -> Backoff:
+    """After a failed renewal: exponential from `initial`, capped, jittered over its upper half
+    (devices of a fleet that failed together do not retry together); never sooner than DPS asked."""
+    return Backoff(initial, cap, jitter="upper-half")
 
 
 class Renewer:
@@ -260,14 +253,13 @@ class Renewer:
         self._leftovers = False             # older generations a commit left behind, to delete
         self._reported: dict[str, Any] | None = None
         self._wake = threading.Event()
-        self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("certificate-renewal", self._run, on_close=self._wake.set)
 
     def start(self, in_use: x509_id.X509Credential, received: dt.datetime | None = None) -> Renewer:
         """Watch `in_use` on the renewal thread; `received`: when it was issued, if just now."""
         self.watch(in_use, received)
-        self._thread = spawn(self._run, "certificate-renewal")
+        self._worker.start()
         return self
 
     def watch(self, in_use: x509_id.X509Credential, received: dt.datetime | None = None) -> Renewer:
@@ -275,11 +267,9 @@ class Renewer:
         self._in_use(in_use, received)
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the thread (waited for at most `timeout`); True once it has ended."""
+        return self._worker.close(timeout)
 
     def set_renew_at(self, renew_at: float) -> None:
         """A new fraction of the lifetime (from the twin): rescheduled at once."""
@@ -298,7 +288,7 @@ class Renewer:
     # --- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._worker.stopping:
             if self._leftovers:
                 self.delete_leftovers()
             self._publish(renew_at=times.iso(self.due()), next_attempt=times.iso(self.next_attempt()))

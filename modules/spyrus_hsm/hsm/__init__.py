@@ -1,6 +1,7 @@
 """The only package that talks PKCS#11: token, sessions, worker pool, recovery, operations."""
 
 from .client import Hsm, KeyRef
+from .encoding import ecdsa_raw_to_der
 from .errors import (
     DuplicateObject,
     HsmBusy,
@@ -17,14 +18,44 @@ from .errors import (
 )
 from .library import TokenSelector, TokenSummary, mark_shared
 from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm
-from .pool import HsmState, PoolSettings
+from .provision import list_tokens
+from .recovery import EXIT_RESTART, restart_done, restart_once
 from .secret import Secret, read_secret_file, read_secret_stream
+from .state import HsmState, PoolSettings
 from .uri import Pkcs11Uri, UriError, as_uri
 
 __all__ = [
-    "DuplicateObject", "Hsm", "HsmBusy", "HsmConfigError", "HsmError", "HsmState", "HsmTimeout",
-    "HsmUnavailable", "InvalidInput", "KeyAlgorithm", "KeyRef", "LoginFailed", "ObjectInfo",
-    "ObjectNotFound", "OperationFailed", "PinFileError", "Pkcs11Uri", "PoolSettings", "Secret",
-    "SignAlgorithm", "TokenNotFound", "TokenSelector", "TokenSummary", "UriError", "as_uri",
-    "mark_shared", "read_secret_file", "read_secret_stream",
+    "EXIT_RESTART",
+    "DuplicateObject",
+    "Hsm",
+    "HsmBusy",
+    "HsmConfigError",
+    "HsmError",
+    "HsmState",
+    "HsmTimeout",
+    "HsmUnavailable",
+    "InvalidInput",
+    "KeyAlgorithm",
+    "KeyRef",
+    "LoginFailed",
+    "ObjectInfo",
+    "ObjectNotFound",
+    "OperationFailed",
+    "PinFileError",
+    "Pkcs11Uri",
+    "PoolSettings",
+    "Secret",
+    "SignAlgorithm",
+    "TokenNotFound",
+    "TokenSelector",
+    "TokenSummary",
+    "UriError",
+    "as_uri",
+    "ecdsa_raw_to_der",
+    "list_tokens",
+    "mark_shared",
+    "read_secret_file",
+    "read_secret_stream",
+    "restart_done",
+    "restart_once",
 ]

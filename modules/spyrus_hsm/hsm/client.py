@@ -21,9 +21,10 @@ from . import operations as ops
 from .batcher import AsyncRunner
 from .errors import InvalidInput, ObjectNotFound
 from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm, WorkerSession
-from .pool import HsmPool, HsmState, PoolSettings
+from .pool import HsmPool
 from .recovery import PinSource
 from .secret import Secret
+from .state import HsmState, PoolSettings
 from .uri import Pkcs11Uri, as_uri
 
 T = TypeVar("T")

@@ -28,54 +28,24 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
-from typing import Literal, TypeVar, cast
+from dataclasses import dataclass
+from typing import TypeVar, cast
 
+from ..backoff import Backoff
+from ..threads import Worker
 from .errors import HsmBusy, HsmError, HsmTimeout, HsmUnavailable, TokenChanged
 from .faults import fault_reason, is_device_fault, translate
-from .library import TokenSelector
 from .operations import ObjectKey, WorkerSession
 from .recovery import Connection, PinSource
+from .state import HsmState, PoolSettings, Status
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-Status = Literal["starting", "ready", "degraded", "stopped"]
 URGENT, BACKGROUND = 0, 1   # job priorities: lower runs first
 _STOP = 2                  # the workers' stop signal comes after every queued job
 _RESTART_TEXT = ("; the PKCS#11 module is shared with the OpenSSL provider, so it cannot be "
                  "re-initialised in this process: the module needs a restart")
-
-
-@dataclass(frozen=True)
-class PoolSettings:
-    module_path: str
-    token: TokenSelector
-    workers: int = 4
-    call_timeout: float = 10.0
-    queue_limit: int = 256
-    retry_min: float = 0.25
-    retry_max: float = 5.0
-    serial: bool = False  # the token executes one operation at a time: one worker, one session
-
-
-@dataclass(frozen=True)
-class HsmState:
-    status: Status
-    reason: str | None = None
-    token_label: str | None = None
-    token_serial: str | None = None
-    since: float = field(default_factory=time.time)
-    recoveries: int = 0
-    # The token changed in a way only a new process can re-read (see `recovery`): the runtime
-    # exits with recovery.EXIT_RESTART.
-    restart_required: bool = False
-    # The last change of token seen (e.g. "token serial changed from X to Y"), kept once ready.
-    last_change: str | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.status == "ready"
 
 
 @dataclass
@@ -105,7 +75,7 @@ class HsmPool:
         self._seen: set[ObjectKey] = set()  # objects found in this generation (see WorkerSession)
         self._busy = 0          # workers inside a PKCS#11 call
         self._outstanding = 0   # requests admitted and not yet answered (the bounded queue)
-        self._threads: list[threading.Thread] = []
+        self._threads = Worker("hsm-pool")  # the workers and the supervisor, joined by close
         self._listeners: list[Callable[[HsmState], None]] = []
         self._ever_ready = False
         self._explain: Callable[[], str | None] | None = None
@@ -132,9 +102,7 @@ class HsmPool:
         self._spawn(self._supervise, "hsm-supervisor")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._threads.spawn(target, name)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the workers; neither logs out nor finalises (others in the process may use it)."""
@@ -148,9 +116,7 @@ class HsmPool:
         self._fail_queued(HsmUnavailable("the HSM pool is shutting down"))
         for _ in range(self.workers):
             self._put(_STOP, None)
-        deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        self._threads.close(timeout)
         self._conn.drop()
         self._set_state("stopped", "shut down")
 
@@ -317,7 +283,7 @@ class HsmPool:
         self._wake.set()
 
     def _supervise(self) -> None:
-        delay = self.settings.retry_min
+        backoff = Backoff(self.settings.retry_min, self.settings.retry_max)
         while True:
             self._wake.wait()
             self._wake.clear()
@@ -340,11 +306,10 @@ class HsmPool:
                 reason = f"{change}; {exc}" if change is not None else self._explained(str(exc))
                 self._set_state("degraded", reason + (_RESTART_TEXT if restart else ""), restart=restart,
                                 change=change if restart else None)
-                self._wake.wait(delay)  # close() sets it: stop retrying at once
-                self._wake.set()        # and come round again for the next attempt
-                delay = min(delay * 2, self.settings.retry_max)
+                self._wake.wait(backoff.next())  # close() sets it: stop retrying at once
+                self._wake.set()                 # and come round again for the next attempt
                 continue
-            delay = self.settings.retry_min
+            backoff.reset()
             swapped = None
             if before is not None and info.serial != before.serial:
                 swapped = f"token serial changed from {before.serial} to {info.serial}"

@@ -4,8 +4,7 @@ issues, so both sign the same way for each key type."""
 
 from __future__ import annotations
 
-from ..hsm import KeyAlgorithm, SignAlgorithm
-from ..hsm.encoding import ecdsa_raw_to_der
+from ..hsm import KeyAlgorithm, SignAlgorithm, ecdsa_raw_to_der
 from ..keystore import KeyStore
 
 # key type -> (PKCS#11 mechanism, X.509 signature algorithm, hash name for cryptography)

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from .. import times
 from ..errors import Kind, SpyrusError
 from ..hsm import InvalidInput, KeyAlgorithm
 from ..keystore import KeyStore
@@ -96,32 +97,20 @@ def check_chain(chain: list[x509.Certificate], public_key: PublicKeyTypes, regis
         x509_id.validate_chain(chain, now=now)
     except x509_id.ChainError as exc:
         raise IssuedChainInvalid(f"the issued chain is unusable: {exc}") from None
-    if _is_ca(leaf):
+    if x509_id.is_ca(leaf):
         raise IssuedChainInvalid("the issued certificate is a CA certificate, not a device's")
-    usage = _extension(leaf, x509.KeyUsage)
+    usage = x509_id.extension(leaf, x509.KeyUsage)
     if usage is not None and not usage.digital_signature:
         raise IssuedChainInvalid("the issued certificate's key usage does not allow digital signatures")
-    purposes = _extension(leaf, x509.ExtendedKeyUsage)
+    purposes = x509_id.extension(leaf, x509.ExtendedKeyUsage)
     if purposes is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in purposes:
         raise IssuedChainInvalid("the issued certificate is not valid for TLS client authentication")
     for ca in chain[1:]:
-        if not _is_ca(ca):
+        if not x509_id.is_ca(ca):
             raise IssuedChainInvalid(f"'{ca.subject.rfc4514_string()}' in the issued chain is not a CA")
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    constraints = _extension(cert, x509.BasicConstraints)
-    return constraints is not None and constraints.ca
-
-
-def _extension(cert: x509.Certificate, kind: type[Any]) -> Any:
-    try:
-        return cert.extensions.get_extension_for_class(kind).value
-    except x509.ExtensionNotFound:
-        return None
 
 
 def describe(cert: x509.Certificate) -> dict[str, str]:
     """What the CLI and the API show of an issued certificate."""
     return {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
-            "notAfter": cert.not_valid_after_utc.isoformat()}
+            "notAfter": times.iso(cert.not_valid_after_utc)}

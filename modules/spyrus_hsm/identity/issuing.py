@@ -23,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ..errors import Kind, SpyrusError
 from ..hsm import Hsm, KeyAlgorithm
 from . import hsm_signature
+from .x509 import is_ca
 
 BACKDATE = dt.timedelta(minutes=5)  # clock skew between this device and its leaves
 
@@ -33,8 +34,7 @@ class IssuingError(SpyrusError, kind=Kind.CREDENTIAL):
 
 def cannot_issue(cert: x509.Certificate) -> str | None:
     """Why `cert` cannot certify the API's short-lived keys, or None when it can."""
-    constraints = _extension(cert, x509.BasicConstraints)
-    if constraints is None or not constraints.ca:
+    if not is_ca(cert):
         return "it is not a CA certificate (basicConstraints cA is not set)"
     usage = _extension(cert, x509.KeyUsage)
     if usage is not None and not usage.key_cert_sign:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature as InvalidSignatureError
@@ -43,6 +44,22 @@ class X509Credential:
     @property
     def leaf(self) -> x509.Certificate:
         return self.chain[0]
+
+
+def is_ca(cert: x509.Certificate) -> bool:
+    """A CA's certificate: basicConstraints with cA true (RFC 5280 4.2.1.9). A certificate without
+    the extension is not a CA's, even a self-signed one: its key was never declared fit to sign
+    certificates, so it neither issues nor is refused as a leaf for being an issuer."""
+    constraints = extension(cert, x509.BasicConstraints)
+    return constraints is not None and bool(constraints.ca)
+
+
+def extension(cert: x509.Certificate, kind: type[Any]) -> Any:
+    """The value of `cert`'s extension of this kind, or None."""
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
 
 
 def common_name(cert: x509.Certificate) -> str:

@@ -18,6 +18,9 @@ import threading
 import time
 from collections.abc import Sequence
 
+from ..backoff import Backoff
+from ..threads import Worker
+
 log = logging.getLogger("spyrus_hsm.pcscd")
 
 RUN_DIR = "/run/pcscd"
@@ -48,10 +51,10 @@ def parse_line(raw: str) -> tuple[int, str]:
 class Pcscd:
     def __init__(self, argv: Sequence[str] | None = None) -> None:
         self.argv = list(argv or default_argv())
-        self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[str] | None = None
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("pcscd", self._supervise)
+        self._stopping = self._worker.stop_event
 
     @property
     def pid(self) -> int | None:
@@ -59,23 +62,22 @@ class Pcscd:
         return proc.pid if proc is not None and proc.poll() is None else None
 
     def start(self) -> Pcscd:
-        self._thread = threading.Thread(target=self._supervise, name="pcscd", daemon=True)
-        self._thread.start()
+        self._worker.start()
         return self
 
     def _supervise(self) -> None:
-        delay = BACKOFF_MIN
+        backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX)
         while not self._stopping.is_set():
             started = time.monotonic()
             code = self._run_once()
             if self._stopping.is_set():
                 return
             if time.monotonic() - started >= STABLE_AFTER:
-                delay = BACKOFF_MIN
+                backoff.reset()
+            delay = backoff.next()
             log.error("pcscd exited (%s); restarting it in %g s", code, delay)
             if self._stopping.wait(delay):
                 return
-            delay = min(delay * 2, BACKOFF_MAX)
 
     def _run_once(self) -> str:
         """Run pcscd until it exits; returns how it ended."""
@@ -100,8 +102,9 @@ class Pcscd:
         code = proc.wait()
         return f"signal {-code}" if code < 0 else f"exit code {code}"
 
-    def stop(self, timeout: float = STOP_WAIT) -> None:
-        with self._lock:
+    def stop(self, timeout: float = STOP_WAIT) -> bool:
+        """Stop pcscd and the thread that restarts it; True once that thread has ended."""
+        with self._lock:  # no pcscd is started after this
             self._stopping.set()
             proc = self._proc
         if proc is not None and proc.poll() is None:
@@ -112,5 +115,4 @@ class Pcscd:
                 log.warning("pcscd did not stop within %g s; killing it", timeout)
                 proc.kill()
                 proc.wait()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        return self._worker.close(timeout)

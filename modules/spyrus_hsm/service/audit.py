@@ -22,7 +22,6 @@ the same way. The file is reopened by name when logrotate moves it; "-" is stder
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import errno
 import json
 import logging
@@ -35,7 +34,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from .. import times
 from ..errors import Kind, SpyrusError
+from ..threads import Worker
 
 log = logging.getLogger(__name__)
 QUEUE_LIMIT = 10_000    # records nobody waits for, queued for a slow disk (~3 MB)
@@ -79,7 +80,8 @@ class AuditLog:
         self._state = threading.Lock()
         self._work = threading.Condition(self._state)
         self._idle = threading.Condition(self._state)
-        self._writer: threading.Thread | None = None
+        self._writer = Worker("audit-writer", self._run, on_close=self._closing_now)
+        self._writer_started = False
 
     async def submit(self, *, wait: bool, timeout: float | None = None, **fields: Any) -> None:
         """Queue one record for the writer thread. With wait, return once its batch is written
@@ -98,9 +100,9 @@ class AuditLog:
                 if done is None:
                     return
                 raise AuditError("the audit log is closed")
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+            if not self._writer_started:
                 self._writer.start()
+                self._writer_started = True
             self._queue.append(pending)
             self._unwaited += done is None
             self._work.notify()
@@ -231,26 +233,28 @@ class AuditLog:
                 pass
         self._fd = None
 
-    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
-        """Write what is queued (waiting at most timeout for the disk), then close the file."""
+    def _closing_now(self) -> None:
         with self._state:
             self._closing = True
             self._work.notify()
-        if self._writer is not None:
-            self._writer.join(timeout)
-            if self._writer.is_alive():  # stuck in a write: leave it the descriptor
-                log.error("audit log %s: the disk took no write for %g s; %d queued records are lost",
-                          self.path, timeout, len(self._queue))
-                return
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> bool:
+        """Write what is queued (waiting at most timeout for the disk), then close the file; False
+        if the writer is still stuck in a write (it keeps the descriptor)."""
+        if not self._writer.close(timeout):
+            log.error("audit log %s: the disk took no write for %g s; %d queued records are lost",
+                      self.path, timeout, len(self._queue))
+            return False
         with self._lock:
             self._close()
+        return True
 
 
 def _line(*, principal: str | None, operation: str, outcome: str, reason: str, key: str | None = None,
           device: str | None = None, status: int | None = None, request_id: str | None = None,
           remote: str | None = None) -> bytes:
     entry: dict[str, Any] = {
-        "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time": times.iso(times.now(), "milliseconds"),
         "principal": principal, "operation": operation, "key": key, "device": device,
         "outcome": outcome, "reason": reason, "status": status, "requestId": request_id, "remote": remote,
     }

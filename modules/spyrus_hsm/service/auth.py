@@ -19,6 +19,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .. import times
+from ..identity.x509 import is_ca
 from .problems import Problem, unauthenticated
 
 
@@ -52,9 +54,9 @@ class ClientCertVerifier:
         issuer = self._issuer(cert)
         for c, what in ((cert, "the client certificate"), (issuer, "its issuing CA")):
             if now > c.not_valid_after_utc:
-                raise _bad_cert(f"{what} expired on {c.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+                raise _bad_cert(f"{what} expired on {times.iso(c.not_valid_after_utc)}")
             if now < c.not_valid_before_utc:
-                raise _bad_cert(f"{what} is not valid before {c.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}")
+                raise _bad_cert(f"{what} is not valid before {times.iso(c.not_valid_before_utc)}")
         _check_leaf(cert)
         _check_usage(cert)
         names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -71,24 +73,17 @@ class ClientCertVerifier:
                 cert.verify_directly_issued_by(ca)
             except (ValueError, TypeError, InvalidSignature):
                 continue
-            if not _is_ca(ca):
+            if not is_ca(ca):
                 continue
             return ca
         raise _bad_cert("the client certificate is not issued by a CA this service trusts "
                         f"(issuer '{cert.issuer.rfc4514_string()}')")
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return cert.subject == cert.issuer  # an old-style self-signed root
-
-
 def _check_leaf(cert: x509.Certificate) -> None:
     """A CA's certificate authenticates nobody, even one the trusted CA signed: it names an
     issuer, not a device, and its key can mint certificates for any name."""
-    if _is_ca(cert):
+    if is_ca(cert):
         raise _bad_cert("the client certificate is a CA certificate (basic constraints CA:TRUE), not a leaf")
     try:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value

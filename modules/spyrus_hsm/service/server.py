@@ -11,8 +11,8 @@ import ssl
 
 from aiohttp import web
 
-from ..errors import Kind, SpyrusError
 from ..hsm import Hsm
+from ..listening import ListenError, listen
 from .app import build_app
 from .core import Service
 from .keys import API_NOT_SERVING, SERVICE
@@ -38,24 +38,6 @@ async def probe_forever(hsm: Hsm, stop: asyncio.Event) -> None:
             pass
 
 
-class ListenError(SpyrusError, kind=Kind.CONFIG):
-    """A listener cannot bind its address (in use, not assignable, not permitted)."""
-
-
-async def listen(runner: web.AppRunner, host: str, port: int, ctx: ssl.SSLContext | None, setting: str) -> int:
-    """Set up `runner` and serve it on host:port; the port bound (when 0 asked for one). On
-    ListenError (naming `setting`) nothing is left behind."""
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=1024)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ListenError(f"cannot listen on {host}:{port} ({setting}): "
-                          f"{exc.strerror or exc.__class__.__name__}") from None
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    return int(sockets[0].getsockname()[1]) if sockets else port
 
 
 class Listeners:

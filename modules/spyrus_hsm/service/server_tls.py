@@ -32,13 +32,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from .. import times
+from ..backoff import Backoff
 from ..config import ServiceConfig
 from ..errors import Kind, SpyrusError
 from ..files import write_atomic
 from ..hsm import Hsm, HsmState, ObjectNotFound
 from ..identity import issuing, tls
 from ..identity.x509 import chain_pem
-from ..threads import spawn
+from ..threads import Worker
 
 log = logging.getLogger(__name__)
 RETRY_MIN, RETRY_MAX = 5.0, 300.0  # seconds between attempts to certify a new key after a failure
@@ -87,22 +89,21 @@ class ServerTls:
         self._load_provider = load_provider
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._closed = False
         self._chain: list[x509.Certificate] = []
         self.not_after: float | None = None   # the in-memory certificate's (issued placement)
         self._renew_at = float("inf")
-        self._failures = 0
+        self._backoff = Backoff(RETRY_MIN, RETRY_MAX)  # its count: failed attempts in a row
         self.last_error: str | None = None
         self._made_after = hsm.state.recoveries  # the HSM recovery `current` was made after
         self._tried_at = self._made_after        # ... and the last attempt at a new one
         self.placement = self._placement()
         self.current = self._build()
         self.listening = self.current
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("api-tls", self._run, on_close=self._wake.set)
         if self.placement is not Placement.FILE:
             self.listening.sni_callback = self._newest
             hsm.add_listener(self._on_hsm_state)
-            self._thread = spawn(self._run, "api-tls")
+            self._worker.start()
 
     # --- placement and contexts ---------------------------------------------------------------
 
@@ -172,7 +173,7 @@ class ServerTls:
         back = state.ready and state.recoveries != self._tried_at  # the HSM came back since the last try
         if self.placement is Placement.HSM and self._made_after == state.recoveries:
             return None
-        if back and (self._failures or self.placement is Placement.HSM):
+        if back and (self._backoff.failures or self.placement is Placement.HSM):
             return 0.0  # the token is back: try now rather than at the back-off's end
         if self._renew_at == float("inf"):
             return None  # nothing scheduled (Event.wait refuses an infinite timeout)
@@ -180,11 +181,11 @@ class ServerTls:
 
     def _run(self) -> None:
         """One thread makes every new context, so an older attempt can never finish last."""
-        while not self._closed:
+        while not self._worker.stopping:
             due = self._due()
             self._wake.wait(due)
             self._wake.clear()
-            if self._closed:
+            if self._worker.stopping:
                 return
             if self._due() != 0.0:
                 continue
@@ -195,8 +196,7 @@ class ServerTls:
         try:
             context = self._build()
         except Exception as exc:  # reported, retried; the current context stays
-            self._failures += 1
-            delay = min(RETRY_MAX, RETRY_MIN * 2 ** (self._failures - 1))
+            delay = self._backoff.next()
             self._renew_at = self._clock() + delay
             self.last_error = str(exc)
             log.error("the API's TLS credential could not be renewed: %s; retrying in %g s or when the HSM is back%s",
@@ -205,13 +205,14 @@ class ServerTls:
         if self.placement is not Placement.FILE:
             context.sni_callback = self._newest
         self.current = context
-        self._made_after, self._failures, self.last_error = recoveries, 0, None
+        self._made_after, self.last_error = recoveries, None
+        self._backoff.reset()
         log.info("API TLS context renewed (%s)", self.placement.value)
 
     def _expiry_note(self) -> str:
         if self.not_after is None:
             return ""
-        return "; the current certificate expires at " + dt.datetime.fromtimestamp(self.not_after, dt.UTC).isoformat()
+        return "; the current certificate expires at " + times.iso(dt.datetime.fromtimestamp(self.not_after, dt.UTC))
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -223,9 +224,7 @@ class ServerTls:
             return "the API's short-lived TLS certificate has expired and a new one could not be certified"
         return None
 
-    def close(self, timeout: float = 1.0) -> None:
-        self._closed = True
+    def close(self, timeout: float = 1.0) -> bool:
+        """Stop the renewal thread (waited for at most `timeout`); True once it has ended."""
         self._hsm.remove_listener(self._on_hsm_state)
-        self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        return self._worker.close(timeout)
