@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import addresses
 import pytest
 
 from emulator.fixtures import emulator_pki, make_emulator, sdk_clients  # noqa: F401
@@ -72,6 +73,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if ("shim" in item.keywords) != VIA_SHIM:
             item.add_marker(skip_other)
+
+
+@pytest.fixture(scope="session")
+def address_block() -> addresses.AddressBlock:
+    """This session's loopback addresses (see tests/addresses.py): ``address_block.host()`` for
+    a server of a test's own, ``address_block.port(host)`` for a port number it must be told."""
+    return addresses.block()
 
 
 @pytest.fixture(scope="session")

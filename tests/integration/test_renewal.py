@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import addresses
 import pytest
 from cloud_harness import Serve, sas_enrollment, serve_config
 
@@ -20,7 +21,7 @@ from spyrus_hsm.hsm import Hsm
 from spyrus_hsm.identity import x509 as x509_id
 
 pytestmark = pytest.mark.timeout(240)
-HOST = "127.0.0.174"
+HOST = addresses.host()
 SCOPE = "0ne000RE4E"
 
 
