@@ -67,6 +67,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "shim: runs with the PKCS#11 fault-injection shim")
 
 
+@pytest.fixture(autouse=True)
+def _machine_pcscd_released() -> Iterator[None]:
+    """After each test (and its fixtures' teardown): give up this machine's pcscd if the test took
+    it (tests/pcsc_rig.py), so that another test session may use it meanwhile."""
+    yield
+    rig = sys.modules.get("pcsc_rig")
+    if rig is not None:
+        rig.release_machine_pcscd()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Keep the two groups apart: each needs its own process (see module docstring).
     skip_other = pytest.mark.skip(reason="runs in the other pytest process (shim / not shim)")
