@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import addresses
 import pytest
 
 from emulator.fixtures import emulator_pki, make_emulator, sdk_clients  # noqa: F401
@@ -66,12 +67,29 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "shim: runs with the PKCS#11 fault-injection shim")
 
 
+@pytest.fixture(autouse=True)
+def _machine_pcscd_released() -> Iterator[None]:
+    """After each test (and its fixtures' teardown): give up this machine's pcscd if the test took
+    it (tests/pcsc_rig.py), so that another test session may use it meanwhile."""
+    yield
+    rig = sys.modules.get("pcsc_rig")
+    if rig is not None:
+        rig.release_machine_pcscd()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Keep the two groups apart: each needs its own process (see module docstring).
     skip_other = pytest.mark.skip(reason="runs in the other pytest process (shim / not shim)")
     for item in items:
         if ("shim" in item.keywords) != VIA_SHIM:
             item.add_marker(skip_other)
+
+
+@pytest.fixture(scope="session")
+def address_block() -> addresses.AddressBlock:
+    """This session's loopback addresses (see tests/addresses.py): ``address_block.host()`` for
+    a server of a test's own, ``address_block.port(host)`` for a port number it must be told."""
+    return addresses.block()
 
 
 @pytest.fixture(scope="session")

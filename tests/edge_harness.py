@@ -1,9 +1,10 @@
 """The module under IoT Edge, for real (fixtures in tests/edge/conftest.py): the emulator acts
-as edgeHub on 127.0.0.61 (a gateway host name distinct from the hub name, as on an edge device),
-the SDK connects through the `EdgeHubConnectionString` + `EdgeModuleCACertificateFile` fallback
-of `create_from_edge_environment` (or, after `EdgeSite.use_workload`, with the seven `IOTEDGE_*`
-variables and the emulator's workload API), and the emulator checks the module's SAS against
-its key. `ServeProcess` runs `spyrus-hsm serve` in a process of its own, as edgeAgent does.
+as edgeHub on an address of the test session's own (a gateway host name distinct from the hub
+name, as on an edge device), the SDK connects through the `EdgeHubConnectionString` +
+`EdgeModuleCACertificateFile` fallback of `create_from_edge_environment` (or, after
+`EdgeSite.use_workload`, with the seven `IOTEDGE_*` variables and the emulator's workload API),
+and the emulator checks the module's SAS against its key. `ServeProcess` runs `spyrus-hsm serve`
+in a process of its own, as edgeAgent does.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import addresses
 import yaml
 
 from emulator import Emulator, new_symmetric_key
@@ -32,7 +34,7 @@ from emulator.workload import WorkloadApi
 from spyrus_hsm import config, telemetry
 from spyrus_hsm.runtime import Module
 
-GATEWAY = "127.0.0.61"
+GATEWAY = addresses.host()
 HUB = "edge-test-hub.azure-devices.net"
 DEVICE, MODULE = "edge1", "spyrus_hsm"
 API_HOST = "127.0.0.1"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import addresses
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
@@ -332,7 +333,7 @@ class SilentCollector:
 
 
 def closed_port_endpoint() -> str:
-    """A loopback URL on which nothing listens (connections are refused at once)."""
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    """A loopback URL on which nothing listens (connections are refused at once): a fresh
+    address of this test session's own (tests/addresses.py)."""
+    host = addresses.host()
+    return f"http://{host}:{addresses.port(host)}"

@@ -5,13 +5,20 @@
 Two packaging bugs of bookworm's vsmartcard are worked around here: its Python package sits in
 /usr/lib/python3/site-packages/virtualsmartcard (put on PYTHONPATH; Debian's python3 runs it) and
 CryptoUtils falls back to `import sha` (a one-line sha.py beside it satisfies that).
+
+pcscd (/run/pcscd) and its readers' ports are one per machine, unlike the loopback addresses a
+test session owns (tests/addresses.py): `HostPcscd.start()` first takes a machine-wide lock,
+waiting while another test session's test has it, and the test session releases it when the
+test ends (`release_machine_pcscd`, called by tests/conftest.py).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +30,8 @@ VPCD_PORT = 35963  # /etc/reader.conf.d/vpcd: the first virtual reader
 SOCKET = "/run/pcscd/pcscd.comm"
 VICC_PATH = "/usr/lib/python3/site-packages/virtualsmartcard"
 GUARD = 20.0  # seconds; only so that a rig that never comes up fails instead of hanging
+MACHINE_WAIT = 90.0  # seconds a test waits for another test session's test to give pcscd up
+_machine_lock: int | None = None  # the locked file descriptor while this session's test has pcscd
 
 
 def wait_until(cond: Callable[[], bool], what: str, within: float = GUARD) -> None:
@@ -30,6 +39,33 @@ def wait_until(cond: Callable[[], bool], what: str, within: float = GUARD) -> No
     while not cond():
         assert time.monotonic() < end, f"not {what} within {within} s"
         time.sleep(0.05)
+
+
+def _take_machine_pcscd() -> None:
+    global _machine_lock
+    if _machine_lock is not None:
+        return
+    fd = os.open(os.path.join(tempfile.gettempdir(), "spyrus-hsm-tests-pcscd.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    end = time.monotonic() + MACHINE_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= end:
+                os.close(fd)
+                raise AssertionError(f"another test session kept this machine's pcscd for {MACHINE_WAIT} s") from None
+            time.sleep(0.2)
+            continue
+        _machine_lock = fd
+        return
+
+
+def release_machine_pcscd() -> None:
+    """At the end of a test: let other test sessions run pcscd (a no-op unless this one did)."""
+    global _machine_lock
+    if _machine_lock is not None:
+        os.close(_machine_lock)  # closing the only descriptor releases the lock
+        _machine_lock = None
 
 
 def missing_tools() -> list[str]:
@@ -45,6 +81,7 @@ class HostPcscd:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> HostPcscd:
+        _take_machine_pcscd()
         if scard.survey().problem is None:
             raise AssertionError(f"a pcscd already answers at {SOCKET}; stop it (systemctl stop pcscd.socket "
                                  "pcscd) so the tests can run their own")

@@ -17,7 +17,6 @@ import ipaddress
 import json
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
 
+import addresses
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -41,7 +41,7 @@ from spyrus_hsm.service.server import Listeners, probe_forever
 from spyrus_hsm.service.server_tls import ServerTls
 from spyrus_hsm.telemetry import Telemetry, disabled, hsm_instrument
 
-HOST = "127.0.0.1"
+HOST = addresses.host()  # the services started here listen on this session's own address
 
 
 def rules(*specs: dict[str, Any]) -> tuple[PolicyRule, ...]:
@@ -61,7 +61,7 @@ class ServiceHarness:
         self.leaf_ca = directory / "leaf-ca.pem"
         self.leaf_ca.write_text(pki.intermediate.cert_pem)
         raw = {
-            "host": HOST, "port": 0, "health_port": 0, "tls_cert_file": str(server.cert_file),
+            "host": HOST, "port": 0, "health_host": HOST, "health_port": 0, "tls_cert_file": str(server.cert_file),
             "tls_key_file": str(server.key_file), "client_ca_file": str(self.leaf_ca),
             "bearer_tokens": {name: hashlib.sha256(tok.encode()).hexdigest() for name, tok in (bearer or {}).items()},
             "policy": policy or [], "hub": "hub.example",
@@ -238,9 +238,8 @@ def store_hsm_certificate(hsm: Hsm, label: str, pki: EmulatorPki, *, server_ip: 
 
 
 def free_port() -> int:
-    """A loopback port nothing listens on (at the time of asking)."""
-    with socket.create_server((HOST, 0)) as s:
-        return int(s.getsockname()[1])
+    """A port on HOST that this test session has given to no one else (tests/addresses.py)."""
+    return addresses.port(HOST)
 
 
 def serve_config(directory: Path, token_env: Any, pki: EmulatorPki, service: dict[str, Any]) -> Path:
@@ -249,7 +248,7 @@ def serve_config(directory: Path, token_env: Any, pki: EmulatorPki, service: dic
     'bearer' maps principals to tokens (their digests are written); None removes a setting."""
     server = pki.server([HOST])
     section = {
-        "host": HOST, "port": 0, "health_port": 0,
+        "host": HOST, "port": 0, "health_host": HOST, "health_port": 0,
         "tls_cert_file": str(server.cert_file), "tls_key_file": str(server.key_file), "hub": "hub.example",
     }
     overrides = dict(service)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import NoEncryption, pkcs12
-from edge_harness import EdgeSite, ModuleSite
+from edge_harness import GATEWAY, EdgeSite, ModuleSite
 
 from emulator import new_symmetric_key
 from emulator.pki import make_ca, make_device_cert
@@ -218,7 +218,7 @@ def test_get_status_gives_version_hsm_state_and_the_live_settings(
     assert status == 200
     assert body["version"] == __version__
     assert body["module"] == {"deviceId": "edge1", "moduleId": "spyrus_hsm",
-                              "hub": "edge-test-hub.azure-devices.net", "gateway": "127.0.0.61"}
+                              "hub": "edge-test-hub.azure-devices.net", "gateway": GATEWAY}
     assert body["hsm"]["ready"] is True and body["hsm"]["tokenLabel"] == token_env.label
     assert body["service"]["enabled"] is True
     assert body["service"]["settings"]["rateLimitPerSecond"] == 20.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import addresses
 import pytest
 from cloud_harness import sas_enrollment
 from edge_harness import MODULE
@@ -13,7 +14,7 @@ from edge_harness import MODULE
 from spyrus_hsm.edge.reported import twin_key
 
 pytestmark = pytest.mark.timeout(120)
-CLOUD = "127.0.0.62"
+CLOUD = addresses.host()
 
 
 def _renewal(doc: dict[str, Any], base: str) -> dict[str, Any]:

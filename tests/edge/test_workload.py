@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import addresses
 import pytest
 import requests
 from azure.iot.device.iothub.edge_hsm import IoTEdgeError, IoTEdgeHsm
@@ -26,14 +27,14 @@ from emulator.pki import EmulatorPki
 from emulator.workload import WorkloadApi
 
 pytestmark = [pytest.mark.timeout(150)]
-GATEWAY = "127.0.0.82"
+GATEWAY = addresses.host()
 CLIENT_ID = f"{DEVICE}/{MODULE}"
 SAS_TTL = 130  # the SDK renews 120 s before expiry: a renewal 10 s after each connect
 
 
 @pytest.fixture
 def site(make_emulator: Callable[..., Emulator], emulator_pki: EmulatorPki) -> EdgeSite:
-    """edgeHub on an address of this module's own (the other edge tests share 127.0.0.61)."""
+    """edgeHub on an address of this module's own (the other edge tests share edge_harness's)."""
     return EdgeSite(make_emulator(GATEWAY, hub_hostname=HUB), emulator_pki)
 
 

@@ -5,7 +5,7 @@ chain to the CA enrolled for *this* identity and CN == device/registration id) a
 with CONNACK 5 where Azure would, so the SDK raises ``CredentialError``.
 
     from emulator import Emulator, pki
-    with Emulator("127.0.0.21", server_cert=..., server_key=...) as emu:
+    with Emulator(host, server_cert=..., server_key=...) as emu:
         emu.add_device("dev1", symmetric_key=key)
         ...                      # connect with azure-iot-device
         emu.received.telemetry   # what arrived

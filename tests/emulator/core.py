@@ -250,10 +250,14 @@ class Emulator:
 
     # --- IoT Hub behaviour --------------------------------------------------------------------
 
-    def refuse_hub(self, times: int = 1) -> None:
+    def refuse_hub(self, times: int = 1, *, new_certificates: bool = False) -> None:
         """Refuse the next ``times`` IoT Hub connects with CONNACK 5 (not authorized), whatever
-        their credential: a hub that no longer accepts a certificate."""
-        self._call(lambda: setattr(self._hub, "refusals", times))
+        their credential: a hub that no longer accepts a certificate. With ``new_certificates``,
+        only connects presenting a client certificate other than those it accepted before for
+        that client id (a renewed one; not the first one): neither the first connects nor
+        reconnects with the certificate in use take the refusal, whenever it is armed."""
+        attribute = "new_certificate_refusals" if new_certificates else "refusals"
+        self._call(lambda: setattr(self._hub, attribute, times))
 
     def stall_hub(self, stalled: bool = True) -> None:
         """Leave IoT Hub publishes (telemetry, twin requests) unacknowledged, as a hung hub may."""

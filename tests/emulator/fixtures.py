@@ -6,7 +6,8 @@ or, in a test module, ``pytest_plugins = ["emulator.fixtures"]``.
 
 ``make_emulator(host)`` starts an Emulator with a server certificate for ``host`` signed by
 ``emulator_pki.root`` (pass ``emulator_pki.ca_pem`` as the SDK's ``server_verification_cert``)
-and stops it at teardown. Give each test module its own 127.0.0.x host.
+and stops it at teardown. Give each test module its own host from ``addresses.host()`` (the
+test session's own loopback addresses); without one, each emulator gets a host of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+import addresses
 import pytest
 
 from .auth import new_symmetric_key
@@ -30,10 +32,11 @@ def emulator_pki(tmp_path_factory: pytest.TempPathFactory) -> EmulatorPki:
 
 @pytest.fixture
 def make_emulator(emulator_pki: EmulatorPki) -> Iterator[Callable[..., Emulator]]:
-    """Factory: ``make_emulator("127.0.0.21", **Emulator kwargs)`` -> a started Emulator."""
+    """Factory: ``make_emulator(host, **Emulator kwargs)`` -> a started Emulator."""
     started: list[Emulator] = []
 
-    def factory(host: str = "127.0.0.21", **kwargs: Any) -> Emulator:
+    def factory(host: str | None = None, **kwargs: Any) -> Emulator:
+        host = host or addresses.host()
         names = [host, kwargs.get("hub_hostname") or host]
         files = emulator_pki.server(names)
         emulator = Emulator(host, server_cert=files.cert_file, server_key=files.key_file, **kwargs)

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from . import mqtt
 from .auth import AuthError, Credential, check_sas, check_x509, parse_sas_token
@@ -92,6 +93,9 @@ class IotHub(Service):
         self._pending: dict[str, tuple[Session, asyncio.Future[tuple[int, Any]]]] = {}
         self._request_ids = itertools.count(1)
         self.refusals = 0        # the next connects refused with CONNACK 5, whatever their credential
+        # ... the next ones presenting a certificate other than those accepted before for their client id
+        self.new_certificate_refusals = 0
+        self._accepted_certificates: dict[str, set[bytes]] = {}  # client id -> SHA-256 of each accepted
         self.stalled = False     # publishes get no PUBACK and no twin response, as a hung hub
 
     # --- registry ---------------------------------------------------------------------------
@@ -126,11 +130,18 @@ class IotHub(Service):
         if self.refusals > 0:
             self.refusals -= 1
             raise AuthError(f"{connect.client_id!r} refused on the test's request")
+        presented = chain[0].fingerprint(hashes.SHA256()) if chain else None
+        accepted = self._accepted_certificates.setdefault(connect.client_id, set())
+        if self.new_certificate_refusals > 0 and accepted and presented is not None and presented not in accepted:
+            self.new_certificate_refusals -= 1
+            raise AuthError(f"{connect.client_id!r} refused on the test's request (a new certificate)")
         if identity is None:
             raise AuthError(f"{connect.client_id!r} is not registered in the hub")
         credential = identity.credential
         if credential.ca is not None:
             check_x509(chain, credential.ca, identity.device_id)
+            assert presented is not None  # check_x509 accepts no empty chain
+            accepted.add(presented)
             return Authenticated("x509", identity)
         token = parse_sas_token(connect.password)
         check_sas(token, identity.resource_uri(self.hostname), credential.keys)

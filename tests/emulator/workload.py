@@ -24,7 +24,7 @@ Refusals carry the runtime's error body, ``{"message": "..."}``:
 ``restore()`` serves again on the same path.
 
     api = WorkloadApi(emu, tmp_path / "workload.sock", "edge1", "spyrus_hsm", ca_pem).start()
-    env = api.environment(hub="hub.example", gateway="127.0.0.62")   # the seven IOTEDGE_* variables
+    env = api.environment(hub="hub.example", gateway=emu.host)   # the seven IOTEDGE_* variables
 """
 
 from __future__ import annotations

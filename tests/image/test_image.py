@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import shlex
-import socket
 import ssl
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, quote
 
+import addresses
 import pytest
 
 from emulator.pki import make_ca, make_server_cert
@@ -57,9 +57,8 @@ def podman(*args: str, timeout: float = 60, check: bool = True) -> subprocess.Co
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port on 127.0.0.1 for podman to publish on: one of this test session's (tests/addresses.py)."""
+    return addresses.port(addresses.LOOPBACK)
 
 
 def owned_by_container_user(path: Path, mode: int) -> Path:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import addresses
 import pytest
 from cloud_harness import sas_enrollment
 from cryptography import x509
@@ -26,7 +27,7 @@ from spyrus_hsm.identity import issued as issued_id
 from spyrus_hsm.identity import x509 as x509_id
 
 pytestmark = pytest.mark.timeout(90)
-HOST = "127.0.0.73"
+HOST = addresses.host()
 SCOPE = "0ne000CE57"
 
 

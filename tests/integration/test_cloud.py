@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import addresses
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -33,7 +34,7 @@ from spyrus_hsm.identity import x509 as x509_id
 from spyrus_hsm.identity.csr import build_csr
 
 pytestmark = pytest.mark.timeout(90)
-HOST = "127.0.0.31"
+HOST = addresses.host()
 SCOPE = "0ne000C10D"
 
 

@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import addresses
 from cryptography import x509
 from service_harness import verify_sas
 
@@ -23,9 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port on 127.0.0.1, where `make run` listens: one of this test session's (tests/addresses.py)."""
+    return addresses.port(addresses.LOOPBACK)
 
 
 def _curl(line: str) -> tuple[int, str]:
@@ -122,10 +122,11 @@ def test_make_run_serves_metrics_on_loopback_only(tmp_path: Path) -> None:
         with socket.create_connection(("127.0.0.1", metrics_port), timeout=5):
             pass  # listening on loopback ...
         # ... and only there: a listener on 0.0.0.0 would answer on any other loopback address too
+        elsewhere = addresses.host()  # nothing of this session's listens there
         with socket.socket() as s, contextlib.suppress(ConnectionRefusedError):
             s.settimeout(5)
-            s.connect(("127.0.0.2", metrics_port))
-            raise AssertionError("the metrics listener answers on 127.0.0.2: it is not bound to 127.0.0.1 alone")
+            s.connect((elsewhere, metrics_port))
+            raise AssertionError(f"the metrics listener answers on {elsewhere}: it is not bound to 127.0.0.1 alone")
     finally:
         assert _stop(proc) == 0
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import addresses
 import pytest
 from azure.iot.device import (
     X509,
@@ -33,7 +34,7 @@ from emulator import Emulator, derive_group_key, make_sas_token, mqtt, new_symme
 from emulator.config import ConfigError, build_emulator, load_config
 from emulator.pki import EmulatorPki, PemFiles, make_ca
 
-HOST = "127.0.0.21"
+HOST = addresses.host()
 ID_SCOPE = "0ne00000001"
 
 pytestmark = [

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import addresses
 import pytest
 from service_harness import HOST, Leaf, ServiceHarness, free_port, new_leaf, verify_sas
 
@@ -24,7 +25,7 @@ from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm
 from spyrus_hsm.leaf import LeafDevice, TokenRefused, TokenService, token_backoff
 
-GATEWAY = "127.0.0.83"
+GATEWAY = addresses.host()
 HUB = "hub.example"  # the hub ServiceHarness's service mints tokens for
 TTL = 60             # the shortest the service may be configured to hand out
 POLICY = [{"principals": ["*"], "operations": ["sas-token"], "devices": ["{cn}"]}]

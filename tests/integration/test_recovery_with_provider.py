@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 
+import addresses
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -28,7 +29,7 @@ from spyrus_hsm.identity import x509 as x509_id
 from spyrus_hsm.identity.csr import build_csr
 
 pytestmark = [pytest.mark.shim, pytest.mark.timeout(90)]
-HOST = "127.0.0.41"
+HOST = addresses.host()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import addresses
 import pytest
 from cloud_harness import Serve, sas_enrollment, serve_config
 
@@ -20,7 +21,7 @@ from spyrus_hsm.hsm import Hsm
 from spyrus_hsm.identity import x509 as x509_id
 
 pytestmark = pytest.mark.timeout(240)
-HOST = "127.0.0.174"
+HOST = addresses.host()
 SCOPE = "0ne000RE4E"
 
 
@@ -254,18 +255,20 @@ def test_renew_command_whose_new_certificate_the_hub_refuses_says_so_in_one_line
     assert [g.label for g in _generations(hsm, base)] == [base]  # the old credential stays, the new one is gone
 
 
-@pytest.mark.xfail(strict=False, reason="order/load dependent in the full suite (passes alone): the one refusal "
-                   "armed for the move to the renewed certificate can be taken by another connect, and the "
-                   "renewal state then never reads 'failed'; to be made deterministic")
+@pytest.mark.xfail(strict=False, reason="the SDK's reconnect after the refused first connect sometimes fails its "
+                   "TLS handshake client-side ('[SSL] EVP lib', the HSM key through pkcs11-provider) and logs "
+                   "that traceback (2 of 3 runs alone); the refusal meant for the renewed certificate is no "
+                   "longer taken by another connect (new_certificates)")
 def test_serve_whose_hub_refuses_the_credential_says_so_in_one_line_and_carries_on(
         hsm, provider, token_env, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     reg, base = "sr-" + label, label + "-op"
     emu.refuse_hub(1)  # the first connect at start ...
+    emu.refuse_hub(1, new_certificates=True)  # ... and the move to the renewed certificate (only that: neither
+    # the retry nor a reconnect with the certificate in use can take this refusal)
     serve, _ = _enrolled_module(hsm, token_env, emu, emulator_pki, tmp_path, reg, label, validity=30)
     try:
         at = serve.wait_line("cloud connection failed", timeout=60)
-        emu.wait_for(lambda: any(c.accepted for c in _hub_connects(emu, reg)), timeout=30)  # ... then retried
-        emu.refuse_hub(1)  # ... and the move to the renewed certificate
+        emu.wait_for(lambda: any(c.accepted for c in _hub_connects(emu, reg)), timeout=30)  # then retried
         emu.wait_for(lambda: _renewal_state(emu, reg, base).get("state") == "failed", timeout=60)
         failed = _renewal_state(emu, reg, base)
         emu.wait_for(lambda: _renewal_state(emu, reg, base).get("lastSuccess") is not None, timeout=60)

@@ -7,11 +7,11 @@ in test_renewal.py."""
 from __future__ import annotations
 
 import http.client
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import addresses
 import pytest
 from cloud_harness import Serve, sas_enrollment, serve_config
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,15 +20,10 @@ from spyrus_hsm.cloud import renewal
 from spyrus_hsm.hsm import Hsm
 
 pytestmark = pytest.mark.timeout(240)
-HOST = "127.0.0.93"
+HOST = addresses.host()
 SCOPE = "0ne000RM7C"
 FAILURES = "spyrus_hsm_certificate_renewal_consecutive_failures"
 NOT_AFTER = "spyrus_hsm_certificate_not_after_timestamp_seconds"
-
-
-def _free_port() -> int:
-    with socket.create_server((HOST, 0)) as s:
-        return int(s.getsockname()[1])
 
 
 def _scrape(port: int) -> dict[tuple[str, str], float]:
@@ -60,7 +55,7 @@ def test_renewal_failures_and_the_new_generations_expiry_show_in_the_metrics(
     reg, base = "rm-" + label, label + "-op"
     sas_enrollment(hsm, emu, reg, label, HOST)
     emu.issued_validity = 40
-    port = _free_port()
+    port = addresses.port(HOST)
     config = serve_config(tmp_path / "serve.yaml", token_env, tmp_path / "state", emulator_pki.ca_file,
                           id_scope=SCOPE, registration_id=reg, provisioning_host=HOST, attestation="symmetricKey",
                           key=label, issue_cert=base, renew_at=0.3, renew_retry_initial=1, renew_retry_max=2,

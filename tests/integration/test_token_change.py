@@ -17,19 +17,20 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import addresses
 import pytest
 
 from spyrus_hsm.hsm.recovery import restart_done, restart_once
 
 pytestmark = pytest.mark.timeout(120)
 CHILD = Path(__file__).with_name("token_change_child.py")
+HEALTH_HOST = addresses.host()  # serve's health listener (its API: 127.0.0.1, port 0)
 
 
 def _conf(root: Path, tokens: Path) -> Path:
@@ -113,12 +114,6 @@ def test_a_restart_is_asked_for_once_per_change(tmp_path: Path) -> None:
     assert restart_once(tmp_path, "serial B: token 'swap' contents unreadable")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve(root: Path, health_port: int) -> subprocess.Popen[bytes]:
     pin_file = root / "user.pin"
     pin_file.write_bytes(b"pin-token-change")  # the child's PIN (token_change_child.PIN)
@@ -126,7 +121,8 @@ def _serve(root: Path, health_port: int) -> subprocess.Popen[bytes]:
     config = {
         "hsm": {"module": "/usr/lib/softhsm/libsofthsm2.so", "token_label": "swap", "pin_file": str(pin_file)},
         "state_dir": str(root / "state"),
-        "service": {"host": "127.0.0.1", "port": 0, "health_port": health_port, "tls_key_label": "api",
+        "service": {"host": "127.0.0.1", "port": 0, "health_host": HEALTH_HOST, "health_port": health_port,
+                    "tls_key_label": "api",
                     "bearer_tokens": {"gateway": hashlib.sha256(b"unused").hexdigest()},
                     "policy": [{"principals": ["gateway"], "operations": ["sas-token"], "devices": ["leaf-*"]}]},
     }
@@ -154,7 +150,7 @@ def _wait_api(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _readyz(port: int) -> tuple[int, dict[str, Any]]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = http.client.HTTPConnection(HEALTH_HOST, port, timeout=10)
     try:
         conn.request("GET", "/readyz")
         resp = conn.getresponse()
@@ -172,7 +168,7 @@ def _until(cond: Any, within: float, what: str) -> None:
 
 def test_serve_with_the_tls_key_in_the_hsm_exits_75_once_and_comes_back_after_the_restart(tmp_path: Path) -> None:
     _token(tmp_path, tmp_path / "tokens", secrets.token_bytes(32), "api")
-    health = _free_port()
+    health = addresses.port(HEALTH_HOST)
     marker = tmp_path / "state" / "hsm-restart"
     proc = _serve(tmp_path, health)
     try:

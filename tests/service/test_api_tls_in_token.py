@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service_harness import HOST, serve_config, store_hsm_certificate, wait_for_lines
+from service_harness import HOST, free_port, serve_config, store_hsm_certificate, wait_for_lines
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm, Secret
@@ -92,9 +92,9 @@ def start_serve(tmp_path: Path, token_env: Any, pki: EmulatorPki, label: str, be
         "bearer": {"gateway": bearer},
         "policy": [{"principals": ["gateway"], "operations": ["sas-token"], "devices": ["leaf-*"]}],
         "rate_limit_per_second": 0})
-    # health port: one the OS picks, read back from the log line naming it
+    # health port: one of this test session's (tests/addresses.py)
     raw = json.loads(config.read_text())
-    raw["service"]["health_port"] = _free_port()
+    raw["service"]["health_port"] = free_port()
     config.write_text(json.dumps(raw))
     err_file = tmp_path / "serve.err"
     env = token_env.env(SPYRUS_HSM_CONFIG=str(config), OTEL_SDK_DISABLED="true")
@@ -108,13 +108,6 @@ def start_serve(tmp_path: Path, token_env: Any, pki: EmulatorPki, label: str, be
         proc.wait()
         raise AssertionError(err_file.read_text()[-3000:]) from None
     return Serve(proc, err_file, int(line.rsplit(":", 1)[1]), raw["service"]["health_port"])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.create_server((HOST, 0)) as s:
-        return int(s.getsockname()[1])
 
 
 def stop(serve: Serve) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import addresses
 import pytest
 from service_harness import ServiceHarness, free_port, problem_type, store_hsm_certificate
 
@@ -32,8 +33,8 @@ from spyrus_hsm.service.routes import ROUTES
 
 pytestmark = pytest.mark.timeout(120)
 
-DPS_HOST = "127.0.0.54"     # the emulator: it checks credentials
-NO_DPS_HOST = "127.0.0.55"  # nothing listens there
+DPS_HOST = addresses.host()     # the emulator: it checks credentials
+NO_DPS_HOST = addresses.host()  # nothing listens there
 SCOPE = "0ne000A54E"
 POLICY = [
     {"principals": ["*"], "operations": ["registration"], "devices": ["{cn}"]},
@@ -214,7 +215,7 @@ def store_expired_certificate(hsm: Hsm, label: str, pki: EmulatorPki) -> None:
 
 def _health_readyz(svc: ServiceHarness) -> dict[str, Any]:
     assert svc.health_port is not None
-    conn = http.client.HTTPConnection("127.0.0.1", svc.health_port, timeout=10)
+    conn = http.client.HTTPConnection(svc.cfg.health_host, svc.health_port, timeout=10)
     try:
         conn.request("GET", "/readyz")
         return dict(json.loads(conn.getresponse().read()))

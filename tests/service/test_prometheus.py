@@ -3,7 +3,7 @@ on a live scrape of `spyrus-hsm serve`, and a real Prometheus server (Debian's `
 installed by `make deps`) scraping it, asked through its HTTP API whether the target is up,
 whether a request moves the counters, and whether the shipped alert rules load against it.
 
-Addresses: serve's metrics on 127.0.0.92 and Prometheus on 127.0.0.91, which no other test uses;
+Addresses: serve's metrics and Prometheus each on one of the test session's own (tests/addresses.py);
 Prometheus runs in a temporary directory under `timeout` (it cannot outlive the run) and is
 stopped at teardown.
 """
@@ -18,7 +18,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import addresses
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from service_harness import ask_sas_token, serve_config, stop_process, store_hsm_certificate, wait_for_lines
@@ -41,8 +41,8 @@ pytestmark = pytest.mark.timeout(180)
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deployments" / "prometheus" / "alerts.yml"
-METRICS_HOST = "127.0.0.92"
-PROMETHEUS_HOST = "127.0.0.91"
+METRICS_HOST = addresses.host()
+PROMETHEUS_HOST = addresses.host()
 POLICY = [{"principals": ["gateway"], "operations": ["sas-token"], "devices": ["prom-*"]}]
 REQUESTS = "sum(spyrus_hsm_http_server_request_duration_seconds_count)"
 SIGNATURES = "sum(spyrus_hsm_hsm_signatures_total)"
@@ -56,11 +56,6 @@ def tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return found
-
-
-def free_port(host: str) -> int:
-    with socket.create_server((host, 0)) as s:
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -101,7 +96,7 @@ def served(hsm: Hsm, token_env, tmp_path_factory: pytest.TempPathFactory,  # typ
     config = serve_config(tmp, token_env, emulator_pki, {
         "bearer": {"gateway": bearer}, "policy": POLICY, "cache_reuse_fraction": 0, "rate_limit_per_second": 0})
     document = json.loads(config.read_text())
-    document["metrics"] = {"host": METRICS_HOST, "port": free_port(METRICS_HOST)}
+    document["metrics"] = {"host": METRICS_HOST, "port": addresses.port(METRICS_HOST)}
     config.write_text(json.dumps(document))
     env = token_env.env(SPYRUS_HSM_CONFIG=str(config), OTEL_SDK_DISABLED="false")
     env = {k: v for k, v in env.items() if not k.startswith("IOTEDGE_")}
@@ -207,7 +202,7 @@ class Prometheus:
 def prometheus(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     binary = tool("prometheus")
     tmp = tmp_path_factory.mktemp("prometheus")
-    port = free_port(PROMETHEUS_HOST)
+    port = addresses.port(PROMETHEUS_HOST)
     (tmp / "prometheus.yml").write_text(json.dumps({  # JSON is YAML
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ALERTS)],

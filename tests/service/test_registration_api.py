@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import addresses
 import pytest
 from cryptography.hazmat.primitives import serialization
 from otlp_receiver import OtlpReceiver
@@ -26,7 +27,7 @@ from spyrus_hsm.telemetry import Telemetry
 
 pytestmark = pytest.mark.timeout(90)
 
-HOST = "127.0.0.51"
+HOST = addresses.host()
 SCOPE = "0ne000A51E"
 POLICY = [{"principals": ["*"], "operations": ["registration"], "devices": ["{cn}"]}]
 
