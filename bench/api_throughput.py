@@ -422,6 +422,10 @@ async def slow_usb(args: argparse.Namespace, pin: Path, root: Path) -> dict[str,
                                         concurrency=args.storm_connections))
     lags = await _lag_while(load)
     out["reconnect"] = {**await load, "signatures": signatures - before, **lag_summary(lags)}
+    from spyrus_hsm.service import collector
+
+    gc = collector.pace()  # the schedule start_service started
+    out["collector"] = {"freezes": gc.freezes, "collections": gc.collections, "longest_ms": gc.longest * 1e3}
     await listeners.stop()
     hsm.close()
     return out
@@ -502,6 +506,9 @@ async def slow_usb_parent(args: argparse.Namespace, root: Path) -> None:
         check(lambda r: r["reconnect"]["worst_lag_ms"] < 20), "target < 20 ms")
     late(runs, "reconnect", row, each)
     row("served, errors", each(lambda r: f"{r['reconnect']['requests']}, {sum(r['reconnect']['errors'].values())}"))
+    row("collector: busy ticks frozen; deferred collections, the longest (ms)",
+        each(lambda r: f"{r['collector']['freezes']}; {r['collector']['collections']}, "
+                       f"{r['collector']['longest_ms']:.0f}"))
     for name, r in runs.items():
         for case in ("storm", "rollover"):
             c = r[case]["cache"]

@@ -33,11 +33,12 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 TICK = 0.25         # seconds between looks
 IDLE = 0.05         # the share of a tick the loop's thread may work and still be idle
-QUIET = 2.0         # seconds idle before the deferred collection
+QUIET = 10.0        # seconds idle before the deferred collection (it walks everything: tens of ms)
 MAX_DEFER = 300.0   # seconds a cycle may wait at most under continuous load
 YOUNG = 20_000      # the youngest generation's threshold (CPython: 700)
 
 _task: asyncio.Task[None] | None = None
+_running: Collector | None = None
 
 
 class Collector:
@@ -52,6 +53,7 @@ class Collector:
         self.deferred_since: float | None = None    # first freeze since the last full collection
         self.freezes = self.collections = 0         # observable
         self.reclaimed = 0                          # objects the deferred collections freed
+        self.longest = 0.0                          # seconds the longest of them took
 
     def start(self) -> None:
         """Freeze what exists now (start-up's objects); the youngest generation's threshold."""
@@ -75,19 +77,21 @@ class Collector:
 
     def collect(self) -> None:
         """Everything back in the collector's sight, collected once, start-up's frozen again."""
+        began = time.perf_counter()
         gc.unfreeze()
         self.reclaimed += gc.collect()
         gc.freeze()
+        self.longest = max(self.longest, time.perf_counter() - began)
         self.collections += 1
         self.deferred_since = None
 
 
-def pace() -> Collector | None:
-    """Start the schedule on the running loop (once per process; None if it already runs)."""
-    global _task
-    if _task is not None and not _task.done():
-        return None
-    collector = Collector()
+def pace() -> Collector:
+    """Start the schedule on the running loop, once per process; the schedule running."""
+    global _task, _running
+    if _task is not None and not _task.done() and _running is not None:
+        return _running
+    collector = _running = Collector()
     collector.start()
 
     async def run() -> None:
