@@ -18,6 +18,7 @@ from .errors import (
 from .library import TokenSelector, TokenSummary, mark_shared
 from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm
 from .pool import HsmState, PoolSettings
+from .provision import init_token
 from .secret import Secret, read_secret_file, read_secret_stream
 from .uri import Pkcs11Uri, UriError, as_uri
 
@@ -26,5 +27,5 @@ __all__ = [
     "HsmUnavailable", "InvalidInput", "KeyAlgorithm", "KeyRef", "LoginFailed", "ObjectInfo",
     "ObjectNotFound", "OperationFailed", "PinFileError", "Pkcs11Uri", "PoolSettings", "Secret",
     "SignAlgorithm", "TokenNotFound", "TokenSelector", "TokenSummary", "UriError", "as_uri",
-    "mark_shared", "read_secret_file", "read_secret_stream",
+    "init_token", "mark_shared", "read_secret_file", "read_secret_stream",
 ]
