@@ -10,11 +10,11 @@ from cryptography import x509
 
 from ..identity import tls
 from ..identity.csr import build_csr
-from .common import Stdin, UsageError, emit, load_config, logged_in, read_input_file, session
+from .common import Stdin, UsageError, emit, hsm_and_config, load_config, logged_in, read_input_file
 
 
 def cmd_csr(args: argparse.Namespace, stdin: Stdin) -> int:
-    with session(args, stdin) as (hsm, _):
+    with hsm_and_config(args, stdin) as (hsm, _):
         der = build_csr(hsm, args.label, args.subject, args.dns or None)
     from cryptography.hazmat.primitives import serialization
 
@@ -30,7 +30,7 @@ def cmd_cert_import(args: argparse.Namespace, stdin: Stdin) -> int:
                  else [x509.load_der_x509_certificate(data)])
     except ValueError:
         raise UsageError(f"{args.file} holds no PEM or DER X.509 certificate") from None
-    with session(args, stdin) as (hsm, _):
+    with hsm_and_config(args, stdin) as (hsm, _):
         key_id = hsm.import_certificates(args.label, certs)
     print(f"stored {len(certs)} certificate(s) with key '{args.label}' (id {key_id})")
     return 0

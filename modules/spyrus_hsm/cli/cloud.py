@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import Stdin, UsageError, provider_loader, read_input_file, session
+from .common import Stdin, UsageError, hsm_and_config, provider_loader, read_input_file
 
 
 def cmd_register(args: argparse.Namespace, stdin: Stdin) -> int:
@@ -20,7 +20,7 @@ def cmd_register(args: argparse.Namespace, stdin: Stdin) -> int:
             payload = json.loads(args.payload)
         except ValueError:
             raise UsageError("--payload must be JSON, e.g. '{\"site\": \"plant-7\"}'") from None
-    with session(args, stdin) as (hsm, cfg):
+    with hsm_and_config(args, stdin) as (hsm, cfg):
         ca_file = args.server_ca or cfg.cloud.server_ca_file
         ca_pem = read_input_file(ca_file, "server CA file").decode() if ca_file else None
         load_provider = provider_loader(args, cfg, "X.509 registration")
@@ -43,7 +43,7 @@ def cmd_renew(args: argparse.Namespace, stdin: Stdin) -> int:
     from ..cloud import renewal
     from ..identity import issued as issued_id
 
-    with session(args, stdin) as (hsm, cfg):
+    with hsm_and_config(args, stdin) as (hsm, cfg):
         c = cfg.cloud
         if not (c.id_scope and c.registration_id and c.key):
             raise UsageError("renew registers with the onboarding credential of the config's cloud section: "

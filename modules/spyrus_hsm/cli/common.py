@@ -99,7 +99,7 @@ def logged_in(args: argparse.Namespace, cfg: Config, stdin: Stdin, user_pin: Sec
 
 
 @contextmanager
-def session(args: argparse.Namespace, stdin: Stdin) -> Iterator[tuple[Hsm, Config]]:
+def hsm_and_config(args: argparse.Namespace, stdin: Stdin) -> Iterator[tuple[Hsm, Config]]:
     """The config, loaded once, and its HSM, logged in."""
     cfg = load_config(args)
     with logged_in(args, cfg, stdin) as hsm:

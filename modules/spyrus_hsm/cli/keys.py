@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from ..hsm import Hsm, KeyAlgorithm, Pkcs11Uri, Secret, init_token
 from ..identity import sas as sas_mod
-from .common import EXIT_FAILED, Stdin, UsageError, load_config, read_input_file, secret, session
+from .common import EXIT_FAILED, Stdin, UsageError, hsm_and_config, load_config, read_input_file, secret
 
 
 def cmd_token_init(args: argparse.Namespace, stdin: Stdin) -> int:
@@ -27,7 +27,7 @@ def cmd_token_init(args: argparse.Namespace, stdin: Stdin) -> int:
 
 
 def cmd_key_import_sas(args: argparse.Namespace, stdin: Stdin) -> int:
-    with session(args, stdin) as (hsm, _):
+    with hsm_and_config(args, stdin) as (hsm, _):
         raw = secret(args.key_file, "key", stdin)
         try:
             value = Secret(base64.b64decode(raw.reveal().strip(), validate=True))
@@ -47,7 +47,7 @@ def cmd_key_import_sas(args: argparse.Namespace, stdin: Stdin) -> int:
 
 def cmd_key_import_pkcs12(args: argparse.Namespace, stdin: Stdin) -> int:
     data = read_input_file(args.file, "PKCS#12 file")
-    with session(args, stdin) as (hsm, _):
+    with hsm_and_config(args, stdin) as (hsm, _):
         password = None if args.no_password else secret(args.password_file, "password", stdin)
         key_id = hsm.import_pkcs12(args.label, data, password)
         if password:
@@ -63,14 +63,14 @@ def _has_certs(hsm: Hsm, label: str) -> bool:
 
 
 def cmd_key_generate(args: argparse.Namespace, stdin: Stdin) -> int:
-    with session(args, stdin) as (hsm, _):
+    with hsm_and_config(args, stdin) as (hsm, _):
         key_id = hsm.generate_keypair(args.label, KeyAlgorithm(args.type))
     print(f"generated {args.type} key pair '{args.label}' (id {key_id}) inside the token")
     return 0
 
 
 def cmd_list(args: argparse.Namespace, stdin: Stdin) -> int:
-    with session(args, stdin) as (hsm, _):
+    with hsm_and_config(args, stdin) as (hsm, _):
         objects = hsm.list_objects()
         state = hsm.state
     if args.json:
@@ -90,7 +90,7 @@ def cmd_list(args: argparse.Namespace, stdin: Stdin) -> int:
 
 def cmd_delete(args: argparse.Namespace, stdin: Stdin) -> int:
     ref = Pkcs11Uri.parse(args.uri) if args.uri else Pkcs11Uri(object=args.label, type=args.type)
-    with session(args, stdin) as (hsm, _):
+    with hsm_and_config(args, stdin) as (hsm, _):
         n = hsm.delete(ref)
     if n == 0:
         print(f"nothing matches {ref}; see 'spyrus-hsm list'", file=sys.stderr)
@@ -114,7 +114,7 @@ def cmd_sas(args: argparse.Namespace, stdin: Stdin) -> int:
         raise UsageError("give --hub/--device-id, --id-scope/--registration-id or --uri")
     if args.module_id and not args.device_id:
         raise UsageError("--module-id needs --hub and --device-id")
-    with session(args, stdin) as (hsm, cfg):
+    with hsm_and_config(args, stdin) as (hsm, cfg):
         ttl = args.ttl if args.ttl is not None else cfg.sas.default_ttl
         token = sas_mod.SasMinter(hsm).mint(args.key, uri, ttl, args.key_name)
     if args.json:
