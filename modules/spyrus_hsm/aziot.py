@@ -4,7 +4,7 @@ The edge runtime's identity services (aziot-keyd, aziot-identityd on the host) t
 keys: `[aziot_keys]` names the library and a base slot, and the `[provisioning]` section names
 the device's own credential by `pkcs11:` URI. aziot reads the token's PIN only from those URIs
 (`pin-value`), so the real file holds the PIN; this module renders it with a placeholder for
-display and with the PIN only for the file the CLI writes root-only. aziot finds objects by
+display and with the PIN only in the file it writes (mode 0600). aziot finds objects by
 token label and object label alone (it ignores `type=`, which is kept for people reading the
 file), so each label must name exactly one object of the class aziot will look for.
 """
@@ -19,10 +19,15 @@ from urllib.parse import quote
 from cryptography import x509
 
 from .errors import Kind, SpyrusError
-from .hsm import Hsm, Pkcs11Uri
+from .files import write_atomic
+from .hsm import Hsm, Pkcs11Uri, Secret
 
 PIN_PLACEHOLDER = "<PIN>"
 DEFAULT_DPS_ENDPOINT = "https://global.azure-devices-provisioning.net/"
+
+
+class AziotOptionsError(SpyrusError, kind=Kind.USAGE):
+    """The provisioning asked for is incomplete or contradictory."""
 
 
 class AziotObjectMissing(SpyrusError, kind=Kind.NOT_FOUND):
@@ -53,6 +58,28 @@ class Provisioning:
         return "private" if self.method == "x509" else "secret-key"
 
 
+def provisioning(*, id_scope: str | None = None, registration_id: str | None = None, hub: str | None = None,
+                 device_id: str | None = None, x509: str | None = None, sas_key: str | None = None,
+                 identity_cert: str | None = None, global_endpoint: str = DEFAULT_DPS_ENDPOINT) -> Provisioning:
+    """The provisioning `aziot-config`'s options ask for, checked: DPS or manual, each with what it
+    needs, and an X.509 credential (`x509`, its label) or a symmetric key (`sas_key`)."""
+    if bool(id_scope) == bool(hub):
+        raise AziotOptionsError("give --id-scope and --registration-id (DPS) or --hub and --device-id (manual)")
+    if id_scope and not registration_id:
+        raise AziotOptionsError("--id-scope needs --registration-id")
+    if hub and not device_id:
+        raise AziotOptionsError("--hub needs --device-id")
+    if x509 and not identity_cert:
+        raise AziotOptionsError("--x509 needs --identity-cert: the file aziot reads the device certificate from")
+    key_label = x509 or sas_key
+    if not key_label:
+        raise AziotOptionsError("give --x509 or --sas-key: the credential aziot uses")
+    return Provisioning(
+        source="dps" if id_scope else "manual", method="x509" if x509 else "sas", key_label=key_label,
+        id_scope=id_scope, registration_id=registration_id, global_endpoint=global_endpoint, hub=hub,
+        device_id=device_id, identity_cert=identity_cert)
+
+
 def check_objects(hsm: Hsm, prov: Provisioning) -> list[x509.Certificate]:
     """Check the credential exists once in the token; for X.509 return its certificate chain."""
     token = hsm.state.token_label or "?"
@@ -78,6 +105,17 @@ def chain_pem(chain: list[x509.Certificate]) -> str:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     return "".join(c.public_bytes(Encoding.PEM).decode() for c in chain)
+
+
+def write_config(path: str, lib_path: str, token_label: str, prov: Provisioning, pin: Secret) -> None:
+    """The config file with the real PIN, which only its owner may read (mode 0600)."""
+    write_atomic(path, render(lib_path, token_label, prov, pin_value(pin.reveal_str())), mode=0o600)
+
+
+def write_identity_cert(prov: Provisioning, chain: list[x509.Certificate]) -> None:
+    """The certificate chain read from the token, to the file the config names (`identity_cert`)."""
+    assert prov.identity_cert
+    write_atomic(prov.identity_cert, chain_pem(chain), mode=0o644)
 
 
 def pin_value(pin: str) -> str:

@@ -11,8 +11,10 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import subprocess
+import threading
 from pathlib import Path
 from urllib.parse import parse_qs, quote
 
@@ -225,6 +227,47 @@ def test_list_and_delete(run, label: str) -> None:  # type: ignore[no-untyped-de
     res = run("delete", "--label", label)
     assert res.code == 0 and "deleted 2 object(s)" in res.out
     assert run("delete", "--label", label).code == 1
+
+
+class _ConfigServedOnce:
+    """The config through a named pipe, written once: a second load would wait for a writer forever."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        os.mkfifo(path)
+        self.path = path
+        self._thread = threading.Thread(target=self._serve, args=(text,), daemon=True)
+        self._thread.start()
+
+    def _serve(self, text: str) -> None:
+        with open(self.path, "w") as pipe:  # returns once a reader opens it
+            pipe.write(text)
+
+    def close(self) -> None:
+        reader = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer's open return if unread
+        self._thread.join(10)
+        os.close(reader)
+        assert not self._thread.is_alive()
+
+
+@pytest.mark.parametrize("command", ["keyref", "aziot-config"])
+def test_a_command_loads_its_config_once(run, token_env, label: str, tmp_path: Path, command: str) -> None:  # type: ignore[no-untyped-def]
+    """Both check the config before they log in (and used to load it again to log in)."""
+    if command == "keyref":
+        assert run("key", "generate", "--label", label, "--type", "ec-p256").code == 0
+        args: tuple[str, ...] = ("keyref", "--label", label, "--out", str(tmp_path / "key.pem"))
+    else:
+        b64 = base64.b64encode(secrets.token_bytes(32)).decode()
+        key_file = _secret_file(tmp_path, "key", b64)
+        assert run("key", "import-sas", "--label", label, "--key-file", str(key_file), secrets_in=(b64,)).code == 0
+        args = ("aziot-config", "--hub", "hub.example", "--device-id", "dev-1", "--sas-key", label)
+    config = _ConfigServedOnce(tmp_path / "config.yaml", token_env.config_file.read_text())
+    try:
+        res = run(*args, env=token_env.env(SPYRUS_HSM_CONFIG=str(config.path)), timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"'{command}' loaded its config a second time (and waited for the pipe to give it again)")
+    finally:
+        config.close()
+    assert res.code == 0, res.err
 
 
 def test_keyref_and_openssl_config_let_plain_openssl_sign(run, token_env, label: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

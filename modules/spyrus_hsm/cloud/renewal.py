@@ -46,12 +46,14 @@ from cryptography import x509
 
 from .. import times
 from ..backoff import Backoff
-from ..hsm import ObjectNotFound, Pkcs11Uri
+from ..config import CloudConfig
+from ..hsm import Hsm, ObjectNotFound, Pkcs11Uri
 from ..identity import issued as issued_id
 from ..identity import x509 as x509_id
 from ..keystore import KeyStore
 from ..threads import Worker
 from .dps import Assignment, DpsRequest, Provisioner
+from .hub import HubClient, HubIdentity
 
 log = logging.getLogger(__name__)
 SEPARATOR = "@"
@@ -365,3 +367,24 @@ class Renewer:
 
 def now() -> dt.datetime:
     return times.now()
+
+
+def renew_now(hsm: Hsm, cloud: CloudConfig, base: str, state_dir: Path, server_ca_pem: str | None,
+              load_provider: Callable[[], None], *, force: bool = False,
+              timeout: float | None = None) -> tuple[x509_id.X509Credential, Renewed | None]:
+    """One renewal by hand (`spyrus-hsm renew`, `serve` stopped) with `cloud`'s onboarding credential: the
+    credential in use, and what `renew_once` did (None: not due, and not `force`d). Its move connects to
+    the hub with the new certificate and closes the connection: the hub accepting it is the commit point."""
+    in_use = require_current(hsm, base)
+    if not force and due_at(in_use.leaf, cloud.renew_at) > now():
+        return in_use, None
+    load_provider()  # the new certificate is proven through it: fail before any change if it cannot load
+
+    def prove(cred: x509_id.X509Credential, assignment: Assignment) -> None:
+        files = x509_id.write_tls_files(cred, hsm.state.token_label or "", state_dir / "tls")
+        HubClient(hsm, HubIdentity(assignment.assigned_hub, assignment.device_id, cloud.module_id, x509=files,
+                                   server_ca_pem=server_ca_pem)).connect().shutdown()
+
+    request = DpsRequest.onboarding(cloud, server_ca_pem, issue_cert=base)
+    return in_use, renew_once(hsm, Provisioner(hsm, state_dir, load_provider), request, base, prove,
+                              timeout=timeout or cloud.registration_timeout, tls_dir=state_dir / "tls")

@@ -18,7 +18,7 @@ from .errors import (
 )
 from .library import TokenSelector, TokenSummary, mark_shared
 from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm
-from .provision import list_tokens
+from .provision import init_token, list_tokens
 from .recovery import EXIT_RESTART, restart_done, restart_once
 from .secret import Secret, read_secret_file, read_secret_stream
 from .state import HsmState, PoolSettings
@@ -52,6 +52,7 @@ __all__ = [
     "UriError",
     "as_uri",
     "ecdsa_raw_to_der",
+    "init_token",
     "list_tokens",
     "mark_shared",
     "read_secret_file",
