@@ -37,9 +37,9 @@ from azure.iot.device import Message
 
 from . import times
 from .config import EventsConfig
-from .edge.reported import clip
 from .hsm import HsmState
 from .threads import Lane, spawn
+from .twinvalues import clip
 
 log = logging.getLogger(__name__)
 SEND_TIMEOUT = 10.0          # seconds for edgeHub to acknowledge one message

@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .. import events, times
 from ..config import CloudConfig
-from ..edge.reported import renewal_entries
 from ..identity import x509 as x509_id
 from ..keystore import KeyStore
+from ..twinvalues import renewal_entries
 from . import dps_client, renewal
 from .dps import Assignment, DpsRequest, Exchange, Provisioner
 from .hub import HubClient, HubIdentity

@@ -30,15 +30,11 @@ from typing import Any
 from .. import times
 from ..hsm import HsmState, ObjectInfo
 from ..identity.x509 import X509Credential
+from ..twinvalues import MAX_TEXT, clip, renewal_entries, twin_key
 
-MAX_TEXT = 500
+__all__ = ["MAX_ITEMS", "MAX_TEXT", "clip", "renewal_entries", "twin_key"]  # the last three live in twinvalues
+
 MAX_ITEMS = 100
-
-
-def clip(text: str | None, limit: int = MAX_TEXT) -> str | None:
-    if text is None or len(text) <= limit:
-        return text
-    return text[: limit - 1] + "…"
 
 
 def hsm_section(state: HsmState) -> dict[str, Any]:
@@ -110,18 +106,6 @@ def with_renewal_times(items: Sequence[Mapping[str, Any]],
     knows when the certificate was received: see `cloud.renewal.due_at`)."""
     due = {state.get("label"): state.get("renewAt") for state in renewals.values() if state.get("renewAt")}
     return [{**i, "renewAt": due[i["label"]]} if i.get("label") in due and "renewAt" in i else i for i in items]
-
-
-def renewal_entries(renewals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """`{<label>: {"renewal": state}}` for each operational certificate being renewed, the
-    label made a valid twin key."""
-    return {twin_key(label): {"renewal": {k: clip(v) if isinstance(v, str) else v for k, v in state.items()}}
-            for label, state in renewals.items()}
-
-
-def twin_key(label: str) -> str:
-    """`label` as a twin property name (those may not contain '.', '$' or spaces)."""
-    return "".join("_" if ch in ".$ " else ch for ch in label)
 
 
 def days_left(iso: str | None, now: dt.datetime) -> int | None:
