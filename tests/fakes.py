@@ -27,7 +27,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from spyrus_hsm.cloud import dps_client
 from spyrus_hsm.cloud.dps import Assignment
-from spyrus_hsm.cloud.sdk import HubError, HubTimeout
 from spyrus_hsm.hsm import (
     HsmState,
     HsmTimeout,
@@ -41,6 +40,7 @@ from spyrus_hsm.hsm import (
     as_uri,
 )
 from spyrus_hsm.identity.x509 import X509Credential
+from spyrus_hsm.sdkerrors import HubError, HubTimeout
 
 _CURVES = {KeyAlgorithm.EC_P256: ec.SECP256R1(), KeyAlgorithm.EC_P384: ec.SECP384R1()}
 _HASHES = {SignAlgorithm.ECDSA_SHA256: hashes.SHA256(), SignAlgorithm.ECDSA_SHA384: hashes.SHA384()}

@@ -26,12 +26,12 @@ from tls_client import client_context
 from emulator import pki as epki
 from spyrus_hsm.cloud.dps import DpsRequest, Provisioner, RegistrationError
 from spyrus_hsm.cloud.hub import HubClient, HubIdentity
-from spyrus_hsm.cloud.sdk import HubCredentialRefused, HubTimeout
 from spyrus_hsm.files import read_json, write_json_atomic
 from spyrus_hsm.hsm import Hsm, KeyAlgorithm, Secret
 from spyrus_hsm.identity import tls
 from spyrus_hsm.identity import x509 as x509_id
 from spyrus_hsm.identity.csr import build_csr
+from spyrus_hsm.sdkerrors import HubCredentialRefused, HubTimeout
 
 pytestmark = pytest.mark.timeout(90)
 HOST = addresses.host()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from spyrus_hsm.cloud.hub import HubClient, HubIdentity
-from spyrus_hsm.cloud.sdk import HubTimeout
+from spyrus_hsm.sdkerrors import HubTimeout
 
 
 class SlowClient:

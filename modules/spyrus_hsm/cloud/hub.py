@@ -28,8 +28,8 @@ from azure.iot.device import X509, IoTHubDeviceClient, IoTHubModuleClient, Messa
 from ..hsm import Hsm
 from ..identity.sas import SasMinter, device_uri
 from ..identity.x509 import TlsFiles
+from ..sdkerrors import HubError, HubTimeout, translate
 from ..threads import Lane, Worker
-from .sdk import HubError, HubTimeout, translate
 
 log = logging.getLogger(__name__)
 

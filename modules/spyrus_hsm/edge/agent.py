@@ -11,7 +11,7 @@ Threads, and what each may do:
   go through the sync Hsm API, bounded by a deadline);
 - the HSM pool's listener only queues (it runs on an HSM worker or supervisor thread).
 Every blocking SDK call goes through `sdkcalls` (bounded threads, a deadline, what the SDK
-raises translated to a `cloud.sdk.HubError` naming the hub and the reason, logged in one line).
+raises translated to a `sdkerrors.HubError` naming the hub and the reason, logged in one line).
 Under the edge runtime the SDK has the workload API sign each SAS token; when a renewal fails
 (the workload socket gone while aziot-edged restarts) the SDK never tries again, so the agent
 reports it and builds a new client (a new token) once the workload API signs again, before
@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 
 from azure.iot.device.common.auth.sastoken import SasTokenError
 
-from ..cloud.sdk import HubError, HubTimeout
 from ..hsm import HsmState
+from ..sdkerrors import HubError, HubTimeout
 from ..threads import spawn
 from .desired import ApplyError, DesiredConfig
 from .document import ReportedDocument

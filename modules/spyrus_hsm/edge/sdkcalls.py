@@ -1,6 +1,6 @@
 """The agent's calls into azure-iot-device: each in a `threads.Lane` with a deadline (the
 synchronous SDK waits for ever), so calls that never return hold at most the lane's width of
-threads; what the SDK raises comes out as a `cloud.sdk.HubError` naming the hub and the reason.
+threads; what the SDK raises comes out as a `sdkerrors.HubError` naming the hub and the reason.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from azure.iot.device import IoTHubModuleClient
 
-from ..cloud.sdk import HubError, HubTimeout, translate
+from ..sdkerrors import HubError, HubTimeout, translate
 from ..threads import Lane
 from .environment import EdgeEnvironment
 from .hooks import explain

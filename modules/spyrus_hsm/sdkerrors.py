@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from azure.iot.device import exceptions as sdk
 
-from ..errors import Kind, SpyrusError
+from .errors import Kind, SpyrusError
 
 MAX_REASON = 300
 
