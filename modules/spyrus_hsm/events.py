@@ -38,7 +38,7 @@ from azure.iot.device import Message
 from . import times
 from .config import EventsConfig
 from .hsm import HsmState
-from .threads import Lane, spawn
+from .threads import Lane, Worker
 from .twinvalues import clip
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ class Events:
         self._lane = Lane("edge-events-send", width=2)
         self._inflight: dict[str, Future[Any]] = {}  # eventId -> its send, until it returns
         self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("edge-events", on_close=self._wake.set)
+        self._stop = self._worker.stop_event
         self._refused: dict[str, collections.Counter[str]] = {}
         self._window_start = time.time()
         self._hsm_announced: str | None = None   # the unavailable-type event of the current outage
@@ -138,14 +138,12 @@ class Events:
     # --- sending (its own thread) --------------------------------------------------------------
 
     def start(self, client: ClientSource) -> Events:
-        self._thread = spawn(lambda: self._run(client), "edge-events")
+        self._worker.spawn(lambda: self._run(client), "edge-events")
         return self
 
-    def stop(self, timeout: float = 1.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def stop(self, timeout: float = 1.0) -> bool:
+        """Stop sending; False if the sender did not end within `timeout` seconds."""
+        return self._worker.close(timeout)
 
     def pending(self) -> int:
         with self._lock:

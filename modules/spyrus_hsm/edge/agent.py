@@ -26,16 +26,16 @@ from __future__ import annotations
 import functools
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from azure.iot.device.common.auth.sastoken import SasTokenError
 
+from ..backoff import Backoff
 from ..hsm import HsmState
 from ..sdkerrors import HubError, HubTimeout
-from ..threads import spawn
+from ..threads import Worker
 from .desired import ApplyError, DesiredConfig
 from .document import ReportedDocument
 from .environment import EdgeEnvironment
@@ -61,14 +61,15 @@ class EdgeAgent:
         self.reconnect_after = reconnect_after
         self.sdk = SdkCalls(env, sdk_timeout, dict(sdk_options or {}))
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("edge-agent", self._run)
+        self._stop = self._worker.stop_event
+        self._connect_backoff = Backoff(1.0, retry_max)
+        self._renew_backoff = Backoff(1.0, retry_max)
         self._client: Any = None
         self._was_connected = False
         self._down_since: float | None = None
         self._twin_stale = False
         self._renew_due: float | None = None   # a SAS renewal failed: when to try a new client
-        self._renew_delay = 1.0
         self.document = ReportedDocument(hooks, renew_at=lambda: self.desired.renew_at(), wake=self._wake,
                                          inventory_interval=inventory_interval, hsm_deadline=hsm_deadline)
         self.desired = DesiredConfig(hooks, self.document)
@@ -78,7 +79,7 @@ class EdgeAgent:
     # --- what the module around it calls ----------------------------------------------------
 
     def start(self) -> EdgeAgent:
-        self._thread = spawn(self._run, "edge-agent")
+        self._worker.start()
         return self
 
     def stop(self, timeout: float = 3.0) -> bool:
@@ -89,9 +90,7 @@ class EdgeAgent:
         self._queue.put(("stop", None))
         client, self._client = self._client, None
         done = client is None or self.sdk.close(client, timeout)
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            done = done and not self._thread.is_alive()
+        done = self._worker.close(deadline - time.monotonic()) and done
         if not done:
             log.warning("the IoT Edge client did not shut down within %g s; exiting without waiting for it", timeout)
         return done
@@ -120,14 +119,12 @@ class EdgeAgent:
     # --- the agent thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        delay = 1.0
         while not self._stop.is_set():
             if self._client is None:
                 if self._connect():
-                    delay = 1.0
+                    self._connect_backoff.reset()
                 else:
-                    self._stop.wait(delay)
-                    delay = min(delay * 2, self.retry_max)
+                    self._stop.wait(self._connect_backoff.next())
                 continue
             try:
                 self._step()
@@ -279,8 +276,8 @@ class EdgeAgent:
         self.document.record_error("edge", f"the SAS token for edgeHub could not be renewed ({explain(exc)}); "
                                            "retrying with a new client while the current token lasts")
         if self._renew_due is None:
-            self._renew_delay = 1.0
-            self._renew_due = time.monotonic() + self._renew_delay
+            self._renew_backoff.reset()
+            self._renew_due = time.monotonic() + self._renew_backoff.next()
 
     def _retry_renewal(self) -> None:
         """Build a client with a fresh token; while that fails (the workload API still away),
@@ -289,9 +286,9 @@ class EdgeAgent:
         try:
             fresh = self.sdk.new_client("making a new SAS token")
         except Exception as exc:
-            self._renew_delay = min(self._renew_delay * 2, self.retry_max)
-            self._renew_due = time.monotonic() + self._renew_delay
-            log.warning("SAS token renewal still failing (%s); next try in %g s", told(exc), self._renew_delay)
+            delay = self._renew_backoff.next()
+            self._renew_due = time.monotonic() + delay
+            log.warning("SAS token renewal still failing (%s); next try in %g s", told(exc), delay)
             return
         self._renew_due = None
         old, self._client = self._client, None
