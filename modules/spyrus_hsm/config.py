@@ -176,8 +176,8 @@ class ServiceConfig:
     max_body_bytes: int = ranged(16384, 256, 1 << 20)
     request_timeout: float = ranged(15.0, 0.1, 600, unit="seconds")
     registration_timeout: float = ranged(60.0, 0.1, 600, unit="seconds")
-    rate_limit_per_second: float = ranged(20.0, 0)  # per principal; 0 turns the limit off
-    rate_limit_burst: int = ranged(40, 1)
+    rate_limit_per_second: float = 20.0  # per principal; 0 turns the limit off
+    rate_limit_burst: int = 40
     retry_after: int = ranged(1, 1, 3600, unit="seconds")  # seconds, sent with 503 when the HSM is busy/not ready
     audit_file: str | None = None       # JSON lines; default <state_dir>/audit.log; "-" = stderr
     audit_fail_closed: bool = True      # refuse to hand out signatures the audit log missed
@@ -374,6 +374,8 @@ def validate_service(s: ServiceConfig, where: str) -> None:
         raise ConfigError(f"{where}: set one of 'service.tls_key_file' and 'service.tls_key_label', not both")
     if s.tls_cert_file and not (s.tls_key_file or s.tls_key_label):
         raise ConfigError(f"{where}: 'service.tls_cert_file' needs 'service.tls_key_file' or 'service.tls_key_label'")
+    if s.rate_limit_per_second < 0 or s.rate_limit_burst < 1:  # one message for both (twin tests quote it)
+        raise ConfigError(f"{where}: 'service.rate_limit_per_second' must be >= 0 and 'service.rate_limit_burst' >= 1")
     if not 60 <= s.min_ttl <= s.max_ttl <= YEAR:
         raise ConfigError(f"{where}: need 60 <= 'service.min_ttl' <= 'service.max_ttl' <= 1 year")
     for name in ("sas_key", "dps_key", "x509_label", "leaf_cert_label"):
