@@ -175,7 +175,7 @@ def _validation_messages() -> list[str]:
 
 def _ranges() -> dict[str, str]:
     """'section.key' -> what its check allows, as the error message words it."""
-    out: dict[str, str] = {}
+    out = config.allowed_ranges()  # the bounded fields; the checks across fields below
     for message in _validation_messages():
         message = message.removeprefix("…: ")
         for match in re.finditer(r"'([a-z_]+\.[a-z_]+)' (must be .*?|>= \d+)(?:, got .*|; .*|$| and '.*)", message):

@@ -29,7 +29,7 @@ from spyrus_hsm.hsm import (
     SignAlgorithm,
 )
 from spyrus_hsm.hsm.batcher import AsyncRunner
-from spyrus_hsm.hsm.encoding import ecdsa_raw_to_der
+from spyrus_hsm.hsm.encoding import ecdsa_raw_to_der, key_id_from_spki
 from spyrus_hsm.identity.csr import build_csr
 
 
@@ -299,3 +299,69 @@ def test_find_reads_only_the_label_asked_for_and_returns_every_duplicate(hsm: Hs
     with pytest.raises(InvalidInput, match="unknown object type"):
         hsm.find(label, "secrets")
     hsm.delete(Pkcs11Uri(object=label + "-other"))
+
+
+# --- a write that fails half-way leaves nothing behind (faults from the PKCS#11 shim) ---------
+
+CKO_CERTIFICATE, CKO_PUBLIC_KEY, CKO_PRIVATE_KEY = 1, 2, 3
+
+
+@pytest.fixture
+def full_token(token_env):  # type: ignore[no-untyped-def]
+    """The shim's control file, reset to a healthy token after the test."""
+    yield token_env
+    token_env.set_shim(state="plugged")
+
+
+def _left_on_token(hsm: Hsm, label: str, key_id: bytes | None = None) -> set[tuple[int, str]]:
+    """(class, label) of the token objects with that label (or that CKA_ID), as a session of its
+    own sees them: not the workers' handle caches."""
+    from pkcs11 import Attribute
+
+    from spyrus_hsm.hsm import library
+
+    session = library.open_session(hsm.pool.run(lambda ws: ws.session.token, "token"))
+    try:
+        found = list(session.get_objects({Attribute.TOKEN: True, Attribute.LABEL: label}))
+        if key_id is not None:
+            found += list(session.get_objects({Attribute.TOKEN: True, Attribute.ID: key_id}))
+        return {(int(o[Attribute.CLASS]), str(o[Attribute.LABEL])) for o in found}
+    finally:
+        session.close()
+
+
+def _p12(key: ec.EllipticCurvePrivateKey) -> bytes:
+    leaf, chain = _ca_chain(key)
+    return pkcs12.serialize_key_and_certificates(
+        b"dev", key, leaf, chain, serialization.BestAvailableEncryption(b"p12-password"))
+
+
+@pytest.mark.shim
+@pytest.mark.parametrize("refused", [CKO_PUBLIC_KEY, CKO_PRIVATE_KEY], ids=["public", "private"])
+def test_a_generated_key_pair_whose_id_cannot_be_set_is_removed(hsm: Hsm, label: str, full_token,  # type: ignore[no-untyped-def]
+                                                                refused: int) -> None:
+    from spyrus_hsm.hsm import OperationFailed
+
+    full_token.set_shim(state="plugged", fail_set_class=refused)
+    with pytest.raises(OperationFailed, match="out of memory"):
+        hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
+    full_token.set_shim(state="plugged")
+    assert _left_on_token(hsm, label) == set()
+    hsm.generate_keypair(label, KeyAlgorithm.EC_P256)  # the label is free again
+    assert _left_on_token(hsm, label) == {(CKO_PUBLIC_KEY, label), (CKO_PRIVATE_KEY, label)}
+
+
+@pytest.mark.shim
+@pytest.mark.parametrize("refused", [CKO_PUBLIC_KEY, CKO_CERTIFICATE], ids=["public-key", "certificate"])
+def test_a_pkcs12_import_that_fails_half_way_leaves_no_object(hsm: Hsm, label: str, full_token,  # type: ignore[no-untyped-def]
+                                                              refused: int) -> None:
+    from spyrus_hsm.hsm import OperationFailed
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_id = key_id_from_spki(key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+    full_token.set_shim(state="plugged", fail_create_class=refused)
+    with pytest.raises(OperationFailed, match="out of memory"):
+        hsm.import_pkcs12(label, _p12(key), Secret(b"p12-password"))
+    full_token.set_shim(state="plugged")
+    assert _left_on_token(hsm, label, key_id) == set()

@@ -4,7 +4,6 @@ dead or hung collector costs neither request latency nor a prompt shutdown."""
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import os
 import secrets
 import time
@@ -101,37 +100,25 @@ def test_spans_arrive_with_names_attributes_parent_links_and_resource(
     assert sign.scope == "spyrus_hsm"
 
 
-def test_span_made_in_worker_thread_under_copied_context_is_child_of_caller(
-    rx: OtlpReceiver, exported: Telemetry
+def test_an_hsm_operation_on_a_pool_worker_is_traced_as_a_child_of_the_callers_span(
+    rx: OtlpReceiver, exported: Telemetry, hsm: Hsm
 ) -> None:
-    def work() -> None:
-        with exported.tracer.start_as_current_span("worker"):
-            pass
-
-    with exported.tracer.start_as_current_span("caller"), ThreadPoolExecutor(1) as pool:
-        pool.submit(contextvars.copy_context().run, work).result()
+    label = "traced-" + secrets.token_hex(3)
+    hsm.import_secret_key(label, Secret(secrets.token_bytes(32)))
+    previous = hsm.instrument(hsm_instrument(exported))
+    try:
+        with exported.tracer.start_as_current_span("caller"):
+            hsm.sign(label, SignAlgorithm.HMAC_SHA256, b"traced")
+    finally:
+        hsm.instrument(previous)
     exported.force_flush()
 
-    spans = by_name(rx.wait_for_spans(count=2))
-    assert spans["worker"].parent_span_id == spans["caller"].span_id
-    assert spans["worker"].trace_id == spans["caller"].trace_id
-
-
-def test_span_made_in_worker_thread_without_copied_context_starts_a_new_trace(
-    rx: OtlpReceiver, exported: Telemetry
-) -> None:
-    # The pitfall the pool avoids (otel-contrib #1009): a bare executor drops the parent.
-    def work() -> None:
-        with exported.tracer.start_as_current_span("orphan"):
-            pass
-
-    with exported.tracer.start_as_current_span("caller"), ThreadPoolExecutor(1) as pool:
-        pool.submit(work).result()
-    exported.force_flush()
-
-    spans = by_name(rx.wait_for_spans(count=2))
-    assert spans["orphan"].parent_span_id is None
-    assert spans["orphan"].trace_id != spans["caller"].trace_id
+    spans = by_name(rx.wait_for_spans(lambda s: s.name == "caller" or s.attributes.get("hsm.key.label") == label,
+                                      count=2))
+    caller, sign = spans["caller"], spans["hsm.sign"]
+    assert sign.parent_span_id == caller.span_id and sign.trace_id == caller.trace_id
+    assert sign.attributes == {"hsm.operation": "sign", "hsm.key.label": label,
+                               "hsm.mechanism": "CKM_SHA256_HMAC", "hsm.outcome": "ok"}
 
 
 def test_hsm_span_records_operation_key_mechanism_and_ok_outcome(rx: OtlpReceiver, exported: Telemetry) -> None:
@@ -217,15 +204,17 @@ def test_metrics_arrive_on_the_periodic_reader(rx: OtlpReceiver, make_telemetry:
 # --- export options -----------------------------------------------------------------------
 
 
-def test_gzip_compressed_protobuf_export_is_received(rx: OtlpReceiver, make_telemetry: MakeTelemetry) -> None:
-    telemetry = make_telemetry(OTEL_EXPORTER_OTLP_ENDPOINT=rx.endpoint, OTEL_EXPORTER_OTLP_COMPRESSION="gzip")
+@pytest.mark.parametrize("compression", ["gzip", "deflate"])
+def test_each_compression_the_settings_accept_is_the_one_the_export_uses(
+        rx: OtlpReceiver, make_telemetry: MakeTelemetry, compression: str) -> None:
+    telemetry = make_telemetry(OTEL_EXPORTER_OTLP_ENDPOINT=rx.endpoint, OTEL_EXPORTER_OTLP_COMPRESSION=compression)
     with telemetry.tracer.start_as_current_span("compressed"):
         pass
     telemetry.force_flush()
 
     rx.wait_for_spans(lambda s: s.name == "compressed")
     traces = [r for r in rx.requests if r.path == "/v1/traces"]
-    assert {(r.content_type, r.content_encoding) for r in traces} == {("application/x-protobuf", "gzip")}
+    assert {(r.content_type, r.content_encoding) for r in traces} == {("application/x-protobuf", compression)}
 
 
 def test_signal_specific_endpoint_is_used_as_is(rx: OtlpReceiver, make_telemetry: MakeTelemetry) -> None:
@@ -239,6 +228,8 @@ def test_signal_specific_endpoint_is_used_as_is(rx: OtlpReceiver, make_telemetry
     telemetry.force_flush()
 
     rx.wait_for_spans(lambda s: s.name == "routed")
+    assert telemetry.settings.traces is not None
+    assert telemetry.settings.traces.endpoint == f"{rx.endpoint}/v1/traces"
     assert telemetry.settings.metrics is None
 
 

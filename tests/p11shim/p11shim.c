@@ -21,6 +21,11 @@
  *                     forwarding; if the token is unplugged during the sleep the call answers
  *                     CKR_DEVICE_REMOVED at once (the state is polled every 5 ms).
  *   fail_login=1      C_Login answers CKR_PIN_INCORRECT without forwarding (0 = off).
+ *   fail_create_class=N  C_CreateObject of a template whose CKA_CLASS is N (0 data, 1 certificate,
+ *                     2 public key, 3 private key, 4 secret key) answers CKR_DEVICE_MEMORY without
+ *                     forwarding: a token that fills up half-way through a multi-object write.
+ *   fail_set_class=N  C_SetAttributeValue on an object whose CKA_CLASS is N answers
+ *                     CKR_DEVICE_MEMORY without forwarding (absent: both off).
  *   serial=1          a token that executes one signing operation at a time: the calls that
  *                     sign_delay_ms slows down take one process-wide lock for their delay and
  *                     the forwarded call, so concurrent sessions sign one after the other
@@ -30,7 +35,7 @@
  *                     thread id is the process id, or the thread with that id) appends one line
  *                     "<function> <tid>" to PATH: how the tests prove that no PKCS#11 call,
  *                     pkcs11-provider's included, runs on an event loop's thread.
- * A missing, unreadable or empty file means: plugged, no delay, no login failure.
+ * A missing, unreadable or empty file means: plugged, no delay, no login or write failure.
  *
  * PC/SC mode (P11SHIM_PCSC_READER=<reader name>, read once with P11SHIM_CONTROL)
  *   The token is plugged only while a card is in that reader as pcscd reports it (asked through
@@ -102,6 +107,8 @@ struct ctl_state {
     unsigned long delay_ms;
     int fail_login;
     int serial;
+    unsigned long fail_create_class; /* fail_create_class: N + 1, 0 = off */
+    unsigned long fail_set_class;    /* fail_set_class: N + 1, 0 = off */
     long watch_tid;                 /* watch_thread: 0 = off, -1 = the main thread, else a tid */
     char thread_log[256];           /* thread_log: where calls on the watched thread are noted */
 };
@@ -146,6 +153,8 @@ static pthread_mutex_t g_sess_lock = PTHREAD_MUTEX_INITIALIZER;
 /* serial=1: held by the one signing call in progress (from its delay to its return). */
 static pthread_mutex_t g_serial_lock = PTHREAD_MUTEX_INITIALIZER;
 static __thread int t_serial_held;
+/* The control state sampled by this thread's current session call (set by session_enter). */
+static __thread struct ctl_state t_call;
 static struct sess_ent *g_tab; /* open addressing, linear probing */
 static size_t g_cap, g_cnt;    /* g_cap is 0 or a power of two */
 
@@ -376,7 +385,8 @@ static void ctl_parse(const char *buf, size_t len, struct ctl_state *out)
                 if (n < sizeof out->thread_log)
                     memcpy(out->thread_log, val, n + 1);
             } else if (strcmp(key, "sign_delay_ms") == 0 || strcmp(key, "fail_login") == 0 ||
-                       strcmp(key, "serial") == 0) {
+                       strcmp(key, "serial") == 0 || strcmp(key, "fail_create_class") == 0 ||
+                       strcmp(key, "fail_set_class") == 0) {
                 char *e = NULL;
                 errno = 0;
                 unsigned long v = strtoul(val, &e, 10);
@@ -385,6 +395,10 @@ static void ctl_parse(const char *buf, size_t len, struct ctl_state *out)
                         out->delay_ms = v > MAX_DELAY_MS ? MAX_DELAY_MS : v;
                     else if (strcmp(key, "serial") == 0)
                         out->serial = v != 0;
+                    else if (strcmp(key, "fail_create_class") == 0)
+                        out->fail_create_class = v + 1;
+                    else if (strcmp(key, "fail_set_class") == 0)
+                        out->fail_set_class = v + 1;
                     else
                         out->fail_login = v != 0;
                 }
@@ -599,6 +613,7 @@ static CK_RV session_enter_named(CK_SESSION_HANDLE h, int mode, const char *fn)
     if (!__atomic_load_n(&g_t, __ATOMIC_ACQUIRE))
         return CKR_CRYPTOKI_NOT_INITIALIZED;
     refresh_named(&s, fn);
+    t_call = s;
     if (s.unplugged)
         return (mode & ENTER_LOGIN) ? CKR_TOKEN_NOT_PRESENT : CKR_DEVICE_REMOVED;
     if ((mode & ENTER_DELAY) && s.serial) {
@@ -888,10 +903,44 @@ SESSION_FN(C_Logout, ENTER_PLAIN, (CK_SESSION_HANDLE hSession), (hSession))
 
 /* ---- objects --------------------------------------------------------------------------- */
 
-SESSION_FN(C_CreateObject, ENTER_PLAIN,
-           (CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount,
-            CK_OBJECT_HANDLE_PTR phObject),
-           (hSession, pTemplate, ulCount, phObject))
+/* CKA_CLASS in a template, or -1 when it has none. */
+static long template_class(CK_ATTRIBUTE_PTR tpl, CK_ULONG n)
+{
+    for (CK_ULONG i = 0; tpl && i < n; i++)
+        if (tpl[i].type == CKA_CLASS && tpl[i].pValue && tpl[i].ulValueLen == sizeof(CK_OBJECT_CLASS))
+            return (long)*(CK_OBJECT_CLASS *)tpl[i].pValue;
+    return -1;
+}
+
+/* CKA_CLASS of an object, or -1 when it cannot be read. */
+static long object_class(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o)
+{
+    CK_OBJECT_CLASS c = 0;
+    CK_ATTRIBUTE a = { CKA_CLASS, &c, sizeof c };
+    return g_t->C_GetAttributeValue(h, o, &a, 1) == CKR_OK ? (long)c : -1;
+}
+
+/* A write refused with CKR_DEVICE_MEMORY, without forwarding, when the control field `fault`
+ * (a CKA_CLASS + 1, 0 = off) names the class `cls` evaluates to; else forwarded. */
+#define WRITE_FAULT_FN(name, fault, cls, params, args)                                    \
+    static CK_RV shim_##name params                                                       \
+    {                                                                                     \
+        CK_RV rv = session_enter(hSession, ENTER_PLAIN);                                  \
+        if (rv != CKR_OK)                                                                 \
+            return rv;                                                                    \
+        unsigned long fail = t_call.fault;                                                \
+        if (fail != 0 && (cls) == (long)(fail - 1))                                       \
+            rv = CKR_DEVICE_MEMORY;                                                       \
+        else                                                                              \
+            rv = g_t->name ? g_t->name args : CKR_FUNCTION_NOT_SUPPORTED;                 \
+        session_leave();                                                                  \
+        return rv;                                                                        \
+    }
+
+WRITE_FAULT_FN(C_CreateObject, fail_create_class, template_class(pTemplate, ulCount),
+               (CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount,
+                CK_OBJECT_HANDLE_PTR phObject),
+               (hSession, pTemplate, ulCount, phObject))
 SESSION_FN(C_CopyObject, ENTER_PLAIN,
            (CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ATTRIBUTE_PTR pTemplate,
             CK_ULONG ulCount, CK_OBJECT_HANDLE_PTR phNewObject),
@@ -905,10 +954,10 @@ SESSION_FN(C_GetAttributeValue, ENTER_PLAIN,
            (CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ATTRIBUTE_PTR pTemplate,
             CK_ULONG ulCount),
            (hSession, hObject, pTemplate, ulCount))
-SESSION_FN(C_SetAttributeValue, ENTER_PLAIN,
-           (CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ATTRIBUTE_PTR pTemplate,
-            CK_ULONG ulCount),
-           (hSession, hObject, pTemplate, ulCount))
+WRITE_FAULT_FN(C_SetAttributeValue, fail_set_class, object_class(hSession, hObject),
+               (CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ATTRIBUTE_PTR pTemplate,
+                CK_ULONG ulCount),
+               (hSession, hObject, pTemplate, ulCount))
 SESSION_FN(C_FindObjectsInit, ENTER_PLAIN,
            (CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount),
            (hSession, pTemplate, ulCount))

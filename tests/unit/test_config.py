@@ -56,3 +56,34 @@ def test_token_init_needs_no_token_selection(tmp_path: Path) -> None:
 def test_the_edgehub_token_lifetime_is_read_from_the_edge_section(tmp_path: Path) -> None:
     assert load(_write(tmp_path, "hsm:\n  token_label: a\n"), env={}).edge.sas_ttl == 3600
     assert load(_write(tmp_path, "hsm:\n  token_label: a\nedge:\n  sas_ttl: 900\n"), env={}).edge.sas_ttl == 900
+
+
+def _bounded_keys() -> list[tuple[str, str, object, object]]:
+    """(section, key, a value just below, one just above) for every key declared with bounds."""
+    import dataclasses
+
+    from spyrus_hsm import config
+
+    out = []
+    for name, cls in config._SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            rule = f.metadata.get("bounds")
+            if rule is not None:
+                step = 1 if isinstance(f.default, int) else 0.01
+                low = None if rule.low is None else rule.low - (0 if rule.above else step)
+                high = None if rule.high is None else rule.high + (0 if rule.below else step)
+                out.append((name, f.name, low, high))
+    return out
+
+
+@pytest.mark.parametrize("section, key, low, high", _bounded_keys(), ids=lambda v: str(v))
+def test_a_bounded_key_refuses_values_just_outside_its_range(tmp_path: Path, section: str, key: str,
+                                                              low: object, high: object) -> None:
+    import yaml
+
+    needed = {"hsm": {"token_label": "a"}, "service": {"tls_cert_file": "c.pem", "tls_key_label": "k"}}
+    for value in (v for v in (low, high) if v is not None):
+        document = {"hsm": needed["hsm"], section: {**needed.get(section, {}), key: value}}
+        with pytest.raises(ConfigError, match=f"'{section}.{key}' must be .*, got {value}"):
+            load(_write(tmp_path, yaml.safe_dump(document)))
+
