@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
+
+from waiting import wait_for
 
 from spyrus_hsm.pcsc import scard
 
@@ -26,10 +27,7 @@ GUARD = 20.0  # seconds; only so that a rig that never comes up fails instead of
 
 
 def wait_until(cond: Callable[[], bool], what: str, within: float = GUARD) -> None:
-    end = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < end, f"not {what} within {within} s"
-        time.sleep(0.05)
+    wait_for(cond, within, what, every=0.05)
 
 
 def missing_tools() -> list[str]:
