@@ -53,8 +53,8 @@ lint: venv tools
 # Two processes: a PKCS#11 module is loaded once per process, and the `shim` tests need the
 # fault-injection shim as their module (see tests/conftest.py).
 unit: venv shim tools
-	SPYRUS_TOOLS_REQUIRED=1 $(BIN)/python -m pytest -q tests
-	SPYRUS_TEST_VIA_SHIM=1 $(BIN)/python -m pytest -q -m shim tests
+	SPYRUS_TOOLS_REQUIRED=1 $(BIN)/python -m pytest -q --durations=15 tests
+	SPYRUS_TEST_VIA_SHIM=1 $(BIN)/python -m pytest -q --durations=15 -m shim tests
 
 # The documentation site, built strictly (a broken link or anchor, or a page missing from the
 # navigation, fails it) into .build/site; scripts/mkdocs_hooks.py adds the reference pages it

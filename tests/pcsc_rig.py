@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from waiting import wait_for
+
 from spyrus_hsm.pcsc import scard
 
 READER = "Virtual PCD 00 00"
@@ -35,10 +37,7 @@ _machine_lock: int | None = None  # the locked file descriptor while this sessio
 
 
 def wait_until(cond: Callable[[], bool], what: str, within: float = GUARD) -> None:
-    end = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < end, f"not {what} within {within} s"
-        time.sleep(0.05)
+    wait_for(cond, within, what, every=0.05)
 
 
 def _take_machine_pcscd() -> None:

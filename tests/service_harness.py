@@ -31,9 +31,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from emulator.pki import EmulatorPki, PemFiles, make_ca
+from emulator.pki import EmulatorPki, Issued, PemFiles, issue_from_csr, make_ca
 from spyrus_hsm.config import CloudConfig, PolicyRule, ServiceConfig, service_section
 from spyrus_hsm.hsm import Hsm, KeyAlgorithm, Secret
+from spyrus_hsm.identity.csr import build_csr
 from spyrus_hsm.service.audit import AuditLog
 from spyrus_hsm.service.core import Deps, Service
 from spyrus_hsm.service.problems import TYPE_BASE
@@ -231,6 +232,18 @@ def store_hsm_certificate(hsm: Hsm, label: str, pki: EmulatorPki, *, server_ip: 
                                       critical=False))
     cert = builder.sign(issuer.key, hashes.SHA256())
     hsm.import_certificates(label, [cert, issuer.cert])
+    return cert
+
+
+def certify_hsm_key(hsm: Hsm, label: str, common_name: str, issuer: Issued, *, server: bool = False,
+                    validity: dt.timedelta = dt.timedelta(days=1)) -> x509.Certificate:
+    """A key pair generated in the HSM, a CSR signed there with CN=`common_name`, and the
+    certificate `issuer` issues for it (a client one, or with `server` a TLS server one for that
+    DNS name), stored beside the key with the issuer's chain."""
+    hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
+    csr = x509.load_der_x509_csr(build_csr(hsm, label, f"CN={common_name}"))
+    cert = issue_from_csr(issuer, csr, validity, server_names=(common_name,) if server else ())
+    hsm.import_certificates(label, [cert, issuer.cert, *issuer.chain])
     return cert
 
 

@@ -3,6 +3,7 @@ validated as a whole, and its errors name the twin key."""
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,13 @@ def test_settings_fixed_at_start_are_refused_with_where_to_set_them(base: Servic
 
 
 def test_one_bad_key_rejects_the_whole_document(base: ServiceConfig) -> None:
-    rejected({"logLevel": "debug", "service": {"rateLimitBurst": 2, "maxTtlSeconds": "long"}}, base)
+    before = deepcopy(base)
+    message = rejected({"logLevel": "debug", "service": {"rateLimitBurst": 2, "maxTtlSeconds": "long"}}, base)
+    # The message names the bad key, what it accepts and what it got, and only that key ...
+    assert message == "module twin desired properties (version 7): 'service.maxTtlSeconds' must be int, got 'long'"
+    # ... and nothing of the valid keys beside it was taken (the agent keeps its running
+    # configuration: test_edge_agent's rejected-whole test).
+    assert base == before and base.rate_limit_burst != 2
 
 
 @pytest.mark.parametrize("level", ["debug", "INFO", "warning", "error", "critical"])

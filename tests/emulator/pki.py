@@ -186,12 +186,18 @@ def make_device_cert(
 
 
 def issue_from_csr(
-    issuer: Issued, csr: x509.CertificateSigningRequest, validity: dt.timedelta
+    issuer: Issued,
+    csr: x509.CertificateSigningRequest,
+    validity: dt.timedelta,
+    *,
+    server_names: Sequence[str] = (),
 ) -> x509.Certificate:
     """An operational client certificate for the CSR's key and subject, valid from a minute
-    ago (clock skew) for ``validity``: what DPS certificate management issues."""
+    ago (clock skew) for ``validity``: what DPS certificate management issues. With
+    ``server_names``, a TLS server certificate for those DNS names instead."""
     now = dt.datetime.now(dt.UTC)
     public_key = csr.public_key()
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
         .subject_name(csr.subject)
@@ -202,12 +208,15 @@ def issue_from_csr(
         .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
         .add_extension(_leaf_key_usage(), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)  # type: ignore[arg-type]
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), False
         )
     )
+    if server_names:
+        names = [x509.DNSName(n) for n in server_names]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return _sign(builder, issuer.key)
 
 

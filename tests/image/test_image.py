@@ -22,13 +22,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, quote
 
 import addresses
 import pytest
+from waiting import wait_for
 
 from emulator.pki import make_ca, make_server_cert
 
@@ -178,17 +179,24 @@ def module(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mod
         podman("rm", "-f", "-t", "0", name, check=False)
 
 
-def wait_until(mod: Module, what: str, *check: str) -> float:
-    """Seconds until the podman command `check` succeeded, failing if the container exits."""
-    started = time.monotonic()
-    while time.monotonic() - started < START_TIMEOUT:
+def wait_running(mod: Module, what: str, cond: Callable[[], object], within: float, every: float) -> float:
+    """Seconds until `cond` held, failing (with the container's logs) if the container exits."""
+    def running() -> None:
         state = podman("inspect", mod.container, "--format", "{{.State.Status}}").stdout.strip()
         if state != "running":
             pytest.fail(f"container is {state} before {what}; logs:\n{mod.logs()}")
-        if podman(*check, check=False).returncode == 0:
-            return time.monotonic() - started
-        time.sleep(0.5)
-    pytest.fail(f"not {what} within {START_TIMEOUT:.0f} s; logs:\n{mod.logs()}")
+
+    started = time.monotonic()
+    try:
+        wait_for(cond, within, what, every=every, alive=running)
+    except AssertionError as exc:
+        pytest.fail(f"{exc}; logs:\n{mod.logs()}")
+    return time.monotonic() - started
+
+
+def wait_until(mod: Module, what: str, *check: str) -> float:
+    """Seconds until the podman command `check` succeeded, failing if the container exits."""
+    return wait_running(mod, what, lambda: podman(*check, check=False).returncode == 0, START_TIMEOUT, 0.5)
 
 
 def wait_healthy(mod: Module) -> float:

@@ -36,6 +36,7 @@ from test_image import (
     make_token,
     podman,
     post_sas_token,
+    wait_running,
     write_module_files,
 )
 
@@ -70,18 +71,6 @@ def readyz(mod: Module) -> tuple[int, dict[str, Any]] | None:
 def selftest(mod: Module) -> tuple[int, dict[str, Any]]:
     proc = podman("exec", mod.container, "spyrus-hsm", "selftest", "--json", check=False, timeout=120)
     return proc.returncode, {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
-
-
-def wait_for(mod: Module, what: str, cond: Any) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < GUARD:
-        state = podman("inspect", mod.container, "--format", "{{.State.Status}}").stdout.strip()
-        if state != "running":
-            pytest.fail(f"container is {state} before {what}; logs:\n{mod.logs()}")
-        if cond():
-            return time.monotonic() - started
-        time.sleep(0.3)
-    pytest.fail(f"not {what} within {GUARD:.0f} s; logs:\n{mod.logs()}")
 
 
 def ready(mod: Module) -> bool:
@@ -157,7 +146,7 @@ def insert_until_ready(mod: Module, card: VirtualCard) -> float:
         if card.proc is None or card.proc.poll() is not None:
             card.insert()
         return ready(mod)
-    return wait_for(mod, "ready with the card in", inserted_and_ready)
+    return wait_running(mod, "ready with the card in", inserted_and_ready, GUARD, 0.3)
 
 
 def card_follows_readiness(mod: Module, card: VirtualCard, mode: str) -> None:
@@ -167,7 +156,8 @@ def card_follows_readiness(mod: Module, card: VirtualCard, mode: str) -> None:
     assert checks["pcsc card"]["detail"] == f"card in reader '{READER}'", checks
     assert READER in checks["pcsc readers"]["detail"] and mode in checks["pcsc readers"]["detail"], checks
     card.pull()
-    gone = wait_for(mod, "/readyz naming the reader", lambda: f"card removed from reader '{READER}'" in reason(mod))
+    gone = wait_running(mod, "/readyz naming the reader",
+                        lambda: f"card removed from reader '{READER}'" in reason(mod), GUARD, 0.3)
     code, checks = selftest(mod)
     assert code == 1 and not checks["pcsc card"]["ok"], checks
     back = insert_until_ready(mod, card)

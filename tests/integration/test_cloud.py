@@ -20,8 +20,9 @@ import addresses
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from service_harness import certify_hsm_key
 from tls_client import client_context
+from waiting import wait_for
 
 from emulator import pki as epki
 from spyrus_hsm.cloud.dps import DpsRequest, Provisioner, RegistrationError
@@ -38,23 +39,6 @@ HOST = addresses.host()
 SCOPE = "0ne000C10D"
 
 
-def _hsm_cert(hsm: Hsm, label: str, cn: str, issuer: epki.Issued, server: bool = False) -> x509.Certificate:
-    """Key generated in the HSM, CSR signed there, certificate from `issuer`, stored beside it."""
-    hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
-    csr = x509.load_der_x509_csr(build_csr(hsm, label, f"CN={cn}"))
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(issuer.cert.subject)
-            .public_key(csr.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
-            .sign(issuer.key, hashes.SHA256()))
-    hsm.import_certificates(label, [cert, issuer.cert, *issuer.chain])
-    return cert
-
-
 def _x509_client(hsm: Hsm, label: str, device_id: str, ca_pem: str, state: Path) -> HubClient:
     cred = x509_id.select(hsm, label=label)
     files = x509_id.write_tls_files(cred, hsm.state.token_label or "", state)
@@ -66,7 +50,7 @@ def _x509_client(hsm: Hsm, label: str, device_id: str, ca_pem: str, state: Path)
 def test_x509_device_with_its_key_in_the_hsm_connects_and_sends_telemetry(
         hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     device = "x509-" + label
-    _hsm_cert(hsm, label, device, emulator_pki.intermediate)
+    certify_hsm_key(hsm, label, device, emulator_pki.intermediate)
     emu.add_device(device, x509_ca_pem=emulator_pki.root.cert_pem)
     client = _x509_client(hsm, label, device, emulator_pki.ca_pem, tmp_path).connect()
     try:
@@ -83,7 +67,7 @@ def test_x509_certificate_from_another_ca_is_refused(hsm, provider, emu, emulato
     other_ca = epki.make_ca("Other Fleet CA")
     emu.add_device("other-fleet-device", x509_ca_pem=other_ca.cert_pem)
     device = "x509-" + label
-    _hsm_cert(hsm, label, device, other_ca)
+    certify_hsm_key(hsm, label, device, other_ca)
     emu.add_device(device, x509_ca_pem=emulator_pki.root.cert_pem)
     client = _x509_client(hsm, label, device, emulator_pki.ca_pem, tmp_path)
     with pytest.raises(HubCredentialRefused, match=f"IoT Hub {HOST} .* refused the credential"):
@@ -93,7 +77,7 @@ def test_x509_certificate_from_another_ca_is_refused(hsm, provider, emu, emulato
 
 def test_x509_certificate_with_another_cn_is_refused(hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     device = "x509-" + label
-    _hsm_cert(hsm, label, device + "-not-me", emulator_pki.intermediate)
+    certify_hsm_key(hsm, label, device + "-not-me", emulator_pki.intermediate)
     emu.add_device(device, x509_ca_pem=emulator_pki.root.cert_pem)
     client = _x509_client(hsm, label, device, emulator_pki.ca_pem, tmp_path)
     with pytest.raises(HubCredentialRefused, match=f"IoT Hub {HOST} .* refused the credential"):
@@ -117,18 +101,18 @@ def test_sas_device_renews_through_the_hsm_and_stays_connected(hsm, emu, emulato
     client = HubClient(hsm, HubIdentity(HOST, device, sas_key=label, server_ca_pem=emulator_pki.ca_pem),
                        sas_ttl=5, renew_at=0.6).connect()
     try:
-        end = time.monotonic() + 20
-        while client.stats.renewals < 3 and time.monotonic() < end:
-            time.sleep(0.2)
-        time.sleep(1)
-        assert client.stats.renewals >= 3
+        wait_for(lambda: client.stats.renewals >= 3, 20, "three SAS renewals", every=0.2)
+
+        def accepted() -> list[object]:
+            return [c for c in emu.received.connects if c.client_id == device and c.accepted]
+
+        # the first connection and one re-authorisation per renewal
+        wait_for(lambda: len(accepted()) >= 4, 10, "four accepted connects")
         assert client.connected
         client.send("still here")
         emu.wait_for(lambda: any(t.device_id == device for t in emu.received.telemetry), timeout=10)
     finally:
         client.shutdown()
-    accepted = [c for c in emu.received.connects if c.client_id == device and c.accepted]
-    assert len(accepted) >= 4  # the first connection and one re-authorisation per renewal
     assert client.stats.rebuilds == 0
     assert not [d for d in emu.received.disconnects if d.client_id == device and "expired" in d.reason]
 
@@ -167,7 +151,7 @@ def _req(reg: str, **kw) -> DpsRequest:  # type: ignore[no-untyped-def]
 
 def test_dps_x509_registration_is_assigned_then_connects(hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     reg = "dpsx-" + label
-    _hsm_cert(hsm, label, reg, emulator_pki.intermediate)
+    certify_hsm_key(hsm, label, reg, emulator_pki.intermediate)
     emu.add_individual_enrollment(reg, x509_ca_pem=emulator_pki.root.cert_pem, assigned_hub=HOST)
     a = Provisioner(hsm, tmp_path).register(_req(reg, attestation="x509", key=label,
                                                  server_ca_pem=emulator_pki.ca_pem), timeout=30)
@@ -245,7 +229,7 @@ def test_dps_incomplete_chain_is_refused_before_connecting(hsm, emu, emulator_pk
 def test_dps_x509_credential_whose_cn_is_not_the_registration_id_is_a_credential_error(
         hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     reg = "dpsn-" + label
-    _hsm_cert(hsm, label, reg + "-other", emulator_pki.intermediate)
+    certify_hsm_key(hsm, label, reg + "-other", emulator_pki.intermediate)
     n = len(emu.received.connects)
     with pytest.raises(x509_id.ChainError, match="must equal the registration id"):
         Provisioner(hsm, tmp_path).register(_req(reg, attestation="x509", key=label,
@@ -317,11 +301,14 @@ def test_a_killed_writer_leaves_the_old_or_the_new_result_never_a_corrupt_one(tm
         "while True:\n"
         "    n += 1\n"
         f"    write_json_atomic({str(path)!r}, {{'n': n, 'pad': 'y' * 20000}})\n"
+        "    if n == 1:\n"
+        "        print('writing', flush=True)\n"
     )
     seen = set()
     for _ in range(5):
-        proc = subprocess.Popen([sys.executable, "-c", writer])
-        time.sleep(0.3 + secrets.randbelow(300) / 1000)
+        proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"writing\n"
+        time.sleep(secrets.randbelow(300) / 1000)  # a random kill point: the sleep is the test
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         data = read_json(path)  # raises if the file is a torn write
@@ -361,7 +348,7 @@ def test_register_command_prints_the_assignment(cli, hsm, emu, emulator_pki, lab
 def test_register_command_with_x509_exits_cleanly_with_the_provider_loaded(
         cli, hsm, emu, emulator_pki, label) -> None:  # type: ignore[no-untyped-def]
     reg = "clix-" + label
-    _hsm_cert(hsm, label, reg, emulator_pki.intermediate)
+    certify_hsm_key(hsm, label, reg, emulator_pki.intermediate)
     emu.add_individual_enrollment(reg, x509_ca_pem=emulator_pki.root.cert_pem, assigned_hub=HOST)
     res = cli("register", "--id-scope", SCOPE, "--registration-id", reg, "--x509", label,
               "--provisioning-host", HOST, "--server-ca", str(emulator_pki.ca_file))
@@ -383,7 +370,7 @@ def test_register_command_reports_refused_credentials(cli, hsm, emu, emulator_pk
 def test_module_process_with_the_provider_loaded_exits_0_within_5_s_on_sigterm(
         hsm, token_env, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     device = "mod-" + label
-    _hsm_cert(hsm, label, device, emulator_pki.intermediate)
+    certify_hsm_key(hsm, label, device, emulator_pki.intermediate)
     emu.add_device(device, x509_ca_pem=emulator_pki.root.cert_pem)
     config = tmp_path / "serve.yaml"
     config.write_text(
@@ -418,10 +405,7 @@ def test_watchdog_rebuilds_a_client_that_stays_disconnected(hsm, emu, emulator_p
                        sdk_options={"connection_retry": False}).connect()
     try:
         emu.drop_connection(device)
-        end = time.monotonic() + 15
-        while client.stats.rebuilds < 1 and time.monotonic() < end:
-            time.sleep(0.1)
-        assert client.stats.rebuilds >= 1 and client.connected
+        wait_for(lambda: client.stats.rebuilds >= 1 and client.connected, 15, "rebuilt and connected", every=0.1)
         client.send("back")
         emu.wait_for(lambda: any(t.device_id == device for t in emu.received.telemetry), timeout=10)
     finally:
@@ -455,8 +439,8 @@ def test_tls_server_and_client_both_sign_with_hsm_keys(hsm, provider, emulator_p
     import socket
     import threading
 
-    _hsm_cert(hsm, label + "-srv", "localhost", emulator_pki.intermediate, server=True)
-    _hsm_cert(hsm, label + "-cli", "leaf-7", emulator_pki.intermediate)
+    certify_hsm_key(hsm, label + "-srv", "localhost", emulator_pki.intermediate, server=True)
+    certify_hsm_key(hsm, label + "-cli", "leaf-7", emulator_pki.intermediate)
     token = hsm.state.token_label or ""
     srv = x509_id.write_tls_files(x509_id.select(hsm, label=label + "-srv"), token, tmp_path)
     cli_files = x509_id.write_tls_files(x509_id.select(hsm, label=label + "-cli"), token, tmp_path)
@@ -492,10 +476,10 @@ def test_the_only_credential_is_chosen_automatically(token_env, emulator_pki) ->
     try:
         with pytest.raises(ObjectNotFound, match="credentials present: none"):
             x509_id.select(h)
-        _hsm_cert(h, "only", "edge-1", emulator_pki.intermediate)
+        certify_hsm_key(h, "only", "edge-1", emulator_pki.intermediate)
         cred = x509_id.select(h)
         assert (cred.label, cred.common_name, len(cred.chain)) == ("only", "edge-1", 2)
-        _hsm_cert(h, "second", "edge-2", emulator_pki.intermediate)
+        certify_hsm_key(h, "second", "edge-2", emulator_pki.intermediate)
         with pytest.raises(InvalidInput, match=r"2 X\.509 credentials match"):
             x509_id.select(h)
         assert x509_id.select(h, cn="edge-2").label == "second"

@@ -32,6 +32,7 @@ from pkcs11.exceptions import (
     SessionHandleInvalid,
     TokenNotPresent,
 )
+from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = ROOT / ".build" / "libp11shim.so"
@@ -244,13 +245,16 @@ def test_sign_delay_slows_signing_and_changes_apply_without_reloading(shim: Shim
     session.close()
 
 
-def test_unplug_during_a_slow_sign_fails_it(shim: Shim) -> None:
+def test_unplug_during_a_slow_sign_fails_it(shim: Shim, tmp_path: Path) -> None:
     session = _login(shim)
     key = _hmac_key(session, secrets.token_bytes(32))
-    shim.set(state="plugged", sign_delay_ms=5000)
+    calls = tmp_path / "signer-calls.log"
     outcome: list[BaseException | bytes] = []
+    watching = threading.Event()
 
     def sign() -> None:
+        shim.set(state="plugged", sign_delay_ms=5000, watch_thread=threading.get_native_id(), thread_log=calls)
+        watching.set()
         try:
             outcome.append(_sign(key, b"never"))
         except BaseException as exc:
@@ -258,7 +262,10 @@ def test_unplug_during_a_slow_sign_fails_it(shim: Shim) -> None:
 
     t = threading.Thread(target=sign)
     t.start()
-    time.sleep(0.1)
+    assert watching.wait(5)
+    # The shim notes each call before its delay: the second C_Sign (after the length query) is
+    # the one now sleeping.
+    wait_for(lambda: calls.exists() and calls.read_text().count("C_Sign ") >= 2, 5.0, "the sign in its delay")
     shim.set(state="unplugged", sign_delay_ms=5000)
     t.join(timeout=4)
     assert not t.is_alive(), "the slow sign did not notice the unplug"
@@ -302,7 +309,7 @@ def test_concurrent_signers_across_unplug_and_replug_never_get_a_wrong_answer(
                 with lock:
                     counts["fault"] += 1
                 key = session = None
-                time.sleep(0.005)
+                time.sleep(0.005)  # pacing of the load, not a wait
             except Exception as exc:
                 with lock:
                     problems.append(repr(exc))
@@ -311,15 +318,23 @@ def test_concurrent_signers_across_unplug_and_replug_never_get_a_wrong_answer(
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
+    def count(kind: str) -> int:
+        with lock:
+            return counts[kind]
+
+    def more(kind: str, n: int, what: str) -> None:
+        before = count(kind)
+        wait_for(lambda: problems or count(kind) >= before + n, 10.0, what)
+
     try:
         for _ in range(3):
-            time.sleep(0.15)
+            more("ok", 40, "signatures while plugged")
             shim.set(state="unplugged")
-            time.sleep(0.1)
+            more("fault", 8, "faults while unplugged")
             shim.set(state="plugged")
-        time.sleep(0.15)
-        ok_before_end = counts["ok"]
-        time.sleep(0.15)
+        more("ok", 40, "signatures after the last replug")
+        ok_before_end = count("ok")
+        more("ok", 40, "signatures at the end")
     finally:
         stop.set()
         for t in threads:

@@ -13,22 +13,15 @@ import hmac
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from waiting import await_for, wait_for
 
 from spyrus_hsm.hsm import Hsm, HsmTimeout, HsmUnavailable, PoolSettings, Secret, SignAlgorithm, TokenSelector
 
 pytestmark = [pytest.mark.shim, pytest.mark.timeout(60)]
 HMAC = SignAlgorithm.HMAC_SHA256
-
-
-def _wait_for(cond: Callable[[], bool], within: float, what: str) -> None:
-    end = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"not {what} within {within} s")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -64,12 +57,12 @@ def test_unplug_fails_fast_with_the_reason_and_replug_recovers(keyed, plugged) -
     with pytest.raises(HsmUnavailable) as first:
         h.hmac_sha256(label, b"during")
     assert "removed" in str(first.value) or "not present" in str(first.value) or "not ready" in str(first.value)
-    _wait_for(lambda: h.state.status == "degraded", 1.0, "degraded")
+    wait_for(lambda: h.state.status == "degraded", 1.0, "degraded")
     assert h.state.reason
     with pytest.raises(HsmUnavailable, match="not ready"):  # refused at once while degraded
         h.hmac_sha256(label, b"still during")
     plugged.set_shim(state="plugged")
-    _wait_for(lambda: h.state.ready, 5.0, "ready again after replug")
+    wait_for(lambda: h.state.ready, 5.0, "ready again after replug")
     assert h.hmac_sha256(label, b"after") == _mac(key, b"after")
     assert h.state.recoveries == 1
 
@@ -92,7 +85,7 @@ def test_unplug_under_concurrent_load_never_returns_a_wrong_signature(keyed, plu
             except HsmUnavailable:
                 with lock:
                     outcomes["unavailable"] += 1  # type: ignore[operator]
-                time.sleep(0.01)
+                time.sleep(0.01)  # pacing of the load, not a wait
             except Exception as exc:
                 with lock:
                     outcomes["other"].append(repr(exc))  # type: ignore[union-attr]
@@ -100,15 +93,20 @@ def test_unplug_under_concurrent_load_never_returns_a_wrong_signature(keyed, plu
     threads = [threading.Thread(target=signer, args=(n,), daemon=True) for n in range(16)]
     for t in threads:
         t.start()
+    def count(kind: str) -> int:
+        with lock:
+            return outcomes[kind]  # type: ignore[return-value]
+
     try:
-        time.sleep(0.3)
+        wait_for(lambda: count("ok") >= 50, 10.0, "signatures made before the unplug")
         plugged.set_shim(state="unplugged")
-        _wait_for(lambda: h.state.status == "degraded", 2.0, "degraded")
-        time.sleep(0.3)
+        wait_for(lambda: h.state.status == "degraded", 2.0, "degraded")
+        unavailable = count("unavailable")
+        wait_for(lambda: count("unavailable") >= unavailable + 16, 5.0, "callers refused while unplugged")
         plugged.set_shim(state="plugged")
-        _wait_for(lambda: h.state.ready, 5.0, "ready again")
-        ok_before = outcomes["ok"]
-        time.sleep(0.3)
+        wait_for(lambda: h.state.ready, 5.0, "ready again")
+        ok_before = count("ok")
+        wait_for(lambda: count("ok") >= ok_before + 50, 10.0, "signatures made after the replug")
     finally:
         stop.set()
         for t in threads:
@@ -126,10 +124,7 @@ def test_async_callers_see_unavailable_then_success(keyed, plugged) -> None:  # 
         results = await asyncio.gather(*[h.asign(label, HMAC, b"b") for _ in range(16)], return_exceptions=True)
         assert all(isinstance(r, HsmUnavailable) for r in results), results
         plugged.set_shim(state="plugged")
-        end = time.monotonic() + 5
-        while not h.state.ready:
-            assert time.monotonic() < end, "not ready within 5 s"
-            await asyncio.sleep(0.02)
+        await await_for(lambda: h.state.ready, 5.0, "ready again after replug")
         assert await h.asign(label, HMAC, b"c") == _mac(key, b"c")
 
     asyncio.run(scenario())
@@ -139,12 +134,12 @@ def test_token_absent_at_start_keeps_trying_and_comes_up(plugged, label: str) ->
     plugged.set_shim(state="unplugged")
     h = _hsm(plugged, wait=False)
     try:
-        _wait_for(lambda: h.state.status == "degraded", 2.0, "degraded")
+        wait_for(lambda: h.state.status == "degraded", 2.0, "degraded")
         assert "not found" in (h.state.reason or "")
         with pytest.raises(HsmUnavailable):
             h.hmac_sha256(label, b"x")
         plugged.set_shim(state="plugged")
-        _wait_for(lambda: h.state.ready, 5.0, "ready once plugged")
+        wait_for(lambda: h.state.ready, 5.0, "ready once plugged")
         assert h.state.token_label == plugged.label
     finally:
         h.close()
@@ -163,10 +158,10 @@ def test_wrong_pin_is_not_retried_until_the_pin_file_changes(plugged, tmp_path) 
     settings = PoolSettings(plugged.module, TokenSelector(plugged.label), retry_min=0.05, retry_max=0.1)
     h = Hsm(settings, lambda: read_secret_file(pin_file)).start(wait=False)
     try:
-        _wait_for(lambda: "not retried" in (h.state.reason or ""), 2.0, "waiting for a new PIN")
+        wait_for(lambda: "not retried" in (h.state.reason or ""), 2.0, "waiting for a new PIN")
         assert h.state.status == "degraded" and "wrong-pin-000" not in (h.state.reason or "")
         pin_file.write_text(plugged.pin.decode() + "\n")  # the operator fixes the PIN file
-        _wait_for(lambda: h.state.ready, 3.0, "ready once the PIN file is right")
+        wait_for(lambda: h.state.ready, 3.0, "ready once the PIN file is right")
     finally:
         h.close()
 
@@ -197,7 +192,8 @@ def test_a_slow_token_times_out_sync_and_async_calls(plugged, label: str) -> Non
         assert asyncio.run(scenario()) == 20  # the loop kept running while the HSM was slow
     finally:
         plugged.set_shim(state="plugged")
-        time.sleep(1.6)  # let the abandoned slow calls finish before the next test
+        # the abandoned slow calls finish before the next test (the pool's own busy count)
+        wait_for(lambda: h.pool._busy == 0, 5.0, "the abandoned slow calls finished")
         h.close()
 
 
@@ -220,10 +216,10 @@ def test_a_state_listener_may_call_the_hsm(plugged, label: str) -> None:  # type
         plugged.set_shim(state="unplugged")
         with pytest.raises(HsmUnavailable):
             h.hmac_sha256(label, b"during")
-        _wait_for(lambda: ("degraded", "HsmUnavailable") in seen, 5.0, "the listener called on degraded")
+        wait_for(lambda: ("degraded", "HsmUnavailable") in seen, 5.0, "the listener called on degraded")
         plugged.set_shim(state="plugged")
-        _wait_for(lambda: h.state.ready, 5.0, "ready again after replug")
-        _wait_for(lambda: ("ready", _mac(key, b"on change")) in seen, 5.0, "the listener signed on ready")
+        wait_for(lambda: h.state.ready, 5.0, "ready again after replug")
+        wait_for(lambda: ("ready", _mac(key, b"on change")) in seen, 5.0, "the listener signed on ready")
         assert h.hmac_sha256(label, b"after") == _mac(key, b"after")
     finally:
         h.close()

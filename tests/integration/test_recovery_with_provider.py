@@ -8,25 +8,21 @@ fault stays stale (pkcs11-provider #494) and a new one works — which the hub w
 
 from __future__ import annotations
 
-import datetime as dt
 import socket
 import ssl
 import threading
-import time
 
 import addresses
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from service_harness import certify_hsm_key
 from tls_client import client_context
+from waiting import wait_for
 
 from spyrus_hsm.cloud.hub import HubClient, HubIdentity
-from spyrus_hsm.hsm import Hsm, HsmUnavailable, KeyAlgorithm, PoolSettings, Secret, TokenSelector
+from spyrus_hsm.hsm import Hsm, HsmUnavailable, PoolSettings, Secret, TokenSelector
 from spyrus_hsm.hsm.library import is_shared
 from spyrus_hsm.identity import tls
 from spyrus_hsm.identity import x509 as x509_id
-from spyrus_hsm.identity.csr import build_csr
 
 pytestmark = [pytest.mark.shim, pytest.mark.timeout(90)]
 HOST = addresses.host()
@@ -44,15 +40,7 @@ def pool(token_env, tmp_path_factory):  # type: ignore[no-untyped-def]
 
 
 def _credential(h: Hsm, label: str, cn: str, issuer, directory) -> x509_id.TlsFiles:  # type: ignore[no-untyped-def]
-    h.generate_keypair(label, KeyAlgorithm.EC_P256)
-    csr = x509.load_der_x509_csr(build_csr(h, label, f"CN={cn}"))
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(issuer.cert.subject)
-            .public_key(csr.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(issuer.key, hashes.SHA256()))
-    h.import_certificates(label, [cert, issuer.cert, *issuer.chain])
+    certify_hsm_key(h, label, cn, issuer)
     return x509_id.write_tls_files(x509_id.select(h, label=label), h.state.token_label or "", directory)
 
 
@@ -61,10 +49,7 @@ def _replug(token_env, h: Hsm) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(HsmUnavailable):
         h.hmac_sha256("anything", b"x")
     token_env.set_shim(state="plugged")
-    end = time.monotonic() + 5
-    while not h.state.ready:
-        assert time.monotonic() < end, "pool did not recover"
-        time.sleep(0.02)
+    wait_for(lambda: h.state.ready, 5, "the pool recovered")
 
 
 def test_new_tls_contexts_work_after_a_replug_with_the_provider_loaded(
@@ -117,12 +102,10 @@ def test_x509_hub_client_dropped_while_unplugged_is_rebuilt_after_replug(
         with pytest.raises(HsmUnavailable):
             pool.hmac_sha256("anything", b"x")
         emu.drop_connection(device)
-        time.sleep(0.5)
+        wait_for(lambda: not client.connected, 10, "the client saw the dropped connection")
         token_env.set_shim(state="plugged")
-        end = time.monotonic() + 30
-        while not (client.connected and client.stats.rebuilds >= 1) and time.monotonic() < end:
-            time.sleep(0.1)
-        assert client.connected, client.stats
+        wait_for(lambda: client.connected and client.stats.rebuilds >= 1, 30, "rebuilt and connected after the replug",
+                 every=0.1)
         client.send("after the replug")
         emu.wait_for(lambda: any(t.device_id == device for t in emu.received.telemetry), timeout=10)
     finally:

@@ -7,14 +7,13 @@ in test_renewal.py."""
 from __future__ import annotations
 
 import http.client
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import addresses
 import pytest
 from cloud_harness import Serve, sas_enrollment, serve_config
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import wait_for
 
 from spyrus_hsm.cloud import renewal
 from spyrus_hsm.hsm import Hsm
@@ -41,15 +40,6 @@ def _scrape(port: int) -> dict[tuple[str, str], float]:
             for s in f.samples if "label" in s.labels}
 
 
-def _poll(what: str, check: Callable[[], bool], timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not seen within {timeout} s")
-
-
 def test_renewal_failures_and_the_new_generations_expiry_show_in_the_metrics(
         hsm: Hsm, provider, token_env, emu, emulator_pki, label: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     reg, base = "rm-" + label, label + "-op"
@@ -64,7 +54,7 @@ def test_renewal_failures_and_the_new_generations_expiry_show_in_the_metrics(
     serve = Serve(token_env, config, OTEL_SDK_DISABLED="false")
     seen: list[float] = []
     try:
-        _poll("the first generation's expiry", lambda: (NOT_AFTER, base) in _scrape(port), 60)
+        wait_for(lambda: (NOT_AFTER, base) in _scrape(port), 60, "the first generation's expiry", every=0.1)
         first_not_after = _scrape(port)[(NOT_AFTER, base)]
         assert _scrape(port)[(FAILURES, base)] == 0
         emu.throttle_dps(times=3, status=401)  # the three renewal attempts due from 12 s are refused
@@ -73,11 +63,11 @@ def test_renewal_failures_and_the_new_generations_expiry_show_in_the_metrics(
             seen.append(_scrape(port)[(FAILURES, base)])
             return seen[-1] >= 3
 
-        _poll("three failures in a row", failures_reach_three, 90)
-        _poll("a successful renewal", lambda: _scrape(port)[(FAILURES, base)] == 0, 60)
+        wait_for(failures_reach_three, 90, "three failures in a row", every=0.1)
+        wait_for(lambda: _scrape(port)[(FAILURES, base)] == 0, 60, "a successful renewal", every=0.1)
         generation = [g.label for g in renewal.generations(hsm, base)]
         assert len(generation) == 1 and generation[0] != base
-        _poll("the new generation's expiry", lambda: (NOT_AFTER, generation[0]) in _scrape(port), 15)
+        wait_for(lambda: (NOT_AFTER, generation[0]) in _scrape(port), 15, "the new generation's expiry", every=0.1)
         after = _scrape(port)
     finally:
         code = serve.stop()

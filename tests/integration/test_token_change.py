@@ -25,6 +25,7 @@ from typing import Any
 
 import addresses
 import pytest
+from waiting import wait_for
 
 from spyrus_hsm.hsm.recovery import restart_done, restart_once
 
@@ -159,13 +160,6 @@ def _readyz(port: int) -> tuple[int, dict[str, Any]]:
         conn.close()
 
 
-def _until(cond: Any, within: float, what: str) -> None:
-    end = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < end, f"not {what} within {within} s"
-        time.sleep(0.1)
-
-
 def test_serve_with_the_tls_key_in_the_hsm_exits_75_once_and_comes_back_after_the_restart(tmp_path: Path) -> None:
     _token(tmp_path, tmp_path / "tokens", secrets.token_bytes(32), "api")
     health = addresses.port(HEALTH_HOST)
@@ -195,7 +189,7 @@ def test_serve_with_the_tls_key_in_the_hsm_exits_75_once_and_comes_back_after_th
         _wait_api(proc)
         status, body = _readyz(health)
         assert status == 200 and body["ready"] is True
-        _until(lambda: not marker.exists(), 10, "the restart marker removed")
+        wait_for(lambda: not marker.exists(), 10, "the restart marker removed", every=0.1)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:

@@ -21,13 +21,13 @@ import secrets
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from service_harness import HOST, free_port, serve_config, store_hsm_certificate, wait_for_lines
+from waiting import wait_for
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm, Secret
@@ -59,7 +59,7 @@ def shim(token_env: Any, hsm: Hsm, tmp_path: Path) -> Iterator[Callable[..., Non
     set_shim(state="plugged")
     yield set_shim
     token_env.set_shim(state="plugged")
-    _wait(lambda: hsm.state.ready, "the HSM ready after the test")
+    wait_for(lambda: hsm.state.ready, GUARD, "the HSM ready after the test")
 
 
 def calls_on_main_thread(tmp_path: Path, pid: int) -> list[str]:
@@ -141,20 +141,13 @@ def readyz(serve: Serve) -> int:
         conn.close()
 
 
-def _wait(cond: Callable[[], bool], what: str) -> None:
-    end = time.monotonic() + GUARD
-    while not cond():
-        assert time.monotonic() < end, f"not {what} within {GUARD} s"
-        time.sleep(0.05)
-
-
 def test_no_pkcs11_call_runs_on_the_event_loop_thread_while_leaves_connect(
         shim: Callable[..., None], hsm: Hsm, token_env: Any, tmp_path: Path, emulator_pki: EmulatorPki,
         device: str) -> None:
     serve, ctx, bearer = serve_with_key_in_token(hsm, tmp_path, token_env, emulator_pki, issuing=True)
     try:
         statuses = [ask(serve, ctx, bearer, device)[0] for _ in range(12)]  # 12 new connections
-        _wait(lambda: readyz(serve) == 200, "/readyz true")
+        wait_for(lambda: readyz(serve) == 200, GUARD, "/readyz true")
     finally:
         code = stop(serve)
     assert statuses == [200] * 12, serve.log[-3000:]
@@ -174,13 +167,13 @@ def test_a_handshake_costs_no_token_signature_and_the_api_listens_while_the_toke
             status, _, body = ask(serve, ctx, bearer, device)
             assert status == 200, body
         shim(state="unplugged")
-        _wait(lambda: readyz(serve) == 503, "/readyz false after the unplug")
+        wait_for(lambda: readyz(serve) == 503, GUARD, "/readyz false after the unplug")
         status, headers, body = ask(serve, ctx, bearer, "leaf-new-" + secrets.token_hex(3))
         assert status == 503, body
         assert headers["Content-Type"].startswith("application/problem+json")
         assert int(headers["Retry-After"]) >= 1
         shim(state="plugged")
-        _wait(lambda: readyz(serve) == 200, "/readyz true after the replug")
+        wait_for(lambda: readyz(serve) == 200, GUARD, "/readyz true after the replug")
         assert ask(serve, ctx, bearer, device)[0] == 200
         assert serve.proc.poll() is None  # the same process: no restart for the replug
     finally:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from service_harness import HOST, store_hsm_certificate
+from waiting import wait_for
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.config import service_section
@@ -35,14 +36,7 @@ def plugged(token_env: Any, hsm: Hsm) -> Iterator[Any]:
     token_env.set_shim(state="plugged")
     yield token_env
     token_env.set_shim(state="plugged")
-    _wait(lambda: hsm.state.ready, "the HSM ready after the test")
-
-
-def _wait(cond: Any, what: str) -> None:
-    end = time.monotonic() + GUARD
-    while not cond():
-        assert time.monotonic() < end, f"not {what} within {GUARD} s"
-        time.sleep(0.02)
+    wait_for(lambda: hsm.state.ready, GUARD, "the HSM ready after the test")
 
 
 def test_a_renewal_that_meets_an_unplugged_token_keeps_the_credential_and_renews_once_it_is_back(
@@ -63,7 +57,7 @@ def test_a_renewal_that_meets_an_unplugged_token_keeps_the_credential_and_renews
         assert server_tls.not_serving() is None  # the current certificate is still valid
         plugged.set_shim(state="plugged")
         # Nobody asks again: the thread renews by itself once the HSM is back.
-        _wait(lambda: server_tls.current is not first, "renewed after the replug")
+        wait_for(lambda: server_tls.current is not first, GUARD, "renewed after the replug")
         assert server_tls.last_error is None
         assert server_tls.not_after is not None and server_tls.not_after > not_after
         clock.now = server_tls.not_after + 1  # and were it to expire unrenewed, readiness says so

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 from service_harness import ServiceHarness, new_leaf, problem_type, verify_sas
+from waiting import wait_for
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm
@@ -52,15 +53,6 @@ class HsmSignatures:
         return counted
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 async def _concurrently(svc: ServiceHarness, n: int, body: dict[str, Any], bearer: str) -> list[tuple[int, Any]]:
     connector = aiohttp.TCPConnector(ssl=svc.client_context(), limit=n)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -84,7 +76,7 @@ def test_concurrent_identical_requests_cause_one_hsm_signature(
             try:
                 assert svc.service is not None
                 cache = svc.service.cache
-                assert _wait_until(lambda: cache.waiting == CONCURRENT), f"only {cache.waiting} reached the cache"
+                wait_for(lambda: cache.waiting == CONCURRENT, 60, "every request waiting at the cache", every=0.01)
             finally:
                 signatures.release.set()
             results = answers.result(60)
@@ -159,7 +151,7 @@ def test_past_the_reuse_point_a_token_is_answered_at_once_and_its_successor_sign
         first = svc.call("POST", "/v1/sas-tokens", body, bearer=leaf.bearer)[2]
         # past the reuse point, and a second later than the first signature: HMAC is
         # deterministic, so a successor with the same expiry would be the very same token
-        assert _wait_until(lambda: time.time() >= first["expiresOn"] - ttl + 1.5)
+        wait_for(lambda: time.time() >= first["expiresOn"] - ttl + 1.5, 60, "1.5 s into the token's life", every=0.01)
         signatures = HsmSignatures(hsm, held=True)  # from here the HSM signs nothing until released
         with ThreadPoolExecutor(1) as client:
             waiting = client.submit(svc.call, "POST", "/v1/sas-tokens", {"deviceId": other.name},
@@ -170,7 +162,8 @@ def test_past_the_reuse_point_a_token_is_answered_at_once_and_its_successor_sign
             finally:
                 signatures.release.set()
             assert waiting.result(30)[0] == 200
-        assert _wait_until(lambda: signatures.count == 2)  # the miss and the background refresh
+        # the miss and the background refresh
+        wait_for(lambda: signatures.count == 2, 60, "two signatures", every=0.01)
         _, _, after = svc.call("POST", "/v1/sas-tokens", body, bearer=leaf.bearer)
     assert after["expiresOn"] > first["expiresOn"]
     verify_sas(after["token"], leaf.key)

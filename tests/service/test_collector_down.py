@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from otlp_receiver import SilentCollector, closed_port_endpoint
 from service_harness import HOST, ServiceHarness, free_port, serve_config, verify_sas
+from waiting import wait_for
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm, Secret
@@ -190,8 +191,10 @@ def test_serve_exits_0_within_5_s_of_sigterm_with_a_hung_collector(
                                 for _ in range(4)]
                 for t in leaf_threads:
                     t.start()
-            time.sleep(1.5)  # a span export (every 1 s) and metric exports are now stuck on the collector
-            assert collector.connections >= 1
+            # a span export (every 1 s) and a metric export are now stuck on the collector, and
+            # busy leaves have had answers
+            wait_for(lambda: collector.connections >= 2 and (leaves == "idle" or len(statuses) > 0), 10,
+                     "exports stuck on the collector")
             served_before_stop = len(statuses)
             proc.send_signal(signal.SIGTERM)
             started = time.monotonic()

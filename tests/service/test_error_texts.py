@@ -15,7 +15,6 @@ import http.client
 import json
 import logging
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import addresses
 import pytest
 from service_harness import ServiceHarness, free_port, problem_type, store_hsm_certificate
+from waiting import wait_for
 
 from emulator.core import Emulator
 from emulator.pki import EmulatorPki
@@ -191,11 +191,8 @@ def test_readyz_on_the_api_port_gives_a_short_public_reason_and_the_health_port_
     missing = "absent-" + secrets.token_hex(3)
     settings = PoolSettings(token_env.module, TokenSelector(missing), workers=1, retry_min=0.1, retry_max=0.5)
     unready = Hsm(settings, Secret(token_env.pin)).start(wait=False)
-    end = time.monotonic() + 30
-    while unready.state.reason is None and time.monotonic() < end:
-        time.sleep(0.05)
     try:
-        assert unready.state.reason is not None, "the pool never said why it is not ready"
+        wait_for(lambda: unready.state.reason, 30, "the pool saying why it is not ready", every=0.05)
         with ServiceHarness(unready, tmp_path, emulator_pki, health_port=free_port()) as svc:
             status, headers, api = svc.call("GET", "/readyz")
             assert status == 503 and problem_type(headers, api) == "not-ready"

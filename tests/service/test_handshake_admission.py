@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from service_harness import HOST, ServiceHarness
+from waiting import holds_for, wait_for
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm
@@ -54,12 +54,10 @@ def test_silent_and_stalled_clients_do_not_keep_a_leaf_out(svc: ServiceHarness, 
     try:
         listener = svc.listeners.api_listener if svc.listeners else None
         assert listener is not None
-        end = time.monotonic() + GUARD
-        while listener.in_progress < SLOTS:  # the stalled ones hold the slots, the silent ones none
-            assert time.monotonic() < end, f"{listener.in_progress} handshakes in progress"
-            time.sleep(0.01)
-        time.sleep(0.2)
-        assert listener.in_progress == SLOTS and listener.peak == SLOTS  # never more than the slots
+        # the stalled ones hold the slots, the silent ones none
+        wait_for(lambda: listener.in_progress >= SLOTS, GUARD, "every slot taken", every=0.01)
+        holds_for(lambda: listener.in_progress == SLOTS and listener.peak == SLOTS, 0.2,
+                  "never more handshakes than the slots")
         # A leaf gets a slot once a stalled handshake times out, and is served.
         status, _, _ = svc.call("GET", "/healthz")
         assert status == 200

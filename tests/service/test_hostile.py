@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from service_harness import HOST, Leaf, ServiceHarness, free_port, new_leaf, problem_type, serve_config, verify_sas
+from waiting import wait_for
 
 from emulator.pki import EmulatorPki, Issued, PemFiles
 from spyrus_hsm.hsm import Hsm
@@ -234,12 +235,9 @@ def test_a_client_that_disconnects_mid_body_is_audited_as_aborted(site: Site, lo
     with site.connect() as conn:
         conn.sendall(site.request(b'{"deviceId": "' + site.leaf.name.encode() + b'"}',
                                   extra=f"X-Request-Id: {request_id}\r\n".encode())[:-5])
-    deadline = time.monotonic() + 10
-    found: list[dict[str, Any]] = []
-    while not found and time.monotonic() < deadline:
-        found = [r for r in site.svc.audit_records() if r["requestId"] == request_id]
-        time.sleep(0.05)
-    assert len(found) == 1, site.svc.audit_records()[-3:]
+    found = wait_for(lambda: [r for r in site.svc.audit_records() if r["requestId"] == request_id], 10,
+                     "the aborted request's audit record", every=0.05)
+    assert len(found) == 1, found
     record = found[0]
     assert record["outcome"] == "aborted" and record["status"] is None, record
     assert record["remote"] == HOST

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import waiting
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from service_harness import HOST, free_port, serve_config, store_hsm_certificate
@@ -77,11 +78,15 @@ def test_a_taken_port_is_reported_once_and_served_once_freed(setting: str, token
 
 def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[bytes], err_file: Path,
              within: float = 30) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert proc.poll() is None, f"serve exited ({proc.returncode}): {err_file.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"not within {within} s: {err_file.read_text()[-3000:]}"
-        time.sleep(0.1)
+    """`waiting.wait_for`, failing at once if serve exits and with its log on a timeout."""
+    def alive() -> None:
+        if proc.poll() is not None:
+            pytest.fail(f"serve exited ({proc.returncode}): {err_file.read_text()[-3000:]}")
+
+    try:
+        waiting.wait_for(condition, within, "the condition", every=0.1, alive=alive)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {err_file.read_text()[-3000:]}") from None
 
 
 def answers(port: int, *, tls: bool, ca: Path) -> bool:

@@ -33,6 +33,7 @@ import addresses
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from service_harness import ask_sas_token, serve_config, stop_process, store_hsm_certificate, wait_for_lines
+from waiting import wait_for
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm, Secret
@@ -117,22 +118,20 @@ def served(hsm: Hsm, token_env, tmp_path_factory: pytest.TempPathFactory,  # typ
 
 def wait_until_ready(served: Served) -> None:
     """The API answers before the HSM is ready (with 503): wait for the HSM, as a leaf would."""
-    end = time.monotonic() + 60
-    while not re.search(r"^spyrus_hsm_hsm_ready\{[^}]*\} 1\.0$", served.scrape(), re.M):
-        assert time.monotonic() < end, "the HSM did not become ready within 60 s"
-        time.sleep(0.2)
+    wait_for(lambda: re.search(r"^spyrus_hsm_hsm_ready\{[^}]*\} 1\.0$", served.scrape(), re.M), 60,
+             "the HSM ready", every=0.2)
 
 
 def wait_for_certificate_series(served: Served) -> str:
-    """A scrape once the HSM is ready and the credentials' expiry has been read."""
-    end = time.monotonic() + 30
-    text = ""
-    while time.monotonic() < end:
+    """A scrape once the HSM is ready and this module's certificate's expiry has been read (the
+    token is shared: another module's credentials may be there before it)."""
+    def scraped() -> str:
         text = served.scrape()
-        if "spyrus_hsm_certificate_not_after_timestamp_seconds{" in text and "spyrus_hsm_hsm_ready{" in text:
-            return text
-        time.sleep(0.2)
-    raise AssertionError(f"no expiry series within 30 s:\n{text}")
+        series = rf'^spyrus_hsm_certificate_not_after_timestamp_seconds\{{[^}}]*label="{re.escape(served.cert_label)}"'
+        mine = re.search(series, text, re.M)
+        return text if mine and "spyrus_hsm_hsm_ready{" in text else ""
+
+    return wait_for(scraped, 30, "this module's expiry series", every=0.2)
 
 
 def test_a_live_scrape_is_clean_under_promtool_check_metrics(served: Served) -> None:
@@ -188,14 +187,7 @@ class Prometheus:
         return float(result[0]["value"][1]) if result else None
 
     def wait_for(self, what: str, check: Any, within: float = 60) -> Any:
-        end = time.monotonic() + within
-        last = None
-        while time.monotonic() < end:
-            last = check()
-            if last:
-                return last
-            time.sleep(0.25)
-        raise AssertionError(f"Prometheus: {what} not seen within {within} s (last: {last})")
+        return wait_for(check, within, f"Prometheus: {what}", every=0.25)
 
 
 @pytest.fixture(scope="module")

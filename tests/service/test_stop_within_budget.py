@@ -26,6 +26,7 @@ from otlp_receiver import SilentCollector
 from service_harness import HOST, free_port, serve_config
 from test_audit_stall import StalledPipe
 from test_collector_down import api_port_from
+from waiting import wait_for
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm, Secret
@@ -89,10 +90,7 @@ def test_serve_stops_within_edge_agents_grace_when_the_token_the_audit_disk_and_
             token_env.set_shim(sign_delay_ms=60000)
             asker = threading.Thread(target=ask, args=(port, ctx, bearer, device, answers))
             asker.start()
-            end = time.monotonic() + 20
-            while queue_depth(metrics_port) < 1 and time.monotonic() < end:
-                time.sleep(0.05)
-            assert queue_depth(metrics_port) >= 1, "the signature never reached the token"
+            wait_for(lambda: queue_depth(metrics_port) >= 1, 20, "the signature at the token", every=0.05)
             proc.send_signal(signal.SIGTERM)
             started = time.monotonic()
             try:

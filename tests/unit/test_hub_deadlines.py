@@ -5,11 +5,11 @@ and succeeds later is shut down, never left connected beside the client in use."
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import replace
 from typing import Any
 
 import pytest
+from waiting import wait_for
 
 from spyrus_hsm.cloud.hub import HubClient, HubIdentity
 from spyrus_hsm.sdkerrors import HubTimeout
@@ -44,13 +44,6 @@ class Clients(HubClient):
         return client
 
 
-def _until(condition: Any, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return bool(condition())
-
-
 def test_a_move_whose_connect_misses_its_deadline_goes_back_and_shuts_the_late_client_down(tmp_path: Any) -> None:
     from spyrus_hsm.identity.x509 import TlsFiles
 
@@ -66,7 +59,7 @@ def test_a_move_whose_connect_misses_its_deadline_goes_back_and_shuts_the_late_c
         late = next(c for name, c in hub.made if name == "new")
         hub.answers["new"].set()  # the hub answers the abandoned connect after all
         assert late.shut.wait(10), "the client that connected late was left connected"
-        assert _until(lambda: not late.connected)
+        wait_for(lambda: not late.connected, 10, "the late client shut down", every=0.01)
         assert hub.client is not late and hub.client.connected
     finally:
         hub.shutdown()
