@@ -24,6 +24,7 @@ from . import times
 LogFormat = Literal["auto", "iotedge", "plain", "json"]
 PLAIN = "%(levelname)s %(name)s: %(message)s"
 EDGE_MARKER = "IOTEDGE_MODULEID"  # set by the edge runtime in every module it starts
+PACKAGE = "spyrus_hsm"
 
 
 def syslog_severity(levelno: int) -> int:
@@ -64,6 +65,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class ForeignTracebacks(logging.Filter):
+    """A library's exception (azure-iot-device, paho-mqtt, aiohttp, OpenSSL's through ssl)
+    logged at INFO or above becomes one line, `message (Type: reason)`: its traceback says
+    nothing an operator can act on, and what we do about it is logged by our own code. Our own
+    records keep their tracebacks (a bug of ours), and so does everything at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.levelno > logging.DEBUG and not record.name.startswith(PACKAGE):
+            exc = record.exc_info[1]
+            if exc is not None:
+                reason = " ".join(str(exc).split())
+                record.msg = f"{record.getMessage()} ({type(exc).__name__}{': ' + reason if reason else ''})"
+                record.args = None
+                record.exc_info = None
+                record.exc_text = None
+        return True
+
+
 def resolve(fmt: LogFormat, env: Mapping[str, str]) -> Literal["iotedge", "plain", "json"]:
     if fmt == "auto":
         return "iotedge" if env.get(EDGE_MARKER) else "plain"
@@ -83,4 +102,6 @@ def apply(fmt: LogFormat, env: Mapping[str, str]) -> str:
     chosen = resolve(fmt, env)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(formatter(chosen))
+        if not any(isinstance(f, ForeignTracebacks) for f in handler.filters):
+            handler.addFilter(ForeignTracebacks())
     return chosen

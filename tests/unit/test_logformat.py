@@ -10,19 +10,20 @@ import sys
 
 import pytest
 
-from spyrus_hsm.logformat import IotEdgeFormatter, JsonFormatter, resolve
+from spyrus_hsm.logformat import ForeignTracebacks, IotEdgeFormatter, JsonFormatter, resolve
 
 PREFIX = re.compile(r"^<(\d)> (\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3}) \+00:00 ")
 
 
-def record(level: int, message: str = "hello %s", exc: bool = False) -> logging.LogRecord:
+def record(level: int, message: str = "hello %s", exc: bool = False,
+           name: str = "spyrus_hsm.test") -> logging.LogRecord:
     exc_info = None
     if exc:
         try:
             raise ValueError("boom")
         except ValueError:
             exc_info = sys.exc_info()
-    rec = logging.LogRecord("spyrus_hsm.test", level, __file__, 1, message, ("world",), exc_info)
+    rec = logging.LogRecord(name, level, __file__, 1, message, ("world",), exc_info)
     rec.created, rec.msecs = 1_790_000_000.25, 250.0  # 2026-09-21 14:13:20.250 UTC
     return rec
 
@@ -55,3 +56,18 @@ def test_auto_is_the_iot_edge_format_only_under_the_edge_runtime() -> None:
     assert resolve("auto", {"IOTEDGE_MODULEID": "spyrus_hsm"}) == "iotedge"
     assert resolve("auto", {}) == "plain"
     assert resolve("json", {"IOTEDGE_MODULEID": "spyrus_hsm"}) == "json"
+
+
+@pytest.mark.parametrize("fmt", [IotEdgeFormatter(), JsonFormatter(), logging.Formatter("%(name)s: %(message)s")])
+def test_a_librarys_exception_is_one_line_and_ours_keeps_its_traceback(fmt: logging.Formatter) -> None:
+    foreign = record(logging.ERROR, exc=True, name="azure.iot.device.common.mqtt_transport")
+    assert ForeignTracebacks().filter(foreign)
+    text = fmt.format(foreign)
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    assert "hello world (ValueError: boom)" in text
+    ours = record(logging.ERROR, exc=True)
+    ForeignTracebacks().filter(ours)
+    assert "Traceback" in fmt.format(ours)
+    debug = record(logging.DEBUG, exc=True, name="paho.mqtt.client")
+    ForeignTracebacks().filter(debug)
+    assert "Traceback" in fmt.format(debug), "at DEBUG a library's traceback is kept"
