@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
-TICK = 0.25         # seconds between looks
+TICK = 0.1          # seconds between looks (a tick costs a clock read and, when busy, a freeze)
 IDLE = 0.05         # the share of a tick the loop's thread may work and still be idle
 QUIET = 10.0        # seconds idle before the deferred collection (it walks everything: tens of ms)
 MAX_DEFER = 300.0   # seconds a cycle may wait at most under continuous load
