@@ -7,7 +7,8 @@ Two packaging bugs of bookworm's vsmartcard are worked around here: its Python p
 CryptoUtils falls back to `import sha` (a one-line sha.py beside it satisfies that).
 
 pcscd (/run/pcscd) and its readers' ports are one per machine, unlike the loopback addresses a
-test session owns (tests/addresses.py): `HostPcscd.start()` first takes a machine-wide lock,
+test session owns (tests/addresses.py): `HostPcscd.start()` and a `VirtualCard` whose reader is in
+this machine's pcscd (serve's own included) first take a machine-wide lock,
 waiting while another test session's test has it, and the test session releases it when the
 test ends (`release_machine_pcscd`, called by tests/conftest.py).
 """
@@ -113,6 +114,8 @@ class VirtualCard:
         self.workdir = workdir
         self.host, self.port = host, port
         self.check_locally = check_locally  # the reader is in this machine's pcscd
+        if check_locally:  # that pcscd (the test's own or serve's) and the reader's port are one per machine
+            _take_machine_pcscd()
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "sha.py").write_text("import hashlib\nnew = hashlib.sha1\n")

@@ -62,7 +62,8 @@ class Site:
     pin: bytes
 
     def connect(self) -> ssl.SSLSocket:
-        sock = socket.create_connection((HOST, self.svc.port), timeout=10)
+        # from the session's own address, so that the audit's remote is known
+        sock = socket.create_connection((HOST, self.svc.port), timeout=10, source_address=(HOST, 0))
         return self.svc.client_context().wrap_socket(sock, server_hostname=HOST)
 
     def send(self, data: bytes) -> Answer:
