@@ -255,10 +255,6 @@ def test_renew_command_whose_new_certificate_the_hub_refuses_says_so_in_one_line
     assert [g.label for g in _generations(hsm, base)] == [base]  # the old credential stays, the new one is gone
 
 
-@pytest.mark.xfail(strict=False, reason="the SDK's reconnect after the refused first connect sometimes fails its "
-                   "TLS handshake client-side ('[SSL] EVP lib', the HSM key through pkcs11-provider) and logs "
-                   "that traceback (2 of 3 runs alone); the refusal meant for the renewed certificate is no "
-                   "longer taken by another connect (new_certificates)")
 def test_serve_whose_hub_refuses_the_credential_says_so_in_one_line_and_carries_on(
         hsm, provider, token_env, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     reg, base = "sr-" + label, label + "-op"
