@@ -77,6 +77,32 @@ def _machine_pcscd_released() -> Iterator[None]:
         rig.release_machine_pcscd()
 
 
+@pytest.fixture(autouse=True)
+def _shared_hsm_answers_after_a_shim_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a shim test (it may have unplugged the token, and with it the sessions of the
+    session's shared pool): the token plugged back and the shared pool answering again before the
+    next test uses it (a stale session is noticed only by the next operation, which then fails)."""
+    yield
+    if "shim" not in request.keywords or not VIA_SHIM:
+        return
+    import asyncio
+
+    from waiting import wait_for
+
+    env = request.getfixturevalue("token_env")
+    env.set_shim(state="plugged")
+    shared = request.getfixturevalue("hsm")
+
+    def answers() -> bool:
+        try:
+            asyncio.run(shared.aprobe(timeout=2.0))
+        except Exception:  # the first one after an unplug fails and starts the reconnection
+            return False
+        return True
+
+    wait_for(answers, 30, "the shared HSM pool answering after a shim test", every=0.1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Keep the two groups apart: each needs its own process (see module docstring).
     skip_other = pytest.mark.skip(reason="runs in the other pytest process (shim / not shim)")

@@ -345,14 +345,16 @@ QUEUED_DELAY_MS = 400
 
 @pytest.mark.shim
 def test_hsm_operation_duration_and_span_begin_when_the_caller_submits_queueing_included(
-        rx: OtlpReceiver, exported: Telemetry, token_env: Any, hsm: Hsm) -> None:
+        rx: OtlpReceiver, exported: Telemetry, token_env: Any) -> None:
     """One worker, two signatures submitted together, each slowed by the shim: the second waits
-    in the queue while the first signs, and its span and duration include that wait."""
+    in the queue while the first signs, and its span and duration include that wait. (A pool of
+    its own for the key too: the session's shared pool may still be noticing an earlier shim
+    test's unplug.)"""
     label = "queued-" + secrets.token_hex(3)
-    hsm.import_secret_key(label, Secret(secrets.token_bytes(32)))
     settings = PoolSettings(token_env.module, TokenSelector(token_env.label), workers=1, call_timeout=10.0,
                             retry_min=0.1, retry_max=0.5)
     single = Hsm(settings, Secret(token_env.pin)).start(wait=True)
+    single.import_secret_key(label, Secret(secrets.token_bytes(32)))
     single.instrument(hsm_instrument(exported))
     token_env.set_shim(sign_delay_ms=QUEUED_DELAY_MS)
     try:
