@@ -124,9 +124,10 @@ class Worker:
         self.spawn(self.run, self.name)
 
     def run(self) -> None:
-        if self._target is None:
-            raise NotImplementedError("a Worker needs a target or a run() of its own")
-        self._target()
+        """The worker's loop: `target`, or a subclass's own; a worker whose threads all come
+        from `spawn` has none, and `start` then runs nothing."""
+        if self._target is not None:
+            self._target()
 
     def spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
         """Another thread of this worker, joined by `close`."""
