@@ -152,13 +152,25 @@ class ServiceConfig:
     tls_key_label: str | None = None
     # With tls_key_label and an issuing certificate: the life of each in-memory TLS key it
     # certifies (renewed at half), so handshakes cost no token signature
-    tls_lifetime: int = ranged(86400, 300, 30 * 24 * 3600, says="300 seconds to 30 days")
+    # (default 72 h: renewed at half, so a served certificate has >= 36 h left; with the 24 h
+    # backdate (identity.issuing.BACKDATE) a leaf whose clock is off by up to 24 h either way verifies it)
+    tls_lifetime: int = ranged(259200, 300, 30 * 24 * 3600, says="300 seconds to 30 days")
     tls_handshakes: int = ranged(16, 1, 1024)  # TLS handshakes in progress at once; more connections wait
     # seconds a client has to complete its handshake
     tls_handshake_timeout: float = ranged(10.0, 1, 120, unit="seconds")
+    # accepted connections one source address may have waiting for or in their TLS handshake; past
+    # it, its new connections are closed at once (a NAT in front of many leaves: raise it)
+    tls_per_source: int = ranged(32, 1, 100_000)
+    # requests that fail authentication, per source address (token bucket; 0 turns it off): past
+    # it a source gets 429 without its credentials being looked at
+    unauthenticated_per_second: float = ranged(5.0, 0, 10_000)
+    unauthenticated_burst: int = ranged(20, 1, 100_000)
     client_ca_file: str | None = None   # trust anchors for leaf certificates (mutual TLS)
     bearer_tokens: dict[str, str] = field(default_factory=dict)   # principal -> SHA-256 hex
     policy: tuple[PolicyRule, ...] = ()
+    # HSM key labels (globs) a caller may name for POST /v1/signatures; nothing else, and never a
+    # reserved key (service.keys: the service TLS key, cloud keys, DPS group and device keys)
+    signing_keys: tuple[str, ...] = ()
     hub: str | None = None              # hub for device tokens when a request names none
     sas_key: str = "{deviceId}"         # HSM key label template for a device's SAS tokens
     dps_key: str = "{registrationId}"   # ... for DPS registration tokens and registrations
@@ -278,11 +290,15 @@ def service_section(value: Any, source: str) -> ServiceConfig:
         value = {}
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: 'service' must be a mapping")
-    scalars = {k: v for k, v in value.items() if k not in ("bearer_tokens", "policy")}
+    scalars = {k: v for k, v in value.items() if k not in ("bearer_tokens", "policy", "signing_keys")}
     svc: ServiceConfig = section(ServiceConfig, scalars, "service", source)
     tokens = _bearer_tokens(value.get("bearer_tokens"), source)
     policy = tuple(_rule(r, i, source) for i, r in enumerate(as_list(value.get("policy"), "service.policy", source)))
-    return replace(svc, enabled=value.get("enabled", True) is not False, bearer_tokens=tokens, policy=policy)
+    signing = as_list(value.get("signing_keys"), "service.signing_keys", source)
+    if not all(isinstance(p, str) and p for p in signing):
+        raise ConfigError(f"{source}: 'service.signing_keys' must be a list of non-empty label patterns")
+    return replace(svc, enabled=value.get("enabled", True) is not False, bearer_tokens=tokens, policy=policy,
+                   signing_keys=tuple(signing))
 
 
 def _bearer_tokens(value: Any, source: str) -> dict[str, str]:
