@@ -23,10 +23,10 @@ from typing import Any
 from . import config as config_mod
 from . import events as events_mod
 from .cloud.connection import CloudConnection
-from .config import Config, ServiceConfig
+from .config import Config, PolicyRule, ServiceConfig
 from .edge.agent import EdgeAgent, EdgeHooks
 from .edge.environment import detect as detect_edge
-from .hsm import EXIT_RESTART, Hsm, HsmState, read_secret_file, restart_done, restart_once
+from .hsm import EXIT_RESTART, Hsm, HsmError, HsmState, read_secret_file, restart_done, restart_once
 from .identity import tls
 from .identity import x509 as x509_id
 from .listening import ListenError
@@ -87,6 +87,8 @@ class Module:
             self.service = Service(cfg.service, deps, AuditLog(audit_path, cfg.service.audit_fail_closed))
             audit = self.service.audit
             telemetry.metrics.watch("audit.dropped", lambda: audit.dropped)
+            self._roles_checked = False
+            self.hsm.add_listener(self._warn_about_reserved_keys)
         telemetry.metrics.watch_each("certificate.renewal.consecutive_failures", self._renewal_failures)
         # PC/SC: pcscd run here (internal) or the host's; either way a missing token is explained
         # in reader terms ("card removed from reader X").
@@ -100,6 +102,21 @@ class Module:
         self.edge: EdgeAgent | None = None
         self.exit_code = 0
         self.shutdown: Shutdown | None = None  # once stopping: the budget the stop shares
+
+    def _warn_about_reserved_keys(self, state: HsmState) -> None:
+        """Once the token is first ready: a warning for each policy rule or signing pattern that
+        would have reached a key reserved for another job (on the pool's supervisor thread)."""
+        if not state.ready or self._roles_checked or self.service is None:
+            return
+        self._roles_checked = True
+        service = self.service
+        try:
+            objects = self.hsm.list_objects()
+        except HsmError as exc:
+            log.warning("could not list the token's keys to check the policy against reserved keys: %s", exc)
+            return
+        for line in service.roles.warnings(service.cfg.policy, objects):
+            log.warning("%s", line)
 
     def _assigned_hub(self) -> str | None:
         return self.cloud.assigned_hub if self.cloud is not None else None
@@ -173,11 +190,11 @@ class Module:
         service = self.service
         apply = None
         if service is not None:
-            async def reconfigure(cfg: ServiceConfig) -> None:
-                service.reconfigure(cfg)  # on the loop, between requests
+            async def reconfigure(cfg: ServiceConfig, ceiling: tuple[PolicyRule, ...]) -> None:
+                service.reconfigure(cfg, ceiling)  # on the loop, between requests
 
-            def apply(cfg: ServiceConfig) -> None:
-                future = asyncio.run_coroutine_threadsafe(reconfigure(cfg), loop)
+            def apply(cfg: ServiceConfig, ceiling: tuple[PolicyRule, ...]) -> None:
+                future = asyncio.run_coroutine_threadsafe(reconfigure(cfg, ceiling), loop)
                 try:
                     future.result(5.0)
                 except TimeoutError:

@@ -130,9 +130,11 @@ def test_a_desired_patch_is_applied_live_and_reported(site: EdgeSite, module_sit
 
 def test_a_new_policy_takes_effect_without_a_restart(site: EdgeSite, module_site: Callable[..., ModuleSite],
                                                      leaf: tuple[str, bytes]) -> None:
-    ms = module_site(policy=[])  # default deny
+    ms = module_site(policy=GW_CAN_MINT)  # the file's policy: the ceiling of the twin's
     module = ms.start()
     connected(site)
+    version = site.patch({"service": {"policy": []}})  # default deny
+    assert site.wait_config(version)["status"] == "applied"
     assert mint(ms, leaf[0])[0] == 403
 
     version = site.patch({"service": {"policy": GW_CAN_MINT}})
@@ -141,6 +143,20 @@ def test_a_new_policy_takes_effect_without_a_restart(site: EdgeSite, module_site
     assert module.service is not None and module.service.policy.rules[0].principals == ("gw",)
     status, body = mint(ms, leaf[0])
     assert status == 200 and body["resourceUri"] == f"hub.example/devices/{leaf[0]}"
+
+
+def test_the_twin_cannot_widen_the_files_policy(site: EdgeSite, module_site: Callable[..., ModuleSite],
+                                                leaf: tuple[str, bytes]) -> None:
+    ms = module_site(policy=GW_CAN_MINT)  # sas-token for leaf-* only
+    ms.start()
+    connected(site)
+    everything = [{"principals": ["*"], "operations": ["*"], "devices": ["*"], "keys": ["*"]}]
+    version = site.patch({"service": {"policy": everything}})
+    assert site.wait_config(version)["status"] == "applied"
+    assert mint(ms, leaf[0])[0] == 200  # the file allows it, and so does the twin
+    status, problem = mint(ms, "plc-" + leaf[0])  # the twin allows it, the file does not
+    assert status == 403 and problem["detail"] == (
+        f"no policy rule allows 'gw' the operation 'sas-token' on device 'plc-{leaf[0]}'")
 
 
 def test_an_invalid_patch_is_rejected_whole_and_the_old_config_kept(
@@ -356,7 +372,8 @@ def test_desired_changes_made_while_the_sdk_had_given_up_are_applied_once_back(
     assert env is not None
     applied: list[ServiceConfig] = []
     cfg = Config()
-    agent = EdgeAgent(env, EdgeHooks(hsm, cfg, lambda: cfg, applied.append), reconnect_after=1.0).start()
+    agent = EdgeAgent(env, EdgeHooks(hsm, cfg, lambda: cfg, lambda svc, _: applied.append(svc)),
+                       reconnect_after=1.0).start()
     try:
         site.wait_reported(lambda r: r.get("config"))
         site.emu.add_module("edge1", "spyrus_hsm", symmetric_key=new_symmetric_key())  # edgeHub refuses ...

@@ -105,7 +105,10 @@ def test_renew_at_from_the_twin_and_back_to_the_file(base: ServiceConfig) -> Non
 
 
 @pytest.mark.parametrize("key, file_key", [("port", "port"), ("tlsCertFile", "tls_cert_file"),
-                                           ("bearerTokens", "bearer_tokens"), ("clientCaFile", "client_ca_file")])
+                                           ("bearerTokens", "bearer_tokens"), ("clientCaFile", "client_ca_file"),
+                                           # which keys sign: the twin cannot point them at a reserved key
+                                           ("sasKey", "sas_key"), ("groupKey", "group_key"),
+                                           ("signingKeys", "signing_keys"), ("leafCertLabel", "leaf_cert_label")])
 def test_settings_fixed_at_start_are_refused_with_where_to_set_them(base: ServiceConfig, key: str,
                                                                     file_key: str) -> None:
     message = rejected({"service": {key: "x"}}, base)

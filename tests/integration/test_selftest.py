@@ -130,3 +130,31 @@ def test_a_service_certificate_that_cannot_issue_warns_with_what_it_costs_and_ho
     assert check["ok"] and check["warning"], check
     assert "cannot issue" in check["detail"] and "token signature" in check["detail"]
     assert "path-length-0 CA" in check["detail"]
+
+
+def test_a_policy_rule_that_would_reach_reserved_keys_is_warned_about(  # type: ignore[no-untyped-def]
+        cli, token_env, own_token, emulator_pki, tmp_path) -> None:
+    """docs/service.md's old example: a gateway allowed `signature` on `line3-*`, with the
+    default sas_key '{deviceId}' (so the line-3 devices' SAS keys match) and the API's key."""
+    from service_harness import store_hsm_certificate
+
+    token_label, hsm = own_token
+    store_hsm_certificate(hsm, LABEL, emulator_pki, server_ip="127.0.0.1", issuing=True)
+    hsm.import_secret_key("line3-press", Secret(secrets.token_bytes(32)))
+    config = tmp_path / "service.yaml"
+    config.write_text(token_env.config_file.read_text() + f"service:\n  tls_key_label: {LABEL}\n"
+                      "  signing_keys: ['line3-*', 'op-*']\n  policy:\n"
+                      "    - {principals: [gateway-3], operations: [signature], keys: ['line3-*', 'op-*']}\n")
+    res = cli("selftest", env=token_env.env(SPYRUS_HSM_TOKEN_LABEL=token_label, SPYRUS_HSM_CONFIG=str(config)))
+    assert "Traceback" not in res.err, res.err
+    warnings = [line for line in res.out.splitlines() if line.startswith("WARN policy: ")]
+    assert warnings == [
+        "WARN policy: service.policy[0] keys pattern 'line3-*' matches reserved key(s) 'line3-press' (a device's "
+        "SAS/DPS key): they are never used for caller-named signing",
+        f"WARN policy: service.policy[0] keys pattern 'op-*' matches reserved key(s) '{LABEL}' (the API's TLS key "
+        "(service.tls_key_label)): they are never used for caller-named signing",
+        "WARN policy: service.signing_keys pattern 'line3-*' matches reserved key(s) 'line3-press' (a device's "
+        "SAS/DPS key): they are never used for caller-named signing",
+        f"WARN policy: service.signing_keys pattern 'op-*' matches reserved key(s) '{LABEL}' (the API's TLS key "
+        "(service.tls_key_label)): they are never used for caller-named signing",
+    ], res.out

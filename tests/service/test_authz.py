@@ -22,6 +22,8 @@ from emulator.pki import EmulatorPki, PemFiles
 from spyrus_hsm.hsm import Hsm, Secret
 
 OWN_DEVICE = {"principals": ["*"], "operations": ["sas-token"], "devices": ["{cn}"]}
+# Caller-named HMAC signing needs the device keys in a namespace of their own (service/keyroles.py)
+SIGNING: dict[str, Any] = {"signing_keys": ("sign-*",), "sas_key": "sas-{deviceId}", "dps_key": "dps-{registrationId}"}
 GATEWAYS = {"principals": ["gateway-*"], "operations": ["sas-token"], "devices": ["line3-*"]}
 
 
@@ -116,12 +118,15 @@ def test_a_signature_needs_a_rule_whose_keys_match_the_key_named(hsm: Hsm, tmp_p
 def test_a_keys_rule_lets_the_caller_sign_with_the_key_it_names(hsm: Hsm, tmp_path: Path,
                                                                 emulator_pki: EmulatorPki) -> None:
     leaf = new_leaf(hsm)
-    own_key = {"principals": ["*"], "operations": ["signature"], "keys": ["{cn}"]}
-    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[own_key], bearer={leaf.name: leaf.bearer}) as svc:
-        status, _, body = svc.call("POST", "/v1/signatures", _hmac_request(leaf.name, b"to be signed"),
+    signing_key = secrets.token_bytes(32)
+    hsm.import_secret_key(f"sign-{leaf.name}", Secret(signing_key))
+    own_key = {"principals": ["*"], "operations": ["signature"], "keys": ["sign-{cn}"]}
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[own_key], bearer={leaf.name: leaf.bearer},
+                        **SIGNING) as svc:
+        status, _, body = svc.call("POST", "/v1/signatures", _hmac_request(f"sign-{leaf.name}", b"to be signed"),
                                    bearer=leaf.bearer)
     assert status == 200, body
-    assert base64.b64decode(body["signature"]) == hmac.new(leaf.key, b"to be signed", hashlib.sha256).digest()
+    assert base64.b64decode(body["signature"]) == hmac.new(signing_key, b"to be signed", hashlib.sha256).digest()
 
 
 def test_es384_signs_with_a_p384_key_the_caller_may_name(hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki) -> None:
@@ -135,7 +140,8 @@ def test_es384_signs_with_a_p384_key_the_caller_may_name(hsm: Hsm, tmp_path: Pat
     hsm.generate_keypair(leaf.name + "-p384", KeyAlgorithm.EC_P384)
     own_key = {"principals": ["*"], "operations": ["signature"], "keys": ["{cn}-p384"]}
     request = {"key": leaf.name + "-p384", "algorithm": "ES384", "data": base64.b64encode(b"jws input").decode()}
-    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[own_key], bearer={leaf.name: leaf.bearer}) as svc:
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[own_key], bearer={leaf.name: leaf.bearer},
+                        signing_keys=("*-p384",)) as svc:
         status, _, body = svc.call("POST", "/v1/signatures", request, bearer=leaf.bearer)
     assert status == 200, body
     raw = base64.b64decode(body["signature"])
@@ -168,12 +174,16 @@ def test_every_decision_is_audited_once_and_no_secret_is_written(
         hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     leaf, other = new_leaf(hsm), new_leaf(hsm, "other")
+    for who in (leaf, other):
+        hsm.import_secret_key(f"sas-{who.name}", Secret(who.key))
+    hsm.import_secret_key(f"sign-{leaf.name}", Secret(secrets.token_bytes(32)))
     wrong_bearer = secrets.token_urlsafe(24)
-    policy = [OWN_DEVICE, {"principals": ["*"], "operations": ["signature"], "keys": ["{cn}"]}]
-    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=policy, bearer={leaf.name: leaf.bearer}) as svc:
+    policy = [OWN_DEVICE, {"principals": ["*"], "operations": ["signature"], "keys": ["sign-{cn}"]}]
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=policy, bearer={leaf.name: leaf.bearer},
+                        **SIGNING) as svc:
         answers = [
             svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer),
-            svc.call("POST", "/v1/signatures", _hmac_request(leaf.name, b"audit me"), bearer=leaf.bearer),
+            svc.call("POST", "/v1/signatures", _hmac_request(f"sign-{leaf.name}", b"audit me"), bearer=leaf.bearer),
             svc.call("POST", "/v1/sas-tokens", {"deviceId": other.name}, bearer=leaf.bearer),
             svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=wrong_bearer),
             svc.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, cert=emulator_pki.device(leaf.name)),
@@ -182,11 +192,11 @@ def test_every_decision_is_audited_once_and_no_secret_is_written(
         audit_text = svc.audit_file.read_text()
     assert [a[0] for a in answers] == [200, 200, 403, 401, 200]
     assert [(r["principal"], r["operation"], r["device"], r["key"], r["outcome"]) for r in records] == [
-        (leaf.name, "sas-token", leaf.name, leaf.name, "allowed"),
-        (leaf.name, "signature", None, leaf.name, "allowed"),
-        (leaf.name, "sas-token", other.name, other.name, "denied"),
+        (leaf.name, "sas-token", leaf.name, f"sas-{leaf.name}", "allowed"),
+        (leaf.name, "signature", None, f"sign-{leaf.name}", "allowed"),
+        (leaf.name, "sas-token", other.name, f"sas-{other.name}", "denied"),
         (None, "sas-token", None, None, "unauthenticated"),
-        (leaf.name, "sas-token", leaf.name, leaf.name, "allowed"),
+        (leaf.name, "sas-token", leaf.name, f"sas-{leaf.name}", "allowed"),
     ]
     token, signature = answers[0][2]["token"], answers[1][2]["signature"]
     secret_texts = {

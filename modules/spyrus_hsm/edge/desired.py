@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from .. import events
-from ..config import ConfigError, ServiceConfig
+from ..config import ConfigError, PolicyRule, ServiceConfig
 from ..errors import Kind, SpyrusError
 from . import reported as rep
 from . import twin
@@ -114,7 +114,7 @@ class DesiredConfig:
                 raise
             twin_error = str(exc)
             wanted = twin.evaluate(self._applied_desired, base, self._applied_version)
-        changed = self._apply(wanted)
+        changed = self._apply(wanted, base.policy)
         self._service_base = base
         if twin_error is None:
             self._applied_desired, self._applied_version = self._desired, self._desired_version
@@ -123,12 +123,13 @@ class DesiredConfig:
                                                        twin_error))
         return changed, twin_error
 
-    def _apply(self, wanted: twin.TwinSettings) -> list[str]:
-        """Apply (service first: if it fails, nothing has changed); the live keys changed."""
+    def _apply(self, wanted: twin.TwinSettings, ceiling: tuple[PolicyRule, ...]) -> list[str]:
+        """Apply (service first: if it fails, nothing has changed); the live keys changed.
+        `ceiling`: the config file's policy, which the twin's cannot widen."""
         changed = twin.live_changes(self.current.service, wanted.service)
         if wanted.service != self.current.service and self.hooks.apply_service is not None:
             try:
-                self.hooks.apply_service(wanted.service)
+                self.hooks.apply_service(wanted.service, ceiling)
             except Exception as exc:
                 raise ApplyError(f"the service could not be reconfigured: {explain(exc)}") from None
         if wanted.renew_at != self.current.renew_at:

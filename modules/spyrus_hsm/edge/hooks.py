@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import Config, ServiceConfig
+from ..config import Config, PolicyRule, ServiceConfig
 from ..hsm import Hsm
 
 
@@ -16,7 +16,8 @@ class EdgeHooks:
     hsm: Hsm
     config: Config                                          # what the process was started with
     reload_config: Callable[[], Config]                     # re-reads the config file
-    apply_service: Callable[[ServiceConfig], None] | None   # None: the HTTP service is off
+    # (the service settings, the config file's policy as their ceiling); None: the HTTP service is off
+    apply_service: Callable[[ServiceConfig, tuple[PolicyRule, ...]], None] | None
     set_renew_at: Callable[[float], None] | None = None     # None: no operational certificate to renew
 
 

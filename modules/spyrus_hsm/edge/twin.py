@@ -10,8 +10,11 @@ The desired document overlays the config file's `service` section, key by key:
 A key absent from the twin (or deleted with null) keeps the file's value. The whole document is
 validated at once, with the checks the config file gets (`config.service_section` and
 `config.validate_service`); errors name the twin key. Only what `Service.reconfigure` applies
-live can be set here: listeners, TLS files, bearer-token digests and the audit file are read at
-start, so those keys are refused with a message saying to set them in the config file.
+live can be set here: listeners, TLS files, bearer-token digests, the audit file and which keys
+sign for devices and callers (the key templates, `signing_keys`) are read at start, so those keys
+are refused with a message saying to set them in the config file. A `policy` from the twin can
+only narrow the file's: a request must be allowed by both (`Service.reconfigure`'s ceiling), so
+whoever can write the twin cannot grant more than the file does.
 """
 
 from __future__ import annotations
@@ -37,18 +40,17 @@ LIVE: dict[str, str] = {
     "auditFsync": "audit_fsync",
     "policy": "policy",
     "hub": "hub",
-    "sasKey": "sas_key",
-    "dpsKey": "dps_key",
-    "groupKey": "group_key",
-    "x509Label": "x509_label",
     "requestTimeoutSeconds": "request_timeout",
     "registrationTimeoutSeconds": "registration_timeout",
     "retryAfterSeconds": "retry_after",
 }
 TWIN_NAME = {field: key for key, field in LIVE.items()}
 # ServiceConfig fields read once at start (listeners, TLS, HTTP limits, credentials, audit file)
+# ... and which keys sign for devices and callers: the twin must not point a template or the
+# signing namespace at a key with another job (service/keyroles.py)
 FIXED_FIELDS = ("enabled", "host", "port", "health_host", "health_port", "tls_cert_file", "tls_key_file",
-                "tls_key_label", "client_ca_file", "bearer_tokens", "max_body_bytes", "audit_file")
+                "tls_key_label", "client_ca_file", "bearer_tokens", "max_body_bytes", "audit_file",
+                "sas_key", "dps_key", "group_key", "x509_label", "leaf_cert_label", "signing_keys")
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "error": logging.ERROR, "critical": logging.CRITICAL}
 TOP_LEVEL = ("logLevel", "service", "cloud")
@@ -125,8 +127,9 @@ def _service(value: Any, base: ServiceConfig, where: str) -> ServiceConfig:
         elif _snake(key) in FIXED_FIELDS:
             raise TwinConfigError(
                 f"{where}: 'service.{key}' cannot be set from the module twin: listeners, TLS files, "
-                f"bearer-token digests, the body limit and the audit file are read at start; set "
-                f"'service.{_snake(key)}' in the config file and restart the module")
+                f"bearer-token digests, the body limit, the audit file and which keys sign for devices "
+                f"and callers are read at start; set 'service.{_snake(key)}' in the config file and "
+                f"restart the module")
         else:
             raise TwinConfigError(f"{where}: unknown key 'service.{key}' (known: {', '.join(LIVE)})")
     try:
@@ -143,6 +146,7 @@ def service_mapping(cfg: ServiceConfig) -> dict[str, Any]:
     out["policy"] = [{"principals": list(r.principals), "operations": list(r.operations),
                       "devices": list(r.devices), "keys": list(r.keys)} for r in cfg.policy]
     out["bearer_tokens"] = dict(cfg.bearer_tokens)
+    out["signing_keys"] = list(cfg.signing_keys)
     return out
 
 

@@ -21,6 +21,7 @@ from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm
 from .provision import init_token, list_tokens
 from .recovery import EXIT_RESTART, restart_done, restart_once
 from .secret import Secret, read_secret_file, read_secret_stream
+from .session import not_named
 from .state import HsmState, PoolSettings
 from .uri import Pkcs11Uri, UriError, as_uri
 
@@ -55,6 +56,7 @@ __all__ = [
     "init_token",
     "list_tokens",
     "mark_shared",
+    "not_named",
     "read_secret_file",
     "read_secret_stream",
     "restart_done",

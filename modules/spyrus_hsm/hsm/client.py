@@ -114,8 +114,15 @@ class Hsm:
         return await self._async.run(self._sign_op(uri, algorithm, data), _what("signing", uri), timeout,
                                      background)
 
-    def _sign_op(self, uri: Pkcs11Uri, algorithm: SignAlgorithm, data: bytes) -> Callable[[WorkerSession], bytes]:
-        return self._op(partial(ops.sign, uri=uri, algorithm=algorithm, data=data), "sign", uri,
+    async def asign_unbound(self, key: KeyRef, algorithm: SignAlgorithm, data: bytes) -> bytes:
+        """`asign` for bytes a caller chose: refused, as a missing key is, for a private key with
+        a certificate beside it (checked in the same operation as the signature)."""
+        uri = as_uri(key)
+        return await self._async.run(self._sign_op(uri, algorithm, data, ops.sign_unbound), _what("signing", uri))
+
+    def _sign_op(self, uri: Pkcs11Uri, algorithm: SignAlgorithm, data: bytes,
+                 fn: Callable[..., bytes] = ops.sign) -> Callable[[WorkerSession], bytes]:
+        return self._op(partial(fn, uri=uri, algorithm=algorithm, data=data), "sign", uri,
                         ops.MECHANISM_NAMES[algorithm])
 
     async def aprobe(self, timeout: float | None = None) -> None:

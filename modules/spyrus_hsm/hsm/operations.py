@@ -21,7 +21,7 @@ from .reads import (
     secret_key_value_readable,
 )
 from .session import ObjectInfo, ObjectKey, Template, WorkerSession, probe
-from .signing import key_algorithm, sign
+from .signing import key_algorithm, sign, sign_unbound
 from .writes import (
     delete,
     derive_hmac_key,
@@ -38,5 +38,5 @@ __all__ = [
     "certificate_chain", "delete", "derive_hmac_key", "find_objects", "generate_keypair",
     "has_certificates", "import_pkcs12_objects", "import_private_key", "import_secret_key",
     "key_algorithm", "key_id_of", "list_objects", "order_chain", "probe", "public_key_spki",
-    "secret_key_value_readable", "sign", "store_certificates",
+    "secret_key_value_readable", "sign", "sign_unbound", "store_certificates",
 ]

@@ -85,7 +85,7 @@ class WorkerSession:
                 raise ObjectNotFound(
                     f"no {TYPE_BY_CLASS[cls]} object {describe(uri)} on token "
                     f"'{self.token_label}'; see 'spyrus-hsm list'",
-                    public=f"no {TYPE_BY_CLASS[cls]} object {describe(uri)}"
+                    public=not_named(uri, TYPE_BY_CLASS[cls]).public
                 )
             if len(found) > 1:
                 raise DuplicateObject(
@@ -111,6 +111,13 @@ class WorkerSession:
         if uri.id is not None:
             template[Attribute.ID] = uri.id
         return list(self.session.get_objects(template))
+
+
+def not_named(uri: Pkcs11Uri, kind: str, why: str = "") -> ObjectNotFound:
+    """What a caller is told of an object it may not use, whether it is missing or reserved for
+    another job (`why`, for the log): the same words, so a caller cannot tell the two apart."""
+    public = f"no {kind} object {describe(uri)}"
+    return ObjectNotFound(f"{public} may be named by a caller: {why}" if why else public, public=public)
 
 
 def describe(uri: Pkcs11Uri) -> str:

@@ -11,7 +11,7 @@ from pkcs11.util.ec import encode_named_curve_parameters
 
 from .algorithms import CURVE_OIDS, ECDSA_DIGESTS, KeyAlgorithm, SignAlgorithm
 from .errors import InvalidInput
-from .session import TYPE_BY_CLASS, WorkerSession, describe
+from .session import TYPE_BY_CLASS, WorkerSession, describe, not_named
 from .uri import Pkcs11Uri
 
 
@@ -51,6 +51,15 @@ def sign(ws: WorkerSession, uri: Pkcs11Uri, algorithm: SignAlgorithm, data: byte
         return bytes(_retry_stale(ws, lambda: _signer(ws, uri, ObjectClass.PRIVATE_KEY).sign(
             data, mechanism=Mechanism.SHA256_RSA_PKCS_PSS, mechanism_param=param)))
     raise InvalidInput(f"unsupported algorithm {algorithm}", public=f"unsupported algorithm {algorithm}")
+
+
+def sign_unbound(ws: WorkerSession, uri: Pkcs11Uri, algorithm: SignAlgorithm, data: bytes) -> bytes:
+    """`sign`, unless the key is an identity: a private key with a certificate stored beside it
+    (an X.509 credential, a DPS-issued certificate, the API's service certificate) signs only
+    for the module, never bytes a caller names. Refused as a missing key would be."""
+    if algorithm is not SignAlgorithm.HMAC_SHA256 and ws.search(uri, ObjectClass.CERTIFICATE):
+        raise not_named(uri, "private", "a certificate is stored beside it (an identity)")
+    return sign(ws, uri, algorithm, data)
 
 
 def _key(ws: WorkerSession, uri: Pkcs11Uri, cls: ObjectClass) -> Key:

@@ -18,16 +18,17 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode, Tracer
 
 from ..cloud.dps import Assignment, DpsRequest, Provisioner
-from ..config import CloudConfig, ServiceConfig
-from ..hsm import Hsm
+from ..config import CloudConfig, PolicyRule, ServiceConfig
+from ..hsm import Hsm, SignAlgorithm
 from ..identity.sas import SasMinter, SasToken
 from ..telemetry import Telemetry
 from . import policy as pol
 from .audit import CLOSE_TIMEOUT, AuditLog
 from .auth import Authenticator, ClientCertVerifier, Principal
 from .cache import TokenCache
+from .keyroles import KeyRoles, unknown_key
 from .problems import Problem, forbidden
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, failure_limiter, source_address
 
 T = TypeVar("T")
 DPS_THREADS = 4
@@ -65,14 +66,16 @@ class Service:
         self.dps_ca_pem = Path(ca).read_text() if ca else None
         self.reconfigure(cfg)
 
-    def reconfigure(self, cfg: ServiceConfig) -> None:
-        """Apply a new service configuration without a restart (listeners excepted)."""
+    def reconfigure(self, cfg: ServiceConfig, ceiling: tuple[PolicyRule, ...] | None = None) -> None:
+        """Apply a new service configuration without a restart (listeners excepted). `ceiling`:
+        the config file's policy, when `cfg` comes from the module twin (it cannot widen it)."""
         verifier = ClientCertVerifier.from_file(cfg.client_ca_file) if cfg.client_ca_file else None
         self.cfg = cfg
         self.audit.fail_closed = cfg.audit_fail_closed
         self.audit.fsync = cfg.audit_fsync
         self.authenticator = Authenticator(verifier, cfg.bearer_tokens)
-        self.policy = pol.Policy(cfg.policy)
+        self.policy = pol.Policy(cfg.policy, ceiling)
+        self.roles = KeyRoles.of(cfg, self.deps.cloud)
         self.limiter = RateLimiter(cfg.rate_limit_per_second, cfg.rate_limit_burst)
         self.cache = TokenCache(cfg.cache_reuse_fraction, max_entries=cfg.cache_max_entries)
 
@@ -89,9 +92,23 @@ class Service:
     # --- authentication and authorisation -------------------------------------------------
 
     def authenticate(self, request: web.Request) -> Principal:
-        principal = self.authenticator.authenticate(
-            request.transport.get_extra_info("ssl_object") if request.transport else None,
-            request.headers.get("Authorization"))
+        # A source whose requests keep failing authentication is refused before its credentials
+        # are looked at (see ratelimit.FailureLimiter).
+        failures = failure_limiter(self, self.cfg.unauthenticated_per_second, self.cfg.unauthenticated_burst)
+        source = source_address(request.transport.get_extra_info("peername") if request.transport else None)
+        wait = failures.wait(source)
+        if wait is not None:
+            raise Problem(429, "rate-limited", "Too many requests",
+                          f"too many requests from this address failed authentication; retry in {wait} s",
+                          retry_after=wait)
+        try:
+            principal = self.authenticator.authenticate(
+                request.transport.get_extra_info("ssl_object") if request.transport else None,
+                request.headers.get("Authorization"))
+        except Problem as exc:
+            if exc.status == 401:
+                failures.failed(source)
+            raise
         request[PRINCIPAL] = principal
         self.audit_fields(request, principal=principal.name)
         wait = self.limiter.check(principal.name)
@@ -117,6 +134,26 @@ class Service:
         request[AUDIT].update(fields)
 
     # --- what signs for whom --------------------------------------------------------------
+
+    async def sign_for_caller(self, request: web.Request, key: str, algorithm: SignAlgorithm,
+                              data: bytes) -> bytes:
+        """A signature with a key the caller named: only a key declared for it (keyroles), and
+        the HSM refuses an identity's key in the same operation. Refused as a missing key."""
+        hmac = algorithm is SignAlgorithm.HMAC_SHA256
+        why = self.roles.why_not_signable(key, hmac)
+        if why is not None:
+            self.audit_fields(request, reason=f"key not signable: {why}")
+            raise unknown_key(key, hmac, why)
+        return await self.hsm.asign_unbound(key, algorithm, data)
+
+    def device_key(self, request: web.Request, label: str, *, hmac: bool, own: str | None = None) -> str:
+        """`label` (a device template's key) if it may serve a device; else refused as a
+        missing key. `own`: the reserved job this route uses it for (the DPS group key)."""
+        why = self.roles.why_not_for_device(label, own=own)
+        if why is not None:
+            self.audit_fields(request, reason=f"key not for devices: {why}")
+            raise unknown_key(label, hmac, why)
+        return label
 
     def key_for(self, template: str, principal: str, **ids: str | None) -> str:
         values = {"deviceId": "", "moduleId": "", "registrationId": "", **{k: v or "" for k, v in ids.items()}}

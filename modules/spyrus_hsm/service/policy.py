@@ -2,7 +2,11 @@
 
 Rules come from the config (config.PolicyRule). Patterns are shell-style globs matched case-
 sensitively; `{cn}` in a pattern is the caller's own name, escaped so that a name containing
-glob characters matches only itself.
+glob characters matches only itself. `operations: ["*"]` is every operation.
+
+The module twin can set rules too, but never widen the config file's: with a `ceiling` (the
+file's rules), a request must be allowed by both. What a rule allows never reaches a key
+reserved for another job (keyroles): that is decided apart from any policy.
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ class Decision:
 
 
 class Policy:
-    def __init__(self, rules: Sequence[PolicyRule]) -> None:
+    def __init__(self, rules: Sequence[PolicyRule], ceiling: Sequence[PolicyRule] | None = None) -> None:
         self.rules = tuple(rules)
+        self.ceiling = None if ceiling is None or tuple(ceiling) == self.rules else tuple(ceiling)
 
     def decide(self, req: Request) -> Decision:
         for index, rule in enumerate(self.rules):
             if self._applies(rule, req):
+                if self.ceiling is not None and not any(self._applies(r, req) for r in self.ceiling):
+                    break  # the twin's rule reaches past what the config file allows
                 return Decision(True, f"policy rule {index}")
         return Decision(False, self._denial(req))
 

@@ -51,11 +51,14 @@ async def create(request: web.Request) -> web.Response:
     else:
         key = svc.key_for(svc.cfg.dps_key, principal, registrationId=reg)
     svc.authorize(request, "registration", device=reg, key=key)
+    svc.device_key(request, key, hmac=attestation != "x509", own=svc.roles.group_job if group else None)
     if in_hsm and csr is not None:  # after the policy, as the CSR checks: others learn nothing more
         raise bad_request("give 'csr' (the leaf's own key) or 'issueCertificate' (a key in this HSM), not both")
     issue_cert = svc.key_for(svc.cfg.leaf_cert_label, principal, registrationId=reg) if in_hsm else None
     if csr is not None or issue_cert is not None:
         svc.authorize(request, "certificate-issue", device=reg, key=issue_cert or key)
+    if issue_cert is not None:
+        svc.device_key(request, issue_cert, hmac=False)
     if csr is not None:
         check_csr(csr, reg)
     result = await svc.register(DpsRequest(

@@ -33,6 +33,7 @@ async def create(request: web.Request) -> web.Response:
         assert scope and reg
         key = svc.key_for(svc.cfg.dps_key, principal, registrationId=reg)
         svc.authorize(request, "sas-token", device=reg, key=key)
+        svc.device_key(request, key, hmac=True)
         uri, key_name = dps_uri(scope, reg), "registration"
     else:
         device = text(body, "deviceId", DEVICE_ID)
@@ -40,6 +41,7 @@ async def create(request: web.Request) -> web.Response:
         assert device
         key = svc.key_for(svc.cfg.sas_key, principal, deviceId=device, moduleId=module)
         svc.authorize(request, "sas-token", device=device if module is None else f"{device}/{module}", key=key)
+        svc.device_key(request, key, hmac=True)
         uri, key_name = device_uri(svc.hub_for(text(body, "hub", HOST_NAME, required=False)), device, module), None
     token, _ = await svc.sas_token(key, uri, ttl, key_name, min_life)
     # expiresInSeconds: the life left by this clock, so a leaf whose clock is wrong renews on time.

@@ -1,5 +1,6 @@
 """POST /v1/signatures: sign caller-supplied bytes with an HSM key the policy lets the caller
-name. ES256/ES384 answer the raw r||s (JWS form), the others the PKCS#11 output as is."""
+name and the configuration declares for it (service.signing_keys; never a reserved key: see
+keyroles). ES256/ES384 answer the raw r||s (JWS form), the others the PKCS#11 output as is."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ async def create(request: web.Request) -> web.Response:
     data = base64_data(body, "data")
     assert key
     svc.authorize(request, "signature", key=key, key_named_by_caller=True)
-    signature = await svc.hsm.asign(key, algorithm, data)
+    signature = await svc.sign_for_caller(request, key, algorithm, data)
     return web.json_response({"signature": base64.b64encode(signature).decode("ascii")})
 
 
