@@ -102,7 +102,7 @@ def test_every_error_answer_of_every_route_names_only_what_the_caller_asked_for_
     cloud = CloudConfig(provisioning_host=DPS_HOST, server_ca_file=str(emulator_pki.ca_file), id_scope=SCOPE)
     private = (token_env.label, inventory, str(tmp_path), DPS_HOST, NO_DPS_HOST, "CN=")
     with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, bearer={leaf: bearer}, cloud=cloud,
-                        rate_limit_per_second=0) as svc:
+                        signing_keys=("*-gone", "*-ec"), rate_limit_per_second=0) as svc:
         c = Caller(svc, leaf, bearer, caplog_info)
         registrations = ("POST", "/v1/registrations")
 

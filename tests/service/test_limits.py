@@ -22,7 +22,7 @@ from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm, HsmBusy, PoolSettings, Secret, SignAlgorithm, TokenSelector
 
 OWN_DEVICE = {"principals": ["*"], "operations": ["sas-token"], "devices": ["{cn}"]}
-OWN_KEY = {"principals": ["*"], "operations": ["signature"], "keys": ["{cn}"]}
+OWN_KEY = {"principals": ["*"], "operations": ["signature"], "keys": ["sign-{cn}"]}
 MAX_BODY = 16384
 MIN_TTL, MAX_TTL = 300, 3600
 
@@ -37,9 +37,12 @@ class Strict:
 def strict(hsm: Hsm, emulator_pki: EmulatorPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Strict]:
     """A service with narrow token lifetimes, and a leaf it serves."""
     leaf = new_leaf(hsm)
+    for namespace in ("sas", "sign"):  # the device's SAS key, and an HMAC key declared for signing
+        hsm.import_secret_key(f"{namespace}-{leaf.name}", Secret(leaf.key))
     with ServiceHarness(hsm, tmp_path_factory.mktemp("limits"), emulator_pki, policy=[OWN_DEVICE, OWN_KEY],
                         bearer={leaf.name: leaf.bearer}, max_body_bytes=MAX_BODY, min_ttl=MIN_TTL,
-                        max_ttl=MAX_TTL) as svc:
+                        max_ttl=MAX_TTL, sas_key="sas-{deviceId}", dps_key="dps-{registrationId}",
+                        signing_keys=("sign-*",)) as svc:
         yield Strict(svc, leaf)
 
 
@@ -94,7 +97,7 @@ def test_a_method_a_resource_does_not_have_is_405_listing_those_it_has(strict: S
     (base64.b64encode(bytes(8193)).decode(), "at most 8192 bytes"),
 ], ids=["unpadded", "whitespace", "url-safe alphabet", "8193 bytes"])
 def test_signature_data_must_be_padded_base64_of_at_most_8_kib(strict: Strict, data: str, fragment: str) -> None:
-    request = {"key": strict.leaf.name, "algorithm": "HMAC-SHA256", "data": data}
+    request = {"key": f"sign-{strict.leaf.name}", "algorithm": "HMAC-SHA256", "data": data}
     status, headers, body = strict.svc.call("POST", "/v1/signatures", request, bearer=strict.leaf.bearer)
     assert status == 400 and problem_type(headers, body) == "invalid-request"
     assert fragment in body["detail"]
@@ -103,7 +106,8 @@ def test_signature_data_must_be_padded_base64_of_at_most_8_kib(strict: Strict, d
 @pytest.mark.parametrize("size", [0, 1, 2, 8191, 8192])
 def test_signature_data_up_to_8_kib_is_signed(strict: Strict, size: int) -> None:
     data = bytes(range(256)) * 32
-    request = {"key": strict.leaf.name, "algorithm": "HMAC-SHA256", "data": base64.b64encode(data[:size]).decode()}
+    request = {"key": f"sign-{strict.leaf.name}", "algorithm": "HMAC-SHA256",
+               "data": base64.b64encode(data[:size]).decode()}
     status, _, body = strict.svc.call("POST", "/v1/signatures", request, bearer=strict.leaf.bearer)
     assert status == 200, body
     assert base64.b64decode(body["signature"]) == hmac.new(strict.leaf.key, data[:size], hashlib.sha256).digest()

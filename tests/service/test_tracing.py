@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import hmac
 import logging
 import secrets
 from collections.abc import Iterator
@@ -23,11 +21,13 @@ from urllib.parse import parse_qs
 import aiohttp
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from otlp_receiver import OtlpReceiver, SpanRecord, all_attribute_values
 from service_harness import ServiceHarness, store_hsm_certificate, verify_sas
 
 from emulator.pki import EmulatorPki
-from spyrus_hsm.hsm import Hsm, Secret
+from spyrus_hsm.hsm import Hsm, KeyAlgorithm, Secret, ecdsa_raw_to_der
 from spyrus_hsm.telemetry import Telemetry
 
 pytestmark = pytest.mark.timeout(60)
@@ -58,7 +58,7 @@ def leaf(hsm: Hsm) -> Leaf:
 def service(hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, telemetry: Telemetry,
             leaf: Leaf) -> Iterator[ServiceHarness]:
     with ServiceHarness(hsm, tmp_path, emulator_pki, policy=POLICY, bearer={leaf.name: leaf.bearer},
-                        telemetry=telemetry) as svc:
+                        telemetry=telemetry, signing_keys=("*-jws",)) as svc:
         yield svc
 
 
@@ -214,20 +214,23 @@ def test_a_failed_hsm_call_is_recorded_by_outcome_and_error_type(
 
 def test_no_secret_reaches_the_collector_the_logs_the_audit_trail_or_an_error_answer(
         rx: OtlpReceiver, telemetry: Telemetry, service: ServiceHarness, leaf: Leaf, token_env,  # type: ignore[no-untyped-def]
-        caplog: pytest.LogCaptureFixture) -> None:
+        hsm: Hsm, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     status, _, sas = service.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name, "ttlSeconds": 900},
                                   bearer=leaf.bearer)
     assert status == 200, sas
     data = ("to-sign-" + secrets.token_hex(8)).encode()
-    sign_request = {"key": leaf.name, "algorithm": "HMAC-SHA256", "data": base64.b64encode(data).decode()}
+    hsm.generate_keypair(f"{leaf.name}-jws", KeyAlgorithm.EC_P256)  # declared for signing (signing_keys)
+    sign_request = {"key": f"{leaf.name}-jws", "algorithm": "ES256", "data": base64.b64encode(data).decode()}
     status, _, signed = service.call("POST", "/v1/signatures", sign_request, bearer=leaf.bearer)
     assert status == 200, signed
     signature = base64.b64decode(signed["signature"])
-    assert signature == hmac.new(leaf.key, data, hashlib.sha256).digest()
+    public = hsm.public_key(f"{leaf.name}-jws")
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(ecdsa_raw_to_der(signature), data, ec.ECDSA(hashes.SHA256()))
     wrong_bearer = "bearer-" + secrets.token_urlsafe(24)
     errors = [  # answers that fail, each holding secrets in the request
-        service.call("POST", "/v1/signatures", {**sign_request, "algorithm": "ES256"}, bearer=leaf.bearer),
+        service.call("POST", "/v1/signatures", {**sign_request, "algorithm": "HMAC-SHA256"}, bearer=leaf.bearer),
         service.call("POST", "/v1/signatures", {**sign_request, "key": "someone-else"}, bearer=leaf.bearer),
         service.call("POST", "/v1/signatures", {**sign_request, "extra": leaf.bearer}, bearer=leaf.bearer),
         service.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=wrong_bearer),
@@ -235,7 +238,7 @@ def test_no_secret_reaches_the_collector_the_logs_the_audit_trail_or_an_error_an
     assert [e[0] for e in errors][1:] == [403, 400, 401] and 400 <= errors[0][0] < 500, errors
 
     assert telemetry.force_flush()
-    rx.wait_for_spans(lambda s: s.name == "hsm.sign", count=3)
+    rx.wait_for_spans(lambda s: s.name == "hsm.sign", count=2)  # the SAS token and the ES256 signature
     rx.wait_for_spans(lambda s: s.name.startswith("POST "), count=6)
     rx.wait_for_metric("hsm.operation.duration")
     sig = parse_qs(sas["token"].removeprefix("SharedAccessSignature "))["sig"][0]
