@@ -129,7 +129,9 @@ def _schemas(cfg: ServiceConfig, default_hub: bool, default_id_scope: bool) -> d
                                  "service's clock: schedule renewal from this, not from the local clock"}}},
         "SignatureRequest": {"type": "object", "additionalProperties": False,
                              "required": ["key", "algorithm", "data"], "properties": {
-            "key": {"type": "string", "pattern": v.LABEL},
+            "key": {"type": "string", "pattern": v.LABEL,
+                    "description": "An HSM key declared for callers (service.signing_keys); any other key, "
+                                   "one reserved for the module's own use included, is 404 as if it did not exist"},
             "algorithm": {"type": "string", "enum": list(ALGORITHMS)},
             "data": {"type": "string", "contentEncoding": "base64", "pattern": v.BASE64_DATA,
                      "maxLength": (v.MAX_DATA_BYTES + 2) // 3 * 4,
