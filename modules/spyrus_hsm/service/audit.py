@@ -17,6 +17,19 @@ cut back to where the batch began and fails every record in it, and where cuttin
 possible (or the log is not a regular file) the file is marked torn and the next batch starts on a
 new line. A file that does not end in a newline when it is opened (a crash mid-record) is treated
 the same way. The file is reopened by name when logrotate moves it; "-" is stderr.
+
+Requests refused before anyone was authenticated (no principal: failed authentication, limited
+before authentication, unknown routes) cost an attacker nothing to send, so their records are
+aggregated and a flood of them cannot fill the state volume. In each AGGREGATE_INTERVAL (60 s),
+the first AGGREGATE_FIRST (5) of them from each source address are written as usual, up to
+AGGREGATE_RECORDS (20) from all sources together; the others are counted per (source,
+operation, outcome, status, reason), and at the end of the interval (or at `close`) each count
+becomes one record with the same fields, `requestId` null, `"count": n` and `"since"`, the time
+of the first request counted. Counts are kept for at most AGGREGATE_SOURCES (64) sources per
+interval; requests from further sources are counted under the source "*". So an interval writes
+at most 20 + 64 x (the few kinds of refusal) + a few records, however many requests were refused;
+the counts and the records without one add up to the requests. Records of authenticated
+requests stay one per request.
 """
 
 from __future__ import annotations
@@ -43,6 +56,12 @@ QUEUE_LIMIT = 10_000    # records nobody waits for, queued for a slow disk (~3 M
 MAX_BATCH = 1000        # records per write
 CLOSE_TIMEOUT = 2.0     # seconds `close` waits for the disk to take what is queued
 WITHHELD_STATUS = 503   # what a caller gets whose answer waited too long for its record
+# Records of requests without a principal (see the module docstring): per interval, written whole
+AGGREGATE_INTERVAL = 60.0  # seconds
+AGGREGATE_FIRST = 5        # per source address
+AGGREGATE_RECORDS = 20     # from all sources together
+AGGREGATE_SOURCES = 64     # sources counted one by one; the others under "*"
+OTHER_SOURCES = "*"
 
 
 class AuditError(SpyrusError, RuntimeError, kind=Kind.UNAVAILABLE):
@@ -82,6 +101,13 @@ class AuditLog:
         self._idle = threading.Condition(self._state)
         self._writer = Worker("audit-writer", self._run, on_close=self._closing_now)
         self._writer_started = False
+        # Aggregation of the records of requests without a principal (under `_state`)
+        self.aggregate_interval = AGGREGATE_INTERVAL
+        self._interval_end = 0.0            # monotonic
+        self._whole: dict[str | None, int] = {}  # source -> records written whole this interval
+        self._whole_total = 0
+        self._counted: dict[tuple[str | None, str, str, int | None, str], _Count] = {}
+        self._counted_sources: set[str | None] = set()
 
     async def submit(self, *, wait: bool, timeout: float | None = None, **fields: Any) -> None:
         """Queue one record for the writer thread. With wait, return once its batch is written
@@ -91,9 +117,16 @@ class AuditLog:
         is then not given (the caller gets 503, or nothing): it is rewritten to say so while it is
         still queued, or, when the writer already holds it, followed by a record with the same
         request id that says so."""
-        line = _line(**fields)
         done = asyncio.get_running_loop().create_future() if wait else None
-        pending = _Pending(line, done)
+        if done is None and fields.get("principal") is None:
+            with self._state:
+                if not self._closing and self._counts(fields):
+                    if not self._writer_started:
+                        self._writer.start()
+                        self._writer_started = True
+                    self._work.notify()  # the writer writes the counts at the end of the interval
+                    return
+        pending = _Pending(_line(**fields), done)
         with self._state:
             if self._closing or (done is None and self._unwaited >= self.queue_limit):
                 self._drop()
@@ -128,6 +161,47 @@ class AuditLog:
             self._unwaited += 1
             self._work.notify()
 
+    def _counts(self, fields: dict[str, Any]) -> bool:
+        """A record of a request without a principal: True if it is counted instead of written
+        (under `_state`)."""
+        self._roll(time.monotonic())
+        remote = fields.get("remote")
+        if self._whole_total < AGGREGATE_RECORDS and self._whole.get(remote, 0) < AGGREGATE_FIRST:
+            self._whole[remote] = self._whole.get(remote, 0) + 1
+            self._whole_total += 1
+            return False
+        if remote not in self._counted_sources:
+            if len(self._counted_sources) >= AGGREGATE_SOURCES:
+                remote = OTHER_SOURCES
+            self._counted_sources.add(remote)
+        key = (remote, str(fields.get("operation")), str(fields.get("outcome")), fields.get("status"),
+               str(fields.get("reason")))
+        count = self._counted.get(key)
+        if count is None:
+            count = self._counted[key] = _Count(times.iso(times.now(), "milliseconds"))
+        count.n += 1
+        return True
+
+    def _roll(self, now: float, force: bool = False) -> None:
+        """At the end of an interval (or with force): the counts become records, queued (under
+        `_state`)."""
+        if not force and now < self._interval_end:
+            return
+        for (remote, operation, outcome, status, reason), count in self._counted.items():
+            line = _line(principal=None, operation=operation, outcome=outcome, reason=reason, status=status,
+                         remote=remote, count=count.n, since=count.since)
+            self._queue.append(_Pending(line, None))  # beyond queue_limit: a few, standing for many
+            self._unwaited += 1
+        self._counted.clear()
+        self._counted_sources.clear()
+        self._whole.clear()
+        self._whole_total = 0
+        self._interval_end = now + self.aggregate_interval
+
+    def _until_roll(self) -> float | None:
+        """Seconds until the counts are due to be written (None: nothing counted)."""
+        return max(0.0, self._interval_end - time.monotonic()) if self._counted else None
+
     def _drop(self) -> None:
         self.dropped += 1
         if not self._dropping and not self._closing:
@@ -140,7 +214,11 @@ class AuditLog:
         while True:
             with self._state:
                 while not self._queue and not self._closing:
-                    self._work.wait()
+                    self._roll(time.monotonic())
+                    if not self._queue:
+                        self._work.wait(self._until_roll())
+                if self._closing:
+                    self._roll(time.monotonic(), force=True)
                 if not self._queue:
                     return
                 batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
@@ -250,14 +328,23 @@ class AuditLog:
         return True
 
 
+@dataclass(eq=False)
+class _Count:
+    """Requests of one kind from one source counted instead of written, this interval."""
+    since: str  # the time of the first
+    n: int = 0
+
+
 def _line(*, principal: str | None, operation: str, outcome: str, reason: str, key: str | None = None,
           device: str | None = None, status: int | None = None, request_id: str | None = None,
-          remote: str | None = None) -> bytes:
+          remote: str | None = None, count: int | None = None, since: str | None = None) -> bytes:
     entry: dict[str, Any] = {
         "time": times.iso(times.now(), "milliseconds"),
         "principal": principal, "operation": operation, "key": key, "device": device,
         "outcome": outcome, "reason": reason, "status": status, "requestId": request_id, "remote": remote,
     }
+    if count is not None:  # one record standing for `count` requests (see the module docstring)
+        entry["count"], entry["since"] = count, since
     return (json.dumps(entry, separators=(",", ":")) + "\n").encode()
 
 

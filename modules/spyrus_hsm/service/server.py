@@ -68,7 +68,8 @@ class Listeners:
         await runner.setup()
         try:
             listener = TlsListener.bind(runner.server, cfg.host, cfg.port, server_tls.listening,
-                                        handshakes=cfg.tls_handshakes, timeout=cfg.tls_handshake_timeout)
+                                        handshakes=cfg.tls_handshakes, timeout=cfg.tls_handshake_timeout,
+                                        per_source=cfg.tls_per_source)
         except OSError as exc:
             await runner.cleanup()
             self.api_start_error = (f"cannot listen on {cfg.host}:{cfg.port} (service.port): "
