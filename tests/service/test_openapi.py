@@ -17,7 +17,7 @@ from service_harness import ServiceHarness, new_leaf
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.config import ServiceConfig
-from spyrus_hsm.hsm import Hsm
+from spyrus_hsm.hsm import Hsm, Secret
 from spyrus_hsm.service.app import build_app
 from spyrus_hsm.service.openapi import spec
 
@@ -34,14 +34,17 @@ class Live:
 @pytest.fixture(scope="module")
 def live(hsm: Hsm, emulator_pki: EmulatorPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """A service on which generated requests can succeed: whatever device or registration id a
-    request names, its SAS token is signed by one test key, which the caller may also name for
-    signatures; registrations are not allowed (they would go to the real DPS)."""
-    key = new_leaf(hsm, "openapi").name
+    request names, its SAS token is signed by one test key; the caller may name another, declared
+    for signatures; registrations are not allowed (they would go to the real DPS)."""
+    device_key = new_leaf(hsm, "openapi").name
+    key = f"sign-{device_key}"
+    hsm.import_secret_key(key, Secret(secrets.token_bytes(32)))
     bearer = secrets.token_urlsafe(24)
     policy = [{"principals": ["tester"], "operations": ["sas-token"], "devices": ["*"]},
               {"principals": ["tester"], "operations": ["signature", "certificate"], "keys": [key]}]
     with ServiceHarness(hsm, tmp_path_factory.mktemp("openapi"), emulator_pki, policy=policy,
-                        bearer={"tester": bearer}, sas_key=key, dps_key=key, rate_limit_per_second=0) as svc:
+                        bearer={"tester": bearer}, sas_key=device_key, dps_key=device_key, signing_keys=(key,),
+                        rate_limit_per_second=0) as svc:
         yield Live(svc, bearer, key)
 
 
