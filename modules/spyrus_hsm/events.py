@@ -172,6 +172,7 @@ class Events:
                 if not self._buffer:
                     return True
                 entry, dropped = self._buffer[0], self._dropped
+            given_up = False
             try:
                 self._send(client, entry, dropped)
             except Exception as exc:
@@ -183,12 +184,15 @@ class Events:
                 log.warning("event %s not sent after %d attempts (%s: %s); dropped", entry["type"], MAX_ATTEMPTS,
                             type(exc).__name__, exc)
                 self._inflight.pop(entry["eventId"], None)
-                dropped -= 1
+                given_up = True
             self._attempts = 0
             with self._lock:
                 if self._buffer and self._buffer[0] is entry:
                     self._buffer.popleft()
-                self._dropped -= dropped
+                    # given up: one more lost (unless the buffer already dropped it, and counted it)
+                    self._dropped += given_up
+                if not given_up:  # the count it carried has been told; given up, it has not
+                    self._dropped -= dropped
         return True
 
     def _send(self, client: Any, entry: dict[str, Any], dropped: int) -> None:

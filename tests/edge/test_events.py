@@ -221,3 +221,26 @@ def test_an_unplugged_hsm_is_announced_and_so_is_its_recovery(
     _, body = wait_event(site, "hsm.recovered")
     assert body["recoveries"] == 1
     assert [p["type"] for p, _ in received(site)] == ["hsm.unavailable", "hsm.recovered"]
+
+
+def test_an_event_given_up_counts_as_lost_with_the_losses_it_carried(site: EdgeSite, sdk_client: Any) -> None:
+    """Buffer 1: three events pushed out, the fourth refused until given up. The next event
+    delivered says four were lost before it (before: 1, the given-up event's three subtracted)."""
+    conn = site.env["EdgeHubConnectionString"]
+    ca = Path(site.env["EdgeModuleCACertificateFile"]).read_text()
+    closed = IoTHubModuleClient.create_from_connection_string(conn, server_verification_cert=ca)
+    closed.shutdown()  # every send on it fails at once
+    current = [closed]
+    sender = events.Events(EventsConfig(buffer=1), "edge1", MODULE)
+    for i in range(4):  # before the sender starts: the buffer keeps the last, three are lost
+        sender.emit("config.rejected", source="file", error=f"lost {i}")
+    sender.start(lambda: current[0])
+    try:
+        site.emu.wait_for(lambda: sender.pending() == 0, 30, interval=0.1)
+        current[0] = sdk_client
+        sender.emit("hsm.recovered")
+        site.emu.wait_for(lambda: received(site), 20, interval=0.1)
+    finally:
+        sender.stop()
+    [(props, body)] = received(site)
+    assert props["type"] == "hsm.recovered" and body["droppedBefore"] == 4
