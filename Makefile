@@ -6,6 +6,8 @@ VENV := .venv
 BUILD := .build
 BIN := $(VENV)/bin
 SHIM := $(BUILD)/libp11shim.so
+# leaf devices' TLS clients (mbedTLS, wolfSSL) that tests/service/test_leaf_stacks.py runs
+LEAFSTACKS := $(BUILD)/mbedtls_client $(BUILD)/wolfssl_client
 # iotedgedev (manifest generation) and hadolint, in a virtualenv of their own
 TOOLS := $(BUILD)/iotedgedev
 DOCKERFILES := Dockerfile.amd64 Dockerfile.arm64v8 .devcontainer/Dockerfile
@@ -38,6 +40,14 @@ $(SHIM): tests/p11shim/p11shim.c | deps
 
 shim: $(SHIM)
 
+$(BUILD)/mbedtls_client: tests/leafstacks/mbedtls_client.c | deps
+	@mkdir -p $(BUILD)
+	$(CC) -O2 -Wall -Wextra -Werror -o $@ $< -lmbedtls -lmbedx509 -lmbedcrypto
+
+$(BUILD)/wolfssl_client: tests/leafstacks/wolfssl_client.c | deps
+	@mkdir -p $(BUILD)
+	$(CC) -O2 -Wall -Wextra -Werror -o $@ $< -lwolfssl
+
 run: venv
 	@bash scripts/dev-run.sh
 
@@ -52,7 +62,7 @@ lint: venv tools
 
 # Two processes: a PKCS#11 module is loaded once per process, and the `shim` tests need the
 # fault-injection shim as their module (see tests/conftest.py).
-unit: venv shim tools
+unit: venv shim tools $(LEAFSTACKS)
 	SPYRUS_TOOLS_REQUIRED=1 $(BIN)/python -m pytest -q --durations=15 tests
 	SPYRUS_TEST_VIA_SHIM=1 $(BIN)/python -m pytest -q --durations=15 -m shim tests
 
@@ -77,6 +87,7 @@ bench: venv shim
 	$(BIN)/python bench/hsm_throughput.py
 	$(BIN)/python bench/api_throughput.py
 	$(BIN)/python bench/audit_stall.py
+	$(BIN)/python bench/admission.py
 
 lock:
 	rm -rf $(BUILD)/lockenv && $(PYTHON) -m venv $(BUILD)/lockenv

@@ -297,11 +297,12 @@ async def _lag_while(task: asyncio.Task[Any]) -> list[float]:
 
 def token_service_key(hsm: Any, root: Path) -> tuple[str, Path]:
     """The API's key generated in the token, with an issuing certificate (a path-length-0 CA for
-    127.0.0.1, as `make run` makes it) from a bench CA; (its label, the CA file leaves trust)."""
+    127.0.0.1, extendedKeyUsage serverAuth, as `make run` makes it) from a bench CA; (its label,
+    the CA file leaves trust)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     from spyrus_hsm.hsm import KeyAlgorithm
 
@@ -329,7 +330,7 @@ def token_service_key(hsm: Any, root: Path) -> tuple[str, Path]:
     address = ipaddress.ip_address(HOST)
     service = cert("bench service", hsm.public_key(label), 0,
                    san=x509.SubjectAlternativeName([x509.IPAddress(address)]),
-                   names=x509.NameConstraints([x509.IPAddress(ipaddress.ip_network(f"{HOST}/32"))], None))
+                   eku=x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]))
     hsm.import_certificates(label, [service, ca])
     ca_file = root / "token-ca.pem"
     ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))

@@ -1,13 +1,19 @@
 """Development PKI for `make run` (never for production): a CA that certifies the service's key
 (from a CSR whose key stays in the HSM) and a demo leaf certificate.
 
-The service's certificate is an issuing one, as the API's TLS design wants it: a path-length-0
-CA certificate name-constrained to the service's names (localhost, 127.0.0.1), so the HSM key
-certifies the short-lived in-memory keys the API handshakes with, and nothing else.
+The service's certificate is an issuing one, as the API's TLS design wants it (the HSM key
+certifies the short-lived in-memory keys the API handshakes with): a path-length-0 CA
+(basicConstraints critical) with keyUsage keyCertSign and digitalSignature (critical),
+extendedKeyUsage serverAuth only (a verifier that checks a CA's extended key usage, OpenSSL or
+GnuTLS, accepts nothing but TLS server certificates below it), and the service's names
+(localhost, 127.0.0.1) as its subjectAltName. It carries no nameConstraints: mbedTLS 2.28
+refuses to parse a certificate with critical ones, and wolfSSL 5.5 fails any chain whose
+constraints have an IP subtree (docs/security/api-tls.md).
 
     python scripts/dev_pki.py ca DIR                      # DIR/ca.pem, DIR/ca.key (once)
     python scripts/dev_pki.py sign-server DIR CSR OUT     # SAN localhost + 127.0.0.1
     python scripts/dev_pki.py can-issue CHAIN             # exit 0 if CHAIN's first certificate can issue
+                                                          # (and has no nameConstraints, as earlier ones had)
     python scripts/dev_pki.py leaf DIR CN                 # DIR/CN.pem, DIR/CN.key (once)
 """
 
@@ -98,9 +104,6 @@ def sign_server(d: Path, csr_file: Path, out: Path) -> None:
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=True,
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.NameConstraints([x509.DNSName("localhost"),
-                                                 x509.IPAddress(ipaddress.ip_network("127.0.0.1/32"))], None),
-                           critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -113,9 +116,12 @@ def can_issue(chain_file: Path) -> bool:
         return False
     cert = x509.load_pem_x509_certificates(chain_file.read_bytes())[0]
     try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+        is_ca = bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
         return False
+    # An earlier version's service certificate had critical nameConstraints, which mbedTLS leaves
+    # cannot parse: `make run` replaces it.
+    return is_ca and not any(isinstance(e.value, x509.NameConstraints) for e in cert.extensions)
 
 
 def make_leaf(d: Path, cn: str) -> None:

@@ -14,6 +14,10 @@ packages+=(pcscd libccid libpcsclite1 libpcsclite-dev vsmartcard-vpcd vsmartcard
 # the metrics endpoint with Prometheus's own tools. Only the binaries are used; the Debian
 # service it installs is stopped and disabled below, as the tests start their own server.
 packages+=(prometheus)
+# Leaf devices' TLS stacks: the tests build small mbedTLS and wolfSSL clients (tests/leafstacks)
+# and run gnutls-cli, to check that every stack a leaf may use verifies the API's chain (mbedTLS
+# and wolfSSL reject profiles OpenSSL accepts).
+packages+=(libmbedtls-dev libwolfssl-dev gnutls-bin)
 
 missing=()
 for p in "${packages[@]}" "${backports[@]}"; do

@@ -208,27 +208,34 @@ def store_hsm_certificate(hsm: Hsm, label: str, pki: EmulatorPki, *, server_ip: 
                           issuing: bool = False,
                           valid: tuple[dt.timedelta, dt.timedelta] | None = None) -> x509.Certificate:
     """A key pair generated in the HSM and a certificate for it from the PKI's intermediate CA,
-    stored beside it with the intermediate; with `server_ip`, a TLS server certificate for it;
-    with `issuing` too, one that can certify the API's short-lived keys (a path-length-0 CA
-    name-constrained to that address), as `make run`'s development PKI makes it. `valid`: its
-    notBefore and notAfter relative to now (default: 5 minutes ago to a day from now)."""
+    stored beside it with the intermediate; with `server_ip`, a TLS server certificate for it
+    and `localhost`; with `issuing` too, one that can certify the API's short-lived keys, in the
+    profile `make run`'s development PKI gives it (docs/security/api-tls.md): a path-length-0 CA
+    with keyUsage keyCertSign + digitalSignature, extendedKeyUsage serverAuth only, and no
+    nameConstraints, which mbedTLS and wolfSSL leaves cannot take. `valid`: its notBefore and
+    notAfter relative to now (default: 5 minutes ago to a day from now; an issuing one, two days,
+    as the API certifies with nothing that ends within identity.issuing.BACKDATE)."""
     hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
     now = dt.datetime.now(dt.UTC)
     issuer = pki.intermediate
     builder = (x509.CertificateBuilder().subject_name(x509.Name.from_rfc4514_string(f"CN={label}"))
                .issuer_name(issuer.cert.subject).public_key(hsm.public_key(label))
                .serial_number(x509.random_serial_number()))
-    since, until = valid or (-dt.timedelta(minutes=5), dt.timedelta(days=1))
+    since, until = valid or (-dt.timedelta(minutes=5), dt.timedelta(days=2 if issuing else 1))
     builder = builder.not_valid_before(now + since).not_valid_after(now + until)
     if server_ip is not None:
-        address = ipaddress.ip_address(server_ip)
-        builder = (builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(address)]), critical=False)
+        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(server_ip))]
+        builder = (builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
         if issuing:
-            network = ipaddress.ip_network(f"{address}/{address.max_prefixlen}")
+            usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                  data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=False,
+                                  encipher_only=False, decipher_only=False)
             builder = (builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                       .add_extension(x509.NameConstraints([x509.IPAddress(network)], None), critical=True)
+                       .add_extension(usage, critical=True)
                        .add_extension(x509.SubjectKeyIdentifier.from_public_key(hsm.public_key(label)),  # type: ignore[arg-type]
+                                      critical=False)
+                       .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
                                       critical=False))
     cert = builder.sign(issuer.key, hashes.SHA256())
     hsm.import_certificates(label, [cert, issuer.cert])

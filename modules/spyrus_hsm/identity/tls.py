@@ -148,10 +148,16 @@ def server_context(cert_file: str | os.PathLike[str], key_file: str | os.PathLik
                    client_ca_file: str | os.PathLike[str] | None = None,
                    require_client_cert: bool = False) -> ssl.SSLContext:
     """TLS server context; with `client_ca_file`, client certificates chaining to it are asked for.
+    TLS 1.3 with OpenSSL's suites (all AEAD), or TLS 1.2 with forward-secret AEAD suites only.
     Its connections made with wrap_bio (asyncio's, so the API's) are `ErrorQueueSafeSSLObject`s."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.sslobject_class = ErrorQueueSafeSSLObject
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.2 suites for an EC key (the issued placement; an EC key in the HSM or a file) and an
+    # RSA one (in the HSM or a file). Every leaf stack tested accepts them, mbedTLS 2.28 (TLS 1.2
+    # only) included: docs/security/api-tls.md. set_ciphers leaves the TLS 1.3 suites alone.
+    ctx.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
+                    "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305")
     ctx.load_cert_chain(str(cert_file), str(key_file))
     if client_ca_file:
         ctx.load_verify_locations(str(client_ca_file))
