@@ -110,3 +110,26 @@ def test_under_continuous_load_the_cycle_waits_at_most_max_defer(collector: tupl
     assert c.collections == 1 and watched() is None
     assert col.MAX_DEFER <= clock.t - first < col.MAX_DEFER + 2 * col.TICK
     del kept
+
+
+def test_a_failing_tick_hands_the_collector_back_unfrozen_and_says_so_once(
+        collector: tuple[col.Collector, Clock], caplog: pytest.LogCaptureFixture) -> None:
+    """Before: the schedule's task died with the exception, unseen, and what it had frozen stayed
+    frozen for the life of the process."""
+    import asyncio
+
+    c, clock = collector
+    keep = busy(clock)
+    c.tick()
+    assert gc.get_freeze_count() > 0 and gc.get_threshold()[0] == col.YOUNG
+
+    def broken() -> float:
+        raise RuntimeError("clock gone")
+
+    c._clock = broken  # a bug in the schedule
+    asyncio.run(asyncio.wait_for(col.schedule(c, tick=0.0), 5))  # returns: the schedule ended
+    assert gc.get_freeze_count() == 0
+    assert gc.get_threshold()[0] != col.YOUNG  # CPython's own threshold again
+    failures = [r for r in caplog.records if "schedule failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    del keep

@@ -54,12 +54,19 @@ class Collector:
         self.freezes = self.collections = 0         # observable
         self.reclaimed = 0                          # objects the deferred collections freed
         self.longest = 0.0                          # seconds the longest of them took
+        self._threshold = gc.get_threshold()        # CPython's, restored by give_up
 
     def start(self) -> None:
         """Freeze what exists now (start-up's objects); the youngest generation's threshold."""
+        self._threshold = gc.get_threshold()
         gc.collect()
         gc.freeze()
-        gc.set_threshold(YOUNG, *gc.get_threshold()[1:])
+        gc.set_threshold(YOUNG, *self._threshold[1:])
+
+    def give_up(self) -> None:
+        """Back to CPython's own schedule: nothing frozen, its threshold again."""
+        gc.unfreeze()
+        gc.set_threshold(*self._threshold)
 
     def tick(self) -> None:
         now, cpu = self._clock(), self._cpu_clock()
@@ -93,11 +100,19 @@ def pace() -> Collector:
         return _running
     collector = _running = Collector()
     collector.start()
-
-    async def run() -> None:
-        while True:
-            await asyncio.sleep(TICK)
-            collector.tick()
-
-    _task = asyncio.get_running_loop().create_task(run(), name="collector")
+    _task = asyncio.get_running_loop().create_task(schedule(collector), name="collector")
     return collector
+
+
+async def schedule(collector: Collector, tick: float = TICK) -> None:
+    """`collector.tick()` every `tick` seconds. If a tick fails (a bug of ours), the schedule
+    says so once and hands the collector back to CPython's own schedule, unfrozen: what it froze
+    must not stay out of the collector's sight for the life of the process."""
+    while True:
+        await asyncio.sleep(tick)
+        try:
+            collector.tick()
+        except Exception:
+            log.exception("the garbage collector's schedule failed; back to CPython's own (nothing frozen)")
+            collector.give_up()
+            return
