@@ -88,6 +88,7 @@ bench: venv shim
 	$(BIN)/python bench/api_throughput.py
 	$(BIN)/python bench/audit_stall.py
 	$(BIN)/python bench/admission.py
+	$(BIN)/python bench/admission.py
 
 lock:
 	rm -rf $(BUILD)/lockenv && $(PYTHON) -m venv $(BUILD)/lockenv

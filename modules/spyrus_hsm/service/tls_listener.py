@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 PENDING = 1024  # accepted connections whose handshake has not started
 PER_SOURCE = 32  # connections of one source address not yet through their handshake
 ACCEPT_PAUSE = 0.1  # seconds to wait after accept() fails (out of file descriptors, say)
+# accept() that succeeds at once does not yield to the loop: with a full backlog (an address
+# reconnecting as fast as it is refused) the loop gets a turn after this many
+ACCEPTS_PER_TURN = 16
 HANDSHAKE_RECORD = 22  # TLS ContentType handshake: a ClientHello's record
 RECORD_HEADER = 5  # content type, protocol version (2 bytes), length (2 bytes)
 MAX_RECORD = 16_384  # TLSPlaintext.length is at most 2^14
@@ -92,7 +95,11 @@ class TlsListener:
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
+        accepted = 0
         while True:
+            accepted += 1
+            if accepted % ACCEPTS_PER_TURN == 0:
+                await asyncio.sleep(0)
             await self._pending.acquire()
             try:
                 conn, peer = await loop.sock_accept(self._sock)
