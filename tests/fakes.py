@@ -157,6 +157,27 @@ class FakeKeyStore:
 
         return self._faulty("store", f"importing certificates for '{label}'", store)
 
+    def replace_certificates(self, label: str, certs: list[x509.Certificate]) -> str:
+        """New chain first ("store"), old deleted after ("delete:<label>"): with the second
+        failing, both are there (certificate_chain then gives the new one)."""
+        pair = self.pairs.get(label)
+        if pair is None:
+            raise ObjectNotFound(f"no private key labelled '{label}'")
+        old = list(pair.certs)
+
+        def store() -> str:
+            pair.certs = list(certs) + old
+            return pair.id_hex
+
+        self._faulty("store", f"storing certificates for '{label}'", store)
+
+        def delete() -> int:
+            pair.certs = [c for c in pair.certs if c not in old or c in certs]
+            return len(old)
+
+        self._faulty(f"delete:{label}", f"deleting the old certificates of '{label}'", delete)
+        return pair.id_hex
+
     def delete(self, ref: KeyRef) -> int:
         uri = as_uri(ref)
         label = uri.object or ""

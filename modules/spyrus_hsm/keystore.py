@@ -49,5 +49,9 @@ class KeyStore(Protocol):
     def import_certificates(self, label: str, certs: list[x509.Certificate]) -> str:
         """Store `certs` beside the key pair `label` (which must not have any yet)."""
 
+    def replace_certificates(self, label: str, certs: list[x509.Certificate]) -> str:
+        """Store `certs` beside the key pair `label` in place of those there: the new ones
+        first, the old ones deleted after (interrupted: the old chain, or both; never none)."""
+
     def delete(self, ref: KeyRef) -> int:
         """Delete what `ref` names; the number of objects deleted."""

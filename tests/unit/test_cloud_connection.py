@@ -47,3 +47,32 @@ def test_a_failed_tidy_after_connecting_leaves_one_client_and_a_running_renewal(
     finally:
         connection.stop()
     assert all(c.closed for c in FakeHubClient.made)
+
+
+def test_a_start_without_the_registration_cache_never_leaves_the_key_in_use_without_a_certificate(
+        tmp_path: Path) -> None:
+    """No persisted state_dir: the start registers again and DPS issues a new certificate for the
+    label in use. Storing it fails: the label keeps its certificate (before: deleted first, then
+    the import failed, and the next start's tidy() deleted the key)."""
+    faults = Faults()
+    keys = FakeKeyStore(faults)
+    dps = FakeDps(faults)
+    keys.import_secret("onboard", b"\x03" * 32)
+    cfg = CloudConfig(id_scope="0ne00FA4E", registration_id="dev-1", provisioning_host="dps.example",
+                      key="onboard", issue_cert=BASE)
+    provisioner = Provisioner(keys, tmp_path, exchange=dps)
+    request = DpsRequest.onboarding(cfg, None, BASE)
+    provisioner.register(request)
+    first = keys.certificate_chain(BASE)[0]
+    provisioner.result_path(request.registration_id).unlink()  # the state volume was not kept
+    faults.arm("store", "error")
+    with pytest.raises(Exception, match="injected"):
+        provisioner.register(request)
+    assert keys.certificate_chain(BASE)[0] == first
+    faults.arm(f"delete:{BASE}", "error")  # the new chain stored, the old one not yet deleted
+    with pytest.raises(Exception, match="injected"):
+        provisioner.register(request)
+    assert keys.certificate_chain(BASE)[0] != first  # the new chain is what the key presents
+    provisioner.register(request)  # and the next try leaves the new chain alone
+    [leaf, *_] = keys.pairs[BASE].certs
+    assert leaf != first and first not in keys.pairs[BASE].certs

@@ -34,7 +34,7 @@ from .. import times
 from ..config import CloudConfig
 from ..errors import Kind, SpyrusError
 from ..files import read_json, write_json_atomic
-from ..hsm import InvalidInput, ObjectNotFound, Pkcs11Uri
+from ..hsm import InvalidInput, ObjectNotFound
 from ..identity import issued as issued_id
 from ..identity import x509 as x509_id
 from ..identity.sas import dps_uri
@@ -186,15 +186,15 @@ class Provisioner:
     def _accept_chain(self, req: DpsRequest, csr: bytes, encoded: Any) -> list[str]:
         """Check the issued chain against the CSR's key; for an HSM key, store it beside the key
         (in place of a previous chain of that label: the key is the same, only the certificate
-        is renewed)."""
+        is renewed; the new chain is stored before the old one is deleted, so an interruption
+        never leaves the key, perhaps the one in use, without a certificate)."""
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
         chain = issued_id.decode_chain(encoded)
         issued_id.check_chain(chain, x509.load_der_x509_csr(csr).public_key(), req.registration_id)
         if req.issue_cert:
-            self.hsm.delete(Pkcs11Uri(object=req.issue_cert, type="cert"))
-            self.hsm.import_certificates(req.issue_cert, chain)
+            self.hsm.replace_certificates(req.issue_cert, chain)
         return [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in chain]
 
     def _credential(self, req: DpsRequest) -> x509_id.X509Credential:

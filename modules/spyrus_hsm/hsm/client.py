@@ -208,6 +208,14 @@ class Hsm:
 
     def import_certificates(self, label: str, certs: list[x509.Certificate]) -> str:
         """Store certificates beside the key labelled `label`, under the key's CKA_ID."""
+        return self._store_certificates(label, certs, replace=False)
+
+    def replace_certificates(self, label: str, certs: list[x509.Certificate]) -> str:
+        """Store certificates beside the key `label` in place of those there, new first, old
+        deleted after: interrupted, the key keeps the old chain (or both), never none."""
+        return self._store_certificates(label, certs, replace=True)
+
+    def _store_certificates(self, label: str, certs: list[x509.Certificate], replace: bool) -> str:
         if not certs:
             raise InvalidInput("no certificate found in the input")
         ders = [c.public_bytes(serialization.Encoding.DER) for c in certs]
@@ -224,6 +232,9 @@ class Hsm:
             if spki != leaf.public_key().public_bytes(
                     serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
                 raise InvalidInput(f"the certificate's public key is not that of key '{label}'")
+            if replace:
+                ops.replace_certificates(ws, label, key_id, ders)
+                return key_id.hex()
             if ops.has_certificates(ws, label):
                 raise InvalidInput(
                     f"key '{label}' already has certificates; delete them first with "
@@ -232,7 +243,8 @@ class Hsm:
             ops.store_certificates(ws, label, key_id, ders)
             return key_id.hex()
 
-        return self._run(store, f"importing certificates for '{label}'", mutates=True)
+        return self._run(store, f"{'replacing' if replace else 'importing'} certificates for '{label}'",
+                         mutates=True)
 
     def delete(self, ref: KeyRef) -> int:
         uri = as_uri(ref)

@@ -29,6 +29,7 @@ from .writes import (
     import_pkcs12_objects,
     import_private_key,
     import_secret_key,
+    replace_certificates,
     store_certificates,
 )
 
@@ -37,6 +38,6 @@ __all__ = [
     "KeyAlgorithm", "ObjectInfo", "ObjectKey", "SignAlgorithm", "Template", "WorkerSession",
     "certificate_chain", "delete", "derive_hmac_key", "find_objects", "generate_keypair",
     "has_certificates", "import_pkcs12_objects", "import_private_key", "import_secret_key",
-    "key_algorithm", "key_id_of", "list_objects", "order_chain", "probe", "public_key_spki",
+    "key_algorithm", "key_id_of", "list_objects", "order_chain", "probe", "public_key_spki", "replace_certificates",
     "secret_key_value_readable", "sign", "sign_unbound", "store_certificates",
 ]

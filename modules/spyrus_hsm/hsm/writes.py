@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from pkcs11 import Attribute, KeyType
+from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.types import Object
 from pkcs11.util.ec import encode_ec_public_key
@@ -141,6 +141,19 @@ def store_certificates(ws: WorkerSession, label: str, key_id: bytes, ders: list[
     """Store the chain under `label` with the key's CKA_ID: owner first (category user)."""
     with _undone_on_failure(ws, label) as made:
         _store_certificates(ws, made, label, key_id, ders)
+
+
+def replace_certificates(ws: WorkerSession, label: str, key_id: bytes, ders: list[bytes]) -> int:
+    """Store the chain under `label` in place of the certificates there: the new ones first, the
+    old ones destroyed after (the commit point is the new chain stored), so an interruption
+    leaves the old chain or both, never a key without a certificate. The old objects destroyed."""
+    old = ws.search(Pkcs11Uri(object=label), ObjectClass.CERTIFICATE)
+    store_certificates(ws, label, key_id, ders)
+    ws.forget_seen()
+    for obj in old:
+        obj.destroy()
+    ws.clear_cache()
+    return len(old)
 
 
 def _store_certificates(ws: WorkerSession, made: list[Object], label: str, key_id: bytes,
