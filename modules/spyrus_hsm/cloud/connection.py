@@ -58,6 +58,7 @@ class CloudConnection:
         self._last_state: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._publishing = threading.Lock()  # stop() against a connect publishing its client
         ca = cfg.server_ca_file
         self._ca_pem = Path(ca).read_text() if ca else None
         # An operational certificate issued through DPS replaces the onboarding credential.
@@ -91,11 +92,13 @@ class CloudConnection:
                 self._stopping.wait(RETRY_SECONDS)
 
     def stop(self) -> None:
-        self._stopping.set()
-        if self.renewer is not None:
-            self.renewer.stop()
-        if self.hub is not None:
-            self.hub.shutdown()
+        with self._publishing:  # a connect finishing now sees the stop and publishes nothing
+            self._stopping.set()
+            renewer, hub = self.renewer, self.hub
+        if renewer is not None:
+            renewer.stop()
+        if hub is not None:
+            hub.shutdown()
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -129,9 +132,9 @@ class CloudConnection:
         client = self.hub_factory(self.hsm, identity, sas_ttl=c.sas_ttl).connect()
         try:
             log.info("connected to IoT Hub %s as %s", hub, device_id)
-            renewer = None
+            renewer, leftovers = None, False
             if self.operational and in_use is not None:
-                self._tidy_after_connect(in_use)
+                leftovers = not self._tidy_after_connect(in_use)
                 renewer = renewal.Renewer(
                     self.hsm, provisioner, self._request(self.operational), self._switch,
                     renew_at=self.renew_at, backoff=renewal.retry_backoff(c.renew_retry_initial, c.renew_retry_max),
@@ -140,22 +143,32 @@ class CloudConnection:
         except BaseException:
             client.shutdown()  # never a second client for this identity on the next try
             raise
-        # Published only now: stop() shuts down what is here, and the renewer moves this client.
-        self.assigned_hub, self.hub = hub, client
-        if renewer is not None:
-            assert in_use is not None
-            self.renewer = renewer.start(in_use, received=began if known is None or known.leaf != in_use.leaf else None)
+        # Published only now, and only if no stop() came meanwhile: stop() shuts down what is
+        # here, and the renewer moves this client.
+        with self._publishing:
+            stopped = self._stopping.is_set()
+            if not stopped:
+                self.assigned_hub, self.hub = hub, client
+                if renewer is not None:
+                    assert in_use is not None
+                    received = began if known is None or known.leaf != in_use.leaf else None
+                    self.renewer = renewer.start(in_use, received=received, leftovers=leftovers)
+        if stopped:
+            log.info("stopped while connecting: the new hub connection is closed again")
+            client.shutdown()
 
-    def _tidy_after_connect(self, in_use: x509_id.X509Credential) -> None:
-        """Delete the generations of the operational credential other than `in_use`; one that
-        cannot be deleted now is left to the next renewal (which starts by deleting it)."""
+    def _tidy_after_connect(self, in_use: x509_id.X509Credential) -> bool:
+        """Delete the generations of the operational credential other than `in_use`; False if
+        one could not be deleted now (the renewal thread then keeps trying)."""
         assert self.operational
         try:
             for old in renewal.tidy(self.hsm, self.operational, keep=in_use.label, tls_dir=self.tls_dir):
                 log.info("removed '%s', an earlier generation of '%s' no longer in use", old, self.operational)
         except Exception as exc:
-            log.warning("earlier generations of '%s' not deleted (the next renewal does it): %s",
+            log.warning("earlier generations of '%s' not deleted (the renewal thread retries): %s",
                         self.operational, exc)
+            return False
+        return True
 
     def _not_expired(self, cred: x509_id.X509Credential | None,
                      provisioner: Provisioner) -> x509_id.X509Credential | None:

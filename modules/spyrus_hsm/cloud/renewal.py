@@ -258,9 +258,13 @@ class Renewer:
         self._lock = threading.Lock()
         self._worker = Worker("certificate-renewal", self._run, on_close=self._wake.set)
 
-    def start(self, in_use: x509_id.X509Credential, received: dt.datetime | None = None) -> Renewer:
-        """Watch `in_use` on the renewal thread; `received`: when it was issued, if just now."""
+    def start(self, in_use: x509_id.X509Credential, received: dt.datetime | None = None,
+              leftovers: bool = False) -> Renewer:
+        """Watch `in_use` on the renewal thread; `received`: when it was issued, if just now;
+        `leftovers`: older generations are still there (a tidy that failed): the thread deletes
+        them first, and keeps trying."""
         self.watch(in_use, received)
+        self._leftovers = leftovers
         self._worker.start()
         return self
 
