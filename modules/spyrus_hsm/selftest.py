@@ -176,14 +176,40 @@ def _api_tls_check(hsm: Hsm, svc: config_mod.ServiceConfig) -> Check:
     if not chain:
         return Check("api tls", False, f"no certificate is stored beside '{label}'; import one with "
                      f"'spyrus-hsm cert import FILE --label {label}' or set service.tls_cert_file")
-    why = issuing.cannot_issue(chain[0])
-    if why is None:
-        return Check("api tls", True, f"'{label}' certifies short-lived in-memory TLS keys "
-                     f"({svc.tls_lifetime} s each): no token signature per handshake")
-    return Check("api tls", True, f"the certificate beside '{label}' cannot issue ({why}): every new TLS "
-                 "connection costs a token signature on the event loop and the API cannot handshake while "
-                 "the token is away; re-issue it as a path-length-0 CA certificate name-constrained to the "
-                 "service's names (see docs/security/api-tls.md)", warning=True)
+    return _issuing_check(label or "", chain[0], svc.tls_lifetime, datetime.now(UTC))
+
+
+def _issuing_check(label: str, cert: x509.Certificate, lifetime: int, now: datetime) -> Check:
+    """The service certificate as the certifier of the API's short-lived keys (identity/issuing):
+    FAIL when `serve` would refuse it, WARN when it cannot issue (every handshake costs a token
+    signature) or when some leaves' TLS stacks cannot verify what it signs."""
+    found = issuing.review(cert, now)
+    if found.refused:
+        return Check("api tls", False, f"the certificate beside '{label}' is a CA certificate that serve refuses "
+                     f"to certify the API's keys with: {'; '.join(found.refused)}. Re-issue it with basicConstraints "
+                     "CA and path length 0, keyUsage keyCertSign, extendedKeyUsage serverAuth only and the "
+                     "service's names in subjectAltName (see docs/security/api-tls.md)")
+    if found.not_issuing is not None:
+        return Check("api tls", True, f"the certificate beside '{label}' cannot issue ({found.not_issuing}): every "
+                     "new TLS connection costs a token signature on the event loop and the API cannot handshake "
+                     "while the token is away; re-issue it as a path-length-0 CA certificate for serverAuth with "
+                     "the service's names (see docs/security/api-tls.md)", warning=True)
+    detail = f"'{label}' certifies short-lived in-memory TLS keys ({lifetime} s each): no token signature per handshake"
+    if found.warnings:
+        return Check("api tls", True, f"{detail}; but {'; '.join(found.warnings)} (see docs/security/api-tls.md)",
+                     warning=True)
+    return Check("api tls", True, detail)
+
+
+def _key_role_checks(cfg: config_mod.Config, hsm: Hsm) -> list[Check]:
+    """A WARN line for each policy rule or signing pattern that would have reached a key reserved
+    for another job (service/keyroles.py): it is refused whatever the rule says."""
+    if not cfg.service.enabled:
+        return []
+    from .service.keyroles import KeyRoles
+
+    warnings = KeyRoles.of(cfg.service, cfg.cloud).warnings(cfg.service.policy, hsm.list_objects())
+    return [Check("policy", True, w, warning=True) for w in warnings]
 
 
 def _object_checks(hsm: Hsm) -> list[Check]:

@@ -4,23 +4,40 @@ boot without a real-time clock) neither renews in a tight loop nor waits for dec
 
 The service is a small HTTPS token service on loopback whose clock is set apart from the leaf's
 (its expiresOn and Date header follow its own clock), which is what a leaf with a wrong clock sees.
+
+And the API's own short-lived TLS certificate (service/server_tls, the issued placement), as the
+API serves it over TLS, verifies for a leaf whose clock is off by up to 24 h either way, at any
+moment of the certificate's time in service (from its issue to its renewal at half its life);
+a leaf 40 h ahead is refused, as docs/leaf-devices.md says.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import email.utils
 import json
+import secrets
+import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from service_harness import store_hsm_certificate
 
 from emulator.pki import EmulatorPki
+from spyrus_hsm.config import service_section
+from spyrus_hsm.hsm import Hsm
+from spyrus_hsm.identity.issuing import BACKDATE
 from spyrus_hsm.leaf import LeafDevice, TokenService
+from spyrus_hsm.service.server_tls import Placement, ServerTls
 
 HOST = "127.0.0.1"
 TTL = 3600
@@ -114,3 +131,91 @@ def test_a_leaf_renews_after_the_share_of_the_life_the_service_stated_whatever_i
     assert device.seconds_to_renewal() == pytest.approx(wait - 1000)
     clock.now += TTL
     assert device.seconds_to_renewal() == 0.0
+
+
+# --- the API's short-lived TLS certificate, verified by a leaf whose clock is off ------------------
+
+HOUR = 3600
+
+
+class FixedClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def served_chain(ctx: ssl.SSLContext) -> list[x509.Certificate]:
+    """The chain a TLS client is sent by a server with context `ctx` (the API's listening one),
+    as `openssl s_client` receives it."""
+    with socket.create_server((HOST, 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                try:
+                    with ctx.wrap_socket(conn, server_side=True) as tls:
+                        tls.recv(1)  # until the client closes
+                except (ssl.SSLError, OSError):
+                    pass
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        out = subprocess.run(["openssl", "s_client", "-connect", f"{HOST}:{port}", "-showcerts"],
+                             input=b"", capture_output=True, timeout=30, check=False)
+        thread.join(10)
+    return x509.load_pem_x509_certificates(out.stdout)
+
+
+def leaf_verifies(chain: list[x509.Certificate], root: Path, at: float, tmp_path: Path) -> tuple[bool, str]:
+    """`openssl verify` of the served chain for the API's address, at the leaf's time `at`."""
+    leaf_file, untrusted = tmp_path / "served.pem", tmp_path / "served-issuers.pem"
+    leaf_file.write_bytes(chain[0].public_bytes(serialization.Encoding.PEM))
+    untrusted.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain[1:]))
+    out = subprocess.run(["openssl", "verify", "-attime", str(int(at)), "-purpose", "sslserver",
+                          "-verify_ip", HOST, "-CAfile", str(root), "-untrusted", str(untrusted), str(leaf_file)],
+                         capture_output=True, text=True, timeout=30, check=False)
+    return out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.fixture
+def api_tls(hsm: Hsm, emulator_pki: EmulatorPki, tmp_path: Path) -> Iterator[tuple[ServerTls, FixedClock]]:
+    """The API's TLS credential in the issued placement, with the default lifetime (72 h), on a
+    clock of the test's; its renewal thread never wakes by itself (the test moves the clock)."""
+    label = "api-leaf-clock-" + secrets.token_hex(3)
+    store_hsm_certificate(hsm, label, emulator_pki, server_ip=HOST, issuing=True,
+                          valid=(-3 * dt.timedelta(days=1), 30 * dt.timedelta(days=1)))
+    clock = FixedClock(time.time())
+    cfg = service_section({"tls_key_label": label, "policy": []}, "test")
+    server_tls = ServerTls(cfg, hsm, tmp_path / "tls", clock=clock,
+                           wait=lambda event, seconds: event.wait())
+    assert server_tls.placement is Placement.ISSUED and cfg.tls_lifetime == 72 * HOUR
+    yield server_tls, clock
+    server_tls.close()
+
+
+# When the leaf connects: just after the certificate was made, or just before its renewal (at half
+# its life, 36 h later: the moment it has least life left). The leaf's clock: off by this much.
+@pytest.mark.parametrize(("served_after", "leaf_off_by", "verifies"), [
+    (0, -24 * HOUR, True), (0, 24 * HOUR, True),
+    (36 * HOUR - 2, -24 * HOUR, True), (36 * HOUR - 2, 24 * HOUR, True),
+    (36 * HOUR - 2, 40 * HOUR, False),   # past the certificate's end by the leaf's clock
+], ids=["new-24h-behind", "new-24h-ahead", "due-24h-behind", "due-24h-ahead", "due-40h-ahead"])
+def test_the_served_short_lived_certificate_verifies_for_a_leaf_whose_clock_is_a_day_off(
+        api_tls: tuple[ServerTls, FixedClock], emulator_pki: EmulatorPki, tmp_path: Path,
+        served_after: float, leaf_off_by: float, verifies: bool) -> None:
+    server_tls, clock = api_tls
+    issued_at = clock.now
+    clock.now += served_after
+    assert server_tls.not_serving() is None
+    chain = served_chain(server_tls.listening)
+    assert len(chain) >= 2, "no chain served"
+    served = chain[0]
+    assert served.not_valid_before_utc.timestamp() <= issued_at - BACKDATE.total_seconds() < \
+        served.not_valid_before_utc.timestamp() + 1
+    ok, said = leaf_verifies(chain, emulator_pki.ca_file, clock.now + leaf_off_by, tmp_path)
+    assert ok == verifies, said
+    if not verifies:  # refused for the short-lived certificate's end, nothing else
+        assert "at 0 depth lookup: certificate has expired" in said, said

@@ -9,6 +9,9 @@ from .common import Stdin, UsageError, load_config
 
 
 def cmd_serve(args: argparse.Namespace, stdin: Stdin) -> int:
+    from .. import coredump
+
+    coredump.disable()  # before the PIN is read or any key made: nothing of it may reach a core file
     from ..runtime import serve
 
     cfg = load_config(args)

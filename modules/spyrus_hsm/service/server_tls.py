@@ -44,6 +44,9 @@ from ..threads import Worker
 
 log = logging.getLogger(__name__)
 RETRY_MIN, RETRY_MAX = 5.0, 300.0  # seconds between attempts to certify a new key after a failure
+WAKE = 60.0         # the renewal thread reads the wall clock again at least this often
+MIN_RENEWAL = 60.0  # seconds: never two renewals closer than this, however short the certificate
+RECHECK = 300.0     # seconds: when a new certificate would be of no use, the stored chain is read this often
 
 
 class Placement(enum.Enum):
@@ -80,24 +83,34 @@ def memory_context(key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate
 
 class ServerTls:
     """The API's TLS context (`listening`, switching each handshake to `current`). Make it off
-    the event loop: it reads the HSM and, in the `hsm` placement, loads pkcs11-provider."""
+    the event loop: it reads the HSM and, in the `hsm` placement, loads pkcs11-provider.
+
+    `clock` is the wall clock (certificate validity), `monotonic` the one retries are counted
+    on, `wait(event, seconds)` how the renewal thread sleeps until `event` is set or `seconds`
+    have passed; tests inject all three."""
 
     def __init__(self, cfg: ServiceConfig, hsm: Hsm, tls_dir: Path,
                  load_provider: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 wait: Callable[[threading.Event, float], object] = threading.Event.wait) -> None:
         self._cfg, self._hsm, self._dir, self._clock = cfg, hsm, tls_dir, clock
+        self._monotonic, self._wait = monotonic, wait
         self._load_provider = load_provider
-        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._chain: list[x509.Certificate] = []
-        self.not_after: float | None = None   # the in-memory certificate's (issued placement)
-        self._renew_at = float("inf")
+        self.not_before: float | None = None  # the in-memory certificate's validity (issued placement)
+        self.not_after: float | None = None
+        self._renew_at = float("inf")       # wall clock: half of the current certificate's life
+        self._hold_until: float | None = None  # monotonic: no attempt before (back-off, or nothing to gain)
         self._backoff = Backoff(RETRY_MIN, RETRY_MAX)  # its count: failed attempts in a row
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # why the last attempt failed (None once one succeeds)
+        self.held: str | None = None        # why no new certificate is being made, when none is
+        self._chain_note: str | None = None  # what the last re-read of the service chain found wrong
         self._made_after = hsm.state.recoveries  # the HSM recovery `current` was made after
         self._tried_at = self._made_after        # ... and the last attempt at a new one
         self.placement = self._placement()
-        self.current = self._build()
+        self.current = self._build(self._chain)
         self.listening = self.current
         self._worker = Worker("api-tls", self._run, on_close=self._wake.set)
         if self.placement is not Placement.FILE:
@@ -107,32 +120,45 @@ class ServerTls:
 
     # --- placement and contexts ---------------------------------------------------------------
 
+    def _read_chain(self) -> list[x509.Certificate]:
+        """The service certificate and its issuers: tls_cert_file, or those stored beside the key."""
+        cfg = self._cfg
+        if cfg.tls_cert_file:
+            return x509.load_pem_x509_certificates(Path(cfg.tls_cert_file).read_bytes())
+        try:
+            return self._hsm.certificate_chain(cfg.tls_key_label or "")
+        except ObjectNotFound:
+            return []
+
     def _placement(self) -> Placement:
         cfg = self._cfg
         if not cfg.tls_key_label:
             return Placement.FILE
-        if cfg.tls_cert_file:
-            self._chain = x509.load_pem_x509_certificates(Path(cfg.tls_cert_file).read_bytes())
-        else:
-            try:
-                self._chain = self._hsm.certificate_chain(cfg.tls_key_label)
-            except ObjectNotFound:
-                self._chain = []
+        self._chain = self._read_chain()
         if not self._chain:
             raise TlsSetupError(f"no certificate is stored beside HSM key '{cfg.tls_key_label}'; import one with "
                                 "'spyrus-hsm cert import' or set service.tls_cert_file")
-        why = issuing.cannot_issue(self._chain[0])
-        if why is None:
+        found = issuing.review(self._chain[0], self._now())
+        if found.refused:
+            raise TlsSetupError(
+                f"the certificate beside HSM key '{cfg.tls_key_label}' is a CA certificate the API will not certify "
+                f"with: {'; '.join(found.refused)}. Re-issue it with basicConstraints CA and path length 0, keyUsage "
+                "keyCertSign, extendedKeyUsage serverAuth only and the service's DNS names and addresses in "
+                "subjectAltName, then import it (see docs/security/api-tls.md)")
+        if found.not_issuing is None:
             log.info("API TLS: short-lived keys in memory, certified by HSM key '%s' for %d s each "
                      "(no token signature per handshake)", cfg.tls_key_label, cfg.tls_lifetime)
+            for warning in found.warnings:
+                log.warning("API TLS: the certificate beside HSM key '%s': %s (see docs/security/api-tls.md)",
+                            cfg.tls_key_label, warning)
             return Placement.ISSUED
         log.warning("API TLS: the certificate beside HSM key '%s' cannot issue (%s), so every new TLS "
                     "connection costs a token signature on the event loop, and the API stops handshaking "
                     "while the token is away; re-issue it as a path-length-0 CA certificate for the "
-                    "service's names (see docs/security/api-tls.md)", cfg.tls_key_label, why)
+                    "service's names (see docs/security/api-tls.md)", cfg.tls_key_label, found.not_issuing)
         return Placement.HSM
 
-    def _build(self) -> ssl.SSLContext:
+    def _build(self, chain: list[x509.Certificate]) -> ssl.SSLContext:
         cfg = self._cfg
         if self.placement is Placement.FILE:
             assert cfg.tls_cert_file and cfg.tls_key_file
@@ -140,12 +166,14 @@ class ServerTls:
         assert cfg.tls_key_label
         if self.placement is Placement.ISSUED:
             now = self._clock()
-            key, chain = issuing.issue(self._hsm, cfg.tls_key_label, self._chain,
-                                       dt.timedelta(seconds=cfg.tls_lifetime),
-                                       dt.datetime.fromtimestamp(now, dt.UTC))
-            ctx = _client_verification(memory_context(key, chain), cfg)
-            not_after = chain[0].not_valid_after_utc.timestamp()
-            self.not_after, self._renew_at = not_after, now + (not_after - now) / 2
+            key, issued = issuing.issue(self._hsm, cfg.tls_key_label, chain,
+                                        dt.timedelta(seconds=cfg.tls_lifetime),
+                                        dt.datetime.fromtimestamp(now, dt.UTC))
+            ctx = _client_verification(memory_context(key, issued), cfg)
+            self.not_before = issued[0].not_valid_before_utc.timestamp()
+            self.not_after = not_after = issued[0].not_valid_after_utc.timestamp()
+            self._renew_at = now + max(MIN_RENEWAL, (not_after - now) / 2)
+            self._chain = chain
             return ctx
         if self._load_provider is not None:
             self._load_provider()
@@ -154,7 +182,7 @@ class ServerTls:
         write_atomic(key_file, tls.keyref_pem(tls.key_uri(self._hsm.state.token_label or "", cfg.tls_key_label)))
         cert_file = Path(cfg.tls_cert_file) if cfg.tls_cert_file else self._dir / "service.chain.pem"
         if not cfg.tls_cert_file:
-            write_atomic(cert_file, chain_pem(self._chain))
+            write_atomic(cert_file, chain_pem(chain))
         return _client_verification(tls.server_context(cert_file, key_file), cfg)
 
     def _newest(self, conn: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
@@ -163,41 +191,66 @@ class ServerTls:
 
     # --- renewal, on the "api-tls" thread -------------------------------------------------------
 
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self._clock(), dt.UTC)
+
     def _on_hsm_state(self, state: HsmState) -> None:  # on the pool's supervisor thread
         if state.ready:
             self._wake.set()
 
+    def _valid_at(self, now: float) -> bool:
+        """Whether the current short-lived certificate is valid at wall-clock `now`."""
+        if self.not_before is None or self.not_after is None:
+            return True
+        return self.not_before <= now < self.not_after
+
     def _due(self) -> float | None:
-        """Seconds until the next rebuild (0: now), or None to wait for the HSM."""
+        """Seconds until the next attempt (0: now), or None to wait for the HSM. Read again at
+        every wake, at least every WAKE seconds: the wall clock may have stepped (a gateway
+        without a real-time clock booting with a stale date, then NTP) or the device slept."""
         state = self._hsm.state
         back = state.ready and state.recoveries != self._tried_at  # the HSM came back since the last try
-        if self.placement is Placement.HSM and self._made_after == state.recoveries:
-            return None
-        if back and (self._backoff.failures or self.placement is Placement.HSM):
+        if self.placement is Placement.HSM:
+            if self._made_after == state.recoveries:
+                return None
+            return 0.0 if back else self._held_for()
+        if back and self._backoff.failures:
             return 0.0  # the token is back: try now rather than at the back-off's end
-        if self._renew_at == float("inf"):
-            return None  # nothing scheduled (Event.wait refuses an infinite timeout)
-        return max(0.0, self._renew_at - self._clock())
+        held = self._held_for()
+        if held > 0:
+            return held
+        now = self._clock()
+        if not self._valid_at(now):
+            return 0.0  # the wall clock moved past its end (or before its start): at once
+        return max(0.0, self._renew_at - now)
+
+    def _held_for(self) -> float:
+        return 0.0 if self._hold_until is None else max(0.0, self._hold_until - self._monotonic())
 
     def _run(self) -> None:
         """One thread makes every new context, so an older attempt can never finish last."""
         while not self._worker.stopping:
             due = self._due()
-            self._wake.wait(due)
+            self._wait(self._wake, WAKE if due is None else min(due, WAKE))
             self._wake.clear()
             if self._worker.stopping:
                 return
-            if self._due() != 0.0:
-                continue
-            self.renew()
+            if self._due() == 0.0:
+                self.renew()
 
     def renew(self) -> None:
+        """One attempt at a new context (in the issued placement: a new short-lived certificate,
+        certified with the service chain as it is stored now)."""
         recoveries = self._tried_at = self._hsm.state.recoveries
+        self._hold_until = None
         try:
-            context = self._build()
+            chain = self._renewal_chain() if self.placement is Placement.ISSUED else self._chain
+            if chain is None:
+                return
+            context = self._build(chain)
         except Exception as exc:  # reported, retried; the current context stays
             delay = self._backoff.next()
-            self._renew_at = self._clock() + delay
+            self._hold_until = self._monotonic() + delay
             self.last_error = str(exc)
             log.error("the API's TLS credential could not be renewed: %s; retrying in %g s or when the HSM is back%s",
                       exc, delay, self._expiry_note())
@@ -205,9 +258,57 @@ class ServerTls:
         if self.placement is not Placement.FILE:
             context.sni_callback = self._newest
         self.current = context
-        self._made_after, self.last_error = recoveries, None
+        self._made_after, self.last_error, self.held = recoveries, None, None
         self._backoff.reset()
-        log.info("API TLS context renewed (%s)", self.placement.value)
+        log.info("API TLS context renewed (%s)%s", self.placement.value, self._expiry_note())
+
+    def _renewal_chain(self) -> list[x509.Certificate] | None:
+        """The service chain to certify the next key with: the one stored now when it can
+        certify (a service certificate replaced in the token is used without a restart), else
+        the one in use. None, said once, when no new certificate would be of any use."""
+        label, now = self._cfg.tls_key_label, self._now()
+        stored = self._read_chain()
+        if stored and stored[0] == self._chain[0]:
+            self._chain_note = None
+        elif stored:
+            found = issuing.review(stored[0], now)
+            why = found.not_issuing or "; ".join(found.refused)
+            if not why and stored[0].public_key() != self._chain[0].public_key():
+                why = "it is not the key's: its public key differs"
+            if not why:
+                log.info("API TLS: the certificate beside HSM key '%s' was replaced (now valid until %s): "
+                         "renewals use it", label, times.iso(stored[0].not_valid_after_utc))
+                for warning in found.warnings:
+                    log.warning("API TLS: the certificate beside HSM key '%s': %s", label, warning)
+                self._chain, self._chain_note = stored, None
+            elif why != self._chain_note:
+                self._chain_note = why
+                log.error("API TLS: the certificate now beside HSM key '%s' cannot certify the API's keys (%s); "
+                          "the API keeps the one it had (see docs/security/api-tls.md)", label, why)
+        elif self._chain_note != "none":
+            self._chain_note = "none"
+            log.error("API TLS: no certificate is stored beside HSM key '%s' any more; the API keeps the one it had",
+                      label)
+        issuer = self._chain[0]
+        if self._valid_at(now.timestamp()) and self.not_after is not None \
+                and issuer.not_valid_after_utc.timestamp() <= self.not_after:
+            self._hold(f"the service certificate beside HSM key '{label}' ends at "
+                       f"{times.iso(issuer.not_valid_after_utc)}, as the API's current certificate does: "
+                       "a new one could not live longer; re-issue it (see docs/security/api-tls.md)")
+            return None
+        found = issuing.review(issuer, now)
+        if found.refused:
+            self._hold(f"the service certificate beside HSM key '{label}' cannot certify a new key: "
+                       f"{'; '.join(found.refused)}; re-issue it (see docs/security/api-tls.md)")
+            return None
+        return self._chain
+
+    def _hold(self, why: str) -> None:
+        """No attempt for RECHECK seconds (the stored chain is read again then); said once."""
+        if why != self.held:
+            log.warning("API TLS: not renewing: %s%s", why, self._expiry_note())
+        self.held = why
+        self._hold_until = self._monotonic() + RECHECK
 
     def _expiry_note(self) -> str:
         if self.not_after is None:
@@ -220,11 +321,26 @@ class ServerTls:
         """Why a leaf's handshake would fail now, or None."""
         if self.placement is Placement.HSM and self._made_after != self._hsm.state.recoveries:
             return "the API's TLS context is being renewed after the HSM came back"
-        if self.not_after is not None and self._clock() >= self.not_after:
-            return "the API's short-lived TLS certificate has expired and a new one could not be certified"
-        return None
+        now = self._clock()
+        if self.not_after is None or self._valid_at(now):
+            return None
+        assert self.not_before is not None
+        if now >= self.not_after:
+            what = f"the API's short-lived TLS certificate expired at {_iso(self.not_after)}"
+        else:
+            what = (f"the API's short-lived TLS certificate is valid only from {_iso(self.not_before)} "
+                    "(this device's clock was set back)")
+        if self.held:
+            return f"{what}; no new one is made: {self.held}"
+        if self.last_error:
+            return f"{what}, and a new one could not be certified: {self.last_error}"
+        return f"{what}; a new one is being certified"
 
     def close(self, timeout: float = 1.0) -> bool:
         """Stop the renewal thread (waited for at most `timeout`); True once it has ended."""
         self._hsm.remove_listener(self._on_hsm_state)
         return self._worker.close(timeout)
+
+
+def _iso(timestamp: float) -> str:
+    return times.iso(dt.datetime.fromtimestamp(timestamp, dt.UTC))
