@@ -153,6 +153,7 @@ def collect(config_path: str | None, pin_file: str | None) -> list[Check]:
             st = hsm.state
             checks.append(Check("login", True, f"token '{st.token_label}' serial {st.token_serial}"))
             checks += _object_checks(hsm)
+            checks += _key_role_checks(cfg, hsm)
             label = cfg.service.tls_key_label if cfg.service.enabled else None
             if label:
                 found = bool(hsm.find(label, "private"))

@@ -90,5 +90,23 @@ def test_a_device_named_like_a_key_with_another_job_gets_no_sas_token(
         status, headers, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": labels[job]}, bearer=caller.bearer)
         ok_status, _, ok_body = svc.call("POST", "/v1/sas-tokens", {"deviceId": labels["device"]}, bearer=caller.bearer)
     assert (status, problem_type(headers, body)) == (404, "not-found"), body
-    assert body["detail"] == f"no secret-key object labelled '{labels[job]}'"
+    assert body["detail"] == f"no secret-key object labelled '{labels[job]}'"  # as for a device without a key
     assert ok_status == 200, ok_body
+
+
+@pytest.mark.parametrize("template_key", ["missing", "ec"])
+def test_a_key_the_configuration_chose_is_never_named_to_the_caller(
+        hsm: Hsm, tmp_path: Path, emulator_pki: EmulatorPki, template_key: str) -> None:
+    """The caller names a device; the label behind it (service.sas_key) is the operator's.
+    Before: "no secret-key object labelled 'sas-…'" told the caller the template."""
+    caller = new_leaf(hsm, "caller")
+    device = f"dev-{secrets.token_hex(3)}"
+    if template_key == "ec":  # a key there, but one that cannot HMAC
+        hsm.generate_keypair(f"sas-{device}", KeyAlgorithm.EC_P256)
+    with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[EVERYTHING], bearer={caller.name: caller.bearer},
+                        sas_key="sas-{deviceId}") as svc:
+        status, _, body = svc.call("POST", "/v1/sas-tokens", {"deviceId": device}, bearer=caller.bearer)
+        records = svc.audit_records()
+    assert 400 <= status < 500 and "sas-" not in body["detail"], body
+    assert body["detail"] in (f"no key for device '{device}'", f"the HSM cannot use the key for device '{device}'")
+    assert records[-1]["key"] == f"sas-{device}"  # the operator's record names it

@@ -5,9 +5,10 @@ for a device, the token cache, the audit trail. Routes parse and answer; this de
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 
 from ..cloud.dps import Assignment, DpsRequest, Provisioner
 from ..config import CloudConfig, PolicyRule, ServiceConfig
-from ..hsm import Hsm, SignAlgorithm
+from ..hsm import Hsm, HsmError, ObjectNotFound, SignAlgorithm
 from ..identity.sas import SasMinter, SasToken
 from ..telemetry import Telemetry
 from . import policy as pol
@@ -146,13 +147,16 @@ class Service:
             raise unknown_key(key, hmac, why)
         return await self.hsm.asign_unbound(key, algorithm, data)
 
-    def device_key(self, request: web.Request, label: str, *, hmac: bool, own: str | None = None) -> str:
-        """`label` (a device template's key) if it may serve a device; else refused as a
-        missing key. `own`: the reserved job this route uses it for (the DPS group key)."""
+    def device_key(self, request: web.Request, label: str, subject: str, named: str, *, hmac: bool,
+                   own: str | None = None) -> str:
+        """`label` (a device template's key) if it may serve `subject` (what the caller named:
+        "device 'd'"); else refused as a missing key is (`chosen_key`). `own`: the reserved job
+        this route uses it for (the DPS group key)."""
         why = self.roles.why_not_for_device(label, own=own)
         if why is not None:
             self.audit_fields(request, reason=f"key not for devices: {why}")
-            raise unknown_key(label, hmac, why)
+            with chosen_key(subject, named, label):
+                raise unknown_key(label, hmac, why)
         return label
 
     def key_for(self, template: str, principal: str, **ids: str | None) -> str:
@@ -231,6 +235,21 @@ class Service:
 
     def stored_registration(self, registration_id: str) -> Assignment | None:
         return self.provisioner.cached(registration_id)
+
+
+@contextlib.contextmanager
+def chosen_key(subject: str, named: str, *labels: str | None) -> Iterator[None]:
+    """An HSM error that names a key the configuration chose (`labels`: a template's, a derived
+    group key's), told in the caller's terms: `subject` is what it named ("device 'd'", the
+    id `named`). A label other than that id is the operator's business: the log keeps it."""
+    try:
+        yield
+    except HsmError as exc:
+        hidden = [label for label in labels if label and label != named]
+        if exc.public is not None and any(f"'{label}" in exc.public for label in hidden):
+            exc.public = f"no key for {subject}" if isinstance(exc, ObjectNotFound) else \
+                f"the HSM cannot use the key for {subject}"
+        raise
 
 
 async def run_in_thread(executor: Executor | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from ...cloud.dps import DpsRequest
 from ...identity.issued import check_csr
-from ..core import PRINCIPAL, Service, run_in_thread
+from ..core import PRINCIPAL, Service, chosen_key, run_in_thread
 from ..keys import SERVICE
 from ..problems import bad_request, not_found
 from ..validation import ID_SCOPE, REGISTRATION_ID, base64_csr, choice, flag, only, read_json, text
@@ -51,19 +51,21 @@ async def create(request: web.Request) -> web.Response:
     else:
         key = svc.key_for(svc.cfg.dps_key, principal, registrationId=reg)
     svc.authorize(request, "registration", device=reg, key=key)
-    svc.device_key(request, key, hmac=attestation != "x509", own=svc.roles.group_job if group else None)
+    subject = f"the registration of '{reg}'"
+    svc.device_key(request, key, subject, reg, hmac=attestation != "x509", own=svc.roles.group_job if group else None)
     if in_hsm and csr is not None:  # after the policy, as the CSR checks: others learn nothing more
         raise bad_request("give 'csr' (the leaf's own key) or 'issueCertificate' (a key in this HSM), not both")
     issue_cert = svc.key_for(svc.cfg.leaf_cert_label, principal, registrationId=reg) if in_hsm else None
     if csr is not None or issue_cert is not None:
         svc.authorize(request, "certificate-issue", device=reg, key=issue_cert or key)
     if issue_cert is not None:
-        svc.device_key(request, issue_cert, hmac=False)
+        svc.device_key(request, issue_cert, subject, reg, hmac=False)
     if csr is not None:
         check_csr(csr, reg)
-    result = await svc.register(DpsRequest(
-        scope, reg, svc.deps.cloud.provisioning_host, "x509" if attestation == "x509" else "symmetricKey",
-        key, group=group, payload=payload, server_ca_pem=svc.dps_ca_pem, csr=csr, issue_cert=issue_cert))
+    with chosen_key(subject, reg, key, issue_cert):  # the caller named the registration, not its keys
+        result = await svc.register(DpsRequest(
+            scope, reg, svc.deps.cloud.provisioning_host, "x509" if attestation == "x509" else "symmetricKey",
+            key, group=group, payload=payload, server_ca_pem=svc.dps_ca_pem, csr=csr, issue_cert=issue_cert))
     return web.json_response(result.to_api())
 
 

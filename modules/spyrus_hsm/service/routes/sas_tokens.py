@@ -11,7 +11,7 @@ import time
 from aiohttp import web
 
 from ...identity.sas import device_uri, dps_uri
-from ..core import PRINCIPAL, Service
+from ..core import PRINCIPAL, Service, chosen_key
 from ..keys import SERVICE
 from ..validation import DEVICE_ID, HOST_NAME, ID_SCOPE, REGISTRATION_ID, integer, only, read_json, text
 
@@ -33,7 +33,9 @@ async def create(request: web.Request) -> web.Response:
         assert scope and reg
         key = svc.key_for(svc.cfg.dps_key, principal, registrationId=reg)
         svc.authorize(request, "sas-token", device=reg, key=key)
-        svc.device_key(request, key, hmac=True)
+        subject = f"registration '{reg}'"
+        svc.device_key(request, key, subject, reg, hmac=True)
+        named = reg
         uri, key_name = dps_uri(scope, reg), "registration"
     else:
         device = text(body, "deviceId", DEVICE_ID)
@@ -41,9 +43,12 @@ async def create(request: web.Request) -> web.Response:
         assert device
         key = svc.key_for(svc.cfg.sas_key, principal, deviceId=device, moduleId=module)
         svc.authorize(request, "sas-token", device=device if module is None else f"{device}/{module}", key=key)
-        svc.device_key(request, key, hmac=True)
+        subject = f"device '{device}'" if module is None else f"module '{device}/{module}'"
+        svc.device_key(request, key, subject, device, hmac=True)
+        named = device
         uri, key_name = device_uri(svc.hub_for(text(body, "hub", HOST_NAME, required=False)), device, module), None
-    token, _ = await svc.sas_token(key, uri, ttl, key_name, min_life)
+    with chosen_key(subject, named, key):  # the caller named the device, not the key
+        token, _ = await svc.sas_token(key, uri, ttl, key_name, min_life)
     # expiresInSeconds: the life left by this clock, so a leaf whose clock is wrong renews on time.
     return web.json_response({"token": token.token, "resourceUri": token.resource_uri, "expiresOn": token.expires_on,
                               "expiresInSeconds": max(0, token.expires_on - int(time.time()))})
