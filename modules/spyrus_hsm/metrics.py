@@ -19,7 +19,6 @@ callbacks, which read counters and cached values only, never the HSM.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import uuid
@@ -48,9 +47,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .listening import listen
+from .threads import Lane
 
 log = logging.getLogger(__name__)
 PREFIX = "spyrus_hsm_"
+RENDER_DEADLINE = 10.0  # seconds for one scrape to be rendered
 # OpenTelemetry unit -> Prometheus suffix; units in braces ({call}, {hit}) are annotations.
 _UNITS = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "d": "days", "1": ""}
 _INVALID = re.compile(r"[^a-zA-Z0-9_]")
@@ -168,6 +169,7 @@ class MetricsEndpoint:
         self.host = host
         self.port = port
         self._runner: web.AppRunner | None = None
+        self._render = Lane("metrics-render", 1)  # a scrape renders off the loop, one at a time
 
     async def start(self) -> int:
         """Listen; ListenError (the port taken, the address not ours) leaves nothing behind."""
@@ -184,5 +186,9 @@ class MetricsEndpoint:
             await runner.cleanup()
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = await asyncio.to_thread(render, self.reg)
+        try:
+            body = await self._render.run(lambda: render(self.reg), RENDER_DEADLINE, "rendering the metrics")
+        except TimeoutError as exc:
+            log.warning("%s", exc)
+            return web.Response(status=503, text="metrics not rendered in time; retry\n")
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

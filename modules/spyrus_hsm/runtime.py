@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 import types
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 from . import config as config_mod
 from . import events as events_mod
+from . import threads
 from .cloud.connection import CloudConnection
 from .config import Config, PolicyRule, ServiceConfig
 from .edge.agent import EdgeAgent, EdgeHooks
@@ -40,7 +42,7 @@ from .service.server import Listeners, probe_forever
 from .service.server_tls import ServerTls
 from .shutdown import Shutdown
 from .telemetry import Telemetry, hsm_instrument
-from .threads import spawn
+from .threads import Lane, Worker
 
 log = logging.getLogger("spyrus_hsm")
 # Each part's own limit when stopping; together they share one budget (shutdown.STOP_SECONDS).
@@ -50,6 +52,8 @@ HSM_CLOSE_SECONDS = 5.0  # a call in progress in the token
 PCSCD_STOP_SECONDS = 3.0
 LISTEN_RETRY = 5.0  # seconds between attempts to bind a listener's port (and to start the API)
 CERTIFICATE_CHECK_INTERVAL = 600.0  # seconds between reads of the X.509 credentials' expiry
+READ_DEADLINE = 60.0        # seconds for a read of the token's credentials (several HSM calls)
+TLS_SETUP_DEADLINE = 120.0  # ... for the API's TLS credential (HSM reads, a signature, the provider)
 
 
 class Module:
@@ -102,6 +106,8 @@ class Module:
         self.edge: EdgeAgent | None = None
         self.exit_code = 0
         self.shutdown: Shutdown | None = None  # once stopping: the budget the stop shares
+        self._reads = Lane("module-hsm", 2)     # the loop's blocking calls (token reads, TLS setup)
+        self._connecting: Worker | None = None
 
     def _warn_about_reserved_keys(self, state: HsmState) -> None:
         """Once the token is first ready: a warning for each policy rule or signing pattern that
@@ -131,7 +137,8 @@ class Module:
         self.hsm.add_listener(_log_state)
         self.hsm.start(wait=False)
         if self.cloud is not None:
-            spawn(self.cloud.run, "cloud-connect")
+            self._connecting = Worker("cloud-connect", self.cloud.run)  # returns once connected or stopped
+            self._connecting.start()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut everything down (bounded: edgeAgent waits 10 s)."""
@@ -248,7 +255,8 @@ class Module:
                                 or self._reread_certificates):
                 seen_recoveries, self._reread_certificates = state.recoveries, False
                 try:
-                    creds = await asyncio.to_thread(x509_id.credentials, self.hsm)
+                    creds = await self._reads.run(lambda: x509_id.credentials(self.hsm), READ_DEADLINE,
+                                                  "reading the certificates' expiry")
                 except Exception as exc:
                     log.warning("reading the certificates' expiry failed: %s", exc)
                     due = loop_time() + 60
@@ -307,8 +315,9 @@ class Module:
                 continue
             server_tls: ServerTls | None = None
             try:
-                server_tls = await asyncio.to_thread(ServerTls, svc_cfg, self.hsm, self.state_dir / "tls",
-                                                     self.load_provider)
+                server_tls = await self._reads.run(
+                    lambda: ServerTls(svc_cfg, self.hsm, self.state_dir / "tls", self.load_provider),
+                    TLS_SETUP_DEADLINE, "setting up the API's TLS credential")
                 await listeners.start_api(server_tls)
                 collector.pace()
                 print(f"spyrus-hsm: API on https://{svc_cfg.host}:{listeners.api_port}", flush=True)
@@ -326,7 +335,8 @@ class Module:
                     log.debug("%s; still retrying", error)
                 last_error = error
             if server_tls is not None:
-                await asyncio.to_thread(server_tls.close)
+                closing = server_tls
+                await self._reads.run(closing.close, TLS_SETUP_DEADLINE, "closing a TLS credential not used")
             await asyncio.sleep(LISTEN_RETRY)
 
     def _restart_if_needed(self, state: HsmState, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -406,7 +416,10 @@ def serve(cfg: Config, telemetry: Telemetry) -> int:
 
     asyncio.run(main())
     telemetry.shutdown(deadline=module.shutdown.remaining(2.0) if module.shutdown else 2.0)
-    log.info("stopped")
+    left = threads.close_all(module.shutdown.remaining(1.0) if module.shutdown else 1.0)
+    if left:  # daemon threads: they do not hold up the exit, but say what was cut off
+        log.warning("stopped; abandoned at exit: %s", "; ".join(left))
+    log.info("stopped; threads alive: %s", ", ".join(sorted(t.name for t in threading.enumerate())))
     return module.exit_code
 
 

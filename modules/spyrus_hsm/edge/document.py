@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..identity import x509 as x509_id
-from ..threads import call_with_deadline
+from ..threads import Lane
 from . import reported as rep
 from .hooks import EdgeHooks, explain
 
@@ -31,6 +31,7 @@ class ReportedDocument:
         self.lock = threading.RLock()
         self.inventory_interval = inventory_interval
         self.hsm_deadline = hsm_deadline   # a direct method must answer well within the hub's 30 s
+        self._reads = Lane("edge-hsm-read", 1)  # a hung read holds one thread, not one per call
         self._renew_at = renew_at          # the renewal fraction in force (the twin's or the file's)
         self._wake = wake
         self._wanted: dict[str, Any] = {"version": __version__, "hsm": rep.hsm_section(hooks.hsm.state),
@@ -122,8 +123,8 @@ class ReportedDocument:
     def read_inventory(self) -> list[dict[str, Any]]:
         hsm = self.hooks.hsm
         renew_at = self._renew_at()
-        return call_with_deadline(lambda: rep.inventory(hsm.list_objects(), x509_id.credentials(hsm), renew_at),
-                                  self.hsm_deadline, "reading the credential inventory", "edge-hsm-read")
+        return self._reads.call(lambda: rep.inventory(hsm.list_objects(), x509_id.credentials(hsm), renew_at),
+                                self.hsm_deadline, "reading the credential inventory")
 
     def set_inventory(self, items: list[dict[str, Any]]) -> None:
         with self.lock:

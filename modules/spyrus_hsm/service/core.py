@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import math
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 from opentelemetry import trace
@@ -23,6 +21,7 @@ from ..config import CloudConfig, PolicyRule, ServiceConfig
 from ..hsm import Hsm, HsmError, ObjectNotFound, SignAlgorithm
 from ..identity.sas import SasMinter, SasToken
 from ..telemetry import Telemetry
+from ..threads import Lane
 from . import policy as pol
 from .audit import CLOSE_TIMEOUT, AuditLog
 from .auth import Authenticator, ClientCertVerifier, Principal
@@ -31,8 +30,9 @@ from .keyroles import KeyRoles, unknown_key
 from .problems import Problem, forbidden
 from .ratelimit import RateLimiter, failure_limiter, source_address
 
-T = TypeVar("T")
 DPS_THREADS = 4
+GRACE = 5.0            # seconds past registration_timeout before a DPS call is given up on
+FILE_DEADLINE = 10.0   # seconds for a read of the state volume (a stalled disk)
 PRINCIPAL = web.RequestKey("spyrus.principal", Principal)
 AUDIT = web.RequestKey("spyrus.audit", dict[str, Any])
 REQUEST_ID = web.RequestKey("spyrus.request_id", str)
@@ -60,9 +60,10 @@ class Service:
         self.provisioner = Provisioner(deps.hsm, deps.state_dir, deps.load_provider)
         self._registrations: dict[DpsRequest, asyncio.Task[Assignment]] = {}  # by canonical request
         self._latest: dict[str, asyncio.Task[Assignment]] = {}                 # by registration id
-        # DPS runs block a thread for up to registration_timeout: their own bounded pool, so a
-        # burst of registrations cannot starve the loop's default executor.
-        self._dps_threads = ThreadPoolExecutor(DPS_THREADS, thread_name_prefix="dps")
+        # DPS runs block a thread for up to registration_timeout: a lane of their own, so a burst
+        # of registrations (or a DPS that never answers) holds at most DPS_THREADS threads.
+        self._dps = Lane("dps", DPS_THREADS)
+        self._files = Lane("service-files", 2)  # stored registration results
         ca = deps.cloud.server_ca_file
         self.dps_ca_pem = Path(ca).read_text() if ca else None
         self.reconfigure(cfg)
@@ -81,9 +82,10 @@ class Service:
         self.cache = TokenCache(cfg.cache_reuse_fraction, max_entries=cfg.cache_max_entries)
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
-        """Stop taking registrations (a running DPS call is abandoned by its own timeout); write
-        what the audit log has queued (waiting at most `timeout`)."""
-        self._dps_threads.shutdown(wait=False, cancel_futures=True)
+        """Stop taking registrations (a running DPS call is abandoned by its own timeout: its
+        thread is a daemon, it holds up no exit); write what the audit log has queued (waiting
+        at most `timeout`)."""
+        self._dps.close(0)
         self.audit.close(timeout)
 
     @property
@@ -228,13 +230,16 @@ class Service:
         attributes = {"dps.registration_id": req.registration_id, "dps.attestation": req.attestation,
                       "dps.id_scope": req.id_scope}
         with self.tracer.start_as_current_span("dps.register", attributes=attributes) as span:
-            result = await run_in_thread(self._dps_threads, self.provisioner.register, req,
-                                         timeout=self.cfg.registration_timeout)
+            timeout = self.cfg.registration_timeout
+            result = await self._dps.run(lambda: self.provisioner.register(req, timeout=timeout),
+                                         timeout + GRACE, f"registering '{req.registration_id}' with DPS")
             span.set_attribute("dps.status", result.status)
             return result
 
-    def stored_registration(self, registration_id: str) -> Assignment | None:
-        return self.provisioner.cached(registration_id)
+    async def stored_registration(self, registration_id: str) -> Assignment | None:
+        """The stored result (a file read, off the loop)."""
+        return await self._files.run(lambda: self.provisioner.cached(registration_id), FILE_DEADLINE,
+                                     f"reading the stored registration of '{registration_id}'")
 
 
 @contextlib.contextmanager
@@ -250,10 +255,3 @@ def chosen_key(subject: str, named: str, *labels: str | None) -> Iterator[None]:
             exc.public = f"no key for {subject}" if isinstance(exc, ObjectNotFound) else \
                 f"the HSM cannot use the key for {subject}"
         raise
-
-
-async def run_in_thread(executor: Executor | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """A blocking call on a thread, keeping contextvars (the current span) across."""
-    ctx = contextvars.copy_context()
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor, lambda: ctx.run(fn, *args, **kwargs))

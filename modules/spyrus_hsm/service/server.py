@@ -13,6 +13,7 @@ from aiohttp import web
 
 from ..hsm import Hsm
 from ..listening import ListenError, listen
+from ..threads import Lane
 from .app import build_app
 from .core import Service
 from .keys import API_NOT_SERVING, SERVICE
@@ -20,6 +21,8 @@ from .protocol import Runner
 from .routes import health
 from .server_tls import ServerTls
 from .tls_listener import TlsListener
+
+CLOSE_DEADLINE = 5.0  # seconds for the TLS renewal thread to stop (it is told 1 s)
 
 log = logging.getLogger(__name__)
 PROBE_INTERVAL = 0.5  # seconds: /readyz turns false within about this after an unplug
@@ -51,6 +54,7 @@ class Listeners:
         self.server_tls: ServerTls | None = None
         self.api_listener: TlsListener | None = None
         self.api_start_error: str | None = None  # why the API could not start, last time
+        self._closing = Lane("api-stop", 1)
 
     async def start_health(self) -> None:
         cfg = self.service.cfg
@@ -98,7 +102,7 @@ class Listeners:
         if self.api_listener is not None:
             await self.api_listener.close()
         if self.server_tls is not None:
-            await asyncio.to_thread(self.server_tls.close)
+            await self._closing.run(self.server_tls.close, CLOSE_DEADLINE, "stopping the API's TLS renewal")
         for runner in reversed(self.runners):
             await runner.cleanup()
         self.runners.clear()

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Tracer
 
 from .. import __version__
-from ..threads import call_with_deadline
+from ..threads import Lane
 from .env import TelemetrySettings
 from .instruments import Metrics
 
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 INSTRUMENTATION_NAME = "spyrus_hsm"
 SCHEDULE_DELAY_MILLIS = 1000
+_LANE = Lane("telemetry-stop", 2)  # flushes and shutdowns, each bounded by its deadline
 
 
 class Telemetry:
@@ -104,7 +105,7 @@ class Telemetry:
 def _within(deadline: float, what: str, work: Callable[[], None]) -> bool:
     """`work()` bounded by `deadline` seconds; True if it finished (an error is logged)."""
     try:
-        call_with_deadline(work, deadline, f"telemetry {what}", f"telemetry-{what}")
+        _LANE.call(work, deadline, f"telemetry {what}")
     except TimeoutError:
         return False
     except Exception:

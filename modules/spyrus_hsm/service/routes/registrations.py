@@ -19,7 +19,7 @@ from aiohttp import web
 
 from ...cloud.dps import DpsRequest
 from ...identity.issued import check_csr
-from ..core import PRINCIPAL, Service, chosen_key, run_in_thread
+from ..core import PRINCIPAL, Service, chosen_key
 from ..keys import SERVICE
 from ..problems import bad_request, not_found
 from ..validation import ID_SCOPE, REGISTRATION_ID, base64_csr, choice, flag, only, read_json, text
@@ -75,7 +75,7 @@ async def get(request: web.Request) -> web.Response:
     if not re.fullmatch(REGISTRATION_ID, reg):
         raise bad_request(f"the registration id must match {REGISTRATION_ID}")
     svc.authorize(request, "registration", device=reg)
-    result = await run_in_thread(None, svc.stored_registration, reg)  # a file read, off the loop
+    result = await svc.stored_registration(reg)
     if result is None:
         raise not_found(f"no registration is stored for '{reg}'")
     return web.json_response(result.to_api())
