@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 from collections.abc import Mapping
 from typing import Literal
 
@@ -25,6 +26,7 @@ LogFormat = Literal["auto", "iotedge", "plain", "json"]
 PLAIN = "%(levelname)s %(name)s: %(message)s"
 EDGE_MARKER = "IOTEDGE_MODULEID"  # set by the edge runtime in every module it starts
 PACKAGE = "spyrus_hsm"
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def syslog_severity(levelno: int) -> int:
@@ -69,18 +71,30 @@ class ForeignTracebacks(logging.Filter):
     """A library's exception (azure-iot-device, paho-mqtt, aiohttp, OpenSSL's through ssl)
     logged at INFO or above becomes one line, `message (Type: reason)`: its traceback says
     nothing an operator can act on, and what we do about it is logged by our own code. Our own
-    records keep their tracebacks (a bug of ours), and so does everything at DEBUG."""
+    records keep their tracebacks, and so does everything at DEBUG, and so does a library's
+    record of an exception raised in our code (asyncio's "Exception in callback", aiohttp's
+    "Error handling request" about our handler or middleware): that is a bug of ours."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.levelno > logging.DEBUG and not record.name.startswith(PACKAGE):
             exc = record.exc_info[1]
-            if exc is not None:
+            if exc is not None and not raised_in_our_code(exc):
                 reason = " ".join(str(exc).split())
                 record.msg = f"{record.getMessage()} ({type(exc).__name__}{': ' + reason if reason else ''})"
                 record.args = None
                 record.exc_info = None
                 record.exc_text = None
         return True
+
+
+def raised_in_our_code(exc: BaseException) -> bool:
+    """Whether the innermost frame of `exc`'s traceback (where it was raised) is the package's."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR)
 
 
 def resolve(fmt: LogFormat, env: Mapping[str, str]) -> Literal["iotedge", "plain", "json"]:

@@ -71,3 +71,19 @@ def test_a_librarys_exception_is_one_line_and_ours_keeps_its_traceback(fmt: logg
     debug = record(logging.DEBUG, exc=True, name="paho.mqtt.client")
     ForeignTracebacks().filter(debug)
     assert "Traceback" in fmt.format(debug), "at DEBUG a library's traceback is kept"
+
+
+@pytest.mark.parametrize("logger", ["asyncio", "aiohttp.server", "azure.iot.device.common.handle_exceptions"])
+def test_a_librarys_record_of_an_exception_raised_in_our_code_keeps_its_traceback(logger: str) -> None:
+    """asyncio's "Exception in callback" and aiohttp's "Error handling request" about one of our
+    callbacks or middlewares: before, cut to one line like any library error."""
+    from spyrus_hsm.config_fields import ConfigError, typed
+
+    try:
+        typed(int, "not a number", "service.port", "test")  # raises in the package's own frame
+    except ConfigError:
+        exc_info = sys.exc_info()
+    ours = logging.LogRecord(logger, logging.ERROR, __file__, 1, "Exception in callback %s", ("cb",), exc_info)
+    ForeignTracebacks().filter(ours)
+    text = logging.Formatter("%(message)s").format(ours)
+    assert "Traceback" in text and "config_fields.py" in text, text
