@@ -293,3 +293,26 @@ def test_request_hsm_cache_and_queue_metrics_arrive(
     assert depth.kind == "gauge" and depth.value == 0  # nothing waiting once the requests are answered
     http_point = rx.wait_for_metric("http.server.request.duration")[-1]
     assert (http_point.kind, http_point.unit) == ("histogram", "s")
+
+
+def test_a_requests_span_and_duration_include_its_wait_for_a_turn(
+        rx: OtlpReceiver, telemetry: Telemetry, service: ServiceHarness, leaf: Leaf) -> None:
+    """In a storm requests wait for the pacer (service/pacing.py) before their work starts; that
+    wait is part of what a leaf sees. Before, the pacer sat outside the telemetry middleware and
+    the span and http.server.request.duration left it out. Here every turn takes 0.3 s."""
+    from spyrus_hsm.service.keys import PACER
+
+    assert service.listeners is not None
+    [pacer] = [r.app[PACER] for r in service.listeners.runners if PACER in r.app]
+    original = pacer.turn
+
+    async def slow_turn() -> None:
+        await asyncio.sleep(0.3)
+        await original()
+
+    pacer.turn = slow_turn  # type: ignore[method-assign]
+    status, _, body = service.call("POST", "/v1/sas-tokens", {"deviceId": leaf.name}, bearer=leaf.bearer)
+    assert status == 200, body
+    assert telemetry.force_flush()
+    [server] = rx.wait_for_spans(lambda s: s.name == "POST /v1/sas-tokens")
+    assert server.end_ns - server.start_ns >= 300_000_000

@@ -49,7 +49,9 @@ _VISIBLE_ASCII = re.compile(r"[!-~]+")
 def build_app(service: Service, routes: list[web.RouteDef] | None = None) -> web.Application:
     app = web.Application(
         client_max_size=service.cfg.max_body_bytes,
-        middlewares=[_pace, _telemetry, _audit, _problems, _authenticate],
+        # telemetry outermost: a request's span and duration include its wait for a turn (in a
+        # storm, that wait is most of what a leaf sees)
+        middlewares=[_telemetry, _pace, _audit, _problems, _authenticate],
     )
     app[SERVICE] = service
     app[PACER] = Pacer(REQUESTS_PER_ITERATION)
