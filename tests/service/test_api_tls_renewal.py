@@ -63,7 +63,7 @@ def test_a_renewal_that_meets_an_unplugged_token_keeps_the_credential_and_renews
         assert not_after is not None
         clock.now += 1801  # past half of the hour: due
         plugged.set_shim(state="unplugged")
-        server_tls.renew()  # what the thread does when due; the token is away (the pool notices)
+        assert server_tls.renew_now()  # what the thread does when due; the token is away (the pool notices)
         assert server_tls.current is first and server_tls.last_error
         assert server_tls.not_serving() is None  # the current certificate is still valid
         plugged.set_shim(state="plugged")
@@ -273,8 +273,8 @@ def test_a_replacement_the_api_would_refuse_is_logged_once_and_the_one_in_use_go
                .sign(emulator_pki.intermediate.key, hashes.SHA256()))
         assert hsm.delete(Pkcs11Uri(object=label, type="cert")) >= 1
         hsm.import_certificates(label, [bad, emulator_pki.intermediate.cert])
-        server_tls.renew()
-        server_tls.renew()
+        assert server_tls.renew_now()
+        assert server_tls.renew_now()
         assert len(served) == 2 and all(chain[1] == old for chain in served)
         said = [r.getMessage() for r in caplog.records if "cannot certify the API's keys" in r.getMessage()]
         assert len(said) == 1 and "allows clientAuth" in said[0] and "keeps the one it had" in said[0], said

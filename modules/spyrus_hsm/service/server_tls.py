@@ -98,6 +98,9 @@ class ServerTls:
         self._monotonic, self._wait = monotonic, wait
         self._load_provider = load_provider
         self._wake = threading.Event()
+        self._attempted = threading.Condition()  # the thread made an attempt (`attempts` moved)
+        self._forced = False
+        self.attempts = 0
         self._chain: list[x509.Certificate] = []
         self.not_before: float | None = None  # the in-memory certificate's validity (issued placement)
         self.not_after: float | None = None
@@ -235,10 +238,24 @@ class ServerTls:
             self._wake.clear()
             if self._worker.stopping:
                 return
-            if self._due() == 0.0:
-                self.renew()
+            if self._forced or self._due() == 0.0:
+                self._forced = False
+                self._renew()
+                with self._attempted:
+                    self.attempts += 1
+                    self._attempted.notify_all()
 
-    def renew(self) -> None:
+    def renew_now(self, timeout: float = 30.0) -> bool:
+        """Have the renewal thread make one attempt now, whatever is due; True once it has
+        (False after `timeout`, or without a thread: the file placement). Only that thread ever
+        makes a context, so an older attempt can never finish last."""
+        with self._attempted:
+            target = self.attempts + 1
+            self._forced = True
+            self._wake.set()
+            return self._attempted.wait_for(lambda: self.attempts >= target, timeout)
+
+    def _renew(self) -> None:
         """One attempt at a new context (in the issued placement: a new short-lived certificate,
         certified with the service chain as it is stored now)."""
         recoveries = self._tried_at = self._hsm.state.recoveries
