@@ -32,6 +32,7 @@ from ..sdkerrors import HubError, HubTimeout, translate
 from ..threads import Lane, Worker
 
 log = logging.getLogger(__name__)
+CLOSE_WIDTH = 4  # SDK client shutdowns at once (each hung one holds a place until it returns)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,10 @@ class HubClient:
         self._lifecycle = threading.RLock()     # one connect, switch, rebuild or shutdown at a time
         self._connects = Lane("hub-connect", 2)  # a hung connect leaves room to go back
         self._calls = Lane("hub-call", 2)       # sends, twin patches, SAS updates
-        self._closes = Lane("hub-close", 1)
+        # Closes never queue behind a hung one; a close that does not finish is retried, since an
+        # old client still connected reconnects under the same device id and pushes the new one off.
+        self._closes = Lane("hub-close", CLOSE_WIDTH)
+        self._unclosed: list[Any] = []
         self._worker = Worker("hub")              # the SAS renewer and the watchdog
         self._stop = self._worker.stop_event
 
@@ -104,6 +108,13 @@ class HubClient:
                 client, self._client = self._client, None
             if client is not None:
                 self._close(client)
+            with self._lock:
+                pending, self._unclosed = self._unclosed, []
+            for old in pending:  # one more try each, not kept: nothing watches after this
+                try:
+                    self._closes.call(old.shutdown, self.call_timeout, "closing an old IoT Hub client")
+                except Exception as exc:
+                    log.debug("IoT Hub client not shut down: %s", exc)
         finally:
             if held:
                 self._lifecycle.release()
@@ -182,12 +193,26 @@ class HubClient:
         except Exception as exc:
             raise translate(exc, identity.hostname, identity.client_id, what) from exc
 
-    def _close(self, client: Any) -> None:
-        """Shut an SDK client down, waiting at most `call_timeout` (a hung one is left behind)."""
+    def _close(self, client: Any) -> bool:
+        """Shut an SDK client down, waiting at most `call_timeout`; one that does not finish (or
+        cannot start: the lane full of hung closes) is kept and tried again by the watchdog."""
         try:
             self._closes.call(client.shutdown, self.call_timeout, "closing the IoT Hub client")
         except Exception as exc:
-            log.debug("IoT Hub client not shut down cleanly: %s", exc)
+            log.warning("IoT Hub client %s: an old client was not shut down (%s); trying again, as it "
+                        "would reconnect and push the current connection off", self.identity.device_id, exc)
+            with self._lock:
+                self._unclosed.append(client)
+            return False
+        return True
+
+    def _close_unclosed(self) -> None:
+        """Another try at the clients whose shutdown did not finish."""
+        with self._lock:
+            pending, self._unclosed = self._unclosed, []
+        for client in pending:
+            if self._close(client):
+                log.info("IoT Hub client %s: an old client is shut down at last", self.identity.device_id)
 
     def _kwargs(self, identity: HubIdentity) -> dict[str, Any]:
         kw: dict[str, Any] = dict(self.sdk_options)
@@ -263,6 +288,8 @@ class HubClient:
     def _watchdog(self) -> None:
         down_since: float | None = None
         while not self._stop.wait(self.watch_interval):
+            if self._unclosed:
+                self._close_unclosed()
             if self.connected:
                 down_since = None
                 continue
