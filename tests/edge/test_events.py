@@ -161,23 +161,31 @@ def test_events_wait_in_a_bounded_buffer_while_edgehub_is_away_and_others_can_an
                          "previousNotAfter": "2030-01-02T00:00:00Z"}
 
 
-def test_an_event_edgehub_keeps_refusing_is_dropped_and_counted_rather_than_blocking_the_rest(
-        site: EdgeSite, sdk_client: Any) -> None:
+def _refused_then_recovered(site: EdgeSite, sdk_client: Any, sender: events.Events) -> Event:
+    """`sender` started on a client every send fails on, until what it holds is given up; then
+    on a working client, an `hsm.recovered` event: the one event edgeHub receives."""
     conn = site.env["EdgeHubConnectionString"]
     ca = Path(site.env["EdgeModuleCACertificateFile"]).read_text()
     closed = IoTHubModuleClient.create_from_connection_string(conn, server_verification_cert=ca)
     closed.shutdown()  # every send on it fails at once
     current = [closed]
-    sender = events.Events(EventsConfig(), "edge1", MODULE).start(lambda: current[0])
+    sender.start(lambda: current[0])
     try:
-        sender.emit("config.rejected", source="file", error="refused for ever")
         site.emu.wait_for(lambda: sender.pending() == 0, 30, interval=0.1)
         current[0] = sdk_client
         sender.emit("hsm.recovered")
         site.emu.wait_for(lambda: received(site), 20, interval=0.1)
     finally:
         sender.stop()
-    [(props, body)] = received(site)
+    [event] = received(site)
+    return event
+
+
+def test_an_event_edgehub_keeps_refusing_is_dropped_and_counted_rather_than_blocking_the_rest(
+        site: EdgeSite, sdk_client: Any) -> None:
+    sender = events.Events(EventsConfig(), "edge1", MODULE)
+    sender.emit("config.rejected", source="file", error="refused for ever")
+    props, body = _refused_then_recovered(site, sdk_client, sender)
     assert props["type"] == "hsm.recovered" and body["droppedBefore"] == 1
 
 
@@ -226,21 +234,8 @@ def test_an_unplugged_hsm_is_announced_and_so_is_its_recovery(
 def test_an_event_given_up_counts_as_lost_with_the_losses_it_carried(site: EdgeSite, sdk_client: Any) -> None:
     """Buffer 1: three events pushed out, the fourth refused until given up. The next event
     delivered says four were lost before it (before: 1, the given-up event's three subtracted)."""
-    conn = site.env["EdgeHubConnectionString"]
-    ca = Path(site.env["EdgeModuleCACertificateFile"]).read_text()
-    closed = IoTHubModuleClient.create_from_connection_string(conn, server_verification_cert=ca)
-    closed.shutdown()  # every send on it fails at once
-    current = [closed]
     sender = events.Events(EventsConfig(buffer=1), "edge1", MODULE)
     for i in range(4):  # before the sender starts: the buffer keeps the last, three are lost
         sender.emit("config.rejected", source="file", error=f"lost {i}")
-    sender.start(lambda: current[0])
-    try:
-        site.emu.wait_for(lambda: sender.pending() == 0, 30, interval=0.1)
-        current[0] = sdk_client
-        sender.emit("hsm.recovered")
-        site.emu.wait_for(lambda: received(site), 20, interval=0.1)
-    finally:
-        sender.stop()
-    [(props, body)] = received(site)
+    props, body = _refused_then_recovered(site, sdk_client, sender)
     assert props["type"] == "hsm.recovered" and body["droppedBefore"] == 4

@@ -23,18 +23,7 @@ def _no_clients_yet() -> None:
 
 
 def test_a_failed_tidy_after_connecting_leaves_one_client_and_a_running_renewal(tmp_path: Path) -> None:
-    faults = Faults()
-    keys = FakeKeyStore(faults)
-    dps = FakeDps(faults)
-    keys.import_secret("onboard", b"\x02" * 32)
-    cfg = CloudConfig(id_scope="0ne00FA4E", registration_id="dev-1", provisioning_host="dps.example",
-                      key="onboard", issue_cert=BASE)
-    provisioner = Provisioner(keys, tmp_path, exchange=dps)
-    request = DpsRequest.onboarding(cfg, None, BASE)
-    provisioner.register(request)
-    # A renewal to op@2 whose deletion of 'op' failed, then a restart: 'op' is still there ...
-    faults.arm(f"delete:{BASE}", "error")
-    renewal.renew_once(keys, provisioner, request, BASE, lambda cred, a: None, timeout=5)
+    faults, keys, dps, cfg = _operational_with_a_leftover(tmp_path)
     assert [g.label for g in renewal.generations(keys, BASE)] == [BASE, f"{BASE}@2"]
     faults.arm(f"delete:{BASE}", "error")  # ... and cannot be deleted after connecting either
     connection = CloudConnection(cfg, keys, tmp_path, lambda: None, lambda: "fake",
