@@ -214,7 +214,7 @@ def store_hsm_certificate(hsm: Hsm, label: str, pki: EmulatorPki, *, server_ip: 
     with keyUsage keyCertSign + digitalSignature, extendedKeyUsage serverAuth only, and no
     nameConstraints, which mbedTLS and wolfSSL leaves cannot take. `valid`: its notBefore and
     notAfter relative to now (default: 5 minutes ago to a day from now; an issuing one, two days,
-    as the API certifies with nothing that ends within identity.issuing.BACKDATE)."""
+    as the API certifies with nothing that ends within identity.service_ca.BACKDATE)."""
     hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
     now = dt.datetime.now(dt.UTC)
     issuer = pki.intermediate

@@ -153,7 +153,7 @@ class ServiceConfig:
     # With tls_key_label and an issuing certificate: the life of each in-memory TLS key it
     # certifies (renewed at half), so handshakes cost no token signature
     # (default 72 h: renewed at half, so a served certificate has >= 36 h left; with the 24 h
-    # backdate (identity.issuing.BACKDATE) a leaf whose clock is off by up to 24 h either way verifies it)
+    # backdate (identity.service_ca.BACKDATE) a leaf whose clock is off by up to 24 h either way verifies it)
     tls_lifetime: int = ranged(259200, 300, 30 * 24 * 3600, says="300 seconds to 30 days")
     tls_handshakes: int = ranged(16, 1, 1024)  # TLS handshakes in progress at once; more connections wait
     # seconds a client has to complete its handshake

@@ -19,7 +19,7 @@ from cryptography import x509
 from . import config as config_mod
 from . import times
 from .hsm import Hsm, HsmError, SignAlgorithm, list_tokens, read_secret_file
-from .identity import issuing
+from .identity import service_ca
 from .identity import x509 as x509_id
 from .pcsc import scard
 from .pcsc.watch import NO_READER
@@ -181,10 +181,10 @@ def _api_tls_check(hsm: Hsm, svc: config_mod.ServiceConfig) -> Check:
 
 
 def _issuing_check(label: str, cert: x509.Certificate, lifetime: int, now: datetime) -> Check:
-    """The service certificate as the certifier of the API's short-lived keys (identity/issuing):
+    """The service certificate as the certifier of the API's short-lived keys (identity/service_ca):
     FAIL when `serve` would refuse it, WARN when it cannot issue (every handshake costs a token
     signature) or when some leaves' TLS stacks cannot verify what it signs."""
-    found = issuing.review(cert, now)
+    found = service_ca.review(cert, now)
     if found.refused:
         return Check("api tls", False, f"the certificate beside '{label}' is a CA certificate that serve refuses "
                      f"to certify the API's keys with: {'; '.join(found.refused)}. Re-issue it with basicConstraints "

@@ -75,7 +75,7 @@ def test_make_run_serves_and_its_curl_commands_work_as_printed(tmp_path: Path) -
         # The API handshakes with a short-lived key that the service key in the HSM certified.
         served = x509.load_pem_x509_certificate(ssl.get_server_certificate(("127.0.0.1", port)).encode())
         assert served.issuer.rfc4514_string() == "CN=spyrus-hsm development service"
-        # service.tls_lifetime (72 h) after a backdate of 24 h (identity.issuing.BACKDATE)
+        # service.tls_lifetime (72 h) after a backdate of 24 h (identity.service_ca.BACKDATE)
         assert served.not_valid_after_utc - served.not_valid_before_utc <= dt.timedelta(hours=96, minutes=5)
         assert "independent check: signature verifies" in text
         commands = [m.strip() for m in re.findall(r"^  (curl .*)$", text, re.M)]

@@ -26,7 +26,7 @@ from waiting import wait_for
 from emulator.pki import EmulatorPki
 from spyrus_hsm.config import service_section
 from spyrus_hsm.hsm import Hsm, Pkcs11Uri
-from spyrus_hsm.identity import issuing
+from spyrus_hsm.identity import service_ca
 from spyrus_hsm.service import server_tls as server_tls_mod
 from spyrus_hsm.service.server_tls import Placement, ServerTls
 
@@ -180,13 +180,13 @@ def test_a_service_certificate_near_its_end_is_not_asked_again_and_again_and_say
     timeline = Timeline()
     server_tls = timed_server_tls(hsm, label, tmp_path, timeline)
     attempts: list[float] = []
-    real_issue = issuing.issue
+    real_issue = service_ca.issue
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         attempts.append(timeline.now)
         return real_issue(*args, **kwargs)
 
-    monkeypatch.setattr(issuing, "issue", counted)
+    monkeypatch.setattr(service_ca, "issue", counted)
     caplog.set_level(logging.INFO, logger=server_tls_mod.__name__)
     try:
         not_after = server_tls.not_after

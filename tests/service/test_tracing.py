@@ -300,7 +300,7 @@ def test_a_requests_span_and_duration_include_its_wait_for_a_turn(
     """In a storm requests wait for the pacer (service/pacing.py) before their work starts; that
     wait is part of what a leaf sees. Before, the pacer sat outside the telemetry middleware and
     the span and http.server.request.duration left it out. Here every turn takes 0.3 s."""
-    from spyrus_hsm.service.keys import PACER
+    from spyrus_hsm.service.appkeys import PACER
 
     assert service.listeners is not None
     [pacer] = [r.app[PACER] for r in service.listeners.runners if PACER in r.app]

@@ -35,7 +35,7 @@ from service_harness import store_hsm_certificate
 from emulator.pki import EmulatorPki
 from spyrus_hsm.config import service_section
 from spyrus_hsm.hsm import Hsm
-from spyrus_hsm.identity.issuing import BACKDATE
+from spyrus_hsm.identity.service_ca import BACKDATE
 from spyrus_hsm.leaf import LeafDevice, TokenService
 from spyrus_hsm.service.server_tls import Placement, ServerTls
 

@@ -23,9 +23,9 @@ from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .. import events
+from .appkeys import PACER, SERVICE
 from .audit import AuditError
 from .core import AUDIT, PRINCIPAL, REQUEST_ID, Service
-from .keys import PACER, SERVICE
 from .pacing import Pacer
 from .problems import Problem, from_exception, problem_response, unavailable
 from .protocol import http_problem, http_problem_response

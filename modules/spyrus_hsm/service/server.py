@@ -15,8 +15,8 @@ from ..hsm import Hsm
 from ..listening import ListenError, listen
 from ..threads import Lane
 from .app import build_app
+from .appkeys import API_NOT_SERVING, SERVICE
 from .core import Service
-from .keys import API_NOT_SERVING, SERVICE
 from .protocol import Runner
 from .routes import health
 from .server_tls import ServerTls

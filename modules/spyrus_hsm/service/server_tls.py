@@ -38,7 +38,7 @@ from ..config import ServiceConfig
 from ..errors import Kind, SpyrusError
 from ..files import write_atomic
 from ..hsm import Hsm, HsmState, ObjectNotFound
-from ..identity import issuing, tls
+from ..identity import service_ca, tls
 from ..identity.x509 import chain_pem
 from ..threads import Worker
 
@@ -141,7 +141,7 @@ class ServerTls:
         if not self._chain:
             raise TlsSetupError(f"no certificate is stored beside HSM key '{cfg.tls_key_label}'; import one with "
                                 "'spyrus-hsm cert import' or set service.tls_cert_file")
-        found = issuing.review(self._chain[0], self._now())
+        found = service_ca.review(self._chain[0], self._now())
         if found.refused:
             raise TlsSetupError(
                 f"the certificate beside HSM key '{cfg.tls_key_label}' is a CA certificate the API will not certify "
@@ -169,7 +169,7 @@ class ServerTls:
         assert cfg.tls_key_label
         if self.placement is Placement.ISSUED:
             now = self._clock()
-            key, issued = issuing.issue(self._hsm, cfg.tls_key_label, chain,
+            key, issued = service_ca.issue(self._hsm, cfg.tls_key_label, chain,
                                         dt.timedelta(seconds=cfg.tls_lifetime),
                                         dt.datetime.fromtimestamp(now, dt.UTC))
             ctx = _client_verification(memory_context(key, issued), cfg)
@@ -288,7 +288,7 @@ class ServerTls:
         if stored and stored[0] == self._chain[0]:
             self._chain_note = None
         elif stored:
-            found = issuing.review(stored[0], now)
+            found = service_ca.review(stored[0], now)
             why = found.not_issuing or "; ".join(found.refused)
             if not why and stored[0].public_key() != self._chain[0].public_key():
                 why = "it is not the key's: its public key differs"
@@ -313,7 +313,7 @@ class ServerTls:
                        f"{times.iso(issuer.not_valid_after_utc)}, as the API's current certificate does: "
                        "a new one could not live longer; re-issue it (see docs/security/api-tls.md)")
             return None
-        found = issuing.review(issuer, now)
+        found = service_ca.review(issuer, now)
         if found.refused:
             self._hold(f"the service certificate beside HSM key '{label}' cannot certify a new key: "
                        f"{'; '.join(found.refused)}; re-issue it (see docs/security/api-tls.md)")

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from ..errors import Kind, SpyrusError
-from .keys import SERVICE
+from .appkeys import SERVICE
 from .problems import Problem, bad_request
 
 # Azure's device/module id alphabet; DPS registration ids are lower-case.

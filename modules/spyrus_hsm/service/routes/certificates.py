@@ -7,8 +7,8 @@ import re
 from aiohttp import web
 
 from ...identity.x509 import chain_pem
+from ..appkeys import SERVICE
 from ..core import Service
-from ..keys import SERVICE
 from ..problems import bad_request, not_found
 from ..validation import LABEL
 

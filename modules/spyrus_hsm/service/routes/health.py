@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..keys import API_NOT_SERVING, SERVICE
+from ..appkeys import API_NOT_SERVING, SERVICE
 from ..openapi import spec
 from ..problems import Problem, problem_response
 

@@ -19,8 +19,8 @@ from aiohttp import web
 
 from ...cloud.dps import DpsRequest
 from ...identity.issued import check_csr
+from ..appkeys import SERVICE
 from ..core import PRINCIPAL, Service, chosen_key
-from ..keys import SERVICE
 from ..problems import bad_request, not_found
 from ..validation import ID_SCOPE, REGISTRATION_ID, base64_csr, choice, flag, only, read_json, text
 

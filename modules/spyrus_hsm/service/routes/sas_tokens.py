@@ -11,8 +11,8 @@ import time
 from aiohttp import web
 
 from ...identity.sas import device_uri, dps_uri
+from ..appkeys import SERVICE
 from ..core import PRINCIPAL, Service, chosen_key
-from ..keys import SERVICE
 from ..validation import DEVICE_ID, HOST_NAME, ID_SCOPE, REGISTRATION_ID, integer, only, read_json, text
 
 FIELDS = ("deviceId", "moduleId", "hub", "idScope", "registrationId", "ttlSeconds", "minRemainingSeconds")

@@ -9,8 +9,8 @@ import base64
 from aiohttp import web
 
 from ...hsm import SignAlgorithm
+from ..appkeys import SERVICE
 from ..core import Service
-from ..keys import SERVICE
 from ..validation import LABEL, base64_data, choice, only, read_json, text
 
 ALGORITHMS = {

@@ -1,5 +1,5 @@
 """What the API demands of the service certificate before it certifies short-lived TLS keys with
-it (identity/issuing.review), and what `serve` and `selftest` make of each answer:
+it (identity/service_ca.review), and what `serve` and `selftest` make of each answer:
 
 - no CA certificate at all: the `hsm` placement (a warning: every handshake costs a signature);
 - a CA certificate that would make docs/security/api-tls.md's security argument false (its key
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from spyrus_hsm.config import service_section
-from spyrus_hsm.identity.issuing import BACKDATE, review
+from spyrus_hsm.identity.service_ca import BACKDATE, review
 from spyrus_hsm.selftest import _issuing_check
 from spyrus_hsm.service.server_tls import ServerTls, TlsSetupError
 
