@@ -47,7 +47,7 @@ RECORD_HEADER = 5  # content type, protocol version (2 bytes), length (2 bytes)
 MAX_RECORD = 16_384  # TLSPlaintext.length is at most 2^14
 
 
-class NotTls(Exception):
+class _NotTls(Exception):
     """The client's first bytes are not a TLS handshake record."""
 
 
@@ -143,7 +143,7 @@ class TlsListener:
             finally:
                 self.in_progress -= 1
                 self._slots.release()
-        except NotTls as exc:
+        except _NotTls as exc:
             self.refused["not-tls"] += 1
             log.debug("connection from %s closed: %s", source, exc)
         except (OSError, TimeoutError, ssl.SSLError) as exc:  # the client's problem: nothing to answer
@@ -170,15 +170,15 @@ def _reset(conn: socket.socket) -> None:
 
 
 async def _first_record(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
-    """Until the client's first TLS record has arrived whole, reading nothing (NotTls if its
+    """Until the client's first TLS record has arrived whole, reading nothing (_NotTls if its
     first bytes are not a handshake record's; ConnectionError if it closes before)."""
     first = await _peek(loop, conn, 1)
     if first[0] != HANDSHAKE_RECORD:
-        raise NotTls(f"its first byte {first[0]:#04x} does not begin a TLS handshake record")
+        raise _NotTls(f"its first byte {first[0]:#04x} does not begin a TLS handshake record")
     header = await _peek(loop, conn, RECORD_HEADER)
     length = int.from_bytes(header[3:5], "big")
     if header[1] != 3 or not 0 < length <= MAX_RECORD:
-        raise NotTls(f"its first bytes {header.hex()} are not a TLS record header")
+        raise _NotTls(f"its first bytes {header.hex()} are not a TLS record header")
     await _peek(loop, conn, RECORD_HEADER + length)
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)  # asyncio's transport reads from here
 
