@@ -153,16 +153,18 @@ class Lane:
             self._running[number] = what
 
         def run() -> None:
+            # The place is free before the outcome is handed over: a caller that goes on at
+            # once finds the lane as the call left it.
             try:
                 result = fn()
             except BaseException as exc:  # handed to whoever holds the future
+                self._release(number)
                 future.set_exception(exc)
                 _hand_over(awaiting, None, exc)
             else:
+                self._release(number)
                 future.set_result(result)
                 _hand_over(awaiting, result, None)
-            finally:
-                self._release(number)
 
         try:
             _daemon(run, self.name)
