@@ -181,6 +181,8 @@ def service_config(cert: Path | None, key: Path | None, bearer: str, audit: Path
         "bearer_tokens": {"bench": hashlib.sha256(bearer.encode()).hexdigest()},
         "policy": [{"principals": ["bench"], "operations": ["sas-token"], "devices": ["*"]}],
         "sas_key": BENCH_KEY, "hub": "hub.example", "rate_limit_per_second": 0, "audit_file": str(audit),
+        # every simulated leaf connects from this one address, as if behind one NAT
+        "tls_per_source": 100_000,
     }, "bench")
 
 

@@ -73,7 +73,6 @@ def test_an_empty_policy_list_denies_everything(base: ServiceConfig) -> None:
     ({"minTtlSeconds": 30}, "'service.minTtlSeconds' <= 'service.maxTtlSeconds'"),
     ({"cacheReuseFraction": 1.5}, "'service.cacheReuseFraction' must be 0"),
     ({"auditFailClosed": "yes"}, "'service.auditFailClosed' must be bool"),
-    ({"sasKey": "{serial}"}, "'service.sasKey' may use only"),
     ({"policy": [{"principals": ["*"], "operations": ["launch"]}]}, "'service.policy[0].operations'"),
     ({"policy": [{"operations": ["sas-token"]}]}, "'service.policy[0].principals' is required"),
     ({"policy": [{"principals": ["*"], "operations": ["*"], "colour": "red"}]},

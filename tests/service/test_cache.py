@@ -69,6 +69,7 @@ def test_concurrent_identical_requests_cause_one_hsm_signature(
     # No reuse (cache_reuse_fraction 0) and the first signature held until every request is
     # waiting: only single-flight can make them share it.
     with ServiceHarness(hsm, tmp_path, emulator_pki, policy=[OWN_DEVICE], bearer={leaf.name: leaf.bearer},
+                        tls_per_source=CONCURRENT,  # every request from this one address
                         cache_reuse_fraction=0.0, rate_limit_per_second=0) as svc:
         signatures = HsmSignatures(hsm, held=True)
         with ThreadPoolExecutor(1) as client:

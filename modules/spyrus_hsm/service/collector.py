@@ -54,19 +54,19 @@ class Collector:
         self.freezes = self.collections = 0         # observable
         self.reclaimed = 0                          # objects the deferred collections freed
         self.longest = 0.0                          # seconds the longest of them took
-        self._threshold = gc.get_threshold()        # CPython's, restored by give_up
+        self.threshold_before = gc.get_threshold()  # restored by give_up
 
     def start(self) -> None:
         """Freeze what exists now (start-up's objects); the youngest generation's threshold."""
-        self._threshold = gc.get_threshold()
+        self.threshold_before = gc.get_threshold()
         gc.collect()
         gc.freeze()
-        gc.set_threshold(YOUNG, *self._threshold[1:])
+        gc.set_threshold(YOUNG, *self.threshold_before[1:])
 
     def give_up(self) -> None:
         """Back to CPython's own schedule: nothing frozen, its threshold again."""
         gc.unfreeze()
-        gc.set_threshold(*self._threshold)
+        gc.set_threshold(*self.threshold_before)
 
     def tick(self) -> None:
         now, cpu = self._clock(), self._cpu_clock()
