@@ -52,3 +52,24 @@ class SpyrusError(Exception):
         super().__init_subclass__(**kwargs)
         if kind is not None:
             cls.kind = kind
+
+
+ONE_LINE_LIMIT = 500  # characters of an exception told in one line
+
+
+def one_line(exc: BaseException, limit: int = ONE_LINE_LIMIT) -> str:
+    """An exception told in one line, the one way the package does it (logs, the twin's
+    lastError, refused steps): ours as its message (it already says what and where); another's
+    as `Type: message`, with its cause when that adds something (the SDK wraps the useful part,
+    "Connection refused: not authorised", as the cause). White space folded, at most `limit`."""
+    def told(e: BaseException) -> str:
+        text = " ".join(str(e).split())
+        if isinstance(e, SpyrusError) and text:
+            return text
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+    line = told(exc)
+    cause = exc.__cause__
+    if cause is not None and " ".join(str(cause).split()) not in line:
+        line += f" ({told(cause)})"
+    return line if len(line) <= limit else line[: limit - 1] + "…"

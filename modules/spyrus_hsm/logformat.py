@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 from . import times
+from .errors import one_line
 
 LogFormat = Literal["auto", "iotedge", "plain", "json"]
 PLAIN = "%(levelname)s %(name)s: %(message)s"
@@ -79,8 +80,7 @@ class ForeignTracebacks(logging.Filter):
         if record.exc_info and record.levelno > logging.DEBUG and not record.name.startswith(PACKAGE):
             exc = record.exc_info[1]
             if exc is not None and not raised_in_our_code(exc):
-                reason = " ".join(str(exc).split())
-                record.msg = f"{record.getMessage()} ({type(exc).__name__}{': ' + reason if reason else ''})"
+                record.msg = f"{record.getMessage()} ({one_line(exc)})"
                 record.args = None
                 record.exc_info = None
                 record.exc_text = None

@@ -163,3 +163,21 @@ def test_without_a_drain_time_a_full_queue_answers_the_configured_retry_after() 
         assert problem is not None and problem.retry_after == 7
     short = from_exception(hsm_errors.HsmBusy("full", drain_seconds=0.5), 7)
     assert short is not None and short.retry_after == 7  # never sooner than configured
+
+
+def test_an_exception_is_told_in_one_line_the_one_way() -> None:
+    """errors.one_line: ours by its message, another's by type and message with the cause that
+    adds something, white space folded, bounded."""
+    from spyrus_hsm.errors import one_line
+    from spyrus_hsm.hsm import HsmTimeout
+
+    assert one_line(HsmTimeout("signing with 'k': no answer\n within 10 s")) == "signing with 'k': no answer within 10 s"
+    try:
+        try:
+            raise ConnectionRefusedError("Connection refused: not authorised")
+        except ConnectionRefusedError as cause:
+            raise RuntimeError("connect failed") from cause
+    except RuntimeError as exc:
+        assert one_line(exc) == "RuntimeError: connect failed (ConnectionRefusedError: Connection refused: not authorised)"
+    assert one_line(ValueError()) == "ValueError"
+    assert len(one_line(ValueError("x" * 2000), limit=80)) == 80

@@ -8,5 +8,6 @@
 - `desired`: desired properties and the config file -> the live configuration, one path;
 - `document`: the reported document the agent keeps (HSM state, inventory, last error);
 - `methods`: the direct methods;
-- `hooks`: what these share (the hooks into the module, how an exception is told).
+- `hooks`: what these share (the hooks into the module); an exception is told in one line by
+  `errors.one_line`.
 """

@@ -33,15 +33,16 @@ from typing import Any, TypeVar
 from azure.iot.device.common.auth.sastoken import SasTokenError
 
 from ..backoff import Backoff
+from ..errors import one_line
 from ..hsm import HsmState
 from ..sdkerrors import HubError, HubTimeout
 from ..threads import Worker
 from .desired import ApplyError, DesiredConfig
 from .document import ReportedDocument
 from .environment import EdgeEnvironment
-from .hooks import EdgeHooks, explain
+from .hooks import EdgeHooks
 from .methods import METHODS, DirectMethods
-from .sdkcalls import SdkCalls, shutdown_quietly, told
+from .sdkcalls import SdkCalls, shutdown_quietly
 
 __all__ = ["METHODS", "ApplyError", "EdgeAgent", "EdgeHooks"]
 
@@ -159,7 +160,7 @@ class EdgeAgent:
                 self.sdk.close_later(client)
             if not self._stop.is_set():
                 message = str(exc) if isinstance(exc, HubError) else \
-                    f"edgeHub connection failed ({self.env.describe()}): {explain(exc)}"
+                    f"edgeHub connection failed ({self.env.describe()}): {one_line(exc)}"
                 log.warning("%s; retrying", message)
                 self.document.record_error("edge", message)
             return False
@@ -246,7 +247,7 @@ class EdgeAgent:
         try:
             self._read_twin()
         except Exception as exc:
-            log.warning("the module twin could not be read (%s); will retry", told(exc))
+            log.warning("the module twin could not be read (%s); will retry", one_line(exc))
             self._twin_stale = True
 
     def _push(self) -> None:
@@ -259,7 +260,7 @@ class EdgeAgent:
         try:
             self._sdk("sending reported properties", lambda: client.patch_twin_reported_properties(patch))
         except Exception as exc:
-            log.warning("reported properties not sent (%s); will retry", told(exc))
+            log.warning("reported properties not sent (%s); will retry", one_line(exc))
             return
         self.document.acknowledge(patch)
 
@@ -270,10 +271,10 @@ class EdgeAgent:
         if isinstance(exc, SasTokenError):
             self._queue.put(("renewal-failed", exc))
         else:
-            log.debug("IoT Edge client background error: %s", explain(exc))
+            log.debug("IoT Edge client background error: %s", one_line(exc))
 
     def _handle_renewal_failure(self, exc: BaseException) -> None:
-        self.document.record_error("edge", f"the SAS token for edgeHub could not be renewed ({explain(exc)}); "
+        self.document.record_error("edge", f"the SAS token for edgeHub could not be renewed ({one_line(exc)}); "
                                            "retrying with a new client while the current token lasts")
         if self._renew_due is None:
             self._renew_backoff.reset()
@@ -288,7 +289,7 @@ class EdgeAgent:
         except Exception as exc:
             delay = self._renew_backoff.next()
             self._renew_due = time.monotonic() + delay
-            log.warning("SAS token renewal still failing (%s); next try in %g s", told(exc), delay)
+            log.warning("SAS token renewal still failing (%s); next try in %g s", one_line(exc), delay)
             return
         self._renew_due = None
         old, self._client = self._client, None

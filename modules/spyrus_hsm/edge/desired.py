@@ -15,11 +15,11 @@ from typing import Any
 
 from .. import events
 from ..config import ConfigError, PolicyRule, ServiceConfig
-from ..errors import Kind, SpyrusError
+from ..errors import Kind, SpyrusError, one_line
 from . import reported as rep
 from . import twin
 from .document import ReportedDocument
-from .hooks import EdgeHooks, explain
+from .hooks import EdgeHooks
 
 log = logging.getLogger(__name__)
 PACKAGE_LOGGER = "spyrus_hsm"
@@ -131,7 +131,7 @@ class DesiredConfig:
             try:
                 self.hooks.apply_service(wanted.service, ceiling)
             except Exception as exc:
-                raise ApplyError(f"the service could not be reconfigured: {explain(exc)}") from None
+                raise ApplyError(f"the service could not be reconfigured: {one_line(exc)}") from None
         if wanted.renew_at != self.current.renew_at:
             renew_at = wanted.renew_at or self.hooks.config.cloud.renew_at
             if self.hooks.set_renew_at is not None:

@@ -18,10 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
+from ..errors import one_line
 from ..identity import x509 as x509_id
 from ..threads import Lane
 from . import reported as rep
-from .hooks import EdgeHooks, explain
+from .hooks import EdgeHooks
 
 
 class ReportedDocument:
@@ -115,7 +116,7 @@ class ReportedDocument:
         try:
             items = self.read_inventory()
         except Exception as exc:
-            self.record_error("hsm", f"reading the credential inventory failed: {explain(exc)}")
+            self.record_error("hsm", f"reading the credential inventory failed: {one_line(exc)}")
             self._inventory_due = time.monotonic() + min(60.0, self.inventory_interval)
             return
         self.set_inventory(items)

@@ -15,13 +15,14 @@ from azure.iot.device import MethodResponse
 
 from .. import __version__
 from ..config import ServiceConfig
+from ..errors import one_line
 from . import reported as rep
 from . import twin
 from .desired import DesiredConfig
 from .document import ReportedDocument
 from .environment import EdgeEnvironment
-from .hooks import EdgeHooks, explain
-from .sdkcalls import SdkCalls, told
+from .hooks import EdgeHooks
+from .sdkcalls import SdkCalls
 
 log = logging.getLogger(__name__)
 METHODS = ("getStatus", "listCredentials", "reloadConfig")
@@ -49,7 +50,7 @@ class DirectMethods:
         try:
             self.sdk.call(f"answering direct method {request.name}", lambda: client.send_method_response(response))
         except Exception as exc:
-            log.warning("direct method %s: the response was not sent (%s)", request.name, told(exc))
+            log.warning("direct method %s: the response was not sent (%s)", request.name, one_line(exc))
         self._wake()
 
     def call(self, name: str, payload: Any) -> tuple[int, dict[str, Any]]:
@@ -84,7 +85,7 @@ class DirectMethods:
         try:
             items = self.document.read_inventory()
         except Exception as exc:
-            return 503, {"error": rep.clip(explain(exc)), "hsm": rep.hsm_section(self.hooks.hsm.state)}
+            return 503, {"error": rep.clip(one_line(exc)), "hsm": rep.hsm_section(self.hooks.hsm.state)}
         self.document.set_inventory(items)
         return 200, {"token": {"label": state.token_label, "serial": state.token_serial},
                      **rep.credentials_section(items, limit=1000)}

@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 
 from azure.iot.device import IoTHubModuleClient
 
-from ..sdkerrors import HubError, HubTimeout, translate
+from ..errors import one_line
+from ..sdkerrors import HubTimeout, translate
 from ..threads import Lane
 from .environment import EdgeEnvironment
-from .hooks import explain
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,13 +85,8 @@ class SdkCalls:
             raise translate(exc, self.hub, self.client_id, what) from exc
 
 
-def told(exc: BaseException) -> str:
-    """A translated SDK error as it is (it names the hub and the reason); others explained."""
-    return str(exc) if isinstance(exc, HubError) else explain(exc)
-
-
 def shutdown_quietly(client: Any) -> None:
     try:
         client.shutdown()
     except Exception as exc:
-        log.debug("IoT Edge client shutdown: %s", explain(exc))
+        log.debug("IoT Edge client shutdown: %s", one_line(exc))
