@@ -171,13 +171,15 @@ def test_an_exception_is_told_in_one_line_the_one_way() -> None:
     from spyrus_hsm.errors import one_line
     from spyrus_hsm.hsm import HsmTimeout
 
-    assert one_line(HsmTimeout("signing with 'k': no answer\n within 10 s")) == "signing with 'k': no answer within 10 s"
+    told = one_line(HsmTimeout("signing with 'k': no answer\n within 10 s"))
+    assert told == "signing with 'k': no answer within 10 s"
     try:
         try:
             raise ConnectionRefusedError("Connection refused: not authorised")
         except ConnectionRefusedError as cause:
             raise RuntimeError("connect failed") from cause
     except RuntimeError as exc:
-        assert one_line(exc) == "RuntimeError: connect failed (ConnectionRefusedError: Connection refused: not authorised)"
+        assert one_line(exc) == ("RuntimeError: connect failed "
+                                 "(ConnectionRefusedError: Connection refused: not authorised)")
     assert one_line(ValueError()) == "ValueError"
     assert len(one_line(ValueError("x" * 2000), limit=80)) == 80
