@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 from .config_fields import YEAR, as_list, check_bounds, hints, ranged, ranges_of, read_yaml, section, typed
 from .config_fields import ConfigError as ConfigError  # raised by the checks in both modules
-from .hsm import PoolSettings, TokenSelector
+from .hsm import PoolSettings, RefusedPins, TokenSelector
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 ENV_CONFIG = "SPYRUS_HSM_CONFIG"
@@ -68,7 +68,8 @@ class HsmConfig:
     # pcscd socket, /run/pcscd, is bound in).
     pcscd: Literal["none", "internal", "host"] = "none"
 
-    def pool_settings(self) -> PoolSettings:
+    def pool_settings(self, refused_pins: RefusedPins | None = None) -> PoolSettings:
+        """`refused_pins`: where a PIN the token refused is remembered (see hsm.refusals)."""
         return PoolSettings(
             module_path=self.module,
             token=TokenSelector(self.token_label, self.token_serial),
@@ -76,6 +77,7 @@ class HsmConfig:
             call_timeout=self.call_timeout,
             queue_limit=self.queue_limit,
             serial=self.serial,
+            refused_pins=refused_pins,
         )
 
 

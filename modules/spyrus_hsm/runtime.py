@@ -28,7 +28,16 @@ from .cloud.connection import CloudConnection
 from .config import Config, PolicyRule, ServiceConfig
 from .edge.agent import EdgeAgent, EdgeHooks
 from .edge.environment import detect as detect_edge
-from .hsm import EXIT_RESTART, Hsm, HsmError, HsmState, read_secret_file, restart_done, restart_once
+from .hsm import (
+    EXIT_RESTART,
+    Hsm,
+    HsmError,
+    HsmState,
+    RefusedPins,
+    read_secret_file,
+    restart_done,
+    restart_once,
+)
 from .identity import tls
 from .identity import x509 as x509_id
 from .listening import ListenError
@@ -62,7 +71,8 @@ class Module:
         pin_file = cfg.hsm.pin_file
         if not pin_file:
             raise ValueError("serve needs hsm.pin_file (or SPYRUS_HSM_PIN_FILE)")
-        self.hsm = Hsm(cfg.hsm.pool_settings(), lambda: read_secret_file(pin_file))
+        refused = RefusedPins.for_file(cfg.state_dir, pin_file)
+        self.hsm = Hsm(cfg.hsm.pool_settings(refused), lambda: read_secret_file(pin_file))
         self.hsm.instrument(hsm_instrument(telemetry))
         telemetry.metrics.watch_queue_depth(self.hsm.queue_depth)
         telemetry.metrics.watch("hsm.ready", lambda: 1.0 if self.hsm.state.ready else 0.0)

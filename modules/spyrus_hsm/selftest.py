@@ -18,7 +18,7 @@ from cryptography import x509
 
 from . import config as config_mod
 from . import times
-from .hsm import Hsm, HsmError, SignAlgorithm, list_tokens, read_secret_file
+from .hsm import Hsm, HsmError, RefusedPins, SignAlgorithm, list_tokens, read_secret_file
 from .identity import service_ca
 from .identity import x509 as x509_id
 from .pcsc import scard
@@ -149,7 +149,8 @@ def collect(config_path: str | None, pin_file: str | None) -> list[Check]:
     except HsmError as exc:
         return [*checks, Check("pin file", False, str(exc))]
     try:
-        with Hsm(cfg.hsm.pool_settings(), pin).start(wait=True) as hsm:
+        refused = RefusedPins.for_file(cfg.state_dir, path)
+        with Hsm(cfg.hsm.pool_settings(refused), pin).start(wait=True) as hsm:
             st = hsm.state
             checks.append(Check("login", True, f"token '{st.token_label}' serial {st.token_serial}"))
             checks += _object_checks(hsm)

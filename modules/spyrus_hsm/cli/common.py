@@ -13,7 +13,7 @@ from .. import config as config_mod
 from ..config import Config
 from ..errors import Kind, SpyrusError
 from ..files import write_atomic
-from ..hsm import Hsm, HsmConfigError, Secret, read_secret_file, read_secret_stream
+from ..hsm import Hsm, HsmConfigError, RefusedPins, Secret, read_secret_file, read_secret_stream
 from ..identity import tls
 
 EXIT_FAILED = 1
@@ -83,14 +83,21 @@ def load_config(args: argparse.Namespace, require_token: bool = True) -> Config:
     return config_mod.load(args.config, require_token=require_token)
 
 
+def pin_file(args: argparse.Namespace, cfg: Config) -> str | None:
+    """The user PIN's file (--pin-file, else hsm.pin_file); None: the PIN comes on stdin."""
+    path: str | None = args.pin_file or cfg.hsm.pin_file
+    return path
+
+
 def pin(args: argparse.Namespace, cfg: Config, stdin: Stdin) -> Secret:
-    return secret(args.pin_file or cfg.hsm.pin_file, "PIN", stdin)
+    return secret(pin_file(args, cfg), "PIN", stdin)
 
 
 @contextmanager
 def logged_in(args: argparse.Namespace, cfg: Config, stdin: Stdin, user_pin: Secret | None = None) -> Iterator[Hsm]:
     """The HSM of `cfg`, logged in; `user_pin` when the caller has read it already (it needs it again)."""
-    hsm = Hsm(cfg.hsm.pool_settings(), user_pin or pin(args, cfg, stdin))
+    refused = RefusedPins.for_file(cfg.state_dir, pin_file(args, cfg))
+    hsm = Hsm(cfg.hsm.pool_settings(refused), user_pin or pin(args, cfg, stdin))
     hsm.start(wait=True)
     try:
         yield hsm

@@ -20,6 +20,7 @@ from .library import TokenSelector, TokenSummary, mark_shared
 from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm
 from .provision import init_token, list_tokens
 from .recovery import EXIT_RESTART, restart_done, restart_once
+from .refusals import RefusedPins
 from .secret import Secret, read_secret_file, read_secret_stream
 from .session import not_named
 from .state import HsmState, PoolSettings
@@ -45,6 +46,7 @@ __all__ = [
     "PinFileError",
     "Pkcs11Uri",
     "PoolSettings",
+    "RefusedPins",
     "Secret",
     "SignAlgorithm",
     "TokenNotFound",

@@ -31,11 +31,13 @@ class LoginFailed(HsmError, kind=Kind.UNAVAILABLE):
     """The token refused the PIN (wrong, locked or expired), or has no user PIN yet.
 
     `pin_refused` is False when the token did not judge the PIN at all (no user PIN yet, as
-    between C_InitToken and C_InitPIN): the same PIN may then be tried again."""
+    between C_InitToken and C_InitPIN): the same PIN may then be tried again. `pin_incorrect`
+    is True when the token judged the PIN wrong (CKR_PIN_INCORRECT), spending one of its tries."""
 
-    def __init__(self, message: str, *, pin_refused: bool = True) -> None:
+    def __init__(self, message: str, *, pin_refused: bool = True, pin_incorrect: bool = False) -> None:
         super().__init__(message)
         self.pin_refused = pin_refused
+        self.pin_incorrect = pin_incorrect
 
 
 class ObjectNotFound(HsmError, kind=Kind.NOT_FOUND):

@@ -146,7 +146,8 @@ def login(token: Token, pin: Secret) -> Session:
             p11e.UserPinNotInitialized) as exc:
         err = translate(exc, "logging in")
         raise LoginFailed(f"token '{token.label}': {err}",
-                          pin_refused=not isinstance(err, LoginFailed) or err.pin_refused) from None
+                          pin_refused=not isinstance(err, LoginFailed) or err.pin_refused,
+                          pin_incorrect=isinstance(exc, p11e.PinIncorrect)) from None
     except p11e.PKCS11Error as exc:
         raise translate(exc, f"logging in to token '{token.label}'") from None
 

@@ -59,7 +59,7 @@ class _Job:
 class HsmPool:
     def __init__(self, settings: PoolSettings, pin: PinSource) -> None:
         self.settings = settings
-        self._conn = Connection(settings.module_path, settings.token, pin)
+        self._conn = Connection(settings.module_path, settings.token, pin, settings.refused_pins)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # waiters: drain
         self._wake = threading.Event()                # wakes the supervisor

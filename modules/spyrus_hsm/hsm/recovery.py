@@ -23,6 +23,7 @@ from pkcs11.types import Session, Token
 from . import library
 from .errors import LoginFailed
 from .library import TokenSelector, TokenSummary
+from .refusals import RefusedPins
 from .secret import Secret
 
 PinSource = Secret | Callable[[], Secret]
@@ -38,12 +39,15 @@ class Connection:
     Not thread-safe: the pool calls it from one thread at a time, with no PKCS#11 call in
     flight when it reconnects (C_Finalize is unsafe otherwise)."""
 
-    def __init__(self, module_path: str, selector: TokenSelector, pin: PinSource) -> None:
+    def __init__(self, module_path: str, selector: TokenSelector, pin: PinSource,
+                 refused_pins: RefusedPins | None = None) -> None:
         """`pin` is the PIN, or a function returning it (re-read at every attempt, so a fixed
-        PIN file is picked up without a restart)."""
+        PIN file is picked up without a restart); `refused_pins`, where a refused PIN is
+        remembered beyond this process (see `refusals`)."""
         self._module_path = module_path
         self._selector = selector
         self._pin_source = pin
+        self._refused_pins = refused_pins
         self._refused_pin: bytes | None = None
         self._lib: _pkcs11.lib | None = None
         self._token: Token | None = None
@@ -70,13 +74,23 @@ class Connection:
             # Retrying a refused PIN would count towards locking the token: wait for a new one.
             raise LoginFailed(f"token '{token.label}': the token refused the PIN; fix the PIN file "
                               "(not retried until its content changes, so the PIN is not locked)")
+        serial = library.summarise(token).serial
+        if self._refused_pins is not None:
+            # ... nor one that another process (an earlier run, a CLI command) saw refused.
+            refusal = self._refused_pins.refusal(serial, pin)
+            if refusal is not None:
+                raise LoginFailed(f"token '{token.label}' (serial {serial}) {refusal}")
         try:
             self._login_session = library.login(token, pin)
         except LoginFailed as exc:
             if exc.pin_refused:  # not when the token has no user PIN yet: it is being set up
                 self._refused_pin = digest
+            if exc.pin_incorrect and self._refused_pins is not None:
+                self._refused_pins.refused(serial, pin)
             raise
         self._refused_pin = None
+        if self._refused_pins is not None:
+            self._refused_pins.clear(serial)
         self._token = token
         self.identity = library.summarise(token)
         return self.identity

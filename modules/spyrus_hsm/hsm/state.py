@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .library import TokenSelector
+from .refusals import RefusedPins
 
 Status = Literal["starting", "ready", "degraded", "stopped"]
 
@@ -22,6 +23,8 @@ class PoolSettings:
     retry_min: float = 0.25
     retry_max: float = 5.0
     serial: bool = False  # the token executes one operation at a time: one worker, one session
+    # where a PIN the token refused is remembered across processes (None: in this process only)
+    refused_pins: RefusedPins | None = None
 
 
 @dataclass(frozen=True)
