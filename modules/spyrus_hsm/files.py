@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o644) -> Path:
-    """Write via a temporary file in the same directory, fsync, rename, fsync the directory."""
+def write_atomic(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o644,
+                 owner: tuple[int, int] | None = None) -> Path:
+    """Write via a temporary file in the same directory, fsync, rename, fsync the directory.
+    `owner` (uid, gid): the new file's, set before the rename (a replaced secret keeps its owner)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
@@ -21,6 +23,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
+        if owner is not None:
+            os.chown(tmp, *owner)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -69,7 +69,7 @@ Command = Callable[[argparse.Namespace, Stdin], int]
 
 
 def _flag(what: str) -> str:
-    return {"SO PIN": "so-pin-file", "user PIN": "pin-file", "PIN": "pin-file",
+    return {"SO PIN": "so-pin-file", "user PIN": "pin-file", "PIN": "pin-file", "new user PIN": "new-pin-file",
             "key": "key-file", "password": "password-file"}.get(what, "file")
 
 

@@ -19,6 +19,7 @@ from .keys import (
     cmd_sas,
     cmd_token_init,
 )
+from .pins import cmd_token_change_pin, cmd_token_unblock_pin
 from .service import cmd_selftest, cmd_serve
 
 
@@ -43,6 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--so-pin-file")
     t.add_argument("--pin-file", default=argparse.SUPPRESS, help="file holding the new user PIN")
     t.set_defaults(func=cmd_token_init)
+    t = token.add_parser("change-pin", parents=[common],
+                         help="change the user PIN (old PIN from --pin-file or hsm.pin_file or stdin, "
+                              "then the new one from --new-pin-file or stdin)")
+    t.add_argument("--new-pin-file", help="file holding the new user PIN (default: standard input)")
+    t.add_argument("--update-pin-file", action="store_true",
+                   help="write the new PIN into the PIN file (atomically; mode 0400 kept, else 0600)")
+    t.set_defaults(func=cmd_token_change_pin)
+    t = token.add_parser("unblock-pin", parents=[common],
+                         help="set a new user PIN with the SO PIN, for a locked or lost one (SO PIN from "
+                              "--so-pin-file or stdin, then the new PIN from --new-pin-file or stdin)")
+    t.add_argument("--so-pin-file")
+    t.add_argument("--new-pin-file", help="file holding the new user PIN (default: standard input)")
+    t.add_argument("--update-pin-file", action="store_true",
+                   help="write the new PIN into the PIN file (--pin-file or hsm.pin_file)")
+    t.set_defaults(func=cmd_token_unblock_pin)
 
     key = _add("key", help="keys").add_subparsers(dest="key_command", required=True)
     k = key.add_parser("import-sas", parents=[common],

@@ -318,3 +318,44 @@ def init_user_pin(lib: _pkcs11.lib, label: str, so_pin: Secret, user_pin: Secret
     except p11e.PKCS11Error as exc:
         raise translate(exc, f"setting the user PIN of token '{label}'") from None
     return summarise(token)
+
+
+def set_user_pin(token: Token, old: Secret, new: Secret) -> None:
+    """C_SetPIN in a public read-write session: the user PIN from `old` to `new`."""
+    try:
+        with token.open(rw=True, attribute_mapper=attribute_mapper()) as session:
+            session.set_pin(old.reveal_str(), new.reveal_str())
+    except (p11e.PinLenRange, p11e.PinInvalid):
+        raise HsmConfigError("the token does not accept the new PIN (its length or characters); "
+                             "choose another") from None
+    except (p11e.PinIncorrect, p11e.PinLocked, p11e.PinExpired, p11e.UserPinNotInitialized) as exc:
+        err = translate(exc, "changing the PIN")
+        raise LoginFailed(f"token '{token.label}': {err}",
+                          pin_incorrect=isinstance(exc, p11e.PinIncorrect)) from None
+    except p11e.PKCS11Error as exc:
+        raise translate(exc, f"changing the PIN of token '{token.label}'") from None
+
+
+def reset_user_pin(token: Token, so_pin: Secret, new: Secret) -> None:
+    """C_InitPIN as the security officer: a new user PIN, and the user PIN's tries restored."""
+    try:
+        session = token.open(rw=True, so_pin=so_pin.reveal_str())
+    except p11e.PinIncorrect:
+        raise LoginFailed(f"token '{token.label}': the token refused the SO PIN (that too spends "
+                          "one of the SO PIN's tries); check the SO PIN file") from None
+    except p11e.PinLocked:
+        raise LoginFailed(f"token '{token.label}': the SO PIN is locked; only the token's "
+                          "vendor tools (or re-initialising it, which erases its keys) can help") from None
+    except p11e.AnotherUserAlreadyLoggedIn:
+        raise HsmUnavailable(f"token '{token.label}' is logged in as the user in this process; "
+                             "run this command on its own") from None
+    except p11e.PKCS11Error as exc:
+        raise translate(exc, f"logging in to token '{token.label}' as the security officer") from None
+    try:
+        with session:
+            session.init_pin(new.reveal_str())
+    except (p11e.PinLenRange, p11e.PinInvalid):
+        raise HsmConfigError("the token does not accept the new PIN (its length or characters); "
+                             "choose another") from None
+    except p11e.PKCS11Error as exc:
+        raise translate(exc, f"setting the user PIN of token '{token.label}'") from None

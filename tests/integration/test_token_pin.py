@@ -1,5 +1,7 @@
-"""A PIN the token refused is remembered on the state volume, so no later process — `serve`
-after a restart, `selftest`, any CLI command — spends another of the token's PIN tries on it.
+"""The user PIN's life. A PIN the token refused is remembered on the state volume, so no later
+process — `serve` after a restart, `selftest`, any CLI command — spends another of the token's
+PIN tries on it. `token change-pin` and `token unblock-pin` change the PIN, clear that record and
+say what else holds the PIN.
 
 Each test makes a token of its own, so the tries it spends never touch the session's token.
 SoftHSM2 shows a wrong login in the token's flags (CKF_USER_PIN_COUNT_LOW, set by a refused
@@ -51,6 +53,8 @@ def own(token_env, tmp_path: Path) -> OwnToken:  # type: ignore[no-untyped-def]
     label = "rp-" + secrets.token_hex(3)
     pin = "pin-" + secrets.token_hex(6)
     init_token(token_env.module, label, Secret(token_env.so_pin_file.read_bytes().strip()), Secret(pin.encode()))
+    (tmp_path / "so").write_bytes(token_env.so_pin_file.read_bytes())
+    (tmp_path / "so").chmod(0o600)
     pin_file = _secret_file(tmp_path / "pin", WRONG)
     state_dir = tmp_path / "state"
     config = tmp_path / "config.yaml"
@@ -80,11 +84,14 @@ def good_login(own: OwnToken) -> None:
     assert not wrong_login_seen(own)
 
 
-def cli(own: OwnToken, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+def cli(own: OwnToken, *args: str, stdin: bytes = b"", secrets_in: tuple[str, ...] = ()
+        ) -> subprocess.CompletedProcess[str]:
+    for s in (own.pin, WRONG, *secrets_in):
+        assert s not in " ".join(args), "a PIN on the command line"
     proc = subprocess.run([sys.executable, "-m", "spyrus_hsm", *args], input=stdin.decode(),
                           capture_output=True, text=True, env=own.env, timeout=120, check=False)
     assert "Traceback" not in proc.stderr, proc.stderr
-    for s in (own.pin, WRONG):
+    for s in (own.pin, WRONG, *secrets_in):
         assert s not in proc.stdout + proc.stderr
     return proc
 
@@ -177,3 +184,76 @@ def test_an_unwritable_state_dir_is_said_once_and_the_login_goes_on_as_before(ow
     assert res.stderr.count("record of refused PINs") == 1, res.stderr
     _secret_file(own.pin_file, own.pin)
     assert cli(own, "list").returncode == 0
+
+
+# --- token change-pin / unblock-pin ---------------------------------------------------------
+
+def test_change_pin_takes_the_new_pin_from_a_file_and_names_what_else_holds_the_old_one(
+        own: OwnToken, tmp_path: Path) -> None:
+    _secret_file(own.pin_file, own.pin)
+    new = "new-" + secrets.token_hex(6)
+    new_file = _secret_file(tmp_path / "new", new)
+    res = cli(own, "token", "change-pin", "--new-pin-file", str(new_file), secrets_in=(new,))
+    assert res.returncode == 0, res.stderr
+    assert f"changed the user PIN of token '{own.label}'" in res.stdout
+    assert f"the PIN file {own.pin_file} still holds the old PIN" in res.stdout
+    assert "/etc/aziot/config.toml" in res.stdout and "spyrus-hsm aziot-config" in res.stdout
+    assert str(own.state_dir / RECORD_NAME) in res.stdout
+    old = cli(own, "list", secrets_in=(new,))
+    assert old.returncode == 1 and "refused the PIN" in old.stderr, "the old PIN is refused"
+    assert cli(own, "list", "--pin-file", str(new_file), secrets_in=(new,)).returncode == 0
+
+
+def test_change_pin_with_update_pin_file_rewrites_it_keeping_mode_0400(own: OwnToken) -> None:
+    _secret_file(own.pin_file, own.pin)
+    own.pin_file.chmod(0o400)
+    new = "new-" + secrets.token_hex(6)
+    res = cli(own, "token", "change-pin", "--update-pin-file", stdin=f"{new}\n".encode(), secrets_in=(new,))
+    assert res.returncode == 0, res.stderr
+    assert f"the PIN file {own.pin_file}: now holds the new PIN (mode 0400" in res.stdout
+    assert own.pin_file.read_text() == new + "\n" and own.pin_file.stat().st_mode & 0o777 == 0o400
+    assert cli(own, "list", secrets_in=(new,)).returncode == 0
+
+
+def test_change_pin_clears_the_record_of_refused_pins(own: OwnToken, tmp_path: Path) -> None:
+    assert cli(own, "list").returncode == 1  # the wrong PIN is recorded
+    right = _secret_file(tmp_path / "right", own.pin)
+    new = "new-" + secrets.token_hex(6)
+    res = cli(own, "token", "change-pin", "--pin-file", str(right), stdin=f"{new}\n".encode(), secrets_in=(new,))
+    assert res.returncode == 0, res.stderr
+    assert "cleared" in res.stdout and not (own.state_dir / RECORD_NAME).exists()
+
+
+def test_change_pin_does_not_try_an_old_pin_the_token_refused(own: OwnToken) -> None:
+    new = "new-" + secrets.token_hex(6)
+    first = cli(own, "token", "change-pin", stdin=f"{new}\n".encode(), secrets_in=(new,))
+    assert first.returncode == 1 and "refused the PIN" in first.stderr, first.stderr
+    good_login(own)
+    again = cli(own, "token", "change-pin", stdin=f"{new}\n".encode(), secrets_in=(new,))
+    assert again.returncode == 1 and "no PIN try was spent" in again.stderr, again.stderr
+    assert not wrong_login_seen(own)
+
+
+def test_update_pin_file_without_a_pin_file_is_a_usage_error(own: OwnToken) -> None:
+    own.config.write_text(own.config.read_text().replace(f"  pin_file: {own.pin_file}\n", ""))
+    res = cli(own, "token", "change-pin", "--update-pin-file", stdin=f"{own.pin}\nnew-1234\n".encode())
+    assert res.returncode == 2 and "--update-pin-file needs the PIN file" in res.stderr, res.stderr
+
+
+def test_unblock_pin_sets_a_new_pin_with_the_so_pin_and_clears_the_record(own: OwnToken, tmp_path: Path) -> None:
+    assert cli(own, "list").returncode == 1  # the wrong PIN is recorded
+    so = tmp_path / "so"
+    new = "new-" + secrets.token_hex(6)
+    res = cli(own, "token", "unblock-pin", "--so-pin-file", str(so), "--update-pin-file",
+              stdin=f"{new}\n".encode(), secrets_in=(new, so.read_text().strip()))
+    assert res.returncode == 0, res.stderr
+    assert "tries are restored" in res.stdout and "cleared" in res.stdout
+    assert own.pin_file.read_text() == new + "\n" and own.pin_file.stat().st_mode & 0o777 == 0o600
+    assert cli(own, "list", secrets_in=(new,)).returncode == 0
+
+
+def test_unblock_pin_with_a_wrong_so_pin_says_so(own: OwnToken, tmp_path: Path) -> None:
+    so = _secret_file(tmp_path / "wrong-so", "so-wrong-" + secrets.token_hex(4))
+    res = cli(own, "token", "unblock-pin", "--so-pin-file", str(so), stdin=b"new-12345678\n",
+              secrets_in=(so.read_text().strip(),))
+    assert res.returncode == 1 and "refused the SO PIN" in res.stderr, res.stderr
