@@ -16,8 +16,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..files import write_atomic
-from ..hsm import RefusedPins, Secret, TokenSummary
-from ..hsm.provision import change_user_pin, unblock_user_pin
+from ..hsm import RefusedPins, Secret, TokenSummary, change_user_pin, unblock_user_pin
 from .common import EXIT_FAILED, Stdin, UsageError, load_config, pin, pin_file, secret
 
 

@@ -18,7 +18,7 @@ from .errors import (
 )
 from .library import TokenSelector, TokenSummary, mark_shared
 from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm
-from .provision import init_token, list_tokens
+from .provision import change_user_pin, init_token, list_tokens, unblock_user_pin
 from .recovery import EXIT_RESTART, restart_done, restart_once
 from .refusals import RefusedPins
 from .secret import Secret, read_secret_file, read_secret_stream
@@ -54,6 +54,7 @@ __all__ = [
     "TokenSummary",
     "UriError",
     "as_uri",
+    "change_user_pin",
     "ecdsa_raw_to_der",
     "init_token",
     "list_tokens",
@@ -63,4 +64,5 @@ __all__ = [
     "read_secret_stream",
     "restart_done",
     "restart_once",
+    "unblock_user_pin",
 ]
