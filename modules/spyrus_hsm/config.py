@@ -167,7 +167,7 @@ class ServiceConfig:
     unauthenticated_per_second: float = ranged(5.0, 0, 10_000)
     unauthenticated_burst: int = ranged(20, 1, 100_000)
     client_ca_file: str | None = None   # trust anchors for leaf certificates (mutual TLS)
-    # principal -> SHA-256 hex digests of its tokens; more than one while a token is rotated
+    # principal -> SHA-256 hex digest of its token, or a list of them (several while a token is rotated)
     bearer_tokens: dict[str, tuple[str, ...]] = field(default_factory=dict)
     policy: tuple[PolicyRule, ...] = ()
     # HSM key labels (globs) a caller may name for POST /v1/signatures; nothing else, and never a
