@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 SHIM := $(BUILD)/libp11shim.so
 # leaf devices' TLS clients (mbedTLS, wolfSSL) that tests/service/test_leaf_stacks.py runs
 LEAFSTACKS := $(BUILD)/mbedtls_client $(BUILD)/wolfssl_client
+# the C leaf example (examples/c-mbedtls), run by tests/service/test_leaf_examples.py
+LEAF_EXAMPLES := $(BUILD)/leaf_mbedtls
 # iotedgedev (manifest generation) and hadolint, in a virtualenv of their own
 TOOLS := $(BUILD)/iotedgedev
 DOCKERFILES := Dockerfile.amd64 Dockerfile.arm64v8 .devcontainer/Dockerfile
@@ -48,6 +50,10 @@ $(BUILD)/wolfssl_client: tests/leafstacks/wolfssl_client.c | deps
 	@mkdir -p $(BUILD)
 	$(CC) -O2 -Wall -Wextra -Werror -o $@ $< -lwolfssl
 
+$(BUILD)/leaf_mbedtls: examples/c-mbedtls/leaf.c | deps
+	@mkdir -p $(BUILD)
+	$(CC) -O2 -Wall -Wextra -Werror -o $@ $< -lmbedtls -lmbedx509 -lmbedcrypto
+
 run: venv
 	@bash scripts/dev-run.sh
 
@@ -62,7 +68,7 @@ lint: venv tools
 
 # Two processes: a PKCS#11 module is loaded once per process, and the `shim` tests need the
 # fault-injection shim as their module (see tests/conftest.py).
-unit: venv shim tools $(LEAFSTACKS)
+unit: venv shim tools $(LEAFSTACKS) $(LEAF_EXAMPLES)
 	SPYRUS_TOOLS_REQUIRED=1 $(BIN)/python -m pytest -q --durations=15 tests
 	SPYRUS_TEST_VIA_SHIM=1 $(BIN)/python -m pytest -q --durations=15 -m shim tests
 

@@ -25,7 +25,7 @@ values allowed, and null is accepted only where the annotation allows None.
       tls_cert_file: /etc/spyrus-hsm/server-chain.pem
       tls_key_label: server-tls
       client_ca_file: /etc/spyrus-hsm/leaf-ca.pem
-      bearer_tokens: {gateway-3: <sha256 hex of the token>}
+      bearer_tokens: {gateway-3: <sha256 hex of the token>, leaf-9: [<old digest>, <new digest>]}
       policy:
         - {principals: ["*"], operations: [sas-token], devices: ["{cn}"]}
     metrics: {enabled: true, host: 0.0.0.0, port: 9600}   # Prometheus text (metrics.py)
@@ -36,6 +36,7 @@ values allowed, and null is accepted only where the annotation allows None.
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -168,7 +169,8 @@ class ServiceConfig:
     unauthenticated_per_second: float = ranged(5.0, 0, 10_000)
     unauthenticated_burst: int = ranged(20, 1, 100_000)
     client_ca_file: str | None = None   # trust anchors for leaf certificates (mutual TLS)
-    bearer_tokens: dict[str, str] = field(default_factory=dict)   # principal -> SHA-256 hex
+    # principal -> SHA-256 hex digest of its token, or a list of them (several while a token is rotated)
+    bearer_tokens: dict[str, tuple[str, ...]] = field(default_factory=dict)
     policy: tuple[PolicyRule, ...] = ()
     # HSM key labels (globs) a caller may name for POST /v1/signatures; nothing else, and never a
     # reserved key (service.keys: the service TLS key, cloud keys, DPS group and device keys)
@@ -303,18 +305,24 @@ def service_section(value: Any, source: str) -> ServiceConfig:
                    signing_keys=tuple(signing))
 
 
-def _bearer_tokens(value: Any, source: str) -> dict[str, str]:
+def _bearer_tokens(value: Any, source: str) -> dict[str, tuple[str, ...]]:
+    """principal -> the digests of its tokens: one (a string) or several (a list: a token being
+    rotated, old and new accepted alike until the old one is removed)."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: 'service.bearer_tokens' must map principal names to SHA-256 hex digests")
     out = {}
-    for name, digest in value.items():
+    for name, digests in value.items():
         where = f"service.bearer_tokens.{name}"
-        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
-            raise ConfigError(f"{source}: '{where}' must be the SHA-256 of the token as 64 hex digits "
-                              "(e.g. printf %s TOKEN | sha256sum), never the token itself")
-        out[str(name)] = digest.lower()
+        items = list(digests) if isinstance(digests, (list, tuple)) else [digests]
+        if not items:
+            raise ConfigError(f"{source}: '{where}' is an empty list: give at least one digest, or remove the name")
+        for digest in items:
+            if not isinstance(digest, str) or len(digest) != 64 or any(c not in string.hexdigits for c in digest):
+                raise ConfigError(f"{source}: '{where}' must be the SHA-256 of the token as 64 hex digits, or a list "
+                                  "of them (e.g. printf %s TOKEN | sha256sum), never the token itself")
+        out[str(name)] = tuple(dict.fromkeys(d.lower() for d in items))
     return out
 
 

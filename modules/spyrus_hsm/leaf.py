@@ -5,7 +5,9 @@ A leaf has no HSM and no key: it proves who it is to the module (a bearer token 
 certificate), the module signs the leaf's SAS token with the key it holds in its HSM, and the leaf
 hands the token to `IoTHubDeviceClient.create_from_sastoken(..., gateway_hostname=...)`. This module
 imports nothing of PKCS#11 or of the rest of the package but its error root and the basics
-(back-off, threads), so it runs anywhere `azure-iot-device` does.
+(back-off, threads), so it runs anywhere `azure-iot-device` does; `TokenService` alone needs only
+the standard library (the SDK is imported by `LeafDevice.connect`). The `spyrus-hsm-leaf`
+distribution (leaf/pyproject.toml) installs just these modules on a leaf.
 
     tokens = TokenService("https://edge-gw:8443", "edge-ca.pem", "leaf-17", bearer_token=secret)
     leaf = LeafDevice(tokens, gateway_hostname="edge-gw", trust_anchor="edge-ca.pem").connect()
@@ -33,8 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
-
-from azure.iot.device import IoTHubDeviceClient
 
 from .backoff import Backoff
 from .errors import Kind, SpyrusError
@@ -190,6 +190,8 @@ class LeafDevice:
         return max(0.0, self._token.renew_due(self.renew_at) - self.tokens.clock())
 
     def connect(self) -> LeafDevice:
+        from azure.iot.device import IoTHubDeviceClient  # here: TokenService needs no SDK
+
         self._token = self.tokens.fetch()
         options: dict[str, Any] = {"gateway_hostname": self.gateway_hostname,
                                    "server_verification_cert": self._gateway_ca, **self._options}

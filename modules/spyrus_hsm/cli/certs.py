@@ -8,14 +8,20 @@ from pathlib import Path
 
 from cryptography import x509
 
+from ..hsm import InvalidInput
 from ..identity import tls
-from ..identity.csr import build_csr
+from ..identity.csr import build_csr, ip_address
 from .common import Stdin, UsageError, emit, hsm_and_config, load_config, logged_in, read_input_file
 
 
 def cmd_csr(args: argparse.Namespace, stdin: Stdin) -> int:
+    for address in args.ip:  # before the PIN is asked for
+        try:
+            ip_address(address)
+        except InvalidInput as exc:
+            raise UsageError(f"--ip: {exc}") from None
     with hsm_and_config(args, stdin) as (hsm, _):
-        der = build_csr(hsm, args.label, args.subject, args.dns or None)
+        der = build_csr(hsm, args.label, args.subject, args.dns or None, args.ip or None)
     from cryptography.hazmat.primitives import serialization
 
     pem = x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM).decode()

@@ -74,7 +74,8 @@ def _flag(what: str) -> str:
 
 
 def secret(path: str | None, what: str, stdin: Stdin) -> Secret:
-    if path:
+    """From the file `path`, or from standard input when there is none or it is "-"."""
+    if path and path != "-":
         return read_secret_file(path, what)
     return stdin.secret(what)
 

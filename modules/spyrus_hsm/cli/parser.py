@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = key.add_parser("import-sas", parents=[common],
                        help="import a device primary key (base64, from --key-file or stdin)")
     k.add_argument("--label", required=True)
-    k.add_argument("--key-file")
+    k.add_argument("--key-file", help="file holding the base64 key; '-' or none: standard input (a pipe from az)")
     k.set_defaults(func=cmd_key_import_sas)
     k = key.add_parser("import-pkcs12", parents=[common], help="import key, certificate and chain from a PKCS#12")
     k.add_argument("file")
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--label", required=True)
     c.add_argument("--subject", required=True, help='RFC 4514 subject, e.g. "CN=dev1"')
     c.add_argument("--dns", action="append", default=[], help="subjectAltName DNS name (repeatable)")
+    c.add_argument("--ip", action="append", default=[], help="subjectAltName IPv4 or IPv6 address (repeatable)")
     c.add_argument("--out", help="write the PEM here instead of standard output")
     c.set_defaults(func=cmd_csr)
 

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import hmac
 import ssl
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,9 +109,10 @@ def _bad_cert(detail: str) -> Problem:
 
 
 class Authenticator:
-    def __init__(self, verifier: ClientCertVerifier | None, bearer_sha256: dict[str, str]) -> None:
+    def __init__(self, verifier: ClientCertVerifier | None, bearer_sha256: Mapping[str, Sequence[str]]) -> None:
         self.verifier = verifier
-        self.bearers = {name: bytes.fromhex(digest) for name, digest in bearer_sha256.items()}
+        # (principal, digest) pairs: a principal has several while its token is rotated
+        self.bearers = [(name, bytes.fromhex(digest)) for name, digests in bearer_sha256.items() for digest in digests]
 
     def authenticate(self, ssl_object: ssl.SSLObject | None, authorization: str | None) -> Principal:
         from_cert = self._certificate(ssl_object)
@@ -137,7 +139,7 @@ class Authenticator:
             raise unauthenticated("the Authorization header must be 'Bearer <token>'")
         digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
         found = None
-        for name, expected in self.bearers.items():  # compare with every one: no timing hint
+        for name, expected in self.bearers:  # compare with every one: no timing hint
             if hmac.compare_digest(digest, expected):
                 found = name
         if found is None:
