@@ -338,7 +338,8 @@ API_EXAMPLES: dict[str, tuple[dict[str, Any] | None, int, Any]] = {
               "resourceUri": "contoso.azure-devices.net/devices/leaf-01", "expiresOn": 1767225600,
               "expiresInSeconds": 3600}),
     "POST /v1/signatures": (
-        {"key": "leaf-signing", "algorithm": "ES256", "data": "ZXlKaGJHY2lPaUpGVXpJMU5pSjkuZXlKemRXSWlPaUpzWldGbUxUQXhJbjA="},
+        {"key": "leaf-signing", "algorithm": "ES256",
+         "data": "ZXlKaGJHY2lPaUpGVXpJMU5pSjkuZXlKemRXSWlPaUpzWldGbUxUQXhJbjA="},
         200, {"signature": "O7Eu2jwpjbXeJVl/VNkk8uF+eKJq2JU+2CGO5oLwu76QIeLzAJ0VLJEb8fJexoOpAnFBZnZ6+9jlvQ+wEk7Lig=="}),
     "POST /v1/registrations": (
         {"registrationId": "leaf-01", "idScope": "0ne00000001", "attestation": "symmetricKey"},

@@ -9,10 +9,10 @@ import importlib.util
 import secrets
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from dataclasses import dataclass
 
 import pytest
 import schemathesis
