@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import http
 import inspect
 import json
 import re
@@ -328,14 +329,114 @@ def _property_rows(schema: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+# An example exchange per route: (request body or None, status, answer). tests/service/test_openapi.py
+# checks every one against the OpenAPI schemas and sends the ones it can to a live service.
+API_EXAMPLES: dict[str, tuple[dict[str, Any] | None, int, Any]] = {
+    "POST /v1/sas-tokens": (
+        {"deviceId": "leaf-01", "hub": "contoso.azure-devices.net", "ttlSeconds": 3600},
+        200, {"token": "SharedAccessSignature sr=contoso.azure-devices.net%2Fdevices%2Fleaf-01&sig=…&se=1767225600",
+              "resourceUri": "contoso.azure-devices.net/devices/leaf-01", "expiresOn": 1767225600,
+              "expiresInSeconds": 3600}),
+    "POST /v1/signatures": (
+        {"key": "leaf-signing", "algorithm": "ES256",
+         "data": "ZXlKaGJHY2lPaUpGVXpJMU5pSjkuZXlKemRXSWlPaUpzWldGbUxUQXhJbjA="},
+        200, {"signature": "O7Eu2jwpjbXeJVl/VNkk8uF+eKJq2JU+2CGO5oLwu76QIeLzAJ0VLJEb8fJexoOpAnFBZnZ6+9jlvQ+wEk7Lig=="}),
+    "POST /v1/registrations": (
+        {"registrationId": "leaf-01", "idScope": "0ne00000001", "attestation": "symmetricKey"},
+        200, {"registrationId": "leaf-01", "assignedHub": "contoso.azure-devices.net", "deviceId": "leaf-01",
+              "status": "assigned", "substatus": "initialAssignment", "attestation": "symmetricKey",
+              "registeredAt": "2026-01-01T00:00:00Z"}),
+    "GET /v1/registrations/{id}": (
+        None, 200, {"registrationId": "leaf-01", "assignedHub": "contoso.azure-devices.net", "deviceId": "leaf-01",
+                    "status": "assigned", "substatus": "initialAssignment", "attestation": "symmetricKey",
+                    "registeredAt": "2026-01-01T00:00:00Z"}),
+    "GET /v1/certificates/{label}": (
+        None, 200, "-----BEGIN CERTIFICATE-----\nMIIB…\n-----END CERTIFICATE-----\n"
+                   "-----BEGIN CERTIFICATE-----\nMIIB…\n-----END CERTIFICATE-----\n"),
+    "GET /healthz": (None, 200, {"status": "ok"}),
+    "GET /readyz": (None, 200, {"ready": True, "status": "ready"}),
+    "GET /openapi.json": (None, 200, {"openapi": "3.1.0", "info": {"title": "spyrus-hsm", "version": "…"},
+                                      "paths": {"…": {}}}),
+}
+# One refused request, as every route answers them.
+API_ERROR_EXAMPLE = (
+    "POST /v1/signatures", {"key": "leaf-signing", "algorithm": "ES256", "data": "aGVsbG8="}, 503,
+    {"type": "https://spyrus-hsm.dev/problems/hsm-busy", "title": "Service temporarily unavailable", "status": 503,
+     "detail": "the HSM queue is full; retry later", "instance": "7f9c2ba4e88f827d616045507605853e"},
+    {"Retry-After": "2", "X-Request-Id": "7f9c2ba4e88f827d616045507605853e"})
+
+# Request headers the service reads, and what it does with them.
+_REQUEST_HEADERS = [
+    ["`Authorization: Bearer <token>`", "/v1/", "A bearer token of `service.bearer_tokens` (stored as its SHA-256). "
+     "Without it the caller authenticates with its client certificate (mutual TLS); with both, they must "
+     "name the same principal."],
+    ["`X-Request-Id`", "/v1/", "The caller's id for the request: 1 to 64 visible ASCII characters (longer: cut to 64; "
+     "anything else: replaced by a new id). Echoed in the answer's `X-Request-Id`, the problem's `instance`, "
+     "the audit record and the log."],
+    ["`traceparent`, `tracestate`", "every route", "W3C Trace Context: the request's server span becomes a child "
+     "of the caller's span (exported when tracing is configured through the `OTEL_*` variables); without "
+     "them the span starts a new trace. Nothing in the answer changes."],
+    ["`Content-Type: application/json`", "POST", "Required on a request body (415 otherwise)."],
+    ["`Expect: 100-continue`", "POST", "Answered with 100 only when the announced body fits "
+     "`service.max_body_bytes` (else 413 at once); any other expectation is 417."],
+]
+
+
+def _example(method: str, path: str, spec_path: str) -> str:
+    body, status, answer = API_EXAMPLES[f"{method} {spec_path}"]
+    concrete = path.replace("{id}", "leaf-01").replace("{label}", "leaf-01.operational")
+    lines = [f"{method} {concrete} HTTP/1.1", "Host: edge-gateway:8443"]
+    if concrete.startswith("/v1/"):
+        lines += ["Authorization: Bearer <token>", "X-Request-Id: leaf-01-0001"]
+    if body is not None:
+        lines += ["Content-Type: application/json", "", json.dumps(body, indent=2)]
+    answer_lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
+    if isinstance(answer, str):
+        answer_lines += ["Content-Type: application/pem-certificate-chain"]
+    else:
+        answer_lines += ["Content-Type: application/json"]
+    if concrete.startswith("/v1/"):
+        answer_lines += ["X-Request-Id: leaf-01-0001"]
+    answer_lines += ["", answer if isinstance(answer, str) else json.dumps(answer, indent=2)]
+    return ("Example:\n\n```http\n" + "\n".join(lines) + "\n```\n\n```http\n" + "\n".join(answer_lines).rstrip()
+            + "\n```\n\n")
+
+
 def api_page() -> str:
     spec = api_spec()
     out = [GENERATED, "# HTTP API reference\n\n", spec["info"]["description"], "\n\n",
            "This page is the OpenAPI document the service itself serves at `GET /openapi.json` "
-           f"(OpenAPI {spec['openapi']}), with the service's default settings. Callers authenticate with "
+           f"(OpenAPI {spec['openapi']}). Callers authenticate with "
            "mutual TLS (a leaf certificate) or a bearer token; what each caller may do is decided by "
-           "`service.policy`. Every error is an RFC 9457 problem (`application/problem+json`).\n\n",
-           "## Routes\n\n"]
+           "`service.policy`. Every error is an RFC 9457 problem (`application/problem+json`); its `type` "
+           "is one of the [problem types](problems.md).\n\n",
+           "## What depends on the configuration\n\n",
+           "The served document describes the service as it is configured, so it can differ from this page "
+           "(drawn with the defaults and neither a default hub nor a default ID scope):\n\n",
+           "- `SasTokenRequest.hub` is required only when the service has no default hub: none of "
+           "`service.hub`, `cloud.hub` and the hub DPS assigned the module (`cloud.id_scope`) is set. "
+           "With one, a request without `hub` gets a token for that hub.\n",
+           "- `RegistrationRequest.idScope` is required only when `cloud.id_scope` is not set; with it, a "
+           "request without `idScope` registers in the module's own scope.\n",
+           "- `ttlSeconds` and `minRemainingSeconds` are bounded by `service.min_ttl` and `service.max_ttl`.\n\n",
+           "`GET /openapi.json` of the running service says which applies.\n\n",
+           "## Headers\n\n", "Read from requests:\n\n",
+           _table(["Header", "Routes", "Meaning"], _REQUEST_HEADERS), "\nSent with answers:\n\n",
+           _table(["Header", "With", "Meaning"],
+                  [[_code(name), with_, openapi.HEADERS[name]["description"]] for name, with_ in (
+                      ("X-Request-Id", "every answer under /v1/"),
+                      ("Retry-After", "429; 503 when waiting may help (see the problem types)"),
+                      ("WWW-Authenticate", "401"))]),
+           "\n"]
+    route, body, status, problem, headers = API_ERROR_EXAMPLE
+    method, path = route.split(" ", 1)
+    out.append("A refused request, e.g. while the HSM's queue is full:\n\n```http\n"
+               f"{method} {path} HTTP/1.1\nContent-Type: application/json\n\n{json.dumps(body)}\n```\n\n"
+               f"```http\nHTTP/1.1 {status} {http.HTTPStatus(status).phrase}\n"
+               "Content-Type: application/problem+json\n"
+               + "".join(f"{k}: {v}\n" for k, v in headers.items())
+               + f"\n{json.dumps(problem, indent=2)}\n```\n\n")
+    out.append("## Routes\n\n")
     for method, path, op in api_routes():
         out.append(f"### `{method} {path}`\n\n")
         secured = "none" if op.get("security") == [] else "mutual TLS or bearer token"
@@ -349,8 +450,11 @@ def api_page() -> str:
         for status, response in sorted(op["responses"].items()):
             media = ", ".join(response.get("content", {}))
             schema = next(iter(response.get("content", {}).values()), {}).get("schema", {})
-            rows.append([status, response.get("description", ""), _code(media) if media else "", _ref(schema)])
-        out.append(_table(["Status", "Meaning", "Content type", "Schema"], rows) + "\n")
+            names = ", ".join(_code(h) for h in response.get("headers", {}))
+            rows.append([status, response.get("description", ""), _code(media) if media else "", _ref(schema),
+                         names])
+        out.append(_table(["Status", "Meaning", "Content type", "Schema", "Headers"], rows) + "\n")
+        out.append(_example(method, path, path))
     out.append("## Schemas\n\n")
     for name, schema in spec["components"]["schemas"].items():
         out.append(f"### {name}\n\n")
@@ -364,6 +468,50 @@ def api_page() -> str:
             out.append(_table(["Field", "Type", "Required", "Constraints", "Meaning"], rows) + "\n" if rows
                        else f"Type: {variant.get('type', '')}\n\n")
     return "".join(out)
+
+
+# --- problem types ------------------------------------------------------------------------------
+
+
+def problem_titles() -> dict[str, set[str]]:
+    """type -> the titles the code gives it: every problem type service/ raises, read from its
+    Problem(status, type, title), Answer(...), unavailable(detail, retry, type) and the types of
+    aiohttp's own errors (protocol._HTTP_TYPES, titled with the status's reason phrase)."""
+    from spyrus_hsm.service import problems, protocol
+    titles: dict[str, set[str]] = {}
+    for path in sorted(Path(problems.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", None)
+            args = [a.value if isinstance(a, ast.Constant) else None for a in node.args]
+            if name in ("Problem", "Answer") and len(args) >= 3 and isinstance(args[1], str):
+                titles.setdefault(args[1], set()).update([args[2]] if isinstance(args[2], str) else [])
+            elif name == "unavailable" and len(args) >= 3 and isinstance(args[2], str):
+                titles.setdefault(args[2], set()).add("Service temporarily unavailable")
+    for status, name in protocol._HTTP_TYPES.items():
+        titles.setdefault(name, set()).add(http.HTTPStatus(status).phrase)
+    return titles
+
+
+def problems_page() -> str:
+    from spyrus_hsm.service import problems
+    titles = problem_titles()
+    rows = []
+    for name, kind in sorted(problems.TYPES.items(), key=lambda item: (item[1].status, item[0])):
+        rows.append([f'<span id="{name}"></span>{_code(name)}', ", ".join(map(str, kind.status)),
+                     "; ".join(sorted(titles.get(name, ()))),
+                     kind.when + (" (with `Retry-After`)" if kind.retry_after else ""), kind.action])
+    return "".join([
+        GENERATED, "# Problem types reference\n\n",
+        "Every error the API answers is an RFC 9457 problem (`application/problem+json`): "
+        "`{\"type\": \"", problems.TYPE_BASE, "hsm-busy\", \"title\": …, \"status\": 503, \"detail\": …, "
+        "\"instance\": \"<request id>\"}`. `type` is ", _code(problems.TYPE_BASE), " followed by a name "
+        "below: an identifier to compare, not a page to fetch. `detail` says what was wrong with this "
+        "request, never quoting its data; `instance` is the request id (the `X-Request-Id` header, the "
+        "audit record and the log line name the same). Branch on `type` and `status`, not on `detail` "
+        "or `title`.\n\n",
+        _table(["Type", "Status", "Title", "When", "What to do"], rows)])
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -495,6 +643,7 @@ PAGES: dict[str, Callable[[], str]] = {
     "reference/configuration.md": configuration_page,
     "reference/cli.md": cli_page,
     "reference/http-api.md": api_page,
+    "reference/problems.md": problems_page,
     "reference/metrics.md": metrics_page,
     "reference/events.md": events_page,
 }

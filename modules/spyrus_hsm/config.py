@@ -56,12 +56,19 @@ _EDGE_SAS_TTL = f"{EDGE_SAS_TTL_MIN} s (the SDK renews a token 120 s before it e
 
 @dataclass(frozen=True)
 class HsmConfig:
+    # path of the token vendor's PKCS#11 library (SoftHSM2's by default)
     module: str = DEFAULT_MODULE
+    # the token to use, by its label (this, token_serial or both must be set)
     token_label: str | None = None
+    # the token to use, by its serial number (quote it in YAML: a string, not a number)
     token_serial: str | None = None
+    # file holding the user PIN (its first line); must not be world-readable
     pin_file: str | None = None
+    # HSM sessions, each with its own worker thread (one when `serial` is true)
     workers: int = ranged(4, 1, 64, says="between 1 and 64")
+    # seconds any one HSM call may take before it is abandoned and answered as a timeout
     call_timeout: float = ranged(10.0, 0.1, 300, unit="seconds")
+    # operations waiting for a worker; past it a request is refused at once (503 hsm-busy)
     queue_limit: int = ranged(256, 1, 100_000)
     serial: bool = False  # one operation at a time (a USB token): one worker, one session
     # PC/SC transport of the token (a CCID reader such as the Rosetta USB): none (SoftHSM2, or a
@@ -84,6 +91,7 @@ class HsmConfig:
 
 @dataclass(frozen=True)
 class SasConfig:
+    # seconds a SAS token lives when the request or command names no lifetime
     default_ttl: int = ranged(3600, 60, YEAR, says="60 s to 1 year")
 
 
@@ -91,16 +99,23 @@ class SasConfig:
 class CloudConfig:
     """The module's own Azure identity: through DPS (id_scope set) or straight to a hub."""
     server_ca_file: str | None = None   # trust anchor for the endpoints (default: system CAs)
-    provisioning_host: str = "global.azure-devices-provisioning.net"
+    provisioning_host: str = "global.azure-devices-provisioning.net"  # the DPS endpoint's host name
+    # through DPS: the ID scope of the provisioning service (with registration_id)
     id_scope: str | None = None
+    # through DPS: the registration id of the module's own identity
     registration_id: str | None = None
+    # how the module's identity proves itself: a symmetric key (SAS) or an X.509 certificate
     attestation: Literal["symmetricKey", "x509"] = "symmetricKey"
     key: str | None = None              # HSM key label (SAS) or X.509 credential label
+    # `key` is a DPS group enrollment key: the device key is derived from it and registration_id
     group: bool = False
     hub: str | None = None              # without DPS: the IoT Hub host name ...
     device_id: str | None = None        # ... and the identity to connect as
+    # without DPS: connect as this module of device_id (else as the device itself)
     module_id: str | None = None
+    # seconds each SAS token the module signs for its own hub connection lives
     sas_ttl: int = 3600
+    # seconds a DPS registration may take before it is given up
     registration_timeout: float = 120.0
     issue_cert: str | None = None       # through DPS: HSM key label of the operational certificate
     # fraction of a certificate's lifetime after which it is due for renewal
@@ -134,20 +149,28 @@ class PolicyRule:
     `keys` pattern. A rule without `keys` allows the key that the service itself chose for
     the device (sas_key / registration templates), never a key named by the caller.
     """
+    # caller names the rule applies to (certificate CN or bearer-token principal); ["*"]: everyone
     principals: tuple[str, ...]
+    # what they may do: sas-token, signature, registration, certificate, certificate-issue, or "*"
     operations: tuple[str, ...]
+    # device or registration ids they may name ({cn}: their own name)
     devices: tuple[str, ...] = ()
+    # HSM key labels they may name or have used for them (none: only the key the service chooses)
     keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
     """The HTTPS API for leaf devices. Off unless the config has a `service` section."""
+    # on when the configuration has a `service` section (set false to keep the section but turn it off)
     enabled: bool = False
+    # address the API listens on;
     host: str = "0.0.0.0"  # noqa: S104 - leaf devices reach the module over the edge network
-    port: int = ranged(8443, 0, 65535, says=_PORT)
-    health_host: str = "127.0.0.1"      # plain-HTTP /healthz and /readyz for the container's
-    health_port: int = ranged(8080, 0, 65535, says=_PORT)  # HEALTHCHECK; 0 turns it off
+    port: int = ranged(8443, 0, 65535, says=_PORT)  # the HTTPS port of the API (0: any free port)
+    # address of the plain-HTTP /healthz and /readyz for the container's HEALTHCHECK (keep it on loopback:
+    # its /readyz tells the full reason, token and reader included)
+    health_host: str = "127.0.0.1"
+    health_port: int = ranged(8080, 0, 65535, says=_PORT)  # the port of health_host's listener; 0 turns it off
     tls_cert_file: str | None = None    # server certificate chain (PEM); else the one stored beside tls_key_label
     tls_key_file: str | None = None     # server private key (PEM file), instead of tls_key_label
     # HSM key of the API; with an issuing certificate beside it (or in tls_cert_file) it certifies
@@ -167,13 +190,15 @@ class ServiceConfig:
     # requests that fail authentication, per source address (token bucket; 0 turns it off): past
     # it a source gets 429 without its credentials being looked at
     unauthenticated_per_second: float = ranged(5.0, 0, 10_000)
+    # failed-authentication requests a source may make at once before unauthenticated_per_second applies
     unauthenticated_burst: int = ranged(20, 1, 100_000)
     client_ca_file: str | None = None   # trust anchors for leaf certificates (mutual TLS)
     # principal -> SHA-256 hex digest of its token, or a list of them (several while a token is rotated)
     bearer_tokens: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # who may do what: a list of rules (service.policy[] below); a request no rule allows is 403
     policy: tuple[PolicyRule, ...] = ()
     # HSM key labels (globs) a caller may name for POST /v1/signatures; nothing else, and never a
-    # reserved key (service.keys: the service TLS key, cloud keys, DPS group and device keys)
+    # reserved key (service/keyroles.py: the service TLS key, cloud keys, DPS group and device keys)
     signing_keys: tuple[str, ...] = ()
     hub: str | None = None              # hub for device tokens when a request names none
     sas_key: str = "{deviceId}"         # HSM key label template for a device's SAS tokens
@@ -181,18 +206,23 @@ class ServiceConfig:
     group_key: str | None = None        # DPS group enrollment key: leaf keys derived from it
     x509_label: str = "{registrationId}"  # HSM credential label for X.509 registrations
     leaf_cert_label: str = "{registrationId}.operational"  # HSM key of a leaf's issued certificate
-    min_ttl: int = 300
-    max_ttl: int = 86400
+    min_ttl: int = 300                  # the shortest token lifetime (ttlSeconds) a request may ask for
+    max_ttl: int = 86400                # the longest token lifetime a request may ask for
     # a cached token is reused until this much of its life
     cache_reuse_fraction: float = ranged(0.5, 0, 1, below=True, says="0 (no reuse) up to below 1")
     # ... and after that, while at least this much of its life is left (or the request's
     # minTtlSeconds), handed out at once while its successor is signed in the background
     cache_min_remaining_fraction: float = ranged(0.25, 0, 1, above=True, below=True, says="above 0 and below 1")
     cache_max_entries: int = ranged(50_000, 1, 10_000_000)  # least recently used tokens are forgotten beyond this
+    # largest request body accepted; a larger one is refused with 413
     max_body_bytes: int = ranged(16384, 256, 1 << 20)
+    # seconds a request may take from its headers to its answer (408 for a slow body, else 503)
     request_timeout: float = ranged(15.0, 0.1, 600, unit="seconds")
+    # seconds a POST /v1/registrations may wait for DPS
     registration_timeout: float = ranged(60.0, 0.1, 600, unit="seconds")
-    rate_limit_per_second: float = 20.0  # per principal; 0 turns the limit off
+    # requests per second per principal (token bucket; 0 turns the limit off); past it 429
+    rate_limit_per_second: float = 20.0
+    # requests a principal may make at once before rate_limit_per_second applies
     rate_limit_burst: int = 40
     retry_after: int = ranged(1, 1, 3600, unit="seconds")  # seconds, sent with 503 when the HSM is busy/not ready
     audit_file: str | None = None       # JSON lines; default <state_dir>/audit.log; "-" = stderr
@@ -206,22 +236,26 @@ class ServiceConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus text on http://<host>:<port>/metrics for IoT Edge's metrics-collector."""
-    enabled: bool = True
+    enabled: bool = True  # serve /metrics (false: no listener)
+    # address /metrics listens on;
     host: str = "0.0.0.0"  # noqa: S104 - the collector scrapes over the module network
-    port: int = ranged(9600, 0, 65535, says=_PORT)  # edgeHub's and edgeAgent's port
+    # the port of /metrics; 9600 as edgeHub's and edgeAgent's (each container has its own address)
+    port: int = ranged(9600, 0, 65535, says=_PORT)
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
     """How log lines look: `auto` is `iotedge` under IoT Edge (IOTEDGE_* set), else `plain`."""
+    # iotedge (each line prefixed with its syslog severity, as `iotedge logs` filters), plain, json (one
+    # object per line), or auto: iotedge under IoT Edge, else plain
     format: Literal["auto", "iotedge", "plain", "json"] = "auto"
 
 
 @dataclass(frozen=True)
 class EventsConfig:
     """Messages on a module output (IoT Edge only) for what an operator should hear about."""
-    enabled: bool = True
-    output: str = "events"
+    enabled: bool = True  # send events (ignored outside IoT Edge)
+    output: str = "events"  # the module output they are sent on (route it in the deployment)
     summary_interval: float = ranged(60.0, 1, 86400, unit="seconds")  # seconds between summaries of refused requests
     buffer: int = ranged(1000, 1, 100_000)  # events kept while edgeHub is unreachable (oldest dropped)
     expiry_warning_days: int = ranged(14, 1, 365)  # a certificate this close to expiry is announced
@@ -237,6 +271,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    # where the module keeps its state: stored DPS assignments, the audit log by default
     state_dir: str = "/var/lib/spyrus-hsm"
     source: str = "defaults"
 

@@ -96,8 +96,7 @@ class Events:
             return
         if state.status != "degraded":
             return
-        # The pool words every refusal of the PIN (wrong, locked, expired) with "PIN".
-        kind = "hsm.pinRefused" if "PIN" in (state.reason or "") else "hsm.unavailable"
+        kind = "hsm.pinRefused" if state.pin_refused else "hsm.unavailable"
         if kind != self._hsm_announced:
             self._hsm_announced = kind
             self.emit(kind, reason=clip(state.reason), tokenLabel=state.token_label)

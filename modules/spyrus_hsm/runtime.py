@@ -77,6 +77,9 @@ class Module:
         telemetry.metrics.watch_queue_depth(self.hsm.queue_depth)
         telemetry.metrics.watch("hsm.ready", lambda: 1.0 if self.hsm.state.ready else 0.0)
         telemetry.metrics.watch("hsm.recoveries", lambda: self.hsm.state.recoveries)
+        telemetry.metrics.watch("hsm.pin_refused", lambda: 1.0 if self.hsm.state.pin_refused else 0.0)
+        telemetry.metrics.watch("hsm.restart_required", lambda: 1.0 if self.hsm.state.restart_required else 0.0)
+        telemetry.metrics.watch_each("hsm.token.info", self._token_info)
         self.not_after: dict[str, dt.datetime] = {}  # of the X.509 credentials by label, last read
         self._reread_certificates = False  # set when the operational credential in use changed
         self._credential_in_use: tuple[Any, Any] = (None, None)  # (its label, its notAfter)
@@ -295,6 +298,12 @@ class Module:
     def _renewal_failures(self) -> list[tuple[dict[str, str], float]]:
         renewer = self.cloud.renewer if self.cloud is not None else None
         return [] if renewer is None else [({"label": renewer.base}, renewer.status.failures)]
+
+    def _token_info(self) -> list[tuple[dict[str, str], float]]:
+        state = self.hsm.state
+        if state.token_serial is None:
+            return []
+        return [({"hsm.token.label": state.token_label or "", "hsm.token.serial": state.token_serial}, 1.0)]
 
     def _not_after_timestamps(self) -> list[tuple[dict[str, str], float]]:
         return [({"label": label}, when.timestamp()) for label, when in self.not_after.items()]

@@ -173,6 +173,10 @@ def test_values_move_as_requests_are_made(served: Served) -> None:
     assert moved("spyrus_hsm_cache_misses_total") == 3
     assert total(after, "spyrus_hsm_hsm_ready") == 1
     assert total(after, "spyrus_hsm_hsm_recoveries_total") == 0
+    assert total(after, "spyrus_hsm_hsm_pin_refused") == 0
+    assert total(after, "spyrus_hsm_hsm_restart_required") == 0
+    token = [labels for (name, labels) in after if name == "spyrus_hsm_hsm_token_info"]
+    assert len(token) == 1 and dict(token[0])["hsm_token_serial"], token
     assert total(after, "spyrus_hsm_hsm_queue_depth") == 0
     assert total(after, "spyrus_hsm_hsm_queue_limit") == 256
     assert total(after, "spyrus_hsm_audit_dropped_total") == 0

@@ -1,12 +1,18 @@
 """/openapi.json describes the service as it is: exactly its routes, and — checked by schemathesis
 against the live service — answers that use only documented status codes, content types and
-schemas, and never a 5xx."""
+schemas, and never a 5xx; and the reference's example per route and its headers are what the
+live service answers."""
 
 from __future__ import annotations
 
+import importlib.util
 import secrets
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 import schemathesis
@@ -20,6 +26,19 @@ from spyrus_hsm.config import ServiceConfig
 from spyrus_hsm.hsm import Hsm, Secret
 from spyrus_hsm.service.app import build_app
 from spyrus_hsm.service.openapi import spec
+from spyrus_hsm.service.problems import TYPE_BASE, TYPES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _generator() -> ModuleType:
+    spec_ = importlib.util.spec_from_file_location("gen_reference", ROOT / "scripts" / "gen_reference.py")
+    assert spec_ is not None and spec_.loader is not None
+    module = importlib.util.module_from_spec(spec_)
+    sys.modules["gen_reference"] = module
+    spec_.loader.exec_module(module)
+    return module
+
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 
@@ -114,3 +133,47 @@ def _describe(event: events.EngineEvent) -> str:
                          for checks in event.recorder.checks.values() for c in checks if c.failure_info is not None)
     assert isinstance(event, events.NonFatalError | events.FatalError)
     return f"{getattr(event, 'label', 'the run')}: {event.info.format()}"
+
+
+def _shape(value: Any) -> Any:
+    """The keys of an answer (its values differ from the example's)."""
+    return sorted(value) if isinstance(value, dict) else type(value).__name__
+
+
+def test_the_reference_examples_are_what_the_live_service_answers(live: Live) -> None:
+    """The routes that need neither DPS nor a stored certificate, sent as the reference shows them
+    (with this service's key and an algorithm its key does); the answer has the example's fields."""
+    examples = _generator().API_EXAMPLES
+    sent = {"POST /v1/sas-tokens": {**examples["POST /v1/sas-tokens"][0], "deviceId": "example-leaf"},
+            "POST /v1/signatures": {**examples["POST /v1/signatures"][0], "key": live.key,
+                                    "algorithm": "HMAC-SHA256"},
+            "GET /healthz": None, "GET /readyz": None, "GET /openapi.json": None}
+    for route, body in sent.items():
+        method, path = route.split(" ", 1)
+        _, status, answer = examples[route]
+        got_status, headers, got = live.svc.call(method, path, body, bearer=live.bearer,
+                                                 headers={"X-Request-Id": "example-0001"})
+        assert got_status == status, (route, got)
+        if route == "GET /openapi.json":
+            assert set(answer) <= set(got)
+        else:
+            assert _shape(got) == _shape(answer), route
+        if path.startswith("/v1/"):
+            assert headers["x-request-id"] == "example-0001", route
+
+
+def test_the_documented_headers_are_what_the_live_service_sends(live: Live) -> None:
+    status, headers, problem = live.svc.call("POST", "/v1/signatures", {"key": live.key})
+    assert status == 401 and headers["www-authenticate"] == 'Bearer realm="spyrus-hsm"'
+    assert problem["type"].removeprefix(TYPE_BASE) in TYPES and problem["instance"] == headers["x-request-id"]
+    assert len(headers["x-request-id"]) == 32  # none sent: a new one
+
+    # A caller's id that is not plain visible ASCII is replaced; a traceparent changes nothing in the answer.
+    status, headers, _ = live.svc.call(
+        "POST", "/v1/sas-tokens", {"deviceId": "example-leaf", "hub": "contoso.azure-devices.net"},
+        bearer=live.bearer, headers={"X-Request-Id": "has space",
+                                     "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    assert status == 200 and headers["x-request-id"] != "has space"
+
+    status, headers, problem = live.svc.call("GET", "/v1/certificates/no-such-label", bearer=live.bearer)
+    assert status in (403, 404) and problem["type"].removeprefix(TYPE_BASE) in TYPES

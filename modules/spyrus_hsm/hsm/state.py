@@ -44,3 +44,9 @@ class HsmState:
     @property
     def ready(self) -> bool:
         return self.status == "ready"
+
+    @property
+    def pin_refused(self) -> bool:
+        """Degraded because the token refused the PIN (the pool words every refusal, wrong,
+        locked or expired, with "PIN")."""
+        return self.status == "degraded" and "PIN" in (self.reason or "")

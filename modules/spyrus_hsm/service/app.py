@@ -149,8 +149,8 @@ async def _audit(request: web.Request, handler: Handler) -> web.StreamResponse:
     except AuditError as exc:
         log.error("%s %s (request %s): %s; nothing was handed out", request.method, route_template(request),
                   request[REQUEST_ID], exc)
-        return problem_response(unavailable("the audit record could not be written; nothing was handed out",
-                                            svc.cfg.retry_after, "audit-unavailable"), request[REQUEST_ID])
+        response = problem_response(unavailable("the audit record could not be written; nothing was handed out",
+                                                svc.cfg.retry_after, "audit-unavailable"), request[REQUEST_ID])
     response.headers["X-Request-Id"] = request[REQUEST_ID]
     return response
 

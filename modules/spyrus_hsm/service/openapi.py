@@ -16,11 +16,30 @@ JSON = "application/json"
 PROBLEM = "application/problem+json"
 
 
-def _problem_ref(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+# Response headers (RFC 9110 names). X-Request-Id is on every answer under /v1/.
+HEADERS: dict[str, dict[str, Any]] = {
+    "X-Request-Id": {"description": "The request's id, also the problem's `instance` and in the audit record and "
+                                    "log: the caller's own X-Request-Id when it sent one of 1 to 64 visible ASCII "
+                                    "characters, else a new one (32 hex digits)",
+                     "schema": {"type": "string", "pattern": "^[!-~]{1,64}$"}},
+    "Retry-After": {"description": "Seconds to wait before trying again (with 429 always; with 503 when "
+                                   "waiting may help: HSM not ready, busy or slow, audit log unavailable)",
+                    "schema": {"type": "integer", "minimum": 1}},
+    "WWW-Authenticate": {"description": "The scheme to authenticate with: `Bearer realm=\"spyrus-hsm\"` "
+                                        "(or a client certificate, over mutual TLS)",
+                         "schema": {"type": "string"}},
+}
+_V1 = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
+_RETRY = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}
+_AUTHENTICATE = {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}}
 
 
-def _errors(*codes: int) -> dict[str, Any]:
+def _problem_ref(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    answer = {"description": description, "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+    return {**answer, "headers": headers} if headers else answer
+
+
+def _errors(*codes: int, v1: bool = True) -> dict[str, Any]:
     texts = {
         400: "Invalid request (field named in the detail)", 401: "Not authenticated",
         403: "Not allowed by policy", 404: "Not found", 405: "Method not allowed",
@@ -32,7 +51,8 @@ def _errors(*codes: int) -> dict[str, Any]:
         503: "HSM not ready, busy or timed out, the audit log unavailable (see Retry-After), "
              "or the module not set up for this",
     }
-    return {str(c): _problem_ref(texts[c]) for c in codes}
+    extra = {401: _AUTHENTICATE, 429: _RETRY, 503: _RETRY}
+    return {str(c): _problem_ref(texts[c], {**(_V1 if v1 else {}), **extra.get(c, {})} or None) for c in codes}
 
 
 COMMON = (401, 403, 404, 405, 409, 422, 429, 500, 503)
@@ -44,7 +64,8 @@ def _json_body(ref: str) -> dict[str, Any]:
 
 
 def _ok(ref: str, description: str) -> dict[str, Any]:
-    return {"description": description, "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+    return {"description": description, "headers": _V1,
+            "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
 
 
 def spec(cfg: ServiceConfig, *, default_hub: bool, default_id_scope: bool) -> dict[str, Any]:
@@ -75,25 +96,26 @@ def spec(cfg: ServiceConfig, *, default_hub: bool, default_id_scope: bool) -> di
                 "operationId": "getCertificateChain",
                 "parameters": [{"name": "label", "in": "path", "required": True,
                                 "schema": {"type": "string", "pattern": v.LABEL}}],
-                "responses": {"200": {"description": "PEM certificate chain, leaf first",
+                "responses": {"200": {"description": "PEM certificate chain, leaf first", "headers": _V1,
                                       "content": {"application/pem-certificate-chain": {"schema": s}}},
                               **_errors(400, *COMMON)}}},
             "/healthz": {"get": {"operationId": "healthz", "security": [],
                                  "responses": {"200": {"description": "The process is alive",
                                                        "content": {JSON: {"schema": {"type": "object"}}}},
-                                               **_errors(405, 500)}}},
+                                               **_errors(405, 500, v1=False)}}},
             "/readyz": {"get": {"operationId": "readyz", "security": [],
                                 "responses": {"200": {"description": "The HSM is present and logged in",
                                                       "content": {JSON: {"schema": {"type": "object"}}}},
-                                              **_errors(405, 500, 503)}}},
+                                              **_errors(405, 500, 503, v1=False)}}},
             "/openapi.json": {"get": {"operationId": "openapi", "security": [],
                                       "responses": {"200": {"description": "This document",
                                                             "content": {JSON: {"schema": {"type": "object"}}}},
-                                                    **_errors(405, 500)}}},
+                                                    **_errors(405, 500, v1=False)}}},
         },
         "components": {
             "securitySchemes": {"mutualTLS": {"type": "mutualTLS"},
                                 "bearer": {"type": "http", "scheme": "bearer"}},
+            "headers": HEADERS,
             "schemas": _schemas(cfg, default_hub, default_id_scope),
         },
     }
@@ -112,18 +134,31 @@ def _schemas(cfg: ServiceConfig, default_hub: bool, default_id_scope: bool) -> d
         "SasTokenRequest": {"oneOf": [
             {"type": "object", "additionalProperties": False,
              "required": device_required, "properties": {
-                "deviceId": {"type": "string", "pattern": v.DEVICE_ID},
-                "moduleId": {"type": "string", "pattern": v.DEVICE_ID},
-                "hub": {"type": "string", "pattern": v.HOST_NAME},
+                "deviceId": {"type": "string", "pattern": v.DEVICE_ID,
+                             "description": "The IoT Hub device the token is for (signed with its key, "
+                                            "service.sas_key)"},
+                "moduleId": {"type": "string", "pattern": v.DEVICE_ID,
+                             "description": "A module of that device: the token is for the module's identity"},
+                "hub": {"type": "string", "pattern": v.HOST_NAME,
+                        "description": "The IoT Hub host name; " + (
+                            "optional here: this service has a default hub (service.hub, else its own)"
+                            if default_hub else "required here: this service has no default hub "
+                            "(service.hub, or the module's own hub, would make it optional)")},
                 "ttlSeconds": ttl, "minRemainingSeconds": min_life}},
             {"type": "object", "additionalProperties": False, "required": ["idScope", "registrationId"],
-             "properties": {"idScope": {"type": "string", "pattern": v.ID_SCOPE},
-                            "registrationId": {"type": "string", "pattern": v.REGISTRATION_ID},
+             "properties": {"idScope": {"type": "string", "pattern": v.ID_SCOPE,
+                                        "description": "The DPS ID scope: a token to register with DPS"},
+                            "registrationId": {"type": "string", "pattern": v.REGISTRATION_ID,
+                                               "description": "The DPS registration id (signed with "
+                                                              "service.dps_key)"},
                             "ttlSeconds": ttl, "minRemainingSeconds": min_life}},
         ]},
         "SasToken": {"type": "object", "required": ["token", "resourceUri", "expiresOn", "expiresInSeconds"],
                      "properties": {
-            "token": {"type": "string"}, "resourceUri": {"type": "string"},
+            "token": {"type": "string", "description": "The SharedAccessSignature, for the Authorization of "
+                                                       "MQTT/AMQP/HTTPS to the hub or DPS"},
+            "resourceUri": {"type": "string", "description": "What the token grants: <hub>/devices/<deviceId> "
+                            "(/modules/<moduleId>) or <idScope>/registrations/<registrationId>"},
             "expiresOn": {"type": "integer", "description": "Unix time"},
             "expiresInSeconds": {"type": "integer", "description": "seconds of life left when answered, by the "
                                  "service's clock: schedule renewal from this, not from the local clock"}}},
@@ -132,18 +167,30 @@ def _schemas(cfg: ServiceConfig, default_hub: bool, default_id_scope: bool) -> d
             "key": {"type": "string", "pattern": v.LABEL,
                     "description": "An HSM key declared for callers (service.signing_keys); any other key, "
                                    "one reserved for the module's own use included, is 404 as if it did not exist"},
-            "algorithm": {"type": "string", "enum": list(ALGORITHMS)},
+            "algorithm": {"type": "string", "enum": list(ALGORITHMS),
+                          "description": "ES256/ES384: ECDSA with SHA-256/SHA-384 (a P-256/P-384 key); RS256: "
+                                         "RSASSA-PKCS1-v1_5 with SHA-256; PS256: RSASSA-PSS with SHA-256; "
+                                         "HMAC-SHA256: a MAC with a secret key"},
             "data": {"type": "string", "contentEncoding": "base64", "pattern": v.BASE64_DATA,
                      "maxLength": (v.MAX_DATA_BYTES + 2) // 3 * 4,
-                     "description": f"The bytes to sign (at most {v.MAX_DATA_BYTES}), padded base64"}}},
+                     "description": f"The message to sign (at most {v.MAX_DATA_BYTES} bytes), padded base64: the "
+                                    "message itself, not its digest; the algorithm hashes it (ES256 with SHA-256)"}}},
         "Signature": {"type": "object", "required": ["signature"], "properties": {
             "signature": {"type": "string", "contentEncoding": "base64",
                           "description": "ES256/ES384: raw r||s; RS256/PS256: PKCS#1; HMAC-SHA256: the MAC"}}},
         "RegistrationRequest": {"type": "object", "additionalProperties": False,
                                 "required": registration_required, "properties": {
-            "registrationId": {"type": "string", "pattern": v.REGISTRATION_ID},
-            "idScope": {"type": "string", "pattern": v.ID_SCOPE},
-            "attestation": {"type": "string", "enum": ["x509", "symmetricKey"]},
+            "registrationId": {"type": "string", "pattern": v.REGISTRATION_ID,
+                               "description": "The leaf's DPS registration id"},
+            "idScope": {"type": "string", "pattern": v.ID_SCOPE,
+                        "description": "The DPS ID scope; " + (
+                            "optional here: this service defaults to its own (cloud.id_scope)" if default_id_scope
+                            else "required here: this service has no default (cloud.id_scope would make it "
+                                 "optional)")},
+            "attestation": {"type": "string", "enum": ["x509", "symmetricKey"],
+                            "description": "x509: with the X.509 credential service.x509_label names; "
+                                           "symmetricKey: with service.dps_key (or a key derived from "
+                                           "service.group_key)"},
             "payload": {"description": "Custom allocation payload (JSON), passed to DPS"},
             "csr": {"type": "string", "contentEncoding": "base64", "pattern": v.BASE64_CSR,
                     "maxLength": (v.MAX_CSR_BYTES + 2) // 3 * 4,
@@ -155,14 +202,22 @@ def _schemas(cfg: ServiceConfig, default_hub: bool, default_id_scope: bool) -> d
                                                 "generated in this HSM (service.leaf_cert_label), stored there"}}},
         "Registration": {"type": "object", "required": ["registrationId", "assignedHub", "deviceId", "status"],
                          "properties": {
-            "registrationId": {"type": "string"}, "assignedHub": {"type": "string"},
-            "deviceId": {"type": "string"}, "status": {"type": "string"},
-            "substatus": {"type": ["string", "null"]}, "attestation": {"type": "string"},
-            "registeredAt": {"type": "string"},
+            "registrationId": {"type": "string", "description": "As requested"},
+            "assignedHub": {"type": "string", "description": "The IoT Hub DPS assigned the device to"},
+            "deviceId": {"type": "string", "description": "The device id on that hub"},
+            "status": {"type": "string", "description": "DPS's registration status (assigned)"},
+            "substatus": {"type": ["string", "null"],
+                          "description": "DPS's substatus (initialAssignment, deviceDataMigrated, ...)"},
+            "attestation": {"type": "string", "description": "x509 or symmetricKey, as requested"},
+            "registeredAt": {"type": "string", "description": "When the registration completed (ISO 8601)"},
             "issuedCertificateChain": {"type": "array", "items": {"type": "string", "contentEncoding": "base64"},
                                        "description": "Issued for 'csr': DER certificates, leaf first"},
             "certificate": {"type": "object", "description": "The issued leaf: subject, issuer, notAfter"}}},
         "Problem": {"type": "object", "required": ["type", "title", "status"], "properties": {
-            "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
-            "detail": {"type": "string"}, "instance": {"type": "string"}}},
+            "type": {"type": "string", "description": "https://spyrus-hsm.dev/problems/<name>: an identifier; "
+                                                     "the names are listed in the problem types reference"},
+            "title": {"type": "string", "description": "The type's short summary"},
+            "status": {"type": "integer", "description": "The HTTP status, repeated"},
+            "detail": {"type": "string", "description": "What was wrong with this request (never quoting it)"},
+            "instance": {"type": "string", "description": "The request id (X-Request-Id)"}}},
     }

@@ -25,7 +25,9 @@ from ..errors import Kind, SpyrusError
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/problem+json"
-TYPE_BASE = "https://spyrus-hsm.dev/problems/"  # identifiers, documented in the README
+# The `type` of every problem is TYPE_BASE + one of the names in TYPES: an identifier (compare it,
+# do not fetch it); the reference's problem types page is generated from TYPES.
+TYPE_BASE = "https://spyrus-hsm.dev/problems/"
 
 
 @dataclass
@@ -39,6 +41,107 @@ class Problem(Exception):
 
     def __str__(self) -> str:
         return f"{self.status} {self.type}: {self.detail or self.title}"
+
+
+@dataclass(frozen=True)
+class ProblemType:
+    """What a caller (and the operator behind it) should know about one problem type."""
+    status: tuple[int, ...]     # the HTTP statuses it comes with
+    when: str                   # what makes the service answer it
+    action: str                 # what the caller, or the operator, can do about it
+    retry_after: bool = False   # always with Retry-After: trying again after it may work
+
+
+_LOG = "the module's log has the reason, under the request id (the problem's `instance`)"
+
+# Every problem type the service answers. tests/unit/test_docs.py checks that each type the code
+# raises is here and described.
+TYPES: dict[str, ProblemType] = {
+    "invalid-request": ProblemType(
+        (400,), "a field is missing, unknown, of the wrong type or outside its pattern or range (the "
+        "detail names it), or the HSM cannot use what the request names (a key of the wrong kind)",
+        "fix the request as the detail says; do not retry it unchanged"),
+    "malformed-request": ProblemType(
+        (400,), "the request is not well-formed HTTP/1.1 (its request line, header section or body "
+        "framing); refused before it reaches a handler", "fix the client's HTTP; do not retry unchanged"),
+    "unsupported-media-type": ProblemType(
+        (415,), "a request body that is not `application/json`", "send `Content-Type: application/json`"),
+    "payload-too-large": ProblemType(
+        (413,), "the body is larger than `service.max_body_bytes`; the connection is closed",
+        "send a smaller body"),
+    "header-too-large": ProblemType(
+        (431,), "the request line or a header field is too long", "send shorter headers"),
+    "expectation-failed": ProblemType(
+        (417,), "an `Expect` header other than `100-continue`", "leave the header out"),
+    "method-not-allowed": ProblemType(
+        (405,), "the route exists but not with this method (the `Allow` header lists its methods)",
+        "use a method the `Allow` header lists"),
+    "not-found": ProblemType(
+        (404,), "no such route, no stored registration or certificate under that name, or a key that "
+        "is not declared for callers (a reserved key looks the same as a missing one)",
+        "check the name; `GET /openapi.json` lists the routes"),
+    "body-timeout": ProblemType(
+        (408,), "the request body did not arrive within `service.request_timeout`; the connection is "
+        "closed", "send the body promptly after the headers"),
+    "unauthenticated": ProblemType(
+        (401,), "no client certificate from the configured CA and no bearer token, an `Authorization` "
+        "header that is not `Bearer <token>`, or a certificate and a token naming different principals",
+        "present a leaf certificate (mutual TLS) or `Authorization: Bearer <token>`; "
+        "`WWW-Authenticate` names the scheme"),
+    "invalid-token": ProblemType(
+        (401,), "the bearer token is not one of `service.bearer_tokens`",
+        "use the token the operator issued; after a rotation, the new one"),
+    "certificate-rejected": ProblemType(
+        (401,), "the client certificate does not qualify (e.g. not usable for client authentication, "
+        "or without a usable name); the detail says why", "present a leaf certificate issued for "
+        "client authentication by the configured CA"),
+    "forbidden": ProblemType(
+        (403,), "authenticated, but no `service.policy` rule lets this principal do this operation on "
+        "this device or key", "ask the operator for a policy rule; retrying does not help"),
+    "rate-limited": ProblemType(
+        (429,), "the principal went past `service.rate_limit_per_second`, or its source address past "
+        "`service.unauthenticated_per_second` of failed authentications",
+        "wait the seconds in `Retry-After`, then retry", retry_after=True),
+    "conflict": ProblemType(
+        (409,), "the request conflicts with what the HSM holds (a label taken, or a name matching "
+        "several objects)", "the operator resolves the labels in the token; retrying does not help"),
+    "operation-failed": ProblemType(
+        (422,), "the HSM refused the operation (e.g. the key does not allow it)",
+        f"retrying does not help; {_LOG}"),
+    "credential-invalid": ProblemType(
+        (422,), "the stored credential the request needs is not usable (e.g. an incomplete or expired "
+        "certificate chain)", f"the operator replaces the credential; {_LOG}"),
+    "registration-failed": ProblemType(
+        (502,), "DPS did not complete the registration (refused, unreachable, or timed out after "
+        "`service.registration_timeout`)", f"retry later; if it persists, {_LOG}"),
+    "hsm-unavailable": ProblemType(
+        (503,), "the HSM is not ready (token missing, PIN refused, library failing)",
+        "wait the seconds in `Retry-After`, then retry; the operator sees `SpyrusHsmNotReady`",
+        retry_after=True),
+    "hsm-busy": ProblemType(
+        (503,), "the HSM's queue is full (`hsm.queue_limit`)",
+        "wait the seconds in `Retry-After` (spread over the queue's drain time), then retry",
+        retry_after=True),
+    "hsm-timeout": ProblemType(
+        (503,), "the HSM did not answer within `hsm.call_timeout`",
+        "wait the seconds in `Retry-After`, then retry", retry_after=True),
+    "request-timeout": ProblemType(
+        (503,), "the request did not complete within `service.request_timeout` (the HSM or DPS slow)",
+        "wait the seconds in `Retry-After`, then retry", retry_after=True),
+    "audit-unavailable": ProblemType(
+        (503,), "the audit record of an answer that hands out a secret could not be written "
+        "(`service.audit_fail_closed`); nothing was handed out",
+        "wait the seconds in `Retry-After`, then retry; the operator sees `SpyrusHsmAuditRecordsDropped` "
+        "or the log", retry_after=True),
+    "not-configured": ProblemType(
+        (503,), "the module is not set up for this request (e.g. no default hub or ID scope, a "
+        "missing template or certificate)", f"the operator fixes the configuration; {_LOG}"),
+    "not-ready": ProblemType(
+        (503,), "`GET /readyz`: the HSM is not ready, or the API is not serving yet; the body adds "
+        "`ready` and `status`", "probes: wait and ask again (`Retry-After`)", retry_after=True),
+    "internal-error": ProblemType(
+        (500,), "a bug: an error the service did not expect", f"report it; {_LOG}"),
+}
 
 
 def bad_request(detail: str, **extra: Any) -> Problem:

@@ -47,6 +47,16 @@ class Metrics:
             ("hsm.ready", "1", "1 while the HSM is ready, 0 otherwise.", meter.create_observable_gauge),
             ("hsm.recoveries", "{recovery}", "Times the HSM came back after being lost.",
              meter.create_observable_counter),
+            ("hsm.pin_refused", "1",
+             "1 while the token refuses the PIN (wrong, locked or expired; not retried until the PIN file "
+             "changes), 0 otherwise.", meter.create_observable_gauge),
+            ("hsm.restart_required", "1",
+             "1 while the token changed in a way only a new process can re-read (the module exits to be "
+             "restarted, once per change), 0 otherwise.", meter.create_observable_gauge),
+            # Labelled with the token's label and serial: a swapped token shows as a new serial.
+            ("hsm.token.info", "1",
+             "1 for the token the module logged in to last, labelled hsm_token_label and hsm_token_serial.",
+             meter.create_observable_gauge),
             # A point in time (Unix seconds) per credential, so an alert computes `- time()` itself
             # and one series per label says which credential it is.
             ("certificate.not_after.timestamp", "s",
