@@ -200,7 +200,7 @@ def _twin_keys() -> dict[str, str]:
 def config_keys() -> Iterator[tuple[str, type[Any], dataclasses.Field[Any]]]:
     """Every configuration key as (dotted name, its dataclass, its field)."""
     for f in dataclasses.fields(config.Config):
-        if f.name == "source":
+        if f.name in ("source", "origins"):  # not keys: where the config came from
             continue
         if f.name in config._SECTIONS:
             cls = config._SECTIONS[f.name]

@@ -262,6 +262,26 @@ class EventsConfig:
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Where a setting's value came from: the config file, an environment variable, or its default.
+    `shadowed` is the file's value that an environment variable replaced with another (else None)."""
+    kind: Literal["default", "file", "environment"]
+    where: str = ""           # the file's path, or the variable's name
+    shadowed: Any = None
+
+    def __str__(self) -> str:
+        if self.kind == "default":
+            return "default"
+        text = f"{self.kind} {self.where}"
+        if self.shadowed is not None:
+            text += f"; the file's {self.shadowed!r} is not used"
+        return text
+
+
+DEFAULT_ORIGIN = Origin("default")
+
+
+@dataclass(frozen=True)
 class Config:
     hsm: HsmConfig = field(default_factory=HsmConfig)
     sas: SasConfig = field(default_factory=SasConfig)
@@ -274,6 +294,12 @@ class Config:
     # where the module keeps its state: stored DPS assignments, the audit log by default
     state_dir: str = "/var/lib/spyrus-hsm"
     source: str = "defaults"
+    # where each key's value came from ("hsm.module" -> Origin); a key absent here is its default
+    origins: dict[str, Origin] = field(default_factory=dict, compare=False, repr=False)
+
+    def origin(self, key: str) -> Origin:
+        """Where the effective value of `key` ("hsm.module", "state_dir") came from."""
+        return self.origins.get(key, DEFAULT_ORIGIN)
 
 
 _SECTIONS: dict[str, type[Any]] = {"hsm": HsmConfig, "sas": SasConfig, "cloud": CloudConfig,
@@ -301,12 +327,21 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None,
     if path:
         source = path
         data = read_yaml(Path(path))
-    cfg = _from_mapping(data, source)
+    cfg = replace(_from_mapping(data, source), origins=_file_origins(data, source))
     for var, (name, key) in _ENV.items():
         if env.get(var):
             cfg = _override(cfg, name, key, env[var], var)
     _validate(cfg, require_token)
     return cfg
+
+
+def _file_origins(data: Mapping[str, Any], path: str) -> dict[str, Origin]:
+    """Every key the file sets, as "section.key" (or "state_dir")."""
+    out = {}
+    for name, value in data.items():
+        for key in (value if name in _SECTIONS and isinstance(value, dict) else {name: None}):
+            out[f"{name}.{key}" if name in _SECTIONS else name] = Origin("file", path)
+    return out
 
 
 def _from_mapping(data: Mapping[str, Any], source: str) -> Config:
@@ -385,9 +420,14 @@ def _rule(value: Any, index: int, source: str) -> PolicyRule:
 
 
 def _override(cfg: Config, section: str, key: str, value: str, var: str) -> Config:
+    """`section.key` set from the environment variable `var`: it wins over the file."""
     sec = getattr(cfg, section)
-    value_typed = typed(hints(type(sec))[key], value, f"{section}.{key}", f"environment variable {var}")
-    return replace(cfg, **{section: replace(sec, **{key: value_typed})})
+    name = f"{section}.{key}"
+    value_typed = typed(hints(type(sec))[key], value, name, f"environment variable {var}")
+    before = getattr(sec, key)
+    shadowed = before if cfg.origin(name).kind == "file" and before != value_typed else None
+    origins = {**cfg.origins, name: Origin("environment", var, shadowed)}
+    return replace(cfg, origins=origins, **{section: replace(sec, **{key: value_typed})})
 
 
 def _validate(cfg: Config, require_token: bool) -> None:

@@ -91,6 +91,27 @@ def _pcsc_checks(pcscd: str) -> list[Check]:
     return out
 
 
+ORIGIN_KEYS = ("hsm.module", "hsm.token_label", "hsm.token_serial", "hsm.pin_file", "hsm.pcscd", "hsm.serial",
+               "state_dir")
+
+
+def _origin_checks(cfg: config_mod.Config, pin_file: str | None) -> list[Check]:
+    """One line per setting that decides which token is used and how: its value and where it came
+    from (file, environment variable, default). WARN where an environment variable (the deployment
+    manifest's) replaced a different value the file sets: the file's is silently not used."""
+    out = []
+    for key in ORIGIN_KEYS:
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        origin = cfg.origin(key)
+        where, shadowed = str(origin), origin.shadowed is not None
+        if key == "hsm.pin_file" and pin_file:
+            value, where, shadowed = pin_file, "command line --pin-file", False
+        shown = "not set" if value is None else str(value).lower() if isinstance(value, bool) else value
+        out.append(Check(key, True, f"{shown} ({where})", warning=shadowed))
+    return out
+
+
 def _service_checks(cfg: config_mod.Config) -> list[Check]:
     """The HTTP service's files: readable, parseable, and where it writes, writable."""
     svc = cfg.service
@@ -127,11 +148,12 @@ def collect(config_path: str | None, pin_file: str | None) -> list[Check]:
     except config_mod.ConfigError as exc:
         return [Check("config", False, str(exc))]
     checks.append(Check("config", True, cfg.source))
+    checks += _origin_checks(cfg, pin_file)
     checks += _service_checks(cfg)
     module = cfg.hsm.module
     ok = os.access(module, os.R_OK)
     checks.append(Check("module", ok, module if ok else
-                        f"{module} is missing or unreadable; set SPYRUS_HSM_PKCS11_MODULE"))
+                        f"{module} is missing or unreadable; set hsm.module (or SPYRUS_HSM_PKCS11_MODULE)"))
     if not ok:
         return checks
     checks += _softhsm_checks(module) + _usb_checks(module, cfg.hsm.pcscd) + _pcsc_checks(cfg.hsm.pcscd)

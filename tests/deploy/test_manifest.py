@@ -2,7 +2,9 @@
 modules/spyrus_hsm/module.json into manifests that Azure accepts (schema, twin value sizes),
 with the HSM's USB bus passed through the way the pitfalls require and nothing left to fill in.
 deployment.pcsc-host.template.json (the host's pcscd socket bound in instead of the USB bus) is
-held to the same checks.
+held to the same checks. The configuration file of docs/deployment/production.md must be one the
+module accepts and agree with what each manifest binds and sets (no SPYRUS_HSM_PKCS11_MODULE to
+override the file's hsm.module; the PIN file, state volume and PC/SC mode where the page puts them).
 
 deployments/layered.spyrus-hsm.json, the fleet's layered deployment, is checked offline too: set
 leaf by leaf onto the generated base manifest it must still validate, its module must be the
@@ -28,7 +30,9 @@ from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 
+from spyrus_hsm import config
 from spyrus_hsm.config import ServiceConfig
 from spyrus_hsm.edge import reported, twin
 from spyrus_hsm.hsm import HsmState
@@ -109,7 +113,6 @@ def genconfig(tmp: Path, platform: str, template: str = TEMPLATES["usb"], **extr
             "CONTAINER_REGISTRY_SERVER": REGISTRY,
             "CONTAINER_REGISTRY_USERNAME": "edge-test",
             "CONTAINER_REGISTRY_PASSWORD": "not-a-real-password",
-            "SPYRUS_HSM_PKCS11_MODULE": "/usr/lib/softhsm/libsofthsm2.so",
             "CONFIG_OUTPUT_DIR": str(out_dir),
             "EDGE_RUNTIME_VERSION": env_template_value("EDGE_RUNTIME_VERSION"),
             **extra_env,
@@ -193,8 +196,43 @@ def test_secrets_config_and_state_are_mounted_where_the_module_looks(gen: Genera
     assert f"/etc/spyrus-hsm:{Path(env['SPYRUS_HSM_CONFIG']).parent}:ro" in binds
     state = [b for b in binds if b.split(":")[1] == "/var/lib/spyrus-hsm"]
     assert len(state) == 1 and not state[0].startswith("/"), "the state is a named volume"
-    assert env["SPYRUS_HSM_PKCS11_MODULE"] == "/usr/lib/softhsm/libsofthsm2.so"
+    assert "SPYRUS_HSM_PKCS11_MODULE" not in env, "it would override hsm.module, the one place the library is named"
     assert env["OTEL_SERVICE_NAME"] == "spyrus-hsm"
+
+
+def production_config() -> tuple[str, dict[str, Any]]:
+    """The configuration file of docs/deployment/production.md: its text and the YAML."""
+    page = (ROOT / "docs" / "deployment" / "production.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", page, re.S)
+    assert len(blocks) == 1, "the production page has one configuration file"
+    return blocks[0], dict(yaml.safe_load(blocks[0]))
+
+
+def test_the_production_config_is_valid_and_matches_what_the_manifest_binds_and_sets(
+        gen: Generated, tmp_path: Path) -> None:
+    text, doc = production_config()
+    # The page's placeholders, filled in as an operator would; then the module must accept it.
+    filled = re.sub(r"<sha256 hex[^>]*>", "ab" * 32, text)
+    (tmp_path / "config.yaml").write_text(filled)
+    cfg = config.load(str(tmp_path / "config.yaml"), env={})
+    env = {k: v["value"] for k, v in gen.module["env"].items()}
+    binds = {b.split(":")[0]: b.split(":")[1] for b in gen.create_options["HostConfig"]["Binds"]}
+    mounted = list(binds.values())
+    h = cfg.hsm
+    # the file is where the library is named, inside a folder the manifest binds
+    assert "SPYRUS_HSM_PKCS11_MODULE" not in env and doc["hsm"]["module"].startswith("/opt/vendor-pkcs11/")
+    assert any(h.module.startswith(m + "/") for m in mounted), h.module
+    assert h.token_label and h.token_serial and h.serial is True  # both selectors; one operation at a time
+    assert h.pin_file == env["SPYRUS_HSM_PIN_FILE"] == binds["/etc/spyrus-hsm/pin"]
+    assert env["SPYRUS_HSM_CONFIG"] == "/etc/spyrus-hsm/config.yaml"
+    if gen.template == TEMPLATES["usb"]:  # the recommended mode is the base template's
+        assert h.pcscd == env["SPYRUS_HSM_PCSCD"] == "internal"
+    assert cfg.state_dir == binds["spyrus-hsm-state"]
+    s = cfg.service
+    assert s.tls_key_label and not s.tls_key_file and not s.tls_cert_file  # the issued placement
+    assert s.client_ca_file and any(s.client_ca_file.startswith(m + "/") for m in mounted)
+    assert s.bearer_tokens and s.signing_keys == () and s.policy
+    assert all(rule.devices == ("{cn}",) for rule in s.policy)
 
 
 def test_the_api_port_is_published(gen: Generated) -> None:
@@ -282,7 +320,7 @@ def test_the_pcsc_host_variant_binds_the_hosts_pcscd_folder_and_no_usb(
         assert "Privileged" not in json.dumps(gen.create_options)
         assert gen.module["env"]["SPYRUS_HSM_PCSCD"] == {"value": "host"}
         base = generated[("usb", platform)]
-        assert "SPYRUS_HSM_PCSCD" not in base.module["env"]  # the base template keeps hsm.pcscd from the config
+        assert base.module["env"]["SPYRUS_HSM_PCSCD"] == {"value": "internal"}  # pcscd in the module: the USB bind
 
 
 # --- the layered deployment for the fleet (deployments/layered.spyrus-hsm.json) ---------------
@@ -296,9 +334,7 @@ def layered() -> dict[str, Any]:
     """The layered deployment as `az iot edge deployment create` gets it, after the envsubst of
     the two variables it names (docs/deployment/iot-edge.md, fleet roll-out)."""
     text = LAYERED.read_text()
-    for name, value in (("CONTAINER_REGISTRY_SERVER", REGISTRY),
-                        ("SPYRUS_HSM_PKCS11_MODULE", "/usr/lib/softhsm/libsofthsm2.so")):
-        text = text.replace("${" + name + "}", value)
+    text = text.replace("${CONTAINER_REGISTRY_SERVER}", REGISTRY)
     assert not re.findall(r"\$\{[^}]*\}", text), "a placeholder the documented envsubst does not substitute"
     return dict(json.loads(text))
 

@@ -72,7 +72,9 @@ def test_a_fresh_certificate_passes_without_a_warning(cli, token_env, own_token)
     assert code == 0 and check["ok"] and not check["warning"], check
     assert until(cert) in check["detail"]
     res = selftest(cli, token_env, token_label)
-    assert res.code == 0 and "WARN" not in res.out and "FAIL" not in res.out, res.out
+    # the one WARN: this test's own token chosen by SPYRUS_HSM_TOKEN_LABEL over the shared config's
+    warned = [ln for ln in res.out.splitlines() if ln.startswith(("WARN", "FAIL"))]
+    assert res.code == 0 and [ln.split(":")[0] for ln in warned] == ["WARN hsm.token_label"], res.out
 
 
 def test_a_certificate_at_90_percent_of_its_lifetime_warns_and_still_passes(  # type: ignore[no-untyped-def]
@@ -158,3 +160,30 @@ def test_a_policy_rule_that_would_reach_reserved_keys_is_warned_about(  # type: 
         f"WARN policy: service.signing_keys pattern 'op-*' matches reserved key(s) '{LABEL}' (the API's TLS key "
         "(service.tls_key_label)): they are never used for caller-named signing",
     ], res.out
+
+
+def test_each_setting_that_picks_the_token_says_where_its_value_came_from(cli, token_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The deployment manifest's environment wins over the config file: selftest shows which
+    value is used and where from, and warns that the file's hsm.module is not."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"hsm:\n  module: /opt/vendor-pkcs11/not-this-one.so\n  token_label: {token_env.label}\n"
+                      f"  pin_file: {token_env.pin_file}\n  serial: true\nstate_dir: {tmp_path / 'state'}\n")
+    res = cli("--config", str(config), "selftest",
+              env=token_env.env(SPYRUS_HSM_PKCS11_MODULE=token_env.module, SPYRUS_HSM_CONFIG=""))
+    assert res.code == 0, res.out + res.err
+    lines = {ln.split(":", 1)[0].split()[-1]: ln for ln in res.out.splitlines()}
+    assert lines["hsm.module"] == (f"WARN hsm.module: {token_env.module} (environment SPYRUS_HSM_PKCS11_MODULE; "
+                                   "the file's '/opt/vendor-pkcs11/not-this-one.so' is not used)")
+    assert lines["hsm.token_label"] == f"ok   hsm.token_label: {token_env.label} (file {config})"
+    assert lines["hsm.token_serial"] == "ok   hsm.token_serial: not set (default)"
+    assert lines["hsm.pin_file"] == f"ok   hsm.pin_file: {token_env.pin_file} (file {config})"
+    assert lines["hsm.pcscd"] == "ok   hsm.pcscd: none (default)"
+    assert lines["hsm.serial"] == f"ok   hsm.serial: true (file {config})"
+    assert lines["login"].startswith(f"ok   login: token '{token_env.label}'")
+
+
+def test_a_pin_file_given_on_the_command_line_is_shown_as_such(cli, token_env) -> None:  # type: ignore[no-untyped-def]
+    res = cli("selftest", "--json", "--pin-file", str(token_env.pin_file))
+    checks = {c["name"]: c for c in json.loads(res.out)["checks"]}
+    assert checks["hsm.pin_file"]["detail"] == f"{token_env.pin_file} (command line --pin-file)"
+    assert checks["hsm.module"]["detail"] == f"{token_env.module} (file {token_env.config_file})"

@@ -87,3 +87,16 @@ def test_a_bounded_key_refuses_values_just_outside_its_range(tmp_path: Path, sec
         with pytest.raises(ConfigError, match=f"'{section}.{key}' must be .*, got {value}"):
             load(_write(tmp_path, yaml.safe_dump(document)))
 
+
+
+def test_each_value_records_where_it_came_from(tmp_path: Path) -> None:
+    path = _write(tmp_path, "hsm:\n  module: /opt/file.so\n  token_label: a\n  pin_file: /run/pin\nstate_dir: /s\n")
+    cfg = load(path, env={"SPYRUS_HSM_PKCS11_MODULE": "/opt/env.so", "SPYRUS_HSM_PCSCD": "internal",
+                          "SPYRUS_HSM_PIN_FILE": "/run/pin"})
+    assert str(cfg.origin("hsm.module")) == ("environment SPYRUS_HSM_PKCS11_MODULE; "
+                                            "the file's '/opt/file.so' is not used")
+    assert str(cfg.origin("hsm.pcscd")) == "environment SPYRUS_HSM_PCSCD"  # the file does not set it
+    assert str(cfg.origin("hsm.pin_file")) == "environment SPYRUS_HSM_PIN_FILE"  # the same value: nothing lost
+    assert str(cfg.origin("hsm.token_label")) == f"file {path}" and str(cfg.origin("state_dir")) == f"file {path}"
+    assert str(cfg.origin("hsm.token_serial")) == "default"
+    assert cfg == load(path, env={"SPYRUS_HSM_PKCS11_MODULE": "/opt/env.so", "SPYRUS_HSM_PCSCD": "internal"})
