@@ -98,7 +98,10 @@ def test_serve_stops_in_time_while_a_registration_hangs_and_leaves_no_thread_of_
             port = api_port_from(proc, within=30)
             asker = threading.Thread(target=_register, args=(port, ctx, bearer, reg, answers))
             asker.start()
-            assert dps.connected.wait(30), "the registration never reached DPS"
+            if not dps.connected.wait(30):
+                asker.join(5)
+                raise AssertionError(f"the registration never reached DPS: answers {answers}; serve said: "
+                                     + err_file.read_text()[-3000:])
             proc.send_signal(signal.SIGTERM)
             started = time.monotonic()
             try:
