@@ -189,10 +189,10 @@ def service_config(cert: Path | None, key: Path | None, bearer: str, audit: Path
 async def start_service(hsm: Any, cfg: Any, root: Path, telemetry_off: bool = False) -> tuple[Any, int]:
     from spyrus_hsm.config import CloudConfig
     from spyrus_hsm.service import collector
+    from spyrus_hsm.service.api_tls import ServerTls
     from spyrus_hsm.service.audit import AuditLog
     from spyrus_hsm.service.core import Deps, Service
     from spyrus_hsm.service.server import Listeners
-    from spyrus_hsm.service.server_tls import ServerTls
     from spyrus_hsm.telemetry import disabled, hsm_instrument, setup
 
     # Default: as `serve` does with the OTEL_* variables of the bench's environment (none: spans

@@ -86,9 +86,9 @@ async def load(port: int, root: Path, args: argparse.Namespace) -> dict[str, Any
 
 async def start(hsm: Any, root: Path, name: str, audit: AuditLog, **overrides: Any) -> tuple[Any, int]:
     from spyrus_hsm.config import CloudConfig
+    from spyrus_hsm.service.api_tls import ServerTls
     from spyrus_hsm.service.core import Deps, Service
     from spyrus_hsm.service.server import Listeners
-    from spyrus_hsm.service.server_tls import ServerTls
     from spyrus_hsm.telemetry import disabled
 
     cfg = service_config(root / "server.pem", root / "server.key", (root / "bearer").read_text(), Path(audit.path))

@@ -35,11 +35,11 @@ from emulator.pki import EmulatorPki, Issued, PemFiles, issue_from_csr, make_ca
 from spyrus_hsm.config import CloudConfig, PolicyRule, ServiceConfig, service_section
 from spyrus_hsm.hsm import Hsm, KeyAlgorithm, Secret
 from spyrus_hsm.identity.csr import build_csr
+from spyrus_hsm.service.api_tls import ServerTls
 from spyrus_hsm.service.audit import AuditLog
 from spyrus_hsm.service.core import Deps, Service
 from spyrus_hsm.service.problems import TYPE_BASE
 from spyrus_hsm.service.server import Listeners, probe_forever
-from spyrus_hsm.service.server_tls import ServerTls
 from spyrus_hsm.telemetry import Telemetry, disabled, hsm_instrument
 
 HOST = addresses.host()  # the services started here listen on this session's own address

@@ -45,10 +45,10 @@ from .metrics import EdgeLabels, MetricsEndpoint, registry
 from .pcsc.daemon import Pcscd
 from .pcsc.watch import CardWatch
 from .service import collector
+from .service.api_tls import ServerTls
 from .service.audit import AuditLog
 from .service.core import Deps, Service
 from .service.server import Listeners, probe_forever
-from .service.server_tls import ServerTls
 from .shutdown import Shutdown
 from .telemetry import Telemetry, hsm_instrument
 from .threads import Lane, Worker

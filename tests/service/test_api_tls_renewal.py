@@ -27,8 +27,8 @@ from emulator.pki import EmulatorPki
 from spyrus_hsm.config import service_section
 from spyrus_hsm.hsm import Hsm, Pkcs11Uri
 from spyrus_hsm.identity import service_ca
-from spyrus_hsm.service import server_tls as server_tls_mod
-from spyrus_hsm.service.server_tls import Placement, ServerTls
+from spyrus_hsm.service import api_tls as server_tls_mod
+from spyrus_hsm.service.api_tls import Placement, ServerTls
 
 pytestmark = [pytest.mark.shim, pytest.mark.timeout(90)]
 GUARD = 30.0  # seconds: only so that a credential that never renews fails instead of hanging

@@ -27,7 +27,7 @@ from waiting import holds_for, wait_for
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm
-from spyrus_hsm.service.tls_listener import TlsListener
+from spyrus_hsm.service.admission import TlsListener
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -37,7 +37,7 @@ from spyrus_hsm.config import service_section
 from spyrus_hsm.hsm import Hsm
 from spyrus_hsm.identity.service_ca import BACKDATE
 from spyrus_hsm.leaf import LeafDevice, TokenService
-from spyrus_hsm.service.server_tls import Placement, ServerTls
+from spyrus_hsm.service.api_tls import Placement, ServerTls
 
 HOST = "127.0.0.1"
 TTL = 3600

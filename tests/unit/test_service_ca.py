@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from spyrus_hsm.config import service_section
 from spyrus_hsm.identity.service_ca import BACKDATE, review
 from spyrus_hsm.selftest import _issuing_check
-from spyrus_hsm.service.server_tls import ServerTls, TlsSetupError
+from spyrus_hsm.service.api_tls import ServerTls, TlsSetupError
 
 NOW = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)

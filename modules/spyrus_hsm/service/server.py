@@ -14,13 +14,13 @@ from aiohttp import web
 from ..hsm import Hsm
 from ..listening import ListenError, listen
 from ..threads import Lane
+from .admission import TlsListener
+from .api_tls import ServerTls
 from .app import build_app
 from .appkeys import API_NOT_SERVING, SERVICE
 from .core import Service
 from .protocol import Runner
 from .routes import health
-from .server_tls import ServerTls
-from .tls_listener import TlsListener
 
 CLOSE_DEADLINE = 5.0  # seconds for the TLS renewal thread to stop (it is told 1 s)
 
