@@ -162,11 +162,14 @@ def test_a_policy_rule_that_would_reach_reserved_keys_is_warned_about(  # type: 
     ], res.out
 
 
-def test_each_setting_that_picks_the_token_says_where_its_value_came_from(cli, token_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_each_setting_that_picks_the_token_says_where_its_value_came_from(  # type: ignore[no-untyped-def]
+        cli, token_env, own_token, tmp_path) -> None:
     """The deployment manifest's environment wins over the config file: selftest shows which
-    value is used and where from, and warns that the file's hsm.module is not."""
+    value is used and where from, and warns that the file's hsm.module is not. (A token of its
+    own: the session's holds other tests' expired credentials, which selftest fails on.)"""
+    label, _ = own_token
     config = tmp_path / "config.yaml"
-    config.write_text(f"hsm:\n  module: /opt/vendor-pkcs11/not-this-one.so\n  token_label: {token_env.label}\n"
+    config.write_text(f"hsm:\n  module: /opt/vendor-pkcs11/not-this-one.so\n  token_label: {label}\n"
                       f"  pin_file: {token_env.pin_file}\n  serial: true\nstate_dir: {tmp_path / 'state'}\n")
     res = cli("--config", str(config), "selftest",
               env=token_env.env(SPYRUS_HSM_PKCS11_MODULE=token_env.module, SPYRUS_HSM_CONFIG=""))
@@ -174,12 +177,12 @@ def test_each_setting_that_picks_the_token_says_where_its_value_came_from(cli, t
     lines = {ln.split(":", 1)[0].split()[-1]: ln for ln in res.out.splitlines()}
     assert lines["hsm.module"] == (f"WARN hsm.module: {token_env.module} (environment SPYRUS_HSM_PKCS11_MODULE; "
                                    "the file's '/opt/vendor-pkcs11/not-this-one.so' is not used)")
-    assert lines["hsm.token_label"] == f"ok   hsm.token_label: {token_env.label} (file {config})"
+    assert lines["hsm.token_label"] == f"ok   hsm.token_label: {label} (file {config})"
     assert lines["hsm.token_serial"] == "ok   hsm.token_serial: not set (default)"
     assert lines["hsm.pin_file"] == f"ok   hsm.pin_file: {token_env.pin_file} (file {config})"
     assert lines["hsm.pcscd"] == "ok   hsm.pcscd: none (default)"
     assert lines["hsm.serial"] == f"ok   hsm.serial: true (file {config})"
-    assert lines["login"].startswith(f"ok   login: token '{token_env.label}'")
+    assert lines["login"].startswith(f"ok   login: token '{label}'")
 
 
 def test_a_pin_file_given_on_the_command_line_is_shown_as_such(cli, token_env) -> None:  # type: ignore[no-untyped-def]
