@@ -25,7 +25,7 @@ from pkcs11.util.ec import encode_ec_public_key
 from pkcs11.util.rsa import encode_rsa_public_key
 
 from .algorithms import KeyAlgorithm, SignAlgorithm
-from .capabilities import Need
+from .capabilities import HMAC_PROVIDERS, Need, Unsupported
 from .encoding import key_id_from_spki
 from .errors import DuplicateObject, InvalidInput, OperationFailed
 from .reads import order_chain, rsa_spki
@@ -87,7 +87,14 @@ def import_secret_key(ws: WorkerSession, label: str, value: Secret) -> str:
     template = dict(SECRET_KEY_TEMPLATE)
     template.update({Attribute.LABEL: label, Attribute.ID: key_id, Attribute.VALUE: value.reveal(),
                      Attribute.PRIVATE: ws.capabilities.login_required})
-    ws.session.create_object(template)
+    try:
+        ws.session.create_object(template)
+    except (p11e.TemplateInconsistent, p11e.AttributeValueInvalid, p11e.AttributeTypeInvalid):
+        # HMAC signing listed, secret keys not taken (tpm2-pkcs11): no mechanism list tells.
+        raise Unsupported(
+            f"token '{ws.token_label}' does not store secret keys given to it (C_CreateObject "
+            f"refused): SAS keys need a token that signs HMAC-SHA256 and imports secret keys "
+            f"({HMAC_PROVIDERS})", public="the HSM token does not support this operation") from None
     return key_id.hex()
 
 
