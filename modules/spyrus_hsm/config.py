@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 from .config_fields import YEAR, as_list, check_bounds, hints, ranged, ranges_of, read_yaml, section, typed
 from .config_fields import ConfigError as ConfigError  # raised by the checks in both modules
-from .hsm import PoolSettings, RefusedPins, TokenSelector
+from .hsm import KeyAlgorithm, Need, PoolSettings, RefusedPins, TokenSelector
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 ENV_CONFIG = "SPYRUS_HSM_CONFIG"
@@ -491,3 +491,37 @@ def validate_service(s: ServiceConfig, where: str) -> None:
 def allowed_ranges() -> dict[str, str]:
     """'section.key' -> the range its check allows, as its error message words it ("must be ...")."""
     return ranges_of(_SECTIONS)
+
+
+def registration_needs(*, symmetric: bool, issue_cert: bool) -> tuple[Need, ...]:
+    """What a DPS registration asks of the token: HMAC-SHA256 for a symmetric key; an EC P-384
+    key pair generated and signing (identity.issued.OPERATIONAL_KEY) for an issued certificate."""
+    needs: tuple[Need, ...] = (Need.HMAC_SHA256,) if symmetric else ()
+    return needs + (Need.to_generate(KeyAlgorithm.EC_P384) if issue_cert else ())
+
+
+def token_needs(cfg: Config) -> list[tuple[str, Need]]:
+    """What this configuration's keys ask of the token, each with the setting that asks it
+    (`serve` and `selftest` compare it with the token's capabilities). The API's TLS key is not
+    here: its algorithm is the key's, read from the token."""
+    out: list[tuple[str, Need]] = []
+    c = cfg.cloud
+    if c.enabled and c.key and c.attestation == "symmetricKey":
+        out += [("cloud.key (symmetricKey attestation)", n)
+                for n in registration_needs(symmetric=True, issue_cert=False)]
+    if c.enabled and c.issue_cert:
+        out += [("cloud.issue_cert", n) for n in registration_needs(symmetric=False, issue_cert=True)]
+    s = cfg.service
+    if s.enabled and any(op in ("sas-token", "*") for rule in s.policy for op in rule.operations):
+        out.append(("service.sas_key (policy allows sas-token)", Need.HMAC_SHA256))
+    if s.enabled and s.group_key:
+        out.append(("service.group_key", Need.HMAC_SHA256))
+    return out
+
+
+def tls_key_needs(algorithm: KeyAlgorithm) -> Need:
+    """What the API's TLS key (service.tls_key_label) of `algorithm` asks of the token: its
+    signature in a TLS 1.3 handshake or on the short-lived keys it certifies."""
+    if algorithm is KeyAlgorithm.RSA_2048:
+        return Need.RSA_PSS_SHA256  # TLS 1.3 signs with RSA only as RSA-PSS
+    return Need.to_generate(algorithm)[1]

@@ -62,6 +62,7 @@ PCSCD_STOP_SECONDS = 3.0
 LISTEN_RETRY = 5.0  # seconds between attempts to bind a listener's port (and to start the API)
 CERTIFICATE_CHECK_INTERVAL = 600.0  # seconds between reads of the X.509 credentials' expiry
 READ_DEADLINE = 60.0        # seconds for a read of the token's credentials (several HSM calls)
+EXIT_UNSUPPORTED = 2  # the token cannot do what the configuration needs: as a config error
 TLS_SETUP_DEADLINE = 120.0  # ... for the API's TLS credential (HSM reads, a signature, the provider)
 
 
@@ -118,6 +119,7 @@ class Module:
         self.edge_env = detect_edge(os.environ)  # IoT Edge? (raises on a half-configured environment)
         self.edge: EdgeAgent | None = None
         self.exit_code = 0
+        self._needs_checked = False
         self.shutdown: Shutdown | None = None  # once stopping: the budget the stop shares
         self._reads = Lane("module-hsm", 2)     # the loop's blocking calls (token reads, TLS setup)
         self._connecting: Worker | None = None
@@ -136,6 +138,33 @@ class Module:
             return
         for line in service.roles.warnings(service.cfg.policy, objects):
             log.warning("%s", line)
+
+    def _refuse_unmet_needs(self, state: HsmState, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+        """Once the token is first ready: a configuration whose keys need what the token lacks
+        (an HMAC key with no CKM_SHA256_HMAC, an ECDSA TLS key with no ECDSA) is refused in one
+        line, and serve stops with the usage exit code (on the pool's supervisor thread)."""
+        if not state.ready or self._needs_checked:
+            return
+        self._needs_checked = True
+        caps = self.hsm.capabilities
+        if caps is None:
+            return
+        needs = config_mod.token_needs(self.cfg)
+        label = self.cfg.service.tls_key_label if self.cfg.service.enabled else None
+        if label:
+            try:
+                if self.hsm.find(label, "private"):
+                    needs.append((f"service.tls_key_label '{label}'",
+                                  config_mod.tls_key_needs(self.hsm.key_algorithm(label))))
+            except HsmError as exc:
+                log.warning("could not read the API's TLS key '%s' to check the token can sign with it: %s",
+                            label, exc)
+        unmet = [f"{setting}: {why}" for setting, need in needs if (why := caps.missing(need)) is not None]
+        if not unmet or self.exit_code:
+            return
+        log.error("the configuration needs what the token cannot do; %s", "; ".join(dict.fromkeys(unmet)))
+        self.exit_code = EXIT_UNSUPPORTED
+        loop.call_soon_threadsafe(stop.set)
 
     def _assigned_hub(self) -> str | None:
         return self.cloud.assigned_hub if self.cloud is not None else None
@@ -157,6 +186,7 @@ class Module:
         """Serve until `stop` is set, then shut everything down (bounded: edgeAgent waits 10 s)."""
         loop = asyncio.get_running_loop()
         self.hsm.add_listener(lambda state: self._restart_if_needed(state, loop, stop))
+        self.hsm.add_listener(lambda state: self._refuse_unmet_needs(state, loop, stop))
         if self.edge_env is not None and self.cfg.events.enabled:
             self.events = events_mod.Events(self.cfg.events, self.edge_env.device_id, self.edge_env.module_id)
             self.hsm.add_listener(self.events.hsm_state)

@@ -18,7 +18,7 @@ from cryptography import x509
 
 from . import config as config_mod
 from . import times
-from .hsm import Hsm, HsmError, RefusedPins, SignAlgorithm, list_tokens, read_secret_file
+from .hsm import Hsm, HsmError, Need, RefusedPins, Row, SignAlgorithm, list_tokens, read_secret_file
 from .identity import service_ca
 from .identity import x509 as x509_id
 from .pcsc import scard
@@ -142,6 +142,11 @@ def _service_checks(cfg: config_mod.Config) -> list[Check]:
 
 
 def collect(config_path: str | None, pin_file: str | None) -> list[Check]:
+    return _collect(config_path, pin_file, [])
+
+
+def _collect(config_path: str | None, pin_file: str | None, table: list[Row]) -> list[Check]:
+    """The checks; `table` receives the token's capability table once logged in."""
     checks: list[Check] = []
     try:
         cfg = config_mod.load(config_path)
@@ -175,6 +180,7 @@ def collect(config_path: str | None, pin_file: str | None) -> list[Check]:
         with Hsm(cfg.hsm.pool_settings(refused), pin).start(wait=True) as hsm:
             st = hsm.state
             checks.append(Check("login", True, f"token '{st.token_label}' serial {st.token_serial}"))
+            checks += _capability_checks(cfg, hsm, table)
             checks += _object_checks(hsm)
             checks += _key_role_checks(cfg, hsm)
             label = cfg.service.tls_key_label if cfg.service.enabled else None
@@ -188,6 +194,29 @@ def collect(config_path: str | None, pin_file: str | None) -> list[Check]:
     except HsmError as exc:
         checks.append(Check("login", False, str(exc)))
     return checks
+
+
+def _capability_checks(cfg: config_mod.Config, hsm: Hsm, table: list[Row]) -> list[Check]:
+    """The token's capability table (into `table`); FAIL for each key of the configuration that
+    needs what the token lacks (serve refuses that configuration), WARN for fewer sessions than
+    the pool opens."""
+    caps = hsm.capabilities
+    if caps is None:
+        return []
+    table += caps.table()
+    needs = config_mod.token_needs(cfg)
+    label = cfg.service.tls_key_label if cfg.service.enabled else None
+    if label and hsm.find(label, "private"):
+        needs.append((f"service.tls_key_label '{label}'", config_mod.tls_key_needs(hsm.key_algorithm(label))))
+    unmet = [Check(f"needs {setting}", False, why) for setting, need in needs
+             if (why := caps.missing(need)) is not None]
+    out = unmet or [Check("capabilities", True, f"token '{caps.token_label}' offers what the configuration's "
+                          f"keys need ({len(needs)} need(s)); see the table below")]
+    if caps.max_sessions is not None and hsm.pool.workers + 1 > caps.max_sessions:
+        out.append(Check("sessions", True, f"token '{caps.token_label}' allows {caps.max_sessions} sessions and "
+                         f"the pool opens {hsm.pool.workers + 1} (hsm.workers + 1): lower hsm.workers",
+                         warning=True))
+    return out
 
 
 def _api_tls_check(hsm: Hsm, svc: config_mod.ServiceConfig) -> Check:
@@ -254,7 +283,8 @@ def _object_checks(hsm: Hsm) -> list[Check]:
                 out.append(Check(f"cert {o.label}", False,
                                  f"certificate {o.subject} expires {o.not_after}; renew it"))
     secret = next((o for o in objects if o.type == "secret-key"), None)
-    if secret is not None:
+    caps = hsm.capabilities
+    if secret is not None and (caps is None or caps.has(Need.HMAC_SHA256)):
         hsm.sign(secret.label, SignAlgorithm.HMAC_SHA256, b"selftest")
         out.append(Check("sign", True, f"HMAC-SHA256 with '{secret.label}'"))
     return out
@@ -279,13 +309,20 @@ def _lifetime_check(cred: x509_id.X509Credential) -> Check:
 
 
 def run_selftest(config_path: str | None, pin_file: str | None, json_out: bool = False) -> int:
-    checks = collect(config_path, pin_file)
+    table: list[Row] = []
+    checks = _collect(config_path, pin_file, table)
     passed = all(c.ok for c in checks)
     if json_out:
-        print(json.dumps({"ok": passed, "checks": [asdict(c) for c in checks]}, indent=2))
+        print(json.dumps({"ok": passed, "checks": [asdict(c) for c in checks],
+                          "capabilities": [asdict(r) for r in table]}, indent=2))
     else:
         for c in checks:
             print(f"{'FAIL' if not c.ok else 'WARN' if c.warning else 'ok  '} {c.name}: {c.detail}")
+        if table:
+            print("token capabilities:")
+            width = max(len(r.capability) for r in table)
+            for r in table:
+                print(f"  {r.capability:<{width}}  {r.status:<8}  {r.detail}")
     if not passed:
         print("selftest failed; fix the FAIL lines above", file=sys.stderr)
     return 0 if passed else 1

@@ -50,7 +50,7 @@ def cmd_keyref(args: argparse.Namespace, stdin: Stdin) -> int:
         objects = hsm.find(args.label, "private")
     if len(objects) != 1:
         raise UsageError(f"{len(objects)} private keys are labelled '{args.label}'; need exactly one")
-    uri = tls.key_uri(cfg.hsm.token_label, args.label, bytes.fromhex(objects[0].id_hex))
+    uri = tls.key_uri(cfg.hsm.token_label, args.label, bytes.fromhex(objects[0].id_hex) or None)
     emit(args, tls.keyref_pem(uri))
     return 0
 

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..config import registration_needs
 from .common import Stdin, UsageError, hsm_and_config, provider_loader, read_input_file
 
 
@@ -21,6 +22,7 @@ def cmd_register(args: argparse.Namespace, stdin: Stdin) -> int:
         except ValueError:
             raise UsageError("--payload must be JSON, e.g. '{\"site\": \"plant-7\"}'") from None
     with hsm_and_config(args, stdin) as (hsm, cfg):
+        hsm.require(*registration_needs(symmetric=bool(args.sas_key), issue_cert=bool(args.issue_cert)))
         ca_file = args.server_ca or cfg.cloud.server_ca_file
         ca_pem = read_input_file(ca_file, "server CA file").decode() if ca_file else None
         load_provider = provider_loader(args, cfg, "X.509 registration")
@@ -48,6 +50,7 @@ def cmd_renew(args: argparse.Namespace, stdin: Stdin) -> int:
         if not (c.id_scope and c.registration_id and c.key):
             raise UsageError("renew registers with the onboarding credential of the config's cloud section: "
                              "set cloud.id_scope, cloud.registration_id and cloud.key")
+        hsm.require(*registration_needs(symmetric=c.attestation == "symmetricKey", issue_cert=True))
         load_provider = provider_loader(args, cfg, "renew")
         ca_pem = read_input_file(c.server_ca_file, "server CA file").decode() if c.server_ca_file else None
         in_use, renewed = renewal.renew_now(hsm, c, args.label, Path(cfg.state_dir), ca_pem, load_provider,

@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from ..hsm import Hsm, KeyAlgorithm, Pkcs11Uri, Secret, init_token
+from ..hsm import Hsm, KeyAlgorithm, Need, Pkcs11Uri, Secret, init_token
 from ..identity import sas as sas_mod
 from .common import EXIT_FAILED, Stdin, UsageError, hsm_and_config, load_config, read_input_file, secret
 
@@ -28,6 +28,7 @@ def cmd_token_init(args: argparse.Namespace, stdin: Stdin) -> int:
 
 def cmd_key_import_sas(args: argparse.Namespace, stdin: Stdin) -> int:
     with hsm_and_config(args, stdin) as (hsm, _):
+        hsm.require(Need.HMAC_SHA256)  # before the key is read or anything stored
         raw = secret(args.key_file, "key", stdin)
         try:
             value = Secret(base64.b64decode(raw.reveal().strip(), validate=True))
@@ -63,8 +64,10 @@ def _has_certs(hsm: Hsm, label: str) -> bool:
 
 
 def cmd_key_generate(args: argparse.Namespace, stdin: Stdin) -> int:
+    algorithm = KeyAlgorithm(args.type)
     with hsm_and_config(args, stdin) as (hsm, _):
-        key_id = hsm.generate_keypair(args.label, KeyAlgorithm(args.type))
+        hsm.require(*Need.to_generate(algorithm))
+        key_id = hsm.generate_keypair(args.label, algorithm)
     print(f"generated {args.type} key pair '{args.label}' (id {key_id}) inside the token")
     return 0
 
@@ -75,7 +78,7 @@ def cmd_list(args: argparse.Namespace, stdin: Stdin) -> int:
         state = hsm.state
     if args.json:
         print(json.dumps({"token": state.token_label, "serial": state.token_serial,
-                          "objects": [asdict(o) for o in objects]}, indent=2))
+                          "objects": [{**asdict(o), "id_hex": o.id_hex or None} for o in objects]}, indent=2))
         return 0
     print(f"token '{state.token_label}' (serial {state.token_serial}): {len(objects)} object(s)")
     for o in objects:
@@ -84,7 +87,7 @@ def cmd_list(args: argparse.Namespace, stdin: Stdin) -> int:
             extra = f" sensitive={o.sensitive} extractable={o.extractable}"
         if o.type == "cert":
             extra = f" {o.category or ''} subject={o.subject} expires={o.not_after}"
-        print(f"  {o.type:<10} {o.label:<24} id={o.id_hex} {o.key_type or ''}{extra}")
+        print(f"  {o.type:<10} {o.label:<24} id={o.id_hex or '-'} {o.key_type or ''}{extra}")
     return 0
 
 
@@ -115,6 +118,7 @@ def cmd_sas(args: argparse.Namespace, stdin: Stdin) -> int:
     if args.module_id and not args.device_id:
         raise UsageError("--module-id needs --hub and --device-id")
     with hsm_and_config(args, stdin) as (hsm, cfg):
+        hsm.require(Need.HMAC_SHA256)
         ttl = args.ttl if args.ttl is not None else cfg.sas.default_ttl
         token = sas_mod.SasMinter(hsm).mint(args.key, uri, ttl, args.key_name)
     if args.json:

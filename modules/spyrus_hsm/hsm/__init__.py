@@ -1,5 +1,6 @@
 """The only package that talks PKCS#11: token, sessions, worker pool, recovery, operations."""
 
+from .capabilities import Capabilities, Need, Row, Unsupported
 from .client import Hsm, KeyRef
 from .encoding import ecdsa_raw_to_der
 from .errors import (
@@ -28,6 +29,7 @@ from .uri import Pkcs11Uri, UriError, as_uri
 
 __all__ = [
     "EXIT_RESTART",
+    "Capabilities",
     "DuplicateObject",
     "Hsm",
     "HsmBusy",
@@ -40,6 +42,7 @@ __all__ = [
     "KeyAlgorithm",
     "KeyRef",
     "LoginFailed",
+    "Need",
     "ObjectInfo",
     "ObjectNotFound",
     "OperationFailed",
@@ -47,11 +50,13 @@ __all__ = [
     "Pkcs11Uri",
     "PoolSettings",
     "RefusedPins",
+    "Row",
     "Secret",
     "SignAlgorithm",
     "TokenNotFound",
     "TokenSelector",
     "TokenSummary",
+    "Unsupported",
     "UriError",
     "as_uri",
     "change_user_pin",

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from . import operations as ops
 from .batcher import AsyncRunner
+from .capabilities import Capabilities, Need
 from .errors import InvalidInput, ObjectNotFound
 from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm, WorkerSession
 from .pool import HsmPool
@@ -92,6 +93,18 @@ class Hsm:
     @property
     def state(self) -> HsmState:
         return self.pool.state
+
+    @property
+    def capabilities(self) -> Capabilities | None:
+        """What the token can do, asked when the pool last connected (None: not yet)."""
+        return self.pool.capabilities
+
+    def require(self, *needs: Need) -> None:
+        """Refuse (`Unsupported`, one line) what the token cannot do, before any work reaches
+        it; nothing when the token has not been asked yet (the operation itself checks then)."""
+        caps = self.pool.capabilities
+        if caps is not None:
+            caps.require(*needs)
 
     def _run(self, fn: Callable[[WorkerSession], T], what: str, mutates: bool = False) -> T:
         try:
@@ -228,7 +241,7 @@ class Hsm:
                     f"no private key labelled '{label}' to attach the certificate to; "
                     "import or generate the key first"
                 )
-            spki = ops.public_key_spki(ws, Pkcs11Uri(object=label, id=key_id))
+            spki = ops.public_key_spki(ws, Pkcs11Uri(object=label, id=key_id or None))
             if spki != leaf.public_key().public_bytes(
                     serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
                 raise InvalidInput(f"the certificate's public key is not that of key '{label}'")

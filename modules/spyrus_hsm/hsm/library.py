@@ -19,6 +19,8 @@ from pkcs11 import Attribute, TokenFlag, _pkcs11
 from pkcs11.attributes import AttributeMapper
 from pkcs11.types import Session, Token
 
+from .capabilities import Capabilities
+from .capabilities import read as read_capabilities
 from .errors import DuplicateObject, HsmConfigError, HsmUnavailable, LoginFailed, TokenNotFound
 from .faults import translate
 from .secret import Secret
@@ -196,12 +198,23 @@ _CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
 _CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
 _CKR_PIN_INCORRECT = 0xA0
 _CKR_PIN_LEN_RANGE = 0xA2
-_F_INITIALIZE, _F_FINALIZE, _F_INIT_TOKEN = 0, 1, 9
+_F_INITIALIZE, _F_FINALIZE, _F_GET_TOKEN_INFO, _F_INIT_TOKEN = 0, 1, 6, 9
 
 
 class _FunctionList(ctypes.Structure):
     _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte),
                 ("functions", ctypes.c_void_p * 11)]
+
+
+class _TokenInfo(ctypes.Structure):
+    _fields_ = [("label", ctypes.c_char * 32), ("manufacturer", ctypes.c_char * 32),
+                ("model", ctypes.c_char * 16), ("serial", ctypes.c_char * 16),
+                ("flags", ctypes.c_ulong), ("max_sessions", ctypes.c_ulong),
+                ("sessions", ctypes.c_ulong), ("max_rw_sessions", ctypes.c_ulong),
+                ("rw_sessions", ctypes.c_ulong), ("max_pin", ctypes.c_ulong), ("min_pin", ctypes.c_ulong),
+                ("public_total", ctypes.c_ulong), ("public_free", ctypes.c_ulong),
+                ("private_total", ctypes.c_ulong), ("private_free", ctypes.c_ulong),
+                ("versions", ctypes.c_ubyte * 4), ("utc_time", ctypes.c_char * 16)]
 
 
 class _InitArgs(ctypes.Structure):
@@ -242,6 +255,15 @@ class Cryptoki:
     def finalize(self) -> None:
         self._fn(_F_FINALIZE, ctypes.c_void_p)(None)
 
+    def max_sessions(self, slot_id: int) -> int | None:
+        """ulMaxSessionCount of the token in `slot_id` (python-pkcs11 does not keep it); None
+        when C_GetTokenInfo fails."""
+        info = _TokenInfo()
+        fn = self._fn(_F_GET_TOKEN_INFO, ctypes.c_ulong, ctypes.c_void_p)
+        if fn(slot_id, ctypes.cast(ctypes.pointer(info), ctypes.c_void_p)) != _CKR_OK:
+            return None
+        return int(info.max_sessions)
+
     def init_token(self, slot_id: int, so_pin: Secret, label: str) -> int:
         fn = self._fn(_F_INIT_TOKEN, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
         so = so_pin.reveal()
@@ -278,6 +300,15 @@ def mark_shared(module_path: str) -> None:
 
 def is_shared(module_path: str) -> bool:
     return module_path in _SHARED
+
+
+def capabilities(token: Token, module_path: str) -> Capabilities:
+    """What `token` can do (see `capabilities`): its mechanisms and token flags."""
+    try:
+        max_sessions = _LockingLib._cryptoki_for(module_path).max_sessions(token.slot.slot_id)
+        return read_capabilities(token, max_sessions)
+    except p11e.PKCS11Error as exc:
+        raise translate(exc, f"reading the mechanisms of token '{token.label}'") from None
 
 
 def init_token(lib: _pkcs11.lib, module_path: str, label: str, so_pin: Secret, user_pin: Secret | None) -> TokenSummary:

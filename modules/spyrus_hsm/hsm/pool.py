@@ -33,6 +33,7 @@ from typing import TypeVar, cast
 
 from ..backoff import Backoff
 from ..threads import Worker
+from .capabilities import Capabilities
 from .errors import HsmBusy, HsmError, HsmTimeout, HsmUnavailable, TokenChanged
 from .faults import fault_reason, is_device_fault, translate
 from .operations import ObjectKey, WorkerSession
@@ -123,6 +124,11 @@ class HsmPool:
     @property
     def state(self) -> HsmState:
         return self._state
+
+    @property
+    def capabilities(self) -> Capabilities | None:
+        """What the token can do, asked at the last connection (None: never connected)."""
+        return self._conn.capabilities
 
     def add_listener(self, fn: Callable[[HsmState], None]) -> None:
         """Call `fn(state)` on every state change, on the thread that made it (a worker or the
@@ -262,9 +268,9 @@ class HsmPool:
                         self._cond.notify_all()
 
     def _new_session(self, generation: int, seen: set[ObjectKey]) -> WorkerSession:
-        identity = self._conn.identity
-        assert identity is not None, "a worker runs only once connected"
-        return WorkerSession(self._conn.open_session(), identity, generation, seen)
+        identity, capabilities = self._conn.identity, self._conn.capabilities
+        assert identity is not None and capabilities is not None, "a worker runs only once connected"
+        return WorkerSession(self._conn.open_session(), identity, generation, seen, capabilities)
 
     # --- recovery ------------------------------------------------------------------------------
 

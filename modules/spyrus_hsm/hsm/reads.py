@@ -96,7 +96,7 @@ def find_objects(ws: WorkerSession, label: str, type: str | None) -> list[Object
 def _info(obj: Object) -> ObjectInfo:
     cls = obj[Attribute.CLASS]
     label = obj[Attribute.LABEL]
-    ident = bytes(obj[Attribute.ID]).hex()
+    ident = _id_of(obj).hex()
     kind = TYPE_BY_CLASS.get(cls, str(cls))
     if cls == ObjectClass.CERTIFICATE:
         cert = x509.load_der_x509_certificate(bytes(obj[Attribute.VALUE]))
@@ -112,6 +112,15 @@ def _info(obj: Object) -> ObjectInfo:
         sensitive = bool(obj[Attribute.SENSITIVE])
         extractable = bool(obj[Attribute.EXTRACTABLE])
     return ObjectInfo(label, ident, kind, getattr(key_type, "name", None), sensitive, extractable)
+
+
+def _id_of(obj: Object) -> bytes:
+    """CKA_ID, empty when the object has none (a token that makes no CKA_ID unless asked may
+    not have the attribute at all)."""
+    try:
+        return bytes(obj[Attribute.ID])
+    except (p11e.AttributeTypeInvalid, p11e.AttributeSensitive):
+        return b""
 
 
 def _safe_attr(obj: Object, attr: Attribute) -> int | None:
@@ -137,7 +146,7 @@ def key_id_of(ws: WorkerSession, label: str) -> bytes | None:
     keys = ws.search(Pkcs11Uri(object=label), ObjectClass.PRIVATE_KEY)
     if len(keys) > 1:
         raise DuplicateObject(f"{len(keys)} private keys are labelled '{label}'")
-    return bytes(keys[0][Attribute.ID]) if keys else None
+    return _id_of(keys[0]) if keys else None
 
 
 def has_certificates(ws: WorkerSession, label: str) -> bool:

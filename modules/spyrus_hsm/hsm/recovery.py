@@ -21,6 +21,7 @@ from pkcs11 import _pkcs11
 from pkcs11.types import Session, Token
 
 from . import library
+from .capabilities import Capabilities
 from .errors import LoginFailed
 from .library import TokenSelector, TokenSummary
 from .refusals import RefusedPins
@@ -53,6 +54,7 @@ class Connection:
         self._token: Token | None = None
         self._login_session: Session | None = None
         self.identity: TokenSummary | None = None  # the token logged in to, last time it worked
+        self.capabilities: Capabilities | None = None  # what it can do, asked at that connection
 
     @property
     def reinitialisable(self) -> bool:
@@ -64,10 +66,16 @@ class Connection:
         return library.open_session(self._token)
 
     def connect(self) -> TokenSummary:
-        """Find the token and log in; returns the token now logged in to."""
+        """Find the token, ask what it can do and log in (unless it needs no login); returns the
+        token now logged in to."""
         if self._lib is None:
             self._lib = library.load_module(self._module_path)
         token = library.find_token(self._lib, self._selector)
+        capabilities = library.capabilities(token, self._module_path)
+        if not capabilities.login_required:
+            # No CKF_LOGIN_REQUIRED: the token is used without C_Login (and without the PIN).
+            self._login_session = library.open_session(token)
+            return self._connected(token, capabilities)
         pin = self._pin_source() if callable(self._pin_source) else self._pin_source
         digest = hashlib.sha256(pin.reveal()).digest()
         if self._refused_pin is not None and hmac.compare_digest(digest, self._refused_pin):
@@ -91,7 +99,11 @@ class Connection:
         self._refused_pin = None
         if self._refused_pins is not None:
             self._refused_pins.clear(serial)
+        return self._connected(token, capabilities)
+
+    def _connected(self, token: Token, capabilities: Capabilities) -> TokenSummary:
         self._token = token
+        self.capabilities = capabilities
         self.identity = library.summarise(token)
         return self.identity
 

@@ -13,6 +13,7 @@ import pkcs11.exceptions as p11e
 from pkcs11 import Attribute, ObjectClass
 from pkcs11.types import Object, Session
 
+from .capabilities import Capabilities
 from .errors import DuplicateObject, ObjectNotFound, TokenChanged
 from .faults import is_device_fault
 from .library import TokenSummary, summarise
@@ -54,9 +55,10 @@ class WorkerSession:
     later means the token's contents changed under the module, not a wrong label."""
 
     def __init__(self, session: Session, token: TokenSummary, generation: int,
-                 seen: set[ObjectKey]) -> None:
+                 seen: set[ObjectKey], capabilities: Capabilities) -> None:
         self.session = session
         self.token = token
+        self.capabilities = capabilities  # what the token can do, asked when the pool connected
         self.token_label = token.label
         self.generation = generation  # the pool's library generation this session belongs to
         self.epoch = 0       # the pool's object epoch its handle cache reflects

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import pkcs11.exceptions as p11e
@@ -10,6 +11,7 @@ from pkcs11.types import Key, SignMixin
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from .algorithms import CURVE_OIDS, ECDSA_DIGESTS, KeyAlgorithm, SignAlgorithm
+from .capabilities import Need
 from .errors import InvalidInput
 from .session import TYPE_BY_CLASS, WorkerSession, describe, not_named
 from .uri import Pkcs11Uri
@@ -34,23 +36,38 @@ def _signer(ws: WorkerSession, uri: Pkcs11Uri, cls: ObjectClass) -> SignMixin:
     return obj
 
 
+# DER DigestInfo prefix of a SHA-256 digest (RFC 8017 9.2), for CKM_RSA_PKCS over a digest made here
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
 def sign(ws: WorkerSession, uri: Pkcs11Uri, algorithm: SignAlgorithm, data: bytes) -> bytes:
+    """Sign with the mechanism the token offers for `algorithm` (see `Capabilities`); refused
+    before any call to the token when it offers none."""
+    caps = ws.capabilities
+    caps.require(Need.to_sign(algorithm))
     if algorithm is SignAlgorithm.HMAC_SHA256:
-        return bytes(_retry_stale(ws, lambda: _signer(ws, uri, ObjectClass.SECRET_KEY).sign(
-            data, mechanism=Mechanism.SHA256_HMAC)))
+        return _sign(ws, uri, ObjectClass.SECRET_KEY, data, Mechanism.SHA256_HMAC)
     if algorithm in ECDSA_DIGESTS:
-        # SoftHSM 2.6 has no CKM_ECDSA_SHA256/384: hash here, sign the digest with CKM_ECDSA.
-        digest = ECDSA_DIGESTS[algorithm](data).digest()
-        return bytes(_retry_stale(ws, lambda: _signer(ws, uri, ObjectClass.PRIVATE_KEY).sign(
-            digest, mechanism=Mechanism.ECDSA)))
-    if algorithm is SignAlgorithm.RSA_PKCS1_SHA256:
-        return bytes(_retry_stale(ws, lambda: _signer(ws, uri, ObjectClass.PRIVATE_KEY).sign(
-            data, mechanism=Mechanism.SHA256_RSA_PKCS)))
-    if algorithm is SignAlgorithm.RSA_PSS_SHA256:
-        param = (Mechanism.SHA256, MGF.SHA256, 32)
-        return bytes(_retry_stale(ws, lambda: _signer(ws, uri, ObjectClass.PRIVATE_KEY).sign(
-            data, mechanism=Mechanism.SHA256_RSA_PKCS_PSS, mechanism_param=param)))
-    raise InvalidInput(f"unsupported algorithm {algorithm}", public=f"unsupported algorithm {algorithm}")
+        mechanism = caps.ecdsa_mechanism(algorithm)
+        if mechanism is Mechanism.ECDSA:
+            # Hash here and sign the digest with CKM_ECDSA: SoftHSM 2.6 has no
+            # CKM_ECDSA_SHA256/384, and some modules stub the token's digests.
+            data = ECDSA_DIGESTS[algorithm](data).digest()
+        return _sign(ws, uri, ObjectClass.PRIVATE_KEY, data, mechanism)
+    mechanism = caps.rsa_mechanism(algorithm)
+    if mechanism in (Mechanism.RSA_PKCS, Mechanism.RSA_PKCS_PSS):  # raw: the digest made here
+        digest = hashlib.sha256(data).digest()
+        data = _SHA256_DIGEST_INFO + digest if mechanism is Mechanism.RSA_PKCS else digest
+    param = (Mechanism.SHA256, MGF.SHA256, 32) if algorithm is SignAlgorithm.RSA_PSS_SHA256 else None
+    return _sign(ws, uri, ObjectClass.PRIVATE_KEY, data, mechanism, param)
+
+
+def _sign(ws: WorkerSession, uri: Pkcs11Uri, cls: ObjectClass, data: bytes, mechanism: Mechanism | None,
+          param: tuple[Mechanism, MGF, int] | None = None) -> bytes:
+    if mechanism is None:  # not reached: `require` refused first
+        raise InvalidInput("no signing mechanism", public="no signing mechanism")
+    return bytes(_retry_stale(ws, lambda: _signer(ws, uri, cls).sign(
+        data, mechanism=mechanism, mechanism_param=param)))
 
 
 def sign_unbound(ws: WorkerSession, uri: Pkcs11Uri, algorithm: SignAlgorithm, data: bytes) -> bytes:

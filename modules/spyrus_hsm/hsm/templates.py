@@ -32,16 +32,30 @@ SECRET_KEY_TEMPLATE: Template = {
     Attribute.DERIVE: False,
 }
 
+# What C_GenerateKeyPair is asked for, and nothing more: a token decides the rest itself, and
+# some refuse a template that states what they set themselves (tpm2-pkcs11: "User specified
+# and TPM specified attr mismatch" for CKA_VERIFY on the public key).
+GENERATED_PUBLIC_ATTRIBUTES = frozenset({Attribute.TOKEN, Attribute.LABEL, Attribute.ID})
+GENERATED_PUBLIC_EC = frozenset({Attribute.EC_PARAMS})
+GENERATED_PUBLIC_RSA = frozenset({Attribute.MODULUS_BITS, Attribute.PUBLIC_EXPONENT})
+GENERATED_PRIVATE_ATTRIBUTES = frozenset({Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE,
+                                          Attribute.EXTRACTABLE, Attribute.SIGN, Attribute.LABEL,
+                                          Attribute.ID})
 
-def generated_pair_templates(algorithm: KeyAlgorithm) -> tuple[Template, Template]:
-    """(public, private) templates for C_GenerateKeyPair: the private half signs only and never
-    leaves the token."""
-    private_template: Template = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                        Attribute.PRIVATE: True, Attribute.SIGN: True, Attribute.DECRYPT: False,
-                        Attribute.UNWRAP: False, Attribute.DERIVE: False}
-    public_template: Template = {Attribute.VERIFY: True, Attribute.ENCRYPT: False, Attribute.WRAP: False}
+
+def generated_pair_templates(algorithm: KeyAlgorithm, label: str, key_id: bytes,
+                             private: bool = True) -> tuple[Template, Template]:
+    """(public, private) templates for C_GenerateKeyPair: the private half signs and never
+    leaves the token; nothing else is asked (see GENERATED_*). `private`: CKA_PRIVATE of the
+    private half (False on a token used without C_Login, where a private object cannot be made)."""
+    common: Template = {Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.ID: key_id}
+    private_template: Template = {**common, Attribute.PRIVATE: private, Attribute.SENSITIVE: True,
+                                  Attribute.EXTRACTABLE: False, Attribute.SIGN: True}
+    public_template: Template = dict(common)
     if algorithm.is_ec:
         public_template[Attribute.EC_PARAMS] = encode_named_curve_parameters(CURVE_OIDS[algorithm])
+    else:
+        public_template.update({Attribute.MODULUS_BITS: 2048, Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01"})
     return public_template, private_template
 
 

@@ -14,17 +14,20 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pkcs11.exceptions as p11e
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11.constants import DEFAULT
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.types import Object
 from pkcs11.util.ec import encode_ec_public_key
 from pkcs11.util.rsa import encode_rsa_public_key
 
 from .algorithms import KeyAlgorithm, SignAlgorithm
+from .capabilities import HMAC_PROVIDERS, Need, Unsupported
 from .encoding import key_id_from_spki
-from .errors import DuplicateObject, InvalidInput
+from .errors import DuplicateObject, InvalidInput, OperationFailed
 from .reads import order_chain, rsa_spki
 from .secret import Secret
 from .session import CLASS_BY_TYPE, Template, WorkerSession
@@ -76,13 +79,22 @@ def _create(ws: WorkerSession, made: list[Object], template: Template) -> None:
 
 def import_secret_key(ws: WorkerSession, label: str, value: Secret) -> str:
     """Store an HMAC key as a sensitive, non-extractable token object; returns its id (hex)."""
+    ws.capabilities.require(Need.HMAC_SHA256)
     _refuse_taken(ws, label)
     if len(value) < 16:
         raise InvalidInput("the key is shorter than 16 bytes; Azure primary keys are 32 or 64")
     key_id = secrets.token_bytes(16)
     template = dict(SECRET_KEY_TEMPLATE)
-    template.update({Attribute.LABEL: label, Attribute.ID: key_id, Attribute.VALUE: value.reveal()})
-    ws.session.create_object(template)
+    template.update({Attribute.LABEL: label, Attribute.ID: key_id, Attribute.VALUE: value.reveal(),
+                     Attribute.PRIVATE: ws.capabilities.login_required})
+    try:
+        ws.session.create_object(template)
+    except (p11e.TemplateInconsistent, p11e.AttributeValueInvalid, p11e.AttributeTypeInvalid):
+        # HMAC signing listed, secret keys not taken (tpm2-pkcs11): no mechanism list tells.
+        raise Unsupported(
+            f"token '{ws.token_label}' does not store secret keys given to it (C_CreateObject "
+            f"refused): SAS keys need a token that signs HMAC-SHA256 and imports secret keys "
+            f"({HMAC_PROVIDERS})", public="the HSM token does not support this operation") from None
     return key_id.hex()
 
 
@@ -92,6 +104,7 @@ def derive_hmac_key(ws: WorkerSession, parent: Pkcs11Uri, message: bytes, label:
     The derived value passes through this process's memory between C_Sign and C_CreateObject
     (PKCS#11 has no portable HMAC key-derivation mechanism); it is wiped right after.
     """
+    ws.capabilities.require(Need.HMAC_SHA256)
     _refuse_taken(ws, label)
     derived = Secret(sign(ws, parent, SignAlgorithm.HMAC_SHA256, message))
     try:
@@ -100,28 +113,57 @@ def derive_hmac_key(ws: WorkerSession, parent: Pkcs11Uri, message: bytes, label:
         derived.wipe()
 
 
+# What python-pkcs11 adds to a key-pair template by itself (CKA_CLASS, the capability flags,
+# ...): DEFAULT drops each, so the token gets only what `generated_pair_templates` asks for.
+_LIBRARY_DEFAULTS = (Attribute.CLASS, Attribute.KEY_TYPE, Attribute.ID, Attribute.LABEL, Attribute.TOKEN,
+                     Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.ENCRYPT, Attribute.DECRYPT,
+                     Attribute.WRAP, Attribute.UNWRAP, Attribute.SIGN, Attribute.VERIFY, Attribute.DERIVE,
+                     Attribute.MODULUS_BITS, Attribute.PUBLIC_EXPONENT)
+
+
+def only(template: Template) -> Template:
+    """`template` for python-pkcs11's generate_keypair, with its own defaults dropped."""
+    return {**dict.fromkeys(_LIBRARY_DEFAULTS, DEFAULT), **template}
+
+
 def generate_keypair(ws: WorkerSession, label: str, algorithm: KeyAlgorithm) -> str:
-    """A key pair generated inside the token; the private half never leaves it. Returns id hex."""
+    """A key pair generated inside the token; the private half never leaves it. Returns id hex.
+
+    The token is asked only for what the key needs and chooses the rest; what it chose is read
+    back, and a private key that came out extractable or not sensitive is deleted again."""
+    ws.capabilities.require(*Need.to_generate(algorithm))
     _refuse_taken(ws, label)
     temp_id = secrets.token_bytes(20)
-    public_template, private_template = generated_pair_templates(algorithm)
+    public_template, private_template = generated_pair_templates(
+        algorithm, label, temp_id, private=ws.capabilities.login_required)
+    key_type, bits = (KeyType.EC, None) if algorithm.is_ec else (KeyType.RSA, 2048)
     with _undone_on_failure(ws, label) as made:
-        if algorithm.is_ec:
-            pub, priv = ws.session.generate_keypair(
-                KeyType.EC, store=True, label=label, id=temp_id,
-                public_template=public_template, private_template=private_template)
-            made += [pub, priv]
-            spki = bytes(encode_ec_public_key(pub))
-        else:
-            pub, priv = ws.session.generate_keypair(
-                KeyType.RSA, 2048, store=True, label=label, id=temp_id,
-                public_template=public_template, private_template=private_template)
-            made += [pub, priv]
-            spki = rsa_spki(encode_rsa_public_key(pub))
+        pub, priv = ws.session.generate_keypair(
+            key_type, bits, public_template=only(public_template), private_template=only(private_template))
+        made += [pub, priv]
+        _refuse_exposed(ws, label, priv)
+        spki = bytes(encode_ec_public_key(pub)) if algorithm.is_ec else rsa_spki(encode_rsa_public_key(pub))
         key_id = key_id_from_spki(spki)
-        pub[Attribute.ID] = key_id
-        priv[Attribute.ID] = key_id
+        try:
+            pub[Attribute.ID] = key_id
+            priv[Attribute.ID] = key_id
+        except (p11e.AttributeReadOnly, p11e.TemplateInconsistent,
+                p11e.AttributeValueInvalid, p11e.FunctionNotSupported):
+            # A token that fixes CKA_ID at creation: the random id asked for stays.
+            log.info("token '%s' keeps the CKA_ID of key '%s' as generated", ws.token_label, label)
+            key_id = bytes(priv[Attribute.ID])
+            if bytes(pub[Attribute.ID]) != key_id:
+                pub[Attribute.ID] = key_id
     return key_id.hex()
+
+
+def _refuse_exposed(ws: WorkerSession, label: str, priv: Object) -> None:
+    sensitive, extractable = bool(priv[Attribute.SENSITIVE]), bool(priv[Attribute.EXTRACTABLE])
+    if extractable or not sensitive:
+        raise OperationFailed(
+            f"token '{ws.token_label}' generated key '{label}' "
+            f"{'extractable' if extractable else 'not sensitive'} although asked otherwise; it was "
+            "deleted again: keep identity keys in a token that keeps its keys in")
 
 
 def import_private_key(ws: WorkerSession, label: str, key: PrivateKeyTypes, key_id: bytes) -> None:
@@ -133,6 +175,7 @@ def import_private_key(ws: WorkerSession, label: str, key: PrivateKeyTypes, key_
 def _store_private_key(ws: WorkerSession, made: list[Object], label: str, key: PrivateKeyTypes,
                        key_id: bytes) -> None:
     priv, pub = software_key_templates(label, key, key_id)
+    priv[Attribute.PRIVATE] = ws.capabilities.login_required
     _create(ws, made, priv)
     _create(ws, made, pub)
 

@@ -141,5 +141,5 @@ def write_tls_files(cred: X509Credential, token_label: str, directory: str | os.
     d.mkdir(parents=True, exist_ok=True)
     cert_file, key_file = d / f"{cred.label}.chain.pem", d / f"{cred.label}.keyref.pem"
     write_atomic(cert_file, chain_pem(cred.chain))
-    write_atomic(key_file, tls.keyref_pem(tls.key_uri(token_label, cred.label, cred.key_id)))
+    write_atomic(key_file, tls.keyref_pem(tls.key_uri(token_label, cred.label, cred.key_id or None)))
     return TlsFiles(cert_file, key_file)
