@@ -350,6 +350,22 @@ def test_concurrent_signers_across_unplug_and_replug_never_get_a_wrong_answer(
 
 # --- the smart-card profile: a session cap, no C_CopyObject, raw ECDSA only, a small store ----
 
+class _TokenInfo(ctypes.Structure):
+    _fields_ = [("label", ctypes.c_char * 32), ("manufacturerID", ctypes.c_char * 32),
+                ("model", ctypes.c_char * 16), ("serialNumber", ctypes.c_char * 16),
+                ("flags", ctypes.c_ulong), ("ulMaxSessionCount", ctypes.c_ulong),
+                ("ulSessionCount", ctypes.c_ulong), ("ulMaxRwSessionCount", ctypes.c_ulong),
+                ("ulRwSessionCount", ctypes.c_ulong), ("rest", ctypes.c_ubyte * 128)]
+
+
+def _token_info(shim: Shim) -> _TokenInfo:
+    """C_GetTokenInfo's session counts (python-pkcs11 does not expose them)."""
+    info = _TokenInfo()
+    slot = shim.token().slot.slot_id
+    assert ctypes.CDLL(shim.path).C_GetTokenInfo(ctypes.c_ulong(slot), ctypes.byref(info)) == 0
+    return info
+
+
 def _token_objects(session: Any) -> int:
     return len(list(session.get_objects({Attribute.TOKEN: True})))
 
@@ -365,6 +381,8 @@ def test_the_smartcard_profile_caps_sessions_refuses_copies_and_offers_raw_ecdsa
     sessions = [_login(shim)] + [token.open() for _ in range(3)]
     with pytest.raises(SessionCount):
         token.open()
+    info = _token_info(shim)
+    assert (info.ulMaxSessionCount, info.ulSessionCount) == (4, 4)
     sessions.pop().close()
     sessions.append(token.open())  # a closed session gives its place back
     with pytest.raises(SessionCount):

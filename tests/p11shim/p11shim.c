@@ -41,7 +41,9 @@
  *                     (raw CKM_ECDSA only: the caller hashes). profile=none (or absent) = SoftHSM's.
  *   max_sessions=N    C_OpenSession answers CKR_SESSION_COUNT, without forwarding, while N sessions
  *                     of that slot opened through the shim are open in this process (0 = no cap;
- *                     sessions a replug or C_CloseAllSessions ended do not count).
+ *                     sessions a replug or C_CloseAllSessions ended do not count). C_GetTokenInfo
+ *                     then reports ulMaxSessionCount = ulMaxRwSessionCount = N and ulSessionCount
+ *                     = the sessions open (ulRwSessionCount: CK_UNAVAILABLE_INFORMATION).
  *   copy_object=0     C_CopyObject answers CKR_FUNCTION_NOT_SUPPORTED without forwarding (1 = on).
  *   hide_mechanisms=M[,M...]  mechanisms the token does not have: C_GetMechanismList leaves them
  *                     out, C_GetMechanismInfo and every call taking a mechanism (C_SignInit,
@@ -993,7 +995,24 @@ static CK_RV shim_C_WaitForSlotEvent(CK_FLAGS flags, CK_SLOT_ID_PTR pSlot, CK_VO
     return t->C_WaitForSlotEvent(flags, pSlot, pReserved);
 }
 
-TOKEN_FN(C_GetTokenInfo, (CK_SLOT_ID slotID, CK_TOKEN_INFO_PTR pInfo), (slotID, pInfo))
+/* max_sessions: the token says so, as a card does (ulMaxSessionCount, ulSessionCount). */
+static CK_RV shim_C_GetTokenInfo(CK_SLOT_ID slotID, CK_TOKEN_INFO_PTR pInfo)
+{
+    struct ctl_state s;
+    CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);
+    if (!t)
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    refresh(&s);
+    if (s.unplugged)
+        return CKR_TOKEN_NOT_PRESENT;
+    CK_RV rv = t->C_GetTokenInfo(slotID, pInfo);
+    if (rv == CKR_OK && pInfo && s.max_sessions) {
+        pInfo->ulMaxSessionCount = pInfo->ulMaxRwSessionCount = s.max_sessions;
+        pInfo->ulSessionCount = sess_count_live(slotID);
+        pInfo->ulRwSessionCount = CK_UNAVAILABLE_INFORMATION;
+    }
+    return rv;
+}
 
 /* The target's list without the hidden mechanisms (hide_mechanisms, profile=smartcard). */
 static CK_RV shim_C_GetMechanismList(CK_SLOT_ID slotID, CK_MECHANISM_TYPE_PTR pMechanismList,
