@@ -23,7 +23,8 @@ from emulator.fixtures import emulator_pki, make_emulator, sdk_clients  # noqa: 
 
 ROOT = Path(__file__).resolve().parents[1]
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
-SHIM = ROOT / ".build" / "libp11shim.so"
+# SPYRUS_SHIM_LIBRARY: a shim built elsewhere than the Makefile's .build/ (e.g. a private build).
+SHIM = Path(os.environ.get("SPYRUS_SHIM_LIBRARY") or ROOT / ".build" / "libp11shim.so")
 VIA_SHIM = os.environ.get("SPYRUS_TEST_VIA_SHIM") == "1"
 
 

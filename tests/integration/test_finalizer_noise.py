@@ -6,6 +6,7 @@ traceback for a token that was simply pulled."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIM = ROOT / ".build" / "libp11shim.so"
+SHIM = Path(os.environ.get("SPYRUS_SHIM_LIBRARY") or ROOT / ".build" / "libp11shim.so")
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
 
 CHILD = """

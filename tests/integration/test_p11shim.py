@@ -26,16 +26,20 @@ import pkcs11
 import pytest
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass, SlotFlag
 from pkcs11.exceptions import (
+    DeviceMemory,
     DeviceRemoved,
+    FunctionNotSupported,
+    MechanismInvalid,
     NoSuchToken,
     PinIncorrect,
+    SessionCount,
     SessionHandleInvalid,
     TokenNotPresent,
 )
 from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIM = ROOT / ".build" / "libp11shim.so"
+SHIM = Path(os.environ.get("SPYRUS_SHIM_LIBRARY") or ROOT / ".build" / "libp11shim.so")
 SOFTHSM = Path("/usr/lib/softhsm/libsofthsm2.so")
 LABEL = "t1"
 SO_PIN = b"so-pin-1234"
@@ -342,3 +346,120 @@ def test_concurrent_signers_across_unplug_and_replug_never_get_a_wrong_answer(
     assert problems == []
     assert counts["fault"] > 0
     assert counts["ok"] > ok_before_end > 0
+
+
+# --- the smart-card profile: a session cap, no C_CopyObject, raw ECDSA only, a small store ----
+
+class _TokenInfo(ctypes.Structure):
+    _fields_ = [("label", ctypes.c_char * 32), ("manufacturerID", ctypes.c_char * 32),
+                ("model", ctypes.c_char * 16), ("serialNumber", ctypes.c_char * 16),
+                ("flags", ctypes.c_ulong), ("ulMaxSessionCount", ctypes.c_ulong),
+                ("ulSessionCount", ctypes.c_ulong), ("ulMaxRwSessionCount", ctypes.c_ulong),
+                ("ulRwSessionCount", ctypes.c_ulong), ("rest", ctypes.c_ubyte * 128)]
+
+
+def _token_info(shim: Shim) -> _TokenInfo:
+    """C_GetTokenInfo's session counts (python-pkcs11 does not expose them)."""
+    info = _TokenInfo()
+    slot = shim.token().slot.slot_id
+    assert ctypes.CDLL(shim.path).C_GetTokenInfo(ctypes.c_ulong(slot), ctypes.byref(info)) == 0
+    return info
+
+
+def _token_objects(session: Any) -> int:
+    return len(list(session.get_objects({Attribute.TOKEN: True})))
+
+
+def _data_object(session: Any, label: str, token: bool = True) -> Any:
+    return session.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: token,
+                                  Attribute.LABEL: label, Attribute.VALUE: b"d"})
+
+
+def test_the_smartcard_profile_caps_sessions_refuses_copies_and_offers_raw_ecdsa_only(shim: Shim) -> None:
+    shim.set(state="plugged", profile="smartcard")
+    token = shim.token()
+    sessions = [_login(shim)] + [token.open() for _ in range(3)]
+    with pytest.raises(SessionCount):
+        token.open()
+    info = _token_info(shim)
+    assert (info.ulMaxSessionCount, info.ulSessionCount) == (4, 4)
+    sessions.pop().close()
+    sessions.append(token.open())  # a closed session gives its place back
+    with pytest.raises(SessionCount):
+        token.open(rw=True)
+    session = sessions[0]
+    pub, priv = session.generate_keypair(KeyType.EC, store=False, label="sc",
+                                         public_template={Attribute.EC_PARAMS: _P256_PARAMS})
+    with pytest.raises(FunctionNotSupported):
+        pub.copy({Attribute.LABEL: "sc-copy"})
+    mechanisms = set(token.slot.get_mechanisms())
+    assert Mechanism.ECDSA in mechanisms and Mechanism.SHA256_HMAC in mechanisms
+    assert not mechanisms & {Mechanism.ECDSA_SHA1, Mechanism.ECDSA_SHA256, Mechanism.ECDSA_SHA384}
+    with pytest.raises(MechanismInvalid):
+        token.slot.get_mechanism_info(Mechanism.ECDSA_SHA256)
+    with pytest.raises(MechanismInvalid):
+        priv.sign(b"data", mechanism=Mechanism.ECDSA_SHA256)
+    digest = hashlib.sha256(b"data").digest()
+    assert pub.verify(digest, priv.sign(digest, mechanism=Mechanism.ECDSA), mechanism=Mechanism.ECDSA)
+
+    # A token without HMAC as well (names or numbers), and a session cap of its own.
+    shim.set(state="plugged", profile="smartcard", hide_mechanisms=f"CKM_SHA256_HMAC,{0x1041:#x}",
+             max_sessions=5)
+    mechanisms = set(token.slot.get_mechanisms())
+    assert not mechanisms & {Mechanism.SHA256_HMAC, Mechanism.ECDSA, Mechanism.ECDSA_SHA256}
+    assert Mechanism.SHA384_HMAC in mechanisms
+    key = _hmac_key(session, secrets.token_bytes(32))
+    with pytest.raises(MechanismInvalid):
+        _sign(key, b"x")
+    with pytest.raises(MechanismInvalid):
+        priv.sign(digest, mechanism=Mechanism.ECDSA)
+    sessions.append(token.open())
+    with pytest.raises(SessionCount):
+        token.open()
+
+    # Without the profile: SoftHSM's own behaviour again, on the sessions already open.
+    shim.set(state="plugged")
+    sessions.append(token.open())
+    assert pub.copy({Attribute.LABEL: "sc-copy"})[Attribute.LABEL] == "sc-copy"
+    assert len(_sign(key, b"x")) == 32
+    for s in reversed(sessions):
+        s.close()
+
+
+_P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")  # the named curve prime256v1
+
+
+def test_a_full_store_refuses_new_token_objects_until_one_is_deleted(shim: Shim) -> None:
+    session = _login(shim)
+    held = _token_objects(session)
+    shim.set(state="plugged", max_objects=held + 1)
+    with pytest.raises(DeviceMemory):  # a key pair is two objects
+        session.generate_keypair(KeyType.EC, store=True, label="full",
+                                 public_template={Attribute.EC_PARAMS: _P256_PARAMS})
+    assert _token_objects(session) == held
+    first = _data_object(session, "one")
+    with pytest.raises(DeviceMemory):
+        _data_object(session, "two")
+    with pytest.raises(DeviceMemory):
+        session.generate_key(KeyType.AES, 128, store=True, label="aes")
+    _data_object(session, "session-only", token=False)  # session objects take no room
+    first.destroy()
+    _data_object(session, "two").destroy()
+
+    # The same with room counted from the setting: the third object is refused.
+    shim.set(state="plugged", free_objects=2)
+    made = [_data_object(session, "a"), _data_object(session, "b")]
+    with pytest.raises(DeviceMemory):
+        _data_object(session, "c")
+    made.pop().destroy()
+    made.append(_data_object(session, "c"))
+    shim.set(state="plugged", free_objects=1)  # a new setting: counted from here
+    with pytest.raises(DeviceMemory):
+        session.generate_keypair(KeyType.EC, store=True, label="full",
+                                 public_template={Attribute.EC_PARAMS: _P256_PARAMS})
+    made.append(_data_object(session, "d"))
+    shim.set(state="plugged")
+    for obj in made:
+        obj.destroy()
+    assert _token_objects(session) == held
+    session.close()

@@ -35,6 +35,33 @@
  *                     thread id is the process id, or the thread with that id) appends one line
  *                     "<function> <tid>" to PATH: how the tests prove that no PKCS#11 call,
  *                     pkcs11-provider's included, runs on an event loop's thread.
+ *   profile=smartcard a smart card's limits, each also settable alone (the keys below win over
+ *                     the profile's values, whatever the order of the lines): max_sessions=4,
+ *                     copy_object=0, and hide_mechanisms gains CKM_ECDSA_SHA1/224/256/384/512
+ *                     (raw CKM_ECDSA only: the caller hashes). profile=none (or absent) = SoftHSM's.
+ *   max_sessions=N    C_OpenSession answers CKR_SESSION_COUNT, without forwarding, while N sessions
+ *                     of that slot opened through the shim are open in this process (0 = no cap;
+ *                     sessions a replug or C_CloseAllSessions ended do not count). C_GetTokenInfo
+ *                     then reports ulMaxSessionCount = ulMaxRwSessionCount = N and ulSessionCount
+ *                     = the sessions open (ulRwSessionCount: CK_UNAVAILABLE_INFORMATION).
+ *   copy_object=0     C_CopyObject answers CKR_FUNCTION_NOT_SUPPORTED without forwarding (1 = on).
+ *   hide_mechanisms=M[,M...]  mechanisms the token does not have: C_GetMechanismList leaves them
+ *                     out, C_GetMechanismInfo and every call taking a mechanism (C_SignInit,
+ *                     C_VerifyInit, C_EncryptInit, C_DigestInit, C_GenerateKey(Pair), C_DeriveKey,
+ *                     C_WrapKey, C_UnwrapKey, ...) answer CKR_MECHANISM_INVALID. M is a number
+ *                     (decimal or 0x hex) or a name: CKM_ECDSA, CKM_ECDSA_SHA1 .. CKM_ECDSA_SHA512,
+ *                     CKM_SHA256_HMAC, CKM_SHA384_HMAC, CKM_SHA512_HMAC, CKM_SHA256_RSA_PKCS,
+ *                     CKM_SHA256_RSA_PKCS_PSS, CKM_RSA_PKCS, CKM_RSA_PKCS_PSS (at most 32; unknown
+ *                     names ignored). Added to the profile's list.
+ *   max_objects=N     a token that holds N token objects (CKA_TOKEN=TRUE) at most: a call that would
+ *                     store more (C_CreateObject, C_CopyObject, C_GenerateKey, C_GenerateKeyPair
+ *                     (2 objects), C_UnwrapKey, C_DeriveKey) answers CKR_DEVICE_MEMORY without
+ *                     forwarding. The objects are counted on the token at each such call, by a
+ *                     session of this process (so a logged-in process counts its private ones).
+ *   free_objects=N    room for N more token objects, counted by this process from the moment the
+ *                     setting (or any other line of the file) last changed: each object stored
+ *                     uses one, each token object destroyed gives one back; a call that needs more
+ *                     room than is left answers CKR_DEVICE_MEMORY ("fails on the (N+1)th object").
  * A missing, unreadable or empty file means: plugged, no delay, no login or write failure.
  *
  * PC/SC mode (P11SHIM_PCSC_READER=<reader name>, read once with P11SHIM_CONTROL)
@@ -92,6 +119,7 @@
 #define MAX_DELAY_MS 600000UL
 #define DELAY_SLICE_NS 5000000LL
 #define RACY_WINDOW_NS 2000000000LL
+#define MAX_HIDDEN 32
 
 static CK_FUNCTION_LIST g_list;
 
@@ -111,6 +139,13 @@ struct ctl_state {
     unsigned long fail_set_class;    /* fail_set_class: N + 1, 0 = off */
     long watch_tid;                 /* watch_thread: 0 = off, -1 = the main thread, else a tid */
     char thread_log[256];           /* thread_log: where calls on the watched thread are noted */
+    unsigned long max_sessions;     /* max_sessions: 0 = no cap */
+    int no_copy;                    /* copy_object=0 */
+    unsigned long max_objects;      /* max_objects: N + 1, 0 = off */
+    unsigned long free_objects;     /* free_objects: N + 1, 0 = off */
+    size_t n_hidden;                /* hide_mechanisms */
+    CK_MECHANISM_TYPE hidden[MAX_HIDDEN];
+    unsigned long gen;              /* bumped whenever the file's content changes */
 };
 
 static pthread_mutex_t g_ctl_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -123,6 +158,7 @@ static char g_ctl_buf[CTL_MAX];
 static size_t g_ctl_len;
 static struct ctl_state g_cur;        /* parsed from g_ctl_buf */
 static int g_seen_unplugged;          /* the state the previous call observed */
+static unsigned long g_ctl_gen;       /* bumped at every change of the parsed content */
 
 /* ---- PC/SC mode (all under g_ctl_lock) ------------------------------------------------- */
 
@@ -150,6 +186,13 @@ struct sess_ent {
 };
 
 static pthread_mutex_t g_sess_lock = PTHREAD_MUTEX_INITIALIZER;
+/* max_sessions: held from the count of open sessions to the end of C_OpenSession. */
+static pthread_mutex_t g_open_lock = PTHREAD_MUTEX_INITIALIZER;
+/* max_objects / free_objects: held from the room check to the end of the storing call. */
+static pthread_mutex_t g_store_lock = PTHREAD_MUTEX_INITIALIZER;
+static unsigned long g_store_gen;  /* the control content g_store_used counts for */
+static long g_store_used;          /* free_objects: objects stored (net) since that content */
+static __thread int t_store_held;
 /* serial=1: held by the one signing call in progress (from its delay to its return). */
 static pthread_mutex_t g_serial_lock = PTHREAD_MUTEX_INITIALIZER;
 static __thread int t_serial_held;
@@ -158,7 +201,8 @@ static __thread struct ctl_state t_call;
 static struct sess_ent *g_tab; /* open addressing, linear probing */
 static size_t g_cap, g_cnt;    /* g_cap is 0 or a power of two */
 
-/* Lock order: g_load_lock -> g_ctl_lock -> g_inflight -> g_sess_lock. No lock is held while
+/* Lock order: g_load_lock -> g_ctl_lock -> g_inflight -> g_open_lock / g_store_lock ->
+ * g_sess_lock. No lock is held while
  * sleeping; g_inflight is never held while taking g_ctl_lock. */
 
 static void inflight_init(void)
@@ -257,6 +301,18 @@ static void sess_remove(CK_SESSION_HANDLE h)
     g_cnt--;
 }
 
+/* g_sess_lock not held. Sessions of `slot` open in the target (not dead). */
+static unsigned long sess_count_live(CK_SLOT_ID slot)
+{
+    unsigned long n = 0;
+    pthread_mutex_lock(&g_sess_lock);
+    for (size_t i = 0; i < g_cap; i++)
+        if (g_tab[i].h != 0 && !g_tab[i].dead && g_tab[i].slot == slot)
+            n++;
+    pthread_mutex_unlock(&g_sess_lock);
+    return n;
+}
+
 static void sess_clear(void)
 {
     pthread_mutex_lock(&g_sess_lock);
@@ -283,6 +339,7 @@ static void ctl_set_path_from_env(void)
         g_ctl_cached = 0;
         g_ctl_len = 0;
         memset(&g_cur, 0, sizeof g_cur);
+        g_cur.gen = ++g_ctl_gen;
     }
     const char *r = getenv("P11SHIM_PCSC_READER");
     free(g_reader);
@@ -350,9 +407,67 @@ static char *trim(char *s, char *end)
     return s;
 }
 
+static const struct {
+    const char *name;
+    CK_MECHANISM_TYPE type;
+} g_mech_names[] = {
+    { "CKM_ECDSA", CKM_ECDSA },
+    { "CKM_ECDSA_SHA1", CKM_ECDSA_SHA1 },
+    { "CKM_ECDSA_SHA224", CKM_ECDSA_SHA224 },
+    { "CKM_ECDSA_SHA256", CKM_ECDSA_SHA256 },
+    { "CKM_ECDSA_SHA384", CKM_ECDSA_SHA384 },
+    { "CKM_ECDSA_SHA512", CKM_ECDSA_SHA512 },
+    { "CKM_SHA256_HMAC", CKM_SHA256_HMAC },
+    { "CKM_SHA384_HMAC", CKM_SHA384_HMAC },
+    { "CKM_SHA512_HMAC", CKM_SHA512_HMAC },
+    { "CKM_SHA256_RSA_PKCS", CKM_SHA256_RSA_PKCS },
+    { "CKM_SHA256_RSA_PKCS_PSS", CKM_SHA256_RSA_PKCS_PSS },
+    { "CKM_RSA_PKCS", CKM_RSA_PKCS },
+    { "CKM_RSA_PKCS_PSS", CKM_RSA_PKCS_PSS },
+};
+
+static void hide_mechanism(struct ctl_state *out, CK_MECHANISM_TYPE m)
+{
+    for (size_t i = 0; i < out->n_hidden; i++)
+        if (out->hidden[i] == m)
+            return;
+    if (out->n_hidden < MAX_HIDDEN)
+        out->hidden[out->n_hidden++] = m;
+}
+
+/* hide_mechanisms=M[,M...]: numbers or names; bad entries ignored */
+static void parse_mechanisms(char *val, struct ctl_state *out)
+{
+    char *save = NULL;
+    for (char *tok = strtok_r(val, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        tok = trim(tok, tok + strlen(tok));
+        if (!*tok)
+            continue;
+        char *e = NULL;
+        errno = 0;
+        unsigned long v = strtoul(tok, &e, 0);
+        if (errno == 0 && e != tok && *e == '\0' && tok[0] != '-') {
+            hide_mechanism(out, (CK_MECHANISM_TYPE)v);
+            continue;
+        }
+        for (size_t i = 0; i < sizeof g_mech_names / sizeof g_mech_names[0]; i++)
+            if (strcmp(tok, g_mech_names[i].name) == 0)
+                hide_mechanism(out, g_mech_names[i].type);
+    }
+}
+
+static int mechanism_hidden(const struct ctl_state *s, CK_MECHANISM_TYPE m)
+{
+    for (size_t i = 0; i < s->n_hidden; i++)
+        if (s->hidden[i] == m)
+            return 1;
+    return 0;
+}
+
 static void ctl_parse(const char *buf, size_t len, struct ctl_state *out)
 {
     char tmp[CTL_MAX + 1];
+    int smartcard = 0, have_sessions = 0, have_copy = 0;
     memcpy(tmp, buf, len);
     tmp[len] = '\0';
     memset(out, 0, sizeof *out);
@@ -380,6 +495,31 @@ static void ctl_parse(const char *buf, size_t len, struct ctl_state *out)
                     if (e != val && *e == '\0' && v > 0)
                         out->watch_tid = v;
                 }
+            } else if (strcmp(key, "profile") == 0) {
+                if (strcmp(val, "smartcard") == 0)
+                    smartcard = 1;
+                else if (strcmp(val, "none") == 0)
+                    smartcard = 0;
+            } else if (strcmp(key, "hide_mechanisms") == 0) {
+                parse_mechanisms(val, out);
+            } else if (strcmp(key, "max_sessions") == 0 || strcmp(key, "copy_object") == 0 ||
+                       strcmp(key, "max_objects") == 0 || strcmp(key, "free_objects") == 0) {
+                char *e = NULL;
+                errno = 0;
+                unsigned long v = strtoul(val, &e, 10);
+                if (errno == 0 && e != val && *e == '\0' && val[0] != '-' && v < 1000000UL) {
+                    if (strcmp(key, "max_sessions") == 0) {
+                        out->max_sessions = v;
+                        have_sessions = 1;
+                    } else if (strcmp(key, "copy_object") == 0) {
+                        out->no_copy = v == 0;
+                        have_copy = 1;
+                    } else if (strcmp(key, "max_objects") == 0) {
+                        out->max_objects = v + 1;
+                    } else {
+                        out->free_objects = v + 1;
+                    }
+                }
             } else if (strcmp(key, "thread_log") == 0) {
                 size_t n = strlen(val);
                 if (n < sizeof out->thread_log)
@@ -405,6 +545,17 @@ static void ctl_parse(const char *buf, size_t len, struct ctl_state *out)
             }
         }
         line = nl ? nl + 1 : NULL;
+    }
+    if (smartcard) {
+        if (!have_sessions)
+            out->max_sessions = 4;
+        if (!have_copy)
+            out->no_copy = 1;
+        hide_mechanism(out, CKM_ECDSA_SHA1);
+        hide_mechanism(out, CKM_ECDSA_SHA224);
+        hide_mechanism(out, CKM_ECDSA_SHA256);
+        hide_mechanism(out, CKM_ECDSA_SHA384);
+        hide_mechanism(out, CKM_ECDSA_SHA512);
     }
 }
 
@@ -537,8 +688,10 @@ static void refresh_named(struct ctl_state *out, const char *fn)
             }
             g_ctl_exists = exists;
             g_ctl_cached = 1;
-            if (differs)
+            if (differs) {
                 ctl_parse(g_ctl_buf, g_ctl_len, &g_cur);
+                g_cur.gen = ++g_ctl_gen;
+            }
         }
     }
     int unplugged = g_cur.unplugged, swapped = 0;
@@ -699,6 +852,39 @@ static void session_leave(void)
         return rv;                                                                        \
     }
 
+/* A call taking a mechanism: a hidden one (hide_mechanisms) -> CKR_MECHANISM_INVALID. */
+#define MECH_FN(name, params, args)                                                       \
+    static CK_RV shim_##name params                                                       \
+    {                                                                                     \
+        CK_RV rv = session_enter(hSession, ENTER_PLAIN);                                  \
+        if (rv != CKR_OK)                                                                 \
+            return rv;                                                                    \
+        if (pMechanism && mechanism_hidden(&t_call, pMechanism->mechanism))               \
+            rv = CKR_MECHANISM_INVALID;                                                   \
+        else                                                                              \
+            rv = g_t->name ? g_t->name args : CKR_FUNCTION_NOT_SUPPORTED;                 \
+        session_leave();                                                                  \
+        return rv;                                                                        \
+    }
+
+/* A call taking a mechanism that stores `need` token objects: hidden mechanism ->
+ * CKR_MECHANISM_INVALID, no room in the store (max_objects, free_objects) -> CKR_DEVICE_MEMORY. */
+#define STORE_FN(name, need, params, args)                                                \
+    static CK_RV shim_##name params                                                       \
+    {                                                                                     \
+        CK_RV rv = session_enter(hSession, ENTER_PLAIN);                                  \
+        if (rv != CKR_OK)                                                                 \
+            return rv;                                                                    \
+        unsigned long need_ = (need);                                                     \
+        if (pMechanism && mechanism_hidden(&t_call, pMechanism->mechanism))               \
+            rv = CKR_MECHANISM_INVALID;                                                   \
+        else if ((rv = store_enter(hSession, need_)) == CKR_OK)                           \
+            rv = g_t->name ? g_t->name args : CKR_FUNCTION_NOT_SUPPORTED;                 \
+        store_leave(rv == CKR_OK ? (long)need_ : 0);                                      \
+        session_leave();                                                                  \
+        return rv;                                                                        \
+    }
+
 /* A slot call that needs the token: unplugged -> TOKEN_NOT_PRESENT. */
 #define TOKEN_FN(name, params, args)                                                      \
     static CK_RV shim_##name params                                                       \
@@ -809,12 +995,79 @@ static CK_RV shim_C_WaitForSlotEvent(CK_FLAGS flags, CK_SLOT_ID_PTR pSlot, CK_VO
     return t->C_WaitForSlotEvent(flags, pSlot, pReserved);
 }
 
-TOKEN_FN(C_GetTokenInfo, (CK_SLOT_ID slotID, CK_TOKEN_INFO_PTR pInfo), (slotID, pInfo))
-TOKEN_FN(C_GetMechanismList,
-         (CK_SLOT_ID slotID, CK_MECHANISM_TYPE_PTR pMechanismList, CK_ULONG_PTR pulCount),
-         (slotID, pMechanismList, pulCount))
-TOKEN_FN(C_GetMechanismInfo, (CK_SLOT_ID slotID, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR pInfo),
-         (slotID, type, pInfo))
+/* max_sessions: the token says so, as a card does (ulMaxSessionCount, ulSessionCount). */
+static CK_RV shim_C_GetTokenInfo(CK_SLOT_ID slotID, CK_TOKEN_INFO_PTR pInfo)
+{
+    struct ctl_state s;
+    CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);
+    if (!t)
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    refresh(&s);
+    if (s.unplugged)
+        return CKR_TOKEN_NOT_PRESENT;
+    CK_RV rv = t->C_GetTokenInfo(slotID, pInfo);
+    if (rv == CKR_OK && pInfo && s.max_sessions) {
+        pInfo->ulMaxSessionCount = pInfo->ulMaxRwSessionCount = s.max_sessions;
+        pInfo->ulSessionCount = sess_count_live(slotID);
+        pInfo->ulRwSessionCount = CK_UNAVAILABLE_INFORMATION;
+    }
+    return rv;
+}
+
+/* The target's list without the hidden mechanisms (hide_mechanisms, profile=smartcard). */
+static CK_RV shim_C_GetMechanismList(CK_SLOT_ID slotID, CK_MECHANISM_TYPE_PTR pMechanismList,
+                                     CK_ULONG_PTR pulCount)
+{
+    struct ctl_state s;
+    CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);
+    if (!t)
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    refresh(&s);
+    if (s.unplugged)
+        return CKR_TOKEN_NOT_PRESENT;
+    if (s.n_hidden == 0)
+        return t->C_GetMechanismList(slotID, pMechanismList, pulCount);
+    if (!pulCount)
+        return CKR_ARGUMENTS_BAD;
+    CK_ULONG n = 0;
+    CK_RV rv = t->C_GetMechanismList(slotID, NULL, &n);
+    if (rv != CKR_OK)
+        return rv;
+    CK_MECHANISM_TYPE *all = malloc((n ? n : 1) * sizeof *all);
+    if (!all)
+        return CKR_HOST_MEMORY;
+    rv = t->C_GetMechanismList(slotID, all, &n);
+    if (rv == CKR_OK) {
+        CK_ULONG k = 0;
+        for (CK_ULONG i = 0; i < n; i++)
+            if (!mechanism_hidden(&s, all[i]))
+                all[k++] = all[i];
+        if (pMechanismList && *pulCount < k) {
+            rv = CKR_BUFFER_TOO_SMALL;
+        } else if (pMechanismList) {
+            memcpy(pMechanismList, all, k * sizeof *all);
+        }
+        *pulCount = k;
+    }
+    free(all);
+    return rv;
+}
+
+static CK_RV shim_C_GetMechanismInfo(CK_SLOT_ID slotID, CK_MECHANISM_TYPE type,
+                                     CK_MECHANISM_INFO_PTR pInfo)
+{
+    struct ctl_state s;
+    CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);
+    if (!t)
+        return CKR_CRYPTOKI_NOT_INITIALIZED;
+    refresh(&s);
+    if (s.unplugged)
+        return CKR_TOKEN_NOT_PRESENT;
+    if (mechanism_hidden(&s, type))
+        return CKR_MECHANISM_INVALID;
+    return t->C_GetMechanismInfo(slotID, type, pInfo);
+}
+
 TOKEN_FN(C_InitToken,
          (CK_SLOT_ID slotID, CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen, CK_UTF8CHAR_PTR pLabel),
          (slotID, pPin, ulPinLen, pLabel))
@@ -838,7 +1091,14 @@ static CK_RV shim_C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR p
     if (s.unplugged)
         return CKR_TOKEN_NOT_PRESENT;
     pthread_rwlock_rdlock(&g_inflight);
-    CK_RV rv = t->C_OpenSession(slotID, flags, pApplication, Notify, phSession);
+    /* max_sessions: the count and the open are one step, so concurrent opens cannot overshoot */
+    if (s.max_sessions)
+        pthread_mutex_lock(&g_open_lock);
+    CK_RV rv = CKR_OK;
+    if (s.max_sessions && sess_count_live(slotID) >= s.max_sessions)
+        rv = CKR_SESSION_COUNT;
+    else
+        rv = t->C_OpenSession(slotID, flags, pApplication, Notify, phSession);
     if (rv == CKR_OK && phSession) {
         pthread_mutex_lock(&g_sess_lock);
         int bad = sess_insert(*phSession, slotID);
@@ -849,6 +1109,8 @@ static CK_RV shim_C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR p
             rv = CKR_HOST_MEMORY;
         }
     }
+    if (s.max_sessions)
+        pthread_mutex_unlock(&g_open_lock);
     pthread_rwlock_unlock(&g_inflight);
     return rv;
 }
@@ -937,16 +1199,136 @@ static long object_class(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o)
         return rv;                                                                        \
     }
 
-WRITE_FAULT_FN(C_CreateObject, fail_create_class, template_class(pTemplate, ulCount),
-               (CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount,
-                CK_OBJECT_HANDLE_PTR phObject),
-               (hSession, pTemplate, ulCount, phObject))
-SESSION_FN(C_CopyObject, ENTER_PLAIN,
-           (CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ATTRIBUTE_PTR pTemplate,
-            CK_ULONG ulCount, CK_OBJECT_HANDLE_PTR phNewObject),
-           (hSession, hObject, pTemplate, ulCount, phNewObject))
-SESSION_FN(C_DestroyObject, ENTER_PLAIN, (CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject),
-           (hSession, hObject))
+/* ---- a small object store (max_objects, free_objects) ---------------------------------- */
+
+/* CKA_TOKEN in a template: 1 true, 0 false, -1 absent. */
+static int template_token(CK_ATTRIBUTE_PTR tpl, CK_ULONG n)
+{
+    for (CK_ULONG i = 0; tpl && i < n; i++)
+        if (tpl[i].type == CKA_TOKEN && tpl[i].pValue && tpl[i].ulValueLen == sizeof(CK_BBOOL))
+            return *(CK_BBOOL *)tpl[i].pValue ? 1 : 0;
+    return -1;
+}
+
+/* CKA_TOKEN of an object: 1 true, 0 false or unreadable. */
+static int object_token(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o)
+{
+    CK_BBOOL v = CK_FALSE;
+    CK_ATTRIBUTE a = { CKA_TOKEN, &v, sizeof v };
+    return g_t->C_GetAttributeValue(h, o, &a, 1) == CKR_OK && v ? 1 : 0;
+}
+
+/* The token objects on the token of session `h`, counted by a session of their own (this
+ * process's login applies to it); -1 when they cannot be counted. */
+static long count_token_objects(CK_SESSION_HANDLE h)
+{
+    CK_SESSION_INFO info;
+    CK_SESSION_HANDLE c;
+    if (g_t->C_GetSessionInfo(h, &info) != CKR_OK ||
+        g_t->C_OpenSession(info.slotID, CKF_SERIAL_SESSION, NULL, NULL, &c) != CKR_OK)
+        return -1;
+    CK_BBOOL yes = CK_TRUE;
+    CK_ATTRIBUTE a = { CKA_TOKEN, &yes, sizeof yes };
+    long n = -1;
+    if (g_t->C_FindObjectsInit(c, &a, 1) == CKR_OK) {
+        CK_OBJECT_HANDLE buf[64];
+        CK_ULONG got = 0;
+        CK_RV rv;
+        n = 0;
+        while ((rv = g_t->C_FindObjects(c, buf, 64, &got)) == CKR_OK && got > 0)
+            n += (long)got;
+        if (rv != CKR_OK)
+            n = -1;
+        g_t->C_FindObjectsFinal(c);
+    }
+    g_t->C_CloseSession(c);
+    return n;
+}
+
+/* Inside session_enter/leave, before a call that stores `need` token objects: CKR_OK (then
+ * store_leave() after the call) or CKR_DEVICE_MEMORY when the store has no room for them. */
+static CK_RV store_enter(CK_SESSION_HANDLE h, unsigned long need)
+{
+    const struct ctl_state *s = &t_call;
+    if (!s->max_objects && !s->free_objects)
+        return CKR_OK;
+    pthread_mutex_lock(&g_store_lock);
+    t_store_held = 1;
+    if (g_store_gen != s->gen) {
+        g_store_gen = s->gen;
+        g_store_used = 0;
+    }
+    if (need == 0)
+        return CKR_OK;
+    if (s->free_objects && g_store_used + (long)need > (long)(s->free_objects - 1))
+        return CKR_DEVICE_MEMORY;
+    if (s->max_objects) {
+        long n = count_token_objects(h);
+        if (n >= 0 && n + (long)need > (long)(s->max_objects - 1))
+            return CKR_DEVICE_MEMORY;
+    }
+    return CKR_OK;
+}
+
+/* After the call store_enter admitted (or refused): `stored` token objects were added. */
+static void store_leave(long stored)
+{
+    if (!t_store_held)
+        return;
+    g_store_used += stored;
+    t_store_held = 0;
+    pthread_mutex_unlock(&g_store_lock);
+}
+
+static CK_RV shim_C_CreateObject(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate,
+                                 CK_ULONG ulCount, CK_OBJECT_HANDLE_PTR phObject)
+{
+    CK_RV rv = session_enter(hSession, ENTER_PLAIN);
+    if (rv != CKR_OK)
+        return rv;
+    unsigned long fail = t_call.fail_create_class;
+    unsigned long need = template_token(pTemplate, ulCount) == 1;
+    if (fail != 0 && template_class(pTemplate, ulCount) == (long)(fail - 1))
+        rv = CKR_DEVICE_MEMORY;
+    else if ((rv = store_enter(hSession, need)) == CKR_OK)
+        rv = g_t->C_CreateObject(hSession, pTemplate, ulCount, phObject);
+    store_leave(rv == CKR_OK ? (long)need : 0);
+    session_leave();
+    return rv;
+}
+
+static CK_RV shim_C_CopyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
+                               CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount,
+                               CK_OBJECT_HANDLE_PTR phNewObject)
+{
+    CK_RV rv = session_enter(hSession, ENTER_PLAIN);
+    if (rv != CKR_OK)
+        return rv;
+    if (t_call.no_copy) {
+        session_leave();
+        return CKR_FUNCTION_NOT_SUPPORTED;
+    }
+    int tok = template_token(pTemplate, ulCount);
+    unsigned long need = tok == 1 || (tok == -1 && object_token(hSession, hObject));
+    if ((rv = store_enter(hSession, need)) == CKR_OK)
+        rv = g_t->C_CopyObject(hSession, hObject, pTemplate, ulCount, phNewObject);
+    store_leave(rv == CKR_OK ? (long)need : 0);
+    session_leave();
+    return rv;
+}
+
+static CK_RV shim_C_DestroyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject)
+{
+    CK_RV rv = session_enter(hSession, ENTER_PLAIN);
+    if (rv != CKR_OK)
+        return rv;
+    int tok = t_call.free_objects ? object_token(hSession, hObject) : 0;
+    store_enter(hSession, 0);
+    rv = g_t->C_DestroyObject(hSession, hObject);
+    store_leave(rv == CKR_OK && tok ? -1 : 0);
+    session_leave();
+    return rv;
+}
 SESSION_FN(C_GetObjectSize, ENTER_PLAIN,
            (CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ULONG_PTR pulSize),
            (hSession, hObject, pulSize))
@@ -969,9 +1351,9 @@ SESSION_FN(C_FindObjectsFinal, ENTER_PLAIN, (CK_SESSION_HANDLE hSession), (hSess
 
 /* ---- encryption, decryption, digests --------------------------------------------------- */
 
-SESSION_FN(C_EncryptInit, ENTER_PLAIN,
-           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
-           (hSession, pMechanism, hKey))
+MECH_FN(C_EncryptInit,
+        (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
+        (hSession, pMechanism, hKey))
 SESSION_FN(C_Encrypt, ENTER_PLAIN,
            (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
             CK_BYTE_PTR pEncryptedData, CK_ULONG_PTR pulEncryptedDataLen),
@@ -984,9 +1366,9 @@ SESSION_FN(C_EncryptFinal, ENTER_PLAIN,
            (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pLastEncryptedPart,
             CK_ULONG_PTR pulLastEncryptedPartLen),
            (hSession, pLastEncryptedPart, pulLastEncryptedPartLen))
-SESSION_FN(C_DecryptInit, ENTER_PLAIN,
-           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
-           (hSession, pMechanism, hKey))
+MECH_FN(C_DecryptInit,
+        (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
+        (hSession, pMechanism, hKey))
 SESSION_FN(C_Decrypt, ENTER_PLAIN,
            (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pEncryptedData, CK_ULONG ulEncryptedDataLen,
             CK_BYTE_PTR pData, CK_ULONG_PTR pulDataLen),
@@ -998,8 +1380,8 @@ SESSION_FN(C_DecryptUpdate, ENTER_PLAIN,
 SESSION_FN(C_DecryptFinal, ENTER_PLAIN,
            (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pLastPart, CK_ULONG_PTR pulLastPartLen),
            (hSession, pLastPart, pulLastPartLen))
-SESSION_FN(C_DigestInit, ENTER_PLAIN, (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism),
-           (hSession, pMechanism))
+MECH_FN(C_DigestInit, (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism),
+        (hSession, pMechanism))
 SESSION_FN(C_Digest, ENTER_PLAIN,
            (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen, CK_BYTE_PTR pDigest,
             CK_ULONG_PTR pulDigestLen),
@@ -1015,9 +1397,9 @@ SESSION_FN(C_DigestFinal, ENTER_PLAIN,
 
 /* ---- signing and verifying ------------------------------------------------------------- */
 
-SESSION_FN(C_SignInit, ENTER_PLAIN,
-           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
-           (hSession, pMechanism, hKey))
+MECH_FN(C_SignInit,
+        (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
+        (hSession, pMechanism, hKey))
 SIGN_FN(C_Sign,
         (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen, CK_BYTE_PTR pSignature,
          CK_ULONG_PTR pulSignatureLen),
@@ -1028,16 +1410,16 @@ SESSION_FN(C_SignUpdate, ENTER_DELAY,
 SIGN_FN(C_SignFinal,
         (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature, CK_ULONG_PTR pulSignatureLen),
         (hSession, pSignature, pulSignatureLen), pSignature)
-SESSION_FN(C_SignRecoverInit, ENTER_PLAIN,
-           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
-           (hSession, pMechanism, hKey))
+MECH_FN(C_SignRecoverInit,
+        (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
+        (hSession, pMechanism, hKey))
 SESSION_FN(C_SignRecover, ENTER_PLAIN,
            (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
             CK_BYTE_PTR pSignature, CK_ULONG_PTR pulSignatureLen),
            (hSession, pData, ulDataLen, pSignature, pulSignatureLen))
-SESSION_FN(C_VerifyInit, ENTER_PLAIN,
-           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
-           (hSession, pMechanism, hKey))
+MECH_FN(C_VerifyInit,
+        (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
+        (hSession, pMechanism, hKey))
 SESSION_FN(C_Verify, ENTER_PLAIN,
            (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
             CK_BYTE_PTR pSignature, CK_ULONG ulSignatureLen),
@@ -1048,9 +1430,9 @@ SESSION_FN(C_VerifyUpdate, ENTER_PLAIN,
 SESSION_FN(C_VerifyFinal, ENTER_PLAIN,
            (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature, CK_ULONG ulSignatureLen),
            (hSession, pSignature, ulSignatureLen))
-SESSION_FN(C_VerifyRecoverInit, ENTER_PLAIN,
-           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
-           (hSession, pMechanism, hKey))
+MECH_FN(C_VerifyRecoverInit,
+        (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey),
+        (hSession, pMechanism, hKey))
 SESSION_FN(C_VerifyRecover, ENTER_PLAIN,
            (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature, CK_ULONG ulSignatureLen,
             CK_BYTE_PTR pData, CK_ULONG_PTR pulDataLen),
@@ -1077,31 +1459,33 @@ SESSION_FN(C_DecryptVerifyUpdate, ENTER_PLAIN,
 
 /* ---- keys and random numbers ----------------------------------------------------------- */
 
-SESSION_FN(C_GenerateKey, ENTER_PLAIN,
-           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_ATTRIBUTE_PTR pTemplate,
-            CK_ULONG ulCount, CK_OBJECT_HANDLE_PTR phKey),
-           (hSession, pMechanism, pTemplate, ulCount, phKey))
-SESSION_FN(C_GenerateKeyPair, ENTER_PLAIN,
-           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
-            CK_ATTRIBUTE_PTR pPublicKeyTemplate, CK_ULONG ulPublicKeyAttributeCount,
-            CK_ATTRIBUTE_PTR pPrivateKeyTemplate, CK_ULONG ulPrivateKeyAttributeCount,
-            CK_OBJECT_HANDLE_PTR phPublicKey, CK_OBJECT_HANDLE_PTR phPrivateKey),
-           (hSession, pMechanism, pPublicKeyTemplate, ulPublicKeyAttributeCount,
-            pPrivateKeyTemplate, ulPrivateKeyAttributeCount, phPublicKey, phPrivateKey))
-SESSION_FN(C_WrapKey, ENTER_PLAIN,
-           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hWrappingKey,
-            CK_OBJECT_HANDLE hKey, CK_BYTE_PTR pWrappedKey, CK_ULONG_PTR pulWrappedKeyLen),
-           (hSession, pMechanism, hWrappingKey, hKey, pWrappedKey, pulWrappedKeyLen))
-SESSION_FN(C_UnwrapKey, ENTER_PLAIN,
-           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
-            CK_OBJECT_HANDLE hUnwrappingKey, CK_BYTE_PTR pWrappedKey, CK_ULONG ulWrappedKeyLen,
-            CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulAttributeCount, CK_OBJECT_HANDLE_PTR phKey),
-           (hSession, pMechanism, hUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate,
-            ulAttributeCount, phKey))
-SESSION_FN(C_DeriveKey, ENTER_PLAIN,
-           (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hBaseKey,
-            CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulAttributeCount, CK_OBJECT_HANDLE_PTR phKey),
-           (hSession, pMechanism, hBaseKey, pTemplate, ulAttributeCount, phKey))
+STORE_FN(C_GenerateKey, template_token(pTemplate, ulCount) == 1,
+         (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_ATTRIBUTE_PTR pTemplate,
+          CK_ULONG ulCount, CK_OBJECT_HANDLE_PTR phKey),
+         (hSession, pMechanism, pTemplate, ulCount, phKey))
+STORE_FN(C_GenerateKeyPair,
+         (unsigned long)(template_token(pPublicKeyTemplate, ulPublicKeyAttributeCount) == 1) +
+             (unsigned long)(template_token(pPrivateKeyTemplate, ulPrivateKeyAttributeCount) == 1),
+         (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+          CK_ATTRIBUTE_PTR pPublicKeyTemplate, CK_ULONG ulPublicKeyAttributeCount,
+          CK_ATTRIBUTE_PTR pPrivateKeyTemplate, CK_ULONG ulPrivateKeyAttributeCount,
+          CK_OBJECT_HANDLE_PTR phPublicKey, CK_OBJECT_HANDLE_PTR phPrivateKey),
+         (hSession, pMechanism, pPublicKeyTemplate, ulPublicKeyAttributeCount,
+          pPrivateKeyTemplate, ulPrivateKeyAttributeCount, phPublicKey, phPrivateKey))
+MECH_FN(C_WrapKey,
+        (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hWrappingKey,
+         CK_OBJECT_HANDLE hKey, CK_BYTE_PTR pWrappedKey, CK_ULONG_PTR pulWrappedKeyLen),
+        (hSession, pMechanism, hWrappingKey, hKey, pWrappedKey, pulWrappedKeyLen))
+STORE_FN(C_UnwrapKey, template_token(pTemplate, ulAttributeCount) == 1,
+         (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+          CK_OBJECT_HANDLE hUnwrappingKey, CK_BYTE_PTR pWrappedKey, CK_ULONG ulWrappedKeyLen,
+          CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulAttributeCount, CK_OBJECT_HANDLE_PTR phKey),
+         (hSession, pMechanism, hUnwrappingKey, pWrappedKey, ulWrappedKeyLen, pTemplate,
+          ulAttributeCount, phKey))
+STORE_FN(C_DeriveKey, template_token(pTemplate, ulAttributeCount) == 1,
+         (CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hBaseKey,
+          CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulAttributeCount, CK_OBJECT_HANDLE_PTR phKey),
+         (hSession, pMechanism, hBaseKey, pTemplate, ulAttributeCount, phKey))
 SESSION_FN(C_SeedRandom, ENTER_PLAIN,
            (CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSeed, CK_ULONG ulSeedLen),
            (hSession, pSeed, ulSeedLen))
