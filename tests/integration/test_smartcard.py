@@ -199,12 +199,7 @@ def _request(reg: str, key: str, base: str, emulator_pki: Any) -> DpsRequest:
     return DpsRequest(SCOPE, reg, HOST, "symmetricKey", key, server_ca_pem=emulator_pki.ca_pem, issue_cert=base)
 
 
-ORPHAN_KEY = pytest.mark.xfail(strict=True, reason=(
-    "the module: Provisioner.register keeps the operational key pair it generated when storing the "
-    "issued chain fails (a key pair without its certificate)"))
-
-
-@pytest.mark.parametrize("room", [1, pytest.param(3, marks=ORPHAN_KEY)],
+@pytest.mark.parametrize("room", [1, 3],
                          ids=["no-room-for-the-key", "no-room-for-the-chain"])
 def test_dps_issuance_on_a_full_card_says_so_and_leaves_no_orphan(  # type: ignore[no-untyped-def]
         card, hsm, emu, emulator_pki, label, tmp_path, room: int) -> None:
@@ -265,12 +260,6 @@ def test_renewal_on_a_full_card_keeps_the_old_credential_and_leaves_no_orphan(  
 
 # --- a pool with more workers than the card has sessions ---------------------------------------
 
-SESSION_CAP = pytest.mark.xfail(strict=True, reason=(
-    "the module: the pool opens one session per worker besides its login session, and a worker "
-    "whose C_OpenSession is refused (CKR_SESSION_COUNT) fails every job it takes; pkcs11-provider "
-    "then finds no session either"))
-
-
 CHILD = """
 import json, sys
 from concurrent.futures import wait
@@ -299,7 +288,6 @@ print(json.dumps(outcomes))
 """
 
 
-@SESSION_CAP
 def test_a_pool_with_more_workers_than_the_card_has_sessions_still_works(card, hsm, token_env, label) -> None:  # type: ignore[no-untyped-def]
     hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
     card.roomy()  # four sessions per process
@@ -313,7 +301,6 @@ def test_a_pool_with_more_workers_than_the_card_has_sessions_still_works(card, h
     assert outcomes[-1] == "ready"
 
 
-@SESSION_CAP
 def test_register_and_renew_with_the_default_pool_on_a_four_session_card(  # type: ignore[no-untyped-def]
         cli, card, hsm, token_env, emu, emulator_pki, label, tmp_path) -> None:
     reg, base = "rd-" + label, label + "-op"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,7 +35,7 @@ from .. import times
 from ..config import CloudConfig
 from ..errors import Kind, SpyrusError
 from ..files import read_json, write_json_atomic
-from ..hsm import InvalidInput, ObjectNotFound
+from ..hsm import InvalidInput, ObjectNotFound, Pkcs11Uri
 from ..identity import issued as issued_id
 from ..identity import x509 as x509_id
 from ..identity.sas import dps_uri
@@ -43,6 +44,7 @@ from ..keystore import KeyStore
 from . import dps_client
 
 Attestation = Literal["x509", "symmetricKey"]
+log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 120.0
 SAS_TTL = 3600  # seconds; the token is only used to connect for this registration
 Exchange = Callable[[dps_client.DpsTarget, Any, float, "bytes | None"], dict[str, Any]]
@@ -148,6 +150,24 @@ class Provisioner:
             key_label = self._sas_key(req)
             key_id = next((o.id_hex for o in self.hsm.find(key_label, "secret-key")), "")
             identity = _fingerprint(req, key_id)
+        made = bool(req.issue_cert) and not self.hsm.find(req.issue_cert or "", "private")
+        try:
+            return self._register(req, force, timeout, cred, key_label, identity)
+        except BaseException:
+            if made:  # the key pair this call generated has no certificate: no orphan left
+                self._discard_new_key(req.issue_cert or "")
+            raise
+
+    def _discard_new_key(self, label: str) -> None:
+        try:
+            if not self.hsm.find(label, "cert"):
+                self.hsm.delete(Pkcs11Uri(object=label))
+        except Exception as exc:  # said, and left for the operator: the first error is the story
+            log.warning("the key pair '%s' made for a certificate DPS did not issue could not be deleted "
+                        "(%s); delete it with 'spyrus-hsm delete --label %s'", label, exc, label)
+
+    def _register(self, req: DpsRequest, force: bool, timeout: float, cred: x509_id.X509Credential | None,
+                  key_label: str, identity: str) -> Assignment:
         if req.issue_cert:
             # Another operational key is another request; without its certificate, ask again.
             operational = issued_id.operational_key(self.hsm, req.issue_cert)

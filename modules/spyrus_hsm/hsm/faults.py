@@ -74,6 +74,8 @@ def translate(exc: BaseException, what: str) -> errors.HsmError:
     if isinstance(exc, (p11e.TemplateIncomplete, p11e.TemplateInconsistent,
                         p11e.AttributeValueInvalid, p11e.AttributeTypeInvalid)):
         return _invalid(f"{what} failed: the token rejected the object's attributes")
+    if isinstance(exc, p11e.SessionCount):
+        return errors.OperationFailed(f"{what} failed: the token allows no more sessions; lower hsm.workers")
     if isinstance(exc, p11e.DeviceMemory):
         return errors.OperationFailed(f"{what} failed: the token is out of memory; delete unused objects")
     if isinstance(exc, p11e.TokenWriteProtected):

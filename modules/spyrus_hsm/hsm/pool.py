@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import itertools
 import logging
 import queue
@@ -30,6 +31,8 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TypeVar, cast
+
+import pkcs11.exceptions as p11e
 
 from ..backoff import Backoff
 from ..threads import Worker
@@ -45,6 +48,7 @@ T = TypeVar("T")
 
 URGENT, BACKGROUND = 0, 1   # job priorities: lower runs first
 _STOP = 2                  # the workers' stop signal comes after every queued job
+PROVIDER_SESSIONS = 2      # sessions left to pkcs11-provider on a token with a session limit
 _RESTART_TEXT = ("; the PKCS#11 module is shared with the OpenSSL provider, so it cannot be "
                  "re-initialised in this process: the module needs a restart")
 
@@ -67,6 +71,8 @@ class HsmPool:
         self._queue: queue.PriorityQueue[tuple[int, int, _Job | None]] = queue.PriorityQueue()
         self._order = itertools.count()  # arrival order within a priority (next() is atomic)
         self.workers = 1 if settings.serial else settings.workers
+        self._active = self.workers  # workers taking jobs: fewer where the token allows fewer sessions
+        self._fitted_to: int | None = None  # the session limit `_active` was last fitted to
         self._state = HsmState("starting")
         self._accepting = False
         self._recover_requested = True
@@ -95,11 +101,12 @@ class HsmPool:
             self._ever_ready = True
             self._recover_requested = False
             self._accepting = True
+            self._fit_workers()
             self._set_state("ready", token=(info.label, info.serial))
         else:
             self._wake.set()  # the supervisor makes the first connection, and retries it
         for i in range(self.workers):
-            self._spawn(self._worker, f"hsm-worker-{i}")
+            self._spawn(functools.partial(self._worker, i), f"hsm-worker-{i}")
         self._spawn(self._supervise, "hsm-supervisor")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
@@ -228,9 +235,40 @@ class HsmPool:
         self._request_recovery(fault_reason(exc), ws.generation, change)
         return True
 
-    def _worker(self) -> None:
+    def _fit_workers(self) -> None:
+        """As many workers take jobs as the token has sessions for: its stated limit, less the
+        login session and PROVIDER_SESSIONS for pkcs11-provider (a smart card may allow 4 in all;
+        a worker whose C_OpenSession is refused would fail every job it took)."""
+        caps = self._conn.capabilities
+        limit = caps.max_sessions if caps is not None else None
+        if limit is None or limit == self._fitted_to:
+            return
+        usable = max(1, min(self.workers, limit - 1 - PROVIDER_SESSIONS))
+        with self._cond:
+            self._fitted_to, self._active = limit, usable
+            self._cond.notify_all()
+        if usable < self.workers:  # selftest warns about the setting; every command need not
+            log.info("token allows %d sessions at once: %d of the %d HSM workers are used (one session "
+                        "is the login's, %d are left for pkcs11-provider); set hsm.workers to %d",
+                        limit, usable, self.workers, PROVIDER_SESSIONS, usable)
+
+    def _retire(self, index: int) -> None:
+        """Worker `index` could open no session (CKR_SESSION_COUNT on a token that states no
+        limit): it and those after it take no more jobs."""
+        with self._cond:
+            if index < self._active:
+                self._active = max(1, index)
+                log.warning("the token refused another session: %d HSM worker(s) are used from now "
+                            "on; set hsm.workers to %d", self._active, self._active)
+
+    def _worker(self, index: int) -> None:
         ws: WorkerSession | None = None
         while True:
+            with self._cond:
+                while index >= self._active and not self._stopping:
+                    self._cond.wait()  # a worker the token has no session for sits out
+                if self._stopping and index >= self._active:
+                    return
             _, _, job = self._queue.get()
             if job is None:
                 return
@@ -254,7 +292,9 @@ class HsmPool:
                 result = job.ctx.run(job.fn, ws)
             except BaseException as exc:
                 if ws is None:  # opening the session failed
-                    if is_device_fault(exc) or isinstance(exc, HsmUnavailable):
+                    if isinstance(exc, p11e.SessionCount):
+                        self._retire(index)
+                    elif is_device_fault(exc) or isinstance(exc, HsmUnavailable):
                         self._request_recovery(fault_reason(exc), generation, None)
                 elif self.report_fault(exc, ws):
                     ws = None
@@ -325,6 +365,7 @@ class HsmPool:
                 self._set_state("degraded", swapped + _RESTART_TEXT, token=(info.label, info.serial),
                                 restart=True, change=swapped)
                 continue
+            self._fit_workers()
             with self._lock:
                 self._generation += 1
                 self._seen = set()
