@@ -66,11 +66,13 @@ lint: venv tools
 	cd deployments/prometheus && promtool test rules alerts.test.yml
 	$(BIN)/lint-imports --no-cache
 
-# Two processes: a PKCS#11 module is loaded once per process, and the `shim` tests need the
-# fault-injection shim as their module (see tests/conftest.py).
+# Three processes: a PKCS#11 module is loaded once per process, the `shim` tests need the
+# fault-injection shim as their module, and the `token_matrix` tests run once more on a
+# tpm2-pkcs11 token over a software TPM (see tests/conftest.py, tests/token_matrix.py).
 unit: venv shim tools $(LEAFSTACKS) $(LEAF_EXAMPLES)
 	SPYRUS_TOOLS_REQUIRED=1 $(BIN)/python -m pytest -q --durations=15 tests
 	SPYRUS_TEST_VIA_SHIM=1 $(BIN)/python -m pytest -q --durations=15 -m shim tests
+	SPYRUS_TEST_TOKEN=tpm2 $(BIN)/python -m pytest -q --durations=15 -m token_matrix tests
 
 # The documentation site, built strictly (a broken link or anchor, or a page missing from the
 # navigation, fails it) into .build/site; scripts/mkdocs_hooks.py adds the reference pages it

@@ -18,6 +18,11 @@ packages+=(prometheus)
 # and run gnutls-cli, to check that every stack a leaf may use verifies the API's chain (mbedTLS
 # and wolfSSL reject profiles OpenSSL accepts).
 packages+=(libmbedtls-dev libwolfssl-dev gnutls-bin)
+# A second PKCS#11 implementation for the token matrix (tests/tpm_rig.py): the `token_matrix`
+# tests run again on tpm2-pkcs11 over a software TPM (swtpm), reached through the resource
+# manager tpm2-abrmd (its TCTI library: libtss2-tcti-tabrmd0) on a private D-Bus session bus;
+# tokens are made with tpm2_ptool. Catches what the module assumes of SoftHSM2.
+packages+=(swtpm swtpm-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools tpm2-abrmd libtss2-tcti-tabrmd0 dbus)
 
 missing=()
 for p in "${packages[@]}" "${backports[@]}"; do

@@ -3,7 +3,9 @@
 A PKCS#11 module is loaded once per process and SoftHSM reads SOFTHSM2_CONF when it is
 initialised, so one token directory serves the whole pytest process; tests use unique labels.
 Tests marked `shim` run in a second pytest process (see the Makefile) in which every PKCS#11
-access goes through tests/p11shim (fault injection) instead of SoftHSM directly.
+access goes through tests/p11shim (fault injection) instead of SoftHSM directly. Tests marked
+`token_matrix` run once more in a third process with SPYRUS_TEST_TOKEN=tpm2, on a tpm2-pkcs11
+token over a software TPM (tests/tpm_rig.py, tests/token_matrix.py) instead of SoftHSM2.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import addresses
 import pytest
+import token_matrix
 
 from emulator.fixtures import emulator_pki, make_emulator, sdk_clients  # noqa: F401
 
@@ -38,6 +41,7 @@ class TokenEnv:
     pin_file: Path
     config_file: Path
     control_file: Path | None
+    token: str = "softhsm2"  # which kind of token (tests/token_matrix.py)
 
     @property
     def pin(self) -> bytes:
@@ -66,6 +70,8 @@ def _write_secret(path: Path, value: str) -> Path:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "shim: runs with the PKCS#11 fault-injection shim")
+    config.addinivalue_line("markers", "token_matrix: runs on every token of tests/token_matrix.py, "
+                            "each in a pytest process of its own (SPYRUS_TEST_TOKEN)")
 
 
 @pytest.fixture(autouse=True)
@@ -107,9 +113,13 @@ def _shared_hsm_answers_after_a_shim_test(request: pytest.FixtureRequest) -> Ite
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Keep the two groups apart: each needs its own process (see module docstring).
     skip_other = pytest.mark.skip(reason="runs in the other pytest process (shim / not shim)")
+    not_this_token = pytest.mark.skip(
+        reason=f"runs on SoftHSM2 only: SPYRUS_TEST_TOKEN={token_matrix.TOKEN} runs the token_matrix tests")
     for item in items:
         if ("shim" in item.keywords) != VIA_SHIM:
             item.add_marker(skip_other)
+        elif token_matrix.TOKEN != "softhsm2" and "token_matrix" not in item.keywords:
+            item.add_marker(not_this_token)
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +130,10 @@ def address_block() -> addresses.AddressBlock:
 
 
 @pytest.fixture(scope="session")
-def token_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenEnv]:
+def token_env(tmp_path_factory: pytest.TempPathFactory, address_block: addresses.AddressBlock) -> Iterator[TokenEnv]:
+    if token_matrix.TOKEN == "tpm2":
+        yield from _tpm2_token_env(tmp_path_factory, address_block)
+        return
     root = tmp_path_factory.mktemp("softhsm")
     (root / "tokens").mkdir()
     conf = root / "softhsm2.conf"
@@ -150,6 +163,40 @@ def token_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenEnv]:
     init_token(module, label, Secret(so_pin_file.read_bytes().strip()),
                Secret(pin_file.read_bytes().strip()))
     yield TokenEnv(root, conf, module, label, so_pin_file, pin_file, config_file, control)
+
+
+def _tpm2_token_env(tmp_path_factory: pytest.TempPathFactory,
+                    address_block: addresses.AddressBlock) -> Iterator[TokenEnv]:
+    """The token on tpm2-pkcs11 over a software TPM (tests/tpm_rig.py), started for this process
+    and stopped at its end; its variables go into os.environ, so every child process (the
+    `spyrus-hsm` commands, serve) reaches the same token."""
+    import tpm_rig
+
+    if VIA_SHIM:
+        pytest.fail("SPYRUS_TEST_TOKEN=tpm2 does not combine with SPYRUS_TEST_VIA_SHIM=1")
+    root = tmp_path_factory.mktemp("tpm2")
+    host = address_block.host()
+    rig = tpm_rig.TpmRig(root, host, address_block.port(host), address_block.port(host))
+    try:
+        rig.start()
+    except tpm_rig.RigError as e:
+        rig.stop()
+        pytest.fail(f"the software TPM token could not be made: {e}")
+    try:
+        os.environ.update(rig.env)
+        conf = root / "softhsm2.conf"  # read by no one here; kept so that TokenEnv.env() is the same
+        conf.write_text("")
+        label = "test-" + secrets.token_hex(3)
+        so_pin_file = _write_secret(root / "so.pin", "so-" + secrets.token_hex(8))
+        pin_file = _write_secret(root / "user.pin", "pin-" + secrets.token_hex(8))
+        rig.add_token(label, pin_file.read_text().strip(), so_pin_file.read_text().strip())
+        config_file = root / "config.yaml"
+        config_file.write_text(
+            f"hsm:\n  module: {rig.module}\n  token_label: {label}\n  pin_file: {pin_file}\n"
+            f"  call_timeout: 5\nstate_dir: {root / 'state'}\n")
+        yield TokenEnv(root, conf, rig.module, label, so_pin_file, pin_file, config_file, None, "tpm2")
+    finally:
+        rig.stop()
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
+from token_matrix import HMAC_IMPORT, KEYGEN_TEMPLATE, PRIVATE_KEY_IMPORT, TOKEN_INIT, known_bug, needs
 
 
 @pytest.fixture
@@ -48,6 +49,8 @@ def _secret_file(tmp_path: Path, name: str, value: str) -> Path:
     return p
 
 
+@pytest.mark.token_matrix
+@needs(TOKEN_INIT)
 def test_token_init_from_pin_files_then_selftest_passes_on_it(run, token_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     so = _secret_file(tmp_path, "so", "so-" + secrets.token_hex(6))
     user = _secret_file(tmp_path, "user", "user-" + secrets.token_hex(6))
@@ -75,6 +78,8 @@ def test_token_init_refuses_an_existing_label(run, token_env) -> None:  # type: 
     assert "already exists" in res.err
 
 
+@pytest.mark.token_matrix
+@needs(HMAC_IMPORT)
 def test_import_sas_key_then_mint_a_token_that_verifies(run, label: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     raw = secrets.token_bytes(32)
     b64 = base64.b64encode(raw).decode()
@@ -162,6 +167,8 @@ def _ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     return key, cert
 
 
+@pytest.mark.token_matrix
+@known_bug(KEYGEN_TEMPLATE)
 def test_generate_csr_and_cert_import(run, label: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert run("key", "generate", "--label", label, "--type", "ec-p256").code == 0
     res = run("csr", "--label", label, "--subject", "CN=leaf-7")
@@ -182,6 +189,8 @@ def test_generate_csr_and_cert_import(run, label: str, tmp_path: Path) -> None: 
     assert len({o["id_hex"] for o in objs}) == 1
 
 
+@pytest.mark.token_matrix
+@known_bug(KEYGEN_TEMPLATE)
 def test_cert_import_refuses_a_certificate_for_another_key(run, label: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert run("key", "generate", "--label", label, "--type", "ec-p256").code == 0
     _, ca = _ca()
@@ -191,6 +200,8 @@ def test_cert_import_refuses_a_certificate_for_another_key(run, label: str, tmp_
     assert res.code == 1 and "is not that of key" in res.err
 
 
+@pytest.mark.token_matrix
+@needs(PRIVATE_KEY_IMPORT)
 def test_pkcs12_import_with_password_file(run, label: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     key, cert = _ca()
     password = "p12-" + secrets.token_hex(5)
@@ -220,6 +231,8 @@ def test_pkcs12_missing_file_is_exit_2(run, label: str) -> None:  # type: ignore
     assert res.code == 2 and "does not exist" in res.err
 
 
+@pytest.mark.token_matrix
+@known_bug(KEYGEN_TEMPLATE)
 def test_list_and_delete(run, label: str) -> None:  # type: ignore[no-untyped-def]
     assert run("key", "generate", "--label", label, "--type", "rsa-2048").code == 0
     res = run("list")
@@ -270,6 +283,8 @@ def test_a_command_loads_its_config_once(run, token_env, label: str, tmp_path: P
     assert res.code == 0, res.err
 
 
+@pytest.mark.token_matrix
+@known_bug(KEYGEN_TEMPLATE)
 def test_keyref_and_openssl_config_let_plain_openssl_sign(run, token_env, label: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert run("key", "generate", "--label", label, "--type", "ec-p256").code == 0
     keyref, conf = tmp_path / "key.pem", tmp_path / "openssl.cnf"

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
+from token_matrix import HMAC_IMPORT, KEYGEN_TEMPLATE, PRIVATE_KEY_IMPORT, known_bug, needs
 
 from spyrus_hsm.hsm import (
     DuplicateObject,
@@ -33,6 +34,8 @@ from spyrus_hsm.hsm.encoding import ecdsa_raw_to_der, key_id_from_spki
 from spyrus_hsm.identity.csr import build_csr
 
 
+@pytest.mark.token_matrix
+@needs(HMAC_IMPORT)
 def test_hmac_from_hsm_equals_python_hmac(hsm: Hsm, label: str) -> None:
     key = secrets.token_bytes(32)
     hsm.import_secret_key(label, Secret(key))
@@ -58,6 +61,8 @@ def test_unknown_label_names_the_fix(hsm: Hsm) -> None:
         hsm.hmac_sha256("no-such-key", b"x")
 
 
+@pytest.mark.token_matrix
+@known_bug(KEYGEN_TEMPLATE)
 @pytest.mark.parametrize("algorithm", list(KeyAlgorithm))
 def test_generated_key_signatures_verify_with_cryptography(hsm: Hsm, label: str, algorithm: KeyAlgorithm) -> None:
     hsm.generate_keypair(label, algorithm)
@@ -80,12 +85,16 @@ def test_generated_key_signatures_verify_with_cryptography(hsm: Hsm, label: str,
                    padding.PSS(padding.MGF1(hashes.SHA256()), 32), hashes.SHA256())
 
 
+@pytest.mark.token_matrix
+@known_bug(KEYGEN_TEMPLATE)
 def test_generated_private_key_is_sensitive_and_not_extractable(hsm: Hsm, label: str) -> None:
     hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
     priv = [o for o in hsm.list_objects() if o.label == label and o.type == "private"]
     assert [(o.sensitive, o.extractable) for o in priv] == [(True, False)]
 
 
+@pytest.mark.token_matrix
+@known_bug(KEYGEN_TEMPLATE)
 @pytest.mark.parametrize("algorithm", list(KeyAlgorithm))
 def test_csr_is_signed_by_the_hsm_key(hsm: Hsm, label: str, algorithm: KeyAlgorithm) -> None:
     hsm.generate_keypair(label, algorithm)
@@ -122,6 +131,8 @@ def _ca_chain(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> tuple[x509
     return leaf, [root, inter]  # deliberately out of order
 
 
+@pytest.mark.token_matrix
+@needs(PRIVATE_KEY_IMPORT)
 @pytest.mark.parametrize("kind", ["ec", "ec-p384", "rsa"])
 def test_pkcs12_import_yields_key_cert_and_chain_sharing_one_id(hsm: Hsm, label: str, kind: str) -> None:
     key = (ec.generate_private_key(ec.SECP384R1() if kind == "ec-p384" else ec.SECP256R1())
@@ -250,6 +261,7 @@ def test_base64_roundtrip_of_b64_key_used_by_azure(hsm: Hsm, label: str) -> None
     assert hsm.hmac_sha256(label, b"sr\n1") == expected
 
 
+@pytest.mark.token_matrix
 def test_state_reports_ready_with_token_identity(hsm: Hsm, token_env) -> None:  # type: ignore[no-untyped-def]
     st = hsm.state
     assert st.ready and st.reason is None

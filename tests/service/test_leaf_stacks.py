@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from service_harness import HOST, ServiceHarness, new_leaf, store_hsm_certificate, verify_sas
+from token_matrix import HMAC_IMPORT, needs
 
 from emulator.pki import EmulatorPki, PemFiles, cert_to_pem
 from spyrus_hsm.hsm import Hsm
@@ -325,6 +326,8 @@ def test_a_leaf_verifies_the_served_chain_and_gets_a_token_by_bearer_and_by_mtls
             assert "ECDHE" in got.detail and ("GCM" in got.detail or "CHACHA20-POLY1305" in got.detail), got.detail
 
 
+@pytest.mark.token_matrix
+@needs(HMAC_IMPORT)
 def test_tls12_offers_only_forward_secret_aead_suites(site: Site) -> None:
     """A TLS 1.2 client that offers only CBC suites is refused; one that offers the AEAD suites
     gets one of them."""
