@@ -23,7 +23,6 @@ if TOKEN not in TOKENS:
 HMAC_IMPORT = "hmac_import"
 PRIVATE_KEY_IMPORT = "private_key_import"
 TOKEN_INIT = "token_init"
-KEYGEN_TEMPLATE = "keygen_template"
 
 # What a token cannot do, by capability: the reason a test that needs it is skipped there.
 LACKS: dict[str, dict[str, str]] = {
@@ -38,11 +37,7 @@ LACKS: dict[str, dict[str, str]] = {
 # Bugs of the module seen on a token, not yet fixed: the tests they fail are expected failures.
 KNOWN_BUGS: dict[str, dict[str, str]] = {
     "softhsm2": {},
-    "tpm2": {
-        KEYGEN_TEMPLATE: "key generation template sets attributes the token sets itself: C_GenerateKeyPair "
-                         "fails with 'User specified and TPM specified attr mismatch: 0x10a' "
-                         "(for EC and RSA alike; accepted once CKA_ENCRYPT/CKA_DECRYPT are not given as false)",
-    },
+    "tpm2": {},
 }
 
 

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
-from token_matrix import HMAC_IMPORT, KEYGEN_TEMPLATE, known_bug, needs
+from token_matrix import HMAC_IMPORT, needs
 
 from spyrus_hsm import times
 from spyrus_hsm.cloud import dps_client
@@ -56,7 +56,6 @@ def _private_key_files(*dirs: Path) -> list[str]:
 
 @pytest.mark.token_matrix
 @needs(HMAC_IMPORT)
-@known_bug(KEYGEN_TEMPLATE)
 def test_symmetric_onboarding_gets_a_p384_hsm_key_certified_and_connects_with_it(
         hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     reg = "cm-" + label
@@ -180,7 +179,6 @@ def test_a_chain_for_another_key_is_not_accepted(emulator_pki) -> None:  # type:
 
 @pytest.mark.token_matrix
 @needs(HMAC_IMPORT)
-@known_bug(KEYGEN_TEMPLATE)
 def test_register_command_issues_a_certificate_and_prints_it(cli, hsm, emu, emulator_pki, label) -> None:  # type: ignore[no-untyped-def]
     reg = "cmc-" + label
     _sas_enrollment(hsm, emu, reg, label)
@@ -214,7 +212,6 @@ def test_register_command_reports_a_refused_csr_with_its_exit_code(
 
 @pytest.mark.token_matrix
 @needs(HMAC_IMPORT)
-@known_bug(KEYGEN_TEMPLATE)
 def test_serve_onboards_with_its_key_and_connects_to_the_hub_with_the_issued_certificate(
         hsm, token_env, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     reg = "cms-" + label

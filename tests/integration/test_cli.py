@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
-from token_matrix import HMAC_IMPORT, KEYGEN_TEMPLATE, PRIVATE_KEY_IMPORT, TOKEN_INIT, known_bug, needs
+from token_matrix import HMAC_IMPORT, PRIVATE_KEY_IMPORT, TOKEN_INIT, needs
 
 
 @pytest.fixture
@@ -168,7 +168,6 @@ def _ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 def test_generate_csr_and_cert_import(run, label: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert run("key", "generate", "--label", label, "--type", "ec-p256").code == 0
     res = run("csr", "--label", label, "--subject", "CN=leaf-7")
@@ -190,7 +189,6 @@ def test_generate_csr_and_cert_import(run, label: str, tmp_path: Path) -> None: 
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 def test_cert_import_refuses_a_certificate_for_another_key(run, label: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert run("key", "generate", "--label", label, "--type", "ec-p256").code == 0
     _, ca = _ca()
@@ -232,7 +230,6 @@ def test_pkcs12_missing_file_is_exit_2(run, label: str) -> None:  # type: ignore
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 def test_list_and_delete(run, label: str) -> None:  # type: ignore[no-untyped-def]
     assert run("key", "generate", "--label", label, "--type", "rsa-2048").code == 0
     res = run("list")
@@ -284,7 +281,6 @@ def test_a_command_loads_its_config_once(run, token_env, label: str, tmp_path: P
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 def test_keyref_and_openssl_config_let_plain_openssl_sign(run, token_env, label: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert run("key", "generate", "--label", label, "--type", "ec-p256").code == 0
     keyref, conf = tmp_path / "key.pem", tmp_path / "openssl.cnf"

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from service_harness import certify_hsm_key
 from tls_client import client_context
-from token_matrix import HMAC_IMPORT, KEYGEN_TEMPLATE, TOKEN_INIT, known_bug, needs
+from token_matrix import HMAC_IMPORT, TOKEN_INIT, needs
 from waiting import wait_for
 
 from emulator import pki as epki
@@ -49,7 +49,6 @@ def _x509_client(hsm: Hsm, label: str, device_id: str, ca_pem: str, state: Path)
 # --- IoT Hub, X.509 --------------------------------------------------------------------------
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 def test_x509_device_with_its_key_in_the_hsm_connects_and_sends_telemetry(
         hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     device = "x509-" + label
@@ -67,7 +66,6 @@ def test_x509_device_with_its_key_in_the_hsm_connects_and_sends_telemetry(
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 def test_x509_certificate_from_another_ca_is_refused(hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     other_ca = epki.make_ca("Other Fleet CA")
     emu.add_device("other-fleet-device", x509_ca_pem=other_ca.cert_pem)
@@ -81,7 +79,6 @@ def test_x509_certificate_from_another_ca_is_refused(hsm, provider, emu, emulato
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 def test_x509_certificate_with_another_cn_is_refused(hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     device = "x509-" + label
     certify_hsm_key(hsm, label, device + "-not-me", emulator_pki.intermediate)
@@ -159,7 +156,6 @@ def _req(reg: str, **kw) -> DpsRequest:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 def test_dps_x509_registration_is_assigned_then_connects(hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     reg = "dpsx-" + label
     certify_hsm_key(hsm, label, reg, emulator_pki.intermediate)
@@ -240,7 +236,6 @@ def test_dps_incomplete_chain_is_refused_before_connecting(hsm, emu, emulator_pk
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 def test_dps_x509_credential_whose_cn_is_not_the_registration_id_is_a_credential_error(
         hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     reg = "dpsn-" + label
@@ -361,7 +356,6 @@ def test_register_command_prints_the_assignment(cli, hsm, emu, emulator_pki, lab
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 def test_register_command_with_x509_exits_cleanly_with_the_provider_loaded(
         cli, hsm, emu, emulator_pki, label) -> None:  # type: ignore[no-untyped-def]
     reg = "clix-" + label
@@ -385,7 +379,6 @@ def test_register_command_reports_refused_credentials(cli, hsm, emu, emulator_pk
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 def test_module_process_with_the_provider_loaded_exits_0_within_5_s_on_sigterm(
         hsm, token_env, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     device = "mod-" + label
@@ -455,7 +448,6 @@ def test_a_hung_hub_blocks_neither_the_caller_nor_shutdown_and_holds_at_most_two
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 def test_tls_server_and_client_both_sign_with_hsm_keys(hsm, provider, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import socket
     import threading

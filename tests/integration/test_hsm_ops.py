@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
-from token_matrix import HMAC_IMPORT, KEYGEN_TEMPLATE, PRIVATE_KEY_IMPORT, known_bug, needs
+from token_matrix import HMAC_IMPORT, PRIVATE_KEY_IMPORT, needs
 
 from spyrus_hsm.hsm import (
     DuplicateObject,
@@ -62,7 +62,6 @@ def test_unknown_label_names_the_fix(hsm: Hsm) -> None:
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 @pytest.mark.parametrize("algorithm", list(KeyAlgorithm))
 def test_generated_key_signatures_verify_with_cryptography(hsm: Hsm, label: str, algorithm: KeyAlgorithm) -> None:
     hsm.generate_keypair(label, algorithm)
@@ -86,7 +85,6 @@ def test_generated_key_signatures_verify_with_cryptography(hsm: Hsm, label: str,
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 def test_generated_private_key_is_sensitive_and_not_extractable(hsm: Hsm, label: str) -> None:
     hsm.generate_keypair(label, KeyAlgorithm.EC_P256)
     priv = [o for o in hsm.list_objects() if o.label == label and o.type == "private"]
@@ -94,7 +92,6 @@ def test_generated_private_key_is_sensitive_and_not_extractable(hsm: Hsm, label:
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 @pytest.mark.parametrize("algorithm", list(KeyAlgorithm))
 def test_csr_is_signed_by_the_hsm_key(hsm: Hsm, label: str, algorithm: KeyAlgorithm) -> None:
     hsm.generate_keypair(label, algorithm)

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, quote
 
 import pytest
 from cryptography import x509
-from token_matrix import HMAC_IMPORT, KEYGEN_TEMPLATE, known_bug, needs
+from token_matrix import HMAC_IMPORT, needs
 
 
 @pytest.fixture
@@ -62,7 +62,6 @@ def test_an_empty_pipe_is_a_one_line_error(run, label: str) -> None:  # type: ig
 
 
 @pytest.mark.token_matrix
-@known_bug(KEYGEN_TEMPLATE)
 def test_a_csr_carries_ip_addresses_beside_dns_names(run, label: str) -> None:  # type: ignore[no-untyped-def]
     assert run("key", "generate", "--label", label, "--type", "ec-p256").code == 0
     res = run("csr", "--label", label, "--subject", "CN=edge-gw", "--dns", "edge-gw.plant.local",

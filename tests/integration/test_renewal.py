@@ -13,7 +13,7 @@ from typing import Any
 import addresses
 import pytest
 from cloud_harness import Serve, sas_enrollment, serve_config
-from token_matrix import HMAC_IMPORT, KEYGEN_TEMPLATE, known_bug, needs
+from token_matrix import HMAC_IMPORT, needs
 
 from spyrus_hsm.cloud import renewal
 from spyrus_hsm.cloud.dps import DpsRequest, Provisioner
@@ -69,7 +69,6 @@ def _private_key_files(directory: Path) -> list[str]:
 
 @pytest.mark.token_matrix
 @needs(HMAC_IMPORT)
-@known_bug(KEYGEN_TEMPLATE)
 def test_serve_renews_a_20_s_certificate_three_times_each_with_a_new_key(
         hsm, provider, token_env, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     reg, base = "rn-" + label, label + "-op"
@@ -227,7 +226,6 @@ def _register(cli, env, emulator_pki, reg: str, label: str, base: str) -> None: 
 
 @pytest.mark.token_matrix
 @needs(HMAC_IMPORT)
-@known_bug(KEYGEN_TEMPLATE)
 def test_renew_command_renews_only_when_due_unless_forced(
         cli, hsm, provider, token_env, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
     reg, base = "rc-" + label, label + "-op"
