@@ -496,7 +496,7 @@ def allowed_ranges() -> dict[str, str]:
 def registration_needs(*, symmetric: bool, issue_cert: bool) -> tuple[Need, ...]:
     """What a DPS registration asks of the token: HMAC-SHA256 for a symmetric key; an EC P-384
     key pair generated and signing (identity.issued.OPERATIONAL_KEY) for an issued certificate."""
-    needs: tuple[Need, ...] = (Need.HMAC_SHA256,) if symmetric else ()
+    needs: tuple[Need, ...] = (Need.HMAC_SHA256, Need.SECRET_IMPORT) if symmetric else ()
     return needs + (Need.to_generate(KeyAlgorithm.EC_P384) if issue_cert else ())
 
 
@@ -513,9 +513,10 @@ def token_needs(cfg: Config) -> list[tuple[str, Need]]:
         out += [("cloud.issue_cert", n) for n in registration_needs(symmetric=False, issue_cert=True)]
     s = cfg.service
     if s.enabled and any(op in ("sas-token", "*") for rule in s.policy for op in rule.operations):
-        out.append(("service.sas_key (policy allows sas-token)", Need.HMAC_SHA256))
-    if s.enabled and s.group_key:
-        out.append(("service.group_key", Need.HMAC_SHA256))
+        # device keys are imported (key import-sas): a token must store secret keys given to it
+        out += [("service.sas_key (policy allows sas-token)", n) for n in (Need.HMAC_SHA256, Need.SECRET_IMPORT)]
+    if s.enabled and s.group_key:  # and derived device keys are stored the same way
+        out += [("service.group_key", n) for n in (Need.HMAC_SHA256, Need.SECRET_IMPORT)]
     return out
 
 

@@ -40,7 +40,7 @@ def test_selftest_prints_the_capability_table_of_the_real_token(cli, hsm: Hsm) -
     assert res.code == 0, res.out + res.err
     table = res.out[res.out.index("token capabilities:"):]
     lines = {line.split("  ")[1].strip(): line for line in table.splitlines()[1:]}
-    for row, says in (("HMAC-SHA256 sign (SAS keys)", "yes"), ("secret key import (SAS keys)", "assumed"),
+    for row, says in (("HMAC-SHA256 sign (SAS keys)", "yes"), ("secret key import (SAS keys)", "yes"),
                       ("EC P-256 generation", "yes"), ("EC P-384 generation", "yes"),
                       ("RSA-2048 generation", "yes"), ("ECDSA-SHA256 sign", "CKM_ECDSA (raw; hashed here)"),
                       ("certificate objects", "assumed"), ("login required", "yes")):
@@ -119,3 +119,39 @@ def test_a_key_without_cka_id_is_listed_and_usable_by_label(cli, hsm: Hsm, worke
     assert isinstance(pub, ec.EllipticCurvePublicKey)
     pub.verify(ecdsa_raw_to_der(hsm.sign(label, SignAlgorithm.ECDSA_SHA256, b"by label")), b"by label",
                ec.ECDSA(hashes.SHA256()))
+
+
+@pytest.mark.token_matrix
+def test_selftest_prints_the_capability_table_on_every_token(cli) -> None:  # type: ignore[no-untyped-def]
+    """On SoftHSM2 and on tpm2-pkcs11 alike (tests/token_matrix.py): every row, each with a value."""
+    data = json.loads(cli("selftest", "--json").out)
+    rows = {r["capability"]: r for r in data["capabilities"]}
+    for row in ("HMAC-SHA256 sign (SAS keys)", "secret key import (SAS keys)", "EC P-256 generation",
+                "EC P-384 generation", "RSA-2048 generation", "ECDSA-SHA256 sign", "certificate objects",
+                "login required", "max sessions"):
+        assert row in rows and rows[row]["status"], (row, rows)
+    print("\n" + "\n".join(f"{name}: {r['status']} ({r['detail']})" for name, r in rows.items()))
+
+
+@pytest.mark.token_matrix
+def test_import_sas_is_refused_in_one_line_before_anything_is_stored_where_the_token_cannot_hold_it(
+        cli, hsm: Hsm, label: str) -> None:  # type: ignore[no-untyped-def]
+    """On every token: where the token stores secret keys given to it (SoftHSM2) the key is
+    imported; where it does not (tpm2-pkcs11: asked at connection with a session object) the
+    command says so in one line, and the token holds nothing new."""
+    import base64
+    import secrets as random
+
+    caps = hsm.capabilities
+    assert caps is not None and caps.secret_import is not None  # asked, not assumed
+    before = len(hsm.list_objects())
+    res = cli("key", "import-sas", "--label", label, stdin=base64.b64encode(random.token_bytes(32)) + b"\n")
+    if caps.secret_import:
+        assert res.code == 0, res.err
+        assert [o.type for o in hsm.find(label)] == ["secret-key"]
+    else:
+        # one line of ours (a token's library may print its own, as tpm2-pkcs11 does at the probe)
+        ours = [line for line in res.err.splitlines() if line.startswith("spyrus-hsm:")]
+        assert res.code == 2 and len(ours) == 1, res.err
+        assert "does not store secret keys given to it" in res.err and "Traceback" not in res.err
+        assert len(hsm.list_objects()) == before

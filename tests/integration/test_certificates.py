@@ -242,3 +242,32 @@ def test_serve_onboards_with_its_key_and_connects_to_the_hub_with_the_issued_cer
     assert [c.username.split("/")[0] for c in emu.received.connects
             if c.client_id == reg and c.service == "dps"] == [SCOPE]
     assert _private_key_files(tmp_path) == []
+
+
+@pytest.mark.token_matrix
+def test_x509_onboarding_gets_a_certificate_issued_for_a_token_key_and_renews_it_with_a_new_one(
+        hsm, provider, emu, emulator_pki, label, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What a TPM-equipped gateway does (no HMAC key needed): X.509 attestation with a key made in
+    the token, DPS issues an operational certificate for another key made there (P-384), and a
+    renewal replaces it with a third key and certificate, the old generation deleted."""
+    from service_harness import certify_hsm_key
+
+    from spyrus_hsm.cloud import renewal
+
+    reg = "cmx-" + label
+    certify_hsm_key(hsm, label, reg, emulator_pki.intermediate)
+    emu.add_individual_enrollment(reg, x509_ca_pem=emulator_pki.root.cert_pem, assigned_hub=HOST)
+    base = label + "-op"
+    request = DpsRequest(id_scope=SCOPE, registration_id=reg, provisioning_host=HOST, attestation="x509",
+                         key=label, server_ca_pem=emulator_pki.ca_pem, issue_cert=base)
+    provisioner = Provisioner(hsm, tmp_path)
+    a = provisioner.register(request, timeout=30)
+    first = renewal.require_current(hsm, base)
+    assert a.status == "assigned" and first.leaf.subject.rfc4514_string() == f"CN={reg}"
+    assert hsm.key_algorithm(first.label) is KeyAlgorithm.EC_P384
+    moved: list[str] = []
+    renewed = renewal.renew_once(hsm, provisioner, request, base, lambda cred, _: moved.append(cred.label),
+                                 timeout=30, in_use=first)
+    assert moved == [renewed.credential.label] and renewed.credential.label != first.label
+    assert renewed.credential.leaf.public_key() != first.leaf.public_key()
+    assert [g.label for g in renewal.generations(hsm, base)] == [renewed.credential.label]

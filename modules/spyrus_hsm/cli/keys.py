@@ -28,7 +28,7 @@ def cmd_token_init(args: argparse.Namespace, stdin: Stdin) -> int:
 
 def cmd_key_import_sas(args: argparse.Namespace, stdin: Stdin) -> int:
     with hsm_and_config(args, stdin) as (hsm, _):
-        hsm.require(Need.HMAC_SHA256)  # before the key is read or anything stored
+        hsm.require(Need.HMAC_SHA256, Need.SECRET_IMPORT)  # before the key is read or anything stored
         raw = secret(args.key_file, "key", stdin)
         try:
             value = Secret(base64.b64decode(raw.reveal().strip(), validate=True))

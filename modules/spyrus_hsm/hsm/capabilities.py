@@ -53,6 +53,7 @@ class Need(enum.Enum):
     """What an operation needs of the token."""
 
     HMAC_SHA256 = "hmac-sha256"
+    SECRET_IMPORT = "secret-import"  # noqa: S105 - storing a secret key given to it (SAS, derived keys)
     EC_P256_GENERATE = "ec-p256-generate"
     EC_P384_GENERATE = "ec-p384-generate"
     RSA_2048_GENERATE = "rsa-2048-generate"
@@ -117,6 +118,9 @@ class Capabilities:
     mechanisms: Mapping[Mechanism, MechanismSupport] = field(default_factory=dict)
     login_required: bool = True
     max_sessions: int | None = None  # None: the token states no limit
+    # whether a secret key given to it is stored (a session object made and destroyed at
+    # connection: no mechanism tells); None: not asked
+    secret_import: bool | None = None
 
     @classmethod
     def of(cls, token_label: str, mechanisms: Iterable[Mechanism] = (), *, login_required: bool = True,
@@ -166,6 +170,11 @@ class Capabilities:
                 return None
             return (f"{token} has no CKM_SHA256_HMAC: SAS keys need a token that signs HMAC-SHA256 "
                     f"and imports secret keys ({HMAC_PROVIDERS})")
+        if need is Need.SECRET_IMPORT:
+            if self.secret_import is not False:
+                return None
+            return (f"{token} does not store secret keys given to it (C_CreateObject of a secret key is "
+                    f"refused): SAS keys need a token that imports secret keys ({HMAC_PROVIDERS})")
         if need in (Need.EC_P256_GENERATE, Need.EC_P384_GENERATE):
             curve, bits = ("P-256", 256) if need is Need.EC_P256_GENERATE else ("P-384", 384)
             if self._can(Mechanism.EC_KEY_PAIR_GEN, gen, bits):
@@ -216,9 +225,11 @@ class Capabilities:
         hmac = self.has(Need.HMAC_SHA256)
         rows = [
             row("HMAC-SHA256 sign (SAS keys)", hmac, "CKM_SHA256_HMAC"),
-            Row("secret key import (SAS keys)", "assumed" if hmac else "no",
-                "C_CreateObject of a secret key: no mechanism tells; tried when used" if hmac
-                else "no use without CKM_SHA256_HMAC"),
+            Row("secret key import (SAS keys)",
+                "no" if not hmac or self.secret_import is False else "yes" if self.secret_import else "assumed",
+                "no use without CKM_SHA256_HMAC" if not hmac
+                else "C_CreateObject of a secret key: a session object made and destroyed at connection"
+                if self.secret_import is not None else "C_CreateObject of a secret key: not asked"),
             row("EC P-256 generation", self.has(Need.EC_P256_GENERATE), ec_gen),
             row("EC P-384 generation", self.has(Need.EC_P384_GENERATE), ec_gen),
             row("RSA-2048 generation", self.has(Need.RSA_2048_GENERATE),

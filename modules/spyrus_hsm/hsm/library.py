@@ -8,18 +8,20 @@ share that login; closing them does not log the token out.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
+import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pkcs11.exceptions as p11e
-from pkcs11 import Attribute, TokenFlag, _pkcs11
+from pkcs11 import Attribute, KeyType, ObjectClass, TokenFlag, _pkcs11
 from pkcs11.attributes import AttributeMapper
 from pkcs11.types import Session, Token
 
-from .capabilities import Capabilities
+from .capabilities import Capabilities, Need
 from .capabilities import read as read_capabilities
 from .errors import DuplicateObject, HsmConfigError, HsmUnavailable, LoginFailed, TokenNotFound
 from .faults import translate
@@ -309,6 +311,26 @@ def capabilities(token: Token, module_path: str) -> Capabilities:
         return read_capabilities(token, max_sessions)
     except p11e.PKCS11Error as exc:
         raise translate(exc, f"reading the mechanisms of token '{token.label}'") from None
+
+
+def probe_secret_import(session: Session, capabilities: Capabilities) -> Capabilities:
+    """`capabilities` with whether the token stores a secret key given to it: a session object
+    (never on the token) made and destroyed at once. A token refusing the template or the call
+    does not; any other failure leaves it unknown (asked again at the next connection)."""
+    if not capabilities.has(Need.HMAC_SHA256):
+        return capabilities
+    template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+                Attribute.TOKEN: False, Attribute.PRIVATE: False, Attribute.SIGN: True,
+                Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.VALUE: secrets.token_bytes(32)}
+    try:
+        session.create_object(template).destroy()
+    except (p11e.TemplateIncomplete, p11e.TemplateInconsistent, p11e.AttributeValueInvalid,
+            p11e.AttributeTypeInvalid, p11e.FunctionNotSupported, p11e.GeneralError, p11e.FunctionFailed,
+            p11e.AttributeReadOnly):
+        return dataclasses.replace(capabilities, secret_import=False)
+    except p11e.PKCS11Error:
+        return capabilities
+    return dataclasses.replace(capabilities, secret_import=True)
 
 
 def init_token(lib: _pkcs11.lib, module_path: str, label: str, so_pin: Secret, user_pin: Secret | None) -> TokenSummary:

@@ -79,7 +79,7 @@ def _create(ws: WorkerSession, made: list[Object], template: Template) -> None:
 
 def import_secret_key(ws: WorkerSession, label: str, value: Secret) -> str:
     """Store an HMAC key as a sensitive, non-extractable token object; returns its id (hex)."""
-    ws.capabilities.require(Need.HMAC_SHA256)
+    ws.capabilities.require(Need.HMAC_SHA256, Need.SECRET_IMPORT)
     _refuse_taken(ws, label)
     if len(value) < 16:
         raise InvalidInput("the key is shorter than 16 bytes; Azure primary keys are 32 or 64")
@@ -104,7 +104,7 @@ def derive_hmac_key(ws: WorkerSession, parent: Pkcs11Uri, message: bytes, label:
     The derived value passes through this process's memory between C_Sign and C_CreateObject
     (PKCS#11 has no portable HMAC key-derivation mechanism); it is wiped right after.
     """
-    ws.capabilities.require(Need.HMAC_SHA256)
+    ws.capabilities.require(Need.HMAC_SHA256, Need.SECRET_IMPORT)
     _refuse_taken(ws, label)
     derived = Secret(sign(ws, parent, SignAlgorithm.HMAC_SHA256, message))
     try:
