@@ -27,7 +27,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, wait
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .errors import Kind, SpyrusError
 
@@ -115,6 +115,9 @@ class Lane:
             finally:
                 self._forget_waiter(waiter)
         done: asyncio.Future[T] = loop.create_future()
+        # A caller cancelled meanwhile (the stop cancels its tasks) no longer waits: the call's
+        # outcome is still taken here, so asyncio never reports it as "never retrieved".
+        done.add_done_callback(_retrieved)
         ctx = contextvars.copy_context()
         self._start(lambda: ctx.run(fn), what, (loop, done))
         try:
@@ -186,6 +189,11 @@ class Lane:
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _hand_over(awaiting: tuple[asyncio.AbstractEventLoop, asyncio.Future[T]] | None,
