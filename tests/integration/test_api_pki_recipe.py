@@ -38,6 +38,7 @@ def test_the_documented_recipe_makes_a_service_certificate_the_api_accepts(cli: 
                     "-CAkey", str(ca_key), "-CAcreateserial", "-days", "365", "-sha256", "-extfile", str(ext),
                     "-extensions", "service_ca", "-out", str(tmp_path / "server-tls.pem")],
                    check=True, capture_output=True)
+    ca_key.unlink()  # the CA's key is the organisation's: no private key left among the test's files
     chain = tmp_path / "server-tls-chain.pem"
     chain.write_text((tmp_path / "server-tls.pem").read_text() + ca.cert_pem)
     imported = cli("cert", "import", str(chain), "--label", label)
