@@ -146,6 +146,10 @@ class Module:
         if not state.ready or self._needs_checked:
             return
         self._needs_checked = True
+        try:
+            self.hsm.ask_secret_import()
+        except HsmError as exc:
+            log.debug("could not ask the token whether it stores secret keys: %s", exc)
         caps = self.hsm.capabilities
         if caps is None:
             return

@@ -200,6 +200,7 @@ def _capability_checks(cfg: config_mod.Config, hsm: Hsm, table: list[Row]) -> li
     """The token's capability table (into `table`); FAIL for each key of the configuration that
     needs what the token lacks (serve refuses that configuration), WARN for fewer sessions than
     the pool opens."""
+    hsm.ask_secret_import()
     caps = hsm.capabilities
     if caps is None:
         return []

@@ -142,6 +142,7 @@ def test_import_sas_is_refused_in_one_line_before_anything_is_stored_where_the_t
     import base64
     import secrets as random
 
+    hsm.ask_secret_import()  # as selftest, serve and import-sas ask it
     caps = hsm.capabilities
     assert caps is not None and caps.secret_import is not None  # asked, not assumed
     before = len(hsm.list_objects())

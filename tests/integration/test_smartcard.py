@@ -31,10 +31,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
+from waiting import wait_for
 
 from spyrus_hsm.cloud import renewal
 from spyrus_hsm.cloud.dps import DpsRequest, Provisioner
-from spyrus_hsm.hsm import Hsm, KeyAlgorithm, OperationFailed
+from spyrus_hsm.hsm import Hsm, HsmUnavailable, KeyAlgorithm, OperationFailed
 
 pytestmark = [pytest.mark.shim, pytest.mark.timeout(180)]
 HOST = addresses.host()
@@ -87,9 +88,20 @@ class Card:
         return self.token_env.env(P11SHIM_CONTROL=str(self.control), **extra)  # type: ignore[no-any-return]
 
 
+def _answers(hsm: Hsm) -> bool:
+    try:
+        _objects(hsm)
+    except HsmUnavailable:  # a session an earlier test's unplug left stale: the pool recovers
+        return False
+    return True
+
+
 @pytest.fixture
 def card(token_env, hsm, tmp_path):  # type: ignore[no-untyped-def]
-    """The shim's smart-card profile for the test; a healthy, unlimited token after it."""
+    """The shim's smart-card profile for the test; a healthy, unlimited token after it. The
+    session's shared pool answers before the test starts (an earlier shim test may have
+    unplugged the token: its first call then finds a stale session and recovers)."""
+    wait_for(lambda: _answers(hsm), 30, "the shared pool answering")
     yield Card(token_env, hsm, tmp_path / "card.control")
     token_env.set_shim(state="plugged")
 

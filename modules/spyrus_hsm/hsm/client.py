@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from . import library
 from . import operations as ops
 from .batcher import AsyncRunner
 from .capabilities import Capabilities, Need
@@ -102,9 +103,22 @@ class Hsm:
     def require(self, *needs: Need) -> None:
         """Refuse (`Unsupported`, one line) what the token cannot do, before any work reaches
         it; nothing when the token has not been asked yet (the operation itself checks then)."""
+        if Need.SECRET_IMPORT in needs:
+            self.ask_secret_import()
         caps = self.pool.capabilities
         if caps is not None:
             caps.require(*needs)
+
+    def ask_secret_import(self) -> None:
+        """Find out, once per connection, whether the token stores a secret key given to it (no
+        mechanism tells): a session object made and destroyed on a worker's session."""
+        caps = self.pool.capabilities
+        if caps is None or caps.secret_import is not None or not caps.has(Need.HMAC_SHA256):
+            return
+        asked = self._run(lambda ws: library.probe_secret_import(ws.session, caps),
+                          "asking whether the token stores secret keys")
+        if self.pool.capabilities is caps:  # not reconnected meanwhile
+            self.pool.learned(asked)
 
     def _run(self, fn: Callable[[WorkerSession], T], what: str, mutates: bool = False) -> T:
         try:

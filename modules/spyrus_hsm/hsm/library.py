@@ -316,7 +316,8 @@ def capabilities(token: Token, module_path: str) -> Capabilities:
 def probe_secret_import(session: Session, capabilities: Capabilities) -> Capabilities:
     """`capabilities` with whether the token stores a secret key given to it: a session object
     (never on the token) made and destroyed at once. A token refusing the template or the call
-    does not; any other failure leaves it unknown (asked again at the next connection)."""
+    does not; any other failure leaves it unknown. Asked only when something needs the answer
+    (`Hsm.ask_secret_import`): not at every connection."""
     if not capabilities.has(Need.HMAC_SHA256):
         return capabilities
     template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,

@@ -137,6 +137,10 @@ class HsmPool:
         """What the token can do, asked at the last connection (None: never connected)."""
         return self._conn.capabilities
 
+    def learned(self, capabilities: Capabilities) -> None:
+        """What was asked of the token since it connected (whether it stores secret keys)."""
+        self._conn.capabilities = capabilities
+
     def add_listener(self, fn: Callable[[HsmState], None]) -> None:
         """Call `fn(state)` on every state change, on the thread that made it (a worker or the
         supervisor), outside the pool's lock."""

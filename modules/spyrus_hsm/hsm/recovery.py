@@ -103,8 +103,6 @@ class Connection:
 
     def _connected(self, token: Token, capabilities: Capabilities) -> TokenSummary:
         self._token = token
-        if self._login_session is not None:  # ask what no mechanism tells
-            capabilities = library.probe_secret_import(self._login_session, capabilities)
         self.capabilities = capabilities
         self.identity = library.summarise(token)
         return self.identity
