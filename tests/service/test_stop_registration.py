@@ -102,6 +102,8 @@ def test_serve_stops_in_time_while_a_registration_hangs_and_leaves_no_thread_of_
             # The registration is in flight once the request is in (its lane call runs up to
             # registration_timeout); it usually reaches the silent DPS within a second.
             reached = dps.connected.wait(20)
+            in_flight = not answers  # no answer yet: the registration still runs (it may not have
+            # reached DPS under a loaded machine's first SDK import; it is in flight all the same)
             proc.send_signal(signal.SIGTERM)
             started = time.monotonic()
             try:
@@ -116,11 +118,13 @@ def test_serve_stops_in_time_while_a_registration_hangs_and_leaves_no_thread_of_
                 asker.join(30)
             dps.close()
     log = err_file.read_text()
-    print(f"\nserve stopped {stopped_in:.2f} s after SIGTERM (exit code {code}); DPS reached: {reached}")
+    print(f"\nserve stopped {stopped_in:.2f} s after SIGTERM (exit code {code}); DPS reached: {reached}; "
+          f"answers before the stop: {answers if not in_flight else 'none'}")
     assert code == 0, log[-3000:]
     assert stopped_in < EDGE_AGENT_GRACE, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
-    assert re.search(rf"abandoned at exit: .*dps: registering '{reg}' with DPS", log), log[-3000:]
+    if in_flight:  # what the stop cut off is named (a registration that already failed is not)
+        assert re.search(rf"abandoned at exit: .*dps: registering '{reg}' with DPS", log), (answers, log[-3000:])
     alive = re.search(r"stopped; threads alive: (.*)", log)
     assert alive is not None, log[-3000:]
     # Of the module's own threads only the hung call's (a daemon) is left; the SDK's threads under
