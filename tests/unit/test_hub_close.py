@@ -49,7 +49,8 @@ def test_a_shutdown_that_hangs_once_neither_blocks_later_closes_nor_stays_unclos
         assert hub._close(hung) is False  # its shutdown did not return in time
         assert hub._close(later) is True  # before: no place in a one-wide lane, given up, left connected
         assert later.closed
-        hub._close_unclosed()  # what the watchdog does on its next pass
+        hub._close_unclosed()  # what the watchdog does on its next pass (without waiting for it)
+        wait_for(lambda: hung.closed, 10, "the old client closed by the retry")
         assert hung.closed and hung.calls == 2
     finally:
         hung.release.set()

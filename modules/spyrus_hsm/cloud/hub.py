@@ -20,6 +20,7 @@ import functools
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,7 @@ class HubClient:
         # old client still connected reconnects under the same device id and pushes the new one off.
         self._closes = Lane("hub-close", CLOSE_WIDTH)
         self._unclosed: list[Any] = []
+        self._retrying: dict[Any, tuple[Future[Any], float]] = {}  # client -> its retry, started when
         self._worker = Worker("hub")              # the SAS renewer and the watchdog
         self._stop = self._worker.stop_event
 
@@ -207,12 +209,36 @@ class HubClient:
         return True
 
     def _close_unclosed(self) -> None:
-        """Another try at the clients whose shutdown did not finish."""
+        """Another try at the clients whose shutdown did not finish, started without waiting
+        (the watchdog must not sit behind a hung shutdown): as many as the close lane has
+        places for; the rest, and any that fails again, wait for the next pass."""
+        now = time.monotonic()
         with self._lock:
-            pending, self._unclosed = self._unclosed, []
-        for client in pending:
-            if self._close(client):
-                log.info("IoT Hub client %s: an old client is shut down at last", self.identity.device_id)
+            # a retry still running past call_timeout counts as failed: that client is tried again
+            late = [c for c, (f, at) in self._retrying.items() if not f.done() and now - at > self.call_timeout]
+            for client in late:
+                del self._retrying[client]
+            pending, self._unclosed = self._unclosed + late, []
+        for i, client in enumerate(pending):
+            try:
+                started = self._closes.submit(client.shutdown, 0, "closing an old IoT Hub client")
+            except TimeoutError:  # every place held by a close that has not returned: next pass
+                with self._lock:
+                    self._unclosed.extend(pending[i:])
+                return
+            with self._lock:
+                self._retrying[client] = (started, now)
+            started.add_done_callback(functools.partial(self._closed_at_last, client))
+
+    def _closed_at_last(self, client: Any, done: Future[Any]) -> None:
+        with self._lock:
+            if self._retrying.get(client, (None, 0.0))[0] is not done:
+                return  # given up on already (tried again meanwhile)
+            del self._retrying[client]
+            if done.exception() is not None:
+                self._unclosed.append(client)
+                return
+        log.info("IoT Hub client %s: an old client is shut down at last", self.identity.device_id)
 
     def _kwargs(self, identity: HubIdentity) -> dict[str, Any]:
         kw: dict[str, Any] = dict(self.sdk_options)
@@ -288,7 +314,7 @@ class HubClient:
     def _watchdog(self) -> None:
         down_since: float | None = None
         while not self._stop.wait(self.watch_interval):
-            if self._unclosed:
+            if self._unclosed or self._retrying:
                 self._close_unclosed()
             if self.connected:
                 down_since = None
