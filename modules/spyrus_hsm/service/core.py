@@ -28,7 +28,7 @@ from .auth import Authenticator, ClientCertVerifier, Principal
 from .cache import TokenCache
 from .keyroles import KeyRoles, unknown_key
 from .problems import Problem, forbidden
-from .ratelimit import RateLimiter, failure_limiter, source_address
+from .ratelimit import FailureLimiter, RateLimiter, source_address
 
 DPS_THREADS = 4
 GRACE = 5.0            # seconds past registration_timeout before a DPS call is given up on
@@ -66,6 +66,7 @@ class Service:
         self._files = Lane("service-files", 2)  # stored registration results
         ca = deps.cloud.server_ca_file
         self.dps_ca_pem = Path(ca).read_text() if ca else None
+        self.failures = FailureLimiter(cfg.unauthenticated_per_second, cfg.unauthenticated_burst)
         self.reconfigure(cfg)
 
     def reconfigure(self, cfg: ServiceConfig, ceiling: tuple[PolicyRule, ...] | None = None) -> None:
@@ -79,6 +80,9 @@ class Service:
         self.policy = pol.Policy(cfg.policy, ceiling)
         self.roles = KeyRoles.of(cfg, self.deps.cloud)
         self.limiter = RateLimiter(cfg.rate_limit_per_second, cfg.rate_limit_burst)
+        # the failure limiter is kept across reconfigurations (its buckets are the sources'
+        # history); only its rate may change
+        self.failures.rate, self.failures.burst = cfg.unauthenticated_per_second, cfg.unauthenticated_burst
         self.cache = TokenCache(cfg.cache_reuse_fraction, max_entries=cfg.cache_max_entries)
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
@@ -97,7 +101,7 @@ class Service:
     def authenticate(self, request: web.Request) -> Principal:
         # A source whose requests keep failing authentication is refused before its credentials
         # are looked at (see ratelimit.FailureLimiter).
-        failures = failure_limiter(self, self.cfg.unauthenticated_per_second, self.cfg.unauthenticated_burst)
+        failures = self.failures
         source = source_address(request.transport.get_extra_info("peername") if request.transport else None)
         wait = failures.wait(source)
         if wait is not None:

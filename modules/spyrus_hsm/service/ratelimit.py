@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -91,19 +90,6 @@ class FailureLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
-
-
-_FAILURE_LIMITERS: weakref.WeakKeyDictionary[object, FailureLimiter] = weakref.WeakKeyDictionary()
-
-
-def failure_limiter(owner: object, rate: float, burst: int) -> FailureLimiter:
-    """`owner`'s FailureLimiter (a service's): made on first use; a change of rate or burst (a
-    reconfiguration) applies to the buckets it already has."""
-    limiter = _FAILURE_LIMITERS.get(owner)
-    if limiter is None:
-        limiter = _FAILURE_LIMITERS[owner] = FailureLimiter(rate, burst)
-    limiter.rate, limiter.burst = rate, burst
-    return limiter
 
 
 def source_address(peer: object) -> str | None:
