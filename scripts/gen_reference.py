@@ -613,6 +613,8 @@ _EVENT_NOTES = {
     "hsm.unavailable": "The HSM became unavailable (token missing, library or pcscd failing); once per outage.",
     "hsm.pinRefused": "The token refused the PIN (wrong, locked or expired); once per outage.",
     "hsm.recovered": "The HSM is ready again after an hsm.unavailable or hsm.pinRefused.",
+    "hsm.degraded": "With two tokens, one of them went missing while the other serves (`reason` names it).",
+    "hsm.tokensRestored": "With two tokens, both serve again after an hsm.degraded.",
     "config.rejected": "A configuration change (module twin or config file) was refused; the old one stays.",
 }
 

@@ -199,6 +199,32 @@ def _tpm2_token_env(tmp_path_factory: pytest.TempPathFactory,
         rig.stop()
 
 
+@dataclass(frozen=True)
+class SecondToken:
+    """A second token beside the session's, in the same SoftHSM2 token directory (two tokens:
+    docs/two-tokens.md)."""
+    label: str
+    pin_file: Path
+
+    @property
+    def pin(self) -> bytes:
+        return self.pin_file.read_bytes().strip()
+
+
+@pytest.fixture(scope="session")
+def second_token(token_env: TokenEnv) -> SecondToken:
+    if token_env.token != "softhsm2":
+        pytest.skip("two tokens are tested on SoftHSM2 (one tokendir, two tokens)")
+    from spyrus_hsm.hsm import Secret
+    from spyrus_hsm.hsm.provision import init_token
+
+    label = token_env.label + "-b"
+    pin_file = _write_secret(token_env.root / "user-b.pin", "pin-b-" + secrets.token_hex(8))
+    init_token(token_env.module, label, Secret(token_env.so_pin_file.read_bytes().strip()),
+               Secret(pin_file.read_bytes().strip()))
+    return SecondToken(label, pin_file)
+
+
 @pytest.fixture(scope="session")
 def hsm(token_env: TokenEnv) -> Iterator[object]:
     from spyrus_hsm.hsm import Hsm, PoolSettings, Secret, TokenSelector

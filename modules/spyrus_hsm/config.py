@@ -47,6 +47,7 @@ from .config_fields import ConfigError as ConfigError  # raised by the checks in
 from .hsm import KeyAlgorithm, Need, PoolSettings, RefusedPins, TokenSelector
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+Which = Literal["first", "second"]  # one of two tokens (hsm.second_*), as the CLI's --token names it
 ENV_CONFIG = "SPYRUS_HSM_CONFIG"
 EDGE_SAS_TTL_MIN = 130
 _PORT = "a TCP port (0-65535)"
@@ -75,6 +76,28 @@ class HsmConfig:
     # library that needs no pcscd), internal (serve supervises its own pcscd), host (the host's
     # pcscd socket, /run/pcscd, is bound in).
     pcscd: Literal["none", "internal", "host"] = "none"
+    # a second token serving beside the first, by its label (docs/two-tokens.md); the
+    # settings above apply to both, and each key label means that key on whichever token holds it
+    second_token_label: str | None = None
+    # the second token, by its serial number (quote it in YAML)
+    second_token_serial: str | None = None
+    # file holding the second token's user PIN (its first line); must not be world-readable
+    second_pin_file: str | None = None
+
+    @property
+    def two_tokens(self) -> bool:
+        return bool(self.second_token_label or self.second_token_serial)
+
+    def token(self, which: Which) -> HsmConfig:
+        """This section addressing one token only (the CLI's --token, serve's pools)."""
+        only = replace(self, second_token_label=None, second_token_serial=None, second_pin_file=None)
+        if which == "first":
+            return only
+        if not self.two_tokens:
+            raise ConfigError("--token second: no second token is configured (hsm.second_token_label or "
+                              "hsm.second_token_serial)")
+        return replace(only, token_label=self.second_token_label, token_serial=self.second_token_serial,
+                       pin_file=self.second_pin_file)
 
     def pool_settings(self, refused_pins: RefusedPins | None = None) -> PoolSettings:
         """`refused_pins`: where a PIN the token refused is remembered (see hsm.refusals)."""
@@ -439,6 +462,8 @@ def _validate(cfg: Config, require_token: bool) -> None:
             "or hsm.token_serial"
         )
     check_bounds(h, "hsm", where)
+    if h.two_tokens:
+        _validate_second(cfg, where)
     check_bounds(cfg.sas, "sas", where)
     c = cfg.cloud
     if c.id_scope and not c.registration_id:
@@ -454,6 +479,22 @@ def _validate(cfg: Config, require_token: bool) -> None:
     check_bounds(cfg.edge, "edge", where)
     validate_service(cfg.service, where)
     _validate_operations(cfg, where)
+
+
+def _validate_second(cfg: Config, where: str) -> None:
+    h, c = cfg.hsm, cfg.cloud
+    first, second = TokenSelector(h.token_label, h.token_serial), TokenSelector(h.second_token_label,
+                                                                               h.second_token_serial)
+    if first == second or (h.token_serial and h.token_serial == h.second_token_serial):
+        raise ConfigError(f"{where}: 'hsm.second_token_label'/'hsm.second_token_serial' select the same token "
+                          f"as the first ({first.describe()}): give the second token its own label or serial")
+    if c.enabled and c.attestation == "x509":
+        raise ConfigError(f"{where}: two tokens with 'cloud.attestation: x509' is not supported yet (the module's "
+                          "own X.509 hub connection cannot move between tokens); use symmetricKey, whose primary "
+                          "and secondary keys the two tokens hold, or one token")
+    if c.enabled and c.issue_cert:
+        raise ConfigError(f"{where}: two tokens with 'cloud.issue_cert' is not supported yet (one operational "
+                          "certificate per token is not built); leave it out, or use one token")
 
 
 def _validate_operations(cfg: Config, where: str) -> None:

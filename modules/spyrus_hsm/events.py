@@ -3,7 +3,8 @@ should hear about, with the application property `type` for edgeHub's routes, e.
 
     FROM /messages/modules/spyrus_hsm/outputs/events WHERE type = 'hsm.unavailable' INTO $upstream
 
-Types: hsm.unavailable, hsm.pinRefused, hsm.recovered, config.rejected, certificate.expiring,
+Types: hsm.unavailable, hsm.pinRefused, hsm.recovered, hsm.degraded and hsm.tokensRestored (two
+tokens: one missing, both back), config.rejected, certificate.expiring,
 certificate.renewed and requests.refused (every `summary_interval` seconds, counts of denied and
 rate-limited requests by principal, only when there were some).
 
@@ -70,6 +71,7 @@ class Events:
         self._refused: dict[str, collections.Counter[str]] = {}
         self._window_start = time.time()
         self._hsm_announced: str | None = None   # the unavailable-type event of the current outage
+        self._degraded = False                    # two tokens, one missing: announced (hsm.degraded)
         self._expiry_announced: set[tuple[str, str]] = set()
 
     # --- recording (any thread; never blocks, never raises) ------------------------------------
@@ -93,6 +95,11 @@ class Events:
                 self._hsm_announced = None
                 self.emit("hsm.recovered", tokenLabel=state.token_label, tokenSerial=state.token_serial,
                           recoveries=state.recoveries)
+            if state.degraded and not self._degraded:
+                self.emit("hsm.degraded", reason=clip(state.degraded), tokensReady=state.tokens_ready)
+            elif self._degraded and not state.degraded:
+                self.emit("hsm.tokensRestored", tokensReady=state.tokens_ready)
+            self._degraded = bool(state.degraded)
             return
         if state.status != "degraded":
             return

@@ -25,7 +25,7 @@ from . import config as config_mod
 from . import events as events_mod
 from . import threads
 from .cloud.connection import CloudConnection
-from .config import Config, PolicyRule, ServiceConfig
+from .config import Config, HsmConfig, PolicyRule, ServiceConfig
 from .edge.agent import EdgeAgent, EdgeHooks
 from .edge.environment import detect as detect_edge
 from .hsm import (
@@ -34,6 +34,8 @@ from .hsm import (
     HsmError,
     HsmState,
     RefusedPins,
+    TokenPair,
+    mark_shared,
     read_secret_file,
     restart_done,
     restart_once,
@@ -66,17 +68,33 @@ EXIT_UNSUPPORTED = 2  # the token cannot do what the configuration needs: as a c
 TLS_SETUP_DEADLINE = 120.0  # ... for the API's TLS credential (HSM reads, a signature, the provider)
 
 
+def serving_hsm(cfg: Config) -> Hsm:
+    """The token `serve` uses, or both (a `TokenPair`) with hsm.second_* set."""
+    if not cfg.hsm.two_tokens:
+        return _one_token(cfg.hsm, cfg.state_dir, "hsm.pin_file (or SPYRUS_HSM_PIN_FILE)")
+    # Two pools on one module: neither may C_Finalize it under the other's sessions.
+    mark_shared(cfg.hsm.module)
+    return TokenPair([_one_token(cfg.hsm.token("first"), cfg.state_dir, "hsm.pin_file (or SPYRUS_HSM_PIN_FILE)"),
+                      _one_token(cfg.hsm.token("second"), cfg.state_dir, "hsm.second_pin_file")])
+
+
+def _one_token(hsm_cfg: HsmConfig, state_dir: str, setting: str) -> Hsm:
+    pin_file = hsm_cfg.pin_file
+    if not pin_file:
+        raise ValueError(f"serve needs {setting}")
+    refused = RefusedPins.for_file(state_dir, pin_file)
+    return Hsm(hsm_cfg.pool_settings(refused), lambda: read_secret_file(pin_file))
+
+
 class Module:
     def __init__(self, cfg: Config, telemetry: Telemetry) -> None:
         self.cfg = cfg
-        pin_file = cfg.hsm.pin_file
-        if not pin_file:
-            raise ValueError("serve needs hsm.pin_file (or SPYRUS_HSM_PIN_FILE)")
-        refused = RefusedPins.for_file(cfg.state_dir, pin_file)
-        self.hsm = Hsm(cfg.hsm.pool_settings(refused), lambda: read_secret_file(pin_file))
+        self.hsm = serving_hsm(cfg)
         self.hsm.instrument(hsm_instrument(telemetry))
         telemetry.metrics.watch_queue_depth(self.hsm.queue_depth)
         telemetry.metrics.watch("hsm.ready", lambda: 1.0 if self.hsm.state.ready else 0.0)
+        telemetry.metrics.watch("tokens.ready", lambda: float(self.hsm.state.tokens_ready))
+        telemetry.metrics.watch("tokens.configured", lambda: float(self.hsm.state.tokens))
         telemetry.metrics.watch("hsm.recoveries", lambda: self.hsm.state.recoveries)
         telemetry.metrics.watch("hsm.pin_refused", lambda: 1.0 if self.hsm.state.pin_refused else 0.0)
         telemetry.metrics.watch("hsm.restart_required", lambda: 1.0 if self.hsm.state.restart_required else 0.0)

@@ -10,7 +10,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from cryptography import x509
 
 from . import config as config_mod
 from . import times
+from .config import Which
 from .hsm import Hsm, HsmError, Need, RefusedPins, Row, SignAlgorithm, list_tokens, read_secret_file
 from .identity import service_ca
 from .identity import x509 as x509_id
@@ -141,18 +142,25 @@ def _service_checks(cfg: config_mod.Config) -> list[Check]:
     return out
 
 
-def collect(config_path: str | None, pin_file: str | None) -> list[Check]:
-    return _collect(config_path, pin_file, [])
+def collect(config_path: str | None, pin_file: str | None, token: Which | None = None) -> list[Check]:
+    return _collect(config_path, pin_file, [], token)
 
 
-def _collect(config_path: str | None, pin_file: str | None, table: list[Row]) -> list[Check]:
-    """The checks; `table` receives the token's capability table once logged in."""
+def _collect(config_path: str | None, pin_file: str | None, table: list[Row],
+             token: Which | None = None) -> list[Check]:
+    """The checks of one token (`token`; None: the first); `table` receives the token's
+    capability table once logged in."""
     checks: list[Check] = []
     try:
         cfg = config_mod.load(config_path)
+        second = cfg.hsm.second_token_label or cfg.hsm.second_token_serial
+        if cfg.hsm.two_tokens or token is not None:
+            cfg = replace(cfg, hsm=cfg.hsm.token(token or "first"))
     except config_mod.ConfigError as exc:
         return [Check("config", False, str(exc))]
     checks.append(Check("config", True, cfg.source))
+    if second and token in (None, "first"):
+        checks.append(Check("second token", True, f"'{second}' is checked by 'spyrus-hsm --token second selftest'"))
     checks += _origin_checks(cfg, pin_file)
     checks += _service_checks(cfg)
     module = cfg.hsm.module
@@ -309,9 +317,10 @@ def _lifetime_check(cred: x509_id.X509Credential) -> Check:
     return Check(name, True, f"certificate valid until {until} ({left:.0%} of its lifetime left)")
 
 
-def run_selftest(config_path: str | None, pin_file: str | None, json_out: bool = False) -> int:
+def run_selftest(config_path: str | None, pin_file: str | None, json_out: bool = False,
+                 token: Which | None = None) -> int:
     table: list[Row] = []
-    checks = _collect(config_path, pin_file, table)
+    checks = _collect(config_path, pin_file, table, token)
     passed = all(c.ok for c in checks)
     if json_out:
         print(json.dumps({"ok": passed, "checks": [asdict(c) for c in checks],

@@ -87,6 +87,14 @@ class Module:
         finally:
             conn.close()
 
+    def wait(self, cond: Any, what: str, within: float = 60) -> None:
+        """wait_until, and on failure the last /readyz answer and the tail of serve's log."""
+        try:
+            wait_until(cond, what, within=within)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; /readyz: {self.readyz()!r}; serve's log ends:\n"
+                                 f"{self.log.read_text()[-4000:]}") from None
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -171,8 +179,8 @@ def test_a_pulled_card_is_named_and_signing_resumes_when_it_is_back(
     with Load(module, devices) as load:
         wait_until(lambda: load.statuses[200] >= 20, "tokens signed under load", within=60)
         card.pull()
-        wait_until(lambda: f"card removed from reader '{READER}'" in not_ready_reason(module),
-                   "/readyz naming the reader", within=60)  # two suites side by side: a loaded machine
+        module.wait(lambda: f"card removed from reader '{READER}'" in not_ready_reason(module),
+                    "/readyz naming the reader")
         signed_before = load.statuses[200]
         wait_until(lambda: load.statuses[503] >= 5, "leaves refused while the card is out")
         card.insert()

@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from .. import config as config_mod
@@ -80,8 +81,14 @@ def secret(path: str | None, what: str, stdin: Stdin) -> Secret:
     return stdin.secret(what)
 
 
-def load_config(args: argparse.Namespace, require_token: bool = True) -> Config:
-    return config_mod.load(args.config, require_token=require_token)
+def load_config(args: argparse.Namespace, require_token: bool = True, both_tokens: bool = False) -> Config:
+    """The config, its `hsm` section addressing the one token --token names (the first by
+    default) unless `both_tokens` (serve)."""
+    cfg = config_mod.load(args.config, require_token=require_token)
+    which = getattr(args, "token", None)
+    if not both_tokens and (which is not None or cfg.hsm.two_tokens):
+        cfg = replace(cfg, hsm=cfg.hsm.token(which or "first"))
+    return cfg
 
 
 def pin_file(args: argparse.Namespace, cfg: Config) -> str | None:

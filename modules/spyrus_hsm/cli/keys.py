@@ -1,5 +1,5 @@
-"""Commands on the token and its keys: token init, key import-sas / import-pkcs12 / generate,
-list, delete, and sas (a SAS token minted with a key in the token)."""
+"""Commands on the token and its keys: token init / compare, key import-sas / import-pkcs12 /
+generate, list, delete, and sas (a SAS token minted with a key in the token)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import base64
 import binascii
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
+from ..config import Which
 from ..hsm import Hsm, KeyAlgorithm, Need, Pkcs11Uri, Secret, init_token
 from ..identity import sas as sas_mod
-from .common import EXIT_FAILED, Stdin, UsageError, hsm_and_config, load_config, read_input_file, secret
+from .common import EXIT_FAILED, Stdin, UsageError, hsm_and_config, load_config, logged_in, read_input_file, secret
 
 
 def cmd_token_init(args: argparse.Namespace, stdin: Stdin) -> int:
@@ -127,3 +128,34 @@ def cmd_sas(args: argparse.Namespace, stdin: Stdin) -> int:
     else:
         print(token.token)
     return 0
+
+
+def cmd_token_compare(args: argparse.Namespace, stdin: Stdin) -> int:
+    """With two tokens: the keys and certificates (by label and type) each one lacks compared
+    with the other; exit 1 when they differ (what a replacement token still needs)."""
+    if args.pin_file or args.token:
+        raise UsageError("token compare logs in to both tokens with hsm.pin_file and hsm.second_pin_file; "
+                         "--pin-file and --token do not apply")
+    cfg = load_config(args, both_tokens=True)
+    if not cfg.hsm.two_tokens:
+        raise UsageError("token compare needs a second token: set hsm.second_token_label or hsm.second_token_serial")
+    held: list[tuple[str, set[tuple[str, str]]]] = []
+    places: tuple[tuple[Which, str], ...] = (("first", "hsm.pin_file"), ("second", "hsm.second_pin_file"))
+    for which, setting in places:
+        one = replace(cfg, hsm=cfg.hsm.token(which))
+        if not one.hsm.pin_file:
+            raise UsageError(f"token compare reads each token's PIN from its file: set {setting}")
+        with logged_in(args, one, stdin) as hsm:
+            objects = hsm.list_objects()
+            name = hsm.state.name
+        held.append((name, {(o.label, o.type) for o in objects if o.type in ("private", "secret-key", "cert")}))
+        print(f"token {name}: {len(held[-1][1])} key(s) and certificate(s)")
+    differ = False
+    for (name, mine), (_, other) in zip(held, held[::-1], strict=True):
+        lacks = sorted(other - mine)
+        if lacks:
+            differ = True
+            print(f"token {name} lacks: " + ", ".join(f"{label} ({kind})" for label, kind in lacks))
+    if not differ:
+        print("both tokens hold the same labels")
+    return EXIT_FAILED if differ else 0

@@ -17,6 +17,7 @@ from .keys import (
     cmd_key_import_sas,
     cmd_list,
     cmd_sas,
+    cmd_token_compare,
     cmd_token_init,
 )
 from .pins import cmd_token_change_pin, cmd_token_unblock_pin
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spyrus-hsm", description="Azure IoT identity secrets kept in a PKCS#11 HSM.")
     p.add_argument("--config", help="YAML config file (default: $SPYRUS_HSM_CONFIG)")
     p.add_argument("--pin-file", help="file holding the user PIN (default: hsm.pin_file)")
+    p.add_argument("--token", choices=("first", "second"),
+                   help="with two tokens (hsm.second_*): the one this command works on (default: first)")
     p.add_argument("--version", action="version", version=f"spyrus-hsm {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log more to standard error")
     # --pin-file is accepted after the subcommand too ("token init --label L --pin-file F").
@@ -44,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--so-pin-file")
     t.add_argument("--pin-file", default=argparse.SUPPRESS, help="file holding the new user PIN")
     t.set_defaults(func=cmd_token_init)
+    t = token.add_parser("compare", parents=[common],
+                         help="with two tokens: the keys and certificates each lacks compared with the other "
+                              "(exit 1 when they differ)")
+    t.set_defaults(func=cmd_token_compare)
     t = token.add_parser("change-pin", parents=[common],
                          help="change the user PIN (old PIN from --pin-file or hsm.pin_file or stdin, "
                               "then the new one from --new-pin-file or stdin)")

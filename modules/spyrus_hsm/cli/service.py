@@ -14,7 +14,9 @@ def cmd_serve(args: argparse.Namespace, stdin: Stdin) -> int:
     coredump.disable()  # before the PIN is read or any key made: nothing of it may reach a core file
     from ..runtime import serve
 
-    cfg = load_config(args)
+    if args.token is not None:
+        raise UsageError("serve uses every configured token; --token is for the other commands")
+    cfg = load_config(args, both_tokens=True)
     if not (args.pin_file or cfg.hsm.pin_file):
         raise UsageError("serve needs hsm.pin_file (or SPYRUS_HSM_PIN_FILE): the PIN is re-read "
                          "from it when the HSM reconnects")
@@ -32,4 +34,4 @@ def cmd_serve(args: argparse.Namespace, stdin: Stdin) -> int:
 def cmd_selftest(args: argparse.Namespace, stdin: Stdin) -> int:
     from ..selftest import run_selftest
 
-    return run_selftest(args.config, args.pin_file, json_out=args.json)
+    return run_selftest(args.config, args.pin_file, json_out=args.json, token=args.token)

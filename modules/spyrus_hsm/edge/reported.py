@@ -2,7 +2,8 @@
 
     {"version": "0.1.0",
      "hsm": {"status": "ready", "ready": true, "reason": null, "tokenLabel": "edge",
-             "tokenSerial": "…", "recoveries": 0, "restartRequired": false, "lastChange": null},
+             "tokenSerial": "…", "recoveries": 0, "restartRequired": false, "lastChange": null,
+             "degraded": null, "tokensReady": 1, "tokens": []},
      "credentials": {"count": 2, "truncated": false, "earliestNotAfter": "2026-…", "earliestDaysLeft": 40,
                      "items": [{"label": "edge-id", "kind": "x509", "objects": ["cert", "private", "public"],
                                 "keyType": "EC", "commonName": "edge-1", "notAfter": "2026-…",
@@ -40,7 +41,10 @@ MAX_ITEMS = 100
 def hsm_section(state: HsmState) -> dict[str, Any]:
     return {"status": state.status, "ready": state.ready, "reason": clip(state.reason),
             "tokenLabel": state.token_label, "tokenSerial": state.token_serial, "recoveries": state.recoveries,
-            "restartRequired": state.restart_required, "lastChange": clip(state.last_change)}
+            "restartRequired": state.restart_required, "lastChange": clip(state.last_change),
+            "degraded": clip(state.degraded), "tokensReady": state.tokens_ready,
+            "tokens": [{"label": m.token_label, "serial": m.token_serial, "status": m.status, "reason": clip(m.reason)}
+                       for m in state.members]}
 
 
 def inventory(objects: Sequence[ObjectInfo], x509: Sequence[X509Credential],

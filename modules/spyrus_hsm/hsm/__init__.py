@@ -19,6 +19,7 @@ from .errors import (
 )
 from .library import TokenSelector, TokenSummary, mark_shared
 from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm
+from .pair import TokenPair
 from .provision import change_user_pin, init_token, list_tokens, unblock_user_pin
 from .recovery import EXIT_RESTART, restart_done, restart_once
 from .refusals import RefusedPins
@@ -54,6 +55,7 @@ __all__ = [
     "Secret",
     "SignAlgorithm",
     "TokenNotFound",
+    "TokenPair",
     "TokenSelector",
     "TokenSummary",
     "Unsupported",

@@ -62,6 +62,10 @@ class Hsm:
         label = None if uri is None else (uri.object or (uri.id.hex() if uri.id else None))
         return self._instrument(fn, operation, label, mechanism)
 
+    def member_for(self, key: KeyRef) -> Hsm:
+        """The token multi-step work on `key` stays on: this one (a `TokenPair` picks one)."""
+        return self
+
     def add_listener(self, fn: Callable[[HsmState], None]) -> None:
         """Call `fn(state)` on every state change, on an HSM thread; `fn` may call the HSM."""
         self.pool.add_listener(fn)

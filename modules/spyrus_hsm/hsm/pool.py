@@ -96,18 +96,20 @@ class HsmPool:
         wait=True (CLI): connect now; raise the clear error on failure.
         wait=False (service): return at once; the supervisor keeps retrying, state says why.
         """
+        info = None
         if wait:
             info = self._conn.connect()
             self._ever_ready = True
             self._recover_requested = False
             self._accepting = True
             self._fit_workers()
-            self._set_state("ready", token=(info.label, info.serial))
         else:
             self._wake.set()  # the supervisor makes the first connection, and retries it
         for i in range(self.workers):
             self._spawn(functools.partial(self._worker, i), f"hsm-worker-{i}")
         self._spawn(self._supervise, "hsm-supervisor")
+        if info is not None:  # the workers run: a listener told "ready" may call the HSM
+            self._set_state("ready", token=(info.label, info.serial))
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         self._threads.spawn(target, name)

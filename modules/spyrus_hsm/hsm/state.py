@@ -40,6 +40,36 @@ class HsmState:
     restart_required: bool = False
     # The last change of token seen (e.g. "token serial changed from X to Y"), kept once ready.
     last_change: str | None = None
+    # Two tokens (hsm.second_*): each one's own state, this one being their sum (see TokenPair);
+    # empty with one token.
+    members: tuple[HsmState, ...] = ()
+
+    @property
+    def tokens(self) -> int:
+        """Tokens configured."""
+        return len(self.members) or 1
+
+    @property
+    def tokens_ready(self) -> int:
+        if not self.members:
+            return 1 if self.ready else 0
+        return sum(1 for m in self.members if m.ready)
+
+    @property
+    def degraded(self) -> str | None:
+        """Ready on fewer tokens than configured: which token is missing and why (else None)."""
+        if not self.ready or not self.members:
+            return None
+        missing = [m for m in self.members if not m.ready and m.status != "starting"]
+        if not missing:
+            return None
+        return "; ".join(f"token {m.name} is {m.status}: {m.reason or m.status}" for m in missing)
+
+    @property
+    def name(self) -> str:
+        """How messages name this token: 'label' (serial S), as far as known."""
+        label = f"'{self.token_label}'" if self.token_label else "(label unknown)"
+        return f"{label} (serial {self.token_serial})" if self.token_serial else label
 
     @property
     def ready(self) -> bool:

@@ -95,6 +95,8 @@ class ServerTls:
                  monotonic: Callable[[], float] = time.monotonic,
                  wait: Callable[[threading.Event, float], object] = threading.Event.wait) -> None:
         self._cfg, self._hsm, self._dir, self._clock = cfg, hsm, tls_dir, clock
+        # The token whose service key certifies, with its chain (with two tokens, each has its own).
+        self._member = hsm.member_for(cfg.tls_key_label or "")
         self._monotonic, self._wait = monotonic, wait
         self._load_provider = load_provider
         self._wake = threading.Event()
@@ -129,7 +131,7 @@ class ServerTls:
         if cfg.tls_cert_file:
             return x509.load_pem_x509_certificates(Path(cfg.tls_cert_file).read_bytes())
         try:
-            return self._hsm.certificate_chain(cfg.tls_key_label or "")
+            return self._member.certificate_chain(cfg.tls_key_label or "")
         except ObjectNotFound:
             return []
 
@@ -169,7 +171,7 @@ class ServerTls:
         assert cfg.tls_key_label
         if self.placement is Placement.ISSUED:
             now = self._clock()
-            key, issued = service_ca.issue(self._hsm, cfg.tls_key_label, chain,
+            key, issued = service_ca.issue(self._member, cfg.tls_key_label, chain,
                                         dt.timedelta(seconds=cfg.tls_lifetime),
                                         dt.datetime.fromtimestamp(now, dt.UTC))
             ctx = _client_verification(memory_context(key, issued), cfg)
@@ -261,6 +263,8 @@ class ServerTls:
         recoveries = self._tried_at = self._hsm.state.recoveries
         self._hold_until = None
         try:
+            if self.placement is Placement.ISSUED:
+                self._follow_ready_token()
             chain = self._renewal_chain() if self.placement is Placement.ISSUED else self._chain
             if chain is None:
                 return
@@ -278,6 +282,26 @@ class ServerTls:
         self._made_after, self.last_error, self.held = recoveries, None, None
         self._backoff.reset()
         log.info("API TLS context renewed (%s)%s", self.placement.value, self._expiry_note())
+
+    def _follow_ready_token(self) -> None:
+        """Two tokens, the one whose service key certified so far missing: certify with the
+        other's service key and its own chain from now on (a token alone: nothing to do)."""
+        label = self._cfg.tls_key_label or ""
+        if self._member.state.ready:
+            return
+        other = self._hsm.member_for(label)
+        if other is self._member or not other.state.ready:
+            return
+        chain = other.certificate_chain(label)
+        found = service_ca.review(chain[0], self._now()) if chain else None
+        if found is None or found.refused or found.not_issuing:
+            why = "no certificate" if found is None else found.not_issuing or "; ".join(found.refused)
+            log.error("API TLS: token %s cannot take over certifying the API's keys: the certificate beside its key "
+                      "'%s': %s", other.state.name, label, why)
+            return
+        log.warning("API TLS: token %s is missing; the service key '%s' on token %s certifies from now on",
+                    self._member.state.name, label, other.state.name)
+        self._member, self._chain = other, chain
 
     def _renewal_chain(self) -> list[x509.Certificate] | None:
         """The service chain to certify the next key with: the one stored now when it can

@@ -1,0 +1,112 @@
+"""`TokenPair` over two real SoftHSM2 tokens (docs/two-tokens.md): work shared between them, a key
+label meaning the key on whichever token holds it, multi-step work kept on one token, the keys one
+token lacks reported, and the state of the pair (ready while one token is, `degraded` naming the
+other) in /readyz's, the twin's and the events' terms. Faults under `serve`: test_two_tokens.py."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from service_harness import verify_sas
+
+from spyrus_hsm import events as events_mod
+from spyrus_hsm.config import EventsConfig
+from spyrus_hsm.edge import reported
+from spyrus_hsm.hsm import Hsm, HsmState, ObjectNotFound, PoolSettings, Secret, SignAlgorithm, TokenPair, TokenSelector
+from spyrus_hsm.identity.sas import SasMinter
+
+
+def _member(module: str, label: str, pin: bytes) -> Hsm:
+    return Hsm(PoolSettings(module, TokenSelector(label), workers=2, call_timeout=5.0, retry_min=0.1,
+                            retry_max=0.5), Secret(pin))
+
+
+@pytest.fixture
+def pair(token_env: Any, second_token: Any) -> Iterator[TokenPair]:
+    p = TokenPair([_member(token_env.module, token_env.label, token_env.pin),
+                   _member(token_env.module, second_token.label, second_token.pin)]).start(wait=True)
+    yield p
+    p.close()
+
+
+def test_a_label_is_the_key_on_either_token_and_the_work_is_shared(pair: TokenPair, token_env: Any,
+                                                                  second_token: Any) -> None:
+    a, b = pair.members
+    device = "pair-" + secrets.token_hex(3)
+    primary, secondary = secrets.token_bytes(32), secrets.token_bytes(32)
+    a.import_secret_key(device, Secret(primary))
+    b.import_secret_key(device, Secret(secondary))
+    for index in (0, 1):
+        pair._list(index)  # as a member's becoming ready does
+    minter = SasMinter(pair)
+    made_by = []
+    for n in range(20):
+        token = minter.mint(device, f"hub.example/devices/{device}", 3600 + n).token
+        for key, name in ((primary, "A"), (secondary, "B")):
+            try:
+                verify_sas(token, key)
+                made_by.append(name)
+            except AssertionError:
+                pass
+    assert len(made_by) == 20  # every token verifies with one of the two keys
+    assert set(made_by) == {"A", "B"}  # and both tokens took part (ties alternate)
+    assert pair.state.ready and pair.state.degraded is None and pair.state.tokens_ready == 2
+
+
+def test_multi_step_work_stays_on_one_token_and_writes_go_there(pair: TokenPair) -> None:
+    label = "gen-" + secrets.token_hex(3)
+    chosen = pair.member_for(label)
+    assert all(pair.member_for(label) is chosen for _ in range(10))
+    pair.import_secret_key(label, Secret(secrets.token_bytes(32)))
+    assert chosen.find(label, "secret-key")
+    other = next(m for m in pair.members if m is not chosen)
+    assert not other.find(label, "secret-key")
+    assert pair.member_for(label) is chosen  # the token that holds it
+    # one-step work finds it on its token, whichever the pair tries first
+    for _ in range(6):
+        assert len(pair.sign(label, SignAlgorithm.HMAC_SHA256, b"x")) == 32
+    with pytest.raises(ObjectNotFound):
+        pair.sign("absent-" + secrets.token_hex(3), SignAlgorithm.HMAC_SHA256, b"x")
+
+
+def test_keys_on_one_token_only_are_reported(pair: TokenPair, caplog: pytest.LogCaptureFixture) -> None:
+    a, _ = pair.members
+    lonely = "lonely-" + secrets.token_hex(3)
+    a.import_secret_key(lonely, Secret(secrets.token_bytes(32)))
+    with caplog.at_level(logging.WARNING, logger="spyrus_hsm.hsm.pair"):
+        for index in (0, 1):
+            pair._list(index)
+    diff = pair.differences()
+    b_name = pair.state.members[1].name
+    assert f"{lonely} (secret-key)" in diff[b_name]
+    assert "lacks" in caplog.text and f"{lonely} (secret-key)" in caplog.text
+
+
+def test_one_token_gone_is_ready_and_degraded_naming_it_both_gone_is_not_ready(
+        pair: TokenPair, second_token: Any) -> None:
+    seen: list[HsmState] = []
+    pair.add_listener(seen.append)
+    ev = events_mod.Events(EventsConfig(), "edge-1", "spyrus-hsm")
+    pair.add_listener(ev.hsm_state)
+    device = "pair-" + secrets.token_hex(3)
+    for m in pair.members:
+        m.import_secret_key(device, Secret(secrets.token_bytes(32)))
+    pair.members[1].close()  # stopped: as good as gone for the pair
+    st = pair.state
+    assert st.ready and st.tokens_ready == 1 and st.tokens == 2
+    assert st.degraded is not None and f"'{second_token.label}'" in st.degraded
+    assert seen and seen[-1].degraded == st.degraded
+    twin = reported.hsm_section(st)
+    assert twin["ready"] is True and twin["tokensReady"] == 1 and twin["degraded"] == st.degraded
+    assert [t["status"] for t in twin["tokens"]] == ["ready", "stopped"]
+    assert len(pair.sign(device, SignAlgorithm.HMAC_SHA256, b"x")) == 32  # the survivor signs
+    pair.members[0].close()
+    st = pair.state
+    assert not st.ready and st.tokens_ready == 0 and st.degraded is None
+    assert second_token.label in (st.reason or "")
+    kinds = [e["type"] for e in list(ev._buffer)]
+    assert kinds[:1] == ["hsm.degraded"], kinds
