@@ -91,6 +91,17 @@ class Module:
         self.cfg = cfg
         self.hsm = serving_hsm(cfg)
         self.hsm.instrument(hsm_instrument(telemetry))
+        # PC/SC: pcscd run here (internal) or the host's; either way a missing token is explained
+        # in reader terms ("card removed from reader X"). The first listener: the pool calls its
+        # listeners one after the other, and the reader holding the card must be noted as soon
+        # as the token is ready (a listener before it, listing a token of many objects, once
+        # delayed it past a card pulled seconds later: the reader was then never named).
+        self.pcscd = Pcscd() if cfg.hsm.pcscd == "internal" else None
+        self.cards = CardWatch() if cfg.hsm.pcscd != "none" else None
+        if self.cards is not None:
+            cards = self.cards
+            self.hsm.explain_faults(cards.explain)
+            self.hsm.add_listener(lambda state: cards.token_ready() if state.ready else None)
         telemetry.metrics.watch_queue_depth(self.hsm.queue_depth)
         telemetry.metrics.watch("hsm.ready", lambda: 1.0 if self.hsm.state.ready else 0.0)
         telemetry.metrics.watch("tokens.ready", lambda: float(self.hsm.state.tokens_ready))
@@ -126,14 +137,6 @@ class Module:
             self._roles_checked = False
             self.hsm.add_listener(self._warn_about_reserved_keys)
         telemetry.metrics.watch_each("certificate.renewal.consecutive_failures", self._renewal_failures)
-        # PC/SC: pcscd run here (internal) or the host's; either way a missing token is explained
-        # in reader terms ("card removed from reader X").
-        self.pcscd = Pcscd() if cfg.hsm.pcscd == "internal" else None
-        self.cards = CardWatch() if cfg.hsm.pcscd != "none" else None
-        if self.cards is not None:
-            cards = self.cards
-            self.hsm.explain_faults(cards.explain)
-            self.hsm.add_listener(lambda state: cards.token_ready() if state.ready else None)
         self.edge_env = detect_edge(os.environ)  # IoT Edge? (raises on a half-configured environment)
         self.edge: EdgeAgent | None = None
         self.exit_code = 0

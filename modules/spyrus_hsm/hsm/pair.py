@@ -99,10 +99,14 @@ class TokenPair(Hsm):
                         members=states)
 
     def _changed(self, index: int, state: HsmState) -> None:
-        """A member's state changed (on its thread): re-read its labels once it is ready, then
-        tell the pair's listeners the sum."""
+        """A member's state changed (on its thread): tell the pair's listeners the sum, then
+        re-read the member's labels if it is ready (after: listing a large token takes a while,
+        and a listener may have to note something at once, e.g. which reader holds the card)."""
+        self._tell()
         if state.ready:
             self._list(index)
+
+    def _tell(self) -> None:
         with self._lock:
             before, self._state = self._state, self._combine()
             after = self._state
