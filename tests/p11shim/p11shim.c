@@ -16,9 +16,15 @@
  * Control file: lines `key=value` (spaces around key and value ignored; empty lines and lines
  * starting with '#' ignored; unknown keys and bad values ignored; only the first 4 KiB read).
  *   state=plugged | state=unplugged
+ *   unplug_slot=N[,N...]  only the token in these slots (decimal slot ids as the target reports
+ *                     them, at most 8; bad entries ignored, several lines add up) is unplugged:
+ *                     everything below under "Unplugged" applies to those slots alone (C_Login,
+ *                     being on a session, and every session call go by the session's slot), and
+ *                     the other slots work normally. state=unplugged still means every slot.
  *   sign_delay_ms=N   sleep N ms (0..600000) in C_Sign / C_SignFinal (not in their length
  *                     query, i.e. when the output buffer is NULL) and C_SignUpdate, before
- *                     forwarding; if the token is unplugged during the sleep the call answers
+ *                     forwarding; if the token is unplugged during the sleep (state=unplugged, or
+ *                     unplug_slot naming the slot of the call's session) the call answers
  *                     CKR_DEVICE_REMOVED at once (the state is polled every 5 ms).
  *   fail_login=1      C_Login answers CKR_PIN_INCORRECT without forwarding (0 = off).
  *   fail_create_class=N  C_CreateObject of a template whose CKA_CLASS is N (0 data, 1 certificate,
@@ -26,10 +32,12 @@
  *                     forwarding: a token that fills up half-way through a multi-object write.
  *   fail_set_class=N  C_SetAttributeValue on an object whose CKA_CLASS is N answers
  *                     CKR_DEVICE_MEMORY without forwarding (absent: both off).
- *   serial=1          a token that executes one signing operation at a time: the calls that
- *                     sign_delay_ms slows down take one process-wide lock for their delay and
- *                     the forwarded call, so concurrent sessions sign one after the other
- *                     (0 = off; the lock is not taken for a length query).
+ *   serial=1          tokens that execute one signing operation at a time: the calls that
+ *                     sign_delay_ms slows down take a lock of their session's slot for their
+ *                     delay and the forwarded call, so concurrent sessions of one slot sign one
+ *                     after the other while two slots sign in parallel (0 = off; the lock is not
+ *                     taken for a length query). One lock per slot for the first 16 slots seen;
+ *                     further slots, and sessions the shim did not open, share one more lock.
  *   watch_thread=main | watch_thread=TID
  *   thread_log=PATH   every call made on the watched thread (the process's main thread, whose
  *                     thread id is the process id, or the thread with that id) appends one line
@@ -77,13 +85,15 @@
  * atomically (write a temporary file, rename it over): a truncate-then-write can be observed
  * half-way (an empty file reads as "plugged").
  *
- * Unplugged
+ * Unplugged (every slot with state=unplugged, or no card in PC/SC mode; else the slots that
+ * unplug_slot lists)
  *   C_OpenSession, C_GetTokenInfo, C_GetMechanismList, C_GetMechanismInfo, C_InitToken,
  *   C_Login                                    -> CKR_TOKEN_NOT_PRESENT
  *   every other call on a session (C_Sign*, C_Find*, C_GetAttributeValue, C_CreateObject,
  *   C_GenerateKeyPair, C_CloseSession, C_Logout, C_GetSessionInfo, ...) -> CKR_DEVICE_REMOVED
- *   C_GetSlotList(tokenPresent=TRUE) lists no slot; with FALSE it lists them all.
- *   C_GetSlotInfo clears CKF_TOKEN_PRESENT.
+ *   C_GetSlotList(tokenPresent=TRUE) lists no slot (with unplug_slot: leaves those slots out);
+ *   with FALSE it lists them all.
+ *   C_GetSlotInfo clears CKF_TOKEN_PRESENT (with unplug_slot: for those slots).
  *   C_Initialize, C_Finalize, C_GetInfo, C_GetFunctionList, C_WaitForSlotEvent and
  *   C_CloseAllSessions are forwarded.
  * Replug (a call observes `plugged` after a call observed `unplugged`)
@@ -93,6 +103,12 @@
  *   CKR_SESSION_HANDLE_INVALID without being forwarded (C_CloseSession on it answers the same
  *   and forgets it), until the target hands out the same number for a new session.
  *   The state is only sampled at calls: an unplug/replug that no call observes does nothing.
+ * Replug of one slot (a call observes slot N no longer in unplug_slot after a call observed it
+ *   there, while state=unplugged was not observed by either)
+ *   The same, for slot N alone: the target's C_CloseAllSessions(N) runs (SoftHSM logs that token
+ *   out) and only the session handles of slot N opened before are remembered as dead; the other
+ *   slots' sessions and logins are untouched. A slot still listed when state goes back to
+ *   plugged stays unplugged (the replug above has closed its sessions too).
  *
  * C_Initialize's arguments (e.g. CKF_OS_LOCKING_OK) are forwarded unchanged. Thread-safe; no
  * output except one line on stderr when the target cannot be loaded. C_GetInterface is
@@ -120,6 +136,8 @@
 #define DELAY_SLICE_NS 5000000LL
 #define RACY_WINDOW_NS 2000000000LL
 #define MAX_HIDDEN 32
+#define MAX_UNPLUG_SLOTS 8
+#define MAX_SERIAL_SLOTS 16
 
 static CK_FUNCTION_LIST g_list;
 
@@ -145,6 +163,8 @@ struct ctl_state {
     unsigned long free_objects;     /* free_objects: N + 1, 0 = off */
     size_t n_hidden;                /* hide_mechanisms */
     CK_MECHANISM_TYPE hidden[MAX_HIDDEN];
+    size_t n_unplug;                /* unplug_slot */
+    CK_SLOT_ID unplug[MAX_UNPLUG_SLOTS];
     unsigned long gen;              /* bumped whenever the file's content changes */
 };
 
@@ -158,6 +178,8 @@ static char g_ctl_buf[CTL_MAX];
 static size_t g_ctl_len;
 static struct ctl_state g_cur;        /* parsed from g_ctl_buf */
 static int g_seen_unplugged;          /* the state the previous call observed */
+static size_t g_n_seen_slots;         /* unplug_slot as the previous call observed it */
+static CK_SLOT_ID g_seen_slots[MAX_UNPLUG_SLOTS];
 static unsigned long g_ctl_gen;       /* bumped at every change of the parsed content */
 
 /* ---- PC/SC mode (all under g_ctl_lock) ------------------------------------------------- */
@@ -193,17 +215,26 @@ static pthread_mutex_t g_store_lock = PTHREAD_MUTEX_INITIALIZER;
 static unsigned long g_store_gen;  /* the control content g_store_used counts for */
 static long g_store_used;          /* free_objects: objects stored (net) since that content */
 static __thread int t_store_held;
-/* serial=1: held by the one signing call in progress (from its delay to its return). */
+/* serial=1: a slot's lock is held by its one signing call in progress (from its delay to its
+ * return). Entries are added under g_serial_tab_lock and never removed; g_serial_lock serves
+ * the slots beyond the table and sessions of unknown slot. */
+struct serial_ent {
+    CK_SLOT_ID slot;
+    pthread_mutex_t lock;
+};
+static pthread_mutex_t g_serial_tab_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct serial_ent g_serial[MAX_SERIAL_SLOTS];
+static size_t g_n_serial;
 static pthread_mutex_t g_serial_lock = PTHREAD_MUTEX_INITIALIZER;
-static __thread int t_serial_held;
+static __thread pthread_mutex_t *t_serial_held;
 /* The control state sampled by this thread's current session call (set by session_enter). */
 static __thread struct ctl_state t_call;
 static struct sess_ent *g_tab; /* open addressing, linear probing */
 static size_t g_cap, g_cnt;    /* g_cap is 0 or a power of two */
 
-/* Lock order: g_load_lock -> g_ctl_lock -> g_inflight -> g_open_lock / g_store_lock ->
- * g_sess_lock. No lock is held while
- * sleeping; g_inflight is never held while taking g_ctl_lock. */
+/* Lock order: a serial lock -> g_load_lock -> g_ctl_lock -> g_inflight -> g_open_lock /
+ * g_store_lock -> g_sess_lock; g_serial_tab_lock is only held alone. No lock but a serial lock
+ * is held while sleeping; g_inflight is never held while taking g_ctl_lock or a serial lock. */
 
 static void inflight_init(void)
 {
@@ -311,6 +342,18 @@ static unsigned long sess_count_live(CK_SLOT_ID slot)
             n++;
     pthread_mutex_unlock(&g_sess_lock);
     return n;
+}
+
+/* g_sess_lock not held. The slot of session `h`: 1 and *slot, or 0 when the shim did not
+ * open it. */
+static int sess_slot(CK_SESSION_HANDLE h, CK_SLOT_ID *slot)
+{
+    pthread_mutex_lock(&g_sess_lock);
+    struct sess_ent *e = sess_find(h);
+    if (e)
+        *slot = e->slot;
+    pthread_mutex_unlock(&g_sess_lock);
+    return e != NULL;
 }
 
 static void sess_clear(void)
@@ -456,6 +499,39 @@ static void parse_mechanisms(char *val, struct ctl_state *out)
     }
 }
 
+/* unplug_slot=N[,N...]: decimal slot ids; bad entries ignored */
+static void parse_slots(char *val, struct ctl_state *out)
+{
+    char *save = NULL;
+    for (char *tok = strtok_r(val, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        tok = trim(tok, tok + strlen(tok));
+        char *e = NULL;
+        errno = 0;
+        unsigned long v = strtoul(tok, &e, 10);
+        if (errno != 0 || e == tok || *e != '\0' || tok[0] == '-' || tok[0] == '+')
+            continue;
+        size_t i = 0;
+        while (i < out->n_unplug && out->unplug[i] != (CK_SLOT_ID)v)
+            i++;
+        if (i == out->n_unplug && out->n_unplug < MAX_UNPLUG_SLOTS)
+            out->unplug[out->n_unplug++] = (CK_SLOT_ID)v;
+    }
+}
+
+static int slot_listed(const CK_SLOT_ID *slots, size_t n, CK_SLOT_ID slot)
+{
+    for (size_t i = 0; i < n; i++)
+        if (slots[i] == slot)
+            return 1;
+    return 0;
+}
+
+/* The token in `slot` is unplugged: state=unplugged (or no card), or unplug_slot lists it. */
+static int slot_unplugged(const struct ctl_state *s, CK_SLOT_ID slot)
+{
+    return s->unplugged || slot_listed(s->unplug, s->n_unplug, slot);
+}
+
 static int mechanism_hidden(const struct ctl_state *s, CK_MECHANISM_TYPE m)
 {
     for (size_t i = 0; i < s->n_hidden; i++)
@@ -502,6 +578,8 @@ static void ctl_parse(const char *buf, size_t len, struct ctl_state *out)
                     smartcard = 0;
             } else if (strcmp(key, "hide_mechanisms") == 0) {
                 parse_mechanisms(val, out);
+            } else if (strcmp(key, "unplug_slot") == 0) {
+                parse_slots(val, out);
             } else if (strcmp(key, "max_sessions") == 0 || strcmp(key, "copy_object") == 0 ||
                        strcmp(key, "max_objects") == 0 || strcmp(key, "free_objects") == 0) {
                 char *e = NULL;
@@ -587,6 +665,7 @@ static int ctl_read(void)
 }
 
 static void replug_kill(void);
+static void replug_kill_slot(CK_SLOT_ID slot);
 
 /* g_ctl_lock held */
 static int pcsc_load(void)
@@ -697,9 +776,17 @@ static void refresh_named(struct ctl_state *out, const char *fn)
     int unplugged = g_cur.unplugged, swapped = 0;
     if (!unplugged && g_reader)
         unplugged = !pcsc_card_present(&swapped);
-    if ((g_seen_unplugged || swapped) && !unplugged)
+    if ((g_seen_unplugged || swapped) && !unplugged) {
         replug_kill();
+    } else if (!unplugged) {
+        /* unplug_slot: the slots no longer listed are back (a global replug covers them all) */
+        for (size_t i = 0; i < g_n_seen_slots; i++)
+            if (!slot_listed(g_cur.unplug, g_cur.n_unplug, g_seen_slots[i]))
+                replug_kill_slot(g_seen_slots[i]);
+    }
     g_seen_unplugged = unplugged;
+    g_n_seen_slots = g_cur.n_unplug;
+    memcpy(g_seen_slots, g_cur.unplug, g_cur.n_unplug * sizeof *g_seen_slots);
     thread_note(fn);
     *out = g_cur;
     out->unplugged = unplugged;
@@ -733,6 +820,22 @@ static void replug_kill(void)
     pthread_rwlock_unlock(&g_inflight);
 }
 
+/* g_ctl_lock held: the token in `slot` is back; its sessions from before are gone, and its
+ * login. The other slots' sessions are untouched. */
+static void replug_kill_slot(CK_SLOT_ID slot)
+{
+    CK_FUNCTION_LIST_PTR t = __atomic_load_n(&g_t, __ATOMIC_ACQUIRE);
+    pthread_rwlock_wrlock(&g_inflight);
+    pthread_mutex_lock(&g_sess_lock);
+    for (size_t i = 0; i < g_cap; i++)
+        if (g_tab[i].h != 0 && g_tab[i].slot == slot)
+            g_tab[i].dead = 1;
+    pthread_mutex_unlock(&g_sess_lock);
+    if (t)
+        t->C_CloseAllSessions(slot);
+    pthread_rwlock_unlock(&g_inflight);
+}
+
 /* ---- helpers for forwarded calls ------------------------------------------------------- */
 
 static long long mono_ns(void)
@@ -754,7 +857,29 @@ enum { ENTER_PLAIN = 0, ENTER_DELAY = 1, ENTER_LOGIN = 2, ENTER_CLOSE = 4 };
 #define refresh(out) refresh_named((out), __func__)
 
 static void serial_release(void);
-static CK_RV session_enter_locked(CK_SESSION_HANDLE h, int mode, struct ctl_state *sp);
+static CK_RV session_enter_locked(CK_SESSION_HANDLE h, int mode, struct ctl_state *sp, int known,
+                                  CK_SLOT_ID slot);
+
+/* serial=1: the lock of `slot` (known = 0: a session of unknown slot). */
+static pthread_mutex_t *serial_lock_for(int known, CK_SLOT_ID slot)
+{
+    pthread_mutex_t *m = &g_serial_lock;
+    if (!known)
+        return m;
+    pthread_mutex_lock(&g_serial_tab_lock);
+    size_t i = 0;
+    while (i < g_n_serial && g_serial[i].slot != slot)
+        i++;
+    if (i == g_n_serial && g_n_serial < MAX_SERIAL_SLOTS) {
+        g_serial[i].slot = slot;
+        pthread_mutex_init(&g_serial[i].lock, NULL);
+        g_n_serial++;
+    }
+    if (i < g_n_serial)
+        m = &g_serial[i].lock;
+    pthread_mutex_unlock(&g_serial_tab_lock);
+    return m;
+}
 
 #define session_enter(h, mode) session_enter_named((h), (mode), __func__)
 
@@ -769,11 +894,16 @@ static CK_RV session_enter_named(CK_SESSION_HANDLE h, int mode, const char *fn)
     t_call = s;
     if (s.unplugged)
         return (mode & ENTER_LOGIN) ? CKR_TOKEN_NOT_PRESENT : CKR_DEVICE_REMOVED;
+    CK_SLOT_ID slot = 0;
+    int known = sess_slot(h, &slot);
+    if (known && slot_unplugged(&s, slot))
+        return (mode & ENTER_LOGIN) ? CKR_TOKEN_NOT_PRESENT : CKR_DEVICE_REMOVED;
     if ((mode & ENTER_DELAY) && s.serial) {
-        pthread_mutex_lock(&g_serial_lock);
-        t_serial_held = 1;
+        pthread_mutex_t *m = serial_lock_for(known, slot);
+        pthread_mutex_lock(m);
+        t_serial_held = m;
     }
-    CK_RV rv = session_enter_locked(h, mode, &s);
+    CK_RV rv = session_enter_locked(h, mode, &s, known, slot);
     if (rv != CKR_OK)
         serial_release();
     return rv;
@@ -782,13 +912,15 @@ static CK_RV session_enter_named(CK_SESSION_HANDLE h, int mode, const char *fn)
 static void serial_release(void)
 {
     if (t_serial_held) {
-        t_serial_held = 0;
-        pthread_mutex_unlock(&g_serial_lock);
+        pthread_mutex_t *m = t_serial_held;
+        t_serial_held = NULL;
+        pthread_mutex_unlock(m);
     }
 }
 
 /* session_enter, after the serial lock (if any) is taken. */
-static CK_RV session_enter_locked(CK_SESSION_HANDLE h, int mode, struct ctl_state *sp)
+static CK_RV session_enter_locked(CK_SESSION_HANDLE h, int mode, struct ctl_state *sp, int known,
+                                  CK_SLOT_ID slot)
 {
     struct ctl_state s = *sp;
     if ((mode & ENTER_DELAY) && s.delay_ms > 0) {
@@ -800,7 +932,7 @@ static CK_RV session_enter_locked(CK_SESSION_HANDLE h, int mode, struct ctl_stat
                 break;
             sleep_ns(left < DELAY_SLICE_NS ? left : DELAY_SLICE_NS);
             refresh(&s);
-            if (s.unplugged)
+            if (s.unplugged || (known && slot_unplugged(&s, slot)))
                 return CKR_DEVICE_REMOVED;
         }
     }
@@ -885,7 +1017,7 @@ static void session_leave(void)
         return rv;                                                                        \
     }
 
-/* A slot call that needs the token: unplugged -> TOKEN_NOT_PRESENT. */
+/* A slot call that needs the token: unplugged (that slot) -> TOKEN_NOT_PRESENT. */
 #define TOKEN_FN(name, params, args)                                                      \
     static CK_RV shim_##name params                                                       \
     {                                                                                     \
@@ -894,7 +1026,7 @@ static void session_leave(void)
         if (!t)                                                                           \
             return CKR_CRYPTOKI_NOT_INITIALIZED;                                          \
         refresh(&s);                                                                      \
-        if (s.unplugged)                                                                  \
+        if (slot_unplugged(&s, slotID))                                                   \
             return CKR_TOKEN_NOT_PRESENT;                                                 \
         return t->name ? t->name args : CKR_FUNCTION_NOT_SUPPORTED;                       \
     }
@@ -969,7 +1101,41 @@ static CK_RV shim_C_GetSlotList(CK_BBOOL tokenPresent, CK_SLOT_ID_PTR pSlotList,
             *pulCount = 0;
         return rv;
     }
-    return t->C_GetSlotList(tokenPresent, pSlotList, pulCount);
+    if (s.n_unplug == 0 || !tokenPresent)
+        return t->C_GetSlotList(tokenPresent, pSlotList, pulCount);
+    /* unplug_slot: the target's list without those slots */
+    if (!pulCount)
+        return CKR_ARGUMENTS_BAD;
+    CK_SLOT_ID *all = NULL;
+    CK_ULONG n = 0;
+    CK_RV rv;
+    for (int tries = 0;; tries++) { /* a slot may appear between the two calls */
+        rv = t->C_GetSlotList(tokenPresent, NULL, &n);
+        if (rv != CKR_OK)
+            return rv;
+        CK_SLOT_ID *grown = realloc(all, (n ? n : 1) * sizeof *all);
+        if (!grown) {
+            free(all);
+            return CKR_HOST_MEMORY;
+        }
+        all = grown;
+        rv = t->C_GetSlotList(tokenPresent, all, &n);
+        if (rv != CKR_BUFFER_TOO_SMALL || tries == 8)
+            break;
+    }
+    if (rv == CKR_OK) {
+        CK_ULONG k = 0;
+        for (CK_ULONG i = 0; i < n; i++)
+            if (!slot_listed(s.unplug, s.n_unplug, all[i]))
+                all[k++] = all[i];
+        if (pSlotList && *pulCount < k)
+            rv = CKR_BUFFER_TOO_SMALL;
+        else if (pSlotList)
+            memcpy(pSlotList, all, k * sizeof *all);
+        *pulCount = k;
+    }
+    free(all);
+    return rv;
 }
 
 static CK_RV shim_C_GetSlotInfo(CK_SLOT_ID slotID, CK_SLOT_INFO_PTR pInfo)
@@ -980,7 +1146,7 @@ static CK_RV shim_C_GetSlotInfo(CK_SLOT_ID slotID, CK_SLOT_INFO_PTR pInfo)
         return CKR_CRYPTOKI_NOT_INITIALIZED;
     refresh(&s);
     CK_RV rv = t->C_GetSlotInfo(slotID, pInfo);
-    if (rv == CKR_OK && s.unplugged && pInfo)
+    if (rv == CKR_OK && slot_unplugged(&s, slotID) && pInfo)
         pInfo->flags &= ~(CK_FLAGS)CKF_TOKEN_PRESENT;
     return rv;
 }
@@ -1003,7 +1169,7 @@ static CK_RV shim_C_GetTokenInfo(CK_SLOT_ID slotID, CK_TOKEN_INFO_PTR pInfo)
     if (!t)
         return CKR_CRYPTOKI_NOT_INITIALIZED;
     refresh(&s);
-    if (s.unplugged)
+    if (slot_unplugged(&s, slotID))
         return CKR_TOKEN_NOT_PRESENT;
     CK_RV rv = t->C_GetTokenInfo(slotID, pInfo);
     if (rv == CKR_OK && pInfo && s.max_sessions) {
@@ -1023,7 +1189,7 @@ static CK_RV shim_C_GetMechanismList(CK_SLOT_ID slotID, CK_MECHANISM_TYPE_PTR pM
     if (!t)
         return CKR_CRYPTOKI_NOT_INITIALIZED;
     refresh(&s);
-    if (s.unplugged)
+    if (slot_unplugged(&s, slotID))
         return CKR_TOKEN_NOT_PRESENT;
     if (s.n_hidden == 0)
         return t->C_GetMechanismList(slotID, pMechanismList, pulCount);
@@ -1061,7 +1227,7 @@ static CK_RV shim_C_GetMechanismInfo(CK_SLOT_ID slotID, CK_MECHANISM_TYPE type,
     if (!t)
         return CKR_CRYPTOKI_NOT_INITIALIZED;
     refresh(&s);
-    if (s.unplugged)
+    if (slot_unplugged(&s, slotID))
         return CKR_TOKEN_NOT_PRESENT;
     if (mechanism_hidden(&s, type))
         return CKR_MECHANISM_INVALID;
@@ -1088,7 +1254,7 @@ static CK_RV shim_C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR p
     if (!t)
         return CKR_CRYPTOKI_NOT_INITIALIZED;
     refresh(&s);
-    if (s.unplugged)
+    if (slot_unplugged(&s, slotID))
         return CKR_TOKEN_NOT_PRESENT;
     pthread_rwlock_rdlock(&g_inflight);
     /* max_sessions: the count and the open are one step, so concurrent opens cannot overshoot */
