@@ -24,6 +24,12 @@ signature at a time, 20 ms each) and the service with hsm.serial: true:
             returning leaves is at most 3 x the hit case's (they never wait for the HSM), and
             the HSM signs at most 5 % more tokens than the leaves needed.
 
+Two tokens (docs/two-tokens.md), in another child process on two such tokens (the shim slows
+each token's slot on its own): the storm on one token (this run's baseline), on two (a
+TokenPair: target <= 1.1 x 2000 x 20 ms / 2, about half the one-token time), and on two with the
+first unplugged a quarter of the way through (every leaf served; the time and the window of
+503s printed, target <= 1 s).
+
 And in a third process (SoftHSM directly, no HTTP: 100,000 requests through Service.sas_token),
 the memory case: RSS growth per cached token (target <= 2 KB) once the cache holds
 service.cache_max_entries tokens, RSS after 100,000 distinct leaves (the bound evicting), and
@@ -51,10 +57,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import SHIM, SOFTHSM, child_json, make_token, start_hsm, tick_lag
+from common import SHIM, SOFTHSM, child_json, make_second_token, make_token, start_hsm, tick_lag
 
 HOST = "127.0.0.1"
 BENCH_KEY = "bench-key"
+SECOND = "bench-b"  # the second token's label (two tokens)
 
 
 # --- the load generator (separate process) ----------------------------------------------------
@@ -71,6 +78,7 @@ async def _load(url: str, ca: str, bearer: str, args: argparse.Namespace) -> dic
     latencies: list[float] = []
     errors: dict[str, int] = {}
     expiries: dict[int, set[int]] = {}  # leaf -> expiresOn of the tokens it got (one per token)
+    unavailable: list[float] = []  # when each 503 came (perf_counter)
     retried = 0
     # reconnect: every request on a new connection (a new TLS handshake), as most leaves do
     connector = aiohttp.TCPConnector(limit=args.concurrency, ssl=ctx, force_close=mode == "reconnect")
@@ -87,6 +95,8 @@ async def _load(url: str, ca: str, bearer: str, args: argparse.Namespace) -> dic
                     latencies.append(time.perf_counter() - t)
                     return None
                 retry_after = resp.headers.get("Retry-After")
+                if resp.status == 503:
+                    unavailable.append(time.perf_counter())
                 kind = f"{resp.status}" + (" with Retry-After" if retry_after else "")
                 errors[kind] = errors.get(kind, 0) + 1
                 return float(retry_after) if resp.status == 503 and retry_after else 0.0
@@ -134,6 +144,7 @@ async def _load(url: str, ca: str, bearer: str, args: argparse.Namespace) -> dic
             "p99_ms": q[98] * 1e3, "errors": errors, "retried": retried,
             "all_served_s": max(done) if done else None,
             "unserved": sum(1 for d in done if d != d),  # NaN: gave up
+            "unavailable_s": [min(unavailable) - started, max(unavailable) - started] if unavailable else None,
             "expiries": {str(n): sorted(e) for n, e in expiries.items()} if mode in ("round", "storm", "fill") else {}}
 
 
@@ -520,6 +531,89 @@ async def slow_usb_parent(args: argparse.Namespace, root: Path) -> None:
                   "for a waiting request)")
 
 
+# --- two tokens ---------------------------------------------------------------------------------
+
+def _slot_of(label: str) -> int:
+    from spyrus_hsm.hsm import library
+
+    for slot in library.load_module(str(SHIM)).get_slots(token_present=True):
+        if slot.get_token().label == label:
+            return int(slot.slot_id)
+    raise RuntimeError(f"no slot holds token '{label}'")
+
+
+async def two_tokens(args: argparse.Namespace, pin: Path, root: Path) -> dict[str, Any]:
+    """In a child process: the storm on one serial USB token (the baseline), on two (a TokenPair:
+    the work shared), and on two with the first unplugged half-way through (failover)."""
+    from spyrus_hsm.hsm import Secret, TokenPair, mark_shared
+
+    control = Path(os.environ["P11SHIM_CONTROL"])
+    mark_shared(str(SHIM))  # two pools on one module: no C_Finalize under the other's sessions
+    a = start_hsm(str(SHIM), pin, serial=True)
+    b = start_hsm(str(SHIM), root / f"user-{SECOND}.pin", serial=True, label=SECOND)
+    if not await asyncio.to_thread(b.find, BENCH_KEY, "secret-key"):  # the secondary key of the same label
+        await asyncio.to_thread(b.import_secret_key, BENCH_KEY, Secret(secrets.token_bytes(32)))
+    slot_a = _slot_of("bench")
+    bearer_file = root / "bearer"
+    out: dict[str, Any] = {}
+    n, ms = args.slow_leaves, args.slow_usb_ms
+    for case, hsm in (("one", a), ("two", TokenPair([a, b])), ("failover", TokenPair([a, b]))):
+        _shim(control, 0)
+        cfg = service_config(root / "server.pem", root / "server.key", bearer_file.read_text(),
+                             root / f"audit-{case}.log", min_ttl=60)
+        listeners, port = await start_service(hsm, cfg, root)
+        url = f"https://{HOST}:{port}/v1/sas-tokens"
+        _shim(control, ms)
+        load = asyncio.create_task(run_load(url, root / "server.pem", bearer_file, "storm", args, leaves=n,
+                                            prefix=f"two-{case}", concurrency=args.storm_connections))
+        if case == "failover":  # half-way through what two tokens take
+            await asyncio.sleep(n * ms / 1000 / 4)
+            tmp = control.with_suffix(".tmp")
+            tmp.write_text(f"serial=1\nsign_delay_ms={ms}\nunplug_slot={slot_a}\n")
+            os.replace(tmp, control)
+            out["unplugged_at_s"] = n * ms / 1000 / 4
+        out[case] = await load
+        await listeners.stop()
+        _shim(control, 0)  # plugged again for the next case
+        if case == "failover":
+            break
+    a.close()
+    b.close()
+    return out
+
+
+async def two_tokens_parent(args: argparse.Namespace, root: Path) -> None:
+    if not SHIM.exists():
+        print(f"two tokens: skipped ({SHIM} not built; run 'make shim')")
+        return
+    if not (root / f"user-{SECOND}.pin").exists():
+        make_second_token(root, SECOND)
+    env = dict(os.environ, P11SHIM_TARGET=SOFTHSM, P11SHIM_CONTROL=str(root / "shim-two.control"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--two-child", str(root), *_passthrough(args), env=env,
+        stdout=asyncio.subprocess.PIPE)
+    raw, _ = await proc.communicate()
+    r = json.loads(raw.decode().strip().splitlines()[-1])
+    n, ms = args.slow_leaves, args.slow_usb_ms
+    one, two, fail = r["one"], r["two"], r["failover"]
+    limit = 1.1 * n * ms / 1000 / 2
+    print(f"\ntwo serial USB tokens ({ms} ms per signature, one at a time each; hsm.serial: true), storm of {n} new "
+          f"leaves within 1 s over {args.storm_connections} connections")
+    print(f"  one token: every leaf has its token after {one['all_served_s']:.1f} s (the baseline, this run)")
+    print(f"  two tokens: after {two['all_served_s']:.1f} s  target <= {limit:.1f} s  "
+          f"{met(two['all_served_s'] <= limit)}; one / two = {one['all_served_s'] / two['all_served_s']:.2f} "
+          "(2 would be perfect sharing)")
+    for name, res in (("one token", one), ("two tokens", two), ("failover", fail)):
+        bad = {k: v for k, v in res["errors"].items() if k != "503 with Retry-After"}
+        print(f"  {name}: unserved {res['unserved']}, failures other than 503 + Retry-After {bad or 'none'}, "
+              f"503s {res['errors'].get('503 with Retry-After', 0)}")
+    window = fail["unavailable_s"]
+    print(f"  failover: the first token unplugged at {r['unplugged_at_s']:.1f} s; every leaf has its token after "
+          f"{fail['all_served_s']:.1f} s; 503s "
+          + ("none" if window is None else f"from {window[0]:.1f} s to {window[1]:.1f} s "
+                                            f"(a window of {window[1] - window[0]:.1f} s, target <= 1 s)"))
+
+
 def late(runs: dict[str, Any], case: str, row: Any, each: Any) -> None:
     row("  lag p99.9 (ms); 1 ms ticks 20 ms or more late",
         each(lambda r: f"{r[case]['p999_lag_ms']:.1f}; {r[case]['late_ticks']}/{r[case]['ticks']}"))
@@ -608,8 +702,10 @@ def main() -> int:
     ap.add_argument("--rollover-seconds", type=float, default=60.0)
     ap.add_argument("--memory-leaves", type=int, default=100_000)
     ap.add_argument("--memory-bound", type=int, default=50_000, help="service.cache_max_entries")
-    ap.add_argument("--only", choices=("throughput", "usb", "memory"), help="run one part (after throughput's setup)")
-    for hidden in ("--load", "--ca", "--bearer-file", "--mode", "--slow-child", "--memory-child", "--prefix"):
+    ap.add_argument("--only", choices=("throughput", "usb", "two", "memory"),
+                    help="run one part (after throughput's setup)")
+    for hidden in ("--load", "--ca", "--bearer-file", "--mode", "--slow-child", "--two-child", "--memory-child",
+                   "--prefix"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     ap.add_argument("--leaves", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--tls-key", choices=("file", "token"), default="file", help=argparse.SUPPRESS)
@@ -619,7 +715,7 @@ def main() -> int:
         bearer = Path(args.bearer_file).read_text().strip()
         print(json.dumps(asyncio.run(_load(args.load, args.ca, bearer, args))))
         return 0
-    for child, run in ((args.slow_child, slow_usb), (args.memory_child, memory)):
+    for child, run in ((args.slow_child, slow_usb), (args.two_child, two_tokens), (args.memory_child, memory)):
         if child:
             root = Path(child)
             os.environ["SOFTHSM2_CONF"] = str(root / "softhsm2.conf")
@@ -629,6 +725,8 @@ def main() -> int:
     asyncio.run(throughput(args, root, measure=args.only in (None, "throughput")))
     if args.only in (None, "usb"):
         asyncio.run(slow_usb_parent(args, root))
+    if args.only in (None, "two"):
+        asyncio.run(two_tokens_parent(args, root))
     if args.only in (None, "memory"):
         asyncio.run(memory_parent(args, root))
     return 0

@@ -38,10 +38,23 @@ def make_token(root: Path) -> Path:
     return pin_file
 
 
-def start_hsm(module: str, pin_file: Path, workers: int = 4, serial: bool = False) -> Any:
+def make_second_token(root: Path, label: str) -> Path:
+    """A second token `label` beside make_token's (same token directory); returns its PIN file."""
+    from spyrus_hsm.hsm import Secret
+    from spyrus_hsm.hsm.provision import init_token
+
+    pin_file = root / f"user-{label}.pin"
+    fd = os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("bench-" + secrets.token_hex(4))
+    init_token(SOFTHSM, label, Secret(b"so-" + secrets.token_hex(4).encode()), Secret(pin_file.read_bytes()))
+    return pin_file
+
+
+def start_hsm(module: str, pin_file: Path, workers: int = 4, serial: bool = False, label: str = LABEL) -> Any:
     from spyrus_hsm.hsm import Hsm, PoolSettings, TokenSelector, read_secret_file
 
-    settings = PoolSettings(module, TokenSelector(LABEL), workers=workers, serial=serial)
+    settings = PoolSettings(module, TokenSelector(label), workers=workers, serial=serial)
     return Hsm(settings, lambda: read_secret_file(str(pin_file))).start(wait=True)
 
 

@@ -225,6 +225,17 @@ def second_token(token_env: TokenEnv) -> SecondToken:
     return SecondToken(label, pin_file)
 
 
+@pytest.fixture
+def second_hsm(second_token: SecondToken, token_env: TokenEnv) -> Iterator[object]:
+    """The second token, logged in (to provision what `serve` on both tokens finds there)."""
+    from spyrus_hsm.hsm import Hsm, PoolSettings, Secret, TokenSelector
+
+    h = Hsm(PoolSettings(token_env.module, TokenSelector(second_token.label), workers=2, call_timeout=5.0),
+            Secret(second_token.pin)).start(wait=True)
+    yield h
+    h.close()
+
+
 @pytest.fixture(scope="session")
 def hsm(token_env: TokenEnv) -> Iterator[object]:
     from spyrus_hsm.hsm import Hsm, PoolSettings, Secret, TokenSelector

@@ -19,6 +19,7 @@ import secrets
 import signal
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -322,3 +323,48 @@ def ask_sas_token(port: int, ctx: ssl.SSLContext, bearer: str, device: str) -> i
         return resp.status
     finally:
         conn.close()
+
+
+def slot_of(token_env: Any, label: str) -> int:
+    """The slot id of token `label` as a new process sees it (what `serve` and the shim's
+    unplug_slot use): SoftHSM2 numbers slots anew when it loads, so the ids in a process that
+    created the tokens after loading it differ."""
+    code = ("import sys, pkcs11\n"
+            "lib = pkcs11.lib(sys.argv[1])\n"
+            "print(next(s.slot_id for s in lib.get_slots(token_present=True) if s.get_token().label == sys.argv[2]))")
+    out = subprocess.run([sys.executable, "-c", code, "/usr/lib/softhsm/libsofthsm2.so", label], env=token_env.env(),
+                         capture_output=True, text=True, timeout=60, check=True)
+    return int(out.stdout.strip())
+
+
+class ClientThreads:
+    """`clients` threads, each calling `one(n)` (n counting up from its index, by `clients`) until
+    the `with` block ends; what `one` raises is kept in `bad` as the failure of that request."""
+
+    def __init__(self, clients: int) -> None:
+        self.bad: list[str] = []
+        self._clients = clients
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def one(self, n: int) -> None:
+        raise NotImplementedError
+
+    def _run(self, i: int) -> None:
+        n = i
+        while not self._stop.is_set():
+            try:
+                self.one(n)
+            except Exception as exc:  # the test shows them
+                self.bad.append(repr(exc))
+            n += self._clients
+
+    def __enter__(self) -> Any:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)

@@ -488,10 +488,6 @@ def _validate_second(cfg: Config, where: str) -> None:
     if first == second or (h.token_serial and h.token_serial == h.second_token_serial):
         raise ConfigError(f"{where}: 'hsm.second_token_label'/'hsm.second_token_serial' select the same token "
                           f"as the first ({first.describe()}): give the second token its own label or serial")
-    if c.enabled and c.attestation == "x509":
-        raise ConfigError(f"{where}: two tokens with 'cloud.attestation: x509' is not supported yet (the module's "
-                          "own X.509 hub connection cannot move between tokens); use symmetricKey, whose primary "
-                          "and secondary keys the two tokens hold, or one token")
     if c.enabled and c.issue_cert:
         raise ConfigError(f"{where}: two tokens with 'cloud.issue_cert' is not supported yet (one operational "
                           "certificate per token is not built); leave it out, or use one token")

@@ -229,6 +229,9 @@ class Module:
         if self.service is not None:
             self.listeners = Listeners(self.service)
             tasks.append(asyncio.create_task(self._start_health(stop)))
+        if self.service is not None or isinstance(self.hsm, TokenPair):
+            # Noticing a token gone with no request in flight: /readyz with the service; with two
+            # tokens also the hub connection moving to the other one's credential.
             tasks.append(asyncio.create_task(probe_forever(self.hsm, stop)))
             tasks.append(asyncio.create_task(self._start_api(stop)))
         await stop.wait()

@@ -5,19 +5,31 @@ other) in /readyz's, the twin's and the events' terms. Faults under `serve`: tes
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import secrets
+import socket
+import ssl
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from service_harness import verify_sas
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from service_harness import HOST, store_hsm_certificate, verify_sas
 
+from emulator.pki import EmulatorPki
 from spyrus_hsm import events as events_mod
-from spyrus_hsm.config import EventsConfig
+from spyrus_hsm.config import EventsConfig, service_section
 from spyrus_hsm.edge import reported
 from spyrus_hsm.hsm import Hsm, HsmState, ObjectNotFound, PoolSettings, Secret, SignAlgorithm, TokenPair, TokenSelector
 from spyrus_hsm.identity.sas import SasMinter
+from spyrus_hsm.service.api_tls import Placement, ServerTls
 
 
 def _member(module: str, label: str, pin: bytes) -> Hsm:
@@ -110,3 +122,76 @@ def test_one_token_gone_is_ready_and_degraded_naming_it_both_gone_is_not_ready(
     assert second_token.label in (st.reason or "")
     kinds = [e["type"] for e in list(ev._buffer)]
     assert kinds[:1] == ["hsm.degraded"], kinds
+
+
+def _served_leaf(context: ssl.SSLContext) -> x509.Certificate:
+    """The certificate a TLS server with `context` presents (a real handshake over a socket pair)."""
+    server_sock, client_sock = socket.socketpair()
+    client = ssl.create_default_context()
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    result: list[object] = []
+
+    def serve() -> None:
+        try:
+            with context.wrap_socket(server_sock, server_side=True) as s:
+                s.recv(1)
+        except (OSError, ssl.SSLError) as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with client.wrap_socket(client_sock) as c:
+            der = c.getpeercert(binary_form=True)
+            c.sendall(b"x")
+    finally:
+        thread.join(10)
+    assert der is not None, result
+    return x509.load_der_x509_certificate(der)
+
+
+def test_the_apis_tls_is_certified_by_the_survivors_service_key_at_its_next_renewal(
+        token_env: Any, second_token: Any, emulator_pki: EmulatorPki, tmp_path: Path) -> None:
+    label = "api-pair-" + secrets.token_hex(3)
+    pair = TokenPair([_member(token_env.module, token_env.label, token_env.pin),
+                      _member(token_env.module, second_token.label, second_token.pin)]).start(wait=True)
+    a, b = pair.members
+    for member in (a, b):  # each token its own service key and issuing certificate, one label
+        store_hsm_certificate(member, label, emulator_pki, server_ip=HOST, issuing=True)
+    cfg = service_section({"tls_key_label": label, "tls_lifetime": 3600, "policy": []}, "test")
+    clock = [time.time()]
+    server_tls = ServerTls(cfg, pair, tmp_path / "tls", clock=lambda: clock[0])
+    try:
+        assert server_tls.placement is Placement.ISSUED
+        issuer_of = {"A": a.public_key(label), "B": b.public_key(label)}
+        first = _served_leaf(server_tls.current)
+        assert _signed_by(first, issuer_of) == "A"
+        a.close()  # token A gone: the in-memory TLS key needs no token, so the API serves on
+        assert _signed_by(_served_leaf(server_tls.current), issuer_of) == "A"
+        clock[0] += 1801  # past half of the hour: due
+        assert server_tls.renew_now()
+        assert server_tls.last_error is None
+        renewed = _served_leaf(server_tls.current)
+        assert renewed != first and _signed_by(renewed, issuer_of) == "B"
+    finally:
+        server_tls.close()
+        pair.close()
+
+
+def _signed_by(cert: x509.Certificate, keys: dict[str, Any]) -> str:
+    for name, public in keys.items():
+        try:
+            cert.verify_directly_issued_by(_as_issuer(cert, public))
+            return name
+        except (ValueError, InvalidSignature, TypeError):
+            continue
+    raise AssertionError("the served certificate was signed by neither token's service key")
+
+
+def _as_issuer(cert: x509.Certificate, public: Any) -> x509.Certificate:
+    """A throwaway certificate with `public` as its key and `cert`'s issuer as its subject."""
+    throwaway = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    return (x509.CertificateBuilder().subject_name(cert.issuer).issuer_name(cert.issuer).public_key(public)
+            .serial_number(1).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
+            .sign(throwaway, hashes.SHA256()))

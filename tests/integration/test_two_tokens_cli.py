@@ -63,14 +63,11 @@ def test_token_second_without_a_second_token_and_serve_with_token_are_refused(
     assert result.code == 2 and "serve uses every configured token" in result.err
 
 
-@pytest.mark.parametrize(("cloud", "says"), [
-    ({"hub": "hub.example", "device_id": "d", "key": "k", "attestation": "x509"}, "cloud.attestation: x509"),
-    ({"id_scope": "0ne", "registration_id": "r", "key": "k", "issue_cert": "op"}, "cloud.issue_cert"),
-])
 def test_what_two_tokens_cannot_serve_yet_is_refused_in_one_line(
-        tmp_path: Path, token_env: Any, second_token: Any, cloud: dict[str, str], says: str) -> None:
+        tmp_path: Path, token_env: Any, second_token: Any) -> None:
+    cloud = {"id_scope": "0ne", "registration_id": "r", "key": "k", "issue_cert": "op"}
     path = _config(tmp_path, token_env, second_token, cloud=cloud)
-    with pytest.raises(config_mod.ConfigError, match=says):
+    with pytest.raises(config_mod.ConfigError, match=r"cloud\.issue_cert"):
         config_mod.load(str(path), env={})
 
 

@@ -17,7 +17,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 import pytest
 from pcsc_rig import READER, SOCKET, HostPcscd, VirtualCard, wait_until
-from service_harness import HOST, free_port, serve_config, verify_sas
+from service_harness import HOST, ClientThreads, free_port, serve_config, verify_sas
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.hsm import Hsm, Secret
@@ -106,40 +105,21 @@ class Module:
         return self.proc.returncode
 
 
-class Load:
+class Load(ClientThreads):
     """CLIENTS threads asking for SAS tokens until stopped; every status is counted."""
 
     def __init__(self, module: Module, devices: dict[str, bytes]) -> None:
+        super().__init__(CLIENTS)
         self.module, self.devices = module, devices
+        self.names = sorted(devices)
         self.statuses: Counter[int] = Counter()
-        self.bad: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(CLIENTS)]
 
-    def _run(self, i: int) -> None:
-        names = sorted(self.devices)
-        n = i
-        while not self._stop.is_set():
-            device = names[n % len(names)]
-            n += 1
-            try:
-                status, body = self.module.sas(device)
-            except OSError as exc:
-                self.bad.append(f"connection error {exc!r}")
-                continue
-            self.statuses[status] += 1
-            if status == 200:
-                verify_sas(body["token"], self.devices[device])  # never another device's key
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
+    def one(self, n: int) -> None:
+        device = self.names[n % len(self.names)]
+        status, body = self.module.sas(device)
+        self.statuses[status] += 1
+        if status == 200:
+            verify_sas(body["token"], self.devices[device])  # never another device's key
 
 
 @pytest.fixture

@@ -25,8 +25,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .. import events, times
 from ..config import CloudConfig
+from ..hsm import HsmState, TokenPair, one_token
 from ..identity import x509 as x509_id
 from ..keystore import KeyStore
+from ..threads import Worker
 from ..twinvalues import renewal_entries
 from . import dps_client, renewal
 from .dps import Assignment, DpsRequest, Exchange, Provisioner
@@ -34,6 +36,7 @@ from .hub import HubClient, HubIdentity
 
 log = logging.getLogger("spyrus_hsm")
 RETRY_SECONDS = 10.0
+MOVE_CLOSE_SECONDS = 2.0  # for the token-move thread at stop (a switch in progress is the hub's to bound)
 RenewalListener = Callable[[str, dict[str, Any]], None]  # (base label, renewal state)
 HubFactory = Callable[..., HubClient]  # HubClient(keys, identity, sas_ttl=…); tests hand in their own
 
@@ -63,6 +66,13 @@ class CloudConnection:
         self._ca_pem = Path(ca).read_text() if ca else None
         # An operational certificate issued through DPS replaces the onboarding credential.
         self.operational = cfg.issue_cert if cfg.id_scope and cfg.registration_id else None
+        # Two tokens and an X.509 identity: (its label, the token whose key the connection uses);
+        # when that token goes, the mover connects with the other token's key and certificate.
+        self._x509: tuple[str, KeyStore] | None = None
+        self._move_wanted = threading.Event()
+        self._mover = Worker("cloud-token-move", self._move_loop, on_close=self._move_wanted.set)
+        if isinstance(hsm, TokenPair):
+            hsm.add_listener(self._token_state)
 
     def add_renewal_listener(self, fn: RenewalListener) -> None:
         """`fn(label, state)` on every change of the renewal state, the latest one at once."""
@@ -95,6 +105,7 @@ class CloudConnection:
         with self._publishing:  # a connect finishing now sees the stop and publishes nothing
             self._stopping.set()
             renewer, hub = self.renewer, self.hub
+        self._mover.close(MOVE_CLOSE_SECONDS)
         if renewer is not None:
             renewer.stop()
         if hub is not None:
@@ -124,9 +135,14 @@ class CloudConnection:
         assert hub and device_id and key
         files = None
         if c.attestation == "x509" or self.operational:
-            cred = x509_id.select(self.hsm, label=(in_use.label if in_use else self.operational) or key)
-            files = x509_id.write_tls_files(cred, self.token_label(), self.tls_dir)
+            label = (in_use.label if in_use else self.operational) or key
+            keys = one_token(self.hsm, label)  # two tokens: the key and its chain from one of them
+            cred = x509_id.select(keys, label=label)
+            files = x509_id.write_tls_files(cred, self.token_label() if keys is self.hsm else
+                                            keys.state.token_label or "", self.tls_dir)
             in_use = cred if self.operational else None
+            if keys is not self.hsm:
+                self._x509 = (label, keys)
         identity = HubIdentity(hub, device_id, c.module_id, sas_key=None if files else key,
                                x509=files, server_ca_pem=self._ca_pem)
         client = self.hub_factory(self.hsm, identity, sas_ttl=c.sas_ttl).connect()
@@ -149,6 +165,8 @@ class CloudConnection:
             stopped = self._stopping.is_set()
             if not stopped:
                 self.assigned_hub, self.hub = hub, client
+                if self._x509 is not None:
+                    self._mover.start()
                 if renewer is not None:
                     assert in_use is not None
                     received = began if known is None or known.leaf != in_use.leaf else None
@@ -156,6 +174,46 @@ class CloudConnection:
         if stopped:
             log.info("stopped while connecting: the new hub connection is closed again")
             client.shutdown()
+
+    # --- two tokens: the X.509 connection follows the token that serves ---------------------------
+
+    def _token_state(self, state: HsmState) -> None:
+        """A token pair listener: the token whose key the connection uses is gone and the other
+        serves (on an HSM thread: only wakes the mover)."""
+        if self._x509 is not None and self._move_target() is not None:
+            self._move_wanted.set()
+
+    def _move_target(self) -> KeyStore | None:
+        assert self._x509 is not None
+        label, keys = self._x509
+        other = one_token(self.hsm, label)
+        if keys.state.ready or other is keys or not other.state.ready:
+            return None
+        return other
+
+    def _move_loop(self) -> None:
+        while not self._mover.stopping:
+            self._move_wanted.wait()
+            self._move_wanted.clear()
+            if self._mover.stopping or self._x509 is None or self.hub is None:
+                continue
+            target = self._move_target()
+            if target is None:
+                continue
+            label = self._x509[0]
+            try:
+                cred = x509_id.select(target, label=label)
+                files = x509_id.write_tls_files(cred, target.state.token_label or "", self.tls_dir)
+                self.hub.switch(replace(self.hub.identity, x509=files))
+            except Exception as exc:  # the next state change, or the retry below, tries again
+                log.warning("the IoT Hub connection could not move to token '%s''s key '%s': %s; retrying in %g s",
+                            target.state.token_label, label, exc, RETRY_SECONDS)
+                if not self._mover.stop_event.wait(RETRY_SECONDS):
+                    self._move_wanted.set()
+                continue
+            self._x509 = (label, target)
+            log.warning("the IoT Hub connection moved to token '%s''s key '%s' (the other token is missing)",
+                        target.state.token_label, label)
 
     def _tidy_after_connect(self, in_use: x509_id.X509Credential) -> bool:
         """Delete the generations of the operational credential other than `in_use`; False if

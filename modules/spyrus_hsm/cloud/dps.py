@@ -35,7 +35,7 @@ from .. import times
 from ..config import CloudConfig
 from ..errors import Kind, SpyrusError
 from ..files import read_json, write_json_atomic
-from ..hsm import InvalidInput, ObjectNotFound, Pkcs11Uri
+from ..hsm import InvalidInput, ObjectNotFound, Pkcs11Uri, one_token
 from ..identity import issued as issued_id
 from ..identity import x509 as x509_id
 from ..identity.sas import dps_uri
@@ -170,7 +170,7 @@ class Provisioner:
                   key_label: str, identity: str) -> Assignment:
         if req.issue_cert:
             # Another operational key is another request; without its certificate, ask again.
-            operational = issued_id.operational_key(self.hsm, req.issue_cert)
+            operational = issued_id.operational_key(one_token(self.hsm, req.issue_cert), req.issue_cert)
             identity = _fingerprint(req, f"{identity}\n{req.issue_cert}\n{operational}")
             force = force or not self.hsm.find(req.issue_cert, "cert")
         previous = self.cached(req.registration_id)
@@ -179,7 +179,7 @@ class Provisioner:
             return previous
         csr = req.csr
         if req.issue_cert:
-            csr = issued_id.device_csr(self.hsm, req.issue_cert, req.registration_id)
+            csr = issued_id.device_csr(one_token(self.hsm, req.issue_cert), req.issue_cert, req.registration_id)
         elif csr is not None:
             issued_id.check_csr(csr, req.registration_id)
         try:
@@ -214,14 +214,15 @@ class Provisioner:
         chain = issued_id.decode_chain(encoded)
         issued_id.check_chain(chain, x509.load_der_x509_csr(csr).public_key(), req.registration_id)
         if req.issue_cert:
-            self.hsm.replace_certificates(req.issue_cert, chain)
+            one_token(self.hsm, req.issue_cert).replace_certificates(req.issue_cert, chain)
         return [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in chain]
 
     def _credential(self, req: DpsRequest) -> x509_id.X509Credential:
         """The X.509 credential the registration attests with. A caller through the API is told
         of its registration only; the message (what the token holds) is the operator's."""
         try:
-            return x509_id.select(self.hsm, label=req.key, cn=req.cn or (None if req.key else req.registration_id))
+            return x509_id.select(one_token(self.hsm, req.key or ""), label=req.key,
+                                  cn=req.cn or (None if req.key else req.registration_id))
         except ObjectNotFound as exc:
             exc.public = f"no X.509 credential for the registration of '{req.registration_id}'"
             raise
@@ -252,7 +253,7 @@ class Provisioner:
         if cred is not None:
             if self._load_provider is not None:
                 self._load_provider()
-            files = x509_id.write_tls_files(cred, self.hsm.state.token_label or "",
+            files = x509_id.write_tls_files(cred, one_token(self.hsm, cred.label).state.token_label or "",
                                             self.state_dir / "tls")
             context.load_cert_chain(files.cert_file, files.key_file)
         else:

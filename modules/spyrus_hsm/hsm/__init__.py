@@ -19,7 +19,7 @@ from .errors import (
 )
 from .library import TokenSelector, TokenSummary, mark_shared
 from .operations import KeyAlgorithm, ObjectInfo, SignAlgorithm
-from .pair import TokenPair
+from .pair import TokenPair, one_token
 from .provision import change_user_pin, init_token, list_tokens, unblock_user_pin
 from .recovery import EXIT_RESTART, restart_done, restart_once
 from .refusals import RefusedPins
@@ -67,6 +67,7 @@ __all__ = [
     "list_tokens",
     "mark_shared",
     "not_named",
+    "one_token",
     "read_secret_file",
     "read_secret_stream",
     "restart_done",

@@ -6,11 +6,12 @@ label means "this key on whichever token holds it": a SAS key is the identity's 
 one token and its secondary key on the other, a key born in a token is that token's own, with
 its own certificate. What the pair does with an operation:
 
-- **one-step operations on a key** (sign, HMAC, read a certificate or a public key) go to a
-  ready token that holds the label, the least queued one (ties alternate), so two serial tokens
-  give about twice the signatures a second. One that fails there because the token went away
-  (unavailable, timed out, queue full) is tried once more on the other token: signing is
-  idempotent, so a leaf gets its answer instead of a 503;
+- **signatures** (sign, HMAC) go to a ready token that holds the label, the least queued one
+  (ties alternate), so two serial tokens give about twice the signatures a second. One that
+  fails there because the token went away (unavailable, timed out, queue full) is tried once
+  more on the other token: signing is idempotent, so a leaf gets its answer instead of a 503;
+- **reads of what a key is** (its certificates, public key, algorithm) come from the token
+  `member_for` names, then the other if that one fails;
 - **multi-step work** (a certificate issued by a key and checked against its chain, a key
   generated then certified) must stay on one token: `member_for(label)` names it, and the
   writes of the pair (`generate_keypair`, `replace_certificates`, ...) go to that same token;
@@ -30,7 +31,7 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -207,7 +208,7 @@ class TokenPair(Hsm):
 
     def _report_differences(self) -> None:
         diff = self.differences()
-        text = "; ".join(f"token {name} lacks {', '.join(keys)}" for name, keys in diff.items()) or None
+        text = "; ".join(f"token {name} lacks {_some(keys)}" for name, keys in diff.items()) or None
         with self._lock:
             if text == self._reported:
                 return
@@ -236,13 +237,15 @@ class TokenPair(Hsm):
 
     # --- routing --------------------------------------------------------------------------------
 
-    def _order(self, label: str | None) -> list[int]:
+    def _order(self, label: str | None, share: bool = True) -> list[int]:
         """Tokens to try for `label`, best first: ready ones that hold it (or may), least queued,
-        ties alternating; then the others, so that an error names why none could."""
+        ties alternating (share=False: in member order, as `member_for` picks); then the
+        others, so that an error names why none could."""
         turn = next(self._turn)
         n = len(self.members)
         ready = [i for i in range(n) if self.members[i].state.ready and self._holds(i, label) is not False]
-        ready.sort(key=lambda i: (self.members[i].queue_depth(), (i + turn) % n))
+        if share:
+            ready.sort(key=lambda i: (self.members[i].queue_depth(), (i + turn) % n))
         holders = [i for i in range(n) if i not in ready and self._holds(i, label) is not False]
         rest = [i for i in range(n) if i not in ready and i not in holders]
         return ready + holders + rest
@@ -257,9 +260,9 @@ class TokenPair(Hsm):
         holders = [i for i in ready if self._holds(i, label) is not False]
         return self.members[(holders or ready or [0])[0]]
 
-    def _route(self, key: KeyRef, call: Callable[[Hsm], T]) -> T:
+    def _route(self, key: KeyRef, call: Callable[[Hsm], T], share: bool = True) -> T:
         label = as_uri(key).object
-        order = self._order(label)
+        order = self._order(label, share)
         for n, index in enumerate(order):
             try:
                 return call(self.members[index])
@@ -267,9 +270,9 @@ class TokenPair(Hsm):
                 self._failed(order, n, label, exc)
         raise AssertionError("unreachable: the last token's error is raised")
 
-    async def _aroute(self, key: KeyRef, call: Callable[[Hsm], Awaitable[T]]) -> T:
+    async def _aroute(self, key: KeyRef, call: Callable[[Hsm], Awaitable[T]], share: bool = True) -> T:
         label = as_uri(key).object
-        order = self._order(label)
+        order = self._order(label, share)
         for n, index in enumerate(order):
             try:
                 return await call(self.members[index])
@@ -288,7 +291,8 @@ class TokenPair(Hsm):
             raise exc
         log.debug("token %d failed (%s); trying the other", index + 1, exc)
 
-    # --- one-step operations: either token --------------------------------------------------------
+    # --- one-step operations: either token (signatures shared; what a key is, from the token
+    # member_for names, so that a multi-step caller reads and signs on the same one) -----------
 
     def sign(self, key: KeyRef, algorithm: SignAlgorithm, data: bytes) -> bytes:
         return self._route(key, lambda m: m.sign(key, algorithm, data))
@@ -316,22 +320,22 @@ class TokenPair(Hsm):
             raise error
 
     async def acertificate_chain(self, key: KeyRef) -> list[x509.Certificate]:
-        return await self._aroute(key, lambda m: m.acertificate_chain(key))
+        return await self._aroute(key, lambda m: m.acertificate_chain(key), share=False)
 
     def hmac_sha256(self, key: KeyRef, data: bytes) -> bytes:
         return self.sign(key, SignAlgorithm.HMAC_SHA256, data)
 
     def key_algorithm(self, key: KeyRef) -> KeyAlgorithm:
-        return self._route(key, lambda m: m.key_algorithm(key))
+        return self._route(key, lambda m: m.key_algorithm(key), share=False)
 
     def public_key(self, key: KeyRef) -> PublicKeyTypes:
-        return self._route(key, lambda m: m.public_key(key))
+        return self._route(key, lambda m: m.public_key(key), share=False)
 
     def certificate_chain(self, key: KeyRef) -> list[x509.Certificate]:
-        return self._route(key, lambda m: m.certificate_chain(key))
+        return self._route(key, lambda m: m.certificate_chain(key), share=False)
 
     def secret_key_value_readable(self, key: KeyRef) -> bool:
-        return self._route(key, lambda m: m.secret_key_value_readable(key))
+        return self._route(key, lambda m: m.secret_key_value_readable(key), share=False)
 
     # --- reading both ------------------------------------------------------------------------------
 
@@ -370,7 +374,8 @@ class TokenPair(Hsm):
             m = self.members[index]
             if not m.state.ready or self._holds(index, as_uri(parent).object) is False:
                 continue
-            made = m.derive_hmac_key(parent, message, label)
+            held = m.find(label, "secret-key")
+            made = held[0].id_hex if held else m.derive_hmac_key(parent, message, label)
             self._note(index, label, "secret-key", present=True)
         if made is None:
             return self.members[0].derive_hmac_key(parent, message, label)  # raises why it cannot
@@ -395,6 +400,25 @@ class TokenPair(Hsm):
         if label is not None:
             self._note(self.members.index(member), label, None, present=False)
         return count
+
+
+LISTED = 10  # keys named in the log line about the tokens' differences; the rest counted
+
+
+def _some(keys: list[str]) -> str:
+    more = len(keys) - LISTED
+    return ", ".join(keys[:LISTED]) + (f" and {more} more ('spyrus-hsm token compare' lists them)" if more > 0 else "")
+
+
+K = TypeVar("K")
+
+
+def one_token(keys: K, label: str) -> K:
+    """`keys` for multi-step work on `label` (a key read, then used; a chain and its key): with
+    two tokens the one that work stays on (`member_for`), with one token `keys` itself."""
+    if isinstance(keys, TokenPair):
+        return cast(K, keys.member_for(label))
+    return keys
 
 
 def _same(a: HsmState, b: HsmState) -> bool:

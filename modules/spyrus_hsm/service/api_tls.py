@@ -96,7 +96,7 @@ class ServerTls:
                  wait: Callable[[threading.Event, float], object] = threading.Event.wait) -> None:
         self._cfg, self._hsm, self._dir, self._clock = cfg, hsm, tls_dir, clock
         # The token whose service key certifies, with its chain (with two tokens, each has its own).
-        self._member = hsm.member_for(cfg.tls_key_label or "")
+        self._member = hsm.member_for(cfg.tls_key_label) if cfg.tls_key_label else hsm
         self._monotonic, self._wait = monotonic, wait
         self._load_provider = load_provider
         self._wake = threading.Event()
