@@ -358,7 +358,13 @@ class Module:
         return [] if renewer is None else [({"label": renewer.base}, renewer.status.failures)]
 
     def _token_info(self) -> list[tuple[dict[str, str], float]]:
+        """The token logged in to; with two tokens one series each, told apart by `hsm.token`
+        (first, second), so that the serial-change alert compares each token with itself."""
         state = self.hsm.state
+        if state.members:
+            return [({"hsm.token.label": m.token_label or "", "hsm.token.serial": m.token_serial,
+                      "hsm.token": which}, 1.0)
+                    for m, which in zip(state.members, ("first", "second"), strict=False) if m.token_serial]
         if state.token_serial is None:
             return []
         return [({"hsm.token.label": state.token_label or "", "hsm.token.serial": state.token_serial}, 1.0)]

@@ -222,6 +222,10 @@ def test_either_token_unplugged_under_load_every_answer_verifies_and_the_survivo
     serve.wait(lambda: serve.readyz()["http"] == 200 and serve.readyz().get("degraded") is None,
                "serve ready on both tokens")
     assert serve.metric("spyrus_hsm_tokens_configured") == 2.0
+    _, text = serve.get(serve.metrics_port, "/metrics")
+    for which, label in (("first", token_env.label), ("second", second_token.label)):  # one series per token
+        assert any(line.startswith("spyrus_hsm_hsm_token_info{") and f'hsm_token="{which}"' in line
+                   and f'hsm_token_label="{label}"' in line for line in text.splitlines()), text[-2000:]
     with Load(serve, keys) as load:
         serve.wait(lambda: load.served(0) >= 10 and load.served(1) >= 10, "both tokens sharing the work")
         for lost in (0, 1):
