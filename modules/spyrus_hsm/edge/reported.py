@@ -2,8 +2,8 @@
 
     {"version": "0.1.0",
      "hsm": {"status": "ready", "ready": true, "reason": null, "tokenLabel": "edge",
-             "tokenSerial": "…", "recoveries": 0, "restartRequired": false, "lastChange": null,
-             "degraded": null, "tokensReady": 1, "tokens": []},
+             "tokenSerial": "…", "recoveries": 0, "restartRequired": false, "lastChange": null},
+             (two tokens: also "degraded": null, "tokensReady": 2, "tokens": [{"label": …}, …])
      "credentials": {"count": 2, "truncated": false, "earliestNotAfter": "2026-…", "earliestDaysLeft": 40,
                      "items": [{"label": "edge-id", "kind": "x509", "objects": ["cert", "private", "public"],
                                 "keyType": "EC", "commonName": "edge-1", "notAfter": "2026-…",
@@ -39,12 +39,17 @@ MAX_ITEMS = 100
 
 
 def hsm_section(state: HsmState) -> dict[str, Any]:
-    return {"status": state.status, "ready": state.ready, "reason": clip(state.reason),
-            "tokenLabel": state.token_label, "tokenSerial": state.token_serial, "recoveries": state.recoveries,
-            "restartRequired": state.restart_required, "lastChange": clip(state.last_change),
-            "degraded": clip(state.degraded), "tokensReady": state.tokens_ready,
-            "tokens": [{"label": m.token_label, "serial": m.token_serial, "status": m.status, "reason": clip(m.reason)}
-                       for m in state.members]}
+    """The `hsm` section; with two tokens also `degraded`, `tokensReady` and `tokens` (always
+    all three while the module runs on two tokens, so a patch can null what went away)."""
+    section: dict[str, Any] = {
+        "status": state.status, "ready": state.ready, "reason": clip(state.reason), "tokenLabel": state.token_label,
+        "tokenSerial": state.token_serial, "recoveries": state.recoveries, "restartRequired": state.restart_required,
+        "lastChange": clip(state.last_change)}
+    if state.members:
+        section.update(degraded=clip(state.degraded), tokensReady=state.tokens_ready,
+                       tokens=[{"label": m.token_label, "serial": m.token_serial, "status": m.status,
+                                "reason": clip(m.reason)} for m in state.members])
+    return section
 
 
 def inventory(objects: Sequence[ObjectInfo], x509: Sequence[X509Credential],

@@ -37,7 +37,7 @@ from ..backoff import Backoff
 from ..config import ServiceConfig
 from ..errors import Kind, SpyrusError
 from ..files import write_atomic
-from ..hsm import Hsm, HsmState, ObjectNotFound
+from ..hsm import Hsm, HsmState, ObjectNotFound, one_token
 from ..identity import service_ca, tls
 from ..identity.x509 import chain_pem
 from ..threads import Worker
@@ -96,7 +96,7 @@ class ServerTls:
                  wait: Callable[[threading.Event, float], object] = threading.Event.wait) -> None:
         self._cfg, self._hsm, self._dir, self._clock = cfg, hsm, tls_dir, clock
         # The token whose service key certifies, with its chain (with two tokens, each has its own).
-        self._member = hsm.member_for(cfg.tls_key_label) if cfg.tls_key_label else hsm
+        self._member = one_token(hsm, cfg.tls_key_label) if cfg.tls_key_label else hsm
         self._monotonic, self._wait = monotonic, wait
         self._load_provider = load_provider
         self._wake = threading.Event()
@@ -289,7 +289,7 @@ class ServerTls:
         label = self._cfg.tls_key_label or ""
         if self._member.state.ready:
             return
-        other = self._hsm.member_for(label)
+        other = one_token(self._hsm, label)
         if other is self._member or not other.state.ready:
             return
         chain = other.certificate_chain(label)

@@ -26,16 +26,20 @@ async def readyz(request: web.Request) -> web.Response:
     api = request.app.get(API_NOT_SERVING)
     if api is None:  # the API's own port: public answers only
         if state.ready:
-            return web.json_response({"ready": True, "status": state.status, "degraded": bool(state.degraded)})
+            body: dict[str, Any] = {"ready": True, "status": state.status}
+            if state.members:  # two tokens: whether one is missing (which one: on the health port)
+                body["degraded"] = bool(state.degraded)
+            return web.json_response(body)
         return _not_ready("The HSM is not ready", f"the HSM is {state.status}", state.status, svc.cfg.retry_after)
     not_serving = api() if state.ready else None
     if state.ready and not_serving is None:
-        body: dict[str, Any] = {"ready": True, "status": state.status, "token": state.token_label,
-                                "lastChange": state.last_change, "degraded": state.degraded}
-        if state.members:  # two tokens: each one's own state
-            body["tokens"] = [{"label": m.token_label, "serial": m.token_serial, "ready": m.ready,
+        full: dict[str, Any] = {"ready": True, "status": state.status, "token": state.token_label,
+                                "lastChange": state.last_change}
+        if state.members:  # two tokens: which is missing, and each one's own state
+            full["degraded"] = state.degraded
+            full["tokens"] = [{"label": m.token_label, "serial": m.token_serial, "ready": m.ready,
                                "status": m.status, "reason": m.reason} for m in state.members]
-        return web.json_response(body)
+        return web.json_response(full)
     title = "The HSM is not ready" if not state.ready else "The API is not serving yet"
     return _not_ready(title, not_serving or state.reason or state.status, state.status, svc.cfg.retry_after)
 
