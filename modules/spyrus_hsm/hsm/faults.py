@@ -19,6 +19,10 @@ _DEVICE_FAULTS: tuple[type[BaseException], ...] = (
     p11e.SessionHandleInvalid,
     p11e.SessionClosed,
     p11e.UserNotLoggedIn,
+    # The slot the token was found in is gone: the reader re-enumerated (a USB token replugged
+    # into another port; SoftHSM2 renumbering a token another process re-initialised). The
+    # token is looked for again by label and serial.
+    p11e.SlotIDInvalid,
 )
 
 _REASONS: dict[type[BaseException], str] = {
@@ -29,6 +33,7 @@ _REASONS: dict[type[BaseException], str] = {
     p11e.SessionHandleInvalid: "the HSM session was lost (CKR_SESSION_HANDLE_INVALID)",
     p11e.SessionClosed: "the HSM session was closed (CKR_SESSION_CLOSED)",
     p11e.UserNotLoggedIn: "the token is no longer logged in (CKR_USER_NOT_LOGGED_IN)",
+    p11e.SlotIDInvalid: "the token's slot is gone (CKR_SLOT_ID_INVALID)",
 }
 
 
