@@ -482,15 +482,12 @@ def _validate(cfg: Config, require_token: bool) -> None:
 
 
 def _validate_second(cfg: Config, where: str) -> None:
-    h, c = cfg.hsm, cfg.cloud
+    h = cfg.hsm
     first, second = TokenSelector(h.token_label, h.token_serial), TokenSelector(h.second_token_label,
                                                                                h.second_token_serial)
     if first == second or (h.token_serial and h.token_serial == h.second_token_serial):
         raise ConfigError(f"{where}: 'hsm.second_token_label'/'hsm.second_token_serial' select the same token "
                           f"as the first ({first.describe()}): give the second token its own label or serial")
-    if c.enabled and c.issue_cert:
-        raise ConfigError(f"{where}: two tokens with 'cloud.issue_cert' is not supported yet (one operational "
-                          "certificate per token is not built); leave it out, or use one token")
 
 
 def _validate_operations(cfg: Config, where: str) -> None:

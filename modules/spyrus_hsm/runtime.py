@@ -112,7 +112,7 @@ class Module:
         telemetry.metrics.watch_each("hsm.token.info", self._token_info)
         self.not_after: dict[str, dt.datetime] = {}  # of the X.509 credentials by label, last read
         self._reread_certificates = False  # set when the operational credential in use changed
-        self._credential_in_use: tuple[Any, Any] = (None, None)  # (its label, its notAfter)
+        self._credential_in_use: dict[str, tuple[Any, Any]] = {}  # renewal name -> (its label, its notAfter)
         telemetry.metrics.watch_each("certificate.not_after.timestamp", self._not_after_timestamps)
         telemetry.metrics.watch("hsm.queue.limit", lambda: cfg.hsm.queue_limit)
         self.metrics_endpoint: MetricsEndpoint | None = None
@@ -349,13 +349,13 @@ class Module:
         or renewed into a new generation), the expiry metric is read again at once rather than at
         the next ten-minute check."""
         in_use = (state.get("label"), state.get("notAfter"))
-        if in_use != self._credential_in_use:
-            self._credential_in_use = in_use
+        if in_use != self._credential_in_use.get(label):
+            self._credential_in_use[label] = in_use
             self._reread_certificates = True
 
     def _renewal_failures(self) -> list[tuple[dict[str, str], float]]:
-        renewer = self.cloud.renewer if self.cloud is not None else None
-        return [] if renewer is None else [({"label": renewer.base}, renewer.status.failures)]
+        renewers = self.cloud.renewers() if self.cloud is not None else []
+        return [({"label": name}, renewer.status.failures) for name, renewer in renewers]
 
     def _token_info(self) -> list[tuple[dict[str, str], float]]:
         """The token logged in to; with two tokens one series each, told apart by `hsm.token`

@@ -63,12 +63,13 @@ def test_token_second_without_a_second_token_and_serve_with_token_are_refused(
     assert result.code == 2 and "serve uses every configured token" in result.err
 
 
-def test_what_two_tokens_cannot_serve_yet_is_refused_in_one_line(
+def test_two_tokens_with_an_operational_certificate_issued_through_dps_load(
         tmp_path: Path, token_env: Any, second_token: Any) -> None:
+    """Nothing is refused with two tokens any more: cloud.issue_cert gives each token its own."""
     cloud = {"id_scope": "0ne", "registration_id": "r", "key": "k", "issue_cert": "op"}
     path = _config(tmp_path, token_env, second_token, cloud=cloud)
-    with pytest.raises(config_mod.ConfigError, match=r"cloud\.issue_cert"):
-        config_mod.load(str(path), env={})
+    cfg = config_mod.load(str(path), env={})
+    assert cfg.hsm.two_tokens and cfg.cloud.issue_cert == "op"
 
 
 def test_a_second_token_that_is_the_first_is_refused(tmp_path: Path, token_env: Any) -> None:

@@ -53,7 +53,9 @@ def cmd_renew(args: argparse.Namespace, stdin: Stdin) -> int:
         hsm.require(*registration_needs(symmetric=c.attestation == "symmetricKey", issue_cert=True))
         load_provider = provider_loader(args, cfg, "renew")
         ca_pem = read_input_file(c.server_ca_file, "server CA file").decode() if c.server_ca_file else None
-        in_use, renewed = renewal.renew_now(hsm, c, args.label, Path(cfg.state_dir), ca_pem, load_provider,
+        # The second token's registration cache and TLS files are its own (as in serve).
+        state_dir = renewal.token_state_dir(Path(cfg.state_dir), getattr(args, "token", None) == "second")
+        in_use, renewed = renewal.renew_now(hsm, c, args.label, state_dir, ca_pem, load_provider,
                                             force=args.force, timeout=args.timeout)
         if renewed is None:
             due = renewal.due_at(in_use.leaf, c.renew_at)

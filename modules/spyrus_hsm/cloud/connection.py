@@ -7,6 +7,16 @@ credential; what an interrupted renewal left is tidied away once the connection 
 already expired certificate is renewed before connecting (the hub would refuse it).
 Renewal state goes to the identity's own device twin and to whoever else asks (the module twin
 under IoT Edge), under `credentials.<label>.renewal`.
+
+With two tokens (docs/two-tokens.md) each token holds its own generations of `L` and its own
+DPS-issued certificate (`OperationalToken`: its own registration cache and TLS files, its own
+`Renewer`). The connection uses one token's credential; the other token gets one issued once it
+is ready (`_standby_loop`), without touching the connection. Each renewer renews its own token's
+credential on its own schedule, and only the renewer of the token the connection uses moves the
+connection at its commit point; the other's commit point is its certificate stored. When the
+token in use goes, the mover switches the connection to the other token's current credential,
+and that token's renewer moves it from then on. The second token's renewal is reported under
+`renewal.reported_name(L, True)`.
 """
 
 from __future__ import annotations
@@ -16,7 +26,8 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +52,19 @@ RenewalListener = Callable[[str, dict[str, Any]], None]  # (base label, renewal 
 HubFactory = Callable[..., HubClient]  # HubClient(keys, identity, sas_ttl=…); tests hand in their own
 
 
+@dataclass(eq=False)
+class OperationalToken:
+    """One token's operational credential (`cloud.issue_cert`): its generations are in `keys`
+    (one token: with two, a member of the pair, so every step stays on it), its DPS
+    registration cache and TLS files are its own."""
+    keys: KeyStore
+    name: str                    # what its renewal is reported under
+    tls_dir: Path
+    provisioner: Provisioner
+    cred: x509_id.X509Credential | None = None  # its current credential (a commit point moves it)
+    renewer: renewal.Renewer | None = None
+
+
 class CloudConnection:
     def __init__(self, cfg: CloudConfig, hsm: KeyStore, state_dir: Path, load_provider: Callable[[], None],
                  token_label: Callable[[], str], hub_factory: HubFactory = HubClient,
@@ -55,10 +79,9 @@ class CloudConnection:
         self.token_label = token_label
         self.hub: HubClient | None = None
         self.assigned_hub: str | None = None
-        self.renewer: renewal.Renewer | None = None
         self.renew_at = cfg.renew_at
         self._listeners: list[RenewalListener] = []
-        self._last_state: dict[str, Any] | None = None
+        self._last_state: dict[str, dict[str, Any]] = {}  # renewal name -> its latest state
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._publishing = threading.Lock()  # stop() against a connect publishing its client
@@ -71,21 +94,42 @@ class CloudConnection:
         self._x509: tuple[str, KeyStore] | None = None
         self._move_wanted = threading.Event()
         self._mover = Worker("cloud-token-move", self._move_loop, on_close=self._move_wanted.set)
+        self._switching = threading.Lock()  # which token the connection uses, and moving it
+        # The operational credential: one per token (with one token, the HSM itself).
+        members = hsm.members if isinstance(hsm, TokenPair) else (hsm,)
+        self._tokens = [self._operational_token(keys, index > 0) for index, keys in enumerate(members)] \
+            if self.operational else []
+        self._standby = Worker("cloud-standby-token", self._standby_loop)
         if isinstance(hsm, TokenPair):
             hsm.add_listener(self._token_state)
+
+    def _operational_token(self, keys: KeyStore, second: bool) -> OperationalToken:
+        assert self.operational
+        state_dir = renewal.token_state_dir(self.state_dir, second)
+        return OperationalToken(keys, renewal.reported_name(self.operational, second), state_dir / "tls",
+                                Provisioner(keys, state_dir, self.load_provider, self.exchange))
+
+    @property
+    def renewer(self) -> renewal.Renewer | None:
+        """The renewer of the credential the connection uses (None before it is connected)."""
+        return next((t.renewer for t in self._tokens if self._uses(t)), None)
+
+    def renewers(self) -> list[tuple[str, renewal.Renewer]]:
+        """Every token's renewer running, with the name its state is reported under."""
+        return [(t.name, t.renewer) for t in self._tokens if t.renewer is not None]
 
     def add_renewal_listener(self, fn: RenewalListener) -> None:
         """`fn(label, state)` on every change of the renewal state, the latest one at once."""
         with self._lock:
             self._listeners.append(fn)
-            last = self._last_state
-        if last is not None and self.operational:
-            fn(self.operational, last)
+            last = dict(self._last_state)
+        for name, state in last.items():
+            fn(name, state)
 
     def set_renew_at(self, renew_at: float) -> None:
         self.renew_at = renew_at
-        if self.renewer is not None:
-            self.renewer.set_renew_at(renew_at)
+        for _, renewer in self.renewers():
+            renewer.set_renew_at(renew_at)
 
     def run(self) -> None:
         """Waits for the HSM, registers (or reuses the registration) and connects; retried until
@@ -104,9 +148,10 @@ class CloudConnection:
     def stop(self) -> None:
         with self._publishing:  # a connect finishing now sees the stop and publishes nothing
             self._stopping.set()
-            renewer, hub = self.renewer, self.hub
+            renewers, hub = [r for _, r in self.renewers()], self.hub
         self._mover.close(MOVE_CLOSE_SECONDS)
-        if renewer is not None:
+        self._standby.close(MOVE_CLOSE_SECONDS)  # a registration under way is bounded by its own deadline
+        for renewer in renewers:
             renewer.stop()
         if hub is not None:
             hub.shutdown()
@@ -120,13 +165,13 @@ class CloudConnection:
         c = self.cfg
         if c.attestation == "x509" or self.operational:
             self.load_provider()
-        provisioner = Provisioner(self.hsm, self.state_dir, self.load_provider, self.exchange)
+        token = self._token_to_connect()  # the operational credential's token (None: none issued)
+        provisioner = token.provisioner if token is not None else \
+            Provisioner(self.hsm, self.state_dir, self.load_provider, self.exchange)
         in_use = known = None
         began = renewal.now()
-        if self.operational:
-            renewal.tidy(self.hsm, self.operational, tls_dir=self.tls_dir)
-            known = renewal.current(self.hsm, self.operational)
-            in_use = self._not_expired(known, provisioner)
+        if token is not None:
+            known, in_use = self._usable(token)
         hub, device_id, key = c.hub, c.device_id, c.key
         if c.id_scope and c.registration_id:
             label = in_use.label if in_use else self.operational
@@ -136,10 +181,11 @@ class CloudConnection:
         files = None
         if c.attestation == "x509" or self.operational:
             label = (in_use.label if in_use else self.operational) or key
-            keys = one_token(self.hsm, label)  # two tokens: the key and its chain from one of them
+            # two tokens: the key and its chain from one of them
+            keys = token.keys if token is not None else one_token(self.hsm, label)
             cred = x509_id.select(keys, label=label)
-            files = x509_id.write_tls_files(cred, self.token_label() if keys is self.hsm else
-                                            keys.state.token_label or "", self.tls_dir)
+            files = x509_id.write_tls_files(cred, self._token_label_of(keys),
+                                            token.tls_dir if token is not None else self.tls_dir)
             in_use = cred if self.operational else None
             if keys is not self.hsm:
                 self._x509 = (label, keys)
@@ -148,14 +194,13 @@ class CloudConnection:
         client = self.hub_factory(self.hsm, identity, sas_ttl=c.sas_ttl).connect()
         try:
             log.info("connected to IoT Hub %s as %s", hub, device_id)
+            if self._x509 is not None:
+                log.info("the IoT Hub connection uses token '%s''s key '%s'", self._x509[1].state.token_label,
+                         self._x509[0])
             renewer, leftovers = None, False
-            if self.operational and in_use is not None:
-                leftovers = not self._tidy_after_connect(in_use)
-                renewer = renewal.Renewer(
-                    self.hsm, provisioner, self._request(self.operational), self._switch,
-                    renew_at=self.renew_at, backoff=renewal.retry_backoff(c.renew_retry_initial, c.renew_retry_max),
-                    timeout=c.registration_timeout, tls_dir=self.tls_dir, report=self._report,
-                    announce=self._announce)
+            if token is not None and in_use is not None:
+                leftovers = not self._tidy_after_connect(token, in_use)
+                renewer = self._renewer(token)
         except BaseException:
             client.shutdown()  # never a second client for this identity on the next try
             raise
@@ -168,9 +213,12 @@ class CloudConnection:
                 if self._x509 is not None:
                     self._mover.start()
                 if renewer is not None:
-                    assert in_use is not None
+                    assert token is not None and in_use is not None
+                    token.cred = in_use
                     received = began if known is None or known.leaf != in_use.leaf else None
-                    self.renewer = renewer.start(in_use, received=received, leftovers=leftovers)
+                    token.renewer = renewer.start(in_use, received=received, leftovers=leftovers)
+                if len(self._tokens) > 1:
+                    self._standby.start()
         if stopped:
             log.info("stopped while connecting: the new hub connection is closed again")
             client.shutdown()
@@ -183,13 +231,21 @@ class CloudConnection:
         if self._x509 is not None and self._move_target() is not None:
             self._move_wanted.set()
 
-    def _move_target(self) -> KeyStore | None:
+    def _move_target(self) -> tuple[KeyStore, str, Path] | None:
+        """(token, label, TLS directory) of the credential to move the connection to: the token
+        in use is gone and the other serves (with an operational certificate: the other token's
+        current credential, once it has one)."""
         assert self._x509 is not None
         label, keys = self._x509
-        other = one_token(self.hsm, label)
-        if keys.state.ready or other is keys or not other.state.ready:
+        if keys.state.ready:
             return None
-        return other
+        if self._tokens:
+            return next(((t.keys, t.cred.label, t.tls_dir) for t in self._tokens
+                         if t.keys is not keys and t.cred is not None and t.keys.state.ready), None)
+        other = one_token(self.hsm, label)
+        if other is keys or not other.state.ready:
+            return None
+        return other, label, self.tls_dir
 
     def _move_loop(self) -> None:
         while not self._mover.stopping:
@@ -197,85 +253,188 @@ class CloudConnection:
             self._move_wanted.clear()
             if self._mover.stopping or self._x509 is None or self.hub is None:
                 continue
-            target = self._move_target()
-            if target is None:
-                continue
-            label = self._x509[0]
-            try:
-                cred = x509_id.select(target, label=label)
-                files = x509_id.write_tls_files(cred, target.state.token_label or "", self.tls_dir)
-                self.hub.switch(replace(self.hub.identity, x509=files))
-            except Exception as exc:  # the next state change, or the retry below, tries again
-                log.warning("the IoT Hub connection could not move to token '%s''s key '%s': %s; retrying in %g s",
-                            target.state.token_label, label, exc, RETRY_SECONDS)
+            failed = self._move_once()
+            if failed is not None:  # the next state change, or the retry below, tries again
+                log.warning("the IoT Hub connection could not move to %s; retrying in %g s", failed, RETRY_SECONDS)
                 if not self._mover.stop_event.wait(RETRY_SECONDS):
                     self._move_wanted.set()
-                continue
-            self._x509 = (label, target)
-            log.warning("the IoT Hub connection moved to token '%s''s key '%s' (the other token is missing)",
-                        target.state.token_label, label)
 
-    def _tidy_after_connect(self, in_use: x509_id.X509Credential) -> bool:
+    def _move_once(self) -> str | None:
+        """Move the connection to the other token's credential if it should; what failed, if it did."""
+        with self._switching:  # not while a renewal moves it
+            target = self._move_target()
+            if target is None or self.hub is None:
+                return None
+            keys, label, tls_dir = target
+            try:
+                cred = x509_id.select(keys, label=label)
+                files = x509_id.write_tls_files(cred, keys.state.token_label or "", tls_dir)
+                self.hub.switch(replace(self.hub.identity, x509=files))
+            except Exception as exc:
+                return f"token '{keys.state.token_label}''s key '{label}': {exc}"
+            self._x509 = (label, keys)
+        log.warning("the IoT Hub connection moved to token '%s''s key '%s' (the other token is missing)",
+                    keys.state.token_label, label)
+        return None
+
+    # --- the operational credential, one per token ------------------------------------------------
+
+    def _token_to_connect(self) -> OperationalToken | None:
+        """The token whose operational credential the connection uses: the only one; with two,
+        the first ready one that holds a complete generation, else the first ready one."""
+        if len(self._tokens) < 2:
+            return self._tokens[0] if self._tokens else None
+        assert self.operational
+        ready = [t for t in self._tokens if t.keys.state.ready]
+        for t in ready:
+            try:
+                if renewal.current(t.keys, self.operational) is not None:
+                    return t
+            except Exception as exc:  # it may just have gone: the other one then
+                log.debug("could not read token '%s''s generations of '%s': %s", self._token_label_of(t.keys),
+                          self.operational, exc)
+        return (ready or self._tokens)[0]
+
+    def _usable(self, token: OperationalToken) -> tuple[x509_id.X509Credential | None,
+                                                         x509_id.X509Credential | None]:
+        """What an interrupted renewal left in `token` tidied away: (its newest complete
+        generation, the credential to use: that one, or renewed if it expired)."""
+        assert self.operational
+        renewal.tidy(token.keys, self.operational, tls_dir=token.tls_dir)
+        known = renewal.current(token.keys, self.operational)
+        return known, self._not_expired(token, known)
+
+    def _renewer(self, token: OperationalToken) -> renewal.Renewer:
+        assert self.operational
+        c = self.cfg
+        return renewal.Renewer(
+            token.keys, token.provisioner, self._request(self.operational), partial(self._move, token),
+            renew_at=self.renew_at, backoff=renewal.retry_backoff(c.renew_retry_initial, c.renew_retry_max),
+            timeout=c.registration_timeout, tls_dir=token.tls_dir, report=partial(self._report, token.name),
+            announce=partial(self._announce, token), name=token.name)
+
+    def _uses(self, token: OperationalToken) -> bool:
+        """Whether the connection uses `token`'s credential (one token: always)."""
+        return self._x509 is None or self._x509[1] is token.keys
+
+    def _move(self, token: OperationalToken, cred: x509_id.X509Credential, assignment: Assignment) -> None:
+        """A renewal's move: the connection moved to the renewed credential if it uses this
+        token's (the commit point: the hub accepted it), else only noted as the token's current one."""
+        with self._switching:
+            if self._uses(token):
+                self._switch(token, cred, assignment)
+            token.cred = cred
+
+    def _standby_loop(self) -> None:
+        """Two tokens: each token the connection does not use gets its credential ready (issued
+        through DPS if it has none) and its renewer, once it is ready; retried until it is."""
+        while not self._standby.stopping:
+            waiting = [t for t in self._tokens if t.renewer is None]
+            if not waiting:
+                return
+            for token in waiting:
+                if not token.keys.state.ready or self._standby.stopping:
+                    continue
+                try:
+                    self._prepare_standby(token)
+                except Exception as exc:
+                    log.warning("token '%s''s own operational certificate '%s' is not ready: %s; retrying in %g s",
+                                self._token_label_of(token.keys), self.operational, exc, RETRY_SECONDS)
+                    self._standby.stop_event.wait(RETRY_SECONDS)
+            self._standby.stop_event.wait(0.5)
+
+    def _prepare_standby(self, token: OperationalToken) -> None:
+        assert self.operational
+        began = renewal.now()
+        known, cred = self._usable(token)
+        if cred is None:
+            log.info("token '%s' holds no certificate for '%s': DPS issues one for a key generated there",
+                     self._token_label_of(token.keys), self.operational)
+            token.provisioner.register(self._request(self.operational), timeout=self.cfg.registration_timeout)
+            cred = x509_id.select(token.keys, label=self.operational)
+        leftovers = not self._tidy_after_connect(token, cred)
+        renewer = self._renewer(token)
+        with self._publishing:
+            if self._stopping.is_set():
+                return
+            with self._switching:
+                token.cred = cred
+            received = began if known is None or known.leaf != cred.leaf else None
+            token.renewer = renewer.start(cred, received=received, leftovers=leftovers)
+        self._token_state(self.hsm.state)  # the token in use may have gone meanwhile: this one takes over
+        log.info("token '%s' holds its own operational certificate '%s' (valid until %s), renewed on its own "
+                 "as '%s'", self._token_label_of(token.keys), cred.label,
+                 times.iso(cred.leaf.not_valid_after_utc), token.name)
+
+    def _token_label_of(self, keys: KeyStore) -> str:
+        return self.token_label() if keys is self.hsm else keys.state.token_label or ""
+
+    def _tidy_after_connect(self, token: OperationalToken, in_use: x509_id.X509Credential) -> bool:
         """Delete the generations of the operational credential other than `in_use`; False if
         one could not be deleted now (the renewal thread then keeps trying)."""
         assert self.operational
         try:
-            for old in renewal.tidy(self.hsm, self.operational, keep=in_use.label, tls_dir=self.tls_dir):
-                log.info("removed '%s', an earlier generation of '%s' no longer in use", old, self.operational)
+            for old in renewal.tidy(token.keys, self.operational, keep=in_use.label, tls_dir=token.tls_dir):
+                log.info("removed '%s', an earlier generation of '%s' no longer in use", old, token.name)
         except Exception as exc:
             log.warning("earlier generations of '%s' not deleted (the renewal thread retries): %s",
-                        self.operational, exc)
+                        token.name, exc)
             return False
         return True
 
-    def _not_expired(self, cred: x509_id.X509Credential | None,
-                     provisioner: Provisioner) -> x509_id.X509Credential | None:
+    def _not_expired(self, token: OperationalToken,
+                     cred: x509_id.X509Credential | None) -> x509_id.X509Credential | None:
         """`cred`, or, if its certificate has expired, a renewed one (nothing to move yet)."""
         if cred is None or cred.leaf.not_valid_after_utc > renewal.now():
             return cred
         assert self.operational
         log.warning("the operational certificate '%s' expired at %s; renewing it before connecting",
                     cred.label, times.iso(cred.leaf.not_valid_after_utc))
-        return renewal.renew_once(self.hsm, provisioner, self._request(self.operational), self.operational,
-                                  lambda new, assignment: None, timeout=self.cfg.registration_timeout,
-                                  tls_dir=self.tls_dir).credential
+        return renewal.renew_once(token.keys, token.provisioner, self._request(self.operational),
+                                  self.operational, lambda new, assignment: None,
+                                  timeout=self.cfg.registration_timeout, tls_dir=token.tls_dir,
+                                  name=token.name).credential
 
-    def _switch(self, cred: x509_id.X509Credential, assignment: Assignment) -> None:
+    def _switch(self, token: OperationalToken, cred: x509_id.X509Credential, assignment: Assignment) -> None:
         """Connect with the renewed credential; returns once the hub has accepted it (the
         renewal's commit point)."""
         assert self.hub is not None
-        files = x509_id.write_tls_files(cred, self.token_label(), self.tls_dir)
+        files = x509_id.write_tls_files(cred, self._token_label_of(token.keys), token.tls_dir)
         self.hub.switch(replace(self.hub.identity, hostname=assignment.assigned_hub,
                                 device_id=assignment.device_id, x509=files))
         self.assigned_hub = assignment.assigned_hub
+        if self._x509 is not None:
+            self._x509 = (cred.label, token.keys)
 
-    def _announce(self, cred: x509_id.X509Credential, previous: x509_id.X509Credential) -> None:
+    def _announce(self, token: OperationalToken, cred: x509_id.X509Credential,
+                  previous: x509_id.X509Credential) -> None:
         """After the commit point: the certificate-renewed message on the new connection, and
         the upstream event under IoT Edge. The message carries the new key's hash, by which a
-        receiver recognises a copy delivered twice."""
+        receiver recognises a copy delivered twice; with two tokens also the token's label (a
+        standby token's renewal is announced too, on the connection the other token's
+        credential holds)."""
         assert self.hub is not None
         events.certificate_renewed(cred.label, cred.leaf.not_valid_after_utc, previous.leaf.not_valid_after_utc)
         leaf = cred.leaf
         spki = leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-        message = Message(json.dumps({"event": "certificateRenewed", "label": cred.label,
-                                      "notAfter": times.iso(leaf.not_valid_after_utc),
-                                      "issuer": leaf.issuer.rfc4514_string(),
-                                      "publicKeySha256": hashlib.sha256(spki).hexdigest()}),
-                          content_encoding="utf-8", content_type="application/json")
+        body = {"event": "certificateRenewed", "label": cred.label, "notAfter": times.iso(leaf.not_valid_after_utc),
+                "issuer": leaf.issuer.rfc4514_string(), "publicKeySha256": hashlib.sha256(spki).hexdigest()}
+        if len(self._tokens) > 1:
+            body["token"] = self._token_label_of(token.keys)
+        message = Message(json.dumps(body), content_encoding="utf-8", content_type="application/json")
         message.custom_properties["type"] = "certificate-renewed"
         message.message_id = f"certificate-renewed-{hashlib.sha256(spki).hexdigest()[:32]}"
         self.hub.send(message)
 
-    def _report(self, state: dict[str, Any]) -> None:
-        assert self.operational
+    def _report(self, name: str, state: dict[str, Any]) -> None:
         with self._lock:
-            self._last_state = state
+            self._last_state[name] = state
             listeners = list(self._listeners)
         for listener in listeners:
             try:
-                listener(self.operational, state)
+                listener(name, state)
             except Exception as exc:
                 log.debug("renewal state listener failed: %s", exc)
         if self.hub is not None:
-            self.hub.report({"credentials": renewal_entries({self.operational: state})})
+            self.hub.report({"credentials": renewal_entries({name: state})})
 

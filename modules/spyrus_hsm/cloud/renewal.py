@@ -61,6 +61,24 @@ Move = Callable[[x509_id.X509Credential, Assignment], None]      # returns once 
 Announce = Callable[[x509_id.X509Credential, x509_id.X509Credential], None]  # (new, previous)
 
 
+# With two tokens each token holds its own generations of the same labels, renewed on its own:
+# the second token's DPS registration cache and TLS files live in a directory of its own under
+# the state directory (renewal deletes TLS files by label), and its renewal is reported under a
+# name of its own (`credentials.<name>.renewal`, the metrics' label), valid as a twin key.
+SECOND = "second-token"  # the second of two tokens: its directory, its renewal's name
+
+
+def token_state_dir(state_dir: Path, second: bool) -> Path:
+    """Where one token's registration cache (and its `tls` directory) lives."""
+    return state_dir / SECOND if second else state_dir
+
+
+def reported_name(base: str, second: bool) -> str:
+    """What one token's renewal of `base` is reported under: `base` for the first token (as with
+    one token), `base(second-token)` for the second."""
+    return f"{base}({SECOND})" if second else base
+
+
 # --- generations in the token -----------------------------------------------------------------
 
 def label_for(base: str, number: int) -> str:
@@ -150,22 +168,24 @@ class Renewed:
 
 def renew_once(hsm: KeyStore, provisioner: Provisioner, request: DpsRequest, base: str, move: Move, *,
                timeout: float, tls_dir: Path | None = None, in_use: x509_id.X509Credential | None = None,
-               announce: Announce | None = None) -> Renewed:
+               announce: Announce | None = None, name: str | None = None) -> Renewed:
     """Steps 1 to 6 above. `in_use`: the generation the connection uses (default: the newest
     complete one). Before the commit point (`move` returned) an error discards the new
     generation and is raised, the old credential untouched; after it, errors are returned as
-    warnings and never undo the renewal."""
+    warnings and never undo the renewal. `name`: what the log calls the renewal (default
+    `base`; with two tokens the second token's is told apart)."""
+    who = name or base
     in_use = in_use or require_current(hsm, base)
     for label in tidy(hsm, base, keep=in_use.label, tls_dir=tls_dir):
-        log.info("renewal of '%s': removed '%s', left by an earlier attempt", base, label)
+        log.info("renewal of '%s': removed '%s', left by an earlier attempt", who, label)
     label = label_for(base, max(g.number for g in generations(hsm, base)) + 1)
     try:
-        log.info("renewal of '%s': step 1/4: generating key pair '%s' in the HSM", base, label)
+        log.info("renewal of '%s': step 1/4: generating key pair '%s' in the HSM", who, label)
         issued_id.operational_key(hsm, label)
-        log.info("renewal of '%s': step 2/4: registering with DPS for a certificate for '%s'", base, label)
+        log.info("renewal of '%s': step 2/4: registering with DPS for a certificate for '%s'", who, label)
         assignment = provisioner.register(replace(request, issue_cert=label), force=True, timeout=timeout)
         cred = x509_id.select(hsm, label=label)
-        log.info("renewal of '%s': step 3/4: moving the connection to '%s' (valid until %s)", base, label,
+        log.info("renewal of '%s': step 3/4: moving the connection to '%s' (valid until %s)", who, label,
                  times.iso(cred.leaf.not_valid_after_utc))
         move(cred, assignment)
     except BaseException:
@@ -179,7 +199,7 @@ def renew_once(hsm: KeyStore, provisioner: Provisioner, request: DpsRequest, bas
             announce(cred, in_use)
         except Exception as exc:
             warnings.append(f"the renewal was not announced: {exc}")
-    log.info("renewal of '%s': step 4/4: deleting the previous generation '%s'", base, in_use.label)
+    log.info("renewal of '%s': step 4/4: deleting the previous generation '%s'", who, in_use.label)
     leftovers = False
     try:
         tidy(hsm, base, keep=label, tls_dir=tls_dir)
@@ -187,7 +207,7 @@ def renew_once(hsm: KeyStore, provisioner: Provisioner, request: DpsRequest, bas
         leftovers = True
         warnings.append(f"the previous generation '{in_use.label}' is not deleted yet: {exc}")
     for warning in warnings:
-        log.warning("renewal of '%s' to '%s' done, but %s", base, label, warning)
+        log.warning("renewal of '%s' to '%s' done, but %s", who, label, warning)
     return Renewed(cred, in_use, tuple(warnings), leftovers)
 
 
@@ -235,12 +255,14 @@ class Renewer:
 
     def __init__(self, hsm: KeyStore, provisioner: Provisioner, request: DpsRequest, move: Move, *,
                  renew_at: float, backoff: Backoff, timeout: float, tls_dir: Path,
-                 report: Callable[[dict[str, Any]], None], announce: Announce | None = None) -> None:
+                 report: Callable[[dict[str, Any]], None], announce: Announce | None = None,
+                 name: str | None = None) -> None:
         assert request.issue_cert
         self.hsm = hsm
         self.provisioner = provisioner
         self.request = request
         self.base = request.issue_cert
+        self.name = name or self.base  # what the log and the reports call it (two tokens: one each)
         self.move = move
         self.announce = announce
         self.renew_at = renew_at
@@ -314,13 +336,13 @@ class Renewer:
         try:
             renewed = renew_once(self.hsm, self.provisioner, self.request, self.base, self.move,
                                  timeout=self.timeout, tls_dir=self.tls_dir, in_use=self._cred,
-                                 announce=self.announce)
+                                 announce=self.announce, name=self.name)
         except Exception as exc:
             failures = self.status.failures + 1
             delay = self.backoff.delay(failures, getattr(exc, "retry_after", None))
             self._retry_at = now() + dt.timedelta(seconds=delay)
             log.warning("renewal of '%s' failed (attempt %d): %s; the current certificate stays in use; "
-                        "next attempt in %.0f s", self.base, failures, exc, delay)
+                        "next attempt in %.0f s", self.name, failures, exc, delay)
             self._publish(state="failed", failures=failures, error=f"{type(exc).__name__}: {exc}",
                           next_attempt=times.iso(self._retry_at))
             return
@@ -329,7 +351,7 @@ class Renewer:
         self._leftovers = renewed.leftovers
         self._publish(state="scheduled", last_success=times.iso(now()), failures=0, error=None,
                       warning="; ".join(renewed.warnings) or None, next_attempt=times.iso(self.next_attempt()))
-        log.info("renewal of '%s' done in %.1f s: now '%s', valid until %s", self.base,
+        log.info("renewal of '%s' done in %.1f s: now '%s', valid until %s", self.name,
                  (now() - started).total_seconds(), renewed.credential.label,
                  times.iso(renewed.credential.leaf.not_valid_after_utc))
 
@@ -339,9 +361,9 @@ class Renewer:
         try:
             deleted = tidy(self.hsm, self.base, keep=self._cred.label, tls_dir=self.tls_dir)
         except Exception as exc:
-            log.debug("renewal of '%s': older generations still not deleted: %s", self.base, exc)
+            log.debug("renewal of '%s': older generations still not deleted: %s", self.name, exc)
             return
-        log.info("renewal of '%s': deleted %s, left by the last renewal", self.base, ", ".join(deleted) or "nothing")
+        log.info("renewal of '%s': deleted %s, left by the last renewal", self.name, ", ".join(deleted) or "nothing")
         self._leftovers = False
         self._publish(warning=None)
 
