@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import addresses
 import pytest
@@ -223,6 +224,43 @@ def second_token(token_env: TokenEnv) -> SecondToken:
     init_token(token_env.module, label, Secret(token_env.so_pin_file.read_bytes().strip()),
                Secret(pin_file.read_bytes().strip()))
     return SecondToken(label, pin_file)
+
+
+@dataclass(frozen=True)
+class FreshPair:
+    """Two tokens made for one test, with a logged-in pool on each (to provision them)."""
+    first: SecondToken
+    second: SecondToken
+    first_hsm: Any
+    second_hsm: Any
+
+
+@pytest.fixture
+def fresh_pair(token_env: TokenEnv) -> Iterator[FreshPair]:
+    """Two new tokens for one `serve` on two tokens. A token another serve process logged in to
+    earlier in the session, then provisioned from this process, was sometimes read by the next
+    serve as uninitialised or renumbered (SoftHSM2 sharing a token directory between processes);
+    tokens of their own keep each such test apart."""
+    from spyrus_hsm.hsm import Hsm, PoolSettings, Secret, TokenSelector
+    from spyrus_hsm.hsm.provision import init_token
+
+    if token_env.token != "softhsm2":
+        pytest.skip("two tokens are tested on SoftHSM2 (one tokendir, two tokens)")
+    tag = secrets.token_hex(3)
+    made = []
+    for name in ("a", "b"):
+        pin_file = _write_secret(token_env.root / f"pair-{tag}-{name}.pin", f"pin-{name}-" + secrets.token_hex(8))
+        token = SecondToken(f"pair-{tag}-{name}", pin_file)
+        init_token(token_env.module, token.label, Secret(token_env.so_pin_file.read_bytes().strip()),
+                   Secret(token.pin))
+        made.append(token)
+    pools = [Hsm(PoolSettings(token_env.module, TokenSelector(t.label), workers=2, call_timeout=5.0),
+                 Secret(t.pin)).start(wait=True) for t in made]
+    try:
+        yield FreshPair(made[0], made[1], pools[0], pools[1])
+    finally:
+        for pool in pools:
+            pool.close()
 
 
 @pytest.fixture

@@ -41,6 +41,27 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIM = ROOT / ".build" / "libp11shim.so"
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
 CLIENTS = 4
+
+
+# Each test its own two tokens (conftest's fresh_pair): the names the tests use.
+@pytest.fixture
+def first_token(fresh_pair: Any) -> Any:
+    return fresh_pair.first
+
+
+@pytest.fixture
+def second_token(fresh_pair: Any) -> Any:
+    return fresh_pair.second
+
+
+@pytest.fixture
+def hsm(fresh_pair: Any) -> Any:
+    return fresh_pair.first_hsm
+
+
+@pytest.fixture
+def second_hsm(fresh_pair: Any) -> Any:
+    return fresh_pair.second_hsm
 DEVICES = 3
 
 
@@ -89,7 +110,7 @@ class Keys:
 class Serve:
     """`serve` on both tokens through the shim, whose control file unplugs a token's slot."""
 
-    def __init__(self, tmp_path: Path, token_env: Any, second: Any, pki: EmulatorPki, keys: Keys) -> None:
+    def __init__(self, tmp_path: Path, token_env: Any, first: Any, second: Any, pki: EmulatorPki) -> None:
         if not SHIM.exists():
             pytest.fail(f"{SHIM} is not built; run 'make shim'")
         self.bearer = secrets.token_urlsafe(24)
@@ -101,7 +122,8 @@ class Serve:
             "policy": policy, "signing_keys": ["sign-*"], "cache_reuse_fraction": 0.0,
             "rate_limit_per_second": 0.0})
         config = json.loads(path.read_text())
-        config["hsm"].update(module=str(SHIM), call_timeout=5, second_token_label=second.label,
+        config["hsm"].update(module=str(SHIM), call_timeout=5, token_label=first.label, pin_file=str(first.pin_file),
+                             second_token_label=second.label,
                              second_pin_file=str(second.pin_file))
         config["metrics"] = {"enabled": True, "host": HOST, "port": self.metrics_port}
         path.write_text(json.dumps(config))
@@ -204,11 +226,11 @@ class Load(ClientThreads):
 
 
 @pytest.fixture
-def site(tmp_path: Path, token_env: Any, second_token: Any, hsm: Hsm, second_hsm: Hsm,
+def site(tmp_path: Path, token_env: Any, first_token: Any, second_token: Any, hsm: Hsm, second_hsm: Hsm,
          emulator_pki: EmulatorPki) -> Iterator[tuple[Serve, Keys, tuple[int, int]]]:
     keys = Keys(hsm, second_hsm)
-    slots = (slot_of(token_env, token_env.label), slot_of(token_env, second_token.label))
-    serve = Serve(tmp_path, token_env, second_token, emulator_pki, keys)
+    slots = (slot_of(token_env, first_token.label), slot_of(token_env, second_token.label))
+    serve = Serve(tmp_path, token_env, first_token, second_token, emulator_pki)
     try:
         yield serve, keys, slots
     finally:
@@ -216,16 +238,20 @@ def site(tmp_path: Path, token_env: Any, second_token: Any, hsm: Hsm, second_hsm
 
 
 def test_either_token_unplugged_under_load_every_answer_verifies_and_the_survivor_serves(
-        site: tuple[Serve, Keys, tuple[int, int]], token_env: Any, second_token: Any) -> None:
+        site: tuple[Serve, Keys, tuple[int, int]], first_token: Any, second_token: Any) -> None:
     serve, keys, slots = site
-    names = (token_env.label, second_token.label)
+    names = (first_token.label, second_token.label)
     serve.wait(lambda: serve.readyz()["http"] == 200 and serve.readyz().get("degraded") is None,
                "serve ready on both tokens")
     assert serve.metric("spyrus_hsm_tokens_configured") == 2.0
-    _, text = serve.get(serve.metrics_port, "/metrics")
-    for which, label in (("first", token_env.label), ("second", second_token.label)):  # one series per token
-        assert any(line.startswith("spyrus_hsm_hsm_token_info{") and f'hsm_token="{which}"' in line
-                   and f'hsm_token_label="{label}"' in line for line in text.splitlines()), text[-2000:]
+
+    def token_series() -> bool:  # one series per token
+        _, text = serve.get(serve.metrics_port, "/metrics")
+        return all(any(line.startswith("spyrus_hsm_hsm_token_info{") and f'hsm_token="{which}"' in line
+                       and f'hsm_token_label="{label}"' in line for line in text.splitlines())
+                   for which, label in (("first", first_token.label), ("second", second_token.label)))
+
+    serve.wait(token_series, "an hsm_token_info series for each token")
     with Load(serve, keys) as load:
         serve.wait(lambda: load.served(0) >= 10 and load.served(1) >= 10, "both tokens sharing the work")
         for lost in (0, 1):
@@ -241,7 +267,7 @@ def test_either_token_unplugged_under_load_every_answer_verifies_and_the_survivo
     assert "serving on one token" in log
     assert serve.stop() == 0
     assert "Traceback" not in serve.log.read_text()
-    for secret in (token_env.pin, second_token.pin):
+    for secret in (first_token.pin, second_token.pin):
         assert secret.decode() not in serve.log.read_text()
 
 

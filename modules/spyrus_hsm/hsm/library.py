@@ -7,19 +7,21 @@ share that login; closing them does not log the token out.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import os
 import secrets
 import struct
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pkcs11.exceptions as p11e
 from pkcs11 import Attribute, KeyType, ObjectClass, TokenFlag, _pkcs11
 from pkcs11.attributes import AttributeMapper
-from pkcs11.types import Session, Token
+from pkcs11.types import Session, Slot, Token
 
 from .capabilities import Capabilities, Need
 from .capabilities import read as read_capabilities
@@ -88,7 +90,7 @@ def summarise(token: Token) -> TokenSummary:
 
 def list_tokens(lib: _pkcs11.lib) -> list[TokenSummary]:
     out = []
-    for slot in lib.get_slots(token_present=True):
+    for slot in present_slots(lib):
         try:
             out.append(summarise(slot.get_token()))
         except p11e.PKCS11Error:
@@ -101,7 +103,7 @@ def find_token(lib: _pkcs11.lib, selector: TokenSelector) -> Token:
     matches = []
     unreadable = 0
     try:
-        slots = lib.get_slots(token_present=True)
+        slots = present_slots(lib)
     except p11e.PKCS11Error as exc:
         raise translate(exc, "listing HSM slots") from None
     for slot in slots:
@@ -293,6 +295,35 @@ class _LockingLib(_pkcs11.lib):
 _CRYPTOKI: dict[str, Cryptoki] = {}
 _LIBS: dict[str, _LockingLib] = {}
 _SHARED: set[str] = set()
+# C_GetSlotList one thread at a time in the process: two pools on one module (two tokens) must
+# not enumerate slots at once (SoftHSM2 rebuilds its slot list in C_GetSlotList without a lock;
+# two threads doing so renumbered slots under each other: CKR_SLOT_ID_INVALID). Held for that
+# call only, never while a token is asked anything (a hung token must not hold up the other).
+_SLOT_LIST = threading.Lock()
+
+
+def present_slots(lib: _pkcs11.lib) -> list[Slot]:
+    with _SLOT_LIST:
+        return list(lib.get_slots(token_present=True))
+
+
+_CONNECTING: dict[str, threading.Lock] = {}
+
+
+@contextlib.contextmanager
+def connecting(module_path: str, wait: float) -> Iterator[None]:
+    """Around a pool's connect (find the token, ask it, log in): one pool of the process at a
+    time per module. Two pools connecting at once (two tokens) made SoftHSM2 lose one token's
+    sessions and, once, the token itself until a restart. A connect that waits `wait` seconds
+    for another (a token hung in C_Login) goes ahead without the lock rather than be held up."""
+    with _SLOT_LIST:
+        lock = _CONNECTING.setdefault(module_path, threading.Lock())
+    held = lock.acquire(timeout=wait)
+    try:
+        yield
+    finally:
+        if held:
+            lock.release()
 
 
 def mark_shared(module_path: str) -> None:
@@ -345,7 +376,7 @@ def init_token(lib: _pkcs11.lib, module_path: str, label: str, so_pin: Secret, u
             f"token '{label}' already exists (serial {existing[0].serial}); "
             "use it, or choose another label"
         )
-    free = [s for s in lib.get_slots(token_present=True)
+    free = [s for s in present_slots(lib)
             if not (s.get_token().flags & TokenFlag.TOKEN_INITIALIZED)]
     if not free:
         raise HsmConfigError("no uninitialised token is available in this PKCS#11 module")

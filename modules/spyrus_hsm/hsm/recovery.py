@@ -65,9 +65,14 @@ class Connection:
         assert self._token is not None, "not connected"
         return library.open_session(self._token)
 
-    def connect(self) -> TokenSummary:
+    def connect(self, wait_for_others: float = 10.0) -> TokenSummary:
         """Find the token, ask what it can do and log in (unless it needs no login); returns the
-        token now logged in to."""
+        token now logged in to. Pools of the process connect one at a time (two tokens: see
+        `library.connecting`), waiting at most `wait_for_others` for another's connect."""
+        with library.connecting(self._module_path, wait_for_others):
+            return self._connect()
+
+    def _connect(self) -> TokenSummary:
         if self._lib is None:
             self._lib = library.load_module(self._module_path)
         token = library.find_token(self._lib, self._selector)
