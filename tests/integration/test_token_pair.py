@@ -6,6 +6,8 @@ other) in /readyz's, the twin's and the events' terms. Faults under `serve`: tes
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import logging
 import secrets
 import socket
@@ -195,3 +197,25 @@ def _as_issuer(cert: x509.Certificate, public: Any) -> x509.Certificate:
     return (x509.CertificateBuilder().subject_name(cert.issuer).issuer_name(cert.issuer).public_key(public)
             .serial_number(1).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=1))
             .sign(throwaway, hashes.SHA256()))
+
+
+def test_a_group_key_is_derived_on_both_tokens_each_from_its_own_group_key(pair: TokenPair) -> None:
+    """DPS group enrollment: the primary group key on one token, the secondary on the other; the
+    device key is derived on each from its own, and either derivation is a key DPS accepts."""
+    a, b = pair.members
+    group, device = "group-" + secrets.token_hex(3), "dev-" + secrets.token_hex(3)
+    primary, secondary = secrets.token_bytes(64), secrets.token_bytes(64)
+    a.import_secret_key(group, Secret(primary))
+    b.import_secret_key(group, Secret(secondary))
+    for index in (0, 1):
+        pair._list(index)
+    derived = f"{group}.{device}"
+    pair.derive_hmac_key(group, device.encode(), derived)
+    expected = {hmac.new(primary, device.encode(), hashlib.sha256).digest(): "A",
+                hmac.new(secondary, device.encode(), hashlib.sha256).digest(): "B"}
+    for member, name in ((a, "A"), (b, "B")):
+        assert member.find(derived, "secret-key"), f"not derived on token {name}"
+        mac = member.sign(derived, SignAlgorithm.HMAC_SHA256, b"x")
+        assert hmac.new(next(k for k, n in expected.items() if n == name), b"x", hashlib.sha256).digest() == mac
+    pair.derive_hmac_key(group, device.encode(), derived)  # again: nothing new, no error
+    assert len(a.find(derived, "secret-key")) == 1 and len(b.find(derived, "secret-key")) == 1
