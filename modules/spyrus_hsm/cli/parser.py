@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = token.add_parser("compare", parents=[common],
                          help="with two tokens: the keys and certificates each lacks compared with the other "
                               "(exit 1 when they differ)")
+    t.add_argument("--provision", action="store_true",
+                   help="then make on the token that lacks them what needs no person: key pairs born in the "
+                        "other token (same label and type) and the operational certificate (cloud.issue_cert), "
+                        "issued by DPS with the other token's onboarding credential; say the rest, one line each")
     t.set_defaults(func=cmd_token_compare)
     t = token.add_parser("change-pin", parents=[common],
                          help="change the user PIN (old PIN from --pin-file or hsm.pin_file or stdin, "

@@ -120,8 +120,12 @@ class Assignment:
 class Provisioner:
     def __init__(self, hsm: KeyStore, state_dir: str | Path,
                  load_provider: Callable[[], None] | None = None,
-                 exchange: Exchange = dps_client.register) -> None:
-        self.hsm = hsm
+                 exchange: Exchange = dps_client.register, attest: KeyStore | None = None) -> None:
+        self.hsm = hsm  # where an issued certificate's key is generated and its chain stored
+        # Whose credential authenticates the registration (the SAS key, the X.509 credential):
+        # `hsm` by default; with two tokens, a replacement token's first certificate can be
+        # asked for with the survivor's credential (`token compare --provision`).
+        self.attest = attest if attest is not None else hsm
         self.state_dir = Path(state_dir)
         self._load_provider = load_provider
         self._exchange = exchange  # the MQTT exchange with DPS (tests put a DPS of their own here)
@@ -148,7 +152,7 @@ class Provisioner:
             key_label = cred.label
         else:
             key_label = self._sas_key(req)
-            key_id = next((o.id_hex for o in self.hsm.find(key_label, "secret-key")), "")
+            key_id = next((o.id_hex for o in self.attest.find(key_label, "secret-key")), "")
             identity = _fingerprint(req, key_id)
         made = bool(req.issue_cert) and not self.hsm.find(req.issue_cert or "", "private")
         try:
@@ -221,7 +225,7 @@ class Provisioner:
         """The X.509 credential the registration attests with. A caller through the API is told
         of its registration only; the message (what the token holds) is the operator's."""
         try:
-            return x509_id.select(one_token(self.hsm, req.key or ""), label=req.key,
+            return x509_id.select(one_token(self.attest, req.key or ""), label=req.key,
                                   cn=req.cn or (None if req.key else req.registration_id))
         except ObjectNotFound as exc:
             exc.public = f"no X.509 credential for the registration of '{req.registration_id}'"
@@ -233,14 +237,14 @@ class Provisioner:
     def _sas_key(self, req: DpsRequest) -> str:
         if not req.key:
             raise RegistrationError("symmetric-key attestation needs the HSM key label (--sas-key)")
-        if not self.hsm.find(req.key, "secret-key"):
+        if not self.attest.find(req.key, "secret-key"):
             raise ObjectNotFound(f"no secret key labelled '{req.key}'; import it with 'spyrus-hsm key import-sas'",
                                  public=f"no key for the registration of '{req.registration_id}'")
         if not req.group:
             return req.key
         derived = f"{req.key}.{req.registration_id}"
-        if not self.hsm.find(derived, "secret-key"):
-            self.hsm.derive_hmac_key(req.key, req.registration_id.encode(), derived)
+        if not self.attest.find(derived, "secret-key"):
+            self.attest.derive_hmac_key(req.key, req.registration_id.encode(), derived)
         return derived
 
     def _target(self, req: DpsRequest, key_label: str,
@@ -253,12 +257,12 @@ class Provisioner:
         if cred is not None:
             if self._load_provider is not None:
                 self._load_provider()
-            files = x509_id.write_tls_files(cred, one_token(self.hsm, cred.label).state.token_label or "",
+            files = x509_id.write_tls_files(cred, one_token(self.attest, cred.label).state.token_label or "",
                                             self.state_dir / "tls")
             context.load_cert_chain(files.cert_file, files.key_file)
         else:
             uri = dps_uri(req.id_scope, req.registration_id)
-            token = sas_mint(self.hsm, key_label, uri, SAS_TTL).token
+            token = sas_mint(self.attest, key_label, uri, SAS_TTL).token
         return dps_client.DpsTarget(req.provisioning_host, req.id_scope, req.registration_id,
                                     context, token)
 
