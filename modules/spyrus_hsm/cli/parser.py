@@ -17,11 +17,11 @@ from .keys import (
     cmd_key_import_sas,
     cmd_list,
     cmd_sas,
-    cmd_token_compare,
     cmd_token_init,
 )
 from .pins import cmd_token_change_pin, cmd_token_unblock_pin
 from .service import cmd_selftest, cmd_serve
+from .tokens import cmd_token_compare
 
 
 def build_parser() -> argparse.ArgumentParser:
