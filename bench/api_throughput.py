@@ -78,7 +78,8 @@ async def _load(url: str, ca: str, bearer: str, args: argparse.Namespace) -> dic
     latencies: list[float] = []
     errors: dict[str, int] = {}
     expiries: dict[int, set[int]] = {}  # leaf -> expiresOn of the tokens it got (one per token)
-    unavailable: list[float] = []  # when each 503 came (perf_counter)
+    unavailable: list[float] = []  # when each 503 that is not the queue being full came (perf_counter)
+    busy = 0  # 503 hsm-busy: the queue full, the service shedding load (not a fault)
     retried = 0
     # reconnect: every request on a new connection (a new TLS handshake), as most leaves do
     connector = aiohttp.TCPConnector(limit=args.concurrency, ssl=ctx, force_close=mode == "reconnect")
@@ -96,7 +97,11 @@ async def _load(url: str, ca: str, bearer: str, args: argparse.Namespace) -> dic
                     return None
                 retry_after = resp.headers.get("Retry-After")
                 if resp.status == 503:
-                    unavailable.append(time.perf_counter())
+                    nonlocal busy
+                    if json.loads(body).get("type", "").endswith("/hsm-busy"):
+                        busy += 1
+                    else:
+                        unavailable.append(time.perf_counter())
                 kind = f"{resp.status}" + (" with Retry-After" if retry_after else "")
                 errors[kind] = errors.get(kind, 0) + 1
                 return float(retry_after) if resp.status == 503 and retry_after else 0.0
@@ -145,6 +150,7 @@ async def _load(url: str, ca: str, bearer: str, args: argparse.Namespace) -> dic
             "all_served_s": max(done) if done else None,
             "unserved": sum(1 for d in done if d != d),  # NaN: gave up
             "unavailable_s": [min(unavailable) - started, max(unavailable) - started] if unavailable else None,
+            "unavailable": len(unavailable), "busy": busy,
             "expiries": {str(n): sorted(e) for n, e in expiries.items()} if mode in ("round", "storm", "fill") else {}}
 
 
@@ -605,13 +611,15 @@ async def two_tokens_parent(args: argparse.Namespace, root: Path) -> None:
           "(2 would be perfect sharing)")
     for name, res in (("one token", one), ("two tokens", two), ("failover", fail)):
         bad = {k: v for k, v in res["errors"].items() if k != "503 with Retry-After"}
-        print(f"  {name}: unserved {res['unserved']}, failures other than 503 + Retry-After {bad or 'none'}, "
-              f"503s {res['errors'].get('503 with Retry-After', 0)}")
+        print(f"  {name}: unserved {res['unserved']}, failures other than 503 + Retry-After {bad or 'none'}; "
+              f"503 hsm-busy (the queue full: load shed, retried as told) {res['busy']}, other 503s "
+              f"{res['unavailable']}")
     window = fail["unavailable_s"]
+    span = 0.0 if window is None else window[1] - window[0]
     print(f"  failover: the first token unplugged at {r['unplugged_at_s']:.1f} s; every leaf has its token after "
-          f"{fail['all_served_s']:.1f} s; 503s "
-          + ("none" if window is None else f"from {window[0]:.1f} s to {window[1]:.1f} s "
-                                            f"(a window of {window[1] - window[0]:.1f} s, target <= 1 s)"))
+          f"{fail['all_served_s']:.1f} s (one token alone: {one['all_served_s']:.1f} s); 503s other than hsm-busy "
+          + ("none" if window is None else f"from {window[0]:.1f} s to {window[1]:.1f} s")
+          + f": a window of {span:.1f} s  target <= 1 s  {met(span <= 1.0)}")
 
 
 def late(runs: dict[str, Any], case: str, row: Any, each: Any) -> None:
