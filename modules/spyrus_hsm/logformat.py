@@ -77,14 +77,35 @@ class ForeignTracebacks(logging.Filter):
     "Error handling request" about our handler or middleware): that is a bug of ours."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.levelno > logging.DEBUG and not record.name.startswith(PACKAGE):
+        if record.levelno <= logging.DEBUG or record.name.startswith(PACKAGE):
+            return True
+        if record.exc_info:
             exc = record.exc_info[1]
             if exc is not None and not raised_in_our_code(exc):
                 record.msg = f"{record.getMessage()} ({one_line(exc)})"
                 record.args = None
                 record.exc_info = None
                 record.exc_text = None
+        elif TRACEBACK in (text := record.getMessage()) and _PACKAGE_DIR not in text:
+            # A traceback formatted into the message itself (azure-iot-device logs its transport's
+            # failures so, at INFO): its exception lines only.
+            record.msg = _exception_lines(text)
+            record.args = None
         return True
+
+
+TRACEBACK = "Traceback (most recent call last):"
+
+
+def _exception_lines(text: str) -> str:
+    """`text` holding formatted tracebacks as one line: what came before them, then each
+    exception's own line (unindented, neither the header nor a "the above exception" line)."""
+    before, _, rest = text.partition(TRACEBACK)
+    lines = [line.strip() for line in rest.splitlines()
+             if line.strip() and not line.startswith((" ", "\t")) and line.strip() != TRACEBACK.strip()
+             and not line.startswith(("The above exception", "During handling"))]
+    head = before.strip()
+    return (f"{head} " if head else "") + "(" + "; ".join(lines) + ")"
 
 
 def raised_in_our_code(exc: BaseException) -> bool:

@@ -87,3 +87,24 @@ def test_a_librarys_record_of_an_exception_raised_in_our_code_keeps_its_tracebac
     ForeignTracebacks().filter(ours)
     text = logging.Formatter("%(message)s").format(ours)
     assert "Traceback" in text and "config_fields.py" in text, text
+
+
+def test_a_traceback_a_library_formats_into_its_message_becomes_its_exception_lines() -> None:
+    """azure-iot-device logs its transport's failures as `logger.info(traceback.format_exc())`."""
+    import traceback
+
+    try:
+        try:
+            raise OSError("[SSL] EVP lib")
+        except OSError as cause:
+            raise ConnectionError("Could not connect") from cause
+    except ConnectionError:
+        text = traceback.format_exc()
+    foreign = logging.LogRecord("azure.iot.device.common", logging.INFO, __file__, 1, "transport: %s", (text,), None)
+    assert ForeignTracebacks().filter(foreign)
+    line = foreign.getMessage()
+    assert "\n" not in line and "Traceback" not in line
+    assert line == "transport: (OSError: [SSL] EVP lib; ConnectionError: Could not connect)"
+    debug = logging.LogRecord("azure.iot.device.common", logging.DEBUG, __file__, 1, "%s", (text,), None)
+    ForeignTracebacks().filter(debug)
+    assert "Traceback" in debug.getMessage()  # everything at DEBUG keeps it
