@@ -4,8 +4,8 @@ working.
 
 Like test_p11shim.py, this file loads private copies of the shim and of SoftHSM (a PKCS#11 module
 is one instance per file in a process), so their state stays apart from every other test. The two
-tokens are made with softhsm2-util in a token directory of this file's own before the module is
-loaded.
+tokens are made through the shim by the project's own token init, in a token directory of this
+file's own (the PINs never on a command line).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import hmac
 import os
 import secrets
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ from waiting import wait_for
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = Path(os.environ.get("SPYRUS_SHIM_LIBRARY") or ROOT / ".build" / "libp11shim.so")
 SOFTHSM = Path("/usr/lib/softhsm/libsofthsm2.so")
-SOFTHSM_UTIL = shutil.which("softhsm2-util")
 LABEL_A = "slot-a"
 LABEL_B = "slot-b"
 SO_PIN = "so-pin-1234"
@@ -87,19 +85,12 @@ class Rig:
         return int(self.target.C_GetSessionInfo(session.handle, ctypes.byref(info))) == CKR_OK
 
 
-def _init_token(conf: Path, label: str) -> None:
-    assert SOFTHSM_UTIL is not None
-    subprocess.run([SOFTHSM_UTIL, "--init-token", "--free", "--label", label, "--so-pin", SO_PIN,
-                    "--pin", USER_PIN], env={**os.environ, "SOFTHSM2_CONF": str(conf)}, check=True,
-                   capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     if not SHIM.is_file():
         pytest.skip(f"{SHIM} is not built; run 'make shim' in {ROOT}")
-    if not SOFTHSM.is_file() or SOFTHSM_UTIL is None:
-        pytest.skip(f"SoftHSM2 is not installed ({SOFTHSM}, softhsm2-util); apt-get install softhsm2")
+    if not SOFTHSM.is_file():
+        pytest.skip(f"SoftHSM2 is not installed ({SOFTHSM}); apt-get install softhsm2")
     root = tmp_path_factory.mktemp("p11shim-slots")
     shim_copy = root / "libp11shim-slots.so"
     target_copy = root / "libsofthsm2-slots.so"
@@ -109,17 +100,19 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     conf = root / "softhsm2.conf"
     conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n"
                     "log.level = ERROR\n")
-    _init_token(conf, LABEL_A)
-    _init_token(conf, LABEL_B)
     control = root / "control"
     control.write_text("state=plugged\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SOFTHSM2_CONF", str(conf))
         mp.setenv("P11SHIM_TARGET", str(target_copy))
         mp.setenv("P11SHIM_CONTROL", str(control))
-        from spyrus_hsm.hsm import library
+        from spyrus_hsm.hsm import Secret, library
+        from spyrus_hsm.hsm.provision import init_token
 
-        # The project's loader: C_Initialize with CKF_OS_LOCKING_OK (concurrent sessions).
+        # The two tokens made through the shim by the project's own code (PINs never on a
+        # command line); the project's loader: C_Initialize with CKF_OS_LOCKING_OK.
+        for label in (LABEL_A, LABEL_B):
+            init_token(str(shim_copy), label, Secret(SO_PIN.encode()), Secret(USER_PIN.encode()))
         lib = library.load_module(str(shim_copy))
         assert isinstance(lib, pkcs11._pkcs11.lib)
         shim = ctypes.CDLL(str(shim_copy))
