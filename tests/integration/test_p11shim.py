@@ -36,6 +36,7 @@ from pkcs11.exceptions import (
     SessionHandleInvalid,
     TokenNotPresent,
 )
+from shim_control import write_control
 from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,10 +58,8 @@ class Shim:
     path: str
 
     def set(self, **settings: object) -> None:
-        """Replace the control file atomically (write a temporary file, rename it over)."""
-        tmp = self.control.with_name(self.control.name + ".tmp")
-        tmp.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
-        os.replace(tmp, self.control)
+        """Replace the control file atomically."""
+        write_control(self.control, **settings)
 
     def observe(self) -> None:
         """Make one PKCS#11 call, so the shim samples the control file now."""

@@ -29,7 +29,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from pair_fixtures import *  # noqa: F403 - the fixtures first_token, second_token, hsm, second_hsm
 from service_harness import HOST, ClientThreads, free_port, serve_config, slot_of, stop_process, verify_sas
+from shim_control import write_control
 from waiting import wait_for
 
 from emulator.pki import EmulatorPki
@@ -43,25 +45,6 @@ SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
 CLIENTS = 4
 
 
-# Each test its own two tokens (conftest's fresh_pair): the names the tests use.
-@pytest.fixture
-def first_token(fresh_pair: Any) -> Any:
-    return fresh_pair.first
-
-
-@pytest.fixture
-def second_token(fresh_pair: Any) -> Any:
-    return fresh_pair.second
-
-
-@pytest.fixture
-def hsm(fresh_pair: Any) -> Any:
-    return fresh_pair.first_hsm
-
-
-@pytest.fixture
-def second_hsm(fresh_pair: Any) -> Any:
-    return fresh_pair.second_hsm
 DEVICES = 3
 
 
@@ -139,10 +122,7 @@ class Serve:
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
 
     def unplug(self, *slots: int) -> None:
-        text = f"unplug_slot={','.join(map(str, slots))}\n" if slots else "state=plugged\n"
-        tmp = self.control.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(self.control)
+        write_control(self.control, **({"unplug_slot": ",".join(map(str, slots))} if slots else {}))
 
     def get(self, port: int, path: str) -> tuple[int, str]:
         assert self.proc.poll() is None, f"serve exited: {self.log.read_text()[-3000:]}"

@@ -19,7 +19,9 @@ from typing import Any
 import addresses
 import pytest
 from cloud_harness import Serve
+from pair_fixtures import *  # noqa: F403 - the fixtures first_token, second_token, hsm, second_hsm
 from service_harness import certify_hsm_key, slot_of
+from shim_control import write_control
 
 from emulator.pki import EmulatorPki
 from spyrus_hsm.cloud import renewal
@@ -34,27 +36,6 @@ SCOPE = "0ne0002T0K"
 ROOT = Path(__file__).resolve().parents[2]
 SHIM = ROOT / ".build" / "libp11shim.so"
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
-
-
-# Each test its own two tokens (conftest's fresh_pair): the names the tests use.
-@pytest.fixture
-def first_token(fresh_pair: Any) -> Any:
-    return fresh_pair.first
-
-
-@pytest.fixture
-def second_token(fresh_pair: Any) -> Any:
-    return fresh_pair.second
-
-
-@pytest.fixture
-def hsm(fresh_pair: Any) -> Any:
-    return fresh_pair.first_hsm
-
-
-@pytest.fixture
-def second_hsm(fresh_pair: Any) -> Any:
-    return fresh_pair.second_hsm
 
 
 class Site:
@@ -85,9 +66,7 @@ class Site:
         return self.serve
 
     def unplug(self, index: int) -> None:
-        tmp = self.control.with_suffix(".tmp")
-        tmp.write_text(f"unplug_slot={self.slots[index]}\n")
-        tmp.replace(self.control)
+        write_control(self.control, unplug_slot=self.slots[index])
 
     def stop(self) -> int | None:
         return self.serve.stop() if self.serve is not None else None
